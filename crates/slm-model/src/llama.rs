@@ -3,8 +3,7 @@
 //! no cache): the fused candle kernels are used unless a tensor is being tracked for gradients.
 
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::kv_cache::KvCache;
-
+use crate::attention::{self, LayerCache};
 use crate::config::Config;
 use crate::weights::{Embedding, Linear, Result, Weights};
 
@@ -103,18 +102,21 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut KvCache>) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerCache>) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let q = rope.apply(&heads(self.q.forward(x)?, nh)?, pos)?;
         let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, pos)?;
         let v = heads(self.v.forward(x)?, nkv)?;
-        let (k, v) = match cache {
-            Some(c) => c.append(&k, &v)?,
-            None => (k, v),
-        };
-        let len = k.dim(2)?;
+        if let Some(cache) = cache {
+            if b != 1 {
+                candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
+            }
+            let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> { y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1() };
+            let y = attention::attend(cache, &rows(q)?, &rows(k)?, &rows(v)?, t, nh, nkv, hd, x.device())?;
+            return self.o.forward(&y.unsqueeze(0)?);
+        }
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
         // that share a KV head become `rep * t` rows of one matmul against it.
         let rep = nh / nkv;
@@ -122,14 +124,14 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {
-            let mask = causal_mask(t, len, x.device())?;
+            let mask = causal_mask(t, t, x.device())?;
             att = att
-                .reshape((b, nkv, rep, t, len))?
+                .reshape((b, nkv, rep, t, t))?
                 .broadcast_add(&mask)?
-                .reshape((b, nkv, rep * t, len))?;
+                .reshape((b, nkv, rep * t, t))?;
         }
         let att = softmax_last_dim(&att)?;
-        let y = att.matmul(&v.contiguous()?)?;
+        let y = att.matmul(&v)?;
         let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
         self.o.forward(&y)
     }
@@ -169,27 +171,34 @@ struct Block {
 /// Per-sequence state of generation: keys and values of every layer so far.
 #[derive(Debug, Clone)]
 pub struct Cache {
-    layers: Vec<KvCache>,
+    layers: Vec<LayerCache>,
+    row: usize,
 }
 
 impl Cache {
-    /// `capacity` is a hint; the cache grows in steps of it.
-    pub fn new(cfg: &Config, capacity: usize) -> Self {
+    pub fn new(cfg: &Config) -> Self {
         Self {
-            layers: (0..cfg.num_hidden_layers)
-                .map(|_| KvCache::new(2, capacity.max(16)))
-                .collect(),
+            layers: vec![LayerCache::default(); cfg.num_hidden_layers],
+            row: cfg.num_key_value_heads * cfg.head_dim,
         }
     }
     /// Tokens held.
     pub fn len(&self) -> usize {
-        self.layers.first().map(|l| l.current_seq_len()).unwrap_or(0)
+        self.layers.first().map(LayerCache::len).unwrap_or(0)
     }
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
     pub fn reset(&mut self) {
-        self.layers.iter_mut().for_each(KvCache::reset);
+        self.layers.iter_mut().for_each(LayerCache::clear);
+    }
+    /// Keeps the first `n` positions (to reuse a shared prefix).
+    pub fn truncate(&mut self, n: usize) {
+        let row = self.row;
+        self.layers.iter_mut().for_each(|l| l.truncate(n, row));
+    }
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().map(LayerCache::bytes).sum()
     }
 }
 
@@ -259,8 +268,8 @@ impl Llama {
         &self.device
     }
 
-    pub fn new_cache(&self, capacity: usize) -> Cache {
-        Cache::new(&self.config, capacity)
+    pub fn new_cache(&self) -> Cache {
+        Cache::new(&self.config)
     }
 
     /// Runs `ids` (batch, seq) through the model after what `cache` holds (positions continue

@@ -1,1 +1,192 @@
+//! slm-tokenizer: a `tokenizers::Tokenizer` for any model slm runs, built from GGUF metadata
+//! or loaded from tokenizer.json, plus chat templates rendered with minijinja.
 
+pub mod chat;
+mod from_gguf;
+
+use std::path::{Path, PathBuf};
+
+pub use chat::{ChatTemplate, Message};
+pub use from_gguf::{from_gguf_metadata, TokenizerSpec};
+use slm_model::ModelSource;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenizerError {
+    #[error("{file}: {what}")]
+    Invalid { file: String, what: String },
+    #[error("{file}: no tokenizer: {what}")]
+    Missing { file: String, what: String },
+    #[error("tokenizer: {0}")]
+    Tokenizers(String),
+    #[error("chat template from {file}: {what}")]
+    Template { file: String, what: String },
+}
+
+pub type Result<T> = std::result::Result<T, TokenizerError>;
+
+/// A model's tokenizer with the facts generation needs.
+pub struct Tokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    /// Every id that ends a generation (EOS, end-of-turn tokens).
+    pub stop_ids: Vec<u32>,
+    pub add_bos: bool,
+    pub chat_template: Option<ChatTemplate>,
+}
+
+impl Tokenizer {
+    /// The tokenizer of a loaded model: from GGUF metadata or the folder's tokenizer.json.
+    pub fn for_model(source: &ModelSource) -> Result<Self> {
+        match source {
+            ModelSource::Gguf { path, metadata, .. } => {
+                let file = path.display().to_string();
+                let spec = from_gguf_metadata(metadata, &file)?;
+                let template = match metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                    Some(t) => Some(ChatTemplate::new(
+                        t,
+                        spec.bos.map(|b| spec.piece(b)),
+                        spec.eos.map(|e| spec.piece(e)),
+                        &file,
+                    )?),
+                    None => None,
+                };
+                Ok(Self {
+                    bos: spec.bos,
+                    eos: spec.eos,
+                    stop_ids: spec.stop_ids.clone(),
+                    add_bos: spec.add_bos,
+                    inner: spec.tokenizer,
+                    chat_template: template,
+                })
+            }
+            ModelSource::HfFolder { dir } => Self::from_folder(dir),
+        }
+    }
+
+    /// tokenizer.json + tokenizer_config.json (chat template, special tokens) of a folder.
+    pub fn from_folder(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        if !tj.is_file() {
+            return Err(TokenizerError::Missing {
+                file: dir.display().to_string(),
+                what: "tokenizer.json not found in the model folder".into(),
+            });
+        }
+        let inner = tokenizers::Tokenizer::from_file(&tj).map_err(|e| TokenizerError::Invalid {
+            file: tj.display().to_string(),
+            what: e.to_string(),
+        })?;
+        let cfg_path: PathBuf = dir.join("tokenizer_config.json");
+        let cfg: serde_json::Value = match std::fs::read_to_string(&cfg_path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| TokenizerError::Invalid {
+                file: cfg_path.display().to_string(),
+                what: e.to_string(),
+            })?,
+            Err(_) => serde_json::Value::Null,
+        };
+        let token_str = |key: &str| -> Option<String> {
+            match cfg.get(key) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                _ => None,
+            }
+        };
+        let bos_s = token_str("bos_token");
+        let eos_s = token_str("eos_token");
+        let bos = bos_s.as_deref().and_then(|s| inner.token_to_id(s));
+        let mut eos = eos_s.as_deref().and_then(|s| inner.token_to_id(s));
+        // generation_config.json may name other end ids (e.g. <|im_end|> and <|endoftext|>).
+        let mut stop_ids: Vec<u32> = eos.into_iter().collect();
+        if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
+            if let Ok(g) = serde_json::from_str::<serde_json::Value>(&text) {
+                let ids: Vec<u32> = match g.get("eos_token_id") {
+                    Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().map(|n| n as u32).collect(),
+                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+                    _ => vec![],
+                };
+                eos = eos.or(ids.first().copied());
+                stop_ids.extend(ids);
+            }
+        }
+        stop_ids.sort_unstable();
+        stop_ids.dedup();
+        let template = match cfg.get("chat_template").and_then(|t| t.as_str()) {
+            Some(t) => Some(ChatTemplate::new(t, bos_s, eos_s, &cfg_path.display().to_string())?),
+            None => None,
+        };
+        Ok(Self {
+            bos,
+            eos,
+            stop_ids,
+            add_bos: cfg.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
+            inner,
+            chat_template: template,
+        })
+    }
+
+    /// Token ids of `text`; special tokens written in the text (like `<|im_start|>`) are parsed.
+    /// With `add_special`, BOS is prepended when the model asks for it.
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut ids = enc.get_ids().to_vec();
+        if add_special && self.add_bos {
+            if let Some(b) = self.bos {
+                ids.insert(0, b);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner
+            .decode(ids, skip_special)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn is_stop(&self, id: u32) -> bool {
+        self.stop_ids.contains(&id)
+    }
+}
+
+/// Turns a stream of token ids into text as soon as it is valid UTF-8: a multi-byte character
+/// split over tokens is held back until complete.
+pub struct StreamDecoder<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    emitted: usize,
+}
+
+impl<'a> StreamDecoder<'a> {
+    pub fn new(tok: &'a Tokenizer) -> Self {
+        Self {
+            tok,
+            ids: Vec::new(),
+            emitted: 0,
+        }
+    }
+
+    /// The new text that `id` completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let text = self.tok.decode(&self.ids, true)?;
+        if text.ends_with('\u{FFFD}') {
+            return Ok(String::new());
+        }
+        let new = text.get(self.emitted..).unwrap_or("").to_string();
+        self.emitted = text.len();
+        Ok(new)
+    }
+
+    /// All text so far.
+    pub fn text(&self) -> Result<String> {
+        self.tok.decode(&self.ids, true)
+    }
+}
