@@ -5,6 +5,7 @@ pub mod attention;
 pub mod config;
 pub mod gguf;
 pub mod llama;
+pub mod quant;
 pub mod weights;
 
 use std::collections::BTreeMap;

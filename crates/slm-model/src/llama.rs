@@ -7,11 +7,52 @@ use crate::attention::{self, LayerCache};
 use crate::config::Config;
 use crate::weights::{Embedding, Linear, Result, Weights};
 
+/// RMSNorm as ggml computes it: squares summed in f64, `scale = 1/sqrtf(mean + eps)`, then
+/// `(x * scale) * w` in f32. The next matmul quantizes its input to 8 bits, so a one-ulp
+/// difference here can flip a rounding and move a projection by 5e-4: bit-exactness with
+/// llama.cpp starts at the norm. The differentiable candle version serves training.
+struct GgmlRmsNorm {
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for GgmlRmsNorm {
+    fn name(&self) -> &'static str {
+        "ggml-rms-norm"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("rms norm expects f32")
+        };
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("rms norm expects contiguous tensors")
+        };
+        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        let n = w.len();
+        let mut y = vec![0f32; x.len()];
+        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
+            let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+            let mean = (sum / n as f64) as f32;
+            let scale = 1.0 / (mean + self.eps).sqrt();
+            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                *o = v * scale * g;
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if x.track_op() || w.track_op() {
+    if x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
         candle_nn::ops::rms_norm_slow(x, w, eps)
     } else {
-        candle_nn::ops::rms_norm(x, w, eps)
+        x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
     }
 }
 
@@ -106,9 +147,10 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let q = rope.apply(&heads(self.q.forward(x)?, nh)?, pos)?;
-        let k = rope.apply(&heads(self.k.forward(x)?, nkv)?, pos)?;
-        let v = heads(self.v.forward(x)?, nkv)?;
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let q = rope.apply(&heads(q, nh)?, pos)?;
+        let k = rope.apply(&heads(k, nkv)?, pos)?;
+        let v = heads(v, nkv)?;
         if let Some(cache) = cache {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");

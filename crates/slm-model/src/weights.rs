@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::gguf::{dtype_name, GgufError, GgufFile};
+use crate::quant::{BlockMatrix, BlockType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
@@ -58,6 +59,8 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 pub enum Linear {
     Dense { w: Tensor, b: Option<Tensor> },
     Quantized { w: QMatMul, b: Option<Tensor> },
+    /// GGML 32-blocks computed with ggml's exact arithmetic (see `quant`).
+    Blocks { w: BlockMatrix, b: Option<Tensor> },
 }
 
 impl Linear {
@@ -65,6 +68,7 @@ impl Linear {
         let (y, b) = match self {
             Linear::Dense { w, b } => (x.broadcast_matmul(&w.t()?)?, b),
             Linear::Quantized { w, b } => (w.forward(x)?, b),
+            Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
         };
         match b {
             Some(b) => y.broadcast_add(b),
@@ -96,9 +100,18 @@ impl Embedding {
     pub fn as_linear(&self) -> candle_core::Result<Linear> {
         Ok(match self {
             Embedding::Dense(w) => Linear::Dense { w: w.clone(), b: None },
-            Embedding::Quantized(q) => Linear::Quantized {
-                w: QMatMul::from_arc(q.clone())?,
-                b: None,
+            Embedding::Quantized(q) => match BlockType::from_ggml(q.dtype()) {
+                Some(t) => {
+                    let (n, k) = q.shape().dims2()?;
+                    Linear::Blocks {
+                        w: BlockMatrix { t, bytes: Arc::new(q.data()?.into_owned()), n, k },
+                        b: None,
+                    }
+                }
+                None => Linear::Quantized {
+                    w: QMatMul::from_arc(q.clone())?,
+                    b: None,
+                },
             },
         })
     }
@@ -169,7 +182,15 @@ impl Weights<'_> {
             None
         };
         match self {
-            Weights::Gguf { .. } => {
+            Weights::Gguf { file, .. } => {
+                if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
+                    if let (Some(t), true) = (BlockType::from_ggml(info.dtype), info.dims == [out_dim, in_dim]) {
+                        return Ok(Linear::Blocks {
+                            w: BlockMatrix { t, bytes: Arc::new(file.tensor_bytes(info).to_vec()), n: out_dim, k: in_dim },
+                            b,
+                        });
+                    }
+                }
                 let q = self.qtensor(&wname, &[out_dim, in_dim])?;
                 Ok(Linear::Quantized {
                     w: QMatMul::from_qtensor(q)?,

@@ -1,1 +1,266 @@
+//! slm-runtime: text generation over a loaded model: prompt processing, sampling, stop rules,
+//! streaming.
 
+pub mod sampler;
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+pub use sampler::{argmax, Sampler, SamplingParams};
+use slm_model::{Cache, Llama};
+use slm_tokenizer::{StreamDecoder, Tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(
+        "the prompt ({prompt} tokens) plus --max-tokens ({max}) exceeds the context length ({ctx}); \
+         shorten the prompt, lower --max-tokens, or pass --truncate to drop the start of the prompt"
+    )]
+    ContextOverflow { prompt: usize, max: usize, ctx: usize },
+    #[error("empty prompt: there is nothing to continue")]
+    EmptyPrompt,
+    #[error("invalid sampling settings: {0}")]
+    Sampling(String),
+    #[error("model: {0}")]
+    Model(#[from] candle_core::Error),
+    #[error(transparent)]
+    Tokenizer(#[from] slm_tokenizer::TokenizerError),
+}
+
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// Generation ends when the text ends with one of these (it is not included in the output).
+    pub stop: Vec<String>,
+    /// Drop the start of the prompt when prompt + max_tokens does not fit the context.
+    pub truncate: bool,
+    /// Context length; defaults to the model's.
+    pub context: Option<usize>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop: Vec::new(),
+            truncate: false,
+            context: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    /// The model produced an end-of-sequence token.
+    Eos,
+    /// A stop string appeared.
+    Stop,
+    /// max_tokens reached.
+    Length,
+    /// The caller's callback asked to stop (Ctrl-C).
+    Cancelled,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos | FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    pub tokens: Vec<u32>,
+    pub text: String,
+    pub finish: FinishReason,
+    pub prompt_time: Duration,
+    pub gen_time: Duration,
+}
+
+impl Generation {
+    pub fn prompt_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prompt_time.as_secs_f64().max(1e-9)
+    }
+    pub fn gen_tps(&self) -> f64 {
+        self.tokens.len() as f64 / self.gen_time.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Fits the prompt to the context, or explains why it does not fit.
+pub fn fit_prompt(prompt: &[u32], max_tokens: usize, ctx: usize, truncate: bool) -> Result<Vec<u32>, GenerateError> {
+    if prompt.is_empty() {
+        return Err(GenerateError::EmptyPrompt);
+    }
+    if prompt.len() + max_tokens <= ctx {
+        return Ok(prompt.to_vec());
+    }
+    if !truncate || max_tokens >= ctx {
+        return Err(GenerateError::ContextOverflow {
+            prompt: prompt.len(),
+            max: max_tokens,
+            ctx,
+        });
+    }
+    Ok(prompt[prompt.len() - (ctx - max_tokens)..].to_vec())
+}
+
+/// A model's cache with the tokens it holds, so a chat's next turn only processes what is new.
+pub struct Session {
+    pub cache: Cache,
+    tokens: Vec<u32>,
+}
+
+impl Session {
+    pub fn new(model: &Llama) -> Self {
+        Self {
+            cache: model.new_cache(),
+            tokens: Vec::new(),
+        }
+    }
+    pub fn reset(&mut self) {
+        self.cache.reset();
+        self.tokens.clear();
+    }
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+    /// Feeds `prompt`, reusing the longest cached prefix; returns the last position's logits.
+    pub fn prefill(&mut self, model: &Llama, prompt: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        if prompt.is_empty() {
+            return Err(GenerateError::EmptyPrompt);
+        }
+        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        // At least the last prompt token must run to produce logits.
+        let keep = common.min(prompt.len() - 1);
+        self.cache.truncate(keep);
+        self.tokens.truncate(keep);
+        let logits = model.next_logits(&prompt[keep..], &mut self.cache)?;
+        self.tokens.extend_from_slice(&prompt[keep..]);
+        Ok(logits)
+    }
+    fn step(&mut self, model: &Llama, token: u32) -> Result<Vec<f32>, GenerateError> {
+        let logits = model.next_logits(&[token], &mut self.cache)?;
+        self.tokens.push(token);
+        Ok(logits)
+    }
+}
+
+/// Generates a continuation of `prompt` (token ids). `on_text` receives each new piece of text
+/// as soon as it is complete UTF-8 and may return `Break` to stop.
+///
+/// `session` may already hold a prefix of `prompt` (a chat's earlier turns): only the part
+/// after it is processed.
+pub fn generate(
+    model: &Llama,
+    tok: &Tokenizer,
+    session: &mut Session,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_text: impl FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
+    opts.sampling.validate().map_err(GenerateError::Sampling)?;
+    let ctx = opts.context.unwrap_or(model.config.max_position_embeddings).min(model.config.max_position_embeddings);
+    let prompt = fit_prompt(prompt, opts.max_tokens, ctx, opts.truncate)?;
+    let mut sampler = Sampler::new(opts.sampling.clone());
+    let t0 = Instant::now();
+    let logits = session.prefill(model, &prompt)?;
+    let prompt_time = t0.elapsed();
+
+    let t1 = Instant::now();
+    let mut history = prompt.clone();
+    let mut out = Vec::new();
+    let mut decoder = StreamDecoder::new(tok);
+    let mut text = String::new();
+    let mut logits = logits;
+    let mut finish = FinishReason::Length;
+    // Text is held back while it could still be the start of a stop string.
+    let mut shown = 0;
+    while out.len() < opts.max_tokens {
+        let next = sampler.sample(&logits, &history);
+        if tok.is_stop(next) {
+            finish = FinishReason::Eos;
+            break;
+        }
+        out.push(next);
+        history.push(next);
+        text.push_str(&decoder.push(next)?);
+        if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
+            text.truncate(pos);
+            if text.len() > shown {
+                let _ = on_text(&text[shown..]);
+            }
+            shown = text.len();
+            finish = FinishReason::Stop;
+            break;
+        }
+        let hold = opts
+            .stop
+            .iter()
+            .map(|s| partial_suffix(&text, s))
+            .max()
+            .unwrap_or(0);
+        let safe = text.len() - hold;
+        if safe > shown {
+            if on_text(&text[shown..safe]).is_break() {
+                shown = safe;
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            shown = safe;
+        }
+        if out.len() == opts.max_tokens {
+            break;
+        }
+        logits = session.step(model, next)?;
+    }
+    if finish != FinishReason::Stop && finish != FinishReason::Cancelled && text.len() > shown {
+        let _ = on_text(&text[shown..]);
+    }
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        tokens: out,
+        text,
+        finish,
+        prompt_time,
+        gen_time: t1.elapsed(),
+    })
+}
+
+/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
+fn partial_suffix(text: &str, stop: &str) -> usize {
+    (1..stop.len().min(text.len() + 1))
+        .rev()
+        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_fitting() {
+        assert_eq!(fit_prompt(&[1, 2, 3], 5, 8, false).unwrap(), vec![1, 2, 3]);
+        let err = fit_prompt(&[1, 2, 3, 4], 5, 8, false).unwrap_err().to_string();
+        assert!(err.contains("--truncate") && err.contains("context length (8)"), "{err}");
+        assert_eq!(fit_prompt(&[1, 2, 3, 4], 5, 8, true).unwrap(), vec![2, 3, 4]);
+        assert!(fit_prompt(&[1], 8, 8, true).is_err());
+        assert!(matches!(fit_prompt(&[], 1, 8, false), Err(GenerateError::EmptyPrompt)));
+    }
+
+    #[test]
+    fn partial_stop_suffix() {
+        assert_eq!(partial_suffix("hello wor", "world"), 3);
+        assert_eq!(partial_suffix("hello", "world"), 0);
+        assert_eq!(partial_suffix("x<|im", "<|im_end|>"), 4);
+    }
+}
