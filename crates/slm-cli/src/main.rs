@@ -1,1 +1,449 @@
-fn main() {}
+//! The `slm` command: one subcommand per pipeline stage, thin over the crates.
+
+use std::io::{BufRead, Write};
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use clap::{Args, Parser, Subcommand};
+use slm_model::{LoadedModel, ModelSource};
+use slm_runtime::{generate, GenerateOptions, SamplingParams, Session};
+use slm_tokenizer::{Message, Tokenizer};
+
+#[derive(Parser)]
+#[command(
+    name = "slm",
+    version,
+    about = "Build and run small language models locally"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Architecture, size, quantization, context, tokenizer and chat template of a model.
+    Info { model: PathBuf },
+    /// One completion of a prompt, streamed to stdout.
+    Generate {
+        model: PathBuf,
+        #[arg(short, long)]
+        prompt: String,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Interactive multi-turn chat (/reset clears the conversation, Ctrl-C stops a reply).
+    Chat {
+        model: PathBuf,
+        /// System prompt (default: the template's own).
+        #[arg(long)]
+        system: Option<String>,
+        #[command(flatten)]
+        gen: GenArgs,
+    },
+    /// Evaluate a model: --task perplexity:FILE.
+    Eval {
+        model: PathBuf,
+        #[arg(long)]
+        task: String,
+        /// Window length for perplexity.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+    },
+    /// Prompt processing (pp128, pp512) and decode (tg128) speed, peak memory.
+    Bench {
+        model: PathBuf,
+        #[arg(long)]
+        threads: Option<usize>,
+        #[arg(long)]
+        json: bool,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+#[derive(Args, Clone)]
+struct GenArgs {
+    /// Tokens to generate at most.
+    #[arg(short = 'n', long = "max-tokens", default_value_t = 256)]
+    max_tokens: usize,
+    #[arg(long, default_value_t = 0.8)]
+    temp: f32,
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0.05)]
+    min_p: f32,
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    #[arg(long, default_value_t = 64)]
+    repeat_last_n: usize,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Stop when this text appears (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Drop the start of a prompt that does not fit the context.
+    #[arg(long)]
+    truncate: bool,
+    /// Context length (default: the model's).
+    #[arg(long)]
+    ctx: Option<usize>,
+}
+
+impl GenArgs {
+    fn options(&self) -> GenerateOptions {
+        GenerateOptions {
+            max_tokens: self.max_tokens,
+            sampling: SamplingParams {
+                temperature: self.temp,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repeat_penalty: self.repeat_penalty,
+                repeat_last_n: self.repeat_last_n,
+                seed: self.seed,
+            },
+            stop: self.stop.clone(),
+            truncate: self.truncate,
+            context: self.ctx,
+        }
+    }
+}
+
+fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
+    let t = Instant::now();
+    let loaded = slm_model::load(path, &Device::Cpu)
+        .with_context(|| format!("loading {}", path.display()))?;
+    let tok = Tokenizer::for_model(&loaded.source)?;
+    tracing::info!(
+        "loaded {} in {:.2}s",
+        path.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok((loaded, tok))
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("SLM_LOG")
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Info { model } => info(&model),
+        Cmd::Generate { model, prompt, gen } => {
+            let (m, tok) = load(&model)?;
+            let ids = tok.encode(&prompt, true)?;
+            let mut session = Session::new(&m.model);
+            let stop = interrupt_flag();
+            let mut out = std::io::stdout().lock();
+            write!(out, "{prompt}")?;
+            let g = generate(&m.model, &tok, &mut session, &ids, &gen.options(), |text| {
+                let _ = write!(out, "{text}");
+                let _ = out.flush();
+                if stop.swap(false, Ordering::SeqCst) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })?;
+            writeln!(out)?;
+            eprintln!(
+                "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}]",
+                g.prompt_tokens,
+                g.prompt_tps(),
+                g.tokens.len(),
+                g.gen_tps(),
+                g.finish.as_str()
+            );
+            Ok(())
+        }
+        Cmd::Chat { model, system, gen } => chat(&model, system, &gen),
+        Cmd::Eval { model, task, ctx } => eval(&model, &task, ctx),
+        Cmd::Bench {
+            model,
+            threads,
+            json,
+            reps,
+        } => bench(&model, threads, json, reps),
+    }
+}
+
+/// Ctrl-C sets the flag (a reply stops) instead of killing the process; a second Ctrl-C while
+/// the flag is still set exits.
+fn interrupt_flag() -> Arc<AtomicBool> {
+    let flag = Arc::new(AtomicBool::new(false));
+    let f = flag.clone();
+    let _ = ctrlc::set_handler(move || {
+        if f.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+    });
+    flag
+}
+
+fn info(path: &Path) -> Result<()> {
+    let (m, tok) = load(path)?;
+    let c = &m.model.config;
+    println!("model        {}", path.display());
+    println!("architecture {:?} ({})", c.arch, c.arch.hf_class());
+    println!("parameters   {:.1}M", c.num_params() as f64 / 1e6);
+    println!(
+        "shape        {} layers, hidden {}, ffn {}, heads {} (kv {}), head dim {}",
+        c.num_hidden_layers,
+        c.hidden_size,
+        c.intermediate_size,
+        c.num_attention_heads,
+        c.num_key_value_heads,
+        c.head_dim
+    );
+    println!("context      {}", c.max_position_embeddings);
+    println!(
+        "rope         theta {}{}",
+        c.rope_theta,
+        if c.rope_scaling.is_some() {
+            ", llama3 scaling"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "embeddings   {}",
+        if c.tie_word_embeddings {
+            "tied"
+        } else {
+            "separate output"
+        }
+    );
+    match &m.source {
+        ModelSource::Gguf {
+            metadata,
+            tensor_types,
+            file_bytes,
+            ..
+        } => {
+            let types: Vec<String> = tensor_types
+                .iter()
+                .map(|(t, n)| format!("{t} x{n}"))
+                .collect();
+            println!(
+                "format       GGUF, {:.1} MB, tensors {}",
+                *file_bytes as f64 / 1e6,
+                types.join(", ")
+            );
+            if let Some(n) = metadata.get("general.name").and_then(|v| v.as_str()) {
+                println!("name         {n}");
+            }
+            let model = metadata
+                .get("tokenizer.ggml.model")
+                .and_then(|v| v.as_str())
+                .unwrap_or("?");
+            let pre = metadata
+                .get("tokenizer.ggml.pre")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            println!(
+                "tokenizer    {model} (pre: {pre}), {} tokens",
+                tok.vocab_size()
+            );
+        }
+        ModelSource::HfFolder { .. } => {
+            println!("format       Hugging Face folder (safetensors)");
+            println!("tokenizer    tokenizer.json, {} tokens", tok.vocab_size());
+        }
+    }
+    let piece = |id: Option<u32>| {
+        id.and_then(|i| tok.inner.id_to_token(i))
+            .unwrap_or_else(|| "-".into())
+    };
+    println!(
+        "special      bos {} eos {} (add bos: {})",
+        piece(tok.bos),
+        piece(tok.eos),
+        tok.add_bos
+    );
+    match &tok.chat_template {
+        Some(t) => {
+            let demo = t.render(&[Message::new("user", "Hi")], true)?;
+            println!("chat         template present; 'Hi' renders as {demo:?}");
+        }
+        None => println!("chat         no chat template"),
+    }
+    Ok(())
+}
+
+fn chat(path: &Path, system: Option<String>, gen: &GenArgs) -> Result<()> {
+    let (m, tok) = load(path)?;
+    let Some(template) = &tok.chat_template else {
+        bail!(
+            "{} has no chat template; use `slm generate` for plain completion",
+            path.display()
+        );
+    };
+    let opts = gen.options();
+    let stop = interrupt_flag();
+    let mut session = Session::new(&m.model);
+    let mut messages: Vec<Message> = system
+        .iter()
+        .map(|s| Message::new("system", s.clone()))
+        .collect();
+    let stdin = std::io::stdin();
+    eprintln!(
+        "chatting with {} (/reset to start over, /exit or Ctrl-D to leave)",
+        path.display()
+    );
+    loop {
+        eprint!("> ");
+        let mut line = String::new();
+        if stdin.lock().read_line(&mut line)? == 0 {
+            break;
+        }
+        let line = line.trim();
+        match line {
+            "" => continue,
+            "/exit" | "/quit" => break,
+            "/reset" => {
+                messages.retain(|m| m.role == "system");
+                session.reset();
+                eprintln!("(conversation cleared)");
+                continue;
+            }
+            _ => {}
+        }
+        messages.push(Message::new("user", line));
+        let prompt = template.render(&messages, true)?;
+        let ids = tok.encode(&prompt, false)?;
+        stop.store(false, Ordering::SeqCst);
+        let mut out = std::io::stdout().lock();
+        let g = generate(&m.model, &tok, &mut session, &ids, &opts, |text| {
+            let _ = write!(out, "{text}");
+            let _ = out.flush();
+            if stop.swap(false, Ordering::SeqCst) {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        });
+        writeln!(out)?;
+        match g {
+            Ok(g) => messages.push(Message::new("assistant", g.text.trim().to_string())),
+            Err(e) => {
+                eprintln!("error: {e}");
+                messages.pop();
+            }
+        }
+    }
+    Ok(())
+}
+
+fn eval(path: &Path, task: &str, ctx: usize) -> Result<()> {
+    let Some((kind, file)) = task.split_once(':') else {
+        bail!("--task {task:?}: expected KIND:FILE, e.g. perplexity:text.txt");
+    };
+    if kind != "perplexity" {
+        bail!("--task kind {kind:?} is not supported yet (supported: perplexity)");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
+    let (m, tok) = load(path)?;
+    let ids = tok.encode(&text, false)?;
+    let bos = if tok.add_bos { tok.bos } else { None };
+    let t = Instant::now();
+    let p = slm_eval::perplexity::perplexity(&m.model, &ids, ctx, bos, true)?;
+    println!(
+        "perplexity {:.4} +/- {:.4}  ({} windows of {ctx}, {} scored tokens, {:.1}s)",
+        p.ppl,
+        p.stderr,
+        p.windows,
+        p.scored_tokens,
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Peak resident memory of this process (VmHWM), in MB.
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench(path: &Path, threads: Option<usize>, json: bool, reps: usize) -> Result<()> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .ok();
+    let (m, _tok) = load(path)?;
+    let model = &m.model;
+    let vocab = model.config.vocab_size as u32;
+    // Token ids as llama-bench uses them: arbitrary but fixed.
+    let tokens =
+        |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect() };
+    let reps = reps.max(1);
+    let pp = |n: usize| -> Result<f64> {
+        let ids = Tensor::new(tokens(n).as_slice(), &Device::Cpu)?.unsqueeze(0)?;
+        let mut rates = Vec::new();
+        for _ in 0..reps {
+            let mut cache = model.new_cache();
+            let t = Instant::now();
+            model.forward(&ids, Some(&mut cache), true)?;
+            rates.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(median(rates))
+    };
+    let pp128 = pp(128)?;
+    let pp512 = pp(512)?;
+    let mut rates = Vec::new();
+    for _ in 0..reps {
+        let mut cache = model.new_cache();
+        let mut next = 1u32;
+        let t = Instant::now();
+        for _ in 0..128 {
+            let logits = model.next_logits(&[next], &mut cache)?;
+            next = slm_runtime::argmax(&logits);
+        }
+        rates.push(128.0 / t.elapsed().as_secs_f64());
+    }
+    let tg128 = median(rates);
+    let rss = peak_rss_mb();
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"pp128": pp128, "pp512": pp512, "tg128": tg128, "peak_rss_mb": rss, "threads": threads})
+        );
+    } else {
+        println!("model    {}", path.display());
+        println!("threads  {threads}");
+        println!("pp128    {pp128:.1} tok/s");
+        println!("pp512    {pp512:.1} tok/s");
+        println!("tg128    {tg128:.1} tok/s");
+        println!("peak RSS {rss:.0} MB");
+    }
+    Ok(())
+}

@@ -124,10 +124,16 @@ pub fn attend(
             .flat_map(|i| (0..len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (t, len), device)?;
-        let att = att.reshape((n_kv, rep, t, len))?.broadcast_add(&mask)?.reshape((n_kv, rep * t, len))?;
+        let att = att
+            .reshape((n_kv, rep, t, len))?
+            .broadcast_add(&mask)?
+            .reshape((n_kv, rep * t, len))?;
         let att = candle_nn::ops::softmax_last_dim(&att)?;
         let y = att.matmul(&vt)?; // (n_kv, rep*t, hd)
-        return y.reshape((n_heads, t, hd))?.transpose(0, 1)?.reshape((t, n_heads * hd));
+        return y
+            .reshape((n_heads, t, hd))?
+            .transpose(0, 1)?
+            .reshape((t, n_heads * hd));
     }
 
     let mut out = vec![0f32; t * n_heads * hd];

@@ -116,48 +116,59 @@ impl Config {
             .clone()
             .or_else(|| hf.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default();
-        let arch = match ty.as_str() {
-            "llama" | "LlamaForCausalLM" => Arch::Llama,
-            "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
-            "mistral" | "MistralForCausalLM" => Arch::Mistral,
-            other => {
-                return Err(invalid(
+        let arch =
+            match ty.as_str() {
+                "llama" | "LlamaForCausalLM" => Arch::Llama,
+                "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
+                "mistral" | "MistralForCausalLM" => Arch::Mistral,
+                other => return Err(invalid(
                     file,
-                    format!("model_type '{other}' is not supported; supported: llama, qwen2, mistral"),
-                ))
-            }
-        };
+                    format!(
+                        "model_type '{other}' is not supported; supported: llama, qwen2, mistral"
+                    ),
+                )),
+            };
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
-                return Err(invalid(file, format!("hidden_act '{act}' is not supported (expected silu)")));
+                return Err(invalid(
+                    file,
+                    format!("hidden_act '{act}' is not supported (expected silu)"),
+                ));
             }
         }
-        let rope_scaling = match &hf.rope_scaling {
-            None | Some(serde_json::Value::Null) => None,
-            Some(v) => {
-                let ty = v
-                    .get("rope_type")
-                    .or_else(|| v.get("type"))
-                    .and_then(|t| t.as_str())
-                    .unwrap_or("");
-                match ty {
-                    "llama3" => Some(
-                        serde_json::from_value::<Llama3Scaling>(v.clone())
-                            .map_err(|e| invalid(file, format!("rope_scaling: {e}")))?,
-                    ),
-                    "default" => None,
-                    other => {
-                        return Err(invalid(
+        let rope_scaling =
+            match &hf.rope_scaling {
+                None | Some(serde_json::Value::Null) => None,
+                Some(v) => {
+                    let ty = v
+                        .get("rope_type")
+                        .or_else(|| v.get("type"))
+                        .and_then(|t| t.as_str())
+                        .unwrap_or("");
+                    match ty {
+                        "llama3" => Some(
+                            serde_json::from_value::<Llama3Scaling>(v.clone())
+                                .map_err(|e| invalid(file, format!("rope_scaling: {e}")))?,
+                        ),
+                        "default" => None,
+                        other => return Err(invalid(
                             file,
-                            format!("rope_scaling type '{other}' is not supported (expected llama3)"),
-                        ))
+                            format!(
+                                "rope_scaling type '{other}' is not supported (expected llama3)"
+                            ),
+                        )),
                     }
                 }
-            }
-        };
+            };
         let heads = hf.num_attention_heads;
         if heads == 0 || hf.hidden_size % heads != 0 && hf.head_dim.is_none() {
-            return Err(invalid(file, format!("hidden_size {} is not divisible by num_attention_heads {heads}", hf.hidden_size)));
+            return Err(invalid(
+                file,
+                format!(
+                    "hidden_size {} is not divisible by num_attention_heads {heads}",
+                    hf.hidden_size
+                ),
+            ));
         }
         let cfg = Config {
             arch,
@@ -207,7 +218,10 @@ impl Config {
             None => heads,
         };
         if heads == 0 {
-            return Err(invalid(&file, format!("{} is 0", k("attention.head_count"))));
+            return Err(invalid(
+                &file,
+                format!("{} is 0", k("attention.head_count")),
+            ));
         }
         let head_dim = match g.get_u64(&k("attention.key_length"))? {
             Some(v) => as_usize(v, "key_length")?,
@@ -223,25 +237,45 @@ impl Config {
                 .ok_or_else(|| invalid(&file, "cannot determine the vocabulary size"))?,
         };
         let rope_scaling = match g.get_str(&k("rope.scaling.type"))? {
-            None | Some("none") | Some("linear") if g.get_f64(&k("rope.scaling.factor"))?.unwrap_or(1.0) == 1.0 => None,
+            None | Some("none") | Some("linear")
+                if g.get_f64(&k("rope.scaling.factor"))?.unwrap_or(1.0) == 1.0 =>
+            {
+                None
+            }
             // llama3-style scaling is carried in GGUF as the `rope_freqs.weight` tensor, which
             // the model reads directly.
             _ if g.tensor_info("rope_freqs.weight").is_some() => None,
             Some(other) => {
-                return Err(invalid(&file, format!("{} '{other}' is not supported", k("rope.scaling.type"))))
+                return Err(invalid(
+                    &file,
+                    format!("{} '{other}' is not supported", k("rope.scaling.type")),
+                ))
             }
-            None => return Err(invalid(&file, format!("{} without a scaling type is not supported", k("rope.scaling.factor")))),
+            None => {
+                return Err(invalid(
+                    &file,
+                    format!(
+                        "{} without a scaling type is not supported",
+                        k("rope.scaling.factor")
+                    ),
+                ))
+            }
         };
         let cfg = Config {
             arch,
             vocab_size,
             hidden_size: hidden,
-            intermediate_size: as_usize(g.require_u64(&k("feed_forward_length"))?, "feed_forward_length")?,
+            intermediate_size: as_usize(
+                g.require_u64(&k("feed_forward_length"))?,
+                "feed_forward_length",
+            )?,
             num_hidden_layers: as_usize(g.require_u64(&k("block_count"))?, "block_count")?,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: g.get_f64(&k("attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5),
+            rms_norm_eps: g
+                .get_f64(&k("attention.layer_norm_rms_epsilon"))?
+                .unwrap_or(1e-5),
             rope_theta: g.get_f64(&k("rope.freq_base"))?.unwrap_or(10_000.0),
             rope_scaling,
             max_position_embeddings: match g.get_u64(&k("context_length"))? {
@@ -262,7 +296,8 @@ impl Config {
             (self.vocab_size > 0, "vocab_size is 0".into()),
             (self.num_hidden_layers > 0, "num_hidden_layers is 0".into()),
             (
-                self.num_key_value_heads > 0 && self.num_attention_heads % self.num_key_value_heads == 0,
+                self.num_key_value_heads > 0
+                    && self.num_attention_heads % self.num_key_value_heads == 0,
                 format!(
                     "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                     self.num_attention_heads, self.num_key_value_heads
@@ -275,7 +310,10 @@ impl Config {
             (self.hidden_size > 0, "hidden_size is 0".into()),
             (
                 self.rope_theta > 0.0 && self.rms_norm_eps > 0.0,
-                format!("rope_theta {} and rms_norm_eps {} must be positive", self.rope_theta, self.rms_norm_eps),
+                format!(
+                    "rope_theta {} and rms_norm_eps {} must be positive",
+                    self.rope_theta, self.rms_norm_eps
+                ),
             ),
         ];
         for (ok, what) in checks {
@@ -353,7 +391,12 @@ mod tests {
     #[test]
     fn unknown_model_type_is_named() {
         let bad = SMOLLM.replace("\"llama\"", "\"gpt_neox\"");
-        let err = Config::from_hf_json(&bad, "config.json").unwrap_err().to_string();
-        assert!(err.contains("gpt_neox") && err.contains("config.json"), "{err}");
+        let err = Config::from_hf_json(&bad, "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("gpt_neox") && err.contains("config.json"),
+            "{err}"
+        );
     }
 }

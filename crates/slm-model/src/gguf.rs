@@ -221,8 +221,9 @@ impl GgufFile {
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
         self.get(key)
             .map(|v| {
-                v.as_u64()
-                    .ok_or_else(|| self.meta_err(key, format!("expected an unsigned integer, found {v:?}")))
+                v.as_u64().ok_or_else(|| {
+                    self.meta_err(key, format!("expected an unsigned integer, found {v:?}"))
+                })
             })
             .transpose()
     }
@@ -237,8 +238,9 @@ impl GgufFile {
     pub fn get_str(&self, key: &str) -> Result<Option<&str>> {
         self.get(key)
             .map(|v| {
-                v.as_str()
-                    .ok_or_else(|| self.meta_err(key, format!("expected a string, found {}", v.summary())))
+                v.as_str().ok_or_else(|| {
+                    self.meta_err(key, format!("expected a string, found {}", v.summary()))
+                })
             })
             .transpose()
     }
@@ -322,9 +324,8 @@ impl GgufFile {
         let bytes = if (bytes.as_ptr() as usize) % 8 != 0 {
             let mut buf = vec![0u64; bytes.len().div_ceil(8)];
             // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
-            let dst = unsafe {
-                std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len())
-            };
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len()) };
             dst.copy_from_slice(bytes);
             aligned = buf;
             // SAFETY: as above; `aligned` outlives this use.
@@ -434,7 +435,10 @@ impl<'a> Reader<'a> {
         Ok(s)
     }
     fn array<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
-        Ok(self.take(N, what)?.try_into().expect("take returned N bytes"))
+        Ok(self
+            .take(N, what)?
+            .try_into()
+            .expect("take returned N bytes"))
     }
     fn u32(&mut self, what: &str) -> Result<u32> {
         Ok(u32::from_le_bytes(self.array(what)?))
@@ -477,12 +481,18 @@ impl<'a> Reader<'a> {
             7 => match self.array::<1>(key)?[0] {
                 0 => Value::Bool(false),
                 1 => Value::Bool(true),
-                b => return Err(self.corrupt(format!("bool value of '{key}' is {b}, expected 0 or 1"))),
+                b => {
+                    return Err(
+                        self.corrupt(format!("bool value of '{key}' is {b}, expected 0 or 1"))
+                    )
+                }
             },
             8 => Value::String(self.string(&format!("string value of '{key}'"))?),
             9 => {
                 if depth >= MAX_ARRAY_DEPTH {
-                    return Err(self.corrupt(format!("arrays nested deeper than {MAX_ARRAY_DEPTH} in '{key}'")));
+                    return Err(self.corrupt(format!(
+                        "arrays nested deeper than {MAX_ARRAY_DEPTH} in '{key}'"
+                    )));
                 }
                 let item_ty = self.u32(key)?;
                 let min = match item_ty {
@@ -490,9 +500,11 @@ impl<'a> Reader<'a> {
                     2 | 3 => 2,
                     4 | 5 | 6 => 4,
                     10..=12 => 8,
-                    8 => 8,       // a string is at least its u64 length
-                    9 => 12,      // an array is at least its type and length
-                    t => return Err(self.corrupt(format!("array '{key}' has unknown item type {t}"))),
+                    8 => 8,  // a string is at least its u64 length
+                    9 => 12, // an array is at least its type and length
+                    t => {
+                        return Err(self.corrupt(format!("array '{key}' has unknown item type {t}")))
+                    }
                 };
                 let n = self.count(&format!("length of array '{key}'"), min)?;
                 let mut items = Vec::with_capacity(n);
@@ -580,7 +592,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         }
         let n_dims = r.u32("tensor rank")?;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(terr(format!("has {n_dims} dimensions, expected 1 to {MAX_DIMS}")));
+            return Err(terr(format!(
+                "has {n_dims} dimensions, expected 1 to {MAX_DIMS}"
+            )));
         }
         let mut ne = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {
@@ -596,7 +610,11 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
             .iter()
             .try_fold(1u64, |acc, &d| acc.checked_mul(d))
             .filter(|&e| e <= buf.len() as u64 * 256)
-            .ok_or_else(|| terr(format!("dimensions {ne:?} are impossibly large for this file")))?;
+            .ok_or_else(|| {
+                terr(format!(
+                    "dimensions {ne:?} are impossibly large for this file"
+                ))
+            })?;
         let block = dtype.block_size() as u64;
         if ne[0] % block != 0 {
             return Err(terr(format!(
@@ -607,7 +625,9 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         }
         let len = elems / block * dtype.type_size() as u64;
         if offset % alignment != 0 {
-            return Err(terr(format!("data offset {offset} is not a multiple of the alignment {alignment}")));
+            return Err(terr(format!(
+                "data offset {offset} is not a multiple of the alignment {alignment}"
+            )));
         }
         let dims = ne.iter().rev().map(|&d| d as usize).collect();
         raw.push(Raw {
@@ -704,7 +724,10 @@ mod tests {
     fn every_truncation_is_an_error() {
         let bytes = tiny_gguf();
         for n in 0..bytes.len() {
-            assert!(parse(Path::new("t.gguf"), &bytes[..n]).is_err(), "prefix of {n} bytes accepted");
+            assert!(
+                parse(Path::new("t.gguf"), &bytes[..n]).is_err(),
+                "prefix of {n} bytes accepted"
+            );
         }
     }
 

@@ -76,16 +76,22 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let index = dir.join("model.safetensors.index.json");
     if index.is_file() {
         let text = std::fs::read_to_string(&index).map_err(|e| files_err(&index, e.to_string()))?;
-        let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| files_err(&index, e.to_string()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| files_err(&index, e.to_string()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
             .ok_or_else(|| files_err(&index, "no \"weight_map\" object"))?;
         let mut files: Vec<PathBuf> = Vec::new();
         for f in map.values() {
-            let name = f.as_str().ok_or_else(|| files_err(&index, "weight_map values must be file names"))?;
+            let name = f
+                .as_str()
+                .ok_or_else(|| files_err(&index, "weight_map values must be file names"))?;
             if name.contains('/') || name.contains("..") {
-                return Err(files_err(&index, format!("shard name '{name}' leaves the model folder")));
+                return Err(files_err(
+                    &index,
+                    format!("shard name '{name}' leaves the model folder"),
+                ));
             }
             let p = dir.join(name);
             if !files.contains(&p) {
@@ -104,8 +110,12 @@ pub fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
 pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
     if path.is_dir() {
         let cfg_path = path.join("config.json");
-        let text = std::fs::read_to_string(&cfg_path)
-            .map_err(|e| files_err(&cfg_path, format!("cannot read: {e} (a model folder needs config.json)")))?;
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| {
+            files_err(
+                &cfg_path,
+                format!("cannot read: {e} (a model folder needs config.json)"),
+            )
+        })?;
         let config = Config::from_hf_json(&text, &cfg_path.display().to_string())?;
         let files = safetensors_files(path)?;
         for f in &files {
@@ -119,7 +129,9 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
         let model = Llama::load(&config, &Weights::Vars(vb), device)?;
         return Ok(LoadedModel {
             model,
-            source: ModelSource::HfFolder { dir: path.to_path_buf() },
+            source: ModelSource::HfFolder {
+                dir: path.to_path_buf(),
+            },
         });
     }
     if !path.exists() {
@@ -137,7 +149,9 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
     )?;
     let mut tensor_types = BTreeMap::new();
     for t in &file.tensors {
-        *tensor_types.entry(gguf::dtype_name(t.dtype).to_string()).or_insert(0) += 1;
+        *tensor_types
+            .entry(gguf::dtype_name(t.dtype).to_string())
+            .or_insert(0) += 1;
     }
     let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
     Ok(LoadedModel {

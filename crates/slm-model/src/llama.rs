@@ -2,10 +2,10 @@
 //! One definition for inference (quantized GGUF weights, KV cache) and training (candle Vars,
 //! no cache): the fused candle kernels are used unless a tensor is being tracked for gradients.
 
-use candle_core::{DType, Device, Tensor, D};
 use crate::attention::{self, LayerCache};
 use crate::config::Config;
 use crate::weights::{Embedding, Linear, Result, Weights};
+use candle_core::{DType, Device, Tensor, D};
 
 /// RMSNorm as ggml computes it: squares summed in f64, `scale = 1/sqrtf(mean + eps)`, then
 /// `(x * scale) * w` in f32. The next matmul quantizes its input to 8 bits, so a one-ulp
@@ -30,7 +30,8 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
             candle_core::bail!("rms norm expects f32")
         };
-        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("rms norm expects contiguous tensors")
         };
         let (x, w) = (&x[xs..xe], &w[ws..we]);
@@ -52,7 +53,8 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     if x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
         candle_nn::ops::rms_norm_slow(x, w, eps)
     } else {
-        x.contiguous()?.apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
+        x.contiguous()?
+            .apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
     }
 }
 
@@ -73,7 +75,12 @@ pub struct Rope {
 }
 
 impl Rope {
-    pub fn new(cfg: &Config, freq_factors: Option<&[f32]>, interleaved: bool, device: &Device) -> Result<Self> {
+    pub fn new(
+        cfg: &Config,
+        freq_factors: Option<&[f32]>,
+        interleaved: bool,
+        device: &Device,
+    ) -> Result<Self> {
         let d = cfg.head_dim;
         let mut inv_freq: Vec<f64> = (0..d / 2)
             .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
@@ -92,7 +99,8 @@ impl Rope {
                 } else if wavelen > low_wavelen {
                     *inv / s.factor
                 } else {
-                    let smooth = (s.original_max_position_embeddings as f64 / wavelen - s.low_freq_factor)
+                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                        - s.low_freq_factor)
                         / (s.high_freq_factor - s.low_freq_factor);
                     (1.0 - smooth) * *inv / s.factor + smooth * *inv
                 };
@@ -143,7 +151,13 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, x: &Tensor, rope: &Rope, pos: usize, cache: Option<&mut LayerCache>) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        cache: Option<&mut LayerCache>,
+    ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
@@ -155,8 +169,20 @@ impl Attention {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
             }
-            let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> { y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1() };
-            let y = attention::attend(cache, &rows(q)?, &rows(k)?, &rows(v)?, t, nh, nkv, hd, x.device())?;
+            let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> {
+                y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()
+            };
+            let y = attention::attend(
+                cache,
+                &rows(q)?,
+                &rows(k)?,
+                &rows(v)?,
+                t,
+                nh,
+                nkv,
+                hd,
+                x.device(),
+            )?;
             return self.o.forward(&y.unsqueeze(0)?);
         }
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
@@ -174,7 +200,10 @@ impl Attention {
         }
         let att = softmax_last_dim(&att)?;
         let y = att.matmul(&v)?;
-        let y = y.reshape((b, nh, t, hd))?.transpose(1, 2)?.reshape((b, t, nh * hd))?;
+        let y = y
+            .reshape((b, nh, t, hd))?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
         self.o.forward(&y)
     }
 }
@@ -294,7 +323,12 @@ impl Llama {
             w.linear("lm_head", c.vocab_size, h, false)?
         };
         let freq_factors = w.rope_freq_factors()?;
-        let rope = Rope::new(c, freq_factors.as_deref(), w.rope_interleaved(c.arch), device)?;
+        let rope = Rope::new(
+            c,
+            freq_factors.as_deref(),
+            w.rope_interleaved(c.arch),
+            device,
+        )?;
         Ok(Self {
             config: c.clone(),
             embed,
@@ -316,7 +350,12 @@ impl Llama {
 
     /// Runs `ids` (batch, seq) through the model after what `cache` holds (positions continue
     /// from there). Returns logits (batch, seq, vocab), or (batch, 1, vocab) with `last_only`.
-    pub fn forward(&self, ids: &Tensor, cache: Option<&mut Cache>, last_only: bool) -> candle_core::Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        cache: Option<&mut Cache>,
+        last_only: bool,
+    ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
         let pos = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         if pos + t > self.config.max_position_embeddings {
@@ -331,7 +370,9 @@ impl Llama {
         let mut cache = cache;
         for (i, blk) in self.blocks.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = blk.attn.forward(&rms_norm(&x, &blk.attn_norm, eps)?, &self.rope, pos, kv)?;
+            let a = blk
+                .attn
+                .forward(&rms_norm(&x, &blk.attn_norm, eps)?, &self.rope, pos, kv)?;
             x = (x + a)?;
             let m = blk.mlp.forward(&rms_norm(&x, &blk.mlp_norm, eps)?)?;
             x = (x + m)?;
@@ -346,6 +387,8 @@ impl Llama {
     /// Logits of the last position for a token sequence appended to `cache`.
     pub fn next_logits(&self, tokens: &[u32], cache: &mut Cache) -> candle_core::Result<Vec<f32>> {
         let ids = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        self.forward(&ids, Some(cache), true)?.flatten_all()?.to_vec1()
+        self.forward(&ids, Some(cache), true)?
+            .flatten_all()?
+            .to_vec1()
     }
 }

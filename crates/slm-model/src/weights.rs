@@ -57,10 +57,19 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 /// A linear layer `y = x W^T + b`, with W dense (trainable) or in quantized GGUF blocks.
 #[derive(Debug, Clone)]
 pub enum Linear {
-    Dense { w: Tensor, b: Option<Tensor> },
-    Quantized { w: QMatMul, b: Option<Tensor> },
+    Dense {
+        w: Tensor,
+        b: Option<Tensor>,
+    },
+    Quantized {
+        w: QMatMul,
+        b: Option<Tensor>,
+    },
     /// GGML 32-blocks computed with ggml's exact arithmetic (see `quant`).
-    Blocks { w: BlockMatrix, b: Option<Tensor> },
+    Blocks {
+        w: BlockMatrix,
+        b: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -90,7 +99,8 @@ impl Embedding {
         match self {
             Embedding::Dense(w) => {
                 let (b, t) = ids.dims2()?;
-                w.index_select(&ids.flatten_all()?, 0)?.reshape((b, t, w.dim(1)?))
+                w.index_select(&ids.flatten_all()?, 0)?
+                    .reshape((b, t, w.dim(1)?))
             }
             Embedding::Quantized(q) => q.embedding(ids),
         }
@@ -99,12 +109,20 @@ impl Embedding {
     /// The same weights as an output projection (tied embeddings).
     pub fn as_linear(&self) -> candle_core::Result<Linear> {
         Ok(match self {
-            Embedding::Dense(w) => Linear::Dense { w: w.clone(), b: None },
+            Embedding::Dense(w) => Linear::Dense {
+                w: w.clone(),
+                b: None,
+            },
             Embedding::Quantized(q) => match BlockType::from_ggml(q.dtype()) {
                 Some(t) => {
                     let (n, k) = q.shape().dims2()?;
                     Linear::Blocks {
-                        w: BlockMatrix { t, bytes: Arc::new(q.data()?.into_owned()), n, k },
+                        w: BlockMatrix {
+                            t,
+                            bytes: Arc::new(q.data()?.into_owned()),
+                            n,
+                            k,
+                        },
                         b: None,
                     }
                 }
@@ -158,7 +176,11 @@ impl Weights<'_> {
         if info.dims != shape {
             return Err(self.err(
                 &name,
-                format!("has shape {:?} ({}), the config implies {shape:?}", info.dims, dtype_name(info.dtype)),
+                format!(
+                    "has shape {:?} ({}), the config implies {shape:?}",
+                    info.dims,
+                    dtype_name(info.dtype)
+                ),
             ));
         }
         Ok(file.qtensor(&name, device)?)
@@ -174,7 +196,13 @@ impl Weights<'_> {
         }
     }
 
-    pub fn linear(&self, hf_prefix: &str, out_dim: usize, in_dim: usize, bias: bool) -> Result<Linear> {
+    pub fn linear(
+        &self,
+        hf_prefix: &str,
+        out_dim: usize,
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Linear> {
         let wname = format!("{hf_prefix}.weight");
         let b = if bias {
             Some(self.tensor(&format!("{hf_prefix}.bias"), &[out_dim])?)
@@ -184,9 +212,17 @@ impl Weights<'_> {
         match self {
             Weights::Gguf { file, .. } => {
                 if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
-                    if let (Some(t), true) = (BlockType::from_ggml(info.dtype), info.dims == [out_dim, in_dim]) {
+                    if let (Some(t), true) = (
+                        BlockType::from_ggml(info.dtype),
+                        info.dims == [out_dim, in_dim],
+                    ) {
                         return Ok(Linear::Blocks {
-                            w: BlockMatrix { t, bytes: Arc::new(file.tensor_bytes(info).to_vec()), n: out_dim, k: in_dim },
+                            w: BlockMatrix {
+                                t,
+                                bytes: Arc::new(file.tensor_bytes(info).to_vec()),
+                                n: out_dim,
+                                k: in_dim,
+                            },
                             b,
                         });
                     }
@@ -211,7 +247,9 @@ impl Weights<'_> {
             Weights::Gguf { device, .. } => {
                 let q = self.qtensor(hf_name, &[vocab, hidden])?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
-                    Ok(Embedding::Dense(q.dequantize(device)?.to_dtype(DType::F32)?))
+                    Ok(Embedding::Dense(
+                        q.dequantize(device)?.to_dtype(DType::F32)?,
+                    ))
                 } else {
                     Ok(Embedding::Quantized(Arc::new(q)))
                 }
@@ -229,7 +267,9 @@ impl Weights<'_> {
             Weights::Gguf { file, device } => match file.tensor_info("rope_freqs.weight") {
                 None => Ok(None),
                 Some(_) => {
-                    let t = file.qtensor("rope_freqs.weight", device)?.dequantize(device)?;
+                    let t = file
+                        .qtensor("rope_freqs.weight", device)?
+                        .dequantize(device)?;
                     Ok(Some(t.flatten_all()?.to_vec1::<f32>()?))
                 }
             },

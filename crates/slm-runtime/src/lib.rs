@@ -16,7 +16,11 @@ pub enum GenerateError {
         "the prompt ({prompt} tokens) plus --max-tokens ({max}) exceeds the context length ({ctx}); \
          shorten the prompt, lower --max-tokens, or pass --truncate to drop the start of the prompt"
     )]
-    ContextOverflow { prompt: usize, max: usize, ctx: usize },
+    ContextOverflow {
+        prompt: usize,
+        max: usize,
+        ctx: usize,
+    },
     #[error("empty prompt: there is nothing to continue")]
     EmptyPrompt,
     #[error("invalid sampling settings: {0}")]
@@ -93,7 +97,12 @@ impl Generation {
 }
 
 /// Fits the prompt to the context, or explains why it does not fit.
-pub fn fit_prompt(prompt: &[u32], max_tokens: usize, ctx: usize, truncate: bool) -> Result<Vec<u32>, GenerateError> {
+pub fn fit_prompt(
+    prompt: &[u32],
+    max_tokens: usize,
+    ctx: usize,
+    truncate: bool,
+) -> Result<Vec<u32>, GenerateError> {
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
@@ -138,7 +147,12 @@ impl Session {
         if prompt.is_empty() {
             return Err(GenerateError::EmptyPrompt);
         }
-        let common = self.tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count();
+        let common = self
+            .tokens
+            .iter()
+            .zip(prompt)
+            .take_while(|(a, b)| a == b)
+            .count();
         // At least the last prompt token must run to produce logits.
         let keep = common.min(prompt.len() - 1);
         self.cache.truncate(keep);
@@ -168,7 +182,10 @@ pub fn generate(
     mut on_text: impl FnMut(&str) -> ControlFlow<()>,
 ) -> Result<Generation, GenerateError> {
     opts.sampling.validate().map_err(GenerateError::Sampling)?;
-    let ctx = opts.context.unwrap_or(model.config.max_position_embeddings).min(model.config.max_position_embeddings);
+    let ctx = opts
+        .context
+        .unwrap_or(model.config.max_position_embeddings)
+        .min(model.config.max_position_embeddings);
     let prompt = fit_prompt(prompt, opts.max_tokens, ctx, opts.truncate)?;
     let mut sampler = Sampler::new(opts.sampling.clone());
     let t0 = Instant::now();
@@ -250,11 +267,22 @@ mod tests {
     #[test]
     fn prompt_fitting() {
         assert_eq!(fit_prompt(&[1, 2, 3], 5, 8, false).unwrap(), vec![1, 2, 3]);
-        let err = fit_prompt(&[1, 2, 3, 4], 5, 8, false).unwrap_err().to_string();
-        assert!(err.contains("--truncate") && err.contains("context length (8)"), "{err}");
-        assert_eq!(fit_prompt(&[1, 2, 3, 4], 5, 8, true).unwrap(), vec![2, 3, 4]);
+        let err = fit_prompt(&[1, 2, 3, 4], 5, 8, false)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--truncate") && err.contains("context length (8)"),
+            "{err}"
+        );
+        assert_eq!(
+            fit_prompt(&[1, 2, 3, 4], 5, 8, true).unwrap(),
+            vec![2, 3, 4]
+        );
         assert!(fit_prompt(&[1], 8, 8, true).is_err());
-        assert!(matches!(fit_prompt(&[], 1, 8, false), Err(GenerateError::EmptyPrompt)));
+        assert!(matches!(
+            fit_prompt(&[], 1, 8, false),
+            Err(GenerateError::EmptyPrompt)
+        ));
     }
 
     #[test]

@@ -50,7 +50,10 @@ impl SamplingParams {
             return Err(format!("min-p {} must be in [0, 1]", self.min_p));
         }
         if !(self.repeat_penalty > 0.0 && self.repeat_penalty.is_finite()) {
-            return Err(format!("repeat penalty {} must be > 0", self.repeat_penalty));
+            return Err(format!(
+                "repeat penalty {} must be > 0",
+                self.repeat_penalty
+            ));
         }
         Ok(())
     }
@@ -88,7 +91,11 @@ impl Sampler {
             for &t in &history[start..] {
                 if let Some(l) = logits_pen.get_mut(t as usize) {
                     if seen.insert(t) {
-                        *l = if *l > 0.0 { *l / p.repeat_penalty } else { *l * p.repeat_penalty };
+                        *l = if *l > 0.0 {
+                            *l / p.repeat_penalty
+                        } else {
+                            *l * p.repeat_penalty
+                        };
                     }
                 }
             }
@@ -100,8 +107,13 @@ impl Sampler {
             return argmax(logits);
         }
         self.cand.clear();
-        self.cand
-            .extend(logits.iter().enumerate().filter(|(_, l)| l.is_finite()).map(|(i, &l)| (i as u32, l)));
+        self.cand.extend(
+            logits
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.is_finite())
+                .map(|(i, &l)| (i as u32, l)),
+        );
         if self.cand.is_empty() {
             return argmax(logits);
         }
@@ -131,7 +143,11 @@ impl Sampler {
             let keep = self.cand.iter().take_while(|c| c.1 >= cut).count();
             self.cand.truncate(keep.max(1));
         }
-        let weights: Vec<f32> = self.cand.iter().map(|c| ((c.1 - max) / p.temperature).exp()).collect();
+        let weights: Vec<f32> = self
+            .cand
+            .iter()
+            .map(|c| ((c.1 - max) / p.temperature).exp())
+            .collect();
         let sum: f32 = weights.iter().sum();
         let mut r = self.rng.random::<f32>() * sum;
         for (c, w) in self.cand.iter().zip(&weights) {

@@ -30,7 +30,9 @@ pub struct ChatTemplate {
 
 impl std::fmt::Debug for ChatTemplate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ChatTemplate").field("file", &self.file).finish()
+        f.debug_struct("ChatTemplate")
+            .field("file", &self.file)
+            .finish()
     }
 }
 
@@ -87,7 +89,10 @@ mod tests {
     fn renders_chatml() {
         let t = ChatTemplate::new(CHATML, None, None, "t").unwrap();
         let out = t.render(&[Message::new("user", "Hi")], true).unwrap();
-        assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
+        assert_eq!(
+            out,
+            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        );
     }
 
     #[test]
@@ -99,14 +104,22 @@ mod tests {
             "t",
         )
         .unwrap();
-        assert_eq!(t.render(&[Message::new("user", "  x ")], false).unwrap(), "x");
-        let err = t.render(&[Message::new("system", "s")], false).unwrap_err().to_string();
+        assert_eq!(
+            t.render(&[Message::new("user", "  x ")], false).unwrap(),
+            "x"
+        );
+        let err = t
+            .render(&[Message::new("system", "s")], false)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("first must be user"), "{err}");
     }
 
     #[test]
     fn syntax_error_names_the_file() {
-        let err = ChatTemplate::new("{% for x in %}", None, None, "model.gguf").unwrap_err().to_string();
+        let err = ChatTemplate::new("{% for x in %}", None, None, "model.gguf")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("model.gguf"), "{err}");
     }
 }

@@ -78,7 +78,11 @@ fn gpt2_pre_tokenizer(pre: &str, file: &str) -> Result<Json> {
 /// Merges for a SentencePiece vocabulary: every pair of pieces whose concatenation is also a
 /// piece, ranked by that piece's score (higher first), as Hugging Face's converter does.
 fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
-    let index: HashMap<&str, usize> = tokens.iter().enumerate().map(|(i, t)| (t.as_str(), i)).collect();
+    let index: HashMap<&str, usize> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.as_str(), i))
+        .collect();
     let mut merges: Vec<(f64, usize, usize, usize)> = Vec::new();
     for (id, piece) in tokens.iter().enumerate() {
         for (split, _) in piece.char_indices().skip(1) {
@@ -110,7 +114,11 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
                 .as_array()
                 .ok_or_else(|| invalid(file, format!("{key} is not an array")))?
                 .iter()
-                .map(|x| x.as_str().map(String::from).ok_or_else(|| invalid(file, format!("{key} holds a non-string"))))
+                .map(|x| {
+                    x.as_str()
+                        .map(String::from)
+                        .ok_or_else(|| invalid(file, format!("{key} holds a non-string")))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
         }
@@ -122,25 +130,38 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
                 .as_array()
                 .ok_or_else(|| invalid(file, format!("{key} is not an array")))?
                 .iter()
-                .map(|x| x.as_f64().ok_or_else(|| invalid(file, format!("{key} holds a non-number"))))
+                .map(|x| {
+                    x.as_f64()
+                        .ok_or_else(|| invalid(file, format!("{key} holds a non-number")))
+                })
                 .collect::<Result<Vec<_>>>()
                 .map(Some),
         }
     };
     let id = |key: &str| meta.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
 
-    let tokens = str_array("tokenizer.ggml.tokens")?.ok_or_else(|| invalid(file, "tokenizer.ggml.tokens is missing"))?;
+    let tokens = str_array("tokenizer.ggml.tokens")?
+        .ok_or_else(|| invalid(file, "tokenizer.ggml.tokens is missing"))?;
     if tokens.is_empty() {
         return Err(invalid(file, "tokenizer.ggml.tokens is empty"));
     }
     let n = tokens.len();
     let types = num_array("tokenizer.ggml.token_type")?.unwrap_or_else(|| vec![1.0; n]);
     if types.len() != n {
-        return Err(invalid(file, format!("tokenizer.ggml.token_type has {} entries for {n} tokens", types.len())));
+        return Err(invalid(
+            file,
+            format!(
+                "tokenizer.ggml.token_type has {} entries for {n} tokens",
+                types.len()
+            ),
+        ));
     }
     let check_id = |key: &str| -> Result<Option<u32>> {
         match id(key) {
-            Some(i) if i as usize >= n => Err(invalid(file, format!("{key} = {i} is outside the vocabulary of {n}"))),
+            Some(i) if i as usize >= n => Err(invalid(
+                file,
+                format!("{key} = {i} is outside the vocabulary of {n}"),
+            )),
             other => Ok(other),
         }
     };
@@ -149,8 +170,11 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
     let eot = check_id("tokenizer.ggml.eot_token_id")?;
     let unk = check_id("tokenizer.ggml.unknown_token_id")?;
 
-    let vocab: serde_json::Map<String, Json> =
-        tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    let vocab: serde_json::Map<String, Json> = tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
     if vocab.len() != n {
         return Err(invalid(file, "tokenizer.ggml.tokens has duplicate entries"));
     }
@@ -254,7 +278,15 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
     // always name as EOS; llama.cpp treats these as end-of-generation too.
     for (i, t) in tokens.iter().enumerate() {
         if types[i] as i64 == TOKEN_CONTROL
-            && matches!(t.as_str(), "<|im_end|>" | "<|eot_id|>" | "<|end_of_text|>" | "<|endoftext|>" | "<end_of_turn>" | "</s>")
+            && matches!(
+                t.as_str(),
+                "<|im_end|>"
+                    | "<|eot_id|>"
+                    | "<|end_of_text|>"
+                    | "<|endoftext|>"
+                    | "<end_of_turn>"
+                    | "</s>"
+            )
         {
             stop_ids.push(i as u32);
         }
@@ -281,17 +313,37 @@ mod tests {
 
     #[test]
     fn sentencepiece_vocab_merges_by_score() {
-        let tokens = ["<unk>", "<s>", "</s>", "\u{2581}", "h", "i", "hi", "\u{2581}hi", "<0x21>"];
+        let tokens = [
+            "<unk>",
+            "<s>",
+            "</s>",
+            "\u{2581}",
+            "h",
+            "i",
+            "hi",
+            "\u{2581}hi",
+            "<0x21>",
+        ];
         let mut meta = BTreeMap::new();
         meta.insert("tokenizer.ggml.model".into(), Value::String("llama".into()));
         meta.insert("tokenizer.ggml.tokens".into(), arr(&tokens));
         meta.insert(
             "tokenizer.ggml.scores".into(),
-            Value::Array([0., 0., 0., -1., -2., -3., -0.5, -0.1, 0.].iter().map(|&s| Value::F32(s)).collect()),
+            Value::Array(
+                [0., 0., 0., -1., -2., -3., -0.5, -0.1, 0.]
+                    .iter()
+                    .map(|&s| Value::F32(s))
+                    .collect(),
+            ),
         );
         meta.insert(
             "tokenizer.ggml.token_type".into(),
-            Value::Array([2, 3, 3, 1, 1, 1, 1, 1, 6].iter().map(|&t| Value::I32(t)).collect()),
+            Value::Array(
+                [2, 3, 3, 1, 1, 1, 1, 1, 6]
+                    .iter()
+                    .map(|&t| Value::I32(t))
+                    .collect(),
+            ),
         );
         meta.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(1));
         let spec = from_gguf_metadata(&meta, "t.gguf").unwrap();
@@ -309,7 +361,10 @@ mod tests {
         meta.insert("tokenizer.ggml.tokens".into(), arr(&["a", "b"]));
         meta.insert("tokenizer.ggml.merges".into(), arr(&["a b"]));
         meta.insert("tokenizer.ggml.pre".into(), Value::String("mystery".into()));
-        let err = from_gguf_metadata(&meta, "m.gguf").err().unwrap().to_string();
+        let err = from_gguf_metadata(&meta, "m.gguf")
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("mystery") && err.contains("m.gguf"), "{err}");
     }
 }

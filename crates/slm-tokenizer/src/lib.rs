@@ -42,7 +42,10 @@ impl Tokenizer {
             ModelSource::Gguf { path, metadata, .. } => {
                 let file = path.display().to_string();
                 let spec = from_gguf_metadata(metadata, &file)?;
-                let template = match metadata.get("tokenizer.chat_template").and_then(|v| v.as_str()) {
+                let template = match metadata
+                    .get("tokenizer.chat_template")
+                    .and_then(|v| v.as_str())
+                {
                     Some(t) => Some(ChatTemplate::new(
                         t,
                         spec.bos.map(|b| spec.piece(b)),
@@ -88,7 +91,9 @@ impl Tokenizer {
         let token_str = |key: &str| -> Option<String> {
             match cfg.get(key) {
                 Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Object(o)) => o.get("content").and_then(|c| c.as_str()).map(String::from),
+                Some(serde_json::Value::Object(o)) => {
+                    o.get("content").and_then(|c| c.as_str()).map(String::from)
+                }
                 _ => None,
             }
         };
@@ -101,8 +106,14 @@ impl Tokenizer {
         if let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) {
             if let Ok(g) = serde_json::from_str::<serde_json::Value>(&text) {
                 let ids: Vec<u32> = match g.get("eos_token_id") {
-                    Some(serde_json::Value::Number(n)) => n.as_u64().into_iter().map(|n| n as u32).collect(),
-                    Some(serde_json::Value::Array(a)) => a.iter().filter_map(|n| n.as_u64()).map(|n| n as u32).collect(),
+                    Some(serde_json::Value::Number(n)) => {
+                        n.as_u64().into_iter().map(|n| n as u32).collect()
+                    }
+                    Some(serde_json::Value::Array(a)) => a
+                        .iter()
+                        .filter_map(|n| n.as_u64())
+                        .map(|n| n as u32)
+                        .collect(),
                     _ => vec![],
                 };
                 eos = eos.or(ids.first().copied());
@@ -112,14 +123,22 @@ impl Tokenizer {
         stop_ids.sort_unstable();
         stop_ids.dedup();
         let template = match cfg.get("chat_template").and_then(|t| t.as_str()) {
-            Some(t) => Some(ChatTemplate::new(t, bos_s, eos_s, &cfg_path.display().to_string())?),
+            Some(t) => Some(ChatTemplate::new(
+                t,
+                bos_s,
+                eos_s,
+                &cfg_path.display().to_string(),
+            )?),
             None => None,
         };
         Ok(Self {
             bos,
             eos,
             stop_ids,
-            add_bos: cfg.get("add_bos_token").and_then(|b| b.as_bool()).unwrap_or(false),
+            add_bos: cfg
+                .get("add_bos_token")
+                .and_then(|b| b.as_bool())
+                .unwrap_or(false),
             inner,
             chat_template: template,
         })

@@ -7,21 +7,35 @@ use slm_model::{gguf::GgufFile, ModelSource};
 use slm_tokenizer::Tokenizer;
 
 fn model_path() -> Option<PathBuf> {
-    let dir = std::env::var("SLM_ASSETS").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
-    });
+    let dir = std::env::var("SLM_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
+        });
     let p = dir.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     if p.is_file() {
         return Some(p);
     }
-    assert!(std::env::var("CI").is_err(), "{} missing in CI", p.display());
-    eprintln!("skipping: {} not present (run ../shared/fetch-assets.sh models)", p.display());
+    assert!(
+        std::env::var("CI").is_err(),
+        "{} missing in CI",
+        p.display()
+    );
+    eprintln!(
+        "skipping: {} not present (run ../shared/fetch-assets.sh models)",
+        p.display()
+    );
     None
 }
 
 fn tokenizer(path: &std::path::Path) -> Tokenizer {
     let g = GgufFile::open(path).unwrap();
-    let source = ModelSource::Gguf { path: path.into(), metadata: g.metadata.clone(), tensor_types: Default::default(), file_bytes: 0 };
+    let source = ModelSource::Gguf {
+        path: path.into(),
+        metadata: g.metadata.clone(),
+        tensor_types: Default::default(),
+        file_bytes: 0,
+    };
     Tokenizer::for_model(&source).unwrap()
 }
 
@@ -31,7 +45,8 @@ fn token_ids_equal_llama_cpp() {
     let tok = tokenizer(&path);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/reference/smollm2-tokenization.llamacpp.json"),
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../../../shared/fixtures/reference/smollm2-tokenization.llamacpp.json"),
         )
         .unwrap(),
     )
@@ -42,35 +57,65 @@ fn token_ids_equal_llama_cpp() {
         // HF tokenizers always parse special tokens written in the text; llama.cpp's
         // parse_special=false case (the special token split into ordinary pieces) has no
         // counterpart, and slm never needs it: chat prompts are rendered with the tokens parsed.
-        if case["parse_special"] == Value::Bool(false) && case["text"].as_str().unwrap().contains("<|im_") {
+        if case["parse_special"] == Value::Bool(false)
+            && case["text"].as_str().unwrap().contains("<|im_")
+        {
             continue;
         }
-        let want: Vec<u32> = case["ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = case["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
         let got = tok.encode(case["text"].as_str().unwrap(), false).unwrap();
         assert_eq!(got, want, "case {name}");
         // And back: decoding gives the text again.
-        assert_eq!(tok.decode(&got, false).unwrap(), case["text"].as_str().unwrap(), "decode {name}");
+        assert_eq!(
+            tok.decode(&got, false).unwrap(),
+            case["text"].as_str().unwrap(),
+            "decode {name}"
+        );
         checked += 1;
     }
     let total = reference["tokenization"].as_array().unwrap().len();
-    assert_eq!(checked, total - 1, "exactly the one unparsed-special case is skipped");
+    assert_eq!(
+        checked,
+        total - 1,
+        "exactly the one unparsed-special case is skipped"
+    );
 }
 
 #[test]
 fn chat_template_renders_the_reference_chat_prompt() {
     let Some(path) = model_path() else { return };
     let tok = tokenizer(&path);
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures/reference/smollm2-135m-instruct-q4_1.llamacpp.json"),
+    let reference: Value =
+        serde_json::from_str(
+            &std::fs::read_to_string(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(
+                "../../../shared/fixtures/reference/smollm2-135m-instruct-q4_1.llamacpp.json",
+            ))
+            .unwrap(),
         )
-        .unwrap(),
-    )
-    .unwrap();
-    let chat = reference["prompts"].as_array().unwrap().iter().find(|p| p["parse_special"] == Value::Bool(true)).unwrap();
-    let want: Vec<u32> = chat["token_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect();
+        .unwrap();
+    let chat = reference["prompts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["parse_special"] == Value::Bool(true))
+        .unwrap();
+    let want: Vec<u32> = chat["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
     let got = tok.encode(chat["text"].as_str().unwrap(), false).unwrap();
     assert_eq!(got, want);
-    assert!(tok.stop_ids.contains(&2), "<|im_end|> must stop generation: {:?}", tok.stop_ids);
+    assert!(
+        tok.stop_ids.contains(&2),
+        "<|im_end|> must stop generation: {:?}",
+        tok.stop_ids
+    );
     assert!(tok.chat_template.is_some());
 }

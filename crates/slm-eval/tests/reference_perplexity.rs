@@ -1,0 +1,50 @@
+//! Perplexity of SmolLM2-135M-Instruct Q4_1 on ../shared/fixtures/reference/eval.txt against
+//! llama-perplexity's 23.8663 (ctx 512). Slow in debug builds: .ci/run runs tests with --release.
+
+use std::path::PathBuf;
+
+use candle_core::Device;
+use slm_tokenizer::Tokenizer;
+
+#[test]
+fn q4_1_perplexity_within_one_percent_of_llama_cpp() {
+    let dir = std::env::var("SLM_ASSETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
+        });
+    let path = dir.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.is_file() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "{} missing in CI",
+            path.display()
+        );
+        eprintln!(
+            "skipping: {} not present (run ../shared/fetch-assets.sh models)",
+            path.display()
+        );
+        return;
+    }
+    let text = std::fs::read_to_string(
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("../../../shared/fixtures/reference/eval.txt"),
+    )
+    .unwrap();
+    let loaded = slm_model::load(&path, &Device::Cpu).unwrap();
+    let tok = Tokenizer::for_model(&loaded.source).unwrap();
+    let ids = tok.encode(&text, false).unwrap();
+    assert_eq!(ids.len(), 51_313, "token count differs from llama.cpp's");
+    let p = slm_eval::perplexity::perplexity(&loaded.model, &ids, 512, None, false).unwrap();
+    let reference = 23.8663;
+    eprintln!(
+        "slm perplexity {:.4} +/- {:.4}, llama.cpp {reference}",
+        p.ppl, p.stderr
+    );
+    assert_eq!(p.windows, 100);
+    assert!(
+        (p.ppl - reference).abs() / reference < 0.01,
+        "perplexity {} vs llama.cpp {reference}",
+        p.ppl
+    );
+}
