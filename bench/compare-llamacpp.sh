@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Runs `slm bench` and llama.cpp's llama-bench on the same GGUF with the same threads, alternating
+# (A B A B ...), and prints the median ratio slm/llama.cpp for pp128, pp512 and tg128.
+#
+#   bench/compare-llamacpp.sh MODEL.gguf [THREADS] [PAIRS]
+#
+# llama.cpp is built outside the repository (never committed): set LLAMA_BENCH to its
+# llama-bench binary, or let this script build it from the PyPI sdist of llama-cpp-python into
+# $SLM_PEERS (default ~/.cache/slm/peers; ~11 minutes on 2 cores).
+set -euo pipefail
+model="$1"; threads="${2:-2}"; pairs="${3:-5}"
+root="$(cd "$(dirname "$0")/.." && pwd)"
+peers="${SLM_PEERS:-$HOME/.cache/slm/peers}"
+if [ -z "${LLAMA_BENCH:-}" ]; then
+  LLAMA_BENCH="$peers/llama_cpp_python-0.3.36/vendor/llama.cpp/build/bin/llama-bench"
+  if [ ! -x "$LLAMA_BENCH" ]; then
+    mkdir -p "$peers"; cd "$peers"
+    python3 -m pip install -q scikit-build-core cmake ninja
+    python3 -m pip download -q --no-deps --no-binary :all: --no-build-isolation llama-cpp-python==0.3.36 -d .
+    tar xzf llama_cpp_python-0.3.36.tar.gz
+    cd llama_cpp_python-0.3.36/vendor/llama.cpp
+    cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
+    cmake --build build --target llama-bench -j"$(nproc)"
+    cd "$root"
+  fi
+fi
+(cd "$root" && cargo build --release -q -p slm-cli)
+slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
+out="$(mktemp -d)"
+for i in $(seq "$pairs"); do
+  "$slm" bench "$model" --threads "$threads" --json --reps 1 >> "$out/slm.jsonl"
+  "$LLAMA_BENCH" -m "$model" -t "$threads" -p 128,512 -n 128 -r 1 -o jsonl 2>/dev/null >> "$out/llama.jsonl"
+done
+python3 - "$out" "$model" "$threads" <<'PY'
+import json, statistics, sys
+out, model, threads = sys.argv[1:]
+slm = [json.loads(l) for l in open(f"{out}/slm.jsonl")]
+ll = {}
+for l in open(f"{out}/llama.jsonl"):
+    r = json.loads(l)
+    key = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
+    ll.setdefault(key, []).append(r["avg_ts"])
+print(f"model {model}, threads {threads}, {len(slm)} alternating pairs, medians")
+print("| test | slm tok/s | llama.cpp tok/s | ratio |")
+print("|---|---|---|---|")
+for k in ("pp128", "pp512", "tg128"):
+    a = statistics.median(s[k] for s in slm); b = statistics.median(ll[k])
+    print(f"| {k} | {a:.1f} | {b:.1f} | {a/b:.2f}x |")
+print(f"slm peak RSS {statistics.median(s['peak_rss_mb'] for s in slm):.0f} MB")
+PY
