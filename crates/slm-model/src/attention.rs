@@ -52,36 +52,6 @@ impl LayerCache {
     }
 }
 
-/// ggml_vec_dot_f16 as built for AVX-512: four 16-lane f32 accumulators fed 64 values per step
-/// with fused multiply-adds, folded pairwise, then reduced across lanes in the order of
-/// `_mm512_reduce_add_ps`; a tail past the last multiple of 64 is added in f64. Attention
-/// weights are accumulated in f16 afterwards, so even the summation order shows.
-fn dot_f16_ggml(k: &[f16], q: &[f32]) -> f32 {
-    let n = k.len();
-    let np = n & !63;
-    let mut acc = [[0f32; 16]; 4];
-    for i in (0..np).step_by(64) {
-        for (j, a) in acc.iter_mut().enumerate() {
-            for (l, lane) in a.iter_mut().enumerate() {
-                let idx = i + j * 16 + l;
-                *lane = k[idx].to_f32().mul_add(q[idx], *lane);
-            }
-        }
-    }
-    let mut v = [0f32; 16];
-    for l in 0..16 {
-        v[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
-    }
-    let t3: Vec<f32> = (0..8).map(|l| v[l + 8] + v[l]).collect();
-    let t6: Vec<f32> = (0..4).map(|l| t3[l + 4] + t3[l]).collect();
-    let t8 = [t6[0] + t6[2], t6[1] + t6[3]];
-    let mut sum = (t8[0] + t8[1]) as f64;
-    for i in np..n {
-        sum += (k[i].to_f32() * q[i]) as f64;
-    }
-    sum as f32
-}
-
 /// q: (t, n_heads, hd) roped, k/v: (t, n_kv, hd) roped, all f32 row-major for batch 1.
 /// Appends k/v to the cache and returns (t, n_heads * hd).
 #[allow(clippy::too_many_arguments)]
@@ -151,7 +121,7 @@ pub fn attend(
             let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
             for j in 0..visible {
                 let krow = &cache.k[j * row + g * hd..][..hd];
-                let s = dot_f16_ggml(krow, &q16) * scale;
+                let s = crate::ggml_math::dot_f16(krow, &q16) * scale;
                 let vrow = &cache.v[j * row + g * hd..][..hd];
                 let (mut ms, mut vs) = (1f32, 1f32);
                 if s > m {
@@ -167,7 +137,7 @@ pub fn attend(
                 for (a, vv) in acc.iter_mut().zip(vrow) {
                     *a = f16::from_f32(vv.to_f32().mul_add(vs, a.to_f32()));
                 }
-                s_sum = s_sum * ms + vs;
+                s_sum = s_sum.mul_add(ms, vs); // contracted to FMA in ggml's build
             }
             let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
             for (o, a) in out[(i * n_heads + h) * hd..][..hd].iter_mut().zip(&acc) {

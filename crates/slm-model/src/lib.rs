@@ -3,9 +3,11 @@
 
 pub mod attention;
 pub mod config;
+pub mod ggml_math;
 pub mod gguf;
 pub mod llama;
 pub mod quant;
+pub mod tap;
 pub mod weights;
 
 use std::collections::BTreeMap;

@@ -4,6 +4,7 @@
 
 use crate::attention::{self, LayerCache};
 use crate::config::Config;
+use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -58,11 +59,108 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `silu(g) * u` with ggml's vectorised expf (see ggml_math): SiLU feeds an 8-bit
+/// quantization just like RMSNorm does.
+struct GgmlSwiglu;
+
+impl candle_core::CustomOp2 for GgmlSwiglu {
+    fn name(&self) -> &'static str {
+        "ggml-swiglu"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
+            candle_core::bail!("swiglu expects f32")
+        };
+        let (Some((gs, ge)), Some((us, ue))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
+            candle_core::bail!("swiglu expects contiguous tensors")
+        };
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("swiglu shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
+        }
+        let y = g[gs..ge]
+            .iter()
+            .zip(&u[us..ue])
+            .map(|(&g, &u)| crate::ggml_math::swiglu(g, u))
+            .collect();
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    if g.track_op() || u.track_op() || !g.device().is_cpu() || g.dtype() != DType::F32 {
+        candle_nn::ops::silu(g)? * u
+    } else {
+        g.contiguous()?
+            .apply_op2_no_bwd(&u.contiguous()?, &GgmlSwiglu)
+    }
+}
+
 fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
         candle_nn::ops::softmax(x, D::Minus1)
     } else {
         candle_nn::ops::softmax_last_dim(x)
+    }
+}
+
+/// Rotation of (batch, heads, seq, head_dim) by per-position cos/sin tables, rounded as
+/// ggml's `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one fused
+/// multiply-add). Pairs are adjacent (GGUF llama) or half a head apart (NeoX / HF layout).
+struct GgmlRope {
+    interleaved: bool,
+}
+
+impl candle_core::CustomOp3 for GgmlRope {
+    fn name(&self) -> &'static str {
+        "ggml-rope"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage;
+        let (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) = (s1, s2, s3) else {
+            candle_core::bail!("rope expects f32")
+        };
+        let (Some((xs, xe)), Some((cs, ce)), Some((ss, se))) = (
+            l1.contiguous_offsets(),
+            l2.contiguous_offsets(),
+            l3.contiguous_offsets(),
+        ) else {
+            candle_core::bail!("rope expects contiguous tensors")
+        };
+        let (x, c, s) = (&x[xs..xe], &c[cs..ce], &s[ss..se]);
+        let dims = l1.shape().dims();
+        let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+        if c.len() != t * d / 2 || s.len() != c.len() {
+            candle_core::bail!("rope tables hold {} values, {t} positions need {}", c.len(), t * d / 2)
+        }
+        let (step, offset) = if self.interleaved { (2, 1) } else { (1, d / 2) };
+        let mut y = vec![0f32; x.len()];
+        for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            let p = row % t;
+            for i in 0..d / 2 {
+                let (cos, sin) = (c[p * d / 2 + i], s[p * d / 2 + i]);
+                let j = i * step;
+                let (x0, x1) = (xr[j], xr[j + offset]);
+                yr[j] = x0.mul_add(cos, -(x1 * sin));
+                yr[j + offset] = x0.mul_add(sin, x1 * cos);
+            }
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
@@ -82,40 +180,52 @@ impl Rope {
         device: &Device,
     ) -> Result<Self> {
         let d = cfg.head_dim;
-        let mut inv_freq: Vec<f64> = (0..d / 2)
-            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64))
-            .collect();
-        if let Some(f) = freq_factors {
-            for (inv, &f) in inv_freq.iter_mut().zip(f) {
-                *inv /= f as f64;
+        // Per-pair divisors of the angle: GGUF's rope_freqs, or the llama3 scaling rule turned
+        // into the same factors (as llama.cpp's converter does), or none.
+        let factors: Vec<f32> = match (freq_factors, &cfg.rope_scaling) {
+            (Some(f), _) => f.to_vec(),
+            (None, Some(s)) => {
+                let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
+                let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
+                (0..d / 2)
+                    .map(|i| {
+                        let inv = 1.0 / cfg.rope_theta.powf(2.0 * i as f64 / d as f64);
+                        let wavelen = 2.0 * std::f64::consts::PI / inv;
+                        if wavelen < high_wavelen {
+                            1.0
+                        } else if wavelen > low_wavelen {
+                            s.factor as f32
+                        } else {
+                            let smooth = (s.original_max_position_embeddings as f64 / wavelen
+                                - s.low_freq_factor)
+                                / (s.high_freq_factor - s.low_freq_factor);
+                            (1.0 / ((1.0 - smooth) / s.factor + smooth)) as f32
+                        }
+                    })
+                    .collect()
             }
-        } else if let Some(s) = &cfg.rope_scaling {
-            let low_wavelen = s.original_max_position_embeddings as f64 / s.low_freq_factor;
-            let high_wavelen = s.original_max_position_embeddings as f64 / s.high_freq_factor;
-            for inv in inv_freq.iter_mut() {
-                let wavelen = 2.0 * std::f64::consts::PI / *inv;
-                *inv = if wavelen < high_wavelen {
-                    *inv
-                } else if wavelen > low_wavelen {
-                    *inv / s.factor
-                } else {
-                    let smooth = (s.original_max_position_embeddings as f64 / wavelen
-                        - s.low_freq_factor)
-                        / (s.high_freq_factor - s.low_freq_factor);
-                    (1.0 - smooth) * *inv / s.factor + smooth * *inv
-                };
-            }
+            (None, None) => vec![1.0; d / 2],
+        };
+        if factors.len() < d / 2 {
+            return Err(crate::weights::WeightError::Tensor {
+                source_name: "model".into(),
+                tensor: "rope_freqs.weight".into(),
+                what: format!("{} factors, head_dim {d} needs {}", factors.len(), d / 2),
+            });
         }
         let n = cfg.max_position_embeddings;
         let mut cos = Vec::with_capacity(n * d / 2);
         let mut sin = Vec::with_capacity(n * d / 2);
+        // The angles in f32 exactly as ggml computes them: theta_scale = base^(-2/d) and
+        // theta_i = theta_{i-1} * theta_scale starting from the position, so they round alike.
+        let theta_scale = (cfg.rope_theta as f32).powf(-2.0 / d as f32);
         for p in 0..n {
-            for &f in &inv_freq {
-                // The angle in f32 as llama.cpp computes it (theta_scale^i * p in float), so
-                // long positions round the same way.
-                let a = (p as f32) * (f as f32);
+            let mut theta = p as f32;
+            for &ff in &factors[..d / 2] {
+                let a = theta / ff;
                 cos.push(a.cos());
                 sin.push(a.sin());
+                theta *= theta_scale;
             }
         }
         Ok(Self {
@@ -130,6 +240,15 @@ impl Rope {
         let t = x.dim(2)?;
         let cos = self.cos.narrow(0, pos, t)?;
         let sin = self.sin.narrow(0, pos, t)?;
+        if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+            return x.contiguous()?.apply_op3_no_bwd(
+                &cos.contiguous()?,
+                &sin.contiguous()?,
+                &GgmlRope {
+                    interleaved: self.interleaved,
+                },
+            );
+        }
         match (self.interleaved, x.track_op()) {
             (true, false) => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
             (true, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin),
@@ -157,13 +276,19 @@ impl Attention {
         rope: &Rope,
         pos: usize,
         cache: Option<&mut LayerCache>,
+        layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        tap::see("Qcur", Some(layer), &q);
+        tap::see("Kcur", Some(layer), &k);
+        tap::see("Vcur", Some(layer), &v);
         let q = rope.apply(&heads(q, nh)?, pos)?;
         let k = rope.apply(&heads(k, nkv)?, pos)?;
+        tap::see("Qrope", Some(layer), &q);
+        tap::see("Krope", Some(layer), &k);
         let v = heads(v, nkv)?;
         if let Some(cache) = cache {
             if b != 1 {
@@ -183,6 +308,7 @@ impl Attention {
                 hd,
                 x.device(),
             )?;
+            tap::see("kqv_out", Some(layer), &y);
             return self.o.forward(&y.unsqueeze(0)?);
         }
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
@@ -225,9 +351,13 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let g = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(g * self.up.forward(x)?)?)
+    fn forward(&self, x: &Tensor, layer: usize) -> candle_core::Result<Tensor> {
+        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        tap::see("ffn_gate", Some(layer), &g);
+        tap::see("ffn_up", Some(layer), &u);
+        let s = swiglu(&g, &u)?;
+        tap::see("ffn_swiglu", Some(layer), &s);
+        self.down.forward(&s)
     }
 }
 
@@ -370,17 +500,24 @@ impl Llama {
         let mut cache = cache;
         for (i, blk) in self.blocks.iter().enumerate() {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            let a = blk
-                .attn
-                .forward(&rms_norm(&x, &blk.attn_norm, eps)?, &self.rope, pos, kv)?;
+            let h = rms_norm(&x, &blk.attn_norm, eps)?;
+            tap::see("attn_norm", Some(i), &h);
+            let a = blk.attn.forward(&h, &self.rope, pos, kv, i)?;
+            tap::see("attn_out", Some(i), &a);
             x = (x + a)?;
-            let m = blk.mlp.forward(&rms_norm(&x, &blk.mlp_norm, eps)?)?;
+            tap::see("ffn_inp", Some(i), &x);
+            let h = rms_norm(&x, &blk.mlp_norm, eps)?;
+            tap::see("ffn_norm", Some(i), &h);
+            let m = blk.mlp.forward(&h, i)?;
+            tap::see("ffn_out", Some(i), &m);
             x = (x + m)?;
+            tap::see("l_out", Some(i), &x);
         }
         if last_only {
             x = x.narrow(1, t - 1, 1)?;
         }
         let x = rms_norm(&x, &self.norm, eps)?;
+        tap::see("result_norm", None, &x);
         self.lm_head.forward(&x)?.to_dtype(DType::F32)
     }
 

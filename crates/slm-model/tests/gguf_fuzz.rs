@@ -61,7 +61,7 @@ fn mutated_headers_and_tables_never_panic() {
             let at = if rng.random_bool(0.6) {
                 rng.random_range(0..bytes.len().min(65536))
             } else {
-                rng.random_range(0..hot)
+                rng.random_range(0..hot.min(bytes.len()))
             };
             match rng.random_range(0..4) {
                 0 => bytes[at] = rng.random(),

@@ -1,0 +1,157 @@
+//! Scalar replicas of the few ggml CPU kernels whose rounding differs by instruction set.
+//!
+//! SmolLM2 carries activations near 2e4 in a few channels, and every matmul quantizes its
+//! input to 8 bits, so a one-ulp difference in SiLU or in an attention dot product flips a
+//! rounding, and thirty layers later the logits move by 2%. llama.cpp itself moves that much
+//! between its AVX2 and AVX-512 builds (measured: up to 2.4e-2 relative on the top-10 logits
+//! of the reference prompts). Matching a llama.cpp run therefore means doing its arithmetic
+//! in its order, for the instruction set it was built for. The reference fixtures come from an
+//! AVX-512 build, which is the default here; `SLM_GGML_FLAVOR=avx2` reproduces an AVX2 build
+//! (used to check these replicas against a local llama.cpp, see bench/compare-numerics.py).
+//! Neither is more accurate than the other: both are within a few ulp of the true values.
+
+use half::f16;
+use std::sync::OnceLock;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Avx512,
+    Avx2,
+}
+
+pub fn flavor() -> Flavor {
+    static FLAVOR: OnceLock<Flavor> = OnceLock::new();
+    *FLAVOR.get_or_init(|| match std::env::var("SLM_GGML_FLAVOR").as_deref() {
+        Ok("avx2") => Flavor::Avx2,
+        _ => Flavor::Avx512,
+    })
+}
+
+const SHIFT: u32 = 0x4b40_0000; // 0x1.8p23: adding it rounds to an integer
+const LOG2E: u32 = 0x3fb8_aa3b;
+const LN2_HI: u32 = 0x3f31_7200;
+const LN2_LO: u32 = 0x35bf_be8e;
+const C5: u32 = 0x3c07_2010;
+const C4: u32 = 0x3d2b_9f17;
+const C3: u32 = 0x3e2a_af33;
+const C2: u32 = 0x3eff_fedb;
+const C1: u32 = 0x3f7f_fff6;
+
+fn c(bits: u32) -> f32 {
+    f32::from_bits(bits)
+}
+
+/// ggml_v_expf, one lane. Both builds share the range reduction and polynomial; AVX-512
+/// folds the constant 1 into the polynomial and scales with `vscalefps`, AVX2 adds it in the
+/// final fused multiply-add against a power of two assembled in the exponent bits.
+pub fn expf(x: f32) -> f32 {
+    let r = c(SHIFT);
+    let z = x.mul_add(c(LOG2E), r);
+    let n = z - r;
+    let b = (-n).mul_add(c(LN2_LO), (-n).mul_add(c(LN2_HI), x));
+    let u = b * b;
+    let p = c(C5).mul_add(b, c(C4)).mul_add(u, c(C3).mul_add(b, c(C2)));
+    match flavor() {
+        Flavor::Avx512 => {
+            if n.abs() > 192.0 {
+                return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+            }
+            let j = p.mul_add(u, c(C1).mul_add(b, 1.0));
+            // vscalefps: j * 2^n rounded once; the product is exact in f64.
+            (j as f64 * 2f64.powi(n as i32)) as f32
+        }
+        Flavor::Avx2 => {
+            let j = p.mul_add(u, c(C1) * b);
+            let e = z.to_bits() << 23;
+            let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+            if n.abs() <= 126.0 {
+                return k.mul_add(j, k);
+            }
+            let g: u32 = if n <= 0.0 { 0x8200_0000 } else { 0 };
+            let s1 = f32::from_bits(g.wrapping_add(0x7f00_0000));
+            let s2 = f32::from_bits(e.wrapping_sub(g));
+            if n.abs() > 192.0 {
+                s1 * s1
+            } else {
+                s2.mul_add(j, s2) * s1
+            }
+        }
+    }
+}
+
+/// ggml_vec_swiglu_f32: `silu(g) * u` with silu as `x / (1 + expf(-x))`.
+pub fn swiglu(g: f32, u: f32) -> f32 {
+    g / (1.0 + expf(-g)) * u
+}
+
+/// ggml_vec_dot_f16 (flash attention's K·Q): four accumulators of `lanes` f32 fed with fused
+/// multiply-adds, folded as (a0+a2)+(a1+a3), then reduced across lanes in the order of the
+/// build's horizontal add; a tail past the last full step is added in f64.
+pub fn dot_f16(k: &[f16], q: &[f32]) -> f32 {
+    match flavor() {
+        Flavor::Avx512 => dot_f16_lanes::<16>(k, q),
+        Flavor::Avx2 => dot_f16_lanes::<8>(k, q),
+    }
+}
+
+fn dot_f16_lanes<const L: usize>(k: &[f16], q: &[f32]) -> f32 {
+    let n = k.len();
+    let step = 4 * L;
+    let np = n - n % step;
+    let mut acc = [[0f32; L]; 4];
+    for i in (0..np).step_by(step) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, lane) in a.iter_mut().enumerate() {
+                let idx = i + j * L + l;
+                *lane = k[idx].to_f32().mul_add(q[idx], *lane);
+            }
+        }
+    }
+    let mut v = [0f32; L];
+    for (l, x) in v.iter_mut().enumerate() {
+        *x = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let total = if L == 16 {
+        // _mm512_reduce_add_ps: halves folded 256, 128, 64, then the last pair.
+        let t3: Vec<f32> = (0..8).map(|l| v[l + 8] + v[l]).collect();
+        let t6: Vec<f32> = (0..4).map(|l| t3[l + 4] + t3[l]).collect();
+        (t6[0] + t6[2]) + (t6[1] + t6[3])
+    } else {
+        // 128-bit halves added, then two _mm_hadd_ps.
+        let t0: Vec<f32> = (0..4).map(|l| v[l] + v[l + 4]).collect();
+        (t0[0] + t0[1]) + (t0[2] + t0[3])
+    };
+    let mut sum = total as f64;
+    for i in np..n {
+        sum += (k[i].to_f32() * q[i]) as f64;
+    }
+    sum as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expf_is_within_two_ulp_of_libm() {
+        let mut worst = 0u32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (expf(x), x.exp());
+            worst = worst.max(a.to_bits().abs_diff(b.to_bits()));
+            x += 0.0137;
+        }
+        assert!(worst <= 2, "{worst} ulp");
+        assert_eq!(expf(-200.0), 0.0);
+        assert_eq!(expf(200.0), f32::INFINITY);
+        assert_eq!(expf(0.0), 1.0);
+    }
+
+    #[test]
+    fn f16_dot_matches_f64_sum() {
+        let k: Vec<f16> = (0..80).map(|i| f16::from_f32(i as f32 * 0.01 - 0.3)).collect();
+        let q: Vec<f32> = (0..80).map(|i| (i as f32 * 0.37).sin()).collect();
+        let want: f64 = k.iter().zip(&q).map(|(a, b)| a.to_f64() * *b as f64).sum();
+        assert!((dot_f16(&k, &q) as f64 - want).abs() < 1e-5);
+    }
+}
