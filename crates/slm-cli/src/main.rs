@@ -55,6 +55,18 @@ enum Cmd {
         #[arg(long, default_value_t = 512)]
         ctx: usize,
     },
+    /// Download a model from the Hugging Face hub (HF_ENDPOINT, HF_TOKEN) into the store
+    /// ($SLM_HOME, default ~/.cache/slm); resumes interrupted downloads, verifies checksums.
+    Pull {
+        /// Repository id, OWNER/NAME.
+        repo: String,
+        /// One file of the repository (e.g. a GGUF file among several).
+        #[arg(long)]
+        file: Option<String>,
+        /// Branch, tag or commit.
+        #[arg(long, default_value = "main")]
+        revision: String,
+    },
     /// Prompt processing (pp128, pp512) and decode (tg128) speed, peak memory.
     Bench {
         model: PathBuf,
@@ -118,6 +130,67 @@ impl GenArgs {
     }
 }
 
+impl Cmd {
+    fn model_mut(&mut self) -> Option<&mut PathBuf> {
+        match self {
+            Cmd::Info { model }
+            | Cmd::Generate { model, .. }
+            | Cmd::Chat { model, .. }
+            | Cmd::Eval { model, .. }
+            | Cmd::Bench { model, .. } => Some(model),
+            Cmd::Pull { .. } => None,
+        }
+    }
+}
+
+/// A MODEL argument: a path, else a name in the store (OWNER/NAME or OWNER/NAME/FILE).
+fn resolve_model(arg: &Path) -> Result<PathBuf> {
+    if arg.exists() {
+        return Ok(arg.to_path_buf());
+    }
+    let store = slm_hub::Store::from_env();
+    if let Some(p) = arg.to_str().and_then(|name| store.resolve(name)) {
+        return Ok(p);
+    }
+    bail!(
+        "{}: no such file or folder, and no model of that name in the store ({}); \
+         `slm pull OWNER/NAME` downloads one",
+        arg.display(),
+        store.root().join("models").display()
+    )
+}
+
+fn pull(repo: &str, file: Option<&str>, revision: &str) -> Result<()> {
+    let store = slm_hub::Store::from_env();
+    let hub = slm_hub::Hub::from_env();
+    let style = indicatif::ProgressStyle::with_template(
+        "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    )?
+    .progress_chars("=> ");
+    let mut bar: Option<indicatif::ProgressBar> = None;
+    let path = hub.pull(&store, repo, revision, file, &mut |p| match p {
+        slm_hub::Progress::Start { file, total, from } => {
+            let b = indicatif::ProgressBar::new(total.unwrap_or(0)).with_style(style.clone());
+            b.set_message(file);
+            b.set_position(from);
+            b.reset_eta();
+            bar = Some(b);
+        }
+        slm_hub::Progress::Advance(n) => {
+            if let Some(b) = &bar {
+                b.inc(n)
+            }
+        }
+        slm_hub::Progress::Done { file, cached } => match bar.take() {
+            Some(b) => b.finish(),
+            None if cached => eprintln!("{file}: already in the store, verified"),
+            None => {}
+        },
+    })?;
+    println!("{}", path.display());
+    Ok(())
+}
+
 fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     let t = Instant::now();
     let loaded = slm_model::load(path, &Device::Cpu)
@@ -139,7 +212,16 @@ fn main() -> Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    match Cli::parse().cmd {
+    let mut cli = Cli::parse();
+    if let Some(m) = cli.cmd.model_mut() {
+        *m = resolve_model(m)?;
+    }
+    match cli.cmd {
+        Cmd::Pull {
+            repo,
+            file,
+            revision,
+        } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
         Cmd::Generate { model, prompt, gen } => {
             let (m, tok) = load(&model)?;
@@ -148,15 +230,14 @@ fn main() -> Result<()> {
             let stop = interrupt_flag();
             let mut out = std::io::stdout().lock();
             write!(out, "{prompt}")?;
-            let g = generate(&m.model, &tok, &mut session, &ids, &gen.options(), |text| {
-                let _ = write!(out, "{text}");
-                let _ = out.flush();
-                if stop.swap(false, Ordering::SeqCst) {
-                    ControlFlow::Break(())
-                } else {
-                    ControlFlow::Continue(())
-                }
-            })?;
+            let g = generate(
+                &m.model,
+                &tok,
+                &mut session,
+                &ids,
+                &gen.options(),
+                stream_to(&mut out, &stop),
+            )?;
             writeln!(out)?;
             eprintln!(
                 "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, finish: {}]",
@@ -190,6 +271,22 @@ fn interrupt_flag() -> Arc<AtomicBool> {
         }
     });
     flag
+}
+
+/// The token callback of `generate`: print each piece as it comes, stop on Ctrl-C.
+fn stream_to<'a>(
+    out: &'a mut impl Write,
+    stop: &'a AtomicBool,
+) -> impl FnMut(&str) -> ControlFlow<()> + 'a {
+    move |text| {
+        let _ = write!(out, "{text}");
+        let _ = out.flush();
+        if stop.swap(false, Ordering::SeqCst) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
 }
 
 fn info(path: &Path) -> Result<()> {
@@ -325,15 +422,14 @@ fn chat(path: &Path, system: Option<String>, gen: &GenArgs) -> Result<()> {
         let ids = tok.encode(&prompt, false)?;
         stop.store(false, Ordering::SeqCst);
         let mut out = std::io::stdout().lock();
-        let g = generate(&m.model, &tok, &mut session, &ids, &opts, |text| {
-            let _ = write!(out, "{text}");
-            let _ = out.flush();
-            if stop.swap(false, Ordering::SeqCst) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        let g = generate(
+            &m.model,
+            &tok,
+            &mut session,
+            &ids,
+            &opts,
+            stream_to(&mut out, &stop),
+        );
         writeln!(out)?;
         match g {
             Ok(g) => messages.push(Message::new("assistant", g.text.trim().to_string())),

@@ -62,9 +62,8 @@ fn hash_file(path: &Path, hasher: &mut Hasher, len: u64) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut left = len;
     while left > 0 {
-        let n = f
-            .read(&mut buf[..left.min(buf.len() as u64) as usize])
-            .map_err(io_err(path))?;
+        let want = left.min(buf.len() as u64) as usize;
+        let n = f.read(&mut buf[..want]).map_err(io_err(path))?;
         if n == 0 {
             break;
         }
@@ -117,12 +116,17 @@ pub(crate) fn fetch(
                 return Ok(());
             }
         }
-        tracing::info!("{}: stored copy differs from the hub; downloading again", dest.display());
+        tracing::info!(
+            "{}: stored copy differs from the hub; downloading again",
+            dest.display()
+        );
     }
 
     let part = dest.with_file_name(format!(
         "{}.part",
-        dest.file_name().and_then(|n| n.to_str()).unwrap_or("download")
+        dest.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("download")
     ));
     let mut from = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
     if file.size.is_some_and(|n| from > n) {
@@ -134,7 +138,7 @@ pub(crate) fn fetch(
     }
     let resp = req.call().map_err(|e| Error::Http {
         url: url.into(),
-        source: Box::new(e),
+        err: Box::new(e),
     })?;
     let status = resp.status().as_u16();
     let total = match status {
@@ -265,7 +269,9 @@ fn content_length(resp: &ureq::http::Response<ureq::Body>) -> Option<u64> {
 
 /// `bytes START-END/TOTAL` (TOTAL may be `*`).
 fn content_range(resp: &ureq::http::Response<ureq::Body>) -> Option<(u64, Option<u64>)> {
-    let v = header(resp, "content-range")?.trim().strip_prefix("bytes ")?;
+    let v = header(resp, "content-range")?
+        .trim()
+        .strip_prefix("bytes ")?;
     let (range, total) = v.split_once('/')?;
     let (start, _) = range.split_once('-')?;
     Some((start.trim().parse().ok()?, total.trim().parse().ok()))

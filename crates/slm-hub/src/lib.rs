@@ -19,12 +19,9 @@ pub use store::Store;
 pub enum Error {
     #[error("invalid repository id {0:?}: expected OWNER/NAME (e.g. HuggingFaceTB/SmolLM2-135M-Instruct)")]
     RepoId(String),
-    #[error("{url}: {source}")]
-    Http {
-        url: String,
-        #[source]
-        source: Box<ureq::Error>,
-    },
+    // The cause is part of the message (not a `source`) so it is printed once.
+    #[error("{url}: {err}")]
+    Http { url: String, err: Box<ureq::Error> },
     #[error("{url}: HTTP {status}{hint}")]
     Status {
         url: String,
@@ -33,12 +30,8 @@ pub enum Error {
     },
     #[error("{url}: unexpected response: {msg}")]
     BadResponse { url: String, msg: String },
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     #[error("{file}: transfer interrupted after {got} of {total} bytes ({reason}); run the same command again to resume")]
     Interrupted {
         file: String,
@@ -60,9 +53,9 @@ pub enum Error {
 pub type Result<T> = std::result::Result<T, Error>;
 
 pub(crate) fn io_err(path: &std::path::Path) -> impl FnOnce(std::io::Error) -> Error + '_ {
-    move |source| Error::Io {
+    move |err| Error::Io {
         path: path.to_path_buf(),
-        source,
+        err,
     }
 }
 
@@ -130,7 +123,7 @@ impl Hub {
         );
         let resp = self.get(&url).call().map_err(|e| Error::Http {
             url: url.clone(),
-            source: Box::new(e),
+            err: Box::new(e),
         })?;
         let status = resp.status().as_u16();
         if status != 200 {
@@ -147,7 +140,7 @@ impl Hub {
             .read_to_string()
             .map_err(|e| Error::Http {
                 url: url.clone(),
-                source: Box::new(e),
+                err: Box::new(e),
             })?;
         parse_listing(&url, &body)
     }
@@ -192,8 +185,7 @@ pub(crate) fn check_repo_id(repo: &str) -> Result<()> {
         !p.is_empty()
             && p != "."
             && p != ".."
-            && p
-                .chars()
+            && p.chars()
                 .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
     };
     match repo.split_once('/') {
@@ -225,7 +217,9 @@ fn parse_listing(url: &str, body: &str) -> Result<(String, Vec<RemoteFile>)> {
         if name.is_empty()
             || name.starts_with('/')
             || name.contains('\\')
-            || name.split('/').any(|p| p.is_empty() || p == "." || p == "..")
+            || name
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
         {
             return Err(bad(&format!("unsafe file name {name:?}")));
         }
@@ -305,7 +299,10 @@ fn select_files(repo: &str, files: &[RemoteFile], file: Option<&str>) -> Result<
 }
 
 fn names<'a>(files: impl Iterator<Item = &'a RemoteFile>) -> String {
-    files.map(|f| f.name.as_str()).collect::<Vec<_>>().join(", ")
+    files
+        .map(|f| f.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -346,7 +343,10 @@ mod tests {
 
         let two = [f("m.Q4_0.gguf"), f("m.Q8_0.gguf")];
         let err = select_files("a/b", &two, None).unwrap_err().to_string();
-        assert!(err.contains("--file") && err.contains("m.Q8_0.gguf"), "{err}");
+        assert!(
+            err.contains("--file") && err.contains("m.Q8_0.gguf"),
+            "{err}"
+        );
         assert_eq!(
             select_files("a/b", &two, Some("m.Q8_0.gguf")).unwrap()[0].name,
             "m.Q8_0.gguf"
@@ -360,7 +360,10 @@ mod tests {
     #[test]
     fn listing_rejects_paths_that_escape_the_store() {
         for name in ["../evil", "/etc/passwd", "a//b", "a/./b", "a\\b"] {
-            let body = format!(r#"{{"sha":"abc","siblings":[{{"rfilename":"{}"}}]}}"#, name.replace('\\', "\\\\"));
+            let body = format!(
+                r#"{{"sha":"abc","siblings":[{{"rfilename":"{}"}}]}}"#,
+                name.replace('\\', "\\\\")
+            );
             let err = parse_listing("u", &body).unwrap_err().to_string();
             assert!(err.contains("unsafe file name"), "{name}: {err}");
         }

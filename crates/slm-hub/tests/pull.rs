@@ -126,12 +126,20 @@ fn handle(
         let repo = rest.split("/revision/").next().unwrap();
         return match repos.get(repo) {
             Some(files) => respond(&mut s, "200 OK", &[], listing(files).as_bytes()),
-            None => respond(&mut s, "404 Not Found", &[], b"{\"error\":\"Repository not found\"}"),
+            None => respond(
+                &mut s,
+                "404 Not Found",
+                &[],
+                b"{\"error\":\"Repository not found\"}",
+            ),
         };
     }
     // /cdn/SHA256 serves LFS content, as the hub's CDN does after the redirect.
     let (file, direct) = if let Some(h) = path.strip_prefix("/cdn/") {
-        let f = repos.values().flatten().find(|f| f.lfs && sha256(&f.bytes) == h);
+        let f = repos
+            .values()
+            .flatten()
+            .find(|f| f.lfs && sha256(&f.bytes) == h);
         (f, true)
     } else {
         let mut it = path.splitn(5, '/').skip(1); // owner, name, "resolve", sha/file
@@ -267,7 +275,12 @@ fn pulls_a_model_folder_verified_and_skips_it_the_second_time() {
             assert_eq!(std::fs::read(&p).unwrap(), f.bytes, "{}", f.name);
         }
     }
-    assert!(server.log.lock().unwrap().iter().any(|l| l.starts_with("/cdn/")));
+    assert!(server
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.starts_with("/cdn/")));
     let leftovers: Vec<_> = std::fs::read_dir(&path)
         .unwrap()
         .filter_map(|e| e.ok())
@@ -298,8 +311,13 @@ fn resumes_an_interrupted_transfer_with_a_range_request() {
         .pull(&store, "test/model", "main", None, &mut quiet())
         .unwrap_err();
     assert!(matches!(err, Error::Interrupted { .. }), "{err}");
-    assert!(err.to_string().contains("run the same command again"), "{err}");
-    let part = store.root().join("models/test/model/model.safetensors.part");
+    assert!(
+        err.to_string().contains("run the same command again"),
+        "{err}"
+    );
+    let part = store
+        .root()
+        .join("models/test/model/model.safetensors.part");
     assert_eq!(std::fs::metadata(&part).unwrap().len(), cut as u64);
 
     let mut resumed_from = None;
@@ -337,18 +355,26 @@ fn rejects_content_that_does_not_match_the_listed_checksum() {
         .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, Error::Checksum { .. }), "{msg}");
-    assert!(msg.contains("model.safetensors") && msg.contains("sha256"), "{msg}");
+    assert!(
+        msg.contains("model.safetensors") && msg.contains("sha256"),
+        "{msg}"
+    );
     let dir = store.root().join("models/test/model");
     assert!(!dir.join("model.safetensors").exists());
     assert!(!dir.join("model.safetensors.part").exists());
 
     // A corrupted small file is caught by its git blob id.
-    server.behaviour.lock().unwrap().corrupt = Some(("config.json".into(), b"{}".to_vec()));
+    std::fs::remove_file(dir.join("config.json")).unwrap();
+    server.behaviour.lock().unwrap().corrupt =
+        Some(("config.json".into(), br#"{"model_type":"llamb"}"#.to_vec()));
     let msg = hub
         .pull(&store, "test/model", "main", None, &mut quiet())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("config.json") && msg.contains("git-sha1"), "{msg}");
+    assert!(
+        msg.contains("config.json") && msg.contains("git-sha1"),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -358,9 +384,18 @@ fn gguf_repositories_need_a_file_choice_when_they_hold_several() {
         .pull(&store, "test/gguf", "main", None, &mut quiet())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("--file") && msg.contains("m.Q4_0.gguf"), "{msg}");
+    assert!(
+        msg.contains("--file") && msg.contains("m.Q4_0.gguf"),
+        "{msg}"
+    );
     let path = hub
-        .pull(&store, "test/gguf", "main", Some("m.Q8_0.gguf"), &mut quiet())
+        .pull(
+            &store,
+            "test/gguf",
+            "main",
+            Some("m.Q8_0.gguf"),
+            &mut quiet(),
+        )
         .unwrap();
     assert_eq!(path, store.root().join("models/test/gguf/m.Q8_0.gguf"));
     assert_eq!(std::fs::read(&path).unwrap(), weights(2000, 3));
@@ -376,7 +411,10 @@ fn unknown_repositories_and_bad_ids_are_clear_errors() {
         .pull(&store, "test/missing", "main", None, &mut quiet())
         .unwrap_err()
         .to_string();
-    assert!(msg.contains("404") && msg.contains("no such repository"), "{msg}");
+    assert!(
+        msg.contains("404") && msg.contains("no such repository"),
+        "{msg}"
+    );
     let msg = hub
         .pull(&store, "../../etc", "main", None, &mut quiet())
         .unwrap_err()

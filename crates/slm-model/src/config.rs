@@ -116,18 +116,19 @@ impl Config {
             .clone()
             .or_else(|| hf.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default();
-        let arch =
-            match ty.as_str() {
-                "llama" | "LlamaForCausalLM" => Arch::Llama,
-                "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
-                "mistral" | "MistralForCausalLM" => Arch::Mistral,
-                other => return Err(invalid(
+        let arch = match ty.as_str() {
+            "llama" | "LlamaForCausalLM" => Arch::Llama,
+            "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
+            "mistral" | "MistralForCausalLM" => Arch::Mistral,
+            other => {
+                return Err(invalid(
                     file,
                     format!(
                         "model_type '{other}' is not supported; supported: llama, qwen2, mistral"
                     ),
-                )),
-            };
+                ))
+            }
+        };
         if let Some(act) = &hf.hidden_act {
             if act != "silu" {
                 return Err(invalid(
@@ -136,32 +137,33 @@ impl Config {
                 ));
             }
         }
-        let rope_scaling =
-            match &hf.rope_scaling {
-                None | Some(serde_json::Value::Null) => None,
-                Some(v) => {
-                    let ty = v
-                        .get("rope_type")
-                        .or_else(|| v.get("type"))
-                        .and_then(|t| t.as_str())
-                        .unwrap_or("");
-                    match ty {
-                        "llama3" => Some(
-                            serde_json::from_value::<Llama3Scaling>(v.clone())
-                                .map_err(|e| invalid(file, format!("rope_scaling: {e}")))?,
-                        ),
-                        "default" => None,
-                        other => return Err(invalid(
+        let rope_scaling = match &hf.rope_scaling {
+            None | Some(serde_json::Value::Null) => None,
+            Some(v) => {
+                let ty = v
+                    .get("rope_type")
+                    .or_else(|| v.get("type"))
+                    .and_then(|t| t.as_str())
+                    .unwrap_or("");
+                match ty {
+                    "llama3" => Some(
+                        serde_json::from_value::<Llama3Scaling>(v.clone())
+                            .map_err(|e| invalid(file, format!("rope_scaling: {e}")))?,
+                    ),
+                    "default" => None,
+                    other => {
+                        return Err(invalid(
                             file,
                             format!(
                                 "rope_scaling type '{other}' is not supported (expected llama3)"
                             ),
-                        )),
+                        ))
                     }
                 }
-            };
+            }
+        };
         let heads = hf.num_attention_heads;
-        if heads == 0 || hf.hidden_size % heads != 0 && hf.head_dim.is_none() {
+        if heads == 0 || !hf.hidden_size.is_multiple_of(heads) && hf.head_dim.is_none() {
             return Err(invalid(
                 file,
                 format!(
@@ -297,14 +299,14 @@ impl Config {
             (self.num_hidden_layers > 0, "num_hidden_layers is 0".into()),
             (
                 self.num_key_value_heads > 0
-                    && self.num_attention_heads % self.num_key_value_heads == 0,
+                    && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
                 format!(
                     "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                     self.num_attention_heads, self.num_key_value_heads
                 ),
             ),
             (
-                self.head_dim > 0 && self.head_dim % 2 == 0,
+                self.head_dim > 0 && self.head_dim.is_multiple_of(2),
                 format!("head_dim {} must be even and positive", self.head_dim),
             ),
             (self.hidden_size > 0, "hidden_size is 0".into()),

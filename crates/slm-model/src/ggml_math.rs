@@ -149,7 +149,9 @@ mod tests {
 
     #[test]
     fn f16_dot_matches_f64_sum() {
-        let k: Vec<f16> = (0..80).map(|i| f16::from_f32(i as f32 * 0.01 - 0.3)).collect();
+        let k: Vec<f16> = (0..80)
+            .map(|i| f16::from_f32(i as f32 * 0.01 - 0.3))
+            .collect();
         let q: Vec<f32> = (0..80).map(|i| (i as f32 * 0.37).sin()).collect();
         let want: f64 = k.iter().zip(&q).map(|(a, b)| a.to_f64() * *b as f64).sum();
         assert!((dot_f16(&k, &q) as f64 - want).abs() < 1e-5);

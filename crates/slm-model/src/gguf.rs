@@ -321,7 +321,7 @@ impl GgufFile {
         // slice must be aligned for them. A mapped file with a legal alignment always is; a
         // file with `general.alignment` of 1 or 2 may not be, so copy to an aligned buffer then.
         let aligned: Vec<u64>;
-        let bytes = if (bytes.as_ptr() as usize) % 8 != 0 {
+        let bytes = if !(bytes.as_ptr() as usize).is_multiple_of(8) {
             let mut buf = vec![0u64; bytes.len().div_ceil(8)];
             // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
             let dst =
@@ -498,7 +498,7 @@ impl<'a> Reader<'a> {
                 let min = match item_ty {
                     0 | 1 | 7 => 1,
                     2 | 3 => 2,
-                    4 | 5 | 6 => 4,
+                    4..=6 => 4,
                     10..=12 => 8,
                     8 => 8,  // a string is at least its u64 length
                     9 => 12, // an array is at least its type and length
@@ -603,7 +603,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         let ty = r.u32("tensor type")?;
         let offset = r.u64("tensor offset")?;
         let dtype = ggml_type(ty).map_err(terr)?;
-        if ne.iter().any(|&d| d == 0) {
+        if ne.contains(&0) {
             return Err(terr(format!("has a zero dimension {ne:?}")));
         }
         let elems = ne

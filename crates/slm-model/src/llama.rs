@@ -146,7 +146,11 @@ impl candle_core::CustomOp3 for GgmlRope {
         let dims = l1.shape().dims();
         let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         if c.len() != t * d / 2 || s.len() != c.len() {
-            candle_core::bail!("rope tables hold {} values, {t} positions need {}", c.len(), t * d / 2)
+            candle_core::bail!(
+                "rope tables hold {} values, {t} positions need {}",
+                c.len(),
+                t * d / 2
+            )
         }
         let (step, offset) = if self.interleaved { (2, 1) } else { (1, d / 2) };
         let mut y = vec![0f32; x.len()];

@@ -1,5 +1,7 @@
 //! The model against llama.cpp on SmolLM2-135M-Instruct: top-10 next-token logits and greedy
 //! continuations from ../shared/fixtures/reference (produced by llama.cpp, not by slm).
+//! slm reproduces the reference build's arithmetic (see slm_model::ggml_math), so the logits
+//! agree to the printed digits; the 1e-2 bound is the issue's, the max is printed.
 
 use std::path::PathBuf;
 
@@ -41,9 +43,6 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 #[test]
-#[ignore = "known gap, see the issue note: layers 0-1 match llama.cpp bit for bit, but from layer 2 the \
-            f16 attention accumulator amplifies last-digit differences; top-10 logits agree within 2.5e-2, \
-            not yet 1e-2, and greedy matches 5-13 of 16 tokens"]
 fn q4_1_top10_logits_and_greedy_match_llama_cpp() {
     let Some(path) = model_path("SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
