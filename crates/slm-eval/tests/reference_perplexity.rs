@@ -8,24 +8,10 @@ use slm_tokenizer::Tokenizer;
 
 #[test]
 fn q4_1_perplexity_within_one_percent_of_llama_cpp() {
-    let dir = std::env::var("SLM_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
-        });
-    let path = dir.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if !path.is_file() {
-        assert!(
-            std::env::var("CI").is_err(),
-            "{} missing in CI",
-            path.display()
-        );
-        eprintln!(
-            "skipping: {} not present (run ../shared/fetch-assets.sh models)",
-            path.display()
-        );
+    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
         return;
-    }
+    };
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/fixtures/reference/eval.txt"),

@@ -299,7 +299,9 @@ impl Config {
             (self.num_hidden_layers > 0, "num_hidden_layers is 0".into()),
             (
                 self.num_key_value_heads > 0
-                    && self.num_attention_heads.is_multiple_of(self.num_key_value_heads),
+                    && self
+                        .num_attention_heads
+                        .is_multiple_of(self.num_key_value_heads),
                 format!(
                     "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                     self.num_attention_heads, self.num_key_value_heads

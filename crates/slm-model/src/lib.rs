@@ -1,6 +1,7 @@
 //! slm-model: the Llama-family transformer and the readers for its weights (GGUF and Hugging
 //! Face safetensors folders).
 
+pub mod assets;
 pub mod attention;
 pub mod config;
 pub mod ggml_math;

@@ -202,26 +202,89 @@ fn dot_block_generic(
                 wm[b] = f16_at(blk, 2);
             }
         }
+        let row_dot = row_dot_fn();
         for i in 0..m {
             let a = &act[i * nb..(i + 1) * nb];
-            let mut acc = [0f32; 8];
-            let mut summs = 0f32;
-            for b in 0..nb {
-                let (wb, ab) = (&wq[b * QK..(b + 1) * QK], &a[b].qs);
-                let d = wd[b] * a[b].d;
-                for (l, acc) in acc.iter_mut().enumerate() {
-                    let lane: i32 = (0..4)
-                        .map(|e| wb[4 * l + e] as i32 * ab[4 * l + e] as i32)
-                        .sum();
-                    *acc = d.mul_add(lane as f32, *acc);
-                }
-                if t.needs_sum() {
-                    summs = wm[b].mul_add(a[b].s, summs);
-                }
-            }
-            vals[jj * m + i] = hsum8(&acc) + summs;
+            vals[jj * m + i] = row_dot(&wq, &wd, &wm, a, t.needs_sum());
         }
     }
+}
+
+type RowDot = fn(&[i8], &[f32], &[f32], &[ActBlock], bool) -> f32;
+
+/// One unpacked weight row (`wq` signed bytes, block scales `wd`, offsets `wm`) against one
+/// row of quantized activations, lane by lane as described on `dot_block_generic`.
+fn row_dot_scalar(wq: &[i8], wd: &[f32], wm: &[f32], a: &[ActBlock], needs_sum: bool) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (b, ab) in a.iter().enumerate() {
+        let wb = &wq[b * QK..(b + 1) * QK];
+        let d = wd[b] * ab.d;
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let lane: i32 = (0..4)
+                .map(|e| wb[4 * l + e] as i32 * ab.qs[4 * l + e] as i32)
+                .sum();
+            *acc = d.mul_add(lane as f32, *acc);
+        }
+        if needs_sum {
+            summs = wm[b].mul_add(ab.s, summs);
+        }
+    }
+    hsum8(&acc) + summs
+}
+
+/// `row_dot_scalar` with ggml's own instructions: |w| times sign-adjusted x with
+/// `maddubs` + `madd` gives the eight 4-product lanes (exact integers, so the same values).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_dot_avx2(wq: &[i8], wd: &[f32], wm: &[f32], a: &[ActBlock], needs_sum: bool) -> f32 {
+    use std::arch::x86_64::*;
+    assert!(wq.len() >= a.len() * QK && wd.len() >= a.len() && (!needs_sum || wm.len() >= a.len()));
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = 0f32;
+    for (b, ab) in a.iter().enumerate() {
+        // SAFETY: both loads read 32 bytes inside slices checked above / of 32 bytes.
+        let (x, y) = unsafe {
+            (
+                _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i),
+                _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i),
+            )
+        };
+        let lanes = _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)),
+            ones,
+        );
+        let d = _mm256_set1_ps(wd[b] * ab.d);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
+        if needs_sum {
+            summs = wm[b].mul_add(ab.s, summs);
+        }
+    }
+    let mut l = [0f32; 8];
+    // SAFETY: stores 8 floats into an array of 8.
+    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+    hsum8(&l) + summs
+}
+
+#[cfg(target_arch = "x86_64")]
+fn row_dot_avx2_detected(
+    wq: &[i8],
+    wd: &[f32],
+    wm: &[f32],
+    a: &[ActBlock],
+    needs_sum: bool,
+) -> f32 {
+    // SAFETY: row_dot_fn selects this only after detecting AVX2 and FMA.
+    unsafe { row_dot_avx2(wq, wd, wm, a, needs_sum) }
+}
+
+fn row_dot_fn() -> RowDot {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        return row_dot_avx2_detected;
+    }
+    row_dot_scalar
 }
 
 /// The same code compiled for AVX2+FMA, so the integer block loops vectorize; chosen at run

@@ -12,28 +12,6 @@ fn shared() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared")
 }
 
-fn model_path(file: &str) -> Option<PathBuf> {
-    let dir = std::env::var("SLM_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
-        });
-    let p = dir.join("models").join(file);
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "{} missing in CI: run ../shared/fetch-assets.sh models",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} not present (run ../shared/fetch-assets.sh models)",
-        p.display()
-    );
-    None
-}
-
 fn ids(v: &Value) -> Vec<u32> {
     v.as_array()
         .unwrap()
@@ -44,7 +22,8 @@ fn ids(v: &Value) -> Vec<u32> {
 
 #[test]
 fn q4_1_top10_logits_and_greedy_match_llama_cpp() {
-    let Some(path) = model_path("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
         return;
     };
     let reference: Value = serde_json::from_str(

@@ -99,6 +99,25 @@ fn spm_merges(tokens: &[String], scores: &[f64]) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A metadata array whose every element converts, or None when the key is absent.
+fn array<T>(
+    meta: &BTreeMap<String, Value>,
+    file: &str,
+    key: &str,
+    what: &str,
+    convert: impl Fn(&Value) -> Option<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(v) = meta.get(key) else {
+        return Ok(None);
+    };
+    v.as_array()
+        .ok_or_else(|| invalid(file, format!("{key} is not an array")))?
+        .iter()
+        .map(|x| convert(x).ok_or_else(|| invalid(file, format!("{key} holds a non-{what}"))))
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
 pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<TokenizerSpec> {
     let model = meta
         .get("tokenizer.ggml.model")
@@ -107,37 +126,8 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
             file: file.into(),
             what: "no tokenizer.ggml.model in the GGUF metadata".into(),
         })?;
-    let str_array = |key: &str| -> Result<Option<Vec<String>>> {
-        match meta.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .ok_or_else(|| invalid(file, format!("{key} is not an array")))?
-                .iter()
-                .map(|x| {
-                    x.as_str()
-                        .map(String::from)
-                        .ok_or_else(|| invalid(file, format!("{key} holds a non-string")))
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-        }
-    };
-    let num_array = |key: &str| -> Result<Option<Vec<f64>>> {
-        match meta.get(key) {
-            None => Ok(None),
-            Some(v) => v
-                .as_array()
-                .ok_or_else(|| invalid(file, format!("{key} is not an array")))?
-                .iter()
-                .map(|x| {
-                    x.as_f64()
-                        .ok_or_else(|| invalid(file, format!("{key} holds a non-number")))
-                })
-                .collect::<Result<Vec<_>>>()
-                .map(Some),
-        }
-    };
+    let str_array = |key: &str| array(meta, file, key, "string", |x| x.as_str().map(String::from));
+    let num_array = |key: &str| array(meta, file, key, "number", Value::as_f64);
     let id = |key: &str| meta.get(key).and_then(|v| v.as_u64()).map(|v| v as u32);
 
     let tokens = str_array("tokenizer.ggml.tokens")?

@@ -6,28 +6,6 @@ use serde_json::Value;
 use slm_model::{gguf::GgufFile, ModelSource};
 use slm_tokenizer::Tokenizer;
 
-fn model_path() -> Option<PathBuf> {
-    let dir = std::env::var("SLM_ASSETS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/slm/assets")
-        });
-    let p = dir.join("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    if p.is_file() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("CI").is_err(),
-        "{} missing in CI",
-        p.display()
-    );
-    eprintln!(
-        "skipping: {} not present (run ../shared/fetch-assets.sh models)",
-        p.display()
-    );
-    None
-}
-
 fn tokenizer(path: &std::path::Path) -> Tokenizer {
     let g = GgufFile::open(path).unwrap();
     let source = ModelSource::Gguf {
@@ -41,7 +19,10 @@ fn tokenizer(path: &std::path::Path) -> Tokenizer {
 
 #[test]
 fn token_ids_equal_llama_cpp() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
+        return;
+    };
     let tok = tokenizer(&path);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(
@@ -88,7 +69,10 @@ fn token_ids_equal_llama_cpp() {
 
 #[test]
 fn chat_template_renders_the_reference_chat_prompt() {
-    let Some(path) = model_path() else { return };
+    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
+        return;
+    };
     let tok = tokenizer(&path);
     let reference: Value =
         serde_json::from_str(
