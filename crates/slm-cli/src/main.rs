@@ -67,6 +67,16 @@ enum Cmd {
         #[arg(long, default_value = "main")]
         revision: String,
     },
+    /// Tokenizers: `slm tokenizer train CORPUS... --vocab 8192 -o tokenizer.json`.
+    Tokenizer {
+        #[command(subcommand)]
+        cmd: TokenizerCmd,
+    },
+    /// Training data: `slm data prepare CORPUS... --tokenizer T -o SHARDS`.
+    Data {
+        #[command(subcommand)]
+        cmd: DataCmd,
+    },
     /// Prompt processing (pp128, pp512) and decode (tg128) speed, peak memory.
     Bench {
         model: PathBuf,
@@ -77,6 +87,45 @@ enum Cmd {
         /// Repetitions of each measurement (the median is reported).
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenizerCmd {
+    /// Learn a byte-level BPE tokenizer. CORPUS: text files, folders of .txt/.md, or .jsonl
+    /// with a "text" field.
+    Train {
+        #[arg(required = true)]
+        corpus: Vec<PathBuf>,
+        #[arg(long, default_value_t = 8192)]
+        vocab: usize,
+        /// Pairs seen fewer times are not merged.
+        #[arg(long, default_value_t = 2)]
+        min_frequency: u64,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCmd {
+    /// Tokenize a corpus into train/valid token shards (split by document).
+    Prepare {
+        #[arg(required = true)]
+        corpus: Vec<PathBuf>,
+        /// tokenizer.json to encode with (its hash is stored in the shards).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Share of documents held out for validation.
+        #[arg(long, default_value_t = 0.05)]
+        valid_fraction: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// The token that ends each document.
+        #[arg(long, default_value = "<|endoftext|>")]
+        eos: String,
     },
 }
 
@@ -138,7 +187,7 @@ impl Cmd {
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
             | Cmd::Bench { model, .. } => Some(model),
-            Cmd::Pull { .. } => None,
+            Cmd::Pull { .. } | Cmd::Tokenizer { .. } | Cmd::Data { .. } => None,
         }
     }
 }
@@ -191,6 +240,98 @@ fn pull(repo: &str, file: Option<&str>, revision: &str) -> Result<()> {
     Ok(())
 }
 
+fn tokenizer_train(corpus: &[PathBuf], vocab: usize, min_frequency: u64, out: &Path) -> Result<()> {
+    let t = Instant::now();
+    let docs = slm_data::read_corpus(corpus)?;
+    let bytes: usize = docs.iter().map(|d| d.text.len()).sum();
+    eprintln!(
+        "training a {vocab}-token BPE on {} documents ({:.1} MB)",
+        docs.len(),
+        bytes as f64 / 1e6
+    );
+    let tok = slm_tokenizer::train::train_bpe(
+        docs.iter().map(|d| d.text.as_str()),
+        &slm_tokenizer::train::TrainOptions {
+            vocab_size: vocab,
+            min_frequency,
+        },
+    )?;
+    let json = tok
+        .to_string(false)
+        .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
+    slm_data::shard::write_atomic(out, |f| f.write_all(json.as_bytes()))?;
+    eprintln!(
+        "wrote {} ({} tokens) in {:.1}s",
+        out.display(),
+        tok.get_vocab_size(true),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn data_prepare(
+    corpus: &[PathBuf],
+    tokenizer: &Path,
+    out: &Path,
+    valid_fraction: f64,
+    seed: u64,
+    eos: &str,
+) -> Result<()> {
+    if !(0.0..1.0).contains(&valid_fraction) {
+        bail!("--valid-fraction {valid_fraction}: expected a number in [0, 1)");
+    }
+    let json =
+        std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
+    let tok = tokenizers::Tokenizer::from_bytes(&json)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?;
+    let Some(eos_id) = tok.token_to_id(eos) else {
+        bail!(
+            "{}: no token {eos:?} to end documents with (choose one with --eos)",
+            tokenizer.display()
+        );
+    };
+    let info = slm_data::ShardInfo {
+        vocab: tok.get_vocab_size(true) as u32,
+        eos: eos_id,
+        tokenizer_sha256: slm_data::tokenizer_sha256(&json),
+    };
+    let docs = slm_data::read_corpus(corpus)?;
+    let total: usize = docs.iter().map(|d| d.text.len()).sum();
+    let bar = indicatif::ProgressBar::new(total as u64).with_style(
+        indicatif::ProgressStyle::with_template(
+            "tokenizing [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    let encode = |text: &str| -> std::result::Result<Vec<u32>, String> {
+        tok.encode(text, false)
+            .map(|e| e.get_ids().to_vec())
+            .map_err(|e| e.to_string())
+    };
+    let m = slm_data::prepare(
+        &docs,
+        &encode,
+        &info,
+        out,
+        &slm_data::PrepareOptions {
+            valid_fraction,
+            seed,
+            ..Default::default()
+        },
+        &mut |n| bar.inc(n as u64),
+    )?;
+    bar.finish_and_clear();
+    eprintln!(
+        "{}: train {} tokens ({} documents), valid {} tokens ({} documents)",
+        out.display(),
+        m.train.tokens,
+        m.train.documents,
+        m.valid.tokens,
+        m.valid.documents
+    );
+    Ok(())
+}
+
 fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     let t = Instant::now();
     let loaded = slm_model::load(path, &Device::Cpu)
@@ -223,6 +364,26 @@ fn main() -> Result<()> {
             revision,
         } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
+        Cmd::Tokenizer {
+            cmd:
+                TokenizerCmd::Train {
+                    corpus,
+                    vocab,
+                    min_frequency,
+                    output,
+                },
+        } => tokenizer_train(&corpus, vocab, min_frequency, &output),
+        Cmd::Data {
+            cmd:
+                DataCmd::Prepare {
+                    corpus,
+                    tokenizer,
+                    output,
+                    valid_fraction,
+                    seed,
+                    eos,
+                },
+        } => data_prepare(&corpus, &tokenizer, &output, valid_fraction, seed, &eos),
         Cmd::Generate { model, prompt, gen } => {
             let (m, tok) = load(&model)?;
             let ids = tok.encode(&prompt, true)?;

@@ -91,3 +91,30 @@ fn missing_and_misshapen_tensors_are_named() {
     let e = load_err(dir.path());
     assert!(e.contains("k_proj"), "{e}");
 }
+
+#[test]
+fn f16_and_bf16_safetensors_load_as_their_f32_values() {
+    use candle_core::DType;
+    let w = common::tensors(3);
+    for dt in [DType::F16, DType::BF16] {
+        let stored: Vec<(String, Tensor)> = w
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_dtype(dt).unwrap()))
+            .collect();
+        let widened: Vec<(String, Tensor)> = stored
+            .iter()
+            .map(|(n, t)| (n.clone(), t.to_dtype(DType::F32).unwrap()))
+            .collect();
+        let run = |dir: &Path| {
+            let m = slm_model::load(dir, &Device::Cpu).unwrap();
+            let mut cache = m.model.new_cache();
+            m.model.next_logits(&[4, 8, 15, 16], &mut cache).unwrap()
+        };
+        let a = run(common::hf_folder(&common::config_json(), &stored).path());
+        let b = run(common::hf_folder(&common::config_json(), &widened).path());
+        assert_eq!(
+            a, b,
+            "{dt:?} weights should load exactly as their f32 values"
+        );
+    }
+}

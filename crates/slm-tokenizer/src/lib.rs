@@ -3,6 +3,7 @@
 
 pub mod chat;
 mod from_gguf;
+pub mod train;
 
 use std::path::{Path, PathBuf};
 
