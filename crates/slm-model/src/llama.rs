@@ -242,8 +242,9 @@ impl Rope {
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
     fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;
-        let cos = self.cos.narrow(0, pos, t)?;
-        let sin = self.sin.narrow(0, pos, t)?;
+        // Tables are f32; training may run in another float type (f64 for gradient checks).
+        let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
+        let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
         if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
             return x.contiguous()?.apply_op3_no_bwd(
                 &cos.contiguous()?,
@@ -322,7 +323,7 @@ impl Attention {
         let scale = 1.0 / (hd as f64).sqrt();
         let mut att = (q.matmul(&k.t()?)? * scale)?;
         if t > 1 {
-            let mask = causal_mask(t, t, x.device())?;
+            let mask = causal_mask(t, t, x.device())?.to_dtype(att.dtype())?;
             att = att
                 .reshape((b, nkv, rep, t, t))?
                 .broadcast_add(&mask)?
@@ -522,7 +523,12 @@ impl Llama {
         }
         let x = rms_norm(&x, &self.norm, eps)?;
         tap::see("result_norm", None, &x);
-        self.lm_head.forward(&x)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&x)?;
+        // f32 for callers, except in f64 runs (gradient checks) where precision is the point.
+        match logits.dtype() {
+            DType::F64 | DType::F32 => Ok(logits),
+            _ => logits.to_dtype(DType::F32),
+        }
     }
 
     /// Logits of the last position for a token sequence appended to `cache`.
