@@ -77,6 +77,13 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DataCmd,
     },
+    /// Train a model from a recipe (TOML); Ctrl-C checkpoints and stops, --resume continues.
+    Train {
+        recipe: PathBuf,
+        /// Continue from the run folder's last checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
     /// Prompt processing (pp128, pp512) and decode (tg128) speed, peak memory.
     Bench {
         model: PathBuf,
@@ -187,7 +194,7 @@ impl Cmd {
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
             | Cmd::Bench { model, .. } => Some(model),
-            Cmd::Pull { .. } | Cmd::Tokenizer { .. } | Cmd::Data { .. } => None,
+            Cmd::Pull { .. } | Cmd::Tokenizer { .. } | Cmd::Data { .. } | Cmd::Train { .. } => None,
         }
     }
 }
@@ -332,6 +339,61 @@ fn data_prepare(
     Ok(())
 }
 
+fn train(recipe_path: &Path, resume: bool) -> Result<()> {
+    let recipe = slm_train::recipe::Recipe::load(recipe_path)?;
+    let stop = interrupt_flag();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] {pos}/{len} updates, {msg} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_prefix("training");
+    let mut valid = String::new();
+    let mut on_step = |r: &slm_train::run::StepReport| {
+        if r.total_steps > 0 {
+            bar.set_length(r.total_steps);
+        }
+        bar.set_position(r.step);
+        if let Some(v) = r.valid_loss {
+            valid = format!(", valid {v:.3} (ppl {:.1})", (v as f64).exp());
+        }
+        bar.set_message(format!(
+            "loss {:.3}{valid}, {:.0} tok/s, lr {:.2e}",
+            r.loss, r.tokens_per_s, r.lr
+        ));
+    };
+    let outcome = slm_train::run::train(
+        &recipe,
+        slm_train::run::RunOptions {
+            resume,
+            stop: &stop,
+            on_step: &mut on_step,
+        },
+    )?;
+    bar.finish_and_clear();
+    let s = &outcome.state;
+    eprintln!(
+        "{} updates, {} tokens in {:.0}s; train loss {:.3}{}",
+        s.step,
+        s.tokens,
+        s.elapsed_s,
+        outcome.train_loss,
+        outcome
+            .valid_loss
+            .map(|v| format!(", valid loss {v:.3} (ppl {:.2})", (v as f64).exp()))
+            .unwrap_or_default()
+    );
+    match outcome.model_dir {
+        Some(dir) => println!("{}", dir.display()),
+        None => eprintln!(
+            "stopped; `slm train {} --resume` continues from the checkpoint",
+            recipe_path.display()
+        ),
+    }
+    Ok(())
+}
+
 fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     let t = Instant::now();
     let loaded = slm_model::load(path, &Device::Cpu)
@@ -364,6 +426,7 @@ fn main() -> Result<()> {
             revision,
         } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
+        Cmd::Train { recipe, resume } => train(&recipe, resume),
         Cmd::Tokenizer {
             cmd:
                 TokenizerCmd::Train {

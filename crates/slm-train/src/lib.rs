@@ -4,6 +4,8 @@
 
 pub mod init;
 pub mod optim;
+pub mod recipe;
+pub mod run;
 pub mod schedule;
 
 use candle_core::{Tensor, D};

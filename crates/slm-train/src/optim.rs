@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use candle_core::backprop::GradStore;
-use candle_core::{Result, Tensor, Var};
+use candle_core::{Result, Tensor, TensorId, Var};
 use candle_nn::VarMap;
 
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +33,9 @@ struct Param {
     v: Tensor,
     decay: bool,
 }
+
+/// Gradients by parameter (accumulated over micro-batches by the caller).
+pub type Grads = HashMap<TensorId, Tensor>;
 
 pub struct AdamW {
     params: Vec<Param>,
@@ -68,11 +71,23 @@ impl AdamW {
         self.steps
     }
 
+    /// The gradients of this optimizer's parameters from a backward pass, by tensor id.
+    pub fn grads(&self, store: &GradStore) -> Grads {
+        self.params
+            .iter()
+            .filter_map(|p| {
+                store
+                    .get(p.var.as_tensor())
+                    .map(|g| (p.var.as_tensor().id(), g.clone()))
+            })
+            .collect()
+    }
+
     /// The global L2 norm of the gradients (what clipping compares with its limit).
-    pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+    pub fn grad_norm(&self, grads: &Grads) -> Result<f64> {
         let mut sq = 0f64;
         for p in &self.params {
-            if let Some(g) = grads.get(p.var.as_tensor()) {
+            if let Some(g) = grads.get(&p.var.as_tensor().id()) {
                 sq += g
                     .to_dtype(candle_core::DType::F64)?
                     .sqr()?
@@ -85,7 +100,7 @@ impl AdamW {
 
     /// One update with learning rate `lr`, gradients multiplied by `grad_scale` first (for
     /// clipping and accumulation). Parameters without a gradient are left alone.
-    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+    pub fn step(&mut self, grads: &Grads, lr: f64, grad_scale: f64) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
         let AdamWConfig {
@@ -96,7 +111,7 @@ impl AdamW {
         } = self.cfg;
         let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
         for p in &mut self.params {
-            let Some(g) = grads.get(p.var.as_tensor()) else {
+            let Some(g) = grads.get(&p.var.as_tensor().id()) else {
                 continue;
             };
             let g = (g * grad_scale)?;

@@ -129,7 +129,8 @@ fn loss_falls_when_overfitting_one_batch() {
     for _ in 0..200 {
         let l = loss(&m, &x, &y);
         last = l.to_scalar::<f32>().unwrap();
-        opt.step(&l.backward().unwrap(), 1e-2, 1.0).unwrap();
+        let g = opt.grads(&l.backward().unwrap());
+        opt.step(&g, 1e-2, 1.0).unwrap();
     }
     assert!(last < 0.2 * first, "loss {first} -> {last}");
 }
@@ -158,7 +159,8 @@ fn adamw_takes_the_textbook_steps() {
     let mut vals = Vec::new();
     for _ in 0..2 {
         let l = ((&w + &n).unwrap().sum_all().unwrap() * 0.5).unwrap();
-        opt.step(&l.backward().unwrap(), 0.1, 1.0).unwrap();
+        let g = opt.grads(&l.backward().unwrap());
+        opt.step(&g, 0.1, 1.0).unwrap();
         let get = |name: &str| {
             map.data().lock().unwrap()[name]
                 .as_tensor()

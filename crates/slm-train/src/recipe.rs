@@ -1,0 +1,374 @@
+//! The recipe: one TOML file per run. Unknown keys are errors (a typo must not silently fall
+//! back to a default), and so are values out of range, each naming its key.
+//!
+//! ```toml
+//! [run]
+//! out = "runs/tiny"          # the run folder: checkpoints, metrics.jsonl, report, model/
+//! seed = 0
+//! [data]
+//! shards = "shards"          # from `slm data prepare`
+//! tokenizer = "tokenizer.json"
+//! [model]                    # a new model of this shape
+//! d_model = 256
+//! layers = 4
+//! heads = 4
+//! kv_heads = 4
+//! ffn = 688
+//! context = 256
+//! [budget]
+//! tokens = 2_000_000         # or minutes = 10
+//! [optim]
+//! batch = 16
+//! lr = 1e-3
+//! ```
+//! Relative paths are relative to the recipe's folder.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{}: {msg}", path.display())]
+    Parse { path: PathBuf, msg: String },
+    #[error("{}: {key} = {value}: {expected}", path.display())]
+    Value {
+        path: PathBuf,
+        key: &'static str,
+        value: String,
+        expected: String,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub run: Run,
+    pub data: Data,
+    pub model: ModelShape,
+    #[serde(default)]
+    pub objective: Objective,
+    pub budget: Budget,
+    #[serde(default)]
+    pub optim: Optim,
+    #[serde(default)]
+    pub eval: Eval,
+    #[serde(default)]
+    pub checkpoint: Checkpoint,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Run {
+    pub out: PathBuf,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Data {
+    pub shards: PathBuf,
+    pub tokenizer: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelShape {
+    pub d_model: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: Option<usize>,
+    pub ffn: usize,
+    pub context: usize,
+    #[serde(default = "yes")]
+    pub tied_embeddings: bool,
+    #[serde(default = "rope_theta")]
+    pub rope_theta: f64,
+}
+
+fn yes() -> bool {
+    true
+}
+fn rope_theta() -> f64 {
+    10_000.0
+}
+
+/// What the model is trained to do. Only next-token prediction so far; distillation,
+/// classification, tagging and chat fine-tuning are added as variants.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
+pub enum Objective {
+    #[default]
+    Lm,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    pub tokens: Option<u64>,
+    pub minutes: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Optim {
+    /// Sequences per micro-batch.
+    pub batch: usize,
+    /// Micro-batches per update.
+    pub grad_accum: usize,
+    pub lr: f64,
+    pub min_lr_ratio: f64,
+    /// Updates of linear warmup.
+    pub warmup: u64,
+    pub weight_decay: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    /// Global gradient-norm limit (0: no clipping).
+    pub grad_clip: f64,
+}
+
+impl Default for Optim {
+    fn default() -> Self {
+        Self {
+            batch: 16,
+            grad_accum: 1,
+            lr: 1e-3,
+            min_lr_ratio: 0.1,
+            warmup: 100,
+            weight_decay: 0.1,
+            beta1: 0.9,
+            beta2: 0.95,
+            grad_clip: 1.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Eval {
+    /// Updates between validation passes (0: only at the end).
+    pub interval: u64,
+    /// Validation batches per pass.
+    pub batches: usize,
+}
+
+impl Default for Eval {
+    fn default() -> Self {
+        Self {
+            interval: 200,
+            batches: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Checkpoint {
+    /// Updates between checkpoints (0: only at the end and on Ctrl-C).
+    pub interval: u64,
+    /// Checkpoints kept; older ones are deleted.
+    pub keep: usize,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Self {
+            interval: 200,
+            keep: 2,
+        }
+    }
+}
+
+impl Recipe {
+    /// Reads, resolves relative paths against the recipe's folder, and validates.
+    pub fn load(path: &Path) -> Result<Self, RecipeError> {
+        let text = std::fs::read_to_string(path).map_err(|err| RecipeError::Io {
+            path: path.to_path_buf(),
+            err,
+        })?;
+        let mut r = Self::parse(&text, path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut r.run.out, &mut r.data.shards, &mut r.data.tokenizer] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<Self, RecipeError> {
+        let r: Recipe = toml::from_str(text).map_err(|e| RecipeError::Parse {
+            path: path.to_path_buf(),
+            msg: e.to_string().trim_end().to_string(),
+        })?;
+        r.validate(path)?;
+        Ok(r)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), RecipeError> {
+        let bad = |key: &'static str, value: String, expected: &str| {
+            Err(RecipeError::Value {
+                path: path.to_path_buf(),
+                key,
+                value,
+                expected: expected.into(),
+            })
+        };
+        let m = &self.model;
+        let positive = [
+            ("model.d_model", m.d_model),
+            ("model.layers", m.layers),
+            ("model.heads", m.heads),
+            ("model.ffn", m.ffn),
+            ("model.context", m.context),
+            ("optim.batch", self.optim.batch),
+            ("optim.grad_accum", self.optim.grad_accum),
+            ("eval.batches", self.eval.batches),
+            ("checkpoint.keep", self.checkpoint.keep),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return bad(key, "0".into(), "expected a positive integer");
+            }
+        }
+        if !m.d_model.is_multiple_of(m.heads) || !(m.d_model / m.heads).is_multiple_of(2) {
+            return bad(
+                "model.heads",
+                m.heads.to_string(),
+                &format!(
+                    "d_model {} must split into heads of an even size",
+                    m.d_model
+                ),
+            );
+        }
+        let kv = m.kv_heads.unwrap_or(m.heads);
+        if kv == 0 || !m.heads.is_multiple_of(kv) {
+            return bad(
+                "model.kv_heads",
+                kv.to_string(),
+                &format!("expected a divisor of heads ({})", m.heads),
+            );
+        }
+        if !(m.rope_theta > 0.0) {
+            return bad("model.rope_theta", m.rope_theta.to_string(), "expected > 0");
+        }
+        match (self.budget.tokens, self.budget.minutes) {
+            (Some(0), _) => return bad("budget.tokens", "0".into(), "expected > 0"),
+            (_, Some(x)) if !(x > 0.0) => {
+                return bad("budget.minutes", x.to_string(), "expected > 0")
+            }
+            (None, None) | (Some(_), Some(_)) => {
+                return bad(
+                    "budget",
+                    "{..}".into(),
+                    "expected exactly one of tokens or minutes",
+                )
+            }
+            _ => {}
+        }
+        let o = &self.optim;
+        if !(o.lr > 0.0 && o.lr < 1.0) {
+            return bad("optim.lr", o.lr.to_string(), "expected 0 < lr < 1");
+        }
+        for (key, v) in [("optim.beta1", o.beta1), ("optim.beta2", o.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return bad(key, v.to_string(), "expected 0 <= beta < 1");
+            }
+        }
+        for (key, v) in [
+            ("optim.min_lr_ratio", o.min_lr_ratio),
+            ("optim.weight_decay", o.weight_decay),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(key, v.to_string(), "expected a number in [0, 1]");
+            }
+        }
+        if !(o.grad_clip >= 0.0) {
+            return bad("optim.grad_clip", o.grad_clip.to_string(), "expected >= 0");
+        }
+        Ok(())
+    }
+
+    /// The model configuration this recipe describes, for a tokenizer of `vocab` tokens.
+    pub fn config(&self, vocab: usize, eos: u32) -> slm_model::Config {
+        let m = &self.model;
+        slm_model::Config {
+            arch: slm_model::Arch::Llama,
+            vocab_size: vocab,
+            hidden_size: m.d_model,
+            intermediate_size: m.ffn,
+            num_hidden_layers: m.layers,
+            num_attention_heads: m.heads,
+            num_key_value_heads: m.kv_heads.unwrap_or(m.heads),
+            head_dim: m.d_model / m.heads,
+            rms_norm_eps: 1e-5,
+            rope_theta: m.rope_theta,
+            rope_scaling: None,
+            max_position_embeddings: m.context,
+            tie_word_embeddings: m.tied_embeddings,
+            attention_bias: false,
+            bos_token_id: None,
+            eos_token_id: Some(eos),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[run]
+out = "runs/t"
+[data]
+shards = "s"
+tokenizer = "tokenizer.json"
+[model]
+d_model = 64
+layers = 2
+heads = 4
+ffn = 128
+context = 32
+[budget]
+tokens = 10000
+"#;
+
+    fn err(text: &str) -> String {
+        Recipe::parse(text, Path::new("r.toml"))
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn defaults_fill_the_optional_sections() {
+        let r = Recipe::parse(GOOD, Path::new("r.toml")).unwrap();
+        assert_eq!(r.optim, Optim::default());
+        assert_eq!(r.objective, Objective::Lm);
+        assert_eq!(r.config(100, 0).num_key_value_heads, 4);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_key() {
+        let e = err(&GOOD.replace("[budget]", "[budget]\nepochs = 3"));
+        assert!(e.contains("r.toml") && e.contains("epochs"), "{e}");
+        let e = err(&format!("{GOOD}\n[optim]\nlearning_rate = 0.1\n"));
+        assert!(e.contains("learning_rate"), "{e}");
+        let e = err(&format!("{GOOD}\n[optim]\nlr = 3.0\n"));
+        assert!(e.contains("optim.lr = 3"), "{e}");
+        let e = err(&GOOD.replace("heads = 4", "heads = 5"));
+        assert!(e.contains("model.heads = 5"), "{e}");
+        let e = err(&GOOD.replace("heads = 4", "heads = 4\nkv_heads = 3"));
+        assert!(e.contains("model.kv_heads = 3"), "{e}");
+        let e = err(&GOOD.replace("tokens = 10000", "tokens = 10000\nminutes = 2"));
+        assert!(e.contains("exactly one of tokens or minutes"), "{e}");
+        let e = err(&GOOD.replace("context = 32", "context = \"long\""));
+        assert!(e.contains("context"), "{e}");
+        let e = err(&format!("{GOOD}\n[objective]\nkind = \"telepathy\"\n"));
+        assert!(e.contains("telepathy"), "{e}");
+        let e = err(&GOOD.replace("[run]\n", "[run]\nseed = -1\n"));
+        assert!(e.contains("seed"), "{e}");
+    }
+}

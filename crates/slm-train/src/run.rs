@@ -1,0 +1,511 @@
+//! One training run: recipe in, checkpoints, metrics.jsonl and a model folder out.
+//!
+//! Everything a run's future depends on — parameters, AdamW moments, the update count, the
+//! batch sampler's RNG, the planned number of updates — is in each checkpoint, so a resumed
+//! run computes the same losses as one that was never stopped.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde::{Deserialize, Serialize};
+use slm_data::Dataset;
+use slm_model::{Config, Llama, Weights};
+
+use crate::init::{decays, init_params, Rng};
+use crate::optim::{AdamW, AdamWConfig};
+use crate::recipe::Recipe;
+use crate::schedule::Schedule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error(transparent)]
+    Recipe(#[from] crate::recipe::RecipeError),
+    #[error(transparent)]
+    Data(#[from] slm_data::DataError),
+    #[error(transparent)]
+    Model(#[from] slm_model::weights::WeightError),
+    #[error("{0}")]
+    Candle(#[from] candle_core::Error),
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+    #[error("{0}")]
+    Setup(String),
+    #[error("step {step}: the loss is {loss}; training stopped (lower optim.lr or raise optim.warmup, then resume from the last checkpoint)")]
+    Diverged { step: u64, loss: f32 },
+}
+
+pub type Result<T> = std::result::Result<T, TrainError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |err| TrainError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+/// The part of a checkpoint that is not tensors.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunState {
+    pub step: u64,
+    pub tokens: u64,
+    pub rng: u64,
+    pub total_steps: u64,
+    pub elapsed_s: f64,
+}
+
+/// What the caller hears after each update.
+#[derive(Debug, Clone)]
+pub struct StepReport {
+    pub step: u64,
+    pub total_steps: u64,
+    pub tokens: u64,
+    pub loss: f32,
+    pub lr: f64,
+    pub tokens_per_s: f64,
+    pub valid_loss: Option<f32>,
+}
+
+pub struct Outcome {
+    pub state: RunState,
+    pub train_loss: f32,
+    pub valid_loss: Option<f32>,
+    /// The model folder, written when the run finished its budget.
+    pub model_dir: Option<PathBuf>,
+    pub interrupted: bool,
+}
+
+/// Random training windows of `ctx + 1` tokens, drawn with a counter-based RNG whose whole
+/// state is one u64.
+fn sample_batch(data: &Dataset, rng: &mut Rng, batch: usize, ctx: usize) -> Vec<u32> {
+    let usable: Vec<usize> = data
+        .train
+        .iter()
+        .map(|s| s.len().saturating_sub(ctx + 1))
+        .collect();
+    let total: usize = usable.iter().sum();
+    let mut out = Vec::with_capacity(batch * (ctx + 1));
+    for _ in 0..batch {
+        let mut at = (rng.next_u64() % (total as u64 + 1)) as usize;
+        let (mut i, mut start) = (0, 0);
+        for (k, &u) in usable.iter().enumerate() {
+            if at <= u && u > 0 {
+                i = k;
+                start = at;
+                break;
+            }
+            at -= u.min(at);
+        }
+        out.extend(data.train[i].slice(start, ctx + 1));
+    }
+    out
+}
+
+/// Fixed validation windows spread evenly over the validation shards.
+fn valid_batches(data: &Dataset, n: usize, batch: usize, ctx: usize) -> Vec<Vec<u32>> {
+    let shards: Vec<&slm_data::Shard> = data.valid.iter().filter(|s| s.len() > ctx).collect();
+    let total: usize = shards.iter().map(|s| s.len() - ctx - 1).sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let windows = n * batch;
+    let mut all = Vec::with_capacity(windows);
+    for w in 0..windows {
+        let mut at = w * total / windows;
+        for s in &shards {
+            let u = s.len() - ctx - 1;
+            if at < u {
+                all.push(s.slice(at, ctx + 1));
+                break;
+            }
+            at -= u;
+        }
+    }
+    all.chunks(batch).map(|c| c.concat()).collect()
+}
+
+fn to_xy(tokens: &[u32], batch: usize, ctx: usize) -> candle_core::Result<(Tensor, Tensor)> {
+    let all = Tensor::from_slice(tokens, (batch, ctx + 1), &Device::Cpu)?;
+    Ok((all.narrow(1, 0, ctx)?, all.narrow(1, 1, ctx)?))
+}
+
+fn valid_loss(
+    model: &Llama,
+    batches: &[Vec<u32>],
+    batch: usize,
+    ctx: usize,
+) -> Result<Option<f32>> {
+    if batches.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = 0f64;
+    for b in batches {
+        let (x, y) = to_xy(b, batch, ctx)?;
+        let logits = model.forward(&x, None, false)?.detach();
+        sum += crate::lm_loss(&logits, &y)?.to_scalar::<f32>()? as f64;
+    }
+    Ok(Some((sum / batches.len() as f64) as f32))
+}
+
+fn checkpoints(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("step-"))
+                        && p.join("state.json").is_file()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(io(path))
+}
+
+/// Writes a checkpoint folder under a temporary name, syncs it, then renames it into place:
+/// a crash leaves either the whole checkpoint or none of it.
+fn save_checkpoint(
+    dir: &Path,
+    vars: &VarMap,
+    opt: &AdamW,
+    state: &RunState,
+    keep: usize,
+) -> Result<PathBuf> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let name = format!("step-{:08}", state.step);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    vars.save(tmp.join("model.safetensors"))?;
+    candle_core::safetensors::save(&opt.state(), tmp.join("optim.safetensors"))?;
+    let json = serde_json::to_vec_pretty(state).expect("state serializes");
+    std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
+    for f in ["model.safetensors", "optim.safetensors", "state.json"] {
+        sync_file(&tmp.join(f))?;
+    }
+    let done = dir.join(&name);
+    let _ = std::fs::remove_dir_all(&done);
+    std::fs::rename(&tmp, &done).map_err(io(&done))?;
+    sync_file(dir)?;
+    let all = checkpoints(dir);
+    for old in &all[..all.len().saturating_sub(keep)] {
+        let _ = std::fs::remove_dir_all(old);
+    }
+    Ok(done)
+}
+
+/// metrics.jsonl without the lines past `step` (written after the checkpoint a resume uses).
+fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s <= step)
+        })
+        .collect();
+    let body = kept.iter().map(|l| format!("{l}\n")).collect::<String>();
+    slm_data::shard::write_atomic(path, |f| f.write_all(body.as_bytes()))?;
+    Ok(())
+}
+
+pub struct RunOptions<'a> {
+    pub resume: bool,
+    /// Set (by Ctrl-C) to checkpoint and stop after the current update.
+    pub stop: &'a AtomicBool,
+    pub on_step: &'a mut dyn FnMut(&StepReport),
+}
+
+pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
+    let t0 = Instant::now();
+    let dev = Device::Cpu;
+    let tok_path = &recipe.data.tokenizer;
+    let tok_json = std::fs::read(tok_path).map_err(io(tok_path))?;
+    let tokenizer = tokenizers::Tokenizer::from_bytes(&tok_json)
+        .map_err(|e| TrainError::Setup(format!("{}: {e}", tok_path.display())))?;
+    let data = Dataset::open(&recipe.data.shards, &slm_data::tokenizer_sha256(&tok_json))?;
+    let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
+    let (batch, ctx) = (recipe.optim.batch, recipe.model.context);
+    let longest = data.train.iter().map(|s| s.len()).max().unwrap_or(0);
+    if longest < ctx + 1 {
+        return Err(TrainError::Setup(format!(
+            "{}: the longest training shard has {longest} tokens; model.context {ctx} needs at least {}",
+            recipe.data.shards.display(),
+            ctx + 1
+        )));
+    }
+    let cfg: Config = recipe.config(vocab, eos);
+    let out = &recipe.run.out;
+    let ckpt_dir = out.join("checkpoints");
+    let metrics_path = out.join("metrics.jsonl");
+    let existing = checkpoints(&ckpt_dir);
+    if !opts.resume && !existing.is_empty() {
+        return Err(TrainError::Setup(format!(
+            "{} already holds checkpoints: resume with --resume, or set run.out to a new folder",
+            out.display()
+        )));
+    }
+    std::fs::create_dir_all(out).map_err(io(out))?;
+    let recipe_text = toml::to_string(recipe).map_err(|e| TrainError::Setup(e.to_string()))?;
+    slm_data::shard::write_atomic(&out.join("recipe.toml"), |f| {
+        f.write_all(recipe_text.as_bytes())
+    })?;
+
+    let mut vars = init_params(&cfg, DType::F32, recipe.run.seed, &dev)?;
+    let model = Llama::load(
+        &cfg,
+        &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
+        &dev,
+    )?;
+    let o = &recipe.optim;
+    let mut opt = AdamW::new(
+        &vars,
+        AdamWConfig {
+            beta1: o.beta1,
+            beta2: o.beta2,
+            eps: 1e-8,
+            weight_decay: o.weight_decay,
+        },
+        decays,
+    )?;
+    let tokens_per_step = (batch * o.grad_accum * ctx) as u64;
+    let mut state = RunState {
+        step: 0,
+        tokens: 0,
+        rng: recipe.run.seed ^ 0x5eed_da7a,
+        total_steps: recipe
+            .budget
+            .tokens
+            .map(|t| t.div_ceil(tokens_per_step).max(1))
+            .unwrap_or(0),
+        elapsed_s: 0.0,
+    };
+    if opts.resume {
+        if let Some(last) = existing.last() {
+            vars.load(last.join("model.safetensors"))?;
+            let st = candle_core::safetensors::load(last.join("optim.safetensors"), &dev)?;
+            let sp = last.join("state.json");
+            let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
+            state = serde_json::from_str(&text)
+                .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
+            opt.load_state(&st, state.step)?;
+            truncate_metrics(&metrics_path, state.step)?;
+            tracing::info!("resumed from {} (update {})", last.display(), state.step);
+        }
+    }
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(io(&metrics_path))?;
+    let valid = valid_batches(&data, recipe.eval.batches, batch, ctx);
+    let mut rng = Rng(state.rng);
+    let mut last_loss = f32::NAN;
+    let mut last_valid = None;
+    let run_start = Instant::now();
+    let elapsed_before = state.elapsed_s;
+    let mut interrupted = false;
+
+    while state.total_steps == 0 || state.step < state.total_steps {
+        let step_start = Instant::now();
+        let mut acc: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
+        let mut loss_sum = 0f32;
+        for _ in 0..o.grad_accum {
+            let toks = sample_batch(&data, &mut rng, batch, ctx);
+            let (x, y) = to_xy(&toks, batch, ctx)?;
+            let loss = crate::lm_loss(&model.forward(&x, None, false)?, &y)?;
+            loss_sum += loss.to_scalar::<f32>()?;
+            let grads = (loss / o.grad_accum as f64)?.backward()?;
+            for v in vars.all_vars() {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    let id = v.as_tensor().id();
+                    let g = match acc.remove(&id) {
+                        Some(prev) => (prev + g)?,
+                        None => g.clone(),
+                    };
+                    acc.insert(id, g);
+                }
+            }
+        }
+        let loss = loss_sum / o.grad_accum as f32;
+        if !loss.is_finite() {
+            return Err(TrainError::Diverged {
+                step: state.step + 1,
+                loss,
+            });
+        }
+        let norm = opt.grad_norm(&acc)?;
+        let scale = if o.grad_clip > 0.0 && norm > o.grad_clip {
+            o.grad_clip / (norm + 1e-6)
+        } else {
+            1.0
+        };
+        // A time budget becomes a number of updates once the speed is known, and stays fixed
+        // (it is saved), so the schedule and a resumed run do not depend on the clock again.
+        if state.total_steps == 0 && state.step == 4 {
+            let per_step = run_start.elapsed().as_secs_f64() / 4.0;
+            let minutes = recipe.budget.minutes.unwrap_or(1.0);
+            state.total_steps = ((minutes * 60.0 / per_step) as u64).max(5);
+        }
+        let sched = Schedule {
+            lr: o.lr,
+            warmup: o.warmup,
+            total: state.total_steps.max(state.step + 1),
+            min_ratio: o.min_lr_ratio,
+        };
+        let lr = sched.at(state.step);
+        opt.step(&acc, lr, scale)?;
+        state.step += 1;
+        state.tokens += tokens_per_step;
+        state.rng = rng.0;
+        state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
+        last_loss = loss;
+        let tps = tokens_per_step as f64 / step_start.elapsed().as_secs_f64();
+        let finished = state.total_steps != 0 && state.step >= state.total_steps;
+        let eval_now = finished
+            || (recipe.eval.interval > 0 && state.step.is_multiple_of(recipe.eval.interval));
+        let vl = if eval_now {
+            valid_loss(&model, &valid, batch, ctx)?
+        } else {
+            None
+        };
+        if vl.is_some() {
+            last_valid = vl;
+        }
+        let mut line = serde_json::json!({
+            "step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr,
+            "grad_norm": norm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
+        });
+        if let Some(v) = vl {
+            line["valid_loss"] = v.into();
+            line["valid_ppl"] = (v as f64).exp().into();
+        }
+        writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        (opts.on_step)(&StepReport {
+            step: state.step,
+            total_steps: state.total_steps,
+            tokens: state.tokens,
+            loss,
+            lr,
+            tokens_per_s: tps,
+            valid_loss: vl,
+        });
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let ckpt_now = finished
+            || stop
+            || (recipe.checkpoint.interval > 0
+                && state.step.is_multiple_of(recipe.checkpoint.interval));
+        if ckpt_now {
+            metrics.sync_data().map_err(io(&metrics_path))?;
+            save_checkpoint(&ckpt_dir, &vars, &opt, &state, recipe.checkpoint.keep)?;
+        }
+        if stop && !finished {
+            interrupted = true;
+            break;
+        }
+    }
+    let model_dir = if interrupted {
+        None
+    } else {
+        Some(write_model_folder(
+            recipe, &cfg, &vars, &tok_json, &tokenizer, &data, &state, last_loss, last_valid, t0,
+        )?)
+    };
+    Ok(Outcome {
+        state,
+        train_loss: last_loss,
+        valid_loss: last_valid,
+        model_dir,
+        interrupted,
+    })
+}
+
+/// `run.out/model/`: a Hugging Face folder (transformers and slm load it) plus slm.json.
+#[allow(clippy::too_many_arguments)]
+fn write_model_folder(
+    recipe: &Recipe,
+    cfg: &Config,
+    vars: &VarMap,
+    tok_json: &[u8],
+    tokenizer: &tokenizers::Tokenizer,
+    data: &Dataset,
+    state: &RunState,
+    train_loss: f32,
+    valid_loss: Option<f32>,
+    t0: Instant,
+) -> Result<PathBuf> {
+    let out = &recipe.run.out;
+    let dir = out.join("model");
+    let tmp = out.join(".model.tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let eos = cfg.eos_token_id.unwrap_or(0);
+    let eos_text = tokenizer.id_to_token(eos).unwrap_or_default();
+    let mut config = cfg.to_hf_json();
+    config["torch_dtype"] = "float32".into();
+    let mut tcfg = slm_tokenizer::train::tokenizer_config_json(cfg.max_position_embeddings);
+    tcfg["eos_token"] = eos_text.clone().into();
+    tcfg["pad_token"] = eos_text.into();
+    let slm = serde_json::json!({
+        "recipe": recipe,
+        "data": {
+            "shards": recipe.data.shards,
+            "corpus_sha256": data.manifest.corpus_sha256,
+            "tokenizer_sha256": data.manifest.tokenizer_sha256,
+            "train_tokens": data.manifest.train.tokens,
+            "valid_tokens": data.manifest.valid.tokens,
+        },
+        "tokens_seen": state.tokens,
+        "updates": state.step,
+        "wall_time_s": state.elapsed_s.max(t0.elapsed().as_secs_f64()),
+        "final_train_loss": train_loss,
+        "final_valid_loss": valid_loss,
+        "final_valid_ppl": valid_loss.map(|v| (v as f64).exp()),
+        "parameters": cfg.num_params(),
+    });
+    let files: [(&str, Vec<u8>); 5] = [
+        (
+            "config.json",
+            serde_json::to_vec_pretty(&config).expect("json"),
+        ),
+        ("tokenizer.json", tok_json.to_vec()),
+        (
+            "tokenizer_config.json",
+            serde_json::to_vec_pretty(&tcfg).expect("json"),
+        ),
+        (
+            "generation_config.json",
+            serde_json::to_vec_pretty(
+                &serde_json::json!({"eos_token_id": eos, "pad_token_id": eos}),
+            )
+            .expect("json"),
+        ),
+        ("slm.json", serde_json::to_vec_pretty(&slm).expect("json")),
+    ];
+    for (name, bytes) in files {
+        let p = tmp.join(name);
+        std::fs::write(&p, bytes).map_err(io(&p))?;
+        sync_file(&p)?;
+    }
+    vars.save(tmp.join("model.safetensors"))?;
+    sync_file(&tmp.join("model.safetensors"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
+    Ok(dir)
+}
