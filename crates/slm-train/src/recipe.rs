@@ -252,12 +252,12 @@ impl Recipe {
                 &format!("expected a divisor of heads ({})", m.heads),
             );
         }
-        if !(m.rope_theta > 0.0) {
+        if m.rope_theta.is_nan() || m.rope_theta <= 0.0 {
             return bad("model.rope_theta", m.rope_theta.to_string(), "expected > 0");
         }
         match (self.budget.tokens, self.budget.minutes) {
             (Some(0), _) => return bad("budget.tokens", "0".into(), "expected > 0"),
-            (_, Some(x)) if !(x > 0.0) => {
+            (_, Some(x)) if x.is_nan() || x <= 0.0 => {
                 return bad("budget.minutes", x.to_string(), "expected > 0")
             }
             (None, None) | (Some(_), Some(_)) => {
@@ -286,7 +286,7 @@ impl Recipe {
                 return bad(key, v.to_string(), "expected a number in [0, 1]");
             }
         }
-        if !(o.grad_clip >= 0.0) {
+        if o.grad_clip.is_nan() || o.grad_clip < 0.0 {
             return bad("optim.grad_clip", o.grad_clip.to_string(), "expected >= 0");
         }
         Ok(())

@@ -211,6 +211,9 @@ fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
+    if text.is_empty() && step == 0 {
+        return Ok(());
+    }
     let kept: Vec<&str> = text
         .lines()
         .filter(|l| {
@@ -305,8 +308,20 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             state = serde_json::from_str(&text)
                 .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
             opt.load_state(&st, state.step)?;
-            truncate_metrics(&metrics_path, state.step)?;
             tracing::info!("resumed from {} (update {})", last.display(), state.step);
+        }
+    }
+    // The log holds exactly the updates the starting state has seen: lines a killed run wrote
+    // after its last checkpoint are dropped (a fresh run starts an empty log).
+    truncate_metrics(&metrics_path, state.step)?;
+    if let Ok(entries) = std::fs::read_dir(&ckpt_dir) {
+        for e in entries.flatten() {
+            let n = e.file_name();
+            if n.to_str()
+                .is_some_and(|n| n.starts_with('.') && n.ends_with(".tmp"))
+            {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
         }
     }
     let mut metrics = std::fs::OpenOptions::new()
@@ -396,7 +411,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             line["valid_loss"] = v.into();
             line["valid_ppl"] = (v as f64).exp().into();
         }
-        writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
+        // One write per line, so a kill cannot leave half a line for the next one to join.
+        metrics
+            .write_all(format!("{line}\n").as_bytes())
+            .map_err(io(&metrics_path))?;
         (opts.on_step)(&StepReport {
             step: state.step,
             total_steps: state.total_steps,

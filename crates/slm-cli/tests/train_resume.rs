@@ -1,0 +1,192 @@
+//! `slm train` killed with SIGKILL at random moments, then resumed, again and again: every
+//! checkpoint on disk stays loadable and the loss curve equals an unbroken run's.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+fn slm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slm"))
+}
+
+fn ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn setup(dir: &Path) {
+    let corpus = dir.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let words = [
+        "the", "whale", "ship", "sea", "captain", "white", "deep", "sailed", "under", "storm",
+    ];
+    let mut x = 7u64;
+    for d in 0..30 {
+        let mut text = String::new();
+        for _ in 0..400 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.push_str(words[(x >> 60) as usize % words.len()]);
+            text.push(if (x >> 20).is_multiple_of(9) {
+                '.'
+            } else {
+                ' '
+            });
+        }
+        std::fs::write(corpus.join(format!("{d:02}.txt")), text).unwrap();
+    }
+    ok(slm()
+        .args([
+            "tokenizer",
+            "train",
+            "corpus",
+            "--vocab",
+            "300",
+            "-o",
+            "tok.json",
+        ])
+        .current_dir(dir));
+    ok(slm()
+        .args([
+            "data",
+            "prepare",
+            "corpus",
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "shards",
+        ])
+        .current_dir(dir));
+}
+
+fn recipe(dir: &Path, name: &str) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"[run]
+out = "{name}"
+seed = 3
+[data]
+shards = "shards"
+tokenizer = "tok.json"
+[model]
+d_model = 32
+layers = 2
+heads = 2
+ffn = 64
+context = 16
+[budget]
+tokens = 38400
+[optim]
+batch = 4
+grad_accum = 2
+lr = 3e-3
+warmup = 10
+[eval]
+interval = 40
+batches = 2
+[checkpoint]
+interval = 7
+keep = 2
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+fn checkpoints_are_whole(run: &Path) {
+    let Ok(entries) = std::fs::read_dir(run.join("checkpoints")) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue; // an unfinished temporary folder, never read
+        }
+        let d = e.path();
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(d.join("state.json")).unwrap()).unwrap();
+        assert!(state["step"].as_u64().is_some(), "{name}");
+        for f in ["model.safetensors", "optim.safetensors"] {
+            candle_core::safetensors::load(d.join(f), &candle_core::Device::Cpu)
+                .unwrap_or_else(|e| panic!("{name}/{f}: {e}"));
+        }
+    }
+}
+
+#[test]
+fn killed_and_resumed_training_matches_an_unbroken_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+    ok(slm().arg("train").arg(recipe(d, "unbroken")).current_dir(d));
+    let want = losses(&d.join("unbroken"));
+    assert_eq!(want.len(), 300);
+    assert!(want[299].1 < want[0].1 - 0.5, "the tiny model learns");
+
+    let r = recipe(d, "killed");
+    let mut seed = 12345u64;
+    let mut kills = 0;
+    for attempt in 0..40 {
+        let mut cmd = slm();
+        cmd.arg("train").arg(&r).current_dir(d);
+        if attempt > 0 {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let wait_ms = 50 + (seed >> 33) % 550;
+        std::thread::sleep(Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap(); // SIGKILL
+            child.wait().unwrap();
+            kills += 1;
+            checkpoints_are_whole(&d.join("killed"));
+            continue;
+        }
+        assert!(child.wait().unwrap().success(), "resumed run failed");
+        break;
+    }
+    // Finish whatever the last kill left.
+    if !d.join("killed/model").exists() {
+        ok(slm().arg("train").arg(&r).arg("--resume").current_dir(d));
+    }
+    eprintln!("killed {kills} times");
+    assert!(
+        kills >= 2,
+        "the run was killed {kills} times; the test needs at least two"
+    );
+    checkpoints_are_whole(&d.join("killed"));
+    let got = losses(&d.join("killed"));
+    assert_eq!(got.len(), want.len());
+    for ((s1, a), (s2, b)) in want.iter().zip(&got) {
+        assert_eq!(s1, s2);
+        assert!(
+            (a - b).abs() <= 1e-6 * a.abs(),
+            "step {s1}: unbroken {a}, resumed {b}"
+        );
+    }
+    assert!(d.join("killed/model/model.safetensors").is_file());
+}
