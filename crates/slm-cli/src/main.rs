@@ -84,6 +84,21 @@ enum Cmd {
         #[arg(long)]
         resume: bool,
     },
+    /// The end-to-end demo: train a tokenizer and a ~5M-parameter model on public-domain text
+    /// for a fixed time, then report held-out perplexity and sample text.
+    Quickstart {
+        /// Training time budget.
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Folder for the tokenizer, shards, run and model (must not exist yet).
+        #[arg(long, default_value = "runs/quickstart")]
+        out: PathBuf,
+        /// Corpus instead of the fetched one (or the bundled fallback).
+        #[arg(long)]
+        corpus: Vec<PathBuf>,
+    },
     /// Prompt processing (pp128, pp512) and decode (tg128) speed, peak memory.
     Bench {
         model: PathBuf,
@@ -194,7 +209,11 @@ impl Cmd {
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
             | Cmd::Bench { model, .. } => Some(model),
-            Cmd::Pull { .. } | Cmd::Tokenizer { .. } | Cmd::Data { .. } | Cmd::Train { .. } => None,
+            Cmd::Pull { .. }
+            | Cmd::Tokenizer { .. }
+            | Cmd::Data { .. }
+            | Cmd::Train { .. }
+            | Cmd::Quickstart { .. } => None,
         }
     }
 }
@@ -339,8 +358,11 @@ fn data_prepare(
     Ok(())
 }
 
-fn train(recipe_path: &Path, resume: bool) -> Result<()> {
-    let recipe = slm_train::recipe::Recipe::load(recipe_path)?;
+/// Runs a recipe with a progress bar; Ctrl-C checkpoints and stops.
+fn run_training(
+    recipe: &slm_train::recipe::Recipe,
+    resume: bool,
+) -> Result<slm_train::run::Outcome> {
     let stop = interrupt_flag();
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
@@ -364,7 +386,7 @@ fn train(recipe_path: &Path, resume: bool) -> Result<()> {
         ));
     };
     let outcome = slm_train::run::train(
-        &recipe,
+        recipe,
         slm_train::run::RunOptions {
             resume,
             stop: &stop,
@@ -384,6 +406,12 @@ fn train(recipe_path: &Path, resume: bool) -> Result<()> {
             .map(|v| format!(", valid loss {v:.3} (ppl {:.2})", (v as f64).exp()))
             .unwrap_or_default()
     );
+    Ok(outcome)
+}
+
+fn train(recipe_path: &Path, resume: bool) -> Result<()> {
+    let recipe = slm_train::recipe::Recipe::load(recipe_path)?;
+    let outcome = run_training(&recipe, resume)?;
     match outcome.model_dir {
         Some(dir) => println!("{}", dir.display()),
         None => eprintln!(
@@ -391,6 +419,147 @@ fn train(recipe_path: &Path, resume: bool) -> Result<()> {
             recipe_path.display()
         ),
     }
+    Ok(())
+}
+
+/// The corpus quickstart uses: the fetched public-domain corpora, else the chapters bundled
+/// in the repository.
+fn quickstart_corpus() -> Result<Vec<PathBuf>> {
+    let assets = slm_model::assets::dir().join("corpora");
+    let fetched = [assets.join("sotu"), assets.join("moby-dick.txt")];
+    if fetched.iter().all(|p| p.exists()) {
+        return Ok(fetched.to_vec());
+    }
+    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/quickstart");
+    if bundled.is_dir() {
+        eprintln!(
+            "using the bundled corpus ({}); `bash ../shared/fetch-assets.sh corpora` gives a larger one",
+            bundled.display()
+        );
+        return Ok(vec![bundled]);
+    }
+    bail!("no corpus: run `bash ../shared/fetch-assets.sh corpora` or pass --corpus FILES")
+}
+
+fn quickstart(minutes: f64, seed: u64, out: &Path, corpus: Vec<PathBuf>) -> Result<()> {
+    if out.exists() && std::fs::read_dir(out)?.next().is_some() {
+        bail!(
+            "{} already exists: remove it or choose another --out (an interrupted run continues \
+             with `slm train {}/recipe.toml --resume`)",
+            out.display(),
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out)?;
+    let corpus = if corpus.is_empty() {
+        quickstart_corpus()?
+    } else {
+        corpus
+    };
+    let t0 = Instant::now();
+    let tok_path = out.join("tokenizer.json");
+    tokenizer_train(&corpus, 4096, 2, &tok_path)?;
+    let shards = out.join("shards");
+    data_prepare(&corpus, &tok_path, &shards, 0.05, seed, "<|endoftext|>")?;
+    let recipe_path = out.join("recipe.toml");
+    let recipe_text = format!(
+        r#"# slm quickstart: a ~5M-parameter Llama trained for a fixed time.
+[run]
+out = "run"
+seed = {seed}
+[data]
+shards = "shards"
+tokenizer = "tokenizer.json"
+[model]
+d_model = 256
+layers = 5
+heads = 4
+ffn = 688
+context = 128
+[budget]
+minutes = {minutes}
+[optim]
+batch = 16
+lr = 2e-3
+warmup = 20
+[eval]
+interval = 50
+batches = 8
+[checkpoint]
+interval = 100
+keep = 1
+"#
+    );
+    std::fs::write(&recipe_path, recipe_text)?;
+    let recipe = slm_train::recipe::Recipe::load(&recipe_path)?;
+    let outcome = run_training(&recipe, false)?;
+    let Some(model_dir) = outcome.model_dir else {
+        eprintln!(
+            "stopped; `slm train {} --resume` continues",
+            recipe_path.display()
+        );
+        return Ok(());
+    };
+
+    // Held-out perplexity over (up to) 32k validation tokens, against the unigram baseline.
+    let tok_json = std::fs::read(&tok_path)?;
+    let data = slm_data::Dataset::open(&shards, &slm_data::tokenizer_sha256(&tok_json))?;
+    let valid: Vec<u32> = data
+        .valid
+        .iter()
+        .flat_map(|s| s.slice(0, s.len()))
+        .take(32_768)
+        .collect();
+    let train_tokens = data
+        .train
+        .iter()
+        .flat_map(|s| (0..s.len()).map(move |i| s.get(i)));
+    let unigram = slm_eval::perplexity::unigram_perplexity(
+        train_tokens,
+        &valid,
+        data.manifest.vocab_size as usize,
+    );
+    let (m, tok) = load(&model_dir)?;
+    let ppl = slm_eval::perplexity::perplexity(&m.model, &valid, 128, None, false)?;
+    println!();
+    println!(
+        "held-out perplexity {:.1} +/- {:.1} (unigram baseline of the same tokenizer: {unigram:.1}), {} tokens scored",
+        ppl.ppl, ppl.stderr, ppl.scored_tokens
+    );
+    for (i, prompt) in ["Call me", "The whale", "It is the duty of"]
+        .iter()
+        .enumerate()
+    {
+        let ids = tok.encode(prompt, true)?;
+        let mut session = Session::new(&m.model);
+        let opts = GenerateOptions {
+            max_tokens: 40,
+            sampling: SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.95,
+                min_p: 0.05,
+                repeat_penalty: 1.1,
+                repeat_last_n: 64,
+                seed: seed + i as u64,
+            },
+            stop: Vec::new(),
+            truncate: true,
+            context: None,
+        };
+        let g = generate(&m.model, &tok, &mut session, &ids, &opts, |_| {
+            ControlFlow::Continue(())
+        })?;
+        println!("sample: {prompt}{}", g.text.replace('\n', " "));
+    }
+    println!(
+        "model   {} (try: slm chat {} or slm generate {} -p \"Call me\")",
+        model_dir.display(),
+        model_dir.display(),
+        model_dir.display()
+    );
+    println!("metrics {}", recipe.run.out.join("metrics.jsonl").display());
+    println!("total   {:.1} minutes", t0.elapsed().as_secs_f64() / 60.0);
     Ok(())
 }
 
@@ -427,6 +596,12 @@ fn main() -> Result<()> {
         } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
         Cmd::Train { recipe, resume } => train(&recipe, resume),
+        Cmd::Quickstart {
+            minutes,
+            seed,
+            out,
+            corpus,
+        } => quickstart(minutes, seed, &out, corpus),
         Cmd::Tokenizer {
             cmd:
                 TokenizerCmd::Train {

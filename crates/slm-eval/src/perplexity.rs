@@ -134,3 +134,40 @@ mod tests {
         assert!((se - (1.0f64 / 3.0).sqrt() * 2f64.exp()).abs() < 1e-12);
     }
 }
+
+/// Perplexity on `valid` of the unigram model of `train` (token frequencies, add-one smoothed
+/// over `vocab`): the baseline a language model has to beat by using context at all.
+pub fn unigram_perplexity(train: impl Iterator<Item = u32>, valid: &[u32], vocab: usize) -> f64 {
+    let mut counts = vec![1u64; vocab];
+    let mut total = vocab as u64;
+    for t in train {
+        if let Some(c) = counts.get_mut(t as usize) {
+            *c += 1;
+            total += 1;
+        }
+    }
+    let nll: f64 = valid
+        .iter()
+        .map(|&t| {
+            let c = counts.get(t as usize).copied().unwrap_or(1);
+            -((c as f64) / total as f64).ln()
+        })
+        .sum();
+    (nll / valid.len().max(1) as f64).exp()
+}
+
+#[cfg(test)]
+mod unigram_tests {
+    use super::unigram_perplexity;
+
+    #[test]
+    fn uniform_text_gives_the_vocabulary_size_and_skew_lowers_it() {
+        let uniform: Vec<u32> = (0..1000).map(|i| i % 10).collect();
+        let p = unigram_perplexity(uniform.iter().copied(), &uniform, 10);
+        assert!((p - 10.0).abs() < 1e-9, "{p}");
+        let skewed: Vec<u32> = (0..1000).map(|i| if i % 10 == 0 { 1 } else { 0 }).collect();
+        let p = unigram_perplexity(skewed.iter().copied(), &skewed, 10);
+        // Entropy of (0.9, 0.1) is 0.325 nats: perplexity ~1.38 (plus smoothing).
+        assert!(p > 1.3 && p < 1.5, "{p}");
+    }
+}
