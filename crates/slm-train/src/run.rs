@@ -336,6 +336,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let run_start = Instant::now();
     let elapsed_before = state.elapsed_s;
     let mut interrupted = false;
+    let mut first_four = 0f64;
 
     while state.total_steps == 0 || state.step < state.total_steps {
         let step_start = Instant::now();
@@ -371,12 +372,24 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         } else {
             1.0
         };
-        // A time budget becomes a number of updates once the speed is known, and stays fixed
-        // (it is saved), so the schedule and a resumed run do not depend on the clock again.
-        if state.total_steps == 0 && state.step == 4 {
-            let per_step = run_start.elapsed().as_secs_f64() / 4.0;
-            let minutes = recipe.budget.minutes.unwrap_or(1.0);
-            state.total_steps = ((minutes * 60.0 / per_step) as u64).max(5);
+        // A time budget becomes a number of updates once the speed is known: a first guess
+        // after 4 updates, refined after 20 (the first ones run slower while buffers warm up),
+        // both before any checkpoint. From then on it is fixed and saved, so the schedule and
+        // a resumed run no longer depend on the clock.
+        if let Some(minutes) = recipe.budget.minutes {
+            if state.step == 4 || (state.step == 20 && state.total_steps > 20) {
+                let spent = run_start.elapsed().as_secs_f64();
+                let per_step = match state.step {
+                    4 => spent / 4.0,
+                    _ => (spent - first_four) / 16.0,
+                };
+                // Evaluation and checkpoints take about 5% on top of the updates.
+                let left = (minutes * 60.0 - spent) / 1.05;
+                state.total_steps = state.step + ((left / per_step).max(1.0) as u64);
+                if state.step == 4 {
+                    first_four = spent;
+                }
+            }
         }
         let sched = Schedule {
             lr: o.lr,
