@@ -189,4 +189,9 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
         );
     }
     assert!(d.join("killed/model/model.safetensors").is_file());
+    let report = std::fs::read_to_string(d.join("unbroken/report.html")).unwrap();
+    assert!(
+        report.contains("<svg") && report.contains("valid loss"),
+        "report.html"
+    );
 }

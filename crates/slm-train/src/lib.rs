@@ -5,6 +5,7 @@
 pub mod init;
 pub mod optim;
 pub mod recipe;
+pub mod report;
 pub mod run;
 pub mod schedule;
 

@@ -201,7 +201,13 @@ fn save_checkpoint(
     sync_file(dir)?;
     let all = checkpoints(dir);
     for old in &all[..all.len().saturating_sub(keep)] {
-        let _ = std::fs::remove_dir_all(old);
+        // Renamed away first (atomic), so a kill during the deletion never leaves a
+        // half-deleted checkpoint that still looks complete; leftovers are swept at start.
+        let name = old.file_name().and_then(|n| n.to_str()).unwrap_or("old");
+        let trash = dir.join(format!(".{name}.old.tmp"));
+        if std::fs::rename(old, &trash).is_ok() {
+            let _ = std::fs::remove_dir_all(&trash);
+        }
     }
     Ok(done)
 }
@@ -416,6 +422,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         if vl.is_some() {
             last_valid = vl;
         }
+        let report_now = vl.is_some();
         let mut line = serde_json::json!({
             "step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr,
             "grad_norm": norm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
@@ -428,6 +435,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         metrics
             .write_all(format!("{line}\n").as_bytes())
             .map_err(io(&metrics_path))?;
+        if report_now {
+            metrics.sync_data().map_err(io(&metrics_path))?;
+            crate::report::write_report(out)?;
+        }
         (opts.on_step)(&StepReport {
             step: state.step,
             total_steps: state.total_steps,
