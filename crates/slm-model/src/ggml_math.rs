@@ -10,8 +10,27 @@
 //! (used to check these replicas against a local llama.cpp, see bench/compare-numerics.py).
 //! Neither is more accurate than the other: both are within a few ulp of the true values.
 
+use candle_core::{CpuStorage, DType, Layout, Tensor};
 use half::f16;
 use std::sync::OnceLock;
+
+/// Whether the ggml-exact CPU ops apply: f32 tensors on the CPU that no gradient flows
+/// through. Otherwise (training, GPU, other float types) the model uses candle's own ops.
+pub fn exact_path(xs: &[&Tensor]) -> bool {
+    xs.iter()
+        .all(|x| !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32)
+}
+
+/// The values of a contiguous f32 CPU tensor, as the ggml-exact custom ops read their inputs.
+pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        candle_core::bail!("{op} expects f32")
+    };
+    let Some((a, b)) = l.contiguous_offsets() else {
+        candle_core::bail!("{op} expects contiguous tensors")
+    };
+    Ok(&v[a..b])
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {

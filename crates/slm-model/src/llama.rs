@@ -4,6 +4,7 @@
 
 use crate::attention::{self, LayerCache};
 use crate::config::Config;
+use crate::ggml_math::{exact_path, f32_slice};
 use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
 use candle_core::{DType, Device, Tensor, D};
@@ -27,15 +28,8 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
-            candle_core::bail!("rms norm expects f32")
-        };
-        let (Some((xs, xe)), Some((ws, we))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("rms norm expects contiguous tensors")
-        };
-        let (x, w) = (&x[xs..xe], &w[ws..we]);
+        let x = f32_slice(s1, l1, "rms norm")?;
+        let w = f32_slice(s2, l2, "rms norm")?;
         let n = w.len();
         let mut y = vec![0f32; x.len()];
         for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
@@ -46,16 +40,16 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
                 *o = v * scale * g;
             }
         }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if x.track_op() || w.track_op() || !x.device().is_cpu() || x.dtype() != DType::F32 {
-        candle_nn::ops::rms_norm_slow(x, w, eps)
-    } else {
+    if exact_path(&[x, w]) {
         x.contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
+    } else {
+        candle_nn::ops::rms_norm_slow(x, w, eps)
     }
 }
 
@@ -74,32 +68,26 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(g), CpuStorage::F32(u)) = (s1, s2) else {
-            candle_core::bail!("swiglu expects f32")
-        };
-        let (Some((gs, ge)), Some((us, ue))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("swiglu expects contiguous tensors")
-        };
+        let g = f32_slice(s1, l1, "swiglu")?;
+        let u = f32_slice(s2, l2, "swiglu")?;
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
         }
-        let y = g[gs..ge]
+        let y = g
             .iter()
-            .zip(&u[us..ue])
+            .zip(u)
             .map(|(&g, &u)| crate::ggml_math::swiglu(g, u))
             .collect();
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
 fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
-    if g.track_op() || u.track_op() || !g.device().is_cpu() || g.dtype() != DType::F32 {
-        candle_nn::ops::silu(g)? * u
-    } else {
+    if exact_path(&[g, u]) {
         g.contiguous()?
             .apply_op2_no_bwd(&u.contiguous()?, &GgmlSwiglu)
+    } else {
+        candle_nn::ops::silu(g)? * u
     }
 }
 
@@ -131,18 +119,9 @@ impl candle_core::CustomOp3 for GgmlRope {
         s3: &candle_core::CpuStorage,
         l3: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage;
-        let (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) = (s1, s2, s3) else {
-            candle_core::bail!("rope expects f32")
-        };
-        let (Some((xs, xe)), Some((cs, ce)), Some((ss, se))) = (
-            l1.contiguous_offsets(),
-            l2.contiguous_offsets(),
-            l3.contiguous_offsets(),
-        ) else {
-            candle_core::bail!("rope expects contiguous tensors")
-        };
-        let (x, c, s) = (&x[xs..xe], &c[cs..ce], &s[ss..se]);
+        let x = f32_slice(s1, l1, "rope")?;
+        let c = f32_slice(s2, l2, "rope")?;
+        let s = f32_slice(s3, l3, "rope")?;
         let dims = l1.shape().dims();
         let (t, d) = (dims[dims.len() - 2], dims[dims.len() - 1]);
         if c.len() != t * d / 2 || s.len() != c.len() {
@@ -164,7 +143,7 @@ impl candle_core::CustomOp3 for GgmlRope {
                 yr[j + offset] = x0.mul_add(sin, x1 * cos);
             }
         }
-        Ok((CpuStorage::F32(y), l1.shape().clone()))
+        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
 
@@ -245,7 +224,7 @@ impl Rope {
         // Tables are f32; training may run in another float type (f64 for gradient checks).
         let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
         let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
-        if !x.track_op() && x.device().is_cpu() && x.dtype() == DType::F32 {
+        if exact_path(&[x]) {
             return x.contiguous()?.apply_op3_no_bwd(
                 &cos.contiguous()?,
                 &sin.contiguous()?,

@@ -84,58 +84,53 @@ fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
     }
 }
 
-/// Dot product of one weight row straight from its blocks: the reference for `dot_block`.
-#[cfg(test)]
+/// One weight block as 32 signed values `q`; returns its scale `d` and offset `m` (0 for the
+/// types without one).
 #[inline(always)]
-fn dot_row(t: BlockType, w: &[u8], a: &[ActBlock]) -> f32 {
-    let bb = t.block_bytes();
-    let mut acc = [0f32; 8];
-    let mut summs = 0f32;
-    for (blk, y) in w.chunks_exact(bb).zip(a) {
-        let d = f16_at(blk, 0);
-        let mut x = [0i32; QK];
-        match t {
-            BlockType::Q8_0 => {
-                for (o, &b) in x.iter_mut().zip(&blk[2..34]) {
-                    *o = b as i8 as i32;
-                }
-            }
-            BlockType::Q4_0 | BlockType::Q4_1 => {
-                let (qs, off) = if t == BlockType::Q4_0 {
-                    (&blk[2..18], 8)
-                } else {
-                    (&blk[4..20], 0)
-                };
-                for j in 0..16 {
-                    x[j] = (qs[j] & 0x0F) as i32 - off;
-                    x[j + 16] = (qs[j] >> 4) as i32 - off;
-                }
-            }
-            BlockType::Q5_0 | BlockType::Q5_1 => {
-                let (h, qs, off) = if t == BlockType::Q5_0 {
-                    (2, &blk[6..22], 16)
-                } else {
-                    (4, &blk[8..24], 0)
-                };
-                let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
-                for j in 0..16 {
-                    x[j] = ((qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i32 - off;
-                    x[j + 16] = ((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i32 - off;
-                }
+fn unpack_block(t: BlockType, blk: &[u8], q: &mut [i8]) -> (f32, f32) {
+    match t {
+        BlockType::Q8_0 => q
+            .iter_mut()
+            .zip(&blk[2..34])
+            .for_each(|(o, &x)| *o = x as i8),
+        BlockType::Q4_0 | BlockType::Q4_1 => {
+            let (qs, off) = if t == BlockType::Q4_0 {
+                (&blk[2..18], 8)
+            } else {
+                (&blk[4..20], 0)
+            };
+            for j in 0..16 {
+                q[j] = (qs[j] & 0x0F) as i8 - off;
+                q[j + 16] = (qs[j] >> 4) as i8 - off;
             }
         }
-        let mut lanes = [0i32; 8];
-        for (j, (&w, &q)) in x.iter().zip(&y.qs).enumerate() {
-            lanes[j / 4] += w * q as i32;
-        }
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a = (d * y.d).mul_add(lanes[l] as f32, *a);
-        }
-        if t.needs_sum() {
-            summs = f16_at(blk, 2).mul_add(y.s, summs);
+        BlockType::Q5_0 | BlockType::Q5_1 => {
+            let (h, qs, off) = if t == BlockType::Q5_0 {
+                (2, &blk[6..22], 16)
+            } else {
+                (4, &blk[8..24], 0)
+            };
+            let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
+            for j in 0..16 {
+                q[j] = ((qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i8 - off;
+                q[j + 16] = ((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i8 - off;
+            }
         }
     }
-    hsum8(&acc) + summs
+    let m = if t.needs_sum() { f16_at(blk, 2) } else { 0.0 };
+    (f16_at(blk, 0), m)
+}
+
+/// Dot product of one weight row with the portable scalar kernel: the reference that the
+/// SIMD kernel `dot_block` picks at run time must equal exactly.
+#[cfg(test)]
+fn dot_row(t: BlockType, w: &[u8], a: &[ActBlock]) -> f32 {
+    let nb = a.len();
+    let (mut wq, mut wd, mut wm) = (vec![0i8; nb * QK], vec![0f32; nb], vec![0f32; nb]);
+    for (b, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
+        (wd[b], wm[b]) = unpack_block(t, blk, &mut wq[b * QK..(b + 1) * QK]);
+    }
+    row_dot_scalar(&wq, &wd, &wm, a, t.needs_sum())
 }
 
 /// `hsum_float_8`: the 128-bit halves added, then pairs, then the last two lanes.
@@ -165,44 +160,11 @@ fn dot_block_generic(
     let mut wq = vec![0i8; nb * QK];
     let mut wd = vec![0f32; nb];
     let mut wm = vec![0f32; nb];
+    let row_dot = row_dot_fn();
     for (jj, wr) in w.chunks_exact(row_bytes).enumerate() {
         for (b, blk) in wr.chunks_exact(bb).enumerate() {
-            wd[b] = f16_at(blk, 0);
-            let q = &mut wq[b * QK..(b + 1) * QK];
-            match t {
-                BlockType::Q8_0 => q
-                    .iter_mut()
-                    .zip(&blk[2..34])
-                    .for_each(|(o, &x)| *o = x as i8),
-                BlockType::Q4_0 | BlockType::Q4_1 => {
-                    let (qs, off) = if t == BlockType::Q4_0 {
-                        (&blk[2..18], 8)
-                    } else {
-                        (&blk[4..20], 0)
-                    };
-                    for j in 0..16 {
-                        q[j] = (qs[j] & 0x0F) as i8 - off;
-                        q[j + 16] = (qs[j] >> 4) as i8 - off;
-                    }
-                }
-                BlockType::Q5_0 | BlockType::Q5_1 => {
-                    let (h, qs, off) = if t == BlockType::Q5_0 {
-                        (2, &blk[6..22], 16)
-                    } else {
-                        (4, &blk[8..24], 0)
-                    };
-                    let qh = u32::from_le_bytes([blk[h], blk[h + 1], blk[h + 2], blk[h + 3]]);
-                    for j in 0..16 {
-                        q[j] = ((qs[j] & 0x0F) as u32 | ((qh >> j) & 1) << 4) as i8 - off;
-                        q[j + 16] = ((qs[j] >> 4) as u32 | ((qh >> (j + 12)) & 0x10)) as i8 - off;
-                    }
-                }
-            }
-            if t.needs_sum() {
-                wm[b] = f16_at(blk, 2);
-            }
+            (wd[b], wm[b]) = unpack_block(t, blk, &mut wq[b * QK..(b + 1) * QK]);
         }
-        let row_dot = row_dot_fn();
         for i in 0..m {
             let a = &act[i * nb..(i + 1) * nb];
             vals[jj * m + i] = row_dot(&wq, &wd, &wm, a, t.needs_sum());
@@ -380,29 +342,15 @@ impl CustomOp1 for BlockMatrix {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = match s {
-            CpuStorage::F32(v) => v,
-            _ => candle_core::bail!("block matmul expects f32 activations"),
-        };
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("block matmul expects contiguous activations")
-        };
+        let x = crate::ggml_math::f32_slice(s, l, "block matmul")?;
         let dims = l.shape().dims();
         let k = *dims.last().unwrap_or(&0);
         if k != self.k {
             candle_core::bail!("block matmul: input width {k}, weights expect {}", self.k);
         }
-        let m = (end - start) / k;
+        let m = x.len() / k;
         let mut out = vec![0f32; m * self.n];
-        matmul(
-            self.t,
-            &self.bytes,
-            self.n,
-            self.k,
-            &x[start..end],
-            m,
-            &mut out,
-        );
+        matmul(self.t, &self.bytes, self.n, self.k, x, m, &mut out);
         let mut od = dims.to_vec();
         *od.last_mut().expect("rank >= 1") = self.n;
         Ok((CpuStorage::F32(out), Shape::from(od)))

@@ -9,31 +9,6 @@ use candle_core::quantized::{gguf_file, GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use common::*;
 
-fn gguf_name(hf: &str) -> String {
-    let hf = hf.strip_suffix(".weight").unwrap();
-    match hf {
-        "model.embed_tokens" => "token_embd.weight".into(),
-        "model.norm" => "output_norm.weight".into(),
-        _ => {
-            let rest = hf.strip_prefix("model.layers.").unwrap();
-            let (l, what) = rest.split_once('.').unwrap();
-            let g = match what {
-                "input_layernorm" => "attn_norm",
-                "post_attention_layernorm" => "ffn_norm",
-                "self_attn.q_proj" => "attn_q",
-                "self_attn.k_proj" => "attn_k",
-                "self_attn.v_proj" => "attn_v",
-                "self_attn.o_proj" => "attn_output",
-                "mlp.gate_proj" => "ffn_gate",
-                "mlp.up_proj" => "ffn_up",
-                "mlp.down_proj" => "ffn_down",
-                other => panic!("{other}"),
-            };
-            format!("blk.{l}.{g}.weight")
-        }
-    }
-}
-
 /// convert_hf_to_gguf.py's `permute`: pairs (i, i + d/2) of each head become adjacent rows.
 fn permute(w: &Tensor, heads: usize) -> Tensor {
     let (rows, cols) = w.dims2().unwrap();
@@ -65,7 +40,9 @@ fn write_gguf(
             (true, _, true) => QTensor::quantize(&permute(t, KV_HEADS), ty).unwrap(),
             _ => q,
         };
-        qs.push((gguf_name(name), stored));
+        // The name mapping itself is checked against llama.cpp's names in weights.rs.
+        let gguf_name = slm_model::weights::hf_to_gguf_name(name).expect("a GGUF name");
+        qs.push((gguf_name, stored));
     }
     use gguf_file::Value as V;
     let meta: Vec<(&str, V)> = vec![
