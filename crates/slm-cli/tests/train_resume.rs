@@ -195,3 +195,111 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
         "report.html"
     );
 }
+
+fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
+#[test]
+fn training_and_data_mistakes_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    setup(d);
+
+    // Shards made with one tokenizer, trained with another.
+    ok(slm()
+        .args([
+            "tokenizer",
+            "train",
+            "corpus",
+            "--vocab",
+            "310",
+            "-o",
+            "other.json",
+        ])
+        .current_dir(d));
+    let r = recipe(d, "mismatch");
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("tok.json", "other.json")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(
+        e.contains("slm data prepare") && e.contains("tokenizer"),
+        "{e}"
+    );
+
+    // A context longer than any training shard.
+    let r = recipe(d, "long");
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("context = 16", "context = 100000")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(e.contains("model.context 100000"), "{e}");
+
+    // Starting over a run that has checkpoints, instead of resuming it.
+    let r = recipe(d, "twice");
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("tokens = 38400", "tokens = 1280")).unwrap();
+    ok(slm().arg("train").arg(&r).current_dir(d));
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(e.contains("--resume"), "{e}");
+
+    // Parameters that turn the loss into NaN (a damaged checkpoint) stop the run, by step.
+    let ckpts = d.join("twice/checkpoints");
+    let last = std::fs::read_dir(&ckpts)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.join("state.json").is_file())
+        .max()
+        .unwrap();
+    let model = last.join("model.safetensors");
+    let mut params = candle_core::safetensors::load(&model, &candle_core::Device::Cpu).unwrap();
+    let norm = params.get_mut("model.norm.weight").unwrap();
+    *norm = (norm.ones_like().unwrap() * f64::NAN).unwrap();
+    candle_core::safetensors::save(&params, &model).unwrap();
+    let state = last.join("state.json");
+    let mut st: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&state).unwrap()).unwrap();
+    st["total_steps"] = 1000.into(); // more updates to go, so the resumed run does one
+    std::fs::write(&state, st.to_string()).unwrap();
+    let e = fails(slm().arg("train").arg(&r).arg("--resume").current_dir(d));
+    assert!(e.contains("the loss is NaN") && e.contains("step"), "{e}");
+
+    // Data preparation: an EOS the tokenizer lacks, an impossible validation share.
+    let e = fails(
+        slm()
+            .args([
+                "data",
+                "prepare",
+                "corpus",
+                "--tokenizer",
+                "tok.json",
+                "-o",
+                "s2",
+                "--eos",
+                "</s>",
+            ])
+            .current_dir(d),
+    );
+    assert!(e.contains("</s>") && e.contains("--eos"), "{e}");
+    let e = fails(
+        slm()
+            .args([
+                "data",
+                "prepare",
+                "corpus",
+                "--tokenizer",
+                "tok.json",
+                "-o",
+                "s2",
+            ])
+            .args(["--valid-fraction", "1.5"])
+            .current_dir(d),
+    );
+    assert!(e.contains("--valid-fraction 1.5"), "{e}");
+
+    // quickstart never overwrites a folder that holds something.
+    let e = fails(slm().args(["quickstart", "--out", "corpus"]).current_dir(d));
+    assert!(e.contains("already exists"), "{e}");
+}
