@@ -189,11 +189,17 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
         );
     }
     assert!(d.join("killed/model/model.safetensors").is_file());
+    // Samples at each evaluation (300 updates, interval 40: 7 passes plus the final one, 3 prompts
+    // each); their RNG is keyed to the update, so the resumed run wrote the same ones.
+    let samples = |run: &str| std::fs::read_to_string(d.join(run).join("samples.jsonl")).unwrap();
+    assert_eq!(samples("unbroken").lines().count(), 8 * 3);
+    assert_eq!(samples("killed"), samples("unbroken"));
     let report = std::fs::read_to_string(d.join("unbroken/report.html")).unwrap();
     assert!(
         report.contains("<svg") && report.contains("valid loss"),
         "report.html"
     );
+    assert!(report.contains("<h2>samples</h2>") && report.contains("update 300"));
 }
 
 fn fails(cmd: &mut Command) -> String {

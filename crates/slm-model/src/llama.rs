@@ -458,6 +458,10 @@ impl Llama {
         &self.device
     }
 
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     pub fn new_cache(&self) -> Cache {
         Cache::new(&self.config)
     }

@@ -7,6 +7,7 @@ pub mod optim;
 pub mod recipe;
 pub mod report;
 pub mod run;
+pub mod samples;
 pub mod schedule;
 
 use candle_core::{Tensor, D};

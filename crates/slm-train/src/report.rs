@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use plotters::prelude::*;
 
 use crate::run::{Result, TrainError};
+use crate::samples::Sample;
 
 #[derive(Default)]
 struct Series {
@@ -92,6 +93,32 @@ fn chart(title: &str, x_label: &str, lines: &[Line]) -> std::result::Result<Stri
     Ok(svg)
 }
 
+/// The samples of each evaluation, newest first: the prompt in grey, the model's text after it.
+fn samples_html(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let samples: Vec<Sample> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    if samples.is_empty() {
+        return String::new();
+    }
+    let mut html = String::from("<h2>samples</h2>");
+    let mut last_step = None;
+    for s in samples.iter().rev() {
+        if last_step != Some(s.step) {
+            html.push_str(&format!("<h3>update {} ({} tokens)</h3>", s.step, s.tokens));
+            last_step = Some(s.step);
+        }
+        html.push_str(&format!(
+            "<p class=\"sample\"><span class=\"prompt\">{}</span>{}</p>",
+            escape(&s.prompt),
+            escape(&s.text)
+        ));
+    }
+    html
+}
+
 fn escape(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
@@ -122,6 +149,7 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
     )
     .map_err(fail)?;
     let recipe = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap_or_default();
+    let samples = samples_html(&run_dir.join("samples.jsonl"));
     let last = |v: &[f64]| {
         v.last()
             .map(|x| format!("{x:.4}"))
@@ -134,11 +162,11 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
         .unwrap_or_else(|| "-".into());
     let html = format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>slm run {name}</title>
-<style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}td{{padding:0 1em 0 0}}pre{{background:#f4f4f4;padding:1em}}</style>
+<style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}td{{padding:0 1em 0 0}}pre{{background:#f4f4f4;padding:1em}}.sample{{white-space:pre-wrap;border-left:3px solid #ccc;padding-left:.6em}}.prompt{{color:#888}}</style>
 </head><body><h1>slm run {name}</h1>
 <table><tr><td>updates</td><td>{steps}</td></tr><tr><td>tokens</td><td>{tokens}</td></tr>
 <tr><td>train loss</td><td>{train}</td></tr><tr><td>valid loss</td><td>{valid}</td></tr></table>
-{loss}{lr}{tps}<h2>recipe</h2><pre>{recipe}</pre></body></html>
+{loss}{lr}{tps}{samples}<h2>recipe</h2><pre>{recipe}</pre></body></html>
 "#,
         name = escape(&run_dir.display().to_string()),
         steps = s.loss.len(),

@@ -151,6 +151,47 @@ fn valid_loss(
     Ok(Some((sum / batches.len() as f64) as f32))
 }
 
+/// The openings of three validation windows, spread over the validation set.
+fn sample_prompts(valid: &[Vec<u32>], ctx: usize) -> Vec<Vec<u32>> {
+    let windows: Vec<&[u32]> = valid.iter().flat_map(|b| b.chunks(ctx + 1)).collect();
+    let n = windows.len().min(3);
+    (0..n)
+        .map(|i| windows[i * windows.len() / n][..crate::samples::PROMPT_TOKENS.min(ctx)].to_vec())
+        .collect()
+}
+
+fn write_samples(
+    path: &Path,
+    model: &Llama,
+    tokenizer: &tokenizers::Tokenizer,
+    prompts: &[Vec<u32>],
+    eos: u32,
+    state: &RunState,
+) -> Result<()> {
+    let seed = state.step.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let new = crate::samples::continue_prompts(model, prompts, eos, seed)?;
+    let decode = |ids: &[u32]| tokenizer.decode(ids, false).unwrap_or_default();
+    let mut lines = String::new();
+    for (p, n) in prompts.iter().zip(&new) {
+        let s = crate::samples::Sample {
+            step: state.step,
+            tokens: state.tokens,
+            prompt: decode(p),
+            text: decode(n),
+        };
+        lines.push_str(&serde_json::to_string(&s).expect("sample serializes"));
+        lines.push('\n');
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(io(path))?;
+    // One write for the whole pass, so a kill cannot leave half a line.
+    f.write_all(lines.as_bytes()).map_err(io(path))?;
+    f.sync_data().map_err(io(path))
+}
+
 fn checkpoints(dir: &Path) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map(|r| {
@@ -212,8 +253,8 @@ fn save_checkpoint(
     Ok(done)
 }
 
-/// metrics.jsonl without the lines past `step` (written after the checkpoint a resume uses).
-fn truncate_metrics(path: &Path, step: u64) -> Result<()> {
+/// A JSON Lines log without the lines past `step` (written after the checkpoint a resume uses).
+fn truncate_log(path: &Path, step: u64) -> Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else {
         return Ok(());
     };
@@ -263,6 +304,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let out = &recipe.run.out;
     let ckpt_dir = out.join("checkpoints");
     let metrics_path = out.join("metrics.jsonl");
+    let samples_path = out.join("samples.jsonl");
     let existing = checkpoints(&ckpt_dir);
     if !opts.resume && !existing.is_empty() {
         return Err(TrainError::Setup(format!(
@@ -319,7 +361,8 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     }
     // The log holds exactly the updates the starting state has seen: lines a killed run wrote
     // after its last checkpoint are dropped (a fresh run starts an empty log).
-    truncate_metrics(&metrics_path, state.step)?;
+    truncate_log(&metrics_path, state.step)?;
+    truncate_log(&samples_path, state.step)?;
     if let Ok(entries) = std::fs::read_dir(&ckpt_dir) {
         for e in entries.flatten() {
             let n = e.file_name();
@@ -336,6 +379,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         .open(&metrics_path)
         .map_err(io(&metrics_path))?;
     let valid = valid_batches(&data, recipe.eval.batches, batch, ctx);
+    let prompts = sample_prompts(&valid, ctx);
     let mut rng = Rng(state.rng);
     let mut last_loss = f32::NAN;
     let mut last_valid = None;
@@ -437,6 +481,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             .map_err(io(&metrics_path))?;
         if report_now {
             metrics.sync_data().map_err(io(&metrics_path))?;
+            write_samples(&samples_path, &model, &tokenizer, &prompts, eos, &state)?;
             crate::report::write_report(out)?;
         }
         (opts.on_step)(&StepReport {

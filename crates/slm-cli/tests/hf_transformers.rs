@@ -1,0 +1,211 @@
+//! A model folder written by `slm train` loads in Hugging Face transformers, whose tokenizer
+//! gives the same ids and whose model gives the same logits as slm's.
+//!
+//! Needs a Python with torch and transformers: `$SLM_PYTHON`, else `python3`. .ci/run makes
+//! one; elsewhere the test skips with a message when they are not importable (fails under CI).
+
+use std::path::Path;
+use std::process::Command;
+
+use candle_core::{Device, Tensor};
+
+fn slm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_slm"))
+}
+
+fn ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn python() -> Option<String> {
+    let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = Command::new(&py)
+        .args(["-c", "import torch, transformers"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some(py);
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{py} cannot import torch and transformers (set SLM_PYTHON; .ci/run installs them)"
+    );
+    eprintln!("skipped: {py} cannot import torch and transformers (set SLM_PYTHON)");
+    None
+}
+
+fn train_tiny(dir: &Path, name: &str, kv_heads: usize, tied: bool) -> std::path::PathBuf {
+    let recipe = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[run]
+out = "{name}"
+seed = 5
+[data]
+shards = "shards"
+tokenizer = "tok.json"
+[model]
+d_model = 64
+layers = 2
+heads = 4
+kv_heads = {kv_heads}
+ffn = 96
+context = 32
+tied_embeddings = {tied}
+rope_theta = 500.0
+[budget]
+tokens = 20480
+[optim]
+batch = 8
+lr = 1e-2
+warmup = 5
+"#
+        ),
+    )
+    .unwrap();
+    ok(slm().arg("train").arg(&recipe).current_dir(dir));
+    dir.join(name).join("model")
+}
+
+const TEXT: &str = "The white whale swam under the deep sea. The captain sailed";
+
+#[test]
+fn transformers_loads_trained_models_and_gives_the_same_logits() {
+    let Some(py) = python() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let corpus = d.join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let words = [
+        "the", "whale", "ship", "sea", "captain", "white", "deep", "sailed", "under", "storm",
+    ];
+    let mut x = 11u64;
+    for doc in 0..12 {
+        let mut text = String::new();
+        for _ in 0..500 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            text.push_str(words[(x >> 60) as usize % words.len()]);
+            text.push(if (x >> 20).is_multiple_of(7) {
+                '.'
+            } else {
+                ' '
+            });
+        }
+        std::fs::write(corpus.join(format!("{doc:02}.txt")), text).unwrap();
+    }
+    ok(slm()
+        .args([
+            "tokenizer",
+            "train",
+            "corpus",
+            "--vocab",
+            "320",
+            "-o",
+            "tok.json",
+        ])
+        .current_dir(d));
+    ok(slm()
+        .args([
+            "data",
+            "prepare",
+            "corpus",
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "shards",
+        ])
+        .current_dir(d));
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hf_logits.py");
+
+    // Grouped-query attention with tied embeddings, and plain multi-head with a separate head.
+    for (name, kv_heads, tied) in [("gqa_tied", 1, true), ("mha_untied", 4, false)] {
+        let model_dir = train_tiny(d, name, kv_heads, tied);
+        let out = ok(Command::new(&py)
+            .arg(&script)
+            .arg(&model_dir)
+            .arg(TEXT)
+            .env("HF_HUB_OFFLINE", "1"));
+        let hf: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(hf["class"], "LlamaForCausalLM", "{name}");
+
+        let tok = slm_tokenizer::Tokenizer::from_folder(&model_dir).unwrap();
+        let ids = tok.encode(TEXT, true).unwrap();
+        let hf_ids: Vec<u32> = hf["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(ids, hf_ids, "{name}: token ids");
+        assert!(ids.len() >= 8, "{name}: too few tokens to compare");
+        let hf_logits: Vec<Vec<f32>> = hf["logits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|row| {
+                row.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+
+        let loaded = slm_model::load(&model_dir, &Device::Cpu).unwrap();
+        let model = &loaded.model;
+        // The whole sequence at once (training's and evaluation's path) ...
+        let x = Tensor::new(ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let all: Vec<Vec<f32>> = model
+            .forward(&x, None, false)
+            .unwrap()
+            .squeeze(0)
+            .unwrap()
+            .to_vec2()
+            .unwrap();
+        // ... and token by token through the KV cache (generation's path).
+        let mut cache = model.new_cache();
+        let stepwise: Vec<Vec<f32>> = ids
+            .iter()
+            .map(|&t| model.next_logits(&[t], &mut cache).unwrap())
+            .collect();
+
+        let spread = hf_logits.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(
+            spread > 1.0,
+            "{name}: logits too flat ({spread}) to compare"
+        );
+        for (what, ours) in [("forward", &all), ("cached", &stepwise)] {
+            let mut worst = 0f32;
+            for (a, b) in ours.iter().zip(&hf_logits) {
+                assert_eq!(a.len(), b.len(), "{name} {what}: vocab size");
+                for (x, y) in a.iter().zip(b) {
+                    worst = worst.max((x - y).abs());
+                }
+            }
+            eprintln!("{name} {what}: max |logit difference| {worst:e} (logits up to {spread})");
+            // The whole-sequence path is f32 on both sides; only summation order differs.
+            // Generation keeps K and V in an f16 cache and accumulates attention in f16, as
+            // llama.cpp does, so there the bound is one f16 rounding (2^-11) of the largest logit.
+            let bound = match what {
+                "forward" => 1e-4,
+                _ => spread * 2f32.powi(-11),
+            };
+            assert!(
+                worst < bound,
+                "{name} {what}: logits differ by {worst} (bound {bound})"
+            );
+        }
+    }
+}
