@@ -4,6 +4,7 @@
 pub mod assets;
 pub mod attention;
 pub mod config;
+pub mod fused;
 pub mod ggml_math;
 pub mod gguf;
 pub mod llama;

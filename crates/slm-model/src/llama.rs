@@ -7,7 +7,7 @@ use crate::config::Config;
 use crate::ggml_math::{exact_path, f32_slice};
 use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Device, Tensor};
 
 /// RMSNorm as ggml computes it: squares summed in f64, `scale = 1/sqrtf(mean + eps)`, then
 /// `(x * scale) * w` in f32. The next matmul quantizes its input to 8 bits, so a one-ulp
@@ -48,6 +48,8 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
     if exact_path(&[x, w]) {
         x.contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
+    } else if x.track_op() || w.track_op() {
+        crate::fused::rms_norm(x, w, eps)
     } else {
         candle_nn::ops::rms_norm_slow(x, w, eps)
     }
@@ -93,7 +95,7 @@ fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
 
 fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
     if x.track_op() {
-        candle_nn::ops::softmax(x, D::Minus1)
+        crate::fused::softmax_last_dim(x)
     } else {
         candle_nn::ops::softmax_last_dim(x)
     }
@@ -234,10 +236,9 @@ impl Rope {
             );
         }
         match (self.interleaved, x.track_op()) {
+            (interleaved, true) => crate::fused::rope(x, &cos, &sin, interleaved),
             (true, false) => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
-            (true, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin),
             (false, false) => candle_nn::rotary_emb::rope(x, &cos, &sin),
-            (false, true) => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
         }
     }
 }

@@ -75,7 +75,15 @@ pub enum Linear {
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let (y, b) = match self {
-            Linear::Dense { w, b } => (x.broadcast_matmul(&w.t()?)?, b),
+            // One 2-D matmul over all positions: with a broadcast batched matmul, training's
+            // backward would build one weight gradient per batch row and then sum them.
+            Linear::Dense { w, b } => {
+                let (n, k) = w.dims2()?;
+                let mut shape = x.dims().to_vec();
+                let last = shape.len() - 1;
+                shape[last] = n;
+                (x.reshape(((), k))?.matmul(&w.t()?)?.reshape(shape)?, b)
+            }
             Linear::Quantized { w, b } => (w.forward(x)?, b),
             Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
         };
