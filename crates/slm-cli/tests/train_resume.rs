@@ -200,6 +200,46 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
         "report.html"
     );
     assert!(report.contains("<h2>samples</h2>") && report.contains("update 300"));
+
+    // The model folder runs in slm's own generate and chat (its chat template is ChatML).
+    let model = d.join("unbroken/model");
+    let out = slm()
+        .arg("generate")
+        .arg(&model)
+        .args(["-p", "the whale", "-n", "12", "--seed", "1"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.starts_with("the whale") && text.len() > "the whale".len() + 8,
+        "{text:?}"
+    );
+    let mut chat = slm()
+        .arg("chat")
+        .arg(&model)
+        .args(["-n", "8"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write as _;
+    chat.stdin
+        .take()
+        .unwrap()
+        .write_all(b"the captain sailed\n/exit\n")
+        .unwrap();
+    let out = chat.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn fails(cmd: &mut Command) -> String {
