@@ -93,14 +93,6 @@ fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
-fn softmax_last_dim(x: &Tensor) -> candle_core::Result<Tensor> {
-    if x.track_op() {
-        crate::fused::softmax_last_dim(x)
-    } else {
-        candle_nn::ops::softmax_last_dim(x)
-    }
-}
-
 /// Rotation of (batch, heads, seq, head_dim) by per-position cos/sin tables, rounded as
 /// ggml's `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one fused
 /// multiply-add). Pairs are adjacent (GGUF llama) or half a head apart (NeoX / HF layout).
@@ -301,15 +293,13 @@ impl Attention {
         let rep = nh / nkv;
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let mut att = (q.matmul(&k.t()?)? * scale)?;
-        if t > 1 {
-            let mask = causal_mask(t, t, x.device())?.to_dtype(att.dtype())?;
-            att = att
-                .reshape((b, nkv, rep, t, t))?
-                .broadcast_add(&mask)?
-                .reshape((b, nkv, rep * t, t))?;
-        }
-        let att = softmax_last_dim(&att)?;
+        let att = q.matmul(&k.t()?)?;
+        // Training: scale, causal mask and softmax as one op with its own backward.
+        let att = if att.track_op() {
+            crate::fused::causal_softmax(&att, scale)?
+        } else {
+            masked_softmax(att, scale, b, nkv, rep, t)?
+        };
         let y = att.matmul(&v)?;
         let y = y
             .reshape((b, nh, t, hd))?
@@ -317,6 +307,26 @@ impl Attention {
             .reshape((b, t, nh * hd))?;
         self.o.forward(&y)
     }
+}
+
+/// softmax(scale * att + causal mask) for scores laid out (b, nkv, rep * t, t).
+fn masked_softmax(
+    att: Tensor,
+    scale: f64,
+    b: usize,
+    nkv: usize,
+    rep: usize,
+    t: usize,
+) -> candle_core::Result<Tensor> {
+    let mut att = (att * scale)?;
+    if t > 1 {
+        let mask = causal_mask(t, t, att.device())?.to_dtype(att.dtype())?;
+        att = att
+            .reshape((b, nkv, rep, t, t))?
+            .broadcast_add(&mask)?
+            .reshape((b, nkv, rep * t, t))?;
+    }
+    candle_nn::ops::softmax_last_dim(&att)
 }
 
 /// (t, len) additive mask for t new queries at the end of a sequence of len keys.

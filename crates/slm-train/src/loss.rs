@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 use rayon::prelude::*;
+use slm_model::fused::ExpInPlace;
 
 /// Mean next-token cross-entropy of logits (b, t, vocab) against targets (b, t).
 pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
@@ -41,17 +42,23 @@ fn rows<'a, T: WithDType>(
     Ok((n, v, &x[start..end]))
 }
 
-fn log_sum_exp<T: WithDType + Float>(row: &[T]) -> f64 {
+fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
     let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-    let sum: f64 = row
-        .iter()
-        .map(|&x| WithDType::to_f64((x - max).exp()))
-        .sum();
+    scratch.clear();
+    scratch.extend(row.iter().map(|&x| x - max));
+    T::exp_in_place(scratch);
+    let sum: f64 = scratch.iter().map(|&e| WithDType::to_f64(e)).sum();
     WithDType::to_f64(max) + sum.ln()
 }
 
+fn all_log_sum_exp<T: WithDType + ExpInPlace>(x: &[T], v: usize) -> Vec<f64> {
+    x.par_chunks(v)
+        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
+        .collect()
+}
+
 impl CrossEntropy {
-    fn fwd<T: WithDType + Float>(&self, x: &[T], layout: &Layout) -> candle_core::Result<T> {
+    fn fwd<T: WithDType + ExpInPlace>(&self, x: &[T], layout: &Layout) -> candle_core::Result<T> {
         let (n, v, x) = rows(x, layout)?;
         if self.targets.len() != n {
             candle_core::bail!("cross-entropy: {} targets for {n} rows", self.targets.len());
@@ -59,7 +66,7 @@ impl CrossEntropy {
         if let Some(&bad) = self.targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("cross-entropy: target id {bad} is outside the vocabulary of {v}");
         }
-        let lse: Vec<f64> = x.par_chunks(v).map(log_sum_exp).collect();
+        let lse = all_log_sum_exp(x, v);
         let total: f64 = lse
             .iter()
             .zip(&self.targets)
@@ -70,7 +77,7 @@ impl CrossEntropy {
         Ok(<T as WithDType>::from_f64(total / n as f64))
     }
 
-    fn bwd_rows<T: WithDType + Float>(
+    fn bwd_rows<T: WithDType + ExpInPlace>(
         &self,
         x: &[T],
         layout: &Layout,
@@ -79,7 +86,7 @@ impl CrossEntropy {
         let (n, v, x) = rows(x, layout)?;
         let mut lse = self.lse.lock().expect("lse lock").clone();
         if lse.len() != n {
-            lse = x.par_chunks(v).map(log_sum_exp).collect();
+            lse = all_log_sum_exp(x, v);
         }
         let scale = grad / n as f64;
         let mut out = vec![T::zero(); n * v];
@@ -90,8 +97,10 @@ impl CrossEntropy {
                 let l = <T as WithDType>::from_f64(lse[i]);
                 let s = <T as WithDType>::from_f64(scale);
                 for (o, &x) in o.iter_mut().zip(row) {
-                    *o = (x - l).exp() * s;
+                    *o = x - l;
                 }
+                T::exp_in_place(o);
+                o.iter_mut().for_each(|o| *o *= s);
                 let t = self.targets[i] as usize;
                 o[t] -= s;
             });
