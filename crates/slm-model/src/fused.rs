@@ -144,7 +144,7 @@ impl CustomOp1 for CausalSoftmax {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let t = l.dims().last().copied().unwrap_or(1).max(1);
-        if l.dims().len() < 2 || l.dims()[l.dims().len() - 2] % t != 0 {
+        if l.dims().len() < 2 || !l.dims()[l.dims().len() - 2].is_multiple_of(t) {
             candle_core::bail!(
                 "{}: rows must be a multiple of the keys, got {:?}",
                 self.name(),
