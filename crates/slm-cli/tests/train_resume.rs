@@ -242,6 +242,13 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
     );
 }
 
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
 fn fails(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap();
     assert!(!out.status.success(), "{cmd:?} succeeded");
@@ -289,6 +296,64 @@ fn training_and_data_mistakes_are_clear_errors() {
     ok(slm().arg("train").arg(&r).current_dir(d));
     let e = fails(slm().arg("train").arg(&r).current_dir(d));
     assert!(e.contains("--resume"), "{e}");
+
+    // Continuing from a parent model folder starts from its weights: one update at a tiny
+    // learning rate leaves them (almost) as they were.
+    let rc = recipe(d, "continued");
+    let text = std::fs::read_to_string(&rc).unwrap();
+    let start = text.find("[model]").unwrap();
+    let end = text.find("[budget]").unwrap();
+    let text = format!(
+        "{}[model]\nparent = \"twice/model\"\ncontext = 16\n{}",
+        &text[..start],
+        &text[end..]
+    )
+    .replace("tokens = 38400", "tokens = 128")
+    .replace("lr = 3e-3", "lr = 1e-9");
+    std::fs::write(&rc, &text).unwrap();
+    ok(slm().arg("train").arg(&rc).current_dir(d));
+    let load =
+        |p: &str| candle_core::safetensors::load(d.join(p), &candle_core::Device::Cpu).unwrap();
+    let (parent, child) = (
+        load("twice/model/model.safetensors"),
+        load("continued/model/model.safetensors"),
+    );
+    assert_eq!(parent.len(), child.len());
+    for (name, a) in &parent {
+        let diff = (a - &child[name])
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-6, "{name}");
+    }
+    let lineage: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("continued/model/slm.json")).unwrap())
+            .unwrap();
+    assert!(lineage["parent"].as_str().unwrap().ends_with("twice/model"));
+    // A parent whose tokenizer is not the one the shards were made with.
+    copy_dir(&d.join("twice/model"), &d.join("alien"));
+    std::fs::copy(d.join("other.json"), d.join("alien/tokenizer.json")).unwrap();
+    std::fs::write(
+        &rc,
+        text.replace("twice/model", "alien")
+            .replace("out = \"continued\"", "out = \"alien-run\""),
+    )
+    .unwrap();
+    let e = fails(slm().arg("train").arg(&rc).current_dir(d));
+    assert!(e.contains("parent's tokenizer differs"), "{e}");
+    // Shape keys next to a parent.
+    std::fs::write(
+        &rc,
+        text.replace("context = 16", "context = 16\nlayers = 3"),
+    )
+    .unwrap();
+    let e = fails(slm().arg("train").arg(&rc).current_dir(d));
+    assert!(
+        e.contains("model.layers") && e.contains("model.parent"),
+        "{e}"
+    );
 
     // Parameters that turn the loss into NaN (a damaged checkpoint) stop the run, by step.
     let ckpts = d.join("twice/checkpoints");

@@ -8,7 +8,7 @@
 //! [data]
 //! shards = "shards"          # from `slm data prepare`
 //! tokenizer = "tokenizer.json"
-//! [model]                    # a new model of this shape
+//! [model]                    # a new model of this shape, or parent = "runs/base/model"
 //! d_model = 256
 //! layers = 4
 //! heads = 4
@@ -74,26 +74,21 @@ pub struct Data {
     pub tokenizer: PathBuf,
 }
 
+/// Either a new model's shape, or `parent`: a model folder (Hugging Face layout, as `slm train`
+/// writes) whose shape and weights the run continues from. With a parent only `context` may
+/// be given (at most the parent's).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ModelShape {
-    pub d_model: usize,
-    pub layers: usize,
-    pub heads: usize,
+    pub parent: Option<PathBuf>,
+    pub d_model: Option<usize>,
+    pub layers: Option<usize>,
+    pub heads: Option<usize>,
     pub kv_heads: Option<usize>,
-    pub ffn: usize,
-    pub context: usize,
-    #[serde(default = "yes")]
-    pub tied_embeddings: bool,
-    #[serde(default = "rope_theta")]
-    pub rope_theta: f64,
-}
-
-fn yes() -> bool {
-    true
-}
-fn rope_theta() -> f64 {
-    10_000.0
+    pub ffn: Option<usize>,
+    pub context: Option<usize>,
+    pub tied_embeddings: Option<bool>,
+    pub rope_theta: Option<f64>,
 }
 
 /// What the model is trained to do. Only next-token prediction so far; distillation,
@@ -191,7 +186,11 @@ impl Recipe {
         })?;
         let mut r = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut r.run.out, &mut r.data.shards, &mut r.data.tokenizer] {
+        let parent = r.model.parent.as_mut();
+        for p in [&mut r.run.out, &mut r.data.shards, &mut r.data.tokenizer]
+            .into_iter()
+            .chain(parent)
+        {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -218,12 +217,46 @@ impl Recipe {
             })
         };
         let m = &self.model;
+        if m.parent.is_some() {
+            let shape_keys = [
+                ("model.d_model", m.d_model.is_some()),
+                ("model.layers", m.layers.is_some()),
+                ("model.heads", m.heads.is_some()),
+                ("model.kv_heads", m.kv_heads.is_some()),
+                ("model.ffn", m.ffn.is_some()),
+                ("model.tied_embeddings", m.tied_embeddings.is_some()),
+                ("model.rope_theta", m.rope_theta.is_some()),
+            ];
+            if let Some((key, _)) = shape_keys.iter().find(|(_, set)| *set) {
+                return bad(
+                    key,
+                    "(set)".into(),
+                    "the shape comes from model.parent; give one or the other",
+                );
+            }
+        } else {
+            for (key, v) in [
+                ("model.d_model", m.d_model),
+                ("model.layers", m.layers),
+                ("model.heads", m.heads),
+                ("model.ffn", m.ffn),
+                ("model.context", m.context),
+            ] {
+                if v.is_none() {
+                    return bad(
+                        key,
+                        "(missing)".into(),
+                        "a new model needs its shape (or model.parent)",
+                    );
+                }
+            }
+        }
         let positive = [
-            ("model.d_model", m.d_model),
-            ("model.layers", m.layers),
-            ("model.heads", m.heads),
-            ("model.ffn", m.ffn),
-            ("model.context", m.context),
+            ("model.d_model", m.d_model.unwrap_or(1)),
+            ("model.layers", m.layers.unwrap_or(1)),
+            ("model.heads", m.heads.unwrap_or(1)),
+            ("model.ffn", m.ffn.unwrap_or(1)),
+            ("model.context", m.context.unwrap_or(1)),
             ("optim.batch", self.optim.batch),
             ("optim.grad_accum", self.optim.grad_accum),
             ("eval.batches", self.eval.batches),
@@ -234,26 +267,26 @@ impl Recipe {
                 return bad(key, "0".into(), "expected a positive integer");
             }
         }
-        if !m.d_model.is_multiple_of(m.heads) || !(m.d_model / m.heads).is_multiple_of(2) {
+        let (d_model, heads) = (m.d_model.unwrap_or(2), m.heads.unwrap_or(1));
+        if !d_model.is_multiple_of(heads) || !(d_model / heads).is_multiple_of(2) {
             return bad(
                 "model.heads",
-                m.heads.to_string(),
-                &format!(
-                    "d_model {} must split into heads of an even size",
-                    m.d_model
-                ),
+                heads.to_string(),
+                &format!("d_model {d_model} must split into heads of an even size"),
             );
         }
-        let kv = m.kv_heads.unwrap_or(m.heads);
-        if kv == 0 || !m.heads.is_multiple_of(kv) {
+        let kv = m.kv_heads.unwrap_or(heads);
+        if kv == 0 || !heads.is_multiple_of(kv) {
             return bad(
                 "model.kv_heads",
                 kv.to_string(),
-                &format!("expected a divisor of heads ({})", m.heads),
+                &format!("expected a divisor of heads ({heads})"),
             );
         }
-        if m.rope_theta.is_nan() || m.rope_theta <= 0.0 {
-            return bad("model.rope_theta", m.rope_theta.to_string(), "expected > 0");
+        if let Some(theta) = m.rope_theta {
+            if theta.is_nan() || theta <= 0.0 {
+                return bad("model.rope_theta", theta.to_string(), "expected > 0");
+            }
         }
         match (self.budget.tokens, self.budget.minutes) {
             (Some(0), _) => return bad("budget.tokens", "0".into(), "expected > 0"),
@@ -292,27 +325,66 @@ impl Recipe {
         Ok(())
     }
 
-    /// The model configuration this recipe describes, for a tokenizer of `vocab` tokens.
-    pub fn config(&self, vocab: usize, eos: u32) -> slm_model::Config {
+    /// The model configuration this recipe describes, for a tokenizer of `vocab` tokens: the
+    /// new shape, or the parent's configuration (read from its config.json).
+    pub fn config(&self, vocab: usize, eos: u32) -> Result<slm_model::Config, RecipeError> {
         let m = &self.model;
-        slm_model::Config {
+        if let Some(parent) = &m.parent {
+            let path = parent.join("config.json");
+            let text = std::fs::read_to_string(&path).map_err(|err| RecipeError::Io {
+                path: path.clone(),
+                err,
+            })?;
+            let mut cfg = slm_model::Config::from_hf_json(&text, &path.display().to_string())
+                .map_err(|e| RecipeError::Parse {
+                    path: path.clone(),
+                    msg: e.to_string(),
+                })?;
+            let bad = |key: &'static str, value: String, expected: String| RecipeError::Value {
+                path: path.clone(),
+                key,
+                value,
+                expected,
+            };
+            if cfg.vocab_size != vocab {
+                return Err(bad(
+                    "vocab_size",
+                    cfg.vocab_size.to_string(),
+                    format!("the shards' tokenizer has {vocab} tokens; train the parent's tokenizer's shards"),
+                ));
+            }
+            if let Some(ctx) = m.context {
+                if ctx > cfg.max_position_embeddings {
+                    return Err(bad(
+                        "max_position_embeddings",
+                        cfg.max_position_embeddings.to_string(),
+                        format!("the recipe's model.context {ctx} is longer"),
+                    ));
+                }
+                cfg.max_position_embeddings = ctx;
+            }
+            cfg.eos_token_id = cfg.eos_token_id.or(Some(eos));
+            return Ok(cfg);
+        }
+        let (d, heads) = (m.d_model.unwrap_or(0), m.heads.unwrap_or(1));
+        Ok(slm_model::Config {
             arch: slm_model::Arch::Llama,
             vocab_size: vocab,
-            hidden_size: m.d_model,
-            intermediate_size: m.ffn,
-            num_hidden_layers: m.layers,
-            num_attention_heads: m.heads,
-            num_key_value_heads: m.kv_heads.unwrap_or(m.heads),
-            head_dim: m.d_model / m.heads,
+            hidden_size: d,
+            intermediate_size: m.ffn.unwrap_or(0),
+            num_hidden_layers: m.layers.unwrap_or(0),
+            num_attention_heads: heads,
+            num_key_value_heads: m.kv_heads.unwrap_or(heads),
+            head_dim: d / heads,
             rms_norm_eps: 1e-5,
-            rope_theta: m.rope_theta,
+            rope_theta: m.rope_theta.unwrap_or(10_000.0),
             rope_scaling: None,
-            max_position_embeddings: m.context,
-            tie_word_embeddings: m.tied_embeddings,
+            max_position_embeddings: m.context.unwrap_or(0),
+            tie_word_embeddings: m.tied_embeddings.unwrap_or(true),
             attention_bias: false,
             bos_token_id: None,
             eos_token_id: Some(eos),
-        }
+        })
     }
 }
 
@@ -347,7 +419,7 @@ tokens = 10000
         let r = Recipe::parse(GOOD, Path::new("r.toml")).unwrap();
         assert_eq!(r.optim, Optim::default());
         assert_eq!(r.objective, Objective::Lm);
-        assert_eq!(r.config(100, 0).num_key_value_heads, 4);
+        assert_eq!(r.config(100, 0).unwrap().num_key_value_heads, 4);
     }
 
     #[test]
@@ -370,5 +442,12 @@ tokens = 10000
         assert!(e.contains("telepathy"), "{e}");
         let e = err(&GOOD.replace("[run]\n", "[run]\nseed = -1\n"));
         assert!(e.contains("seed"), "{e}");
+        let e = err(&GOOD.replace("ffn = 128\n", ""));
+        assert!(e.contains("model.ffn = (missing)"), "{e}");
+        let e = err(&GOOD.replace("[model]\n", "[model]\nparent = \"runs/base/model\"\n"));
+        assert!(
+            e.contains("model.d_model") && e.contains("model.parent"),
+            "{e}"
+        );
     }
 }

@@ -291,7 +291,8 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         .map_err(|e| TrainError::Setup(format!("{}: {e}", tok_path.display())))?;
     let data = Dataset::open(&recipe.data.shards, &slm_data::tokenizer_sha256(&tok_json))?;
     let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
-    let (batch, ctx) = (recipe.optim.batch, recipe.model.context);
+    let cfg: Config = recipe.config(vocab, eos)?;
+    let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
     let longest = data.train.iter().map(|s| s.len()).max().unwrap_or(0);
     if longest < ctx + 1 {
         return Err(TrainError::Setup(format!(
@@ -300,7 +301,6 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             ctx + 1
         )));
     }
-    let cfg: Config = recipe.config(vocab, eos);
     let out = &recipe.run.out;
     let ckpt_dir = out.join("checkpoints");
     let metrics_path = out.join("metrics.jsonl");
@@ -319,6 +319,9 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     })?;
 
     let mut vars = init_params(&cfg, DType::F32, recipe.run.seed, &dev)?;
+    if let Some(parent) = &recipe.model.parent {
+        load_parent(parent, &vars, &tok_json)?;
+    }
     let model = Llama::load(
         &cfg,
         &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
@@ -523,6 +526,42 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     })
 }
 
+/// Sets the fresh variables to a parent model's weights (any float type in its safetensors),
+/// after checking that the run's tokenizer is the parent's own.
+fn load_parent(parent: &Path, vars: &VarMap, tok_json: &[u8]) -> Result<()> {
+    let tok = parent.join("tokenizer.json");
+    if let Ok(theirs) = std::fs::read(&tok) {
+        if slm_data::tokenizer_sha256(&theirs) != slm_data::tokenizer_sha256(tok_json) {
+            return Err(TrainError::Setup(format!(
+                "{}: the parent's tokenizer differs from data.tokenizer; prepare the shards with the parent's tokenizer.json",
+                tok.display()
+            )));
+        }
+    }
+    let files =
+        slm_model::safetensors_files(parent).map_err(|e| TrainError::Setup(e.to_string()))?;
+    let mut tensors = HashMap::new();
+    for f in &files {
+        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
+    }
+    let data = vars.data().lock().expect("var map lock");
+    for (name, var) in data.iter() {
+        let t = tensors
+            .get(name)
+            .ok_or_else(|| TrainError::Setup(format!("{}: no tensor {name}", parent.display())))?;
+        if t.shape() != var.shape() {
+            return Err(TrainError::Setup(format!(
+                "{}: {name} has shape {:?}, its config.json implies {:?}",
+                parent.display(),
+                t.dims(),
+                var.dims()
+            )));
+        }
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(())
+}
+
 /// `run.out/model/`: a Hugging Face folder (transformers and slm load it) plus slm.json.
 #[allow(clippy::too_many_arguments)]
 fn write_model_folder(
@@ -558,6 +597,7 @@ fn write_model_folder(
             "train_tokens": data.manifest.train.tokens,
             "valid_tokens": data.manifest.valid.tokens,
         },
+        "parent": recipe.model.parent,
         "tokens_seen": state.tokens,
         "updates": state.step,
         "wall_time_s": state.elapsed_s.max(t0.elapsed().as_secs_f64()),
