@@ -509,15 +509,25 @@ keep = 1
         return Ok(());
     };
 
-    // Held-out perplexity over (up to) 32k validation tokens, against the unigram baseline.
+    // Held-out perplexity over 32k validation tokens, against the unigram baseline: 32 pieces
+    // of 1024 tokens spread evenly over the whole validation set, so every kind of held-out
+    // text counts, not just the first document's.
     let tok_json = std::fs::read(&tok_path)?;
     let data = slm_data::Dataset::open(&shards, &slm_data::tokenizer_sha256(&tok_json))?;
-    let valid: Vec<u32> = data
+    let all_valid: Vec<u32> = data
         .valid
         .iter()
         .flat_map(|s| s.slice(0, s.len()))
-        .take(32_768)
         .collect();
+    let (pieces, piece) = (32, 1024);
+    let valid: Vec<u32> = if all_valid.len() <= pieces * piece {
+        all_valid
+    } else {
+        let stride = all_valid.len() / pieces;
+        (0..pieces)
+            .flat_map(|i| all_valid[i * stride..i * stride + piece].iter().copied())
+            .collect()
+    };
     let train_tokens = data
         .train
         .iter()

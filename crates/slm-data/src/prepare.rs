@@ -55,42 +55,58 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Which documents are held out. With one document, its tail (from a paragraph boundary) is.
+/// A document longer than this share of the corpus is split rather than held out whole.
+const LARGE_DOCUMENT: f64 = 0.125;
+
+/// Its head for training and its tail for validation, cut at a paragraph break before the
+/// `valid_fraction` mark (else at the mark).
+fn split_tail(doc: &Document, valid_fraction: f64) -> (Document, Document) {
+    let text = &doc.text;
+    let target = ((text.len() as f64) * (1.0 - valid_fraction)) as usize;
+    let cut = text[..target.min(text.len())]
+        .rfind("\n\n")
+        .map(|i| i + 2)
+        .filter(|&i| i > 0 && i < text.len())
+        .unwrap_or_else(|| {
+            (target..text.len())
+                .find(|&i| text.is_char_boundary(i))
+                .unwrap_or(text.len())
+        });
+    let (a, b) = text.split_at(cut);
+    let part = |t: &str, what: &str| Document {
+        source: format!("{} ({what})", doc.source),
+        text: t.to_string(),
+    };
+    (part(a, "head"), part(b, "tail"))
+}
+
+/// Which documents are held out: a seeded hash picks whole documents, except that a document
+/// longer than an eighth of the corpus (a lone document, or one book among short speeches)
+/// gives its tail to validation and its head to training, so that one long text can neither
+/// be missing from training nor make up most of the validation set.
 fn split_documents(docs: &[Document], opts: &PrepareOptions) -> (Vec<Document>, Vec<Document>) {
-    if docs.len() == 1 {
-        let text = &docs[0].text;
-        let target = ((text.len() as f64) * (1.0 - opts.valid_fraction)) as usize;
-        let cut = text[..target.min(text.len())]
-            .rfind("\n\n")
-            .map(|i| i + 2)
-            .filter(|&i| i > 0 && i < text.len())
-            .unwrap_or_else(|| {
-                (target..text.len())
-                    .find(|&i| text.is_char_boundary(i))
-                    .unwrap_or(text.len())
-            });
-        let (a, b) = text.split_at(cut);
-        let part = |t: &str, what: &str| Document {
-            source: format!("{} ({what})", docs[0].source),
-            text: t.to_string(),
-        };
-        return (vec![part(a, "head")], vec![part(b, "tail")]);
-    }
+    let total: usize = docs.iter().map(|d| d.text.len()).sum();
     let threshold = (opts.valid_fraction.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
     let (mut train, mut valid): (Vec<Document>, Vec<Document>) = (Vec::new(), Vec::new());
     for (i, d) in docs.iter().enumerate() {
-        if mix(opts.seed ^ mix(i as u64)) < threshold {
+        if opts.valid_fraction > 0.0 && d.text.len() as f64 > LARGE_DOCUMENT * total as f64 {
+            let (head, tail) = split_tail(d, opts.valid_fraction);
+            train.push(head);
+            if !tail.text.is_empty() {
+                valid.push(tail);
+            }
+        } else if mix(opts.seed ^ mix(i as u64)) < threshold {
             valid.push(d.clone());
         } else {
             train.push(d.clone());
         }
     }
     // Both sides non-empty whenever a split was asked for.
-    if opts.valid_fraction > 0.0 && valid.is_empty() {
+    if opts.valid_fraction > 0.0 && valid.is_empty() && train.len() > 1 {
         valid.push(train.pop().expect("at least two documents"));
     }
     if train.is_empty() {
-        train.push(valid.pop().expect("at least two documents"));
+        train.push(valid.pop().expect("at least one document"));
     }
     (train, valid)
 }

@@ -149,6 +149,26 @@ fn shards_hold_every_document_once_split_by_document() {
     let ds = Dataset::open(&out3, &[7; 32]).unwrap();
     // Cut at the last paragraph break before 70% of the text.
     assert_eq!(docs_of(&ds.valid, 256), ["para three.\n\npara four."]);
+
+    // One long book among short speeches: the book is split too, not held out whole.
+    let book: String = (0..200).map(|i| format!("chapter {i}.\n\n")).collect();
+    let mut mixed = docs.clone();
+    mixed.push(slm_data::Document {
+        source: "book".into(),
+        text: book.clone(),
+    });
+    let out4 = d.path().join("mixed");
+    prepare(&mixed, &encode, &info(7), &out4, &opts, &mut |_| {}).unwrap();
+    let ds = Dataset::open(&out4, &[7; 32]).unwrap();
+    let (train, valid) = (docs_of(&ds.train, 256), docs_of(&ds.valid, 256));
+    let head = train.iter().find(|t| t.starts_with("chapter 0.")).unwrap();
+    let tail = valid.iter().find(|t| t.starts_with("chapter ")).unwrap();
+    assert_eq!(format!("{head}{tail}"), book);
+    assert!(tail.len() * 4 < book.len() && tail.len() * 6 > book.len());
+    // The short documents are still split whole by the seeded hash, as before.
+    let short_valid: Vec<&String> = valid.iter().filter(|t| t.starts_with("document")).collect();
+    let before = docs_of(&Dataset::open(&out, &[7; 32]).unwrap().valid, 256);
+    assert_eq!(short_valid, before.iter().collect::<Vec<_>>());
 }
 
 #[test]
