@@ -55,9 +55,6 @@ fn mix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// A document longer than this share of the corpus is split rather than held out whole.
-const LARGE_DOCUMENT: f64 = 0.125;
-
 /// Its head for training and its tail for validation, cut at a paragraph break before the
 /// `valid_fraction` mark (else at the mark).
 fn split_tail(doc: &Document, valid_fraction: f64) -> (Document, Document) {
@@ -81,15 +78,15 @@ fn split_tail(doc: &Document, valid_fraction: f64) -> (Document, Document) {
 }
 
 /// Which documents are held out: a seeded hash picks whole documents, except that a document
-/// longer than an eighth of the corpus (a lone document, or one book among short speeches)
-/// gives its tail to validation and its head to training, so that one long text can neither
-/// be missing from training nor make up most of the validation set.
+/// that alone is more than the validation share of the corpus (a lone document, or one book
+/// among short speeches) gives its tail to validation and its head to training, so that one
+/// long text can neither be missing from training nor make up most of the validation set.
 fn split_documents(docs: &[Document], opts: &PrepareOptions) -> (Vec<Document>, Vec<Document>) {
     let total: usize = docs.iter().map(|d| d.text.len()).sum();
     let threshold = (opts.valid_fraction.clamp(0.0, 1.0) * u64::MAX as f64) as u64;
     let (mut train, mut valid): (Vec<Document>, Vec<Document>) = (Vec::new(), Vec::new());
     for (i, d) in docs.iter().enumerate() {
-        if opts.valid_fraction > 0.0 && d.text.len() as f64 > LARGE_DOCUMENT * total as f64 {
+        if opts.valid_fraction > 0.0 && d.text.len() as f64 > opts.valid_fraction * total as f64 {
             let (head, tail) = split_tail(d, opts.valid_fraction);
             train.push(head);
             if !tail.text.is_empty() {
