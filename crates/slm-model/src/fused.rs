@@ -1,6 +1,6 @@
-//! Causal softmax, RMSNorm and RoPE as single ops with their own backward, for training.
+//! Causal softmax, RMSNorm, RoPE and SwiGLU as single ops with their own backward, for training.
 //!
-//! Why by hand: candle's fused softmax, RMSNorm and RoPE have no backward, so with gradients on it
+//! Why by hand: candle's fused softmax, RMSNorm and RoPE have no backward (and SwiGLU is two ops), so with gradients on it
 //! composes them from five or six elementwise ops, each materialising a tensor forward and
 //! several more backward (the (b, heads, t, t) attention scores among them). These do one
 //! pass per row each way. The composed ops stay the reference they are tested against; the
@@ -183,6 +183,107 @@ fn softmax_grad(y: &Tensor, dy: &Tensor, op: &str) -> candle_core::Result<Tensor
         let dv = rows(d, dl, op)?;
         Tensor::from_vec(softmax_bwd_rows(yv, dv, n), y.shape(), y.device())?
     }))
+}
+
+/// `silu(g) * u`, the SwiGLU gate.
+pub fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
+    g.contiguous()?.apply_op2(&u.contiguous()?, SwiGlu)
+}
+
+struct SwiGlu;
+
+fn swiglu_rows<T: WithDType + ExpInPlace>(g: &[T], u: &[T]) -> Vec<T> {
+    let mut out = vec![T::zero(); g.len()];
+    out.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|(o, (g, u))| {
+            // o = e^-g, then silu(g) * u = g / (1 + e^-g) * u.
+            o.iter_mut().zip(g).for_each(|(o, &g)| *o = -g);
+            T::exp_in_place(o);
+            for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+                *o = g / (T::one() + *o) * u;
+            }
+        });
+    out
+}
+
+/// With s = sigmoid(g): d/du = silu(g) = g s, d/dg = u s (1 + g (1 - s)).
+fn swiglu_bwd_rows<T: WithDType + ExpInPlace>(g: &[T], u: &[T], dy: &[T]) -> (Vec<T>, Vec<T>) {
+    let (mut dg, mut du) = (vec![T::zero(); g.len()], vec![T::zero(); g.len()]);
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(
+            g.par_chunks(4096)
+                .zip(u.par_chunks(4096))
+                .zip(dy.par_chunks(4096)),
+        )
+        .for_each(|((dg, du), ((g, u), dy))| {
+            dg.iter_mut().zip(g).for_each(|(o, &g)| *o = -g);
+            T::exp_in_place(dg);
+            for i in 0..g.len() {
+                let s = T::one() / (T::one() + dg[i]);
+                du[i] = dy[i] * g[i] * s;
+                dg[i] = dy[i] * u[i] * s * (T::one() + g[i] * (T::one() - s));
+            }
+        });
+    (dg, du)
+}
+
+impl CustomOp2 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "slm-swiglu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("slm-swiglu: shapes {:?} and {:?}", l1.dims(), l2.dims());
+        }
+        let n = self.name();
+        let out = match (s1, s2) {
+            (CpuStorage::F32(g), CpuStorage::F32(u)) => {
+                CpuStorage::F32(swiglu_rows(rows(g, l1, n)?, rows(u, l2, n)?))
+            }
+            (CpuStorage::F64(g), CpuStorage::F64(u)) => {
+                CpuStorage::F64(swiglu_rows(rows(g, l1, n)?, rows(u, l2, n)?))
+            }
+            _ => candle_core::bail!("{n}: expects f32 or f64, both the same"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        g: &Tensor,
+        u: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let n = self.name();
+        let dy = dy.contiguous()?;
+        let (us, ul) = u.storage_and_layout();
+        let (ds, dl) = dy.storage_and_layout();
+        let (candle_core::Storage::Cpu(us), candle_core::Storage::Cpu(ds)) = (&*us, &*ds) else {
+            candle_core::bail!("{n}: expects the CPU");
+        };
+        let (dg, du) = on_float!(g, n, |gv, gl| {
+            let (dg, du) = swiglu_bwd_rows(
+                rows(gv, gl, n)?,
+                rows(us.as_slice()?, ul, n)?,
+                rows(ds.as_slice()?, dl, n)?,
+            );
+            (
+                Tensor::from_vec(dg, g.shape(), g.device())?,
+                Tensor::from_vec(du, u.shape(), u.device())?,
+            )
+        });
+        Ok((Some(dg), Some(du)))
+    }
 }
 
 /// `x / sqrt(mean(x^2) + eps) * w` over the last dimension.
@@ -651,6 +752,38 @@ mod tests {
             } else {
                 let ulps = (y.to_bits() as i64 - want.to_bits() as i64).abs();
                 assert!(ulps <= 2, "exp({x}) = {y}, want {want} ({ulps} ulp)");
+            }
+        }
+    }
+
+    #[test]
+    fn swiglu_matches_the_composed_reference() {
+        for (i, shape) in SHAPES.iter().enumerate() {
+            for (dtype, tol) in [(DType::F64, 1e-14), (DType::F32, 1e-6)] {
+                let g = Var::from_tensor(&(random(shape, i as u64, dtype) * 4.0).unwrap()).unwrap();
+                let u = Var::from_tensor(&random(shape, 60 + i as u64, dtype)).unwrap();
+                let up = random(shape, 99 + i as u64, dtype);
+                let ours = swiglu(g.as_tensor(), u.as_tensor()).unwrap();
+                let reference =
+                    (candle_nn::ops::silu(g.as_tensor()).unwrap() * u.as_tensor()).unwrap();
+                assert!(
+                    max_diff(&ours, &reference) <= 8.0 * tol,
+                    "{shape:?} {dtype:?}"
+                );
+                let grads = |y: &Tensor| {
+                    let s = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+                    (
+                        s.get(g.as_tensor()).unwrap().clone(),
+                        s.get(u.as_tensor()).unwrap().clone(),
+                    )
+                };
+                let ((ag, au), (rg, ru)) = (grads(&ours), grads(&reference));
+                assert!(
+                    max_diff(&ag, &rg) <= 16.0 * tol,
+                    "{shape:?} {dtype:?}: dg {}",
+                    max_diff(&ag, &rg)
+                );
+                assert!(max_diff(&au, &ru) <= 8.0 * tol, "{shape:?} {dtype:?}: du");
             }
         }
     }

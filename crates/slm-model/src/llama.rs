@@ -88,6 +88,8 @@ fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
     if exact_path(&[g, u]) {
         g.contiguous()?
             .apply_op2_no_bwd(&u.contiguous()?, &GgmlSwiglu)
+    } else if g.track_op() || u.track_op() {
+        crate::fused::swiglu(g, u)
     } else {
         candle_nn::ops::silu(g)? * u
     }
