@@ -9,19 +9,8 @@ use std::process::Command;
 
 use candle_core::{Device, Tensor};
 
-fn slm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slm"))
-}
-
-fn ok(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
-}
+mod common;
+use common::{corpus_tokenizer_shards, ok, slm};
 
 fn python() -> Option<String> {
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -81,49 +70,7 @@ fn transformers_loads_trained_models_and_gives_the_same_logits() {
     let Some(py) = python() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let corpus = d.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    let words = [
-        "the", "whale", "ship", "sea", "captain", "white", "deep", "sailed", "under", "storm",
-    ];
-    let mut x = 11u64;
-    for doc in 0..12 {
-        let mut text = String::new();
-        for _ in 0..500 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            text.push_str(words[(x >> 60) as usize % words.len()]);
-            text.push(if (x >> 20).is_multiple_of(7) {
-                '.'
-            } else {
-                ' '
-            });
-        }
-        std::fs::write(corpus.join(format!("{doc:02}.txt")), text).unwrap();
-    }
-    ok(slm()
-        .args([
-            "tokenizer",
-            "train",
-            "corpus",
-            "--vocab",
-            "320",
-            "-o",
-            "tok.json",
-        ])
-        .current_dir(d));
-    ok(slm()
-        .args([
-            "data",
-            "prepare",
-            "corpus",
-            "--tokenizer",
-            "tok.json",
-            "-o",
-            "shards",
-        ])
-        .current_dir(d));
+    corpus_tokenizer_shards(d);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hf_logits.py");
 
     // Grouped-query attention with tied embeddings, and plain multi-head with a separate head.

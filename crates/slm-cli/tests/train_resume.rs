@@ -5,64 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-fn slm() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_slm"))
-}
-
-fn ok(cmd: &mut Command) {
-    let out = cmd.output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn setup(dir: &Path) {
-    let corpus = dir.join("corpus");
-    std::fs::create_dir_all(&corpus).unwrap();
-    let words = [
-        "the", "whale", "ship", "sea", "captain", "white", "deep", "sailed", "under", "storm",
-    ];
-    let mut x = 7u64;
-    for d in 0..30 {
-        let mut text = String::new();
-        for _ in 0..400 {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            text.push_str(words[(x >> 60) as usize % words.len()]);
-            text.push(if (x >> 20).is_multiple_of(9) {
-                '.'
-            } else {
-                ' '
-            });
-        }
-        std::fs::write(corpus.join(format!("{d:02}.txt")), text).unwrap();
-    }
-    ok(slm()
-        .args([
-            "tokenizer",
-            "train",
-            "corpus",
-            "--vocab",
-            "300",
-            "-o",
-            "tok.json",
-        ])
-        .current_dir(dir));
-    ok(slm()
-        .args([
-            "data",
-            "prepare",
-            "corpus",
-            "--tokenizer",
-            "tok.json",
-            "-o",
-            "shards",
-        ])
-        .current_dir(dir));
-}
+mod common;
+use common::{corpus_tokenizer_shards as setup, ok, slm};
 
 fn recipe(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
