@@ -12,7 +12,12 @@ use candle_core::{
 use num_traits::Float;
 use rayon::prelude::*;
 
-fn rows<'a, T: WithDType>(x: &'a [T], l: &Layout, op: &str) -> candle_core::Result<&'a [T]> {
+/// The elements of a contiguous tensor's storage `x` under layout `l`.
+pub fn contiguous<'a, T: WithDType>(
+    x: &'a [T],
+    l: &Layout,
+    op: &str,
+) -> candle_core::Result<&'a [T]> {
     match l.contiguous_offsets() {
         Some((a, b)) => Ok(&x[a..b]),
         None => candle_core::bail!("{op}: expects a contiguous tensor"),
@@ -154,10 +159,10 @@ impl CustomOp1 for CausalSoftmax {
         let n = self.name();
         let out = match s {
             CpuStorage::F32(x) => {
-                CpuStorage::F32(causal_softmax_rows(rows(x, l, n)?, t, self.scale))
+                CpuStorage::F32(causal_softmax_rows(contiguous(x, l, n)?, t, self.scale))
             }
             CpuStorage::F64(x) => {
-                CpuStorage::F64(causal_softmax_rows(rows(x, l, n)?, t, self.scale))
+                CpuStorage::F64(causal_softmax_rows(contiguous(x, l, n)?, t, self.scale))
             }
             _ => candle_core::bail!("{n}: expects f32 or f64"),
         };
@@ -179,8 +184,8 @@ fn softmax_grad(y: &Tensor, dy: &Tensor, op: &str) -> candle_core::Result<Tensor
         candle_core::bail!("{op}: expects the CPU");
     };
     Ok(on_float!(dy, op, |d, dl| {
-        let yv = rows(ys.as_slice()?, yl, op)?;
-        let dv = rows(d, dl, op)?;
+        let yv = contiguous(ys.as_slice()?, yl, op)?;
+        let dv = contiguous(d, dl, op)?;
         Tensor::from_vec(softmax_bwd_rows(yv, dv, n), y.shape(), y.device())?
     }))
 }
@@ -247,10 +252,10 @@ impl CustomOp2 for SwiGlu {
         let n = self.name();
         let out = match (s1, s2) {
             (CpuStorage::F32(g), CpuStorage::F32(u)) => {
-                CpuStorage::F32(swiglu_rows(rows(g, l1, n)?, rows(u, l2, n)?))
+                CpuStorage::F32(swiglu_rows(contiguous(g, l1, n)?, contiguous(u, l2, n)?))
             }
             (CpuStorage::F64(g), CpuStorage::F64(u)) => {
-                CpuStorage::F64(swiglu_rows(rows(g, l1, n)?, rows(u, l2, n)?))
+                CpuStorage::F64(swiglu_rows(contiguous(g, l1, n)?, contiguous(u, l2, n)?))
             }
             _ => candle_core::bail!("{n}: expects f32 or f64, both the same"),
         };
@@ -273,9 +278,9 @@ impl CustomOp2 for SwiGlu {
         };
         let (dg, du) = on_float!(g, n, |gv, gl| {
             let (dg, du) = swiglu_bwd_rows(
-                rows(gv, gl, n)?,
-                rows(us.as_slice()?, ul, n)?,
-                rows(ds.as_slice()?, dl, n)?,
+                contiguous(gv, gl, n)?,
+                contiguous(us.as_slice()?, ul, n)?,
+                contiguous(ds.as_slice()?, dl, n)?,
             );
             (
                 Tensor::from_vec(dg, g.shape(), g.device())?,
@@ -382,13 +387,13 @@ impl CustomOp2 for RmsNorm {
         }
         let out = match (s1, s2) {
             (CpuStorage::F32(x), CpuStorage::F32(w)) => CpuStorage::F32(rms_norm_rows(
-                rows(x, l1, self.name())?,
-                rows(w, l2, self.name())?,
+                contiguous(x, l1, self.name())?,
+                contiguous(w, l2, self.name())?,
                 self.eps,
             )),
             (CpuStorage::F64(x), CpuStorage::F64(w)) => CpuStorage::F64(rms_norm_rows(
-                rows(x, l1, self.name())?,
-                rows(w, l2, self.name())?,
+                contiguous(x, l1, self.name())?,
+                contiguous(w, l2, self.name())?,
                 self.eps,
             )),
             _ => candle_core::bail!("slm-rms-norm: expects f32 or f64, both the same"),
@@ -412,9 +417,9 @@ impl CustomOp2 for RmsNorm {
         let (dx, dw) = on_float!(x, "slm-rms-norm", |xv, xl| {
             let name = "slm-rms-norm";
             let (dx, dw) = rms_norm_bwd_rows(
-                rows(xv, xl, name)?,
-                rows(ws.as_slice()?, wl, name)?,
-                rows(ds.as_slice()?, dl, name)?,
+                contiguous(xv, xl, name)?,
+                contiguous(ws.as_slice()?, wl, name)?,
+                contiguous(ds.as_slice()?, dl, name)?,
                 self.eps,
             );
             (
@@ -508,9 +513,9 @@ impl CustomOp3 for Rope {
         let out = match (s1, s2, s3) {
             (CpuStorage::F32(x), CpuStorage::F32(c), CpuStorage::F32(s)) => {
                 CpuStorage::F32(rotate(
-                    rows(x, l1, n)?,
-                    rows(c, l2, n)?,
-                    rows(s, l3, n)?,
+                    contiguous(x, l1, n)?,
+                    contiguous(c, l2, n)?,
+                    contiguous(s, l3, n)?,
                     t,
                     d,
                     il,
@@ -519,9 +524,9 @@ impl CustomOp3 for Rope {
             }
             (CpuStorage::F64(x), CpuStorage::F64(c), CpuStorage::F64(s)) => {
                 CpuStorage::F64(rotate(
-                    rows(x, l1, n)?,
-                    rows(c, l2, n)?,
-                    rows(s, l3, n)?,
+                    contiguous(x, l1, n)?,
+                    contiguous(c, l2, n)?,
+                    contiguous(s, l3, n)?,
                     t,
                     d,
                     il,
@@ -551,9 +556,9 @@ impl CustomOp3 for Rope {
         let n = self.name();
         let dx = on_float!(dy, n, |dv, dl| {
             let v = rotate(
-                rows(dv, dl, n)?,
-                rows(cs.as_slice()?, cl, n)?,
-                rows(ss.as_slice()?, sl, n)?,
+                contiguous(dv, dl, n)?,
+                contiguous(cs.as_slice()?, cl, n)?,
+                contiguous(ss.as_slice()?, sl, n)?,
                 t,
                 d,
                 self.interleaved,

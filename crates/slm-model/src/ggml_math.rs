@@ -26,10 +26,7 @@ pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Re
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op} expects f32")
     };
-    let Some((a, b)) = l.contiguous_offsets() else {
-        candle_core::bail!("{op} expects contiguous tensors")
-    };
-    Ok(&v[a..b])
+    crate::fused::contiguous(v, l, op)
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

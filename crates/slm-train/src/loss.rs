@@ -12,7 +12,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
 use num_traits::Float;
 use rayon::prelude::*;
-use slm_model::fused::ExpInPlace;
+use slm_model::fused::{contiguous, ExpInPlace};
 
 /// Mean next-token cross-entropy of logits (b, t, vocab) against targets (b, t).
 pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
@@ -36,10 +36,7 @@ fn rows<'a, T: WithDType>(
     layout: &Layout,
 ) -> candle_core::Result<(usize, usize, &'a [T])> {
     let (n, v) = layout.shape().dims2()?;
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("cross-entropy expects contiguous logits");
-    };
-    Ok((n, v, &x[start..end]))
+    Ok((n, v, contiguous(x, layout, "cross-entropy")?))
 }
 
 fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
