@@ -217,6 +217,13 @@ impl Recipe {
             })
         };
         let m = &self.model;
+        let shape = [
+            ("model.d_model", m.d_model),
+            ("model.layers", m.layers),
+            ("model.heads", m.heads),
+            ("model.ffn", m.ffn),
+            ("model.context", m.context),
+        ];
         if m.parent.is_some() {
             let shape_keys = [
                 ("model.d_model", m.d_model.is_some()),
@@ -234,54 +241,38 @@ impl Recipe {
                     "the shape comes from model.parent; give one or the other",
                 );
             }
-        } else {
-            for (key, v) in [
-                ("model.d_model", m.d_model),
-                ("model.layers", m.layers),
-                ("model.heads", m.heads),
-                ("model.ffn", m.ffn),
-                ("model.context", m.context),
-            ] {
-                if v.is_none() {
-                    return bad(
-                        key,
-                        "(missing)".into(),
-                        "a new model needs its shape (or model.parent)",
-                    );
-                }
-            }
+        } else if let Some((key, _)) = shape.iter().find(|(_, v)| v.is_none()) {
+            return bad(
+                key,
+                "(missing)".into(),
+                "a new model needs its shape (or model.parent)",
+            );
         }
-        let positive = [
-            ("model.d_model", m.d_model.unwrap_or(1)),
-            ("model.layers", m.layers.unwrap_or(1)),
-            ("model.heads", m.heads.unwrap_or(1)),
-            ("model.ffn", m.ffn.unwrap_or(1)),
-            ("model.context", m.context.unwrap_or(1)),
-            ("optim.batch", self.optim.batch),
-            ("optim.grad_accum", self.optim.grad_accum),
-            ("eval.batches", self.eval.batches),
-            ("checkpoint.keep", self.checkpoint.keep),
+        let counts = [
+            ("optim.batch", Some(self.optim.batch)),
+            ("optim.grad_accum", Some(self.optim.grad_accum)),
+            ("eval.batches", Some(self.eval.batches)),
+            ("checkpoint.keep", Some(self.checkpoint.keep)),
         ];
-        for (key, v) in positive {
-            if v == 0 {
-                return bad(key, "0".into(), "expected a positive integer");
+        if let Some((key, _)) = shape.iter().chain(&counts).find(|(_, v)| *v == Some(0)) {
+            return bad(key, "0".into(), "expected a positive integer");
+        }
+        if let (Some(d_model), Some(heads)) = (m.d_model, m.heads) {
+            if !d_model.is_multiple_of(heads) || !(d_model / heads).is_multiple_of(2) {
+                return bad(
+                    "model.heads",
+                    heads.to_string(),
+                    &format!("d_model {d_model} must split into heads of an even size"),
+                );
             }
-        }
-        let (d_model, heads) = (m.d_model.unwrap_or(2), m.heads.unwrap_or(1));
-        if !d_model.is_multiple_of(heads) || !(d_model / heads).is_multiple_of(2) {
-            return bad(
-                "model.heads",
-                heads.to_string(),
-                &format!("d_model {d_model} must split into heads of an even size"),
-            );
-        }
-        let kv = m.kv_heads.unwrap_or(heads);
-        if kv == 0 || !heads.is_multiple_of(kv) {
-            return bad(
-                "model.kv_heads",
-                kv.to_string(),
-                &format!("expected a divisor of heads ({heads})"),
-            );
+            let kv = m.kv_heads.unwrap_or(heads);
+            if kv == 0 || !heads.is_multiple_of(kv) {
+                return bad(
+                    "model.kv_heads",
+                    kv.to_string(),
+                    &format!("expected a divisor of heads ({heads})"),
+                );
+            }
         }
         if let Some(theta) = m.rope_theta {
             if theta.is_nan() || theta <= 0.0 {
