@@ -287,6 +287,38 @@ fn training_and_data_mistakes_are_clear_errors() {
     .unwrap();
     let e = fails(slm().arg("train").arg(&rc).current_dir(d));
     assert!(e.contains("parent's tokenizer differs"), "{e}");
+    // A parent whose vocabulary is not the shards', a context past the parent's, and a parent
+    // missing a tensor its config.json implies.
+    let text = text.replace("out = \"continued\"", "out = \"bad-parent\"");
+    copy_dir(&d.join("twice/model"), &d.join("wide"));
+    let cfg_path = d.join("wide/config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    cfg["vocab_size"] = 999.into();
+    std::fs::write(&cfg_path, cfg.to_string()).unwrap();
+    std::fs::write(&rc, text.replace("twice/model", "wide")).unwrap();
+    let e = fails(slm().arg("train").arg(&rc).current_dir(d));
+    assert!(
+        e.contains("vocab_size = 999") && e.contains("300 tokens"),
+        "{e}"
+    );
+    std::fs::write(&rc, text.replace("context = 16", "context = 17")).unwrap();
+    let e = fails(slm().arg("train").arg(&rc).current_dir(d));
+    assert!(
+        e.contains("max_position_embeddings = 16") && e.contains("model.context 17"),
+        "{e}"
+    );
+    copy_dir(&d.join("twice/model"), &d.join("holed"));
+    let weights = d.join("holed/model.safetensors");
+    let mut params = candle_core::safetensors::load(&weights, &candle_core::Device::Cpu).unwrap();
+    params.remove("model.norm.weight");
+    candle_core::safetensors::save(&params, &weights).unwrap();
+    std::fs::write(&rc, text.replace("twice/model", "holed")).unwrap();
+    let e = fails(slm().arg("train").arg(&rc).current_dir(d));
+    assert!(
+        e.contains("holed") && e.contains("no tensor model.norm.weight"),
+        "{e}"
+    );
     // Shape keys next to a parent.
     std::fs::write(
         &rc,
