@@ -8,6 +8,7 @@ pub mod fused;
 pub mod ggml_math;
 pub mod gguf;
 pub mod llama;
+pub mod packed;
 pub mod quant;
 pub mod tap;
 pub mod weights;
@@ -21,6 +22,7 @@ use candle_nn::VarBuilder;
 pub use config::{Arch, Config};
 pub use gguf::GgufFile;
 pub use llama::{Cache, Llama};
+pub use packed::Pack;
 pub use weights::{Linear, Weights};
 
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 use crate::attention::{self, LayerCache};
 use crate::config::Config;
 use crate::ggml_math::{exact_path, f32_slice};
+use crate::packed::{self, Pack};
 use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
 use candle_core::{DType, Device, Tensor};
@@ -217,9 +218,23 @@ impl Rope {
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
     fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;
+        self.rotate(x, self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
+    }
+
+    /// x: (batch, heads, seq, head_dim), each row at its own position (a packed forward).
+    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+        self.rotate(
+            x,
+            self.cos.index_select(positions, 0)?,
+            self.sin.index_select(positions, 0)?,
+        )
+    }
+
+    /// x rotated by per-row tables cos, sin: (seq, head_dim / 2).
+    fn rotate(&self, x: &Tensor, cos: Tensor, sin: Tensor) -> candle_core::Result<Tensor> {
         // Tables are f32; training may run in another float type (f64 for gradient checks).
-        let cos = self.cos.narrow(0, pos, t)?.to_dtype(x.dtype())?;
-        let sin = self.sin.narrow(0, pos, t)?.to_dtype(x.dtype())?;
+        let cos = cos.to_dtype(x.dtype())?;
+        let sin = sin.to_dtype(x.dtype())?;
         if exact_path(&[x]) {
             return x.contiguous()?.apply_op3_no_bwd(
                 &cos.contiguous()?,
@@ -307,6 +322,31 @@ impl Attention {
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
+        self.o.forward(&y)
+    }
+}
+
+impl Attention {
+    /// x: (1, rows, hidden) of a pack; see `packed`.
+    fn forward_packed(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pack: &Pack,
+        positions: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let q = rope.apply_at(&heads(q, nh)?, positions)?;
+        let k = rope.apply_at(&heads(k, nkv)?, positions)?;
+        let v = heads(v, nkv)?;
+        let flat = |y: Tensor| -> candle_core::Result<Vec<f32>> {
+            y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
+        };
+        let y = packed::attend(pack, &flat(q)?, &flat(k)?, &flat(v)?, nh, nkv, hd);
+        let y = Tensor::from_vec(y, (1, t, nh * hd), x.device())?.to_dtype(x.dtype())?;
         self.o.forward(&y)
     }
 }
@@ -496,14 +536,29 @@ impl Llama {
                 self.config.max_position_embeddings
             );
         }
-        let eps = self.config.rms_norm_eps as f32;
         let mut x = self.embed.forward(ids)?;
         let mut cache = cache;
-        for (i, blk) in self.blocks.iter().enumerate() {
+        x = self.blocks(x, |i, attn, h| {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
+            attn.forward(h, &self.rope, pos, kv, i)
+        })?;
+        if last_only {
+            x = x.narrow(1, t - 1, 1)?;
+        }
+        self.logits(&x)
+    }
+
+    /// The residual stream through every block; `attend` does a block's attention.
+    fn blocks(
+        &self,
+        mut x: Tensor,
+        mut attend: impl FnMut(usize, &Attention, &Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Tensor> {
+        let eps = self.config.rms_norm_eps as f32;
+        for (i, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.attn_norm, eps)?;
             tap::see("attn_norm", Some(i), &h);
-            let a = blk.attn.forward(&h, &self.rope, pos, kv, i)?;
+            let a = attend(i, &blk.attn, &h)?;
             tap::see("attn_out", Some(i), &a);
             x = (x + a)?;
             tap::see("ffn_inp", Some(i), &x);
@@ -514,10 +569,12 @@ impl Llama {
             x = (x + m)?;
             tap::see("l_out", Some(i), &x);
         }
-        if last_only {
-            x = x.narrow(1, t - 1, 1)?;
-        }
-        let x = rms_norm(&x, &self.norm, eps)?;
+        Ok(x)
+    }
+
+    /// Final norm and output projection.
+    fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?;
         tap::see("result_norm", None, &x);
         let logits = self.lm_head.forward(&x)?;
         // f32 for callers, except in f64 runs (gradient checks) where precision is the point.
@@ -525,6 +582,55 @@ impl Llama {
             DType::F64 | DType::F32 => Ok(logits),
             _ => logits.to_dtype(DType::F32),
         }
+    }
+
+    /// A packed forward (see `packed`): `ids` holds one token per row of `pack`. Returns the
+    /// logits of the rows in `rows` only, (rows.len(), vocab): the output projection is a
+    /// large share of a small model's work and most rows' predictions are not needed.
+    pub fn forward_packed(
+        &self,
+        ids: &[u32],
+        pack: &Pack,
+        rows: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        if ids.len() != pack.len() {
+            candle_core::bail!("{} token ids for a pack of {} rows", ids.len(), pack.len());
+        }
+        let max = self.config.max_position_embeddings;
+        if let Some(&p) = pack.positions().iter().find(|&&p| p as usize >= max) {
+            candle_core::bail!("position {p} exceeds the model's context length {max}");
+        }
+        let positions = Tensor::new(pack.positions(), &self.device)?;
+        let x = self
+            .embed
+            .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
+        let x = self.blocks(x, |_, attn, h| {
+            attn.forward_packed(h, &self.rope, pack, &positions)
+        })?;
+        let x = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(rows, &self.device)?, 0)?;
+        self.logits(&x)
+    }
+
+    /// The same model with every weight matrix as dense f32 (see `Linear::dequantized`).
+    pub fn dequantized(&self) -> candle_core::Result<Llama> {
+        let mut m = self.clone();
+        for blk in &mut m.blocks {
+            for l in [
+                &mut blk.attn.q,
+                &mut blk.attn.k,
+                &mut blk.attn.v,
+                &mut blk.attn.o,
+                &mut blk.mlp.gate,
+                &mut blk.mlp.up,
+                &mut blk.mlp.down,
+            ] {
+                *l = l.dequantized()?;
+            }
+        }
+        m.lm_head = m.lm_head.dequantized()?;
+        Ok(m)
     }
 
     /// Logits of the last position for a token sequence appended to `cache`.

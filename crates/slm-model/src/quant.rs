@@ -38,6 +38,16 @@ impl BlockType {
             _ => return None,
         })
     }
+    pub fn to_ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            Self::Q4_0 => G::Q4_0,
+            Self::Q4_1 => G::Q4_1,
+            Self::Q5_0 => G::Q5_0,
+            Self::Q5_1 => G::Q5_1,
+            Self::Q8_0 => G::Q8_0,
+        }
+    }
     /// Bytes per block of 32 weights.
     pub fn block_bytes(self) -> usize {
         match self {

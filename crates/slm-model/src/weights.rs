@@ -92,6 +92,29 @@ impl Linear {
             None => Ok(y),
         }
     }
+
+    /// The same weights widened to a dense f32 matrix. Prompt-sized inputs then run through
+    /// candle's f32 gemm (measured here ~4x the block kernels' throughput at 128-512 rows),
+    /// at four bytes per weight; activations are no longer rounded to 8 bits on the way.
+    pub fn dequantized(&self) -> candle_core::Result<Linear> {
+        let dense = |w: Tensor, b: &Option<Tensor>| Linear::Dense { w, b: b.clone() };
+        Ok(match self {
+            Linear::Dense { w, b } => dense(w.to_dtype(DType::F32)?, b),
+            Linear::Quantized { w, b } => match w {
+                QMatMul::QTensor(q) => dense(q.dequantize(&q.device())?, b),
+                QMatMul::Tensor(w) | QMatMul::TensorF16(w) => dense(w.to_dtype(DType::F32)?, b),
+            },
+            Linear::Blocks { w, b } => {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    w.t.to_ggml(),
+                    &w.bytes,
+                    vec![w.n, w.k],
+                    &Device::Cpu,
+                )?;
+                dense(q.dequantize(&Device::Cpu)?, b)
+            }
+        })
+    }
 }
 
 /// Token embeddings: a dense table, or quantized rows dequantized on lookup (a 49k x 576 table

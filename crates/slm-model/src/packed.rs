@@ -1,0 +1,179 @@
+//! Many short sequences that share prefixes, run as one forward pass.
+//!
+//! Scoring a multiple-choice question needs the context once and then each choice after it.
+//! With a KV cache that is one prefill of the context and one small forward per choice, and
+//! small forwards leave the matrix units idle. Here the context and every choice are laid
+//! end to end as rows of one matrix ("segments"); a choice's rows attend to its parent's rows
+//! (the context, computed once) and causally to its own, at the positions they would have had
+//! after the context. Several questions go into one pack, so every linear layer is one large
+//! matmul. Attention is a few percent of the work at these lengths and is done by hand below.
+
+use rayon::prelude::*;
+
+/// A run of consecutive rows; a child segment continues its parent (a root).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+    pub parent: Option<usize>,
+}
+
+/// The layout of a packed forward: segments over rows, and each row's position.
+#[derive(Debug, Clone, Default)]
+pub struct Pack {
+    segments: Vec<Segment>,
+    positions: Vec<u32>,
+}
+
+impl Pack {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Rows so far.
+    pub fn len(&self) -> usize {
+        self.positions.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.positions.is_empty()
+    }
+
+    pub fn segments(&self) -> &[Segment] {
+        &self.segments
+    }
+
+    pub fn positions(&self) -> &[u32] {
+        &self.positions
+    }
+
+    /// A new sequence of `len` rows at positions 0..len; returns its segment index.
+    pub fn push_root(&mut self, len: usize) -> usize {
+        let start = self.len();
+        self.positions.extend(0..len as u32);
+        self.segments.push(Segment {
+            start,
+            len,
+            parent: None,
+        });
+        self.segments.len() - 1
+    }
+
+    /// `len` rows that continue root segment `parent`: they see all of it, at the positions
+    /// after it. Panics if `parent` is not a root segment of this pack (a caller's bug).
+    pub fn push_child(&mut self, parent: usize, len: usize) -> usize {
+        let p = self.segments[parent];
+        assert!(p.parent.is_none(), "segment {parent} is not a root");
+        let start = self.len();
+        self.positions.extend((p.len as u32)..(p.len + len) as u32);
+        self.segments.push(Segment {
+            start,
+            len,
+            parent: Some(parent),
+        });
+        self.segments.len() - 1
+    }
+
+    /// Position after the last row of segment `s` (its sequence length so far).
+    pub fn end_position(&self, s: usize) -> usize {
+        let seg = self.segments[s];
+        seg.parent.map(|p| self.segments[p].len).unwrap_or(0) + seg.len
+    }
+}
+
+/// softmax(q k^T / sqrt(hd)) v over the pack's visibility, in f32.
+/// q: [n_heads][rows][hd], k and v: [n_kv][rows][hd] (heads-major, roped);
+/// returns [rows][n_heads][hd], the layout the output projection takes.
+pub fn attend(
+    pack: &Pack,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+) -> Vec<f32> {
+    let n = pack.len();
+    let width = n_heads * hd;
+    let rep = n_heads / n_kv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let mut out = vec![0f32; n * width];
+    // Disjoint output rows per segment, so segments run in parallel.
+    let mut parts = Vec::with_capacity(pack.segments.len());
+    let mut rest = out.as_mut_slice();
+    for seg in &pack.segments {
+        let (mine, tail) = rest.split_at_mut(seg.len * width);
+        parts.push((*seg, mine));
+        rest = tail;
+    }
+    parts.into_par_iter().for_each(|(seg, out)| {
+        let parent = seg.parent.map(|p| pack.segments[p]);
+        let mut keys: Vec<usize> = parent
+            .map(|p| (p.start..p.start + p.len).collect())
+            .unwrap_or_default();
+        let shared = keys.len();
+        keys.extend(seg.start..seg.start + seg.len);
+        let mut scores = vec![0f32; keys.len()];
+        for i in 0..seg.len {
+            let visible = &keys[..shared + i + 1];
+            let row = seg.start + i;
+            for h in 0..n_heads {
+                let g = h / rep;
+                let qr = &q[(h * n + row) * hd..][..hd];
+                let mut max = f32::NEG_INFINITY;
+                for (s, &j) in scores.iter_mut().zip(visible) {
+                    let kr = &k[(g * n + j) * hd..][..hd];
+                    *s = dot(qr, kr) * scale;
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in &mut scores[..visible.len()] {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let o = &mut out[i * width + h * hd..][..hd];
+                for (&p, &j) in scores.iter().zip(visible) {
+                    let vr = &v[(g * n + j) * hd..][..hd];
+                    let w = p / sum;
+                    for (a, &b) in o.iter_mut().zip(vr) {
+                        *a += w * b;
+                    }
+                }
+            }
+        }
+    });
+    out
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums so the compiler vectorises the loop.
+    let mut acc = [0f32; 8];
+    let (ac, ar) = a.split_at(a.len() / 8 * 8);
+    let (bc, br) = b.split_at(ac.len());
+    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_continue_their_parent_positions() {
+        let mut p = Pack::new();
+        let a = p.push_root(3);
+        let c1 = p.push_child(a, 2);
+        let b = p.push_root(1);
+        let c2 = p.push_child(a, 1);
+        assert_eq!(p.positions(), &[0, 1, 2, 3, 4, 0, 3]);
+        assert_eq!(p.end_position(c1), 5);
+        assert_eq!(p.end_position(b), 1);
+        assert_eq!(p.end_position(c2), 4);
+        assert_eq!(p.segments()[c2].start, 6);
+    }
+}
