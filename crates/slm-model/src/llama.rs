@@ -45,12 +45,15 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
     }
 }
 
-fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    if exact_path(&[x, w]) {
+/// `ggml`: round as llama.cpp does (see `Llama::dequantized` for when that is off).
+fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, ggml: bool) -> candle_core::Result<Tensor> {
+    if ggml && exact_path(&[x, w]) {
         x.contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
     } else if x.track_op() || w.track_op() {
         crate::fused::rms_norm(x, w, eps)
+    } else if x.dtype() == DType::F32 {
+        candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
     } else {
         candle_nn::ops::rms_norm_slow(x, w, eps)
     }
@@ -85,8 +88,8 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
     }
 }
 
-fn swiglu(g: &Tensor, u: &Tensor) -> candle_core::Result<Tensor> {
-    if exact_path(&[g, u]) {
+fn swiglu(g: &Tensor, u: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
+    if ggml && exact_path(&[g, u]) {
         g.contiguous()?
             .apply_op2_no_bwd(&u.contiguous()?, &GgmlSwiglu)
     } else if g.track_op() || u.track_op() {
@@ -216,26 +219,38 @@ impl Rope {
     }
 
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
-    fn apply(&self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
+    fn apply(&self, x: &Tensor, pos: usize, ggml: bool) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;
-        self.rotate(x, self.cos.narrow(0, pos, t)?, self.sin.narrow(0, pos, t)?)
+        self.rotate(
+            x,
+            self.cos.narrow(0, pos, t)?,
+            self.sin.narrow(0, pos, t)?,
+            ggml,
+        )
     }
 
     /// x: (batch, heads, seq, head_dim), each row at its own position (a packed forward).
-    fn apply_at(&self, x: &Tensor, positions: &Tensor) -> candle_core::Result<Tensor> {
+    fn apply_at(&self, x: &Tensor, positions: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
         self.rotate(
             x,
             self.cos.index_select(positions, 0)?,
             self.sin.index_select(positions, 0)?,
+            ggml,
         )
     }
 
     /// x rotated by per-row tables cos, sin: (seq, head_dim / 2).
-    fn rotate(&self, x: &Tensor, cos: Tensor, sin: Tensor) -> candle_core::Result<Tensor> {
+    fn rotate(
+        &self,
+        x: &Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        ggml: bool,
+    ) -> candle_core::Result<Tensor> {
         // Tables are f32; training may run in another float type (f64 for gradient checks).
         let cos = cos.to_dtype(x.dtype())?;
         let sin = sin.to_dtype(x.dtype())?;
-        if exact_path(&[x]) {
+        if ggml && exact_path(&[x]) {
             return x.contiguous()?.apply_op3_no_bwd(
                 &cos.contiguous()?,
                 &sin.contiguous()?,
@@ -271,6 +286,7 @@ impl Attention {
         pos: usize,
         cache: Option<&mut LayerCache>,
         layer: usize,
+        ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
@@ -279,8 +295,8 @@ impl Attention {
         tap::see("Qcur", Some(layer), &q);
         tap::see("Kcur", Some(layer), &k);
         tap::see("Vcur", Some(layer), &v);
-        let q = rope.apply(&heads(q, nh)?, pos)?;
-        let k = rope.apply(&heads(k, nkv)?, pos)?;
+        let q = rope.apply(&heads(q, nh)?, pos, ggml)?;
+        let k = rope.apply(&heads(k, nkv)?, pos, ggml)?;
         tap::see("Qrope", Some(layer), &q);
         tap::see("Krope", Some(layer), &k);
         let v = heads(v, nkv)?;
@@ -334,13 +350,14 @@ impl Attention {
         rope: &Rope,
         pack: &Pack,
         positions: &Tensor,
+        ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        let q = rope.apply_at(&heads(q, nh)?, positions)?;
-        let k = rope.apply_at(&heads(k, nkv)?, positions)?;
+        let q = rope.apply_at(&heads(q, nh)?, positions, ggml)?;
+        let k = rope.apply_at(&heads(k, nkv)?, positions, ggml)?;
         let v = heads(v, nkv)?;
         let flat = |y: Tensor| -> candle_core::Result<Vec<f32>> {
             y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
@@ -388,11 +405,11 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, layer: usize) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, layer: usize, ggml: bool) -> candle_core::Result<Tensor> {
         let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
         tap::see("ffn_gate", Some(layer), &g);
         tap::see("ffn_up", Some(layer), &u);
-        let s = swiglu(&g, &u)?;
+        let s = swiglu(&g, &u, ggml)?;
         tap::see("ffn_swiglu", Some(layer), &s);
         self.down.forward(&s)
     }
@@ -449,6 +466,9 @@ pub struct Llama {
     lm_head: Linear,
     rope: Rope,
     device: Device,
+    /// Inference rounds as llama.cpp does (norms, SiLU and RoPE in ggml's order): on by
+    /// default, off in a `dequantized` copy.
+    ggml: bool,
 }
 
 impl Llama {
@@ -504,6 +524,7 @@ impl Llama {
             lm_head,
             rope,
             device: device.clone(),
+            ggml: true,
         })
     }
 
@@ -540,7 +561,7 @@ impl Llama {
         let mut cache = cache;
         x = self.blocks(x, |i, attn, h| {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            attn.forward(h, &self.rope, pos, kv, i)
+            attn.forward(h, &self.rope, pos, kv, i, self.ggml)
         })?;
         if last_only {
             x = x.narrow(1, t - 1, 1)?;
@@ -556,15 +577,15 @@ impl Llama {
     ) -> candle_core::Result<Tensor> {
         let eps = self.config.rms_norm_eps as f32;
         for (i, blk) in self.blocks.iter().enumerate() {
-            let h = rms_norm(&x, &blk.attn_norm, eps)?;
+            let h = rms_norm(&x, &blk.attn_norm, eps, self.ggml)?;
             tap::see("attn_norm", Some(i), &h);
             let a = attend(i, &blk.attn, &h)?;
             tap::see("attn_out", Some(i), &a);
             x = (x + a)?;
             tap::see("ffn_inp", Some(i), &x);
-            let h = rms_norm(&x, &blk.mlp_norm, eps)?;
+            let h = rms_norm(&x, &blk.mlp_norm, eps, self.ggml)?;
             tap::see("ffn_norm", Some(i), &h);
-            let m = blk.mlp.forward(&h, i)?;
+            let m = blk.mlp.forward(&h, i, self.ggml)?;
             tap::see("ffn_out", Some(i), &m);
             x = (x + m)?;
             tap::see("l_out", Some(i), &x);
@@ -574,7 +595,7 @@ impl Llama {
 
     /// Final norm and output projection.
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps as f32)?;
+        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps as f32, self.ggml)?;
         tap::see("result_norm", None, &x);
         let logits = self.lm_head.forward(&x)?;
         // f32 for callers, except in f64 runs (gradient checks) where precision is the point.
@@ -605,7 +626,7 @@ impl Llama {
             .embed
             .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
         let x = self.blocks(x, |_, attn, h| {
-            attn.forward_packed(h, &self.rope, pack, &positions)
+            attn.forward_packed(h, &self.rope, pack, &positions, self.ggml)
         })?;
         let x = x
             .squeeze(0)?
@@ -613,9 +634,13 @@ impl Llama {
         self.logits(&x)
     }
 
-    /// The same model with every weight matrix as dense f32 (see `Linear::dequantized`).
+    /// The same model with every weight matrix as dense f32 (see `Linear::dequantized`) and
+    /// candle's vectorised norm, SiLU and RoPE kernels. Matching llama.cpp bit for bit only
+    /// makes sense while activations are rounded to 8 bits as its kernels round them; here
+    /// they are not, and ggml's scalar replicas would be a quarter of the time.
     pub fn dequantized(&self) -> candle_core::Result<Llama> {
         let mut m = self.clone();
+        m.ggml = false;
         for blk in &mut m.blocks {
             for l in [
                 &mut blk.attn.q,

@@ -1,0 +1,321 @@
+//! Multiple choice by log-likelihood, exactly as lm-evaluation-harness scores it.
+//!
+//! - Each option's score is the sum of the log-probabilities of its continuation tokens
+//!   given the context. Context and continuation are tokenized together and split at the
+//!   context boundary (lm-eval's `_encode_pair`): trailing whitespace of the context moves to
+//!   the continuation, the whole text is encoded, and the continuation is what follows the
+//!   context's own encoding.
+//! - acc is right when the highest sum is the answer; acc_norm divides each sum by the
+//!   option's length in characters first (Python's `len`), acc_bytes by its length in UTF-8
+//!   bytes (lm-eval's newer `acc_bytes`). Ties go to the first option, as numpy's argmax.
+//! - The context is run once per question and every option attends to its keys and values
+//!   (a packed forward, see `slm_model::packed`), with many questions in one pass.
+
+use std::collections::BTreeMap;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use rayon::prelude::*;
+use slm_model::fused::ExpInPlace;
+use slm_model::{Llama, Pack};
+use slm_tokenizer::Tokenizer;
+
+use crate::metrics::{self, Metric};
+use crate::task::Doc;
+use crate::{EvalError, SplitMix};
+
+#[derive(Debug, Clone)]
+pub struct ChoiceOptions {
+    /// Solved examples from the same file before each question ("\n\n" between them).
+    pub shots: usize,
+    /// Seed of the few-shot draw.
+    pub seed: u64,
+    /// Rows per packed forward pass (a question's rows are never split).
+    pub batch_tokens: usize,
+    pub progress: bool,
+}
+
+impl Default for ChoiceOptions {
+    fn default() -> Self {
+        Self {
+            shots: 0,
+            seed: 1234,
+            batch_tokens: 2048,
+            progress: false,
+        }
+    }
+}
+
+/// What the model said about one document: the log-likelihood of each option and how many
+/// tokens each continuation had.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DocScore {
+    pub lls: Vec<f64>,
+    pub tokens: Vec<usize>,
+}
+
+/// lm-eval's `_encode_pair`: (context tokens, continuation tokens). With a model that wants
+/// BOS, BOS starts the context; an empty context is BOS (or EOS, lm-eval's end-of-text).
+pub fn encode_pair(
+    tok: &Tokenizer,
+    context: &str,
+    continuation: &str,
+) -> Result<(Vec<u32>, Vec<u32>), EvalError> {
+    let start: Vec<u32> = match (tok.add_bos, tok.bos) {
+        (true, Some(b)) => vec![b],
+        _ => vec![],
+    };
+    if context.is_empty() {
+        let first = tok.bos.filter(|_| tok.add_bos).or(tok.eos).or(tok.bos);
+        let Some(first) = first else {
+            return Err(EvalError::EmptyContext);
+        };
+        return Ok((vec![first], tok.encode(continuation, false)?));
+    }
+    let kept = context.trim_end();
+    let moved = &context[kept.len()..];
+    let continuation = format!("{moved}{continuation}");
+    let whole = tok.encode(&format!("{kept}{continuation}"), false)?;
+    let ctx = tok.encode(kept, false)?;
+    let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
+    Ok(([start, ctx].concat(), cont))
+}
+
+/// A context and the continuations scored after it; `first` is the document's option index
+/// of the first continuation.
+struct Unit {
+    doc: usize,
+    first: usize,
+    context: Vec<u32>,
+    continuations: Vec<Vec<u32>>,
+}
+
+impl Unit {
+    fn rows(&self) -> usize {
+        self.context.len()
+            + self
+                .continuations
+                .iter()
+                .map(|c| c.len().saturating_sub(1))
+                .sum::<usize>()
+    }
+}
+
+/// The few-shot prefix of document `i`: `shots` other documents, solved, drawn with a seed
+/// per document so that any subset of documents gets the same prompts.
+fn prefix(docs: &[Doc], i: usize, shots: usize, seed: u64) -> String {
+    if shots == 0 || docs.len() < 2 {
+        return String::new();
+    }
+    let mut rng = SplitMix(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let mut picked: Vec<usize> = Vec::with_capacity(shots);
+    let want = shots.min(docs.len() - 1);
+    while picked.len() < want {
+        let j = rng.below(docs.len());
+        if j != i && !picked.contains(&j) {
+            picked.push(j);
+        }
+    }
+    let mut s: String = picked
+        .iter()
+        .map(|&j| docs[j].demonstration())
+        .collect::<Vec<_>>()
+        .join("\n\n");
+    s.push_str("\n\n");
+    s
+}
+
+fn units_of(
+    tok: &Tokenizer,
+    docs: &[Doc],
+    i: usize,
+    opts: &ChoiceOptions,
+    max_len: usize,
+) -> Result<Vec<Unit>, EvalError> {
+    let pre = prefix(docs, i, opts.shots, opts.seed);
+    let mut units: Vec<Unit> = Vec::new();
+    for (option, (ctx, cont)) in docs[i].requests(&pre).iter().enumerate() {
+        let (c, k) = encode_pair(tok, ctx, cont)?;
+        match units.last_mut() {
+            // Options after the same context share its rows.
+            Some(u) if u.context == c => u.continuations.push(k),
+            _ => units.push(Unit {
+                doc: i,
+                first: option,
+                context: c,
+                continuations: vec![k],
+            }),
+        }
+    }
+    for u in &mut units {
+        let longest = u.continuations.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > max_len {
+            return Err(EvalError::TooLong {
+                doc: i,
+                tokens: longest,
+                max: max_len,
+            });
+        }
+        // As lm-eval: a context too long for the model loses its beginning.
+        let room = max_len + 1 - longest.max(1);
+        if u.context.len() > room {
+            u.context.drain(..u.context.len() - room);
+        }
+    }
+    Ok(units)
+}
+
+/// log-sum-exp of a row of logits, in f64 over f32 exponentials.
+fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f64 {
+    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    scratch.clear();
+    scratch.extend(row.iter().map(|&v| v - max));
+    f32::exp_in_place(scratch);
+    let sum: f64 = scratch
+        .chunks(256)
+        .map(|c| c.iter().sum::<f32>() as f64)
+        .sum();
+    max as f64 + sum.ln()
+}
+
+/// Runs `units` as one packed forward and adds each continuation's log-likelihood to `lls`.
+fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(), EvalError> {
+    let mut pack = Pack::new();
+    let mut ids = Vec::new();
+    let mut rows: Vec<u32> = Vec::new();
+    // (index into rows, target token, doc, option)
+    let mut targets: Vec<(usize, u32, usize, usize)> = Vec::new();
+    for u in units {
+        let root = pack.push_root(u.context.len());
+        ids.extend_from_slice(&u.context);
+        rows.push((ids.len() - 1) as u32);
+        let last = rows.len() - 1;
+        for (j, cont) in u.continuations.iter().enumerate() {
+            let option = u.first + j;
+            let Some((&first, rest)) = cont.split_first() else {
+                continue;
+            };
+            targets.push((last, first, u.doc, option));
+            if rest.is_empty() {
+                continue;
+            }
+            pack.push_child(root, rest.len());
+            for (&fed, &next) in cont.iter().zip(rest) {
+                ids.push(fed);
+                rows.push((ids.len() - 1) as u32);
+                targets.push((rows.len() - 1, next, u.doc, option));
+            }
+        }
+    }
+    let logits = model.forward_packed(&ids, &pack, &rows)?;
+    let vocab = logits.dim(1)?;
+    let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+    let lse: Vec<f64> = logits
+        .par_chunks(vocab)
+        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
+        .collect();
+    for (r, t, doc, option) in targets {
+        let Some(&logit) = logits.get(r * vocab + t as usize) else {
+            return Err(EvalError::TokenOutOfRange { token: t, vocab });
+        };
+        lls[doc][option] += logit as f64 - lse[r];
+    }
+    Ok(())
+}
+
+/// Scores every document: the log-likelihood of each option. Also returns the number of
+/// tokens run through the model.
+pub fn score(
+    model: &Llama,
+    tok: &Tokenizer,
+    docs: &[Doc],
+    opts: &ChoiceOptions,
+) -> Result<(Vec<DocScore>, usize), EvalError> {
+    let max_len = model.config.max_position_embeddings;
+    let mut lls: Vec<Vec<f64>> = docs.iter().map(|d| vec![0.0; d.options()]).collect();
+    let mut tokens: Vec<Vec<usize>> = docs.iter().map(|d| vec![0; d.options()]).collect();
+    let bar = if opts.progress {
+        ProgressBar::new(docs.len() as u64)
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{prefix} {bar:30} {pos}/{len} docs  {per_sec}  eta {eta}  {msg}",
+        )
+        .expect("static template"),
+    );
+    let mut pending: Vec<Unit> = Vec::new();
+    let mut rows = 0;
+    let mut total_rows = 0;
+    let mut done = 0; // documents whose every option is scored
+    let mut correct = 0usize;
+    let mut flush =
+        |pending: &mut Vec<Unit>, lls: &mut Vec<Vec<f64>>, upto: usize| -> Result<(), EvalError> {
+            if !pending.is_empty() {
+                score_pack(model, pending, lls)?;
+                pending.clear();
+            }
+            while done < upto {
+                correct += usize::from(metrics::argmax(&lls[done]) == docs[done].answer());
+                done += 1;
+            }
+            bar.set_position(done as u64);
+            bar.set_message(format!("acc {:.4}", correct as f64 / done.max(1) as f64));
+            Ok(())
+        };
+    for i in 0..docs.len() {
+        for u in units_of(tok, docs, i, opts, max_len)? {
+            for (j, c) in u.continuations.iter().enumerate() {
+                tokens[i][u.first + j] = c.len();
+            }
+            let r = u.rows();
+            if rows + r > opts.batch_tokens && !pending.is_empty() {
+                // Every document before i is complete once the pending pack is scored.
+                flush(&mut pending, &mut lls, i)?;
+                rows = 0;
+            }
+            rows += r;
+            total_rows += r;
+            pending.push(u);
+        }
+    }
+    flush(&mut pending, &mut lls, docs.len())?;
+    bar.finish_and_clear();
+    let scores = lls
+        .into_iter()
+        .zip(tokens)
+        .map(|(lls, tokens)| DocScore { lls, tokens })
+        .collect();
+    Ok((scores, total_rows))
+}
+
+/// acc, acc_norm and acc_bytes over the documents, with standard errors.
+pub fn metrics(docs: &[Doc], scores: &[DocScore]) -> BTreeMap<String, Metric> {
+    let mut acc = Vec::with_capacity(docs.len());
+    let mut acc_norm = Vec::with_capacity(docs.len());
+    let mut acc_bytes = Vec::with_capacity(docs.len());
+    for (d, s) in docs.iter().zip(scores) {
+        let gold = d.answer();
+        let hit = |lens: Vec<f64>| -> f64 {
+            let normed: Vec<f64> = s.lls.iter().zip(&lens).map(|(l, n)| l / n).collect();
+            f64::from(u8::from(metrics::argmax(&normed) == gold))
+        };
+        acc.push(f64::from(u8::from(metrics::argmax(&s.lls) == gold)));
+        acc_norm.push(hit(d
+            .norm_texts()
+            .iter()
+            .map(|t| t.chars().count() as f64)
+            .collect()));
+        acc_bytes.push(hit(d.norm_texts().iter().map(|t| t.len() as f64).collect()));
+    }
+    BTreeMap::from([
+        ("acc".to_string(), metrics::mean(&acc)),
+        ("acc_norm".to_string(), metrics::mean(&acc_norm)),
+        ("acc_bytes".to_string(), metrics::mean(&acc_bytes)),
+    ])
+}
+
+/// Predicted option per document (argmax of the raw log-likelihood).
+pub fn predictions(scores: &[DocScore]) -> Vec<usize> {
+    scores.iter().map(|s| metrics::argmax(&s.lls)).collect()
+}
