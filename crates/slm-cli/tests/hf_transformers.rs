@@ -10,7 +10,7 @@ use std::process::Command;
 use candle_core::{Device, Tensor};
 
 mod common;
-use common::{corpus_tokenizer_shards, ok, slm};
+use common::{corpus_tokenizer_shards, ok, slm, train_tiny};
 
 fn python() -> Option<String> {
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -27,40 +27,6 @@ fn python() -> Option<String> {
     );
     eprintln!("skipped: {py} cannot import torch and transformers (set SLM_PYTHON)");
     None
-}
-
-fn train_tiny(dir: &Path, name: &str, kv_heads: usize, tied: bool) -> std::path::PathBuf {
-    let recipe = dir.join(format!("{name}.toml"));
-    std::fs::write(
-        &recipe,
-        format!(
-            r#"[run]
-out = "{name}"
-seed = 5
-[data]
-shards = "shards"
-tokenizer = "tok.json"
-[model]
-d_model = 64
-layers = 2
-heads = 4
-kv_heads = {kv_heads}
-ffn = 96
-context = 32
-tied_embeddings = {tied}
-rope_theta = 500.0
-[budget]
-tokens = 20480
-[optim]
-batch = 8
-lr = 1e-2
-warmup = 5
-"#
-        ),
-    )
-    .unwrap();
-    ok(slm().arg("train").arg(&recipe).current_dir(dir));
-    dir.join(name).join("model")
 }
 
 const TEXT: &str = "The white whale swam under the deep sea. The captain sailed";

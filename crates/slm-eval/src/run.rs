@@ -52,9 +52,11 @@ impl TaskSpec {
             "choice" => (Kind::Choice, "acc"),
             "classify" => (Kind::Classify, "acc"),
             "perplexity" => (Kind::Perplexity, "ppl"),
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "--task {spec:?}: unknown kind {other:?} (expected choice, classify or perplexity)"
-            )),
+            ))
+            }
         };
         let file = PathBuf::from(file);
         let name = file

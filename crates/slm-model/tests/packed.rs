@@ -130,10 +130,15 @@ fn packed_rows_equal_each_sequence_run_alone() {
 
 #[test]
 fn dequantized_model_gives_the_same_logits_for_dense_weights() {
+    // Same weights; candle's norm/SiLU/RoPE kernels instead of ggml's rounding order.
     let m = random_model(&tiny());
     let d = m.dequantized().unwrap();
     let ids = [3u32, 1, 4, 1, 5, 9, 2, 6];
-    assert_eq!(plain_logits(&m, &ids), plain_logits(&d, &ids));
+    for (a, b) in plain_logits(&m, &ids).iter().zip(plain_logits(&d, &ids)) {
+        for (x, y) in a.iter().zip(b) {
+            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        }
+    }
 }
 
 #[test]

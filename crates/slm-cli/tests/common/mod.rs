@@ -1,5 +1,7 @@
 //! What the CLI tests share: running the binary, and a small corpus with its tokenizer and
 //! shards.
+// Each test binary includes this module and uses a different part of it.
+#![allow(dead_code)]
 
 use std::path::Path;
 use std::process::Command;
@@ -65,4 +67,40 @@ pub fn corpus_tokenizer_shards(dir: &Path) {
             "shards",
         ])
         .current_dir(dir));
+}
+
+/// Trains a tiny model on the shards in `dir` (see `corpus_tokenizer_shards`) and returns its
+/// model folder.
+pub fn train_tiny(dir: &Path, name: &str, kv_heads: usize, tied: bool) -> std::path::PathBuf {
+    let recipe = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &recipe,
+        format!(
+            r#"[run]
+out = "{name}"
+seed = 5
+[data]
+shards = "shards"
+tokenizer = "tok.json"
+[model]
+d_model = 64
+layers = 2
+heads = 4
+kv_heads = {kv_heads}
+ffn = 96
+context = 32
+tied_embeddings = {tied}
+rope_theta = 500.0
+[budget]
+tokens = 20480
+[optim]
+batch = 8
+lr = 1e-2
+warmup = 5
+"#
+        ),
+    )
+    .unwrap();
+    ok(slm().arg("train").arg(&recipe).current_dir(dir));
+    dir.join(name).join("model")
 }
