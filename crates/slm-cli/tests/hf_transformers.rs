@@ -10,7 +10,7 @@ use std::process::Command;
 use candle_core::{Device, Tensor};
 
 mod common;
-use common::{corpus_tokenizer_shards, ok, slm, train_tiny};
+use common::{corpus_tokenizer_shards, ok, train_tiny};
 
 fn python() -> Option<String> {
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());

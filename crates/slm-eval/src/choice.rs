@@ -263,10 +263,10 @@ pub fn score(
             bar.set_message(format!("acc {:.4}", correct as f64 / done.max(1) as f64));
             Ok(())
         };
-    for i in 0..docs.len() {
+    for (i, doc_tokens) in tokens.iter_mut().enumerate() {
         for u in units_of(tok, docs, i, opts, max_len)? {
             for (j, c) in u.continuations.iter().enumerate() {
-                tokens[i][u.first + j] = c.len();
+                doc_tokens[u.first + j] = c.len();
             }
             let r = u.rows();
             if rows + r > opts.batch_tokens && !pending.is_empty() {

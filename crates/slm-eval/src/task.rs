@@ -104,7 +104,11 @@ impl Doc {
     }
 }
 
-fn read_rows(path: &Path) -> Result<Vec<(usize, serde_json::Map<String, Value>)>, TaskError> {
+/// A JSON object of a task file.
+type Row = serde_json::Map<String, Value>;
+
+/// The rows of a JSON Lines file with their line numbers.
+fn read_rows(path: &Path) -> Result<Vec<(usize, Row)>, TaskError> {
     let file = path.display().to_string();
     let text = std::fs::read_to_string(path).map_err(|source| TaskError::Io {
         file: file.clone(),
