@@ -172,5 +172,9 @@ fn gguf_json(v: &slm_model::gguf::Value) -> serde_json::Value {
     if let Some(f) = v.as_f64() {
         return f.into();
     }
-    v.summary().into()
+    match v.as_array() {
+        // Long arrays (a tokenizer's vocabulary) are not lineage; say how long they are.
+        Some(items) if items.len() <= 64 => items.iter().map(gguf_json).collect(),
+        _ => v.summary().into(),
+    }
 }
