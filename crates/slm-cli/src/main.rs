@@ -973,7 +973,7 @@ fn eval(
     threads: usize,
     out: Option<&Path>,
 ) -> Result<()> {
-    // Task files are read before the model loads, so a bad row fails in a second.
+    // A mistyped path fails before the model loads.
     for s in specs {
         if !s.file.is_file() {
             bail!("--task {}: no such file", s.file.display());

@@ -64,16 +64,16 @@ pub fn encode_pair(
         (true, Some(b)) => vec![b],
         _ => vec![],
     };
-    if context.is_empty() {
+    let kept = context.trim_end();
+    let moved = &context[kept.len()..];
+    let continuation = format!("{moved}{continuation}");
+    if kept.is_empty() {
         let first = tok.bos.filter(|_| tok.add_bos).or(tok.eos).or(tok.bos);
         let Some(first) = first else {
             return Err(EvalError::EmptyContext);
         };
-        return Ok((vec![first], tok.encode(continuation, false)?));
+        return Ok((vec![first], tok.encode(&continuation, false)?));
     }
-    let kept = context.trim_end();
-    let moved = &context[kept.len()..];
-    let continuation = format!("{moved}{continuation}");
     let whole = tok.encode(&format!("{kept}{continuation}"), false)?;
     let ctx = tok.encode(kept, false)?;
     let cont = whole.get(ctx.len()..).unwrap_or_default().to_vec();
@@ -239,10 +239,8 @@ pub fn score(
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template(
-            "{prefix} {bar:30} {pos}/{len} docs  {per_sec}  eta {eta}  {msg}",
-        )
-        .expect("static template"),
+        ProgressStyle::with_template("{bar:30} {pos}/{len} docs  {per_sec}  eta {eta}  {msg}")
+            .expect("static template"),
     );
     let mut pending: Vec<Unit> = Vec::new();
     let mut rows = 0;

@@ -139,6 +139,9 @@ fn context_and_choice_split_as_lm_eval_does() {
     // An empty context starts from end-of-text, as lm-eval's eot_token_id.
     let (c, k) = choice::encode_pair(&tok, "", "ab").unwrap();
     assert_eq!((c, k), (vec![id("<eos>")], vec![id("ab")]));
+    // So does a context of whitespace only, its whitespace moved to the continuation.
+    let (c, k) = choice::encode_pair(&tok, " ", "c").unwrap();
+    assert_eq!((c, k), (vec![id("<eos>")], vec![id(" "), id("c")]));
 }
 
 #[test]
