@@ -14,8 +14,7 @@
 use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use rayon::prelude::*;
-use slm_model::fused::ExpInPlace;
+use slm_model::fused::all_log_sum_exp;
 use slm_model::{Llama, Pack};
 use slm_tokenizer::Tokenizer;
 
@@ -164,19 +163,6 @@ fn units_of(
     Ok(units)
 }
 
-/// log-sum-exp of a row of logits, in f64 over f32 exponentials.
-fn log_sum_exp(row: &[f32], scratch: &mut Vec<f32>) -> f64 {
-    let max = row.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
-    scratch.clear();
-    scratch.extend(row.iter().map(|&v| v - max));
-    f32::exp_in_place(scratch);
-    let sum: f64 = scratch
-        .chunks(256)
-        .map(|c| c.iter().sum::<f32>() as f64)
-        .sum();
-    max as f64 + sum.ln()
-}
-
 /// Runs `units` as one packed forward and adds each continuation's log-likelihood to `lls`.
 fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(), EvalError> {
     let mut pack = Pack::new();
@@ -209,10 +195,7 @@ fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(),
     let logits = model.forward_packed(&ids, &pack, &rows)?;
     let vocab = logits.dim(1)?;
     let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    let lse: Vec<f64> = logits
-        .par_chunks(vocab)
-        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
-        .collect();
+    let lse = all_log_sum_exp(&logits, vocab);
     for (r, t, doc, option) in targets {
         let Some(&logit) = logits.get(r * vocab + t as usize) else {
             return Err(EvalError::TokenOutOfRange { token: t, vocab });

@@ -62,6 +62,24 @@ impl ExpInPlace for f32 {
     }
 }
 
+/// log(sum(exp(row))) with the exponentials from `exp_in_place`, summed in f64.
+pub fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
+    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+    scratch.clear();
+    scratch.extend(row.iter().map(|&x| x - max));
+    T::exp_in_place(scratch);
+    let sum: f64 = scratch.iter().map(|&e| WithDType::to_f64(e)).sum();
+    WithDType::to_f64(max) + sum.ln()
+}
+
+/// `log_sum_exp` of every row of width `v` of `x`, rows in parallel: the normaliser of a
+/// log-softmax over the vocabulary, for cross-entropy and for scoring continuations.
+pub fn all_log_sum_exp<T: WithDType + ExpInPlace>(x: &[T], v: usize) -> Vec<f64> {
+    x.par_chunks(v)
+        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
+        .collect()
+}
+
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn exp_avx2(xs: &mut [f32]) {

@@ -10,9 +10,8 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
-use num_traits::Float;
 use rayon::prelude::*;
-use slm_model::fused::{contiguous, ExpInPlace};
+use slm_model::fused::{all_log_sum_exp, contiguous, ExpInPlace};
 
 /// Mean next-token cross-entropy of logits (b, t, vocab) against targets (b, t).
 pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
@@ -37,21 +36,6 @@ fn rows<'a, T: WithDType>(
 ) -> candle_core::Result<(usize, usize, &'a [T])> {
     let (n, v) = layout.shape().dims2()?;
     Ok((n, v, contiguous(x, layout, "cross-entropy")?))
-}
-
-fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
-    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-    scratch.clear();
-    scratch.extend(row.iter().map(|&x| x - max));
-    T::exp_in_place(scratch);
-    let sum: f64 = scratch.iter().map(|&e| WithDType::to_f64(e)).sum();
-    WithDType::to_f64(max) + sum.ln()
-}
-
-fn all_log_sum_exp<T: WithDType + ExpInPlace>(x: &[T], v: usize) -> Vec<f64> {
-    x.par_chunks(v)
-        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
-        .collect()
 }
 
 impl CrossEntropy {
