@@ -279,6 +279,28 @@ struct Attention {
 }
 
 impl Attention {
+    /// q, k and v of x (batch, seq, hidden) as (batch, heads, seq, head_dim), q and k
+    /// rotated by `rotate`.
+    fn qkv(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        rotate: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let hd = self.head_dim;
+        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        tap::see("Qcur", Some(layer), &q);
+        tap::see("Kcur", Some(layer), &k);
+        tap::see("Vcur", Some(layer), &v);
+        let q = rotate(&heads(q, self.n_heads)?)?;
+        let k = rotate(&heads(k, self.n_kv_heads)?)?;
+        tap::see("Qrope", Some(layer), &q);
+        tap::see("Krope", Some(layer), &k);
+        Ok((q, k, heads(v, self.n_kv_heads)?))
+    }
+
     fn forward(
         &self,
         x: &Tensor,
@@ -290,16 +312,7 @@ impl Attention {
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        tap::see("Qcur", Some(layer), &q);
-        tap::see("Kcur", Some(layer), &k);
-        tap::see("Vcur", Some(layer), &v);
-        let q = rope.apply(&heads(q, nh)?, pos, ggml)?;
-        let k = rope.apply(&heads(k, nkv)?, pos, ggml)?;
-        tap::see("Qrope", Some(layer), &q);
-        tap::see("Krope", Some(layer), &k);
-        let v = heads(v, nkv)?;
+        let (q, k, v) = self.qkv(x, layer, |y| rope.apply(y, pos, ggml))?;
         if let Some(cache) = cache {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
@@ -340,9 +353,7 @@ impl Attention {
             .reshape((b, t, nh * hd))?;
         self.o.forward(&y)
     }
-}
 
-impl Attention {
     /// x: (1, rows, hidden) of a pack; see `packed`.
     fn forward_packed(
         &self,
@@ -350,15 +361,12 @@ impl Attention {
         rope: &Rope,
         pack: &Pack,
         positions: &Tensor,
+        layer: usize,
         ggml: bool,
     ) -> candle_core::Result<Tensor> {
-        let (b, t, _) = x.dims3()?;
+        let t = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
-        let q = rope.apply_at(&heads(q, nh)?, positions, ggml)?;
-        let k = rope.apply_at(&heads(k, nkv)?, positions, ggml)?;
-        let v = heads(v, nkv)?;
+        let (q, k, v) = self.qkv(x, layer, |y| rope.apply_at(y, positions, ggml))?;
         let flat = |y: Tensor| -> candle_core::Result<Vec<f32>> {
             y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
         };
@@ -625,8 +633,8 @@ impl Llama {
         let x = self
             .embed
             .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
-        let x = self.blocks(x, |_, attn, h| {
-            attn.forward_packed(h, &self.rope, pack, &positions, self.ggml)
+        let x = self.blocks(x, |i, attn, h| {
+            attn.forward_packed(h, &self.rope, pack, &positions, i, self.ggml)
         })?;
         let x = x
             .squeeze(0)?
