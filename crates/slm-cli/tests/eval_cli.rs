@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{corpus_tokenizer_shards, ok, slm, train_tiny};
+use common::{corpus_tokenizer_shards, fails, ok, slm, train_tiny};
 
 #[test]
 fn eval_writes_results_and_report_compares_them() {
@@ -140,21 +140,13 @@ fn bad_task_files_and_specs_fail_clearly() {
             "hellaswag.jsonl is missing",
         ),
     ] {
-        let out = slm()
-            .arg("eval")
-            .arg(&model)
-            .args(&args)
-            .current_dir(d)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success());
+        let err = fails(slm().arg("eval").arg(&model).args(&args).current_dir(d));
         assert!(err.contains(want), "{args:?}: {err}");
     }
-    let out = slm()
-        .args(["report", "bad.jsonl", "-o", "x.html"])
-        .current_dir(d)
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("not a results file"));
+    let err = fails(
+        slm()
+            .args(["report", "bad.jsonl", "-o", "x.html"])
+            .current_dir(d),
+    );
+    assert!(err.contains("not a results file"), "{err}");
 }

@@ -2,11 +2,10 @@
 //! checkpoint on disk stays loadable and the loss curve equals an unbroken run's.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 mod common;
-use common::{corpus_tokenizer_shards as setup, ok, slm};
+use common::{corpus_tokenizer_shards as setup, fails, ok, slm};
 
 fn recipe(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
@@ -191,12 +190,6 @@ fn copy_dir(from: &Path, to: &Path) {
     for e in std::fs::read_dir(from).unwrap().flatten() {
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
-}
-
-fn fails(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap();
-    assert!(!out.status.success(), "{cmd:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).to_string()
 }
 
 #[test]

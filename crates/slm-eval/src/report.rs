@@ -5,7 +5,7 @@
 
 use plotters::prelude::*;
 
-use crate::results::Results;
+use crate::results::{Results, TaskResult};
 
 const PALETTE: [RGBColor; 8] = [
     RGBColor(31, 119, 180),
@@ -45,12 +45,37 @@ fn primary(r: &Results, name: &str) -> Option<(f64, f64)> {
     Some((m.value, m.stderr))
 }
 
-fn is_accuracy(runs: &[(String, Results)], name: &str) -> bool {
+/// Task `name` as the first file that has it describes it.
+fn first_task<'a>(runs: &'a [(String, Results)], name: &str) -> Option<&'a TaskResult> {
     runs.iter()
         .flat_map(|(_, r)| r.tasks.iter())
         .find(|t| t.name == name)
+}
+
+fn is_accuracy(runs: &[(String, Results)], name: &str) -> bool {
+    first_task(runs, name)
         .map(|t| t.kind != "perplexity")
         .unwrap_or(false)
+}
+
+/// Upper end of a y axis from 0 that holds `values` with a margin.
+fn axis_top(values: impl Iterator<Item = f64>) -> f64 {
+    let top = values.fold(0f64, f64::max) * 1.1;
+    if top > 0.0 {
+        top
+    } else {
+        1.0
+    }
+}
+
+/// An x-axis label: the name at an integer position, nothing between.
+fn index_label(labels: &[String], x: f64) -> String {
+    let i = x.round();
+    if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
+        labels[i as usize].clone()
+    } else {
+        String::new()
+    }
 }
 
 /// Grouped bars: one group per task, one bar per results file, with +-1 stderr whiskers.
@@ -58,13 +83,12 @@ fn bar_chart(runs: &[(String, Results)], tasks: &[String], title: &str) -> Resul
     let mut svg = String::new();
     let groups = tasks.len() as f64;
     let width = 0.8 / runs.len() as f64;
-    let top = tasks
-        .iter()
-        .flat_map(|t| runs.iter().filter_map(move |(_, r)| primary(r, t)))
-        .map(|(v, se)| v + se)
-        .fold(0f64, f64::max)
-        * 1.1;
-    let top = if top > 0.0 { top } else { 1.0 };
+    let top = axis_top(
+        tasks
+            .iter()
+            .flat_map(|t| runs.iter().filter_map(move |(_, r)| primary(r, t)))
+            .map(|(v, se)| v + se),
+    );
     {
         let root = SVGBackend::with_string(&mut svg, (860, 360)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -79,14 +103,7 @@ fn bar_chart(runs: &[(String, Results)], tasks: &[String], title: &str) -> Resul
         c.configure_mesh()
             .disable_x_mesh()
             .x_labels(tasks.len().max(2))
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-                    labels[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&|x| index_label(&labels, *x))
             .draw()
             .map_err(|e| e.to_string())?;
         for (k, (label, r)) in runs.iter().enumerate() {
@@ -127,13 +144,12 @@ fn bar_chart(runs: &[(String, Results)], tasks: &[String], title: &str) -> Resul
 fn line_chart(runs: &[(String, Results)], tasks: &[String]) -> Result<String, String> {
     let mut svg = String::new();
     let n = runs.len() as f64;
-    let top = tasks
-        .iter()
-        .flat_map(|t| runs.iter().filter_map(move |(_, r)| primary(r, t)))
-        .map(|(v, _)| v)
-        .fold(0f64, f64::max)
-        * 1.1;
-    let top = if top > 0.0 { top } else { 1.0 };
+    let top = axis_top(
+        tasks
+            .iter()
+            .flat_map(|t| runs.iter().filter_map(move |(_, r)| primary(r, t)))
+            .map(|(v, _)| v),
+    );
     {
         let root = SVGBackend::with_string(&mut svg, (860, 340)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -147,14 +163,7 @@ fn line_chart(runs: &[(String, Results)], tasks: &[String]) -> Result<String, St
             .map_err(|e| e.to_string())?;
         c.configure_mesh()
             .x_labels(runs.len().max(2))
-            .x_label_formatter(&|x| {
-                let i = x.round();
-                if (x - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < labels.len() {
-                    labels[i as usize].clone()
-                } else {
-                    String::new()
-                }
-            })
+            .x_label_formatter(&|x| index_label(&labels, *x))
             .draw()
             .map_err(|e| e.to_string())?;
         for (k, t) in tasks.iter().enumerate() {
@@ -233,10 +242,7 @@ pub fn render(runs: &[(String, Results)]) -> Result<String, String> {
     html.push_str("</tr>");
     for t in &tasks {
         let acc = is_accuracy(runs, t);
-        let metric = runs
-            .iter()
-            .flat_map(|(_, r)| r.tasks.iter())
-            .find(|x| &x.name == t)
+        let metric = first_task(runs, t)
             .map(|x| x.primary.clone())
             .unwrap_or_default();
         html.push_str(&format!(

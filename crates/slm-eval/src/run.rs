@@ -64,22 +64,18 @@ impl TaskSpec {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|| file.display().to_string());
         // A known benchmark's file keeps the name and metric it is reported by.
-        let known = file
+        let (name, primary) = match file
             .file_name()
-            .and_then(|f| CORE.iter().find(|t| t.1 == kind && f == t.2));
-        Ok(match known {
-            Some(&(task, _, _, primary)) => Self {
-                name: task.into(),
-                kind,
-                file,
-                primary: primary.into(),
-            },
-            None => Self {
-                name,
-                kind,
-                file,
-                primary: primary.into(),
-            },
+            .and_then(|f| CORE.iter().find(|t| t.1 == kind && f == t.2))
+        {
+            Some(&(task, _, _, known)) => (task.to_string(), known),
+            None => (name, primary),
+        };
+        Ok(Self {
+            name,
+            kind,
+            file,
+            primary: primary.into(),
         })
     }
 }

@@ -21,6 +21,13 @@ pub fn ok(cmd: &mut Command) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Runs `cmd`, fails the test if it succeeds, and returns its stderr.
+pub fn fails(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(!out.status.success(), "{cmd:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).to_string()
+}
+
 /// In `dir`: corpus/ (30 documents of 400 seeded words from a ten-word sea vocabulary),
 /// tok.json (a 300-token BPE) and shards/.
 pub fn corpus_tokenizer_shards(dir: &Path) {
