@@ -145,6 +145,18 @@ fn bad_task_files_and_specs_fail_clearly() {
     }
     let err = fails(
         slm()
+            .arg("eval")
+            .arg(&model)
+            .args(["--suite", "core"])
+            .env_remove("SLM_EVALS")
+            .current_dir(d),
+    );
+    assert!(
+        err.contains("--suite needs the folder of its files"),
+        "{err}"
+    );
+    let err = fails(
+        slm()
             .args(["report", "bad.jsonl", "-o", "x.html"])
             .current_dir(d),
     );

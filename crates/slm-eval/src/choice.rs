@@ -124,16 +124,23 @@ fn prefix(docs: &[Doc], i: usize, shots: usize, seed: u64) -> String {
 }
 
 fn units_of(
+    model: &Llama,
     tok: &Tokenizer,
     docs: &[Doc],
     i: usize,
     opts: &ChoiceOptions,
-    max_len: usize,
 ) -> Result<Vec<Unit>, EvalError> {
+    let max_len = model.config.max_position_embeddings;
+    let vocab = model.config.vocab_size;
     let pre = prefix(docs, i, opts.shots, opts.seed);
     let mut units: Vec<Unit> = Vec::new();
     for (option, (ctx, cont)) in docs[i].requests(&pre).iter().enumerate() {
         let (c, k) = encode_pair(tok, ctx, cont)?;
+        // A tokenizer larger than the model's vocabulary: fail, rather than read another
+        // row's logit.
+        if let Some(&token) = c.iter().chain(&k).find(|&&t| t as usize >= vocab) {
+            return Err(EvalError::TokenOutOfRange { token, vocab });
+        }
         match units.last_mut() {
             // Options after the same context share its rows.
             Some(u) if u.context == c => u.continuations.push(k),
@@ -197,10 +204,8 @@ fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(),
     let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
     let lse = all_log_sum_exp(&logits, vocab);
     for (r, t, doc, option) in targets {
-        let Some(&logit) = logits.get(r * vocab + t as usize) else {
-            return Err(EvalError::TokenOutOfRange { token: t, vocab });
-        };
-        lls[doc][option] += logit as f64 - lse[r];
+        // Token ids were checked against the vocabulary in `units_of`.
+        lls[doc][option] += logits[r * vocab + t as usize] as f64 - lse[r];
     }
     Ok(())
 }
@@ -213,7 +218,6 @@ pub fn score(
     docs: &[Doc],
     opts: &ChoiceOptions,
 ) -> Result<(Vec<DocScore>, usize), EvalError> {
-    let max_len = model.config.max_position_embeddings;
     let mut lls: Vec<Vec<f64>> = docs.iter().map(|d| vec![0.0; d.options()]).collect();
     let mut tokens: Vec<Vec<usize>> = docs.iter().map(|d| vec![0; d.options()]).collect();
     let bar = if opts.progress {
@@ -245,7 +249,7 @@ pub fn score(
             Ok(())
         };
     for (i, doc_tokens) in tokens.iter_mut().enumerate() {
-        for u in units_of(tok, docs, i, opts, max_len)? {
+        for u in units_of(model, tok, docs, i, opts)? {
             for (j, c) in u.continuations.iter().enumerate() {
                 doc_tokens[u.first + j] = c.len();
             }

@@ -92,9 +92,10 @@ fn model(vocab: usize) -> Llama {
     Llama::load(&cfg, &Weights::Vars(vb), &dev).unwrap()
 }
 
-/// sum_j log p(cont[j] | ctx, cont[..j]) from one plain forward over ctx + cont.
+/// sum_j log p(cont[j] | ctx, cont[..j]) from one plain forward over ctx + cont (without
+/// cont's last token, which nothing is predicted from).
 fn direct_ll(m: &Llama, ctx: &[u32], cont: &[u32]) -> f64 {
-    let ids: Vec<u32> = ctx.iter().chain(cont).copied().collect();
+    let ids: Vec<u32> = ctx.iter().chain(&cont[..cont.len() - 1]).copied().collect();
     let x = Tensor::new(ids.as_slice(), &Device::Cpu)
         .unwrap()
         .unsqueeze(0)
@@ -262,4 +263,76 @@ fn acc_acc_norm_and_acc_bytes_by_hand() {
     assert!((m["acc"].stderr - (1.0f64 / 3.0).sqrt() / 2.0).abs() < 1e-12);
     assert_eq!(m["acc_bytes"].stderr, 0.0);
     assert_eq!(choice::predictions(&scores), vec![0, 0, 0, 1]);
+}
+
+#[test]
+fn a_long_context_loses_its_beginning_as_in_lm_eval() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size());
+    // 100 context tokens and 3 continuation tokens in a 64-position model: the context keeps
+    // its last 62 tokens, so the 2 rows fed of the continuation end at position 63.
+    let context: String = "xy".repeat(50);
+    let docs = vec![Doc::Choice {
+        context: context.clone(),
+        choices: vec![" cc".into(), " yx".into()],
+        answer: 0,
+    }];
+    let (scores, rows) = choice::score(&m, &tok, &docs, &ChoiceOptions::default()).unwrap();
+    assert_eq!(rows, 62 + 2 + 2);
+    for (o, cont) in [" cc", " yx"].iter().enumerate() {
+        let (c, k) = choice::encode_pair(&tok, &context, cont).unwrap();
+        let want = direct_ll(&m, &c[c.len() - 62..], &k);
+        assert!(
+            (scores[0].lls[o] - want).abs() < 1e-4,
+            "{} vs {want}",
+            scores[0].lls[o]
+        );
+    }
+}
+
+#[test]
+fn impossible_inputs_are_clear_errors() {
+    let tok = tokenizer();
+    let m = model(tok.vocab_size());
+    let one = |context: &str, choice: &str| {
+        vec![Doc::Choice {
+            context: context.into(),
+            choices: vec![choice.into(), " c".into()],
+            answer: 0,
+        }]
+    };
+    // A continuation longer than the model's context.
+    let err = choice::score(
+        &m,
+        &tok,
+        &one("x", &"c".repeat(70)),
+        &ChoiceOptions::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains(
+            "document 0: a continuation of 70 tokens does not fit the model's context of 64"
+        ),
+        "{err}"
+    );
+    // A tokenizer that knows more tokens than the model: "ab" is id 10, the model has 10.
+    let small = model(10);
+    let err = choice::score(&small, &tok, &one("x", " ab"), &ChoiceOptions::default())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("token id 10 is outside the model's vocabulary of 10"),
+        "{err}"
+    );
+    // An empty context with neither BOS nor EOS to start from.
+    let mut bare = tokenizer();
+    bare.eos = None;
+    let err = choice::encode_pair(&bare, "", " c")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("an empty context needs a BOS or EOS token"),
+        "{err}"
+    );
 }
