@@ -128,15 +128,11 @@ pub fn attend(
                     let old = m;
                     m = s;
                     ms = (old - m).exp();
-                    for a in acc.iter_mut() {
-                        *a = f16::from_f32(a.to_f32() * ms);
-                    }
+                    crate::ggml_math::scale_f16(&mut acc, ms);
                 } else {
                     vs = (s - m).exp();
                 }
-                for (a, vv) in acc.iter_mut().zip(vrow) {
-                    *a = f16::from_f32(vv.to_f32().mul_add(vs, a.to_f32()));
-                }
+                crate::ggml_math::mad_f16(&mut acc, vrow, vs);
                 s_sum = s_sum.mul_add(ms, vs); // contracted to FMA in ggml's build
             }
             let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };

@@ -100,13 +100,151 @@ pub fn swiglu(g: f32, u: f32) -> f32 {
     g / (1.0 + expf(-g)) * u
 }
 
+/// Whether this CPU runs the x86 kernels (AVX2, FMA and F16C); checked once.
+pub fn has_avx2() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
 /// ggml_vec_dot_f16 (flash attention's K·Q): four accumulators of `lanes` f32 fed with fused
 /// multiply-adds, folded as (a0+a2)+(a1+a3), then reduced across lanes in the order of the
 /// build's horizontal add; a tail past the last full step is added in f64.
 pub fn dot_f16(k: &[f16], q: &[f32]) -> f32 {
+    assert_eq!(k.len(), q.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features; lengths are equal.
+        return unsafe { x86::dot_f16(k, q, flavor()) };
+    }
     match flavor() {
         Flavor::Avx512 => dot_f16_lanes::<16>(k, q),
         Flavor::Avx2 => dot_f16_lanes::<8>(k, q),
+    }
+}
+
+/// ggml_vec_mad_f16: `y = f16(x * v + y)` element by element (one rounding of a fused
+/// multiply-add, then to f16).
+pub fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+    assert_eq!(y.len(), x.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features; lengths are equal.
+        return unsafe { x86::mad_f16(y, x, v) };
+    }
+    for (a, b) in y.iter_mut().zip(x) {
+        *a = f16::from_f32(b.to_f32().mul_add(v, a.to_f32()));
+    }
+}
+
+/// ggml_vec_scale_f16: `y = f16(y * v)`.
+pub fn scale_f16(y: &mut [f16], v: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features.
+        return unsafe { x86::scale_f16(y, v) };
+    }
+    for a in y.iter_mut() {
+        *a = f16::from_f32(a.to_f32() * v);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{f16, Flavor};
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `k.len() == q.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot_f16(k: &[f16], q: &[f32], flavor: Flavor) -> f32 {
+        let n = k.len();
+        let (kp, qp) = (k.as_ptr() as *const u16, q.as_ptr());
+        let ld = |i: usize| _mm256_cvtph_ps(_mm_loadu_si128(kp.add(i) as *const __m128i));
+        let lq = |i: usize| _mm256_loadu_ps(qp.add(i));
+        let (total, np) = match flavor {
+            Flavor::Avx512 => {
+                // Four accumulators of 16 lanes: a[2j] the low eight lanes of the j-th.
+                let np = n - n % 64;
+                let mut a = [_mm256_setzero_ps(); 8];
+                for i in (0..np).step_by(64) {
+                    for (x, acc) in a.iter_mut().enumerate() {
+                        let idx = i + x * 8;
+                        *acc = _mm256_fmadd_ps(ld(idx), lq(idx), *acc);
+                    }
+                }
+                let lo = _mm256_add_ps(_mm256_add_ps(a[0], a[4]), _mm256_add_ps(a[2], a[6]));
+                let hi = _mm256_add_ps(_mm256_add_ps(a[1], a[5]), _mm256_add_ps(a[3], a[7]));
+                let t3 = _mm256_add_ps(hi, lo);
+                let t6 = _mm_add_ps(_mm256_extractf128_ps(t3, 1), _mm256_castps256_ps128(t3));
+                let r = _mm_add_ps(t6, _mm_movehl_ps(t6, t6));
+                (_mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r))), np)
+            }
+            Flavor::Avx2 => {
+                let np = n - n % 32;
+                let mut a = [_mm256_setzero_ps(); 4];
+                for i in (0..np).step_by(32) {
+                    for (x, acc) in a.iter_mut().enumerate() {
+                        let idx = i + x * 8;
+                        *acc = _mm256_fmadd_ps(ld(idx), lq(idx), *acc);
+                    }
+                }
+                let v = _mm256_add_ps(_mm256_add_ps(a[0], a[2]), _mm256_add_ps(a[1], a[3]));
+                let t0 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+                let t1 = _mm_hadd_ps(t0, t0);
+                (_mm_cvtss_f32(_mm_hadd_ps(t1, t1)), np)
+            }
+        };
+        let mut sum = total as f64;
+        for i in np..n {
+            sum += (k[i].to_f32() * q[i]) as f64;
+        }
+        sum as f32
+    }
+
+    /// # Safety
+    /// AVX2, FMA and F16C; `y.len() == x.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn mad_f16(y: &mut [f16], x: &[f16], v: f32) {
+        let n = y.len();
+        let (yp, xp) = (y.as_mut_ptr() as *mut u16, x.as_ptr() as *const u16);
+        let vv = _mm256_set1_ps(v);
+        let np = n - n % 8;
+        for i in (0..np).step_by(8) {
+            let a = _mm256_cvtph_ps(_mm_loadu_si128(yp.add(i) as *const __m128i));
+            let b = _mm256_cvtph_ps(_mm_loadu_si128(xp.add(i) as *const __m128i));
+            let r = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_fmadd_ps(b, vv, a));
+            _mm_storeu_si128(yp.add(i) as *mut __m128i, r);
+        }
+        for i in np..n {
+            y[i] = f16::from_f32(x[i].to_f32().mul_add(v, y[i].to_f32()));
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn scale_f16(y: &mut [f16], v: f32) {
+        let n = y.len();
+        let yp = y.as_mut_ptr() as *mut u16;
+        let vv = _mm256_set1_ps(v);
+        let np = n - n % 8;
+        for i in (0..np).step_by(8) {
+            let a = _mm256_cvtph_ps(_mm_loadu_si128(yp.add(i) as *const __m128i));
+            let r = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_mul_ps(a, vv));
+            _mm_storeu_si128(yp.add(i) as *mut __m128i, r);
+        }
+        for a in &mut y[np..] {
+            *a = f16::from_f32(a.to_f32() * v);
+        }
     }
 }
 
@@ -161,6 +299,38 @@ mod tests {
         assert_eq!(expf(-200.0), 0.0);
         assert_eq!(expf(200.0), f32::INFINITY);
         assert_eq!(expf(0.0), 1.0);
+    }
+
+    /// The x86 kernels against the scalar code, bit for bit, over lengths with and without
+    /// tails.
+    #[test]
+    fn f16_kernels_equal_scalar() {
+        for n in [8, 31, 64, 70, 128, 131] {
+            let k: Vec<f16> = (0..n)
+                .map(|i| f16::from_f32(((i * 37 % 101) as f32 - 50.0) * 0.031))
+                .collect();
+            let q: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin() * 3.0).collect();
+            let want = match flavor() {
+                Flavor::Avx512 => dot_f16_lanes::<16>(&k, &q),
+                Flavor::Avx2 => dot_f16_lanes::<8>(&k, &q),
+            };
+            assert_eq!(dot_f16(&k, &q).to_bits(), want.to_bits(), "dot n={n}");
+            let mut y = k.clone();
+            mad_f16(
+                &mut y,
+                &k[..n].iter().rev().copied().collect::<Vec<_>>(),
+                0.77,
+            );
+            for (i, (a, b)) in y.iter().zip(&k).enumerate() {
+                let want = f16::from_f32(k[n - 1 - i].to_f32().mul_add(0.77, b.to_f32()));
+                assert_eq!(a.to_bits(), want.to_bits(), "mad n={n} i={i}");
+            }
+            let mut y = k.clone();
+            scale_f16(&mut y, 0.3);
+            for (a, b) in y.iter().zip(&k) {
+                assert_eq!(a.to_bits(), f16::from_f32(b.to_f32() * 0.3).to_bits());
+            }
+        }
     }
 
     #[test]

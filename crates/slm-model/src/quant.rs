@@ -15,6 +15,9 @@ use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
 pub const QK: usize = 32;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +74,14 @@ struct ActBlock {
     d: f32,
     s: f32,
     qs: [i8; QK],
+}
+
+impl ActBlock {
+    const ZERO: Self = Self {
+        d: 0.0,
+        s: 0.0,
+        qs: [0; QK],
+    };
 }
 
 fn f16_at(b: &[u8], i: usize) -> f32 {
@@ -131,16 +142,26 @@ fn unpack_block(t: BlockType, blk: &[u8], q: &mut [i8]) -> (f32, f32) {
     (f16_at(blk, 0), m)
 }
 
-/// Dot product of one weight row with the portable scalar kernel: the reference that the
-/// SIMD kernel `dot_block` picks at run time must equal exactly.
-#[cfg(test)]
+/// Dot product of one weight row with the scalar kernel: the reference every SIMD kernel
+/// must equal bit for bit.
 fn dot_row(t: BlockType, w: &[u8], a: &[ActBlock]) -> f32 {
-    let nb = a.len();
-    let (mut wq, mut wd, mut wm) = (vec![0i8; nb * QK], vec![0f32; nb], vec![0f32; nb]);
-    for (b, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
-        (wd[b], wm[b]) = unpack_block(t, blk, &mut wq[b * QK..(b + 1) * QK]);
+    let mut q = [0i8; QK];
+    let mut acc = [0f32; 8];
+    let mut summs = 0f32;
+    for (blk, ab) in w.chunks_exact(t.block_bytes()).zip(a) {
+        let (dw, mw) = unpack_block(t, blk, &mut q);
+        let d = dw * ab.d;
+        for (l, acc) in acc.iter_mut().enumerate() {
+            let lane: i32 = (0..4)
+                .map(|e| q[4 * l + e] as i32 * ab.qs[4 * l + e] as i32)
+                .sum();
+            *acc = d.mul_add(lane as f32, *acc);
+        }
+        if t.needs_sum() {
+            summs = mw.mul_add(ab.s, summs);
+        }
     }
-    row_dot_scalar(&wq, &wd, &wm, a, t.needs_sum())
+    hsum8(&acc) + summs
 }
 
 /// `hsum_float_8`: the 128-bit halves added, then pairs, then the last two lanes.
@@ -150,191 +171,73 @@ fn hsum8(a: &[f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-/// Dot products of a run of weight rows with every activation row, in ggml's order: each block
-/// gives eight integer sums of four products (the 32-bit lanes of `_mm256_maddubs_epi16` +
-/// `_mm256_madd_epi16`, or of `vpdpbusd`), each lane accumulates `d_w*d_x*lane` with a fused
-/// multiply-add, the lanes are reduced as `hsum_float_8` does, and the offset term
-/// `m_w * s_x` (Q4_1/Q5_1) is summed separately (contracted to FMA, as GCC compiles it).
-/// Each weight row is unpacked once to signed bytes, so the inner loop vectorizes.
-#[inline(always)]
-fn dot_block_generic(
+/// The portable kernel (`avx2::rows`' contract): weight rows `rows` against all `m`
+/// activation rows, cell (j, i) to `out[i * n + j]`.
+///
+/// # Safety
+/// `out` holds m * n values and no other thread writes the columns in `rows`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_scalar(
     t: BlockType,
     w: &[u8],
     row_bytes: usize,
     act: &[ActBlock],
     nb: usize,
-    vals: &mut [f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
 ) {
-    let m = act.len() / nb;
-    let bb = t.block_bytes();
-    let mut wq = vec![0i8; nb * QK];
-    let mut wd = vec![0f32; nb];
-    let mut wm = vec![0f32; nb];
-    let row_dot = row_dot_fn();
-    for (jj, wr) in w.chunks_exact(row_bytes).enumerate() {
-        for (b, blk) in wr.chunks_exact(bb).enumerate() {
-            (wd[b], wm[b]) = unpack_block(t, blk, &mut wq[b * QK..(b + 1) * QK]);
-        }
+    for j in rows {
+        let wr = &w[j * row_bytes..(j + 1) * row_bytes];
         for i in 0..m {
-            let a = &act[i * nb..(i + 1) * nb];
-            vals[jj * m + i] = row_dot(&wq, &wd, &wm, a, t.needs_sum());
+            // SAFETY: i < m and j < n per the contract.
+            unsafe { *out.add(i * n + j) = dot_row(t, wr, &act[i * nb..(i + 1) * nb]) };
         }
     }
 }
 
-type RowDot = fn(&[i8], &[f32], &[f32], &[ActBlock], bool) -> f32;
-
-/// One unpacked weight row (`wq` signed bytes, block scales `wd`, offsets `wm`) against one
-/// row of quantized activations, lane by lane as described on `dot_block_generic`.
-fn row_dot_scalar(wq: &[i8], wd: &[f32], wm: &[f32], a: &[ActBlock], needs_sum: bool) -> f32 {
-    let mut acc = [0f32; 8];
-    let mut summs = 0f32;
-    for (b, ab) in a.iter().enumerate() {
-        let wb = &wq[b * QK..(b + 1) * QK];
-        let d = wd[b] * ab.d;
-        for (l, acc) in acc.iter_mut().enumerate() {
-            let lane: i32 = (0..4)
-                .map(|e| wb[4 * l + e] as i32 * ab.qs[4 * l + e] as i32)
-                .sum();
-            *acc = d.mul_add(lane as f32, *acc);
-        }
-        if needs_sum {
-            summs = wm[b].mul_add(ab.s, summs);
-        }
-    }
-    hsum8(&acc) + summs
-}
-
-/// `row_dot_scalar` with ggml's own instructions: |w| times sign-adjusted x with
-/// `maddubs` + `madd` gives the eight 4-product lanes (exact integers, so the same values).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_dot_avx2(wq: &[i8], wd: &[f32], wm: &[f32], a: &[ActBlock], needs_sum: bool) -> f32 {
-    use std::arch::x86_64::*;
-    assert!(wq.len() >= a.len() * QK && wd.len() >= a.len() && (!needs_sum || wm.len() >= a.len()));
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
-    for (b, ab) in a.iter().enumerate() {
-        // SAFETY: both loads read 32 bytes inside slices checked above / of 32 bytes.
-        let (x, y) = unsafe {
-            (
-                _mm256_loadu_si256(wq.as_ptr().add(b * QK) as *const __m256i),
-                _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i),
-            )
-        };
-        let lanes = _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)),
-            ones,
-        );
-        let d = _mm256_set1_ps(wd[b] * ab.d);
-        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc);
-        if needs_sum {
-            summs = wm[b].mul_add(ab.s, summs);
-        }
-    }
-    let mut l = [0f32; 8];
-    // SAFETY: stores 8 floats into an array of 8.
-    unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
-    hsum8(&l) + summs
-}
-
-#[cfg(target_arch = "x86_64")]
-fn row_dot_avx2_detected(
-    wq: &[i8],
-    wd: &[f32],
-    wm: &[f32],
-    a: &[ActBlock],
-    needs_sum: bool,
-) -> f32 {
-    // SAFETY: row_dot_fn selects this only after detecting AVX2 and FMA.
-    unsafe { row_dot_avx2(wq, wd, wm, a, needs_sum) }
-}
-
-fn row_dot_fn() -> RowDot {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        return row_dot_avx2_detected;
-    }
-    row_dot_scalar
-}
-
-/// The same code compiled for AVX2+FMA, so the integer block loops vectorize; chosen at run
-/// time. Hand-written SIMD kernels are the speed issue's work; this keeps the baseline usable.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_block_avx2(
-    t: BlockType,
-    w: &[u8],
-    row_bytes: usize,
-    act: &[ActBlock],
-    nb: usize,
-    vals: &mut [f32],
-) {
-    dot_block_generic(t, w, row_bytes, act, nb, vals)
-}
-
-fn dot_block(
-    t: BlockType,
-    w: &[u8],
-    row_bytes: usize,
-    act: &[ActBlock],
-    nb: usize,
-    vals: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function was compiled for.
-        return unsafe { dot_block_avx2(t, w, row_bytes, act, nb, vals) };
-    }
-    dot_block_generic(t, w, row_bytes, act, nb, vals)
-}
+/// A pointer the worker threads write disjoint cells through.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each thread writes only the output columns of its own weight rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
 
 /// x (m, k) times the transpose of W (n, k) given as GGML blocks.
 pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, out: &mut [f32]) {
-    debug_assert_eq!(k % QK, 0);
+    assert!(k % QK == 0 && x.len() >= m * k && out.len() >= m * n);
     let nb = k / QK;
     let row_bytes = nb * t.block_bytes();
-    debug_assert_eq!(w.len(), n * row_bytes);
-    let mut act = vec![
-        ActBlock {
-            d: 0.0,
-            s: 0.0,
-            qs: [0; QK]
-        };
-        m * nb
-    ];
-    act.par_chunks_mut(nb)
-        .zip(x.par_chunks(k))
-        .for_each(|(a, xr)| quantize_row(xr, a));
-    // Output features are split across threads; each thread walks all m rows for its features
-    // so a weight row is read from memory once.
-    const CHUNK: usize = 16;
-    let cols: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(CHUNK))
-        .into_par_iter()
-        .map(|c| {
-            let lo = c * CHUNK;
-            let hi = (lo + CHUNK).min(n);
-            let mut vals = vec![0f32; (hi - lo) * m];
-            dot_block(
-                t,
-                &w[lo * row_bytes..hi * row_bytes],
-                row_bytes,
-                &act,
-                nb,
-                &mut vals,
-            );
-            (lo, vals)
-        })
-        .collect();
-    for (lo, vals) in cols {
-        let width = vals.len() / m;
-        for jj in 0..width {
-            for i in 0..m {
-                out[i * n + lo + jj] = vals[jj * m + i];
-            }
-        }
+    assert!(w.len() >= n * row_bytes);
+    let mut act = vec![ActBlock::ZERO; m * nb];
+    if m > 1 {
+        act.par_chunks_mut(nb)
+            .zip(x.par_chunks(k))
+            .for_each(|(a, xr)| quantize_row(xr, a));
+    } else {
+        quantize_row(&x[..k], &mut act);
     }
+    #[cfg(target_arch = "x86_64")]
+    let kernel = avx2::kernel(t);
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel: Option<fn()> = None;
+    // Output features are split across threads; each thread walks all m rows for its features
+    // so a weight row is read from memory once. Spans are whole tiles.
+    let threads = rayon::current_num_threads().max(1);
+    let span = n.div_ceil(threads * 4).next_multiple_of(4).max(8);
+    let o = OutPtr(out.as_mut_ptr());
+    let act = &act;
+    (0..n.div_ceil(span)).into_par_iter().for_each(|s| {
+        let o = o;
+        let r = s * span..((s + 1) * span).min(n);
+        match kernel {
+            // SAFETY: spans are disjoint, out holds m * n, the kernel was chosen for this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Some(f) => unsafe { f(w, row_bytes, act, nb, m, r, o.0, n) },
+            _ => unsafe { rows_scalar(t, w, row_bytes, act, nb, m, r, o.0, n) },
+        }
+    });
 }
 
 /// A weight matrix in GGML blocks, applied as a candle op (no gradient: inference only).
