@@ -1069,6 +1069,7 @@ fn set_threads(threads: Option<usize>) -> usize {
         .num_threads(threads)
         .build_global()
         .ok();
+    slm_model::pool::init(threads);
     threads
 }
 

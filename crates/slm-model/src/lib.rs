@@ -9,6 +9,7 @@ pub mod ggml_math;
 pub mod gguf;
 pub mod llama;
 pub mod packed;
+pub mod pool;
 pub mod quant;
 pub mod tap;
 pub mod weights;

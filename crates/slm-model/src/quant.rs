@@ -13,7 +13,6 @@
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
-use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -210,25 +209,29 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
     let nb = k / QK;
     let row_bytes = nb * t.block_bytes();
     assert!(w.len() >= n * row_bytes);
+    let pool = crate::pool::global();
     let mut act = vec![ActBlock::ZERO; m * nb];
-    if m > 1 {
-        act.par_chunks_mut(nb)
-            .zip(x.par_chunks(k))
-            .for_each(|(a, xr)| quantize_row(xr, a));
-    } else {
-        quantize_row(&x[..k], &mut act);
+    {
+        let a = OutPtr(act.as_mut_ptr() as *mut f32);
+        pool.run(m, |i| {
+            let a = a;
+            // SAFETY: task i writes activation row i only.
+            let row =
+                unsafe { std::slice::from_raw_parts_mut((a.0 as *mut ActBlock).add(i * nb), nb) };
+            quantize_row(&x[i * k..(i + 1) * k], row);
+        });
     }
     #[cfg(target_arch = "x86_64")]
     let kernel = avx2::kernel(t);
     #[cfg(not(target_arch = "x86_64"))]
     let kernel: Option<fn()> = None;
-    // Output features are split across threads; each thread walks all m rows for its features
-    // so a weight row is read from memory once. Spans are whole tiles.
-    let threads = rayon::current_num_threads().max(1);
-    let span = n.div_ceil(threads * 4).next_multiple_of(4).max(8);
+    // Output features are split into spans of whole tiles; each task walks all m rows for its
+    // span so a weight row is read from memory once. A few spans per thread even out the
+    // threads' speeds.
+    let span = n.div_ceil(pool.threads() * 4).next_multiple_of(8).max(8);
     let o = OutPtr(out.as_mut_ptr());
     let act = &act;
-    (0..n.div_ceil(span)).into_par_iter().for_each(|s| {
+    pool.run(n.div_ceil(span), |s| {
         let o = o;
         let r = s * span..((s + 1) * span).min(n);
         match kernel {

@@ -124,6 +124,7 @@ unsafe fn hsum8(x: __m256) -> f32 {
 /// The pointers cover R rows of `nb` blocks and C rows of `nb` activation blocks, `out` covers
 /// the cells; the CPU has AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn tile<B: Block, const R: usize, const C: usize>(
     w: *const u8,
@@ -148,6 +149,9 @@ unsafe fn tile<B: Block, const R: usize, const C: usize>(
         }
         for r in 0..R {
             let p = w.add(r * row_bytes + b * B::BYTES);
+            if PREFETCH > 0 {
+                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH * R * row_bytes) as *const i8);
+            }
             let x = B::values(p);
             let dx = f16_at(p);
             let ux = if B::SIGNED { _mm256_sign_epi8(x, x) } else { x };
@@ -182,6 +186,7 @@ unsafe fn tile<B: Block, const R: usize, const C: usize>(
 const GEMM_R: usize = 2;
 const GEMM_C: usize = 4;
 const GEMV_R: usize = 4;
+const PREFETCH: usize = 2;
 
 /// Weight rows `rows` of `w` against all `m` activation rows; cell (j, i) to `out[i * n + j]`.
 ///

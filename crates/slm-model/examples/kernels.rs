@@ -1,0 +1,59 @@
+//! Throughput of the block matmul kernels on SmolLM2-135M's shapes, against the bytes they
+//! stream: `cargo run --release -p slm-model --example kernels [THREADS]`.
+
+use std::time::Instant;
+
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use slm_model::quant::{matmul, BlockType};
+
+fn main() {
+    let threads: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2);
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build_global()
+        .unwrap();
+    slm_model::pool::init(threads);
+    println!("threads {threads}");
+    println!("| type | n x k | m | GB/s | GOP/s | us/call |");
+    println!("|---|---|---|---|---|---|");
+    for (g, t) in [
+        (GgmlDType::Q4_1, BlockType::Q4_1),
+        (GgmlDType::Q8_0, BlockType::Q8_0),
+        (GgmlDType::Q4_0, BlockType::Q4_0),
+    ] {
+        for (n, k) in [(1536, 576), (576, 1536), (49152, 576)] {
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+                .collect();
+            let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+            let q = QTensor::quantize(&w, g).unwrap();
+            let bytes = q.data().unwrap().to_vec();
+            let ms: Vec<usize> = std::env::var("KERNELS_M")
+                .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+                .unwrap_or_else(|_| vec![1, 64, 512]);
+            for &m in &ms {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.4)
+                    .collect();
+                let mut out = vec![0f32; m * n];
+                let reps = (2e9 / (n * k * m) as f64).clamp(3.0, 2000.0) as usize;
+                matmul(t, &bytes, n, k, &x, m, &mut out);
+                let t0 = Instant::now();
+                for _ in 0..reps {
+                    matmul(t, &bytes, n, k, &x, m, &mut out);
+                }
+                let s = t0.elapsed().as_secs_f64() / reps as f64;
+                println!(
+                    "| {t:?} | {n} x {k} | {m} | {:.1} | {:.1} | {:.1} |",
+                    bytes.len() as f64 / s / 1e9,
+                    2.0 * (n * k * m) as f64 / s / 1e9,
+                    s * 1e6
+                );
+            }
+        }
+    }
+}
