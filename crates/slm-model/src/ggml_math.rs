@@ -61,20 +61,24 @@ fn c(bits: u32) -> f32 {
 /// folds the constant 1 into the polynomial and scales with `vscalefps`, AVX2 adds it in the
 /// final fused multiply-add against a power of two assembled in the exponent bits.
 pub fn expf(x: f32) -> f32 {
+    expf_in(x, flavor())
+}
+
+fn expf_in(x: f32, flavor: Flavor) -> f32 {
     let r = c(SHIFT);
     let z = x.mul_add(c(LOG2E), r);
     let n = z - r;
     let b = (-n).mul_add(c(LN2_LO), (-n).mul_add(c(LN2_HI), x));
     let u = b * b;
     let p = c(C5).mul_add(b, c(C4)).mul_add(u, c(C3).mul_add(b, c(C2)));
-    match flavor() {
+    match flavor {
         Flavor::Avx512 => {
             if n.abs() > 192.0 {
                 return if n <= 0.0 { 0.0 } else { f32::INFINITY };
             }
             let j = p.mul_add(u, c(C1).mul_add(b, 1.0));
             // vscalefps: j * 2^n rounded once; the product is exact in f64.
-            (j as f64 * 2f64.powi(n as i32)) as f32
+            (j as f64 * f64::from_bits(((n as i64 + 1023) as u64) << 52)) as f32
         }
         Flavor::Avx2 => {
             let j = p.mul_add(u, c(C1) * b);
@@ -98,6 +102,65 @@ pub fn expf(x: f32) -> f32 {
 /// ggml_vec_swiglu_f32: `silu(g) * u` with silu as `x / (1 + expf(-x))`.
 pub fn swiglu(g: f32, u: f32) -> f32 {
     g / (1.0 + expf(-g)) * u
+}
+
+/// `swiglu` over whole rows: `out[i] = silu(g[i]) * u[i]`, eight or sixteen at a time as
+/// ggml's vector loop does (the same values as `swiglu` element by element).
+pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
+    assert!(g.len() == u.len() && u.len() == out.len());
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features; lengths are equal.
+        return unsafe { x86::swiglu(g, u, out, flavor()) };
+    }
+    for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
+        *o = swiglu(g, u);
+    }
+}
+
+/// Rotation of rows of width `d` (row r at position r % t) by per-position tables `c`, `s`
+/// of d/2 values, as ggml's `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one
+/// fused multiply-add). Pairs are adjacent (`interleaved`) or half a row apart.
+pub fn rope_rows(
+    x: &[f32],
+    c: &[f32],
+    s: &[f32],
+    t: usize,
+    d: usize,
+    interleaved: bool,
+    y: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features (the body is the portable code, compiled with FMA
+        // so that `mul_add` is one instruction instead of a library call).
+        return unsafe { x86::rope_rows(x, c, s, t, d, interleaved, y) };
+    }
+    rope_rows_portable(x, c, s, t, d, interleaved, y)
+}
+
+#[inline(always)]
+fn rope_rows_portable(
+    x: &[f32],
+    c: &[f32],
+    s: &[f32],
+    t: usize,
+    d: usize,
+    interleaved: bool,
+    y: &mut [f32],
+) {
+    let (step, offset) = if interleaved { (2, 1) } else { (1, d / 2) };
+    for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+        let p = row % t;
+        let (cr, sr) = (&c[p * d / 2..][..d / 2], &s[p * d / 2..][..d / 2]);
+        for i in 0..d / 2 {
+            let (cos, sin) = (cr[i], sr[i]);
+            let j = i * step;
+            let (x0, x1) = (xr[j], xr[j + offset]);
+            yr[j] = x0.mul_add(cos, -(x1 * sin));
+            yr[j + offset] = x0.mul_add(sin, x1 * cos);
+        }
+    }
 }
 
 /// Whether this CPU runs the x86 kernels (AVX2, FMA and F16C); checked once.
@@ -208,6 +271,102 @@ mod x86 {
             sum += (k[i].to_f32() * q[i]) as f64;
         }
         sum as f32
+    }
+
+    /// # Safety
+    /// FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn rope_rows(
+        x: &[f32],
+        c: &[f32],
+        s: &[f32],
+        t: usize,
+        d: usize,
+        interleaved: bool,
+        y: &mut [f32],
+    ) {
+        super::rope_rows_portable(x, c, s, t, d, interleaved, y)
+    }
+
+    /// ggml_v_expf of eight lanes, in the arithmetic of `flavor` (see `super::expf`).
+    #[inline(always)]
+    unsafe fn expf8(x: __m256, flavor: Flavor) -> __m256 {
+        let c = |bits: u32| _mm256_set1_ps(f32::from_bits(bits));
+        let r = c(super::SHIFT);
+        let z = _mm256_fmadd_ps(x, c(super::LOG2E), r);
+        let n = _mm256_sub_ps(z, r);
+        let b = _mm256_fnmadd_ps(
+            n,
+            c(super::LN2_LO),
+            _mm256_fnmadd_ps(n, c(super::LN2_HI), x),
+        );
+        let u = _mm256_mul_ps(b, b);
+        let p = _mm256_fmadd_ps(
+            _mm256_fmadd_ps(c(super::C5), b, c(super::C4)),
+            u,
+            _mm256_fmadd_ps(c(super::C3), b, c(super::C2)),
+        );
+        let absn = _mm256_andnot_ps(_mm256_set1_ps(-0.0), n);
+        let big = _mm256_cmp_ps::<_CMP_GT_OQ>(absn, _mm256_set1_ps(192.0));
+        let nonpos = _mm256_cmp_ps::<_CMP_LE_OQ>(n, _mm256_setzero_ps());
+        match flavor {
+            Flavor::Avx512 => {
+                let j =
+                    _mm256_fmadd_ps(p, u, _mm256_fmadd_ps(c(super::C1), b, _mm256_set1_ps(1.0)));
+                // vscalefps: j * 2^n rounded once, done exactly in f64 four lanes at a time.
+                let ni = _mm256_cvtps_epi32(n);
+                let scale = |j4: __m128, n4: __m128i| {
+                    let e = _mm256_slli_epi64::<52>(_mm256_add_epi64(
+                        _mm256_cvtepi32_epi64(n4),
+                        _mm256_set1_epi64x(1023),
+                    ));
+                    _mm256_cvtpd_ps(_mm256_mul_pd(_mm256_cvtps_pd(j4), _mm256_castsi256_pd(e)))
+                };
+                let lo = scale(_mm256_castps256_ps128(j), _mm256_castsi256_si128(ni));
+                let hi = scale(_mm256_extractf128_ps(j, 1), _mm256_extracti128_si256(ni, 1));
+                let res = _mm256_set_m128(hi, lo);
+                let alt = _mm256_andnot_ps(nonpos, _mm256_set1_ps(f32::INFINITY));
+                _mm256_blendv_ps(res, alt, big)
+            }
+            Flavor::Avx2 => {
+                let j = _mm256_fmadd_ps(p, u, _mm256_mul_ps(c(super::C1), b));
+                let e = _mm256_slli_epi32::<23>(_mm256_castps_si256(z));
+                let k = _mm256_castsi256_ps(_mm256_add_epi32(
+                    e,
+                    _mm256_castps_si256(_mm256_set1_ps(1.0)),
+                ));
+                let mid = _mm256_cmp_ps::<_CMP_GT_OQ>(absn, _mm256_set1_ps(126.0));
+                let g = _mm256_and_si256(
+                    _mm256_castps_si256(nonpos),
+                    _mm256_set1_epi32(0x8200_0000u32 as i32),
+                );
+                let s1 = _mm256_castsi256_ps(_mm256_add_epi32(g, _mm256_set1_epi32(0x7f00_0000)));
+                let s2 = _mm256_castsi256_ps(_mm256_sub_epi32(e, g));
+                let scaled = _mm256_mul_ps(_mm256_fmadd_ps(s2, j, s2), s1);
+                let plain = _mm256_fmadd_ps(k, j, k);
+                let r = _mm256_blendv_ps(plain, scaled, mid);
+                _mm256_blendv_ps(r, _mm256_mul_ps(s1, s1), big)
+            }
+        }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA; equal lengths.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [f32], flavor: Flavor) {
+        let n = g.len();
+        let np = n - n % 8;
+        let one = _mm256_set1_ps(1.0);
+        for i in (0..np).step_by(8) {
+            let x = _mm256_loadu_ps(g.as_ptr().add(i));
+            let e = expf8(_mm256_sub_ps(_mm256_setzero_ps(), x), flavor);
+            let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
+            let y = _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(i)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+        }
+        for i in np..n {
+            out[i] = super::swiglu(g[i], u[i]);
+        }
     }
 
     /// # Safety
@@ -329,6 +488,39 @@ mod tests {
             scale_f16(&mut y, 0.3);
             for (a, b) in y.iter().zip(&k) {
                 assert_eq!(a.to_bits(), f16::from_f32(b.to_f32() * 0.3).to_bits());
+            }
+        }
+    }
+
+    /// The vector SiLU against the scalar replica bit for bit, across the ranges where expf
+    /// takes its different branches (|n| <= 126, up to 192, beyond).
+    #[test]
+    fn swiglu_slice_equals_scalar() {
+        let mut g: Vec<f32> = (0..4000).map(|i| (i as f32 - 2000.0) * 0.071).collect();
+        g.extend([
+            0.0, -0.0, 1e-30, -1e-30, 87.5, -87.5, 88.9, -88.9, 100.0, -100.0, 140.0, -140.0,
+        ]);
+        g.extend([f32::INFINITY, f32::NEG_INFINITY, 3e4, -3e4]);
+        g.truncate(g.len() - g.len() % 8);
+        let u: Vec<f32> = (0..g.len()).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
+        let mut out = vec![0f32; g.len()];
+        for flavor in [Flavor::Avx512, Flavor::Avx2] {
+            #[cfg(target_arch = "x86_64")]
+            if has_avx2() {
+                // SAFETY: features checked, equal lengths.
+                unsafe { x86::swiglu(&g, &u, &mut out, flavor) };
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            swiglu_slice(&g, &u, &mut out);
+            for i in 0..g.len() {
+                let want = g[i] / (1.0 + expf_in(-g[i], flavor)) * u[i];
+                assert!(
+                    out[i].to_bits() == want.to_bits() || (out[i].is_nan() && want.is_nan()),
+                    "{flavor:?} g={} got {} want {}",
+                    g[i],
+                    out[i],
+                    want
+                );
             }
         }
     }

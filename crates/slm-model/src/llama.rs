@@ -79,11 +79,8 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
         if l1.shape() != l2.shape() {
             candle_core::bail!("swiglu shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
         }
-        let y = g
-            .iter()
-            .zip(u)
-            .map(|(&g, &u)| crate::ggml_math::swiglu(g, u))
-            .collect();
+        let mut y = vec![0f32; g.len()];
+        crate::ggml_math::swiglu_slice(g, u, &mut y);
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -131,18 +128,8 @@ impl candle_core::CustomOp3 for GgmlRope {
                 t * d / 2
             )
         }
-        let (step, offset) = if self.interleaved { (2, 1) } else { (1, d / 2) };
         let mut y = vec![0f32; x.len()];
-        for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
-            let p = row % t;
-            for i in 0..d / 2 {
-                let (cos, sin) = (c[p * d / 2 + i], s[p * d / 2 + i]);
-                let j = i * step;
-                let (x0, x1) = (xr[j], xr[j + offset]);
-                yr[j] = x0.mul_add(cos, -(x1 * sin));
-                yr[j + offset] = x0.mul_add(sin, x1 * cos);
-            }
-        }
+        crate::ggml_math::rope_rows(x, c, s, t, d, self.interleaved, &mut y);
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }

@@ -89,6 +89,16 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 
 /// ggml's quantize_row_q8_0 / q8_1 (the AVX2 variant: id = 127/max, round half to even).
 fn quantize_row(x: &[f32], out: &mut [ActBlock]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ggml_math::has_avx2() {
+        assert!(x.len() >= out.len() * QK);
+        // SAFETY: the CPU has the features; x covers the blocks.
+        return unsafe { avx2::quantize_row(x, out) };
+    }
+    quantize_row_scalar(x, out)
+}
+
+fn quantize_row_scalar(x: &[f32], out: &mut [ActBlock]) {
     for (xs, blk) in x.chunks_exact(QK).zip(out.iter_mut()) {
         let max = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
         let d = max / 127.0;
@@ -359,6 +369,83 @@ mod tests {
         }
     }
 
+    /// Random blocks of every type (raw bytes: any scale, any offset, any packed values,
+    /// including Q8_0's -128) through the dispatched kernels against the scalar reference, bit
+    /// for bit: the SIMD kernels do the same operations in the same order. Shapes cover one and
+    /// many activation rows, weight rows off the tile and span sizes, and a k past the
+    /// activation panel.
+    #[test]
+    fn kernels_equal_scalar_reference_on_odd_shapes() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let types = [
+            BlockType::Q4_0,
+            BlockType::Q4_1,
+            BlockType::Q5_0,
+            BlockType::Q5_1,
+            BlockType::Q8_0,
+        ];
+        for &(n, k, m) in &[
+            (1, 32, 1),
+            (3, 64, 2),
+            (7, 96, 3),
+            (9, 32, 5),
+            (17, 288, 1),
+            (33, 160, 7),
+            (70, 64, 70),
+            (130, 608, 4),
+        ] {
+            let nb = k / QK;
+            let x: Vec<f32> = (0..m * k)
+                .map(|_| rng.random_range(-3f32..3.0) * rng.random_range(0f32..1.0).powi(3))
+                .collect();
+            let mut act = vec![ActBlock::ZERO; m * nb];
+            let mut act_ref = act.clone();
+            for i in 0..m {
+                quantize_row(&x[i * k..(i + 1) * k], &mut act[i * nb..(i + 1) * nb]);
+                quantize_row_scalar(&x[i * k..(i + 1) * k], &mut act_ref[i * nb..(i + 1) * nb]);
+            }
+            for (a, b) in act.iter().zip(&act_ref) {
+                assert_eq!(
+                    (a.qs, a.d.to_bits(), a.s.to_bits()),
+                    (b.qs, b.d.to_bits(), b.s.to_bits())
+                );
+            }
+            for t in types {
+                let bb = t.block_bytes();
+                let mut w: Vec<u8> = (0..n * nb * bb).map(|_| rng.random()).collect();
+                // Scales and offsets as finite f16 of moderate size (random bits would be
+                // NaN or inf now and then, which compare unequal to themselves).
+                for blk in w.chunks_exact_mut(bb) {
+                    let d = f16::from_f32(rng.random_range(-0.05f32..0.05)).to_le_bytes();
+                    blk[..2].copy_from_slice(&d);
+                    if t.needs_sum() {
+                        let m = f16::from_f32(rng.random_range(-0.5f32..0.5)).to_le_bytes();
+                        blk[2..4].copy_from_slice(&m);
+                    }
+                }
+                let mut out = vec![f32::NAN; m * n];
+                matmul(t, &w, n, k, &x, m, &mut out);
+                let row_bytes = nb * bb;
+                for j in 0..n {
+                    for i in 0..m {
+                        let want = dot_row(
+                            t,
+                            &w[j * row_bytes..(j + 1) * row_bytes],
+                            &act_ref[i * nb..(i + 1) * nb],
+                        );
+                        assert_eq!(
+                            out[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "{t:?} n={n} k={k} m={m} cell ({i}, {j}): {} vs {want}",
+                            out[i * n + j]
+                        );
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn activation_rounding_is_half_to_even() {
         let mut x = vec![0f32; QK];
@@ -372,6 +459,9 @@ mod tests {
         }];
         quantize_row(&x, &mut a);
         assert_eq!((a[0].qs[1], a[0].qs[2]), (2, -4));
+        let mut b = a;
+        quantize_row_scalar(&x, &mut b);
+        assert_eq!((a[0].qs, a[0].d, a[0].s), (b[0].qs, b[0].d, b[0].s));
         assert_eq!(a[0].s, 127.0 + 2.0 - 4.0);
     }
 }
