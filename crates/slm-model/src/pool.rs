@@ -140,7 +140,7 @@ fn worker(s: &Shared) {
                 break e;
             }
             spins += 1;
-            if spins % 1024 == 0 && start.elapsed() > SPIN {
+            if spins.is_multiple_of(1024) && start.elapsed() > SPIN {
                 let mut sleepers = s.sleepers.lock().unwrap_or_else(|e| e.into_inner());
                 *sleepers += 1;
                 while s.state.load(Ordering::Acquire) >> 32 == seen {

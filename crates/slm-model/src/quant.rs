@@ -213,9 +213,16 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+impl OutPtr {
+    /// Through a method, so closures capture the wrapper (Sync), not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
 /// x (m, k) times the transpose of W (n, k) given as GGML blocks.
 pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, out: &mut [f32]) {
-    assert!(k % QK == 0 && x.len() >= m * k && out.len() >= m * n);
+    assert!(k.is_multiple_of(QK) && x.len() >= m * k && out.len() >= m * n);
     let nb = k / QK;
     let row_bytes = nb * t.block_bytes();
     assert!(w.len() >= n * row_bytes);
@@ -224,10 +231,10 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
     {
         let a = OutPtr(act.as_mut_ptr() as *mut f32);
         pool.run(m, |i| {
-            let a = a;
             // SAFETY: task i writes activation row i only.
-            let row =
-                unsafe { std::slice::from_raw_parts_mut((a.0 as *mut ActBlock).add(i * nb), nb) };
+            let row = unsafe {
+                std::slice::from_raw_parts_mut((a.get() as *mut ActBlock).add(i * nb), nb)
+            };
             quantize_row(&x[i * k..(i + 1) * k], row);
         });
     }
@@ -242,13 +249,12 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
     let o = OutPtr(out.as_mut_ptr());
     let act = &act;
     pool.run(n.div_ceil(span), |s| {
-        let o = o;
         let r = s * span..((s + 1) * span).min(n);
         match kernel {
             // SAFETY: spans are disjoint, out holds m * n, the kernel was chosen for this CPU.
             #[cfg(target_arch = "x86_64")]
-            Some(f) => unsafe { f(w, row_bytes, act, nb, m, r, o.0, n) },
-            _ => unsafe { rows_scalar(t, w, row_bytes, act, nb, m, r, o.0, n) },
+            Some(f) => unsafe { f(w, row_bytes, act, nb, m, r, o.get(), n) },
+            _ => unsafe { rows_scalar(t, w, row_bytes, act, nb, m, r, o.get(), n) },
         }
     });
 }
