@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use slm_model::quant::{matmul, BlockType};
+use slm_model::quant::{BlockMatrix, BlockType};
 
 fn main() {
     let threads: usize = std::env::args()
@@ -41,10 +41,11 @@ fn main() {
                     .collect();
                 let mut out = vec![0f32; m * n];
                 let reps = (2e9 / (n * k * m) as f64).clamp(3.0, 2000.0) as usize;
-                matmul(t, &bytes, n, k, &x, m, &mut out);
+                let bm = BlockMatrix::new(t, &bytes, n, k);
+                bm.matmul(&x, m, &mut out);
                 let t0 = Instant::now();
                 for _ in 0..reps {
-                    matmul(t, &bytes, n, k, &x, m, &mut out);
+                    bm.matmul(&x, m, &mut out);
                 }
                 let s = t0.elapsed().as_secs_f64() / reps as f64;
                 println!(

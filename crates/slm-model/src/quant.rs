@@ -16,6 +16,7 @@ use half::f16;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+pub mod rows8;
 
 pub const QK: usize = 32;
 
@@ -170,7 +171,12 @@ fn dot_row(t: BlockType, w: &[u8], a: &[ActBlock]) -> f32 {
             summs = mw.mul_add(ab.s, summs);
         }
     }
-    hsum8(&acc) + summs
+    // ggml adds the offsets' sum only for the types that have one (0 + -0 would be +0).
+    if t.needs_sum() {
+        hsum8(&acc) + summs
+    } else {
+        hsum8(&acc)
+    }
 }
 
 /// `hsum_float_8`: the 128-bit halves added, then pairs, then the last two lanes.
@@ -220,12 +226,25 @@ impl OutPtr {
     }
 }
 
-/// x (m, k) times the transpose of W (n, k) given as GGML blocks.
+/// x (m, k) times the transpose of W (n, k) given as GGML blocks in GGUF order.
 pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, out: &mut [f32]) {
+    matmul_in(t, w, false, n, k, x, m, out)
+}
+
+/// x (m, k) times W^T with W in GGUF order or, if `grouped`, in `rows8`'s layout.
+#[allow(clippy::too_many_arguments)]
+fn matmul_in(
+    t: BlockType,
+    w: &[u8],
+    grouped: bool,
+    n: usize,
+    k: usize,
+    x: &[f32],
+    m: usize,
+    out: &mut [f32],
+) {
     assert!(k.is_multiple_of(QK) && x.len() >= m * k && out.len() >= m * n);
     let nb = k / QK;
-    let row_bytes = nb * t.block_bytes();
-    assert!(w.len() >= n * row_bytes);
     let pool = crate::pool::global();
     let mut act = vec![ActBlock::ZERO; m * nb];
     {
@@ -238,6 +257,26 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
             quantize_row(&x[i * k..(i + 1) * k], row);
         });
     }
+    let o = OutPtr(out.as_mut_ptr());
+    let act = &act;
+    #[cfg(target_arch = "x86_64")]
+    if grouped {
+        let geo = rows8::geometry(t).expect("grouped layout");
+        let f = avx2::grouped_kernel(t).expect("grouped layout only where its kernel runs");
+        assert!(w.len() >= n.div_ceil(rows8::ROWS) * geo.group_bytes(nb));
+        let groups = n.div_ceil(rows8::ROWS);
+        let span = groups.div_ceil(pool.threads() * 4).max(1);
+        pool.run(groups.div_ceil(span), |s| {
+            let g = s * span..((s + 1) * span).min(groups);
+            // SAFETY: spans of groups are disjoint output columns, out holds m * n, and the
+            // kernel was chosen for this CPU.
+            unsafe { f(w, &geo, act, nb, m, g, o.get(), n) }
+        });
+        return;
+    }
+    assert!(!grouped, "grouped layout without its kernel");
+    let row_bytes = nb * t.block_bytes();
+    assert!(w.len() >= n * row_bytes);
     #[cfg(target_arch = "x86_64")]
     let kernel = avx2::kernel(t);
     #[cfg(not(target_arch = "x86_64"))]
@@ -246,8 +285,6 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
     // span so a weight row is read from memory once. A few spans per thread even out the
     // threads' speeds.
     let span = n.div_ceil(pool.threads() * 4).next_multiple_of(8).max(8);
-    let o = OutPtr(out.as_mut_ptr());
-    let act = &act;
     pool.run(n.div_ceil(span), |s| {
         let r = s * span..((s + 1) * span).min(n);
         match kernel {
@@ -260,12 +297,52 @@ pub fn matmul(t: BlockType, w: &[u8], n: usize, k: usize, x: &[f32], m: usize, o
 }
 
 /// A weight matrix in GGML blocks, applied as a candle op (no gradient: inference only).
+/// Where this CPU has the grouped kernels the blocks are repacked once, at load, into
+/// `rows8`'s layout (the same bytes rearranged; `gguf_bytes` restores them).
 #[derive(Debug, Clone)]
 pub struct BlockMatrix {
     pub t: BlockType,
-    pub bytes: std::sync::Arc<Vec<u8>>,
+    bytes: std::sync::Arc<Vec<u8>>,
+    grouped: bool,
     pub n: usize,
     pub k: usize,
+}
+
+impl BlockMatrix {
+    /// `gguf`: n rows of k values in `t`'s blocks, as stored in a GGUF file.
+    pub fn new(t: BlockType, gguf: &[u8], n: usize, k: usize) -> Self {
+        assert!(k.is_multiple_of(QK) && gguf.len() == n * (k / QK) * t.block_bytes());
+        #[cfg(target_arch = "x86_64")]
+        let grouped = avx2::grouped_kernel(t).is_some();
+        #[cfg(not(target_arch = "x86_64"))]
+        let grouped = false;
+        let bytes = if grouped {
+            rows8::pack(t, gguf, n, k)
+        } else {
+            gguf.to_vec()
+        };
+        Self {
+            t,
+            bytes: std::sync::Arc::new(bytes),
+            grouped,
+            n,
+            k,
+        }
+    }
+
+    /// The weights in GGUF block order.
+    pub fn gguf_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if self.grouped {
+            rows8::unpack(self.t, &self.bytes, self.n, self.k).into()
+        } else {
+            self.bytes.as_slice().into()
+        }
+    }
+
+    /// x (m, k) times the transpose of these weights into out (m, n).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        matmul_in(self.t, &self.bytes, self.grouped, self.n, self.k, x, m, out)
+    }
 }
 
 impl CustomOp1 for BlockMatrix {
@@ -282,7 +359,7 @@ impl CustomOp1 for BlockMatrix {
         }
         let m = x.len() / k;
         let mut out = vec![0f32; m * self.n];
-        matmul(self.t, &self.bytes, self.n, self.k, x, m, &mut out);
+        self.matmul(x, m, &mut out);
         let mut od = dims.to_vec();
         *od.last_mut().expect("rank >= 1") = self.n;
         Ok((CpuStorage::F32(out), Shape::from(od)))
@@ -432,6 +509,10 @@ mod tests {
                 }
                 let mut out = vec![f32::NAN; m * n];
                 matmul(t, &w, n, k, &x, m, &mut out);
+                let bm = BlockMatrix::new(t, &w, n, k);
+                assert_eq!(bm.gguf_bytes().as_ref(), w.as_slice());
+                let mut out2 = vec![f32::NAN; m * n];
+                bm.matmul(&x, m, &mut out2);
                 let row_bytes = nb * bb;
                 for j in 0..n {
                     for i in 0..m {
@@ -445,6 +526,13 @@ mod tests {
                             want.to_bits(),
                             "{t:?} n={n} k={k} m={m} cell ({i}, {j}): {} vs {want}",
                             out[i * n + j]
+                        );
+                        assert_eq!(
+                            out2[i * n + j].to_bits(),
+                            want.to_bits(),
+                            "{t:?} (grouped: {}) n={n} k={k} m={m} cell ({i}, {j}): {} vs {want}",
+                            bm.grouped,
+                            out2[i * n + j]
                         );
                     }
                 }

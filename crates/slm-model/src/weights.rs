@@ -107,7 +107,7 @@ impl Linear {
             Linear::Blocks { w, b } => {
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     w.t.to_ggml(),
-                    &w.bytes,
+                    &w.gguf_bytes(),
                     vec![w.n, w.k],
                     &Device::Cpu,
                 )?;
@@ -148,12 +148,7 @@ impl Embedding {
                 Some(t) => {
                     let (n, k) = q.shape().dims2()?;
                     Linear::Blocks {
-                        w: BlockMatrix {
-                            t,
-                            bytes: Arc::new(q.data()?.into_owned()),
-                            n,
-                            k,
-                        },
+                        w: BlockMatrix::new(t, &q.data()?, n, k),
                         b: None,
                     }
                 }
@@ -248,12 +243,7 @@ impl Weights<'_> {
                         info.dims == [out_dim, in_dim],
                     ) {
                         return Ok(Linear::Blocks {
-                            w: BlockMatrix {
-                                t,
-                                bytes: Arc::new(file.tensor_bytes(info).to_vec()),
-                                n: out_dim,
-                                k: in_dim,
-                            },
+                            w: BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim),
                             b,
                         });
                     }

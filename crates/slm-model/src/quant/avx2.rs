@@ -6,6 +6,7 @@
 //! Why by hand: candle's quantized kernels round differently (see the parent module) and
 //! unpack the weights again for every activation row.
 
+use super::rows8::{Geometry, ROWS};
 use super::{ActBlock, QK};
 use std::arch::x86_64::*;
 
@@ -225,7 +226,8 @@ unsafe fn tile<B: Block, const R: usize, const C: usize>(
     }
     for r in 0..R {
         for c in 0..C {
-            *out.add(c * ldo + r) = hsum8(acc[r][c]) + summs[r][c];
+            let v = hsum8(acc[r][c]);
+            *out.add(c * ldo + r) = if B::OFFSET { v + summs[r][c] } else { v };
         }
     }
 }
@@ -236,6 +238,8 @@ unsafe fn tile<B: Block, const R: usize, const C: usize>(
 const GEMM_R: usize = 2;
 const GEMM_C: usize = 4;
 const GEMV_R: usize = 4;
+/// Activation rows in panels that stay in L2 while the thread's weight rows stream past.
+const PANEL: usize = 64;
 const PREFETCH: usize = 2;
 
 /// Weight rows `rows` of `w` against all `m` activation rows; cell (j, i) to `out[i * n + j]`.
@@ -268,10 +272,8 @@ unsafe fn rows<B: Block>(
         }
         return;
     }
-    // Activation rows in panels that stay in L2 while the thread's weight rows stream past.
-    let panel = 64;
-    for i0 in (0..m).step_by(panel) {
-        let i1 = (i0 + panel).min(m);
+    for i0 in (0..m).step_by(PANEL) {
+        let i1 = (i0 + PANEL).min(m);
         let mut j = rows.start;
         while j < rows.end {
             let full_r = j + GEMM_R <= rows.end;
@@ -293,6 +295,272 @@ unsafe fn rows<B: Block>(
             }
             j += if full_r { GEMM_R } else { 1 };
         }
+    }
+}
+
+/// The grouped layout of `super::rows8`, per type.
+pub(super) trait Grouped {
+    /// 4-bit values, two blocks to a byte.
+    const NIBBLES: bool;
+    /// Signed values (Q8_0): |w| times sign(w)·x, as ggml does.
+    const SIGNED: bool;
+    /// Q4_0: values are nibble - 8. The lane sums are taken as sum(q·x) - sum(8·x), the same
+    /// integers as ggml's sum((q-8)·x), without its two sign instructions per block.
+    const MINUS8: bool;
+    /// Q4_1: blocks carry an offset paired with the activation block's sum.
+    const OFFSET: bool;
+}
+
+pub(super) struct G4_0;
+pub(super) struct G4_1;
+pub(super) struct G8_0;
+
+impl Grouped for G4_0 {
+    const NIBBLES: bool = true;
+    const SIGNED: bool = false;
+    const MINUS8: bool = true;
+    const OFFSET: bool = false;
+}
+impl Grouped for G4_1 {
+    const NIBBLES: bool = true;
+    const SIGNED: bool = false;
+    const MINUS8: bool = false;
+    const OFFSET: bool = true;
+}
+impl Grouped for G8_0 {
+    const NIBBLES: bool = false;
+    const SIGNED: bool = true;
+    const MINUS8: bool = false;
+    const OFFSET: bool = false;
+}
+
+/// The offsets' term of a Q4_1 group for activation rows `act + c * nb` (c < C): for each
+/// of the eight weight rows, `fma(m_w, s_x, acc)` block after block (ggml's `summs`), the
+/// eight rows in one vector and C independent chains.
+///
+/// # Safety
+/// As `tile8`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn offsets8<const C: usize>(
+    grp: *const u8,
+    geo: &Geometry,
+    act: *const ActBlock,
+    nb: usize,
+    out: &mut [[f32; 8]],
+) {
+    let pu = geo.per_unit;
+    let mut acc = [_mm256_setzero_ps(); C];
+    for b in 0..nb {
+        let p = grp.add((b / pu) * geo.unit_bytes + geo.m_off + (b % pu) * 16);
+        let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        for (c, a) in acc.iter_mut().enumerate() {
+            *a = _mm256_fmadd_ps(mv, _mm256_set1_ps((*act.add(c * nb + b)).s), *a);
+        }
+    }
+    for (o, a) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), a);
+    }
+}
+
+/// Rows r0..r0+R of one group against C activation rows; cell (r, c) to `out[c * ldo + r]`.
+/// The arithmetic per cell is `tile`'s (ggml's); only the loads differ. `summs[c]` holds
+/// `offsets8` of activation row c (Q4_1 only).
+///
+/// # Safety
+/// `grp` covers one group of `geo` for nb blocks, `act` C rows of nb blocks, `out` the
+/// cells; r0 + R <= 8; AVX2, FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn tile8<B: Grouped, const R: usize, const C: usize>(
+    grp: *const u8,
+    geo: &Geometry,
+    r0: usize,
+    act: *const ActBlock,
+    nb: usize,
+    summs: &[[f32; 8]; C],
+    out: *mut f32,
+    ldo: usize,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mask = _mm256_set1_epi8(0x0F);
+    let pu = geo.per_unit;
+    let mut acc = [[_mm256_setzero_ps(); C]; R];
+    let mut dp = [0f32; 8];
+    // One activation row: the offsets' chain rides along in the main loop, where the weights
+    // are already in cache (a separate pass would fetch them from memory twice).
+    let mut sm = _mm256_setzero_ps();
+    for b in 0..nb {
+        let unit = grp.add((b / pu) * geo.unit_bytes);
+        let h = b % pu;
+        if B::OFFSET && C == 1 {
+            let p = unit.add(geo.m_off + h * 16);
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            sm = _mm256_fmadd_ps(mv, _mm256_set1_ps((*act.add(b)).s), sm);
+        }
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+            unit.add(geo.d_off + h * 16) as *const __m128i
+        ));
+        // The products d_w * d_x of every cell, each rounded once as ggml's scalar product:
+        // for a whole group (one activation row) through a store and broadcasts, for a
+        // smaller tile by broadcasting the rows' scales across lanes.
+        let mut dw = [_mm256_setzero_ps(); R];
+        if C == 1 {
+            let da = _mm256_set1_ps((*act.add(b)).d);
+            _mm256_storeu_ps(dp.as_mut_ptr(), _mm256_mul_ps(dv, da));
+        } else {
+            for (r, d) in dw.iter_mut().enumerate() {
+                *d = _mm256_permutevar8x32_ps(dv, _mm256_set1_epi32((r0 + r) as i32));
+            }
+        }
+        let mut y = [_mm256_setzero_si256(); C];
+        let mut sa8 = [_mm256_setzero_si256(); C];
+        for c in 0..C {
+            let ab = &*act.add(c * nb + b);
+            y[c] = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            if B::MINUS8 {
+                sa8[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y[c]), ones);
+            }
+        }
+        for r in 0..R {
+            let raw = _mm256_loadu_si256(unit.add(geo.qs_off + (r0 + r) * 32) as *const __m256i);
+            let x = if !B::NIBBLES {
+                raw
+            } else if h == 0 {
+                _mm256_and_si256(raw, mask)
+            } else {
+                _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask)
+            };
+            let ux = if B::SIGNED { _mm256_sign_epi8(x, x) } else { x };
+            for c in 0..C {
+                let yc = if B::SIGNED {
+                    _mm256_sign_epi8(y[c], x)
+                } else {
+                    y[c]
+                };
+                let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux, yc), ones);
+                if B::MINUS8 {
+                    lanes = _mm256_sub_epi32(lanes, sa8[c]);
+                }
+                let d = if C == 1 {
+                    _mm256_set1_ps(dp[r0 + r])
+                } else {
+                    _mm256_mul_ps(dw[r], _mm256_set1_ps((*act.add(c * nb + b)).d))
+                };
+                acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][c]);
+            }
+        }
+    }
+    let mut sm1 = [0f32; 8];
+    _mm256_storeu_ps(sm1.as_mut_ptr(), sm);
+    for r in 0..R {
+        for c in 0..C {
+            let v = hsum8(acc[r][c]);
+            let s = if C == 1 {
+                sm1[r0 + r]
+            } else {
+                summs[c][r0 + r]
+            };
+            *out.add(c * ldo + r) = if B::OFFSET { v + s } else { v };
+        }
+    }
+}
+
+/// Groups `groups` of a grouped matrix of n rows against all m activation rows; cell (j, i)
+/// to `out[i * n + j]`.
+///
+/// # Safety
+/// As `tile8`, for every cell of the range; `out` holds m * n values.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn groups<B: Grouped>(
+    w: &[u8],
+    geo: &Geometry,
+    act: &[ActBlock],
+    nb: usize,
+    m: usize,
+    groups: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+) {
+    let gb = geo.group_bytes(nb);
+    let ap = |i: usize| act.as_ptr().add(i * nb);
+    // Cells of a group's padding rows are computed into a scratch tile and dropped.
+    let mut tmp = [0f32; ROWS * GEMM_C];
+    let mut summs = [[0f32; 8]; PANEL];
+    for g in groups {
+        let grp = w.as_ptr().add(g * gb);
+        let j0 = g * ROWS;
+        let valid = (n - j0).min(ROWS);
+        if m == 1 {
+            let s = [[0f32; 8]];
+            if valid == ROWS {
+                tile8::<B, ROWS, 1>(grp, geo, 0, ap(0), nb, &s, out.add(j0), n);
+            } else {
+                tile8::<B, ROWS, 1>(grp, geo, 0, ap(0), nb, &s, tmp.as_mut_ptr(), ROWS);
+                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j0), valid);
+            }
+            continue;
+        }
+        for i0 in (0..m).step_by(PANEL) {
+            let i1 = (i0 + PANEL).min(m);
+            if B::OFFSET {
+                let mut i = i0;
+                while i < i1 {
+                    if i + 4 <= i1 {
+                        offsets8::<4>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 4]);
+                        i += 4;
+                    } else {
+                        offsets8::<1>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 1]);
+                        i += 1;
+                    }
+                }
+            }
+            for r0 in (0..valid).step_by(GEMM_R) {
+                let full = r0 + GEMM_R <= valid;
+                let mut i = i0;
+                while i < i1 {
+                    let c = if i + GEMM_C <= i1 { GEMM_C } else { 1 };
+                    let (dst, ldo) = if full {
+                        (out.add(i * n + j0 + r0), n)
+                    } else {
+                        (tmp.as_mut_ptr(), ROWS)
+                    };
+                    let s = &summs[i - i0..];
+                    if c == GEMM_C {
+                        let s: &[[f32; 8]; GEMM_C] = s[..GEMM_C].try_into().expect("4 columns");
+                        tile8::<B, GEMM_R, GEMM_C>(grp, geo, r0, ap(i), nb, s, dst, ldo);
+                    } else {
+                        let s: &[[f32; 8]; 1] = s[..1].try_into().expect("1 column");
+                        tile8::<B, GEMM_R, 1>(grp, geo, r0, ap(i), nb, s, dst, ldo);
+                    }
+                    if !full {
+                        for cc in 0..c {
+                            *out.add((i + cc) * n + j0 + r0) = tmp[cc * ROWS];
+                        }
+                    }
+                    i += c;
+                }
+            }
+        }
+    }
+}
+
+pub(super) type GroupsFn =
+    unsafe fn(&[u8], &Geometry, &[ActBlock], usize, usize, std::ops::Range<usize>, *mut f32, usize);
+
+/// The grouped-layout kernel for a block type, if it has one and this CPU has AVX2, FMA and
+/// F16C.
+pub(super) fn grouped_kernel(t: super::BlockType) -> Option<GroupsFn> {
+    use super::BlockType as T;
+    if !crate::ggml_math::has_avx2() {
+        return None;
+    }
+    match t {
+        T::Q4_0 => Some(groups::<G4_0>),
+        T::Q4_1 => Some(groups::<G4_1>),
+        T::Q8_0 => Some(groups::<G8_0>),
+        _ => None,
     }
 }
 
