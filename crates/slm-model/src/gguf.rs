@@ -304,6 +304,27 @@ impl GgufFile {
         &self.mmap[info.start..info.start + info.len]
     }
 
+    /// Tells the kernel a tensor's mapped pages are no longer needed once copied, so they
+    /// leave this process's resident set (they stay in the page cache). Without it a load
+    /// holds the file's pages and the copies at once: peak memory near twice the model.
+    pub fn release(&self, info: &TensorInfo) {
+        // Only whole pages inside the tensor: neighbours may still be read.
+        let page = 4096;
+        let start = info.start.next_multiple_of(page);
+        let end = (info.start + info.len) / page * page;
+        if end > start {
+            // SAFETY: the map is private and read-only, so dropping pages loses nothing; a
+            // later read faults them back in from the file.
+            let _ = unsafe {
+                self.mmap.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
+        }
+    }
+
     /// Loads one tensor into a candle `QTensor` (a copy of its bytes, so the map can be dropped).
     pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
         let info = self.tensor_info(name).ok_or_else(|| GgufError::Tensor {

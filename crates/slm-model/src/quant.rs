@@ -339,6 +339,29 @@ impl BlockMatrix {
         }
     }
 
+    /// Row j widened to f32, as candle's dequantization computes it (`q * d`, `+ m`
+    /// unfused): the embedding lookup of a tied matrix.
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        let nb = self.k / QK;
+        let bb = self.t.block_bytes();
+        let row: Vec<u8> = if self.grouped {
+            let geo = rows8::geometry(self.t).expect("grouped layout");
+            let g = j / rows8::ROWS;
+            let group = &self.bytes[g * geo.group_bytes(nb)..][..geo.group_bytes(nb)];
+            let rows = rows8::unpack(self.t, group, rows8::ROWS, self.k);
+            rows[(j % rows8::ROWS) * nb * bb..][..nb * bb].to_vec()
+        } else {
+            self.bytes[j * nb * bb..][..nb * bb].to_vec()
+        };
+        let mut q = [0i8; QK];
+        for (blk, o) in row.chunks_exact(bb).zip(out.chunks_exact_mut(QK)) {
+            let (d, m) = unpack_block(self.t, blk, &mut q);
+            for (y, &v) in o.iter_mut().zip(&q) {
+                *y = v as f32 * d + m;
+            }
+        }
+    }
+
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         matmul_in(self.t, &self.bytes, self.grouped, self.n, self.k, x, m, out)

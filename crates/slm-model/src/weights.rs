@@ -123,6 +123,9 @@ impl Linear {
 pub enum Embedding {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    /// GGML 32-blocks shared with the output projection when embeddings are tied (one copy
+    /// of the largest matrix of a small model, not two).
+    Blocks(BlockMatrix),
 }
 
 impl Embedding {
@@ -134,6 +137,19 @@ impl Embedding {
                     .reshape((b, t, w.dim(1)?))
             }
             Embedding::Quantized(q) => q.embedding(ids),
+            Embedding::Blocks(w) => {
+                let (b, t) = ids.dims2()?;
+                let device = ids.device().clone();
+                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+                let mut x = vec![0f32; ids.len() * w.k];
+                for (&id, row) in ids.iter().zip(x.chunks_exact_mut(w.k)) {
+                    if id as usize >= w.n {
+                        candle_core::bail!("token id {id} is past the vocabulary of {}", w.n);
+                    }
+                    w.dequantize_row(id as usize, row);
+                }
+                Tensor::from_vec(x, (b, t, w.k), &device)
+            }
         }
     }
 
@@ -144,18 +160,13 @@ impl Embedding {
                 w: w.clone(),
                 b: None,
             },
-            Embedding::Quantized(q) => match BlockType::from_ggml(q.dtype()) {
-                Some(t) => {
-                    let (n, k) = q.shape().dims2()?;
-                    Linear::Blocks {
-                        w: BlockMatrix::new(t, &q.data()?, n, k),
-                        b: None,
-                    }
-                }
-                None => Linear::Quantized {
-                    w: QMatMul::from_arc(q.clone())?,
-                    b: None,
-                },
+            Embedding::Quantized(q) => Linear::Quantized {
+                w: QMatMul::from_arc(q.clone())?,
+                b: None,
+            },
+            Embedding::Blocks(w) => Linear::Blocks {
+                w: w.clone(),
+                b: None,
             },
         })
     }
@@ -242,10 +253,9 @@ impl Weights<'_> {
                         BlockType::from_ggml(info.dtype),
                         info.dims == [out_dim, in_dim],
                     ) {
-                        return Ok(Linear::Blocks {
-                            w: BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim),
-                            b,
-                        });
+                        let w = BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
+                        file.release(info);
+                        return Ok(Linear::Blocks { w, b });
                     }
                 }
                 let q = self.qtensor(&wname, &[out_dim, in_dim])?;
@@ -265,7 +275,18 @@ impl Weights<'_> {
 
     pub fn embedding(&self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         match self {
-            Weights::Gguf { device, .. } => {
+            Weights::Gguf { file, device } => {
+                if let Some(info) = hf_to_gguf_name(hf_name).and_then(|g| file.tensor_info(&g)) {
+                    if let (Some(t), true, true) = (
+                        BlockType::from_ggml(info.dtype),
+                        info.dims == [vocab, hidden],
+                        device.is_cpu(),
+                    ) {
+                        let w = BlockMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
+                        file.release(info);
+                        return Ok(Embedding::Blocks(w));
+                    }
+                }
                 let q = self.qtensor(hf_name, &[vocab, hidden])?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {
                     Ok(Embedding::Dense(
