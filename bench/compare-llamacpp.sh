@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs `slm bench` and llama.cpp's llama-bench on the same GGUF with the same threads, alternating
-# (A B A B ...), and prints the median ratio slm/llama.cpp for pp128, pp512 and tg128.
+# (A B A B ...), and prints the median ratio slm/llama.cpp for pp128, pp512 and tg128, and both
+# engines' peak RSS (GNU time's maximum resident set of each run).
 #
-#   bench/compare-llamacpp.sh MODEL.gguf [THREADS] [PAIRS]
+#   bench/compare-llamacpp.sh MODEL.gguf [THREADS] [PAIRS]     # THREADS may be a list: "1 2"
 #
 # llama.cpp is built outside the repository (never committed): set LLAMA_BENCH to its
 # llama-bench binary, or let this script build it from the PyPI sdist of llama-cpp-python into
@@ -26,15 +27,18 @@ if [ -z "${LLAMA_BENCH:-}" ]; then
 fi
 (cd "$root" && cargo build --release -q -p slm-cli)
 slm="${CARGO_TARGET_DIR:-$root/target}/release/slm"
+for t in $threads; do
 out="$(mktemp -d)"
 for i in $(seq "$pairs"); do
-  "$slm" bench "$model" --threads "$threads" --json --reps 1 >> "$out/slm.jsonl"
-  "$LLAMA_BENCH" -m "$model" -t "$threads" -p 128,512 -n 128 -r 1 -o jsonl 2>/dev/null >> "$out/llama.jsonl"
+  "$slm" bench "$model" --threads "$t" --json --reps 1 >> "$out/slm.jsonl"
+  /usr/bin/time -f '%M' -a -o "$out/llama.rss" \
+    "$LLAMA_BENCH" -m "$model" -t "$t" -p 128,512 -n 128 -r 1 -o jsonl 2>/dev/null >> "$out/llama.jsonl"
 done
-python3 - "$out" "$model" "$threads" <<'PY'
+python3 - "$out" "$model" "$t" <<'PY'
 import json, statistics, sys
 out, model, threads = sys.argv[1:]
 slm = [json.loads(l) for l in open(f"{out}/slm.jsonl")]
+llama_rss = [int(l) / 1024 for l in open(f"{out}/llama.rss") if l.strip().isdigit()]
 ll = {}
 for l in open(f"{out}/llama.jsonl"):
     r = json.loads(l)
@@ -46,5 +50,7 @@ print("|---|---|---|---|")
 for k in ("pp128", "pp512", "tg128"):
     a = statistics.median(s[k] for s in slm); b = statistics.median(ll[k])
     print(f"| {k} | {a:.1f} | {b:.1f} | {a/b:.2f}x |")
-print(f"slm peak RSS {statistics.median(s['peak_rss_mb'] for s in slm):.0f} MB")
+a = statistics.median(s['peak_rss_mb'] for s in slm); b = statistics.median(llama_rss)
+print(f"| peak RSS | {a:.0f} MB | {b:.0f} MB | {a/b:.2f}x |")
 PY
+done
