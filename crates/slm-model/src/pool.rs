@@ -14,7 +14,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// How long an idle worker spins for the next section before it sleeps.
-const SPIN: Duration = Duration::from_millis(2);
+const SPIN: Duration = Duration::from_micros(100);
 
 struct Shared {
     /// Epoch (high 32 bits) and next unclaimed task (low 32 bits): one word, so that a task can
