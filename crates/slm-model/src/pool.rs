@@ -41,6 +41,12 @@ pub struct Pool {
 
 type Job<'a> = &'a (dyn Fn(usize) + Sync);
 
+thread_local! {
+    /// Set while this thread runs a section's tasks: a section started from inside one runs
+    /// serially on the spot (waiting for the pool would wait for itself).
+    static IN_SECTION: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 impl Pool {
     /// A pool of `threads` including the caller (so `threads - 1` workers).
     pub fn new(threads: usize) -> Self {
@@ -77,7 +83,7 @@ impl Pool {
         if n == 0 {
             return;
         }
-        if self.threads == 1 || n == 1 {
+        if self.threads == 1 || n == 1 || IN_SECTION.with(|s| s.get()) {
             (0..n).for_each(f);
             return;
         }
@@ -97,10 +103,12 @@ impl Pool {
         if *s.sleepers.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
             s.wake.notify_all();
         }
+        IN_SECTION.with(|s| s.set(true));
         while let Some(i) = claim(s, epoch) {
             f(i);
             s.done.fetch_add(1, Ordering::Release);
         }
+        IN_SECTION.with(|s| s.set(false));
         while s.done.load(Ordering::Acquire) < n {
             std::hint::spin_loop();
         }
@@ -129,6 +137,7 @@ fn claim(s: &Shared, epoch: u64) -> Option<usize> {
 }
 
 fn worker(s: &Shared) {
+    IN_SECTION.with(|s| s.set(true));
     let mut seen = 0u64;
     loop {
         // Wait for a new section: spin, then sleep.
@@ -207,6 +216,18 @@ mod tests {
                 "n={n}"
             );
         }
+    }
+
+    #[test]
+    fn a_section_inside_a_task_runs_serially() {
+        let pool = Pool::new(2);
+        let sum = AtomicUsize::new(0);
+        pool.run(4, |_| {
+            pool.run(3, |j| {
+                sum.fetch_add(j, Ordering::Relaxed);
+            });
+        });
+        assert_eq!(sum.load(Ordering::Relaxed), 12);
     }
 
     #[test]
