@@ -331,6 +331,75 @@ impl Weights<'_> {
 mod tests {
     use super::*;
 
+    /// A tied embedding looks rows up in the output projection's blocks: the same values as
+    /// candle's dequantization, bit for bit, for every block type, grouped layout or not.
+    #[test]
+    fn block_embedding_rows_equal_candle_dequantization() {
+        let dev = Device::Cpu;
+        let (n, k) = (13, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 * 2e-3 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        for g in [
+            GgmlDType::Q4_0,
+            GgmlDType::Q4_1,
+            GgmlDType::Q5_0,
+            GgmlDType::Q5_1,
+            GgmlDType::Q8_0,
+        ] {
+            let q = QTensor::quantize(&w, g).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let t = BlockType::from_ggml(g).unwrap();
+            let e = Embedding::Blocks(BlockMatrix::new(t, &q.data().unwrap(), n, k));
+            let ids: Vec<u32> = (0..n as u32).rev().collect();
+            let got: Vec<f32> = e
+                .forward(
+                    &Tensor::new(ids.as_slice(), &dev)
+                        .unwrap()
+                        .unsqueeze(0)
+                        .unwrap(),
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (r, &id) in ids.iter().enumerate() {
+                for c in 0..k {
+                    let (a, b) = (got[r * k + c], want[id as usize * k + c]);
+                    assert_eq!(
+                        a.to_bits(),
+                        b.to_bits(),
+                        "{g:?} row {id} col {c}: {a} vs {b}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn block_embedding_rejects_ids_past_the_vocabulary() {
+        let dev = Device::Cpu;
+        let w = Tensor::zeros((4, 32), DType::F32, &dev).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let e = Embedding::Blocks(BlockMatrix::new(BlockType::Q8_0, &q.data().unwrap(), 4, 32));
+        let err = e
+            .forward(&Tensor::new(&[[1u32, 4]], &dev).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("token id 4 is past the vocabulary of 4"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn names_map_to_llama_cpp() {
         assert_eq!(

@@ -15,7 +15,7 @@ pub(super) trait Block {
     const BYTES: usize;
     /// Values are signed: multiply |w| by sign(w)·x, as ggml does.
     const SIGNED: bool;
-    /// The block has an offset `m` (Q4_1, Q5_1), paired with the activation block's sum.
+    /// The block has an offset `m` (Q5_1), paired with the activation block's sum.
     const OFFSET: bool;
     /// # Safety
     /// `p` points at `BYTES` readable bytes; the CPU has AVX2.
@@ -45,31 +45,9 @@ unsafe fn bits(p: *const u8) -> __m256i {
     _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi64x(-1))
 }
 
-pub(super) struct Q4_0;
-pub(super) struct Q4_1;
+// Q4_0, Q4_1 and Q8_0 run in the grouped layout (`groups` below); the 5-bit types keep GGUF's.
 pub(super) struct Q5_0;
 pub(super) struct Q5_1;
-pub(super) struct Q8_0;
-
-impl Block for Q4_0 {
-    const BYTES: usize = 18;
-    const SIGNED: bool = true;
-    const OFFSET: bool = false;
-    #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        _mm256_sub_epi8(nibbles(p.add(2)), _mm256_set1_epi8(8))
-    }
-}
-
-impl Block for Q4_1 {
-    const BYTES: usize = 20;
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
-    #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        nibbles(p.add(4))
-    }
-}
 
 impl Block for Q5_0 {
     const BYTES: usize = 22;
@@ -91,16 +69,6 @@ impl Block for Q5_1 {
     unsafe fn values(p: *const u8) -> __m256i {
         let hi = _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(0x10));
         _mm256_or_si256(nibbles(p.add(8)), hi)
-    }
-}
-
-impl Block for Q8_0 {
-    const BYTES: usize = 34;
-    const SIGNED: bool = true;
-    const OFFSET: bool = false;
-    #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        _mm256_loadu_si256(p.add(2) as *const __m256i)
     }
 }
 
@@ -567,22 +535,17 @@ pub(super) fn grouped_kernel(t: super::BlockType) -> Option<GroupsFn> {
 pub(super) type RowsFn =
     unsafe fn(&[u8], usize, &[ActBlock], usize, usize, std::ops::Range<usize>, *mut f32, usize);
 
-/// The kernel for a block type, if this CPU has AVX2, FMA and F16C.
+/// The GGUF-layout kernel for a 5-bit block type, if this CPU has AVX2, FMA and F16C.
 pub(super) fn kernel(t: super::BlockType) -> Option<RowsFn> {
     use super::BlockType as T;
-    if !(is_x86_feature_detected!("avx2")
-        && is_x86_feature_detected!("fma")
-        && is_x86_feature_detected!("f16c"))
-    {
+    if !crate::ggml_math::has_avx2() {
         return None;
     }
-    Some(match t {
-        T::Q4_0 => rows::<Q4_0>,
-        T::Q4_1 => rows::<Q4_1>,
-        T::Q5_0 => rows::<Q5_0>,
-        T::Q5_1 => rows::<Q5_1>,
-        T::Q8_0 => rows::<Q8_0>,
-    })
+    match t {
+        T::Q5_0 => Some(rows::<Q5_0>),
+        T::Q5_1 => Some(rows::<Q5_1>),
+        _ => None,
+    }
 }
 
 const _: () = assert!(QK == 32);

@@ -103,38 +103,43 @@ pub fn pack(t: BlockType, gguf: &[u8], n: usize, k: usize) -> Vec<u8> {
 
 /// The grouped layout back to GGUF rows, byte for byte.
 pub fn unpack(t: BlockType, packed: &[u8], n: usize, k: usize) -> Vec<u8> {
+    let row_bytes = k / QK * t.block_bytes();
+    let mut out = vec![0u8; n * row_bytes];
+    for (row, dst) in out.chunks_exact_mut(row_bytes).enumerate() {
+        unpack_row(t, packed, row, k, dst);
+    }
+    out
+}
+
+/// Row `row` of a grouped matrix back to its GGUF bytes, into `out` (one row's bytes, zeroed).
+pub fn unpack_row(t: BlockType, packed: &[u8], row: usize, k: usize, out: &mut [u8]) {
     let geo = geometry(t).expect("unpack: a type with a grouped layout");
-    let (nb, bb) = (k / QK, t.block_bytes());
-    let gb = geo.group_bytes(nb);
-    let mut out = vec![0u8; n * nb * bb];
-    for row in 0..n {
-        let (g, r) = (row / ROWS, row % ROWS);
-        for b in 0..nb {
-            let blk = &mut out[(row * nb + b) * bb..][..bb];
-            let (u, h) = (b / geo.per_unit, b % geo.per_unit);
-            let unit = &packed[g * gb + u * geo.unit_bytes..][..geo.unit_bytes];
-            let s = (h * ROWS + r) * 2;
-            blk[..2].copy_from_slice(&unit[geo.d_off + s..][..2]);
-            let qs = &unit[geo.qs_off + r * 32..][..32];
-            match t {
-                BlockType::Q8_0 => blk[2..34].copy_from_slice(qs),
-                _ => {
-                    let data = if t == BlockType::Q4_1 {
-                        blk[2..4].copy_from_slice(&unit[geo.m_off + s..][..2]);
-                        &mut blk[4..20]
-                    } else {
-                        &mut blk[2..18]
-                    };
-                    for (i, &q) in qs.iter().enumerate() {
-                        let v = (q >> (4 * h)) & 0x0F;
-                        let (j, high) = nibble_at(i);
-                        data[j] |= if high { v << 4 } else { v };
-                    }
+    let gb = geo.group_bytes(k / QK);
+    let (g, r) = (row / ROWS, row % ROWS);
+    let bb = t.block_bytes();
+    for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
+        let (u, h) = (b / geo.per_unit, b % geo.per_unit);
+        let unit = &packed[g * gb + u * geo.unit_bytes..][..geo.unit_bytes];
+        let s = (h * ROWS + r) * 2;
+        blk[..2].copy_from_slice(&unit[geo.d_off + s..][..2]);
+        let qs = &unit[geo.qs_off + r * 32..][..32];
+        match t {
+            BlockType::Q8_0 => blk[2..34].copy_from_slice(qs),
+            _ => {
+                let data = if t == BlockType::Q4_1 {
+                    blk[2..4].copy_from_slice(&unit[geo.m_off + s..][..2]);
+                    &mut blk[4..20]
+                } else {
+                    &mut blk[2..18]
+                };
+                for (i, &q) in qs.iter().enumerate() {
+                    let v = (q >> (4 * h)) & 0x0F;
+                    let (j, high) = nibble_at(i);
+                    data[j] |= if high { v << 4 } else { v };
                 }
             }
         }
     }
-    out
 }
 
 #[cfg(test)]
