@@ -200,8 +200,8 @@ unsafe fn tile<B: Block, const R: usize, const C: usize>(
     }
 }
 
-/// Activation rows per tile in a matrix product, weight rows per tile: two weight rows against
-/// four activation rows keeps the 8 accumulators, the unpacked weights and the activations in
+/// The GGUF-layout kernel's tiles (Q5_0, Q5_1). Activation rows per tile in a matrix product,
+/// weight rows per tile: two weight rows against four activation rows keeps the 8 accumulators, the unpacked weights and the activations in
 /// the 16 vector registers. A single activation row (decode) takes four weight rows a tile.
 const GEMM_R: usize = 2;
 const GEMM_C: usize = 4;
@@ -277,6 +277,9 @@ pub(super) trait Grouped {
     const MINUS8: bool;
     /// Q4_1: blocks carry an offset paired with the activation block's sum.
     const OFFSET: bool;
+    /// Blocks per unit (`rows8::Geometry::per_unit`), known at compile time so that finding
+    /// a block's unit is a shift, not a division.
+    const PER_UNIT: usize;
 }
 
 pub(super) struct G4_0;
@@ -288,18 +291,21 @@ impl Grouped for G4_0 {
     const SIGNED: bool = false;
     const MINUS8: bool = true;
     const OFFSET: bool = false;
+    const PER_UNIT: usize = 2;
 }
 impl Grouped for G4_1 {
     const NIBBLES: bool = true;
     const SIGNED: bool = false;
     const MINUS8: bool = false;
     const OFFSET: bool = true;
+    const PER_UNIT: usize = 2;
 }
 impl Grouped for G8_0 {
     const NIBBLES: bool = false;
     const SIGNED: bool = true;
     const MINUS8: bool = false;
     const OFFSET: bool = false;
+    const PER_UNIT: usize = 1;
 }
 
 /// The offsets' term of a Q4_1 group for activation rows `act + c * nb` (c < C): for each
@@ -307,19 +313,19 @@ impl Grouped for G8_0 {
 /// eight rows in one vector and C independent chains.
 ///
 /// # Safety
-/// As `tile8`.
+/// As `gemm8`.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn offsets8<const C: usize>(
+unsafe fn offsets8<B: Grouped, const C: usize>(
     grp: *const u8,
     geo: &Geometry,
     act: *const ActBlock,
     nb: usize,
     out: &mut [[f32; 8]],
 ) {
-    let pu = geo.per_unit;
     let mut acc = [_mm256_setzero_ps(); C];
     for b in 0..nb {
-        let p = grp.add((b / pu) * geo.unit_bytes + geo.m_off + (b % pu) * 16);
+        let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
+        let p = grp.add(u * geo.unit_bytes + geo.m_off + h * 16);
         let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         for (c, a) in acc.iter_mut().enumerate() {
             *a = _mm256_fmadd_ps(mv, _mm256_set1_ps((*act.add(c * nb + b)).s), *a);
@@ -330,106 +336,164 @@ unsafe fn offsets8<const C: usize>(
     }
 }
 
+/// The unpacked values of rows r0..r0+R of block `h` of a unit, for `maddubs`: the first
+/// operand (unsigned: |w| for Q8_0) and the weights themselves (Q8_0's signs).
+#[inline(always)]
+unsafe fn unit_values<B: Grouped, const R: usize>(
+    unit: *const u8,
+    geo: &Geometry,
+    r0: usize,
+    h: usize,
+) -> ([__m256i; R], [__m256i; R]) {
+    let mask = _mm256_set1_epi8(0x0F);
+    let mut x = [_mm256_setzero_si256(); R];
+    let mut ux = [_mm256_setzero_si256(); R];
+    for r in 0..R {
+        let raw = _mm256_loadu_si256(unit.add(geo.qs_off + (r0 + r) * 32) as *const __m256i);
+        x[r] = if !B::NIBBLES {
+            raw
+        } else if h == 0 {
+            _mm256_and_si256(raw, mask)
+        } else {
+            _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask)
+        };
+        ux[r] = if B::SIGNED {
+            _mm256_sign_epi8(x[r], x[r])
+        } else {
+            x[r]
+        };
+    }
+    (ux, x)
+}
+
+/// The eight rows of one group against one activation row (decode); row r to `out[r]`.
+/// The arithmetic per row is `tile`'s (ggml's); only the loads differ.
+///
+/// # Safety
+/// `grp` covers one group of `geo` for nb blocks, `act` nb blocks, `out` 8 values; AVX2,
+/// FMA and F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline(never)]
+unsafe fn gemv8<B: Grouped>(
+    grp: *const u8,
+    geo: &Geometry,
+    act: *const ActBlock,
+    nb: usize,
+    out: *mut f32,
+) {
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); ROWS];
+    let mut dp = [0f32; 8];
+    // The offsets' chain rides along in the main loop, where the weights are already in
+    // cache (a separate pass would fetch them from memory twice).
+    let mut sm = _mm256_setzero_ps();
+    for b in 0..nb {
+        let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
+        let unit = grp.add(u * geo.unit_bytes);
+        let ab = &*act.add(b);
+        if B::OFFSET {
+            let p = unit.add(geo.m_off + h * 16);
+            let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+            sm = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), sm);
+        }
+        let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+            unit.add(geo.d_off + h * 16) as *const __m128i
+        ));
+        // The products d_w * d_x of the eight rows, each rounded once as ggml's scalar
+        // product, through a store and broadcasts.
+        _mm256_storeu_ps(dp.as_mut_ptr(), _mm256_mul_ps(dv, _mm256_set1_ps(ab.d)));
+        let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+        let sa8 = if B::MINUS8 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y), ones)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let (ux, x) = unit_values::<B, ROWS>(unit, geo, 0, h);
+        for r in 0..ROWS {
+            let yr = if B::SIGNED {
+                _mm256_sign_epi8(y, x[r])
+            } else {
+                y
+            };
+            let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux[r], yr), ones);
+            if B::MINUS8 {
+                lanes = _mm256_sub_epi32(lanes, sa8);
+            }
+            let d = _mm256_set1_ps(dp[r]);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r]);
+        }
+    }
+    let mut sm1 = [0f32; 8];
+    _mm256_storeu_ps(sm1.as_mut_ptr(), sm);
+    for r in 0..ROWS {
+        let v = hsum8(acc[r]);
+        *out.add(r) = if B::OFFSET { v + sm1[r] } else { v };
+    }
+}
+
 /// Rows r0..r0+R of one group against C activation rows; cell (r, c) to `out[c * ldo + r]`.
-/// The arithmetic per cell is `tile`'s (ggml's); only the loads differ. `summs[c]` holds
-/// `offsets8` of activation row c (Q4_1 only).
+/// The arithmetic per cell is `tile`'s (ggml's). The loop runs activation row by activation
+/// row within a block, so only one row's values are live beside the R x C accumulators and
+/// the R rows' weights (16 vector registers; spilled accumulators had cost a third).
+/// `summs[c]` holds `offsets8` of activation row c (Q4_1 only).
 ///
 /// # Safety
 /// `grp` covers one group of `geo` for nb blocks, `act` C rows of nb blocks, `out` the
 /// cells; r0 + R <= 8; AVX2, FMA and F16C.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline(never)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile8<B: Grouped, const R: usize, const C: usize>(
+#[allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+unsafe fn gemm8<B: Grouped, const R: usize, const C: usize>(
     grp: *const u8,
     geo: &Geometry,
     r0: usize,
     act: *const ActBlock,
     nb: usize,
-    summs: &[[f32; 8]; C],
+    summs: &[[f32; 8]],
     out: *mut f32,
     ldo: usize,
 ) {
     let ones = _mm256_set1_epi16(1);
-    let mask = _mm256_set1_epi8(0x0F);
-    let pu = geo.per_unit;
     let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut dp = [0f32; 8];
-    // One activation row: the offsets' chain rides along in the main loop, where the weights
-    // are already in cache (a separate pass would fetch them from memory twice).
-    let mut sm = _mm256_setzero_ps();
     for b in 0..nb {
-        let unit = grp.add((b / pu) * geo.unit_bytes);
-        let h = b % pu;
-        if B::OFFSET && C == 1 {
-            let p = unit.add(geo.m_off + h * 16);
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            sm = _mm256_fmadd_ps(mv, _mm256_set1_ps((*act.add(b)).s), sm);
-        }
+        let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
+        let unit = grp.add(u * geo.unit_bytes);
         let dv = _mm256_cvtph_ps(_mm_loadu_si128(
             unit.add(geo.d_off + h * 16) as *const __m128i
         ));
-        // The products d_w * d_x of every cell, each rounded once as ggml's scalar product:
-        // for a whole group (one activation row) through a store and broadcasts, for a
-        // smaller tile by broadcasting the rows' scales across lanes.
         let mut dw = [_mm256_setzero_ps(); R];
-        if C == 1 {
-            let da = _mm256_set1_ps((*act.add(b)).d);
-            _mm256_storeu_ps(dp.as_mut_ptr(), _mm256_mul_ps(dv, da));
-        } else {
-            for (r, d) in dw.iter_mut().enumerate() {
-                *d = _mm256_permutevar8x32_ps(dv, _mm256_set1_epi32((r0 + r) as i32));
-            }
+        for (r, d) in dw.iter_mut().enumerate() {
+            *d = _mm256_permutevar8x32_ps(dv, _mm256_set1_epi32((r0 + r) as i32));
         }
-        let mut y = [_mm256_setzero_si256(); C];
-        let mut sa8 = [_mm256_setzero_si256(); C];
+        let (ux, x) = unit_values::<B, R>(unit, geo, r0, h);
         for c in 0..C {
             let ab = &*act.add(c * nb + b);
-            y[c] = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            if B::MINUS8 {
-                sa8[c] = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y[c]), ones);
-            }
-        }
-        for r in 0..R {
-            let raw = _mm256_loadu_si256(unit.add(geo.qs_off + (r0 + r) * 32) as *const __m256i);
-            let x = if !B::NIBBLES {
-                raw
-            } else if h == 0 {
-                _mm256_and_si256(raw, mask)
+            let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
+            let da = _mm256_set1_ps(ab.d);
+            let sa8 = if B::MINUS8 {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y), ones)
             } else {
-                _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask)
+                _mm256_setzero_si256()
             };
-            let ux = if B::SIGNED { _mm256_sign_epi8(x, x) } else { x };
-            for c in 0..C {
-                let yc = if B::SIGNED {
-                    _mm256_sign_epi8(y[c], x)
+            for r in 0..R {
+                let yr = if B::SIGNED {
+                    _mm256_sign_epi8(y, x[r])
                 } else {
-                    y[c]
+                    y
                 };
-                let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux, yc), ones);
+                let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux[r], yr), ones);
                 if B::MINUS8 {
-                    lanes = _mm256_sub_epi32(lanes, sa8[c]);
+                    lanes = _mm256_sub_epi32(lanes, sa8);
                 }
-                let d = if C == 1 {
-                    _mm256_set1_ps(dp[r0 + r])
-                } else {
-                    _mm256_mul_ps(dw[r], _mm256_set1_ps((*act.add(c * nb + b)).d))
-                };
+                let d = _mm256_mul_ps(dw[r], da);
                 acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][c]);
             }
         }
     }
-    let mut sm1 = [0f32; 8];
-    _mm256_storeu_ps(sm1.as_mut_ptr(), sm);
     for r in 0..R {
         for c in 0..C {
             let v = hsum8(acc[r][c]);
-            let s = if C == 1 {
-                sm1[r0 + r]
-            } else {
-                summs[c][r0 + r]
-            };
-            *out.add(c * ldo + r) = if B::OFFSET { v + s } else { v };
+            *out.add(c * ldo + r) = if B::OFFSET { v + summs[c][r0 + r] } else { v };
         }
     }
 }
@@ -438,10 +502,10 @@ unsafe fn tile8<B: Grouped, const R: usize, const C: usize>(
 /// to `out[i * n + j]`.
 ///
 /// # Safety
-/// As `tile8`, for every cell of the range; `out` holds m * n values.
+/// As `gemm8`, for every cell of the range; `out` holds m * n values.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn groups<B: Grouped>(
+unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
     w: &[u8],
     geo: &Geometry,
     act: &[ActBlock],
@@ -451,21 +515,21 @@ unsafe fn groups<B: Grouped>(
     out: *mut f32,
     n: usize,
 ) {
+    debug_assert_eq!(geo.per_unit, B::PER_UNIT);
     let gb = geo.group_bytes(nb);
     let ap = |i: usize| act.as_ptr().add(i * nb);
-    // Cells of a group's padding rows are computed into a scratch tile and dropped.
-    let mut tmp = [0f32; ROWS * GEMM_C];
+    let mut tmp = [0f32; ROWS];
     let mut summs = [[0f32; 8]; PANEL];
     for g in groups {
         let grp = w.as_ptr().add(g * gb);
         let j0 = g * ROWS;
         let valid = (n - j0).min(ROWS);
         if m == 1 {
-            let s = [[0f32; 8]];
+            // A group's padding rows are computed into a scratch tile and dropped.
             if valid == ROWS {
-                tile8::<B, ROWS, 1>(grp, geo, 0, ap(0), nb, &s, out.add(j0), n);
+                gemv8::<B>(grp, geo, ap(0), nb, out.add(j0));
             } else {
-                tile8::<B, ROWS, 1>(grp, geo, 0, ap(0), nb, &s, tmp.as_mut_ptr(), ROWS);
+                gemv8::<B>(grp, geo, ap(0), nb, tmp.as_mut_ptr());
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j0), valid);
             }
             continue;
@@ -476,39 +540,38 @@ unsafe fn groups<B: Grouped>(
                 let mut i = i0;
                 while i < i1 {
                     if i + 4 <= i1 {
-                        offsets8::<4>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 4]);
+                        offsets8::<B, 4>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 4]);
                         i += 4;
                     } else {
-                        offsets8::<1>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 1]);
+                        offsets8::<B, 1>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 1]);
                         i += 1;
                     }
                 }
             }
-            for r0 in (0..valid).step_by(GEMM_R) {
-                let full = r0 + GEMM_R <= valid;
-                let mut i = i0;
-                while i < i1 {
-                    let c = if i + GEMM_C <= i1 { GEMM_C } else { 1 };
-                    let (dst, ldo) = if full {
-                        (out.add(i * n + j0 + r0), n)
+            // Activation rows outside, weight rows inside: a tile of activation rows stays in
+            // L1 while the group's rows (also in L1) pass it.
+            let mut i = i0;
+            while i < i1 {
+                let c = if i + C <= i1 { C } else { 1 };
+                let s = &summs[i - i0..i - i0 + c];
+                let (a, o) = (ap(i), out.add(i * n + j0));
+                let mut r0 = 0;
+                while r0 + R <= valid {
+                    if c == C {
+                        gemm8::<B, R, C>(grp, geo, r0, a, nb, s, o.add(r0), n);
                     } else {
-                        (tmp.as_mut_ptr(), ROWS)
-                    };
-                    let s = &summs[i - i0..];
-                    if c == GEMM_C {
-                        let s: &[[f32; 8]; GEMM_C] = s[..GEMM_C].try_into().expect("4 columns");
-                        tile8::<B, GEMM_R, GEMM_C>(grp, geo, r0, ap(i), nb, s, dst, ldo);
-                    } else {
-                        let s: &[[f32; 8]; 1] = s[..1].try_into().expect("1 column");
-                        tile8::<B, GEMM_R, 1>(grp, geo, r0, ap(i), nb, s, dst, ldo);
+                        gemm8::<B, R, 1>(grp, geo, r0, a, nb, s, o.add(r0), n);
                     }
-                    if !full {
-                        for cc in 0..c {
-                            *out.add((i + cc) * n + j0 + r0) = tmp[cc * ROWS];
-                        }
-                    }
-                    i += c;
+                    r0 += R;
                 }
+                for r in r0..valid {
+                    if c == C {
+                        gemm8::<B, 1, C>(grp, geo, r, a, nb, s, o.add(r), n);
+                    } else {
+                        gemm8::<B, 1, 1>(grp, geo, r, a, nb, s, o.add(r), n);
+                    }
+                }
+                i += c;
             }
         }
     }
@@ -525,9 +588,12 @@ pub(super) fn grouped_kernel(t: super::BlockType) -> Option<GroupsFn> {
         return None;
     }
     match t {
-        T::Q4_0 => Some(groups::<G4_0>),
-        T::Q4_1 => Some(groups::<G4_1>),
-        T::Q8_0 => Some(groups::<G8_0>),
+        // Tiles measured on SmolLM2's shapes (`examples/kernels`): one weight row against
+        // eight activation rows keeps the most accumulators in registers; Q4_0's shared
+        // `sum(8·x)` per activation block pays off over two weight rows.
+        T::Q4_0 => Some(groups::<G4_0, 2, 4>),
+        T::Q4_1 => Some(groups::<G4_1, 1, 8>),
+        T::Q8_0 => Some(groups::<G8_0, 1, 8>),
         _ => None,
     }
 }
