@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
+use slm_model::half_matmul::{HalfMatrix, HalfType};
 use slm_model::quant::{BlockMatrix, BlockType};
 
 fn main() {
@@ -20,41 +21,63 @@ fn main() {
     println!("threads {threads}");
     println!("| type | n x k | m | GB/s | GOP/s | us/call |");
     println!("|---|---|---|---|---|---|");
+    let ms: Vec<usize> = std::env::var("KERNELS_M")
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|_| vec![1, 64, 512]);
+    let shapes = [(1536, 576), (576, 1536), (49152, 576)];
+    for t in [HalfType::F16, HalfType::BF16] {
+        for (n, k) in shapes {
+            let bytes: Vec<u8> = (0..n * k)
+                .flat_map(|i| {
+                    let v = ((i * 7919) % 1000) as f32 * 1e-3 - 0.5;
+                    half::f16::from_f32(v).to_le_bytes()
+                })
+                .collect();
+            let hm = HalfMatrix::new(t, &bytes, n, k);
+            for &m in &ms {
+                let run = |x: &[f32], out: &mut [f32]| hm.matmul(x, m, out);
+                report(&format!("{t:?}"), n, k, m, bytes.len(), run);
+            }
+        }
+    }
     for (g, t) in [
         (GgmlDType::Q4_1, BlockType::Q4_1),
         (GgmlDType::Q8_0, BlockType::Q8_0),
         (GgmlDType::Q4_0, BlockType::Q4_0),
     ] {
-        for (n, k) in [(1536, 576), (576, 1536), (49152, 576)] {
+        for (n, k) in shapes {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
                 .collect();
             let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
             let q = QTensor::quantize(&w, g).unwrap();
             let bytes = q.data().unwrap().to_vec();
-            let ms: Vec<usize> = std::env::var("KERNELS_M")
-                .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
-                .unwrap_or_else(|_| vec![1, 64, 512]);
             for &m in &ms {
-                let x: Vec<f32> = (0..m * k)
-                    .map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.4)
-                    .collect();
-                let mut out = vec![0f32; m * n];
-                let reps = (2e9 / (n * k * m) as f64).clamp(3.0, 2000.0) as usize;
                 let bm = BlockMatrix::new(t, &bytes, n, k);
-                bm.matmul(&x, m, &mut out);
-                let t0 = Instant::now();
-                for _ in 0..reps {
-                    bm.matmul(&x, m, &mut out);
-                }
-                let s = t0.elapsed().as_secs_f64() / reps as f64;
-                println!(
-                    "| {t:?} | {n} x {k} | {m} | {:.1} | {:.1} | {:.1} |",
-                    bytes.len() as f64 / s / 1e9,
-                    2.0 * (n * k * m) as f64 / s / 1e9,
-                    s * 1e6
-                );
+                let run = |x: &[f32], out: &mut [f32]| bm.matmul(x, m, out);
+                report(&format!("{t:?}"), n, k, m, bytes.len(), run);
             }
         }
     }
+}
+
+/// Times `run` on an m x k input and prints one table row.
+fn report(t: &str, n: usize, k: usize, m: usize, bytes: usize, run: impl Fn(&[f32], &mut [f32])) {
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.4)
+        .collect();
+    let mut out = vec![0f32; m * n];
+    let reps = (2e9 / (n * k * m) as f64).clamp(3.0, 2000.0) as usize;
+    run(&x, &mut out);
+    let t0 = Instant::now();
+    for _ in 0..reps {
+        run(&x, &mut out);
+    }
+    let s = t0.elapsed().as_secs_f64() / reps as f64;
+    println!(
+        "| {t} | {n} x {k} | {m} | {:.1} | {:.1} | {:.1} |",
+        bytes as f64 / s / 1e9,
+        2.0 * (n * k * m) as f64 / s / 1e9,
+        s * 1e6
+    );
 }

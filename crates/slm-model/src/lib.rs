@@ -7,6 +7,7 @@ pub mod config;
 pub mod fused;
 pub mod ggml_math;
 pub mod gguf;
+pub mod half_matmul;
 pub mod llama;
 pub mod packed;
 pub mod pool;

@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::gguf::{dtype_name, GgufError, GgufFile};
+use crate::half_matmul::{HalfMatrix, HalfType};
 use crate::quant::{BlockMatrix, BlockType};
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +71,11 @@ pub enum Linear {
         w: BlockMatrix,
         b: Option<Tensor>,
     },
+    /// F16/BF16 weights kept at two bytes (see `half_matmul`).
+    Half {
+        w: HalfMatrix,
+        b: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -86,6 +92,7 @@ impl Linear {
             }
             Linear::Quantized { w, b } => (w.forward(x)?, b),
             Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
+            Linear::Half { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
         };
         match b {
             Some(b) => y.broadcast_add(b),
@@ -113,6 +120,13 @@ impl Linear {
                 )?;
                 dense(q.dequantize(&Device::Cpu)?, b)
             }
+            Linear::Half { w, b } => {
+                let mut all = vec![0f32; w.n * w.k];
+                for (j, row) in all.chunks_exact_mut(w.k).enumerate() {
+                    w.row(j, row);
+                }
+                dense(Tensor::from_vec(all, (w.n, w.k), &Device::Cpu)?, b)
+            }
         })
     }
 }
@@ -126,6 +140,8 @@ pub enum Embedding {
     /// GGML 32-blocks shared with the output projection when embeddings are tied (one copy
     /// of the largest matrix of a small model, not two).
     Blocks(BlockMatrix),
+    /// F16/BF16 rows, widened on lookup; shared with a tied output projection.
+    Half(HalfMatrix),
 }
 
 impl Embedding {
@@ -137,19 +153,8 @@ impl Embedding {
                     .reshape((b, t, w.dim(1)?))
             }
             Embedding::Quantized(q) => q.embedding(ids),
-            Embedding::Blocks(w) => {
-                let (b, t) = ids.dims2()?;
-                let device = ids.device().clone();
-                let ids = ids.flatten_all()?.to_vec1::<u32>()?;
-                let mut x = vec![0f32; ids.len() * w.k];
-                for (&id, row) in ids.iter().zip(x.chunks_exact_mut(w.k)) {
-                    if id as usize >= w.n {
-                        candle_core::bail!("token id {id} is past the vocabulary of {}", w.n);
-                    }
-                    w.dequantize_row(id as usize, row);
-                }
-                Tensor::from_vec(x, (b, t, w.k), &device)
-            }
+            Embedding::Blocks(w) => lookup(ids, w.n, w.k, |j, row| w.dequantize_row(j, row)),
+            Embedding::Half(w) => lookup(ids, w.n, w.k, |j, row| w.row(j, row)),
         }
     }
 
@@ -168,8 +173,32 @@ impl Embedding {
                 w: w.clone(),
                 b: None,
             },
+            Embedding::Half(w) => Linear::Half {
+                w: w.clone(),
+                b: None,
+            },
         })
     }
+}
+
+/// Rows `ids` (b, t) of an n x k table, each widened by `row(j, out)`: (b, t, k).
+fn lookup(
+    ids: &Tensor,
+    n: usize,
+    k: usize,
+    row: impl Fn(usize, &mut [f32]),
+) -> candle_core::Result<Tensor> {
+    let (b, t) = ids.dims2()?;
+    let device = ids.device().clone();
+    let ids = ids.flatten_all()?.to_vec1::<u32>()?;
+    let mut x = vec![0f32; ids.len() * k];
+    for (&id, out) in ids.iter().zip(x.chunks_exact_mut(k)) {
+        if id as usize >= n {
+            candle_core::bail!("token id {id} is past the vocabulary of {n}");
+        }
+        row(id as usize, out);
+    }
+    Tensor::from_vec(x, (b, t, k), &device)
 }
 
 pub enum Weights<'a> {
@@ -247,7 +276,7 @@ impl Weights<'_> {
             None
         };
         match self {
-            Weights::Gguf { file, .. } => {
+            Weights::Gguf { file, device } => {
                 if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
                     if let (Some(t), true) = (
                         BlockType::from_ggml(info.dtype),
@@ -256,6 +285,15 @@ impl Weights<'_> {
                         let w = BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
                         file.release(info);
                         return Ok(Linear::Blocks { w, b });
+                    }
+                    if let (Some(t), true, true) = (
+                        HalfType::from_ggml(info.dtype),
+                        info.dims == [out_dim, in_dim],
+                        device.is_cpu(),
+                    ) {
+                        let w = HalfMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
+                        file.release(info);
+                        return Ok(Linear::Half { w, b });
                     }
                 }
                 let q = self.qtensor(&wname, &[out_dim, in_dim])?;
@@ -285,6 +323,15 @@ impl Weights<'_> {
                         let w = BlockMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
                         file.release(info);
                         return Ok(Embedding::Blocks(w));
+                    }
+                    if let (Some(t), true, true) = (
+                        HalfType::from_ggml(info.dtype),
+                        info.dims == [vocab, hidden],
+                        device.is_cpu(),
+                    ) {
+                        let w = HalfMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
+                        file.release(info);
+                        return Ok(Embedding::Half(w));
                     }
                 }
                 let q = self.qtensor(hf_name, &[vocab, hidden])?;

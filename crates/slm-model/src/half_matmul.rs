@@ -1,0 +1,564 @@
+//! Matrix multiplication with 16-bit float weights (GGUF F16 and BF16), kept at two bytes a
+//! weight.
+//!
+//! Why by hand: candle widens F16/BF16 GGUF tensors to f32 at load (`QMatMul`), which doubles
+//! both the memory and the bytes read per decoded token, and its f16 gemm is slower than
+//! f32. Here the weights stay as stored. Arithmetic follows llama.cpp's: the activations are
+//! rounded to the weights' type first (its `vec_dot_type`), then each output is one f32
+//! fused multiply-add chain in eight lanes over k (tinyBLAS's order for F16 and BF16),
+//! reduced by `hsum8`, and any k % 8 tail added after, one product at a time. (A product of
+//! two 16-bit floats is exact in f32, so only the order of the sums decides the result.)
+//!
+//! Layout: rows in groups of eight, interleaved eight values at a time (row 0's values 0..8,
+//! row 1's values 0..8, ..., row 7's, then values 8..16), then each row's k % 8 tail. A decode
+//! step then reads one sequential stream per group instead of eight rows 2k bytes apart,
+//! which measured here at half the memory bandwidth. `gguf_bytes` restores the stored order.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::{bf16, f16};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HalfType {
+    F16,
+    BF16,
+}
+
+impl HalfType {
+    pub fn from_ggml(t: candle_core::quantized::GgmlDType) -> Option<Self> {
+        use candle_core::quantized::GgmlDType as G;
+        match t {
+            G::F16 => Some(Self::F16),
+            G::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
+
+    pub fn to_ggml(self) -> candle_core::quantized::GgmlDType {
+        use candle_core::quantized::GgmlDType as G;
+        match self {
+            Self::F16 => G::F16,
+            Self::BF16 => G::BF16,
+        }
+    }
+
+    /// A stored value widened to f32 (exact).
+    #[inline(always)]
+    fn widen(self, bits: u16) -> f32 {
+        match self {
+            Self::F16 => f16::from_bits(bits).to_f32(),
+            Self::BF16 => bf16::from_bits(bits).to_f32(),
+        }
+    }
+
+    /// x rounded to this type (nearest, ties to even, as ggml's conversions) and widened back.
+    #[inline(always)]
+    fn round(self, x: f32) -> f32 {
+        match self {
+            Self::F16 => f16::from_f32(x).to_f32(),
+            Self::BF16 => bf16::from_f32(x).to_f32(),
+        }
+    }
+}
+
+/// `hsum_float_8`'s order (see `quant::hsum8`).
+#[inline(always)]
+fn hsum8(a: &[f32; 8]) -> f32 {
+    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
+    (r[0] + r[2]) + (r[1] + r[3])
+}
+
+/// One output: weight row `w` against rounded activations `x`, with the scalar kernel that
+/// every SIMD kernel must equal bit for bit.
+fn dot_row(t: HalfType, w: &[u16], x: &[f32]) -> f32 {
+    let k8 = w.len() / 8 * 8;
+    let mut acc = [0f32; 8];
+    for (wc, xc) in w[..k8].chunks_exact(8).zip(x[..k8].chunks_exact(8)) {
+        for l in 0..8 {
+            acc[l] = t.widen(wc[l]).mul_add(xc[l], acc[l]);
+        }
+    }
+    let mut v = hsum8(&acc);
+    for (&wv, &xv) in w[k8..].iter().zip(&x[k8..]) {
+        v = t.widen(wv).mul_add(xv, v);
+    }
+    v
+}
+
+/// Rows per group of the interleaved layout.
+const ROWS: usize = 8;
+
+/// Where value c of row j lies in the interleaved layout of n x k values.
+#[inline(always)]
+fn index(j: usize, c: usize, k: usize) -> usize {
+    let (g, r) = (j / ROWS, j % ROWS);
+    let k8 = k / 8 * 8;
+    let base = g * ROWS * k;
+    if c < k8 {
+        base + c / 8 * 64 + r * 8 + c % 8
+    } else {
+        base + ROWS * k8 + r * (k - k8) + (c - k8)
+    }
+}
+
+/// Weight rows `rows` against all m activation rows, cell (j, i) to `out[i * n + j]`.
+///
+/// # Safety
+/// `out` holds m * n values and no other thread writes the columns in `rows`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn rows_scalar(
+    t: HalfType,
+    w: &[u16],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+) {
+    let mut wr = vec![0u16; k];
+    for j in rows {
+        for (c, v) in wr.iter_mut().enumerate() {
+            *v = w[index(j, c, k)];
+        }
+        for i in 0..m {
+            // SAFETY: i < m and j < n per the contract.
+            unsafe { *out.add(i * n + j) = dot_row(t, &wr, &x[i * k..(i + 1) * k]) };
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each thread writes only the output columns of its own weight rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// A weight matrix of n rows of k 16-bit floats, applied as a candle op (inference only).
+#[derive(Debug, Clone)]
+pub struct HalfMatrix {
+    pub t: HalfType,
+    bits: std::sync::Arc<Vec<u16>>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl HalfMatrix {
+    /// `gguf`: n rows of k little-endian values of type `t`, as stored in a GGUF file.
+    pub fn new(t: HalfType, gguf: &[u8], n: usize, k: usize) -> Self {
+        assert_eq!(
+            gguf.len(),
+            n * k * 2,
+            "half matrix: {n} x {k} needs {} bytes",
+            n * k * 2
+        );
+        let mut bits = vec![0u16; n.div_ceil(ROWS) * ROWS * k];
+        for (j, row) in gguf.chunks_exact(2 * k.max(1)).enumerate().take(n) {
+            for (c, b) in row.chunks_exact(2).enumerate() {
+                bits[index(j, c, k)] = u16::from_le_bytes([b[0], b[1]]);
+            }
+        }
+        Self {
+            t,
+            bits: std::sync::Arc::new(bits),
+            n,
+            k,
+        }
+    }
+
+    /// The weights as stored in GGUF.
+    pub fn gguf_bytes(&self) -> Vec<u8> {
+        let k = self.k;
+        (0..self.n)
+            .flat_map(|j| (0..k).flat_map(move |c| self.bits[index(j, c, k)].to_le_bytes()))
+            .collect()
+    }
+
+    /// Row j widened to f32 (exact): the embedding lookup of a tied matrix.
+    pub fn row(&self, j: usize, out: &mut [f32]) {
+        for (c, o) in out[..self.k].iter_mut().enumerate() {
+            *o = self.t.widen(self.bits[index(j, c, self.k)]);
+        }
+    }
+
+    /// x (m, k) times the transpose of these weights into out (m, n).
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+        self.matmul_with(x, m, out, true)
+    }
+
+    fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], simd: bool) {
+        let (n, k, t) = (self.n, self.k, self.t);
+        assert!(x.len() >= m * k && out.len() >= m * n);
+        let pool = crate::pool::global();
+        // llama.cpp's vec_dot_type: the activations in the weights' type.
+        let mut xr = vec![0f32; m * k];
+        {
+            let p = OutPtr(xr.as_mut_ptr());
+            pool.run(m, |i| {
+                // SAFETY: task i writes row i only.
+                let row = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * k), k) };
+                round_row(t, &x[i * k..(i + 1) * k], row);
+            });
+        }
+        #[cfg(target_arch = "x86_64")]
+        let kernel = simd.then(|| avx2::kernel(t)).flatten();
+        #[cfg(not(target_arch = "x86_64"))]
+        let kernel: Option<fn()> = {
+            let _ = simd;
+            None
+        };
+        let o = OutPtr(out.as_mut_ptr());
+        let (w, xr) = (&self.bits[..], &xr[..]);
+        // Output features in spans of whole tiles, a few per thread to even out their speeds;
+        // each task walks all m activation rows so a weight row is read from memory once.
+        let span = n.div_ceil(pool.threads() * 4).next_multiple_of(8).max(8);
+        pool.run(n.div_ceil(span), |s| {
+            let r = s * span..((s + 1) * span).min(n);
+            match kernel {
+                // SAFETY: spans are disjoint, out holds m * n, the kernel suits this CPU.
+                #[cfg(target_arch = "x86_64")]
+                Some(f) => unsafe { f(t, w, k, xr, m, r, o.get(), n) },
+                _ => unsafe { rows_scalar(t, w, k, xr, m, r, o.get(), n) },
+            }
+        });
+    }
+}
+
+fn round_row(t: HalfType, x: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if t == HalfType::F16 && crate::ggml_math::has_avx2() {
+        // SAFETY: the CPU has F16C; the slices have equal lengths.
+        return unsafe { avx2::round_f16(x, out) };
+    }
+    for (o, &v) in out.iter_mut().zip(x) {
+        *o = t.round(v);
+    }
+}
+
+impl CustomOp1 for HalfMatrix {
+    fn name(&self) -> &'static str {
+        "half-matmul"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let x = crate::ggml_math::f32_slice(s, l, "half matmul")?;
+        let dims = l.shape().dims();
+        let k = *dims.last().unwrap_or(&0);
+        if k != self.k {
+            candle_core::bail!("half matmul: input width {k}, weights expect {}", self.k);
+        }
+        let m = x.len() / k;
+        let mut out = vec![0f32; m * self.n];
+        self.matmul(x, m, &mut out);
+        let mut od = dims.to_vec();
+        *od.last_mut().expect("rank >= 1") = self.n;
+        Ok((CpuStorage::F32(out), Shape::from(od)))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{HalfType, ROWS};
+    use std::arch::x86_64::*;
+
+    /// Eight stored values widened to f32.
+    trait Widen {
+        unsafe fn load8(p: *const u16) -> __m256;
+    }
+    struct F16;
+    struct Bf16;
+    impl Widen for F16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
+    }
+    impl Widen for Bf16 {
+        #[inline(always)]
+        unsafe fn load8(p: *const u16) -> __m256 {
+            let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
+            _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn hsum8(x: __m256) -> f32 {
+        let mut a = [0f32; 8];
+        _mm256_storeu_ps(a.as_mut_ptr(), x);
+        super::hsum8(&a)
+    }
+
+    /// # Safety
+    /// F16C; `out` at least as long as `x`.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn round_f16(x: &[f32], out: &mut [f32]) {
+        let k8 = x.len() / 8 * 8;
+        for i in (0..k8).step_by(8) {
+            let h =
+                _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(i)));
+            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+        for i in k8..x.len() {
+            out[i] = HalfType::F16.round(x[i]);
+        }
+    }
+
+    /// Rows r0..r0+R of the group at `grp` against activation rows `x` .. `x + C * k`;
+    /// cell (r, c) to `out[c * n + r]`.
+    ///
+    /// # Safety
+    /// The group and activation rows exist; r0 + R <= 8; AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline(never)]
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    unsafe fn tile<W: Widen, const R: usize, const C: usize>(
+        t: HalfType,
+        grp: *const u16,
+        r0: usize,
+        k: usize,
+        x: *const f32,
+        out: *mut f32,
+        n: usize,
+    ) {
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        for i in (0..k8).step_by(8) {
+            // Eight values of eight rows: 128 bytes, two cache lines, per step of eight.
+            let chunk = grp.add(i * ROWS);
+            if C == 1 && i % 32 == 0 {
+                // Decode streams the weights from memory once: ask for what comes after.
+                for l in 0..4 {
+                    let p = chunk.wrapping_add(PREFETCH + l * 32);
+                    _mm_prefetch::<_MM_HINT_T0>(p as *const i8);
+                }
+            }
+            let mut wv = [_mm256_setzero_ps(); R];
+            for r in 0..R {
+                wv[r] = W::load8(chunk.add((r0 + r) * 8));
+            }
+            for c in 0..C {
+                let xv = _mm256_loadu_ps(x.add(c * k + i));
+                for r in 0..R {
+                    acc[r][c] = _mm256_fmadd_ps(wv[r], xv, acc[r][c]);
+                }
+            }
+        }
+        let tail = grp.add(ROWS * k8);
+        for r in 0..R {
+            for c in 0..C {
+                let mut v = hsum8(acc[r][c]);
+                for i in k8..k {
+                    let w = *tail.add((r0 + r) * (k - k8) + (i - k8));
+                    v = t.widen(w).mul_add(*x.add(c * k + i), v);
+                }
+                *out.add(c * n + r) = v;
+            }
+        }
+    }
+
+    /// How far ahead decode prefetches, in values (8 KB).
+    const PREFETCH: usize = 4096;
+    const GEMM_R: usize = 2;
+    const GEMM_C: usize = 6;
+    /// Weight bytes a block of rows keeps in L2 while all activation rows pass.
+    const ROW_BLOCK_BYTES: usize = 256 << 10;
+
+    /// Weight rows `rows` (whole groups but perhaps the last) against all m activation rows;
+    /// cell (j, i) to `out[i * n + j]`.
+    ///
+    /// # Safety
+    /// As `super::rows_scalar`, and the CPU has AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<W: Widen>(
+        t: HalfType,
+        w: &[u16],
+        k: usize,
+        x: &[f32],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        n: usize,
+    ) {
+        debug_assert_eq!(rows.start % ROWS, 0);
+        let gp = |g: usize| w.as_ptr().add(g * ROWS * k);
+        let xp = |i: usize| x.as_ptr().add(i * k);
+        let op = |i: usize, j: usize| out.add(i * n + j);
+        let groups = rows.start / ROWS..rows.end.div_ceil(ROWS);
+        let valid = |g: usize| (rows.end - g * ROWS).min(ROWS);
+        if m == 1 {
+            for g in groups {
+                if valid(g) == ROWS {
+                    tile::<W, ROWS, 1>(t, gp(g), 0, k, xp(0), op(0, g * ROWS), n);
+                } else {
+                    for r in 0..valid(g) {
+                        tile::<W, 1, 1>(t, gp(g), r, k, xp(0), op(0, g * ROWS + r), n);
+                    }
+                }
+            }
+            return;
+        }
+        // A tile of activation rows stays in L1 while a block of the span's weight rows passes
+        // it from L2 (reading the activations from L2 instead capped the FMAs at half rate);
+        // the block then moves on, so the weights come from memory once.
+        let block = (ROW_BLOCK_BYTES / (2 * k.max(1))).max(1).div_ceil(ROWS);
+        for gb in (groups.start..groups.end).step_by(block) {
+            let blk = gb..(gb + block).min(groups.end);
+            let mut i = 0;
+            while i < m {
+                let c = if i + GEMM_C <= m { GEMM_C } else { 1 };
+                for g in blk.clone() {
+                    let mut r0 = 0;
+                    while r0 < valid(g) {
+                        let full_r = r0 + GEMM_R <= valid(g);
+                        let (a, o) = (xp(i), op(i, g * ROWS + r0));
+                        match (full_r, c == GEMM_C) {
+                            (true, true) => tile::<W, GEMM_R, GEMM_C>(t, gp(g), r0, k, a, o, n),
+                            (true, false) => tile::<W, GEMM_R, 1>(t, gp(g), r0, k, a, o, n),
+                            (false, true) => tile::<W, 1, GEMM_C>(t, gp(g), r0, k, a, o, n),
+                            (false, false) => tile::<W, 1, 1>(t, gp(g), r0, k, a, o, n),
+                        }
+                        r0 += if full_r { GEMM_R } else { 1 };
+                    }
+                }
+                i += c;
+            }
+        }
+    }
+
+    pub(super) type RowsFn =
+        unsafe fn(HalfType, &[u16], usize, &[f32], usize, std::ops::Range<usize>, *mut f32, usize);
+
+    /// The kernel for `t` if this CPU has AVX2, FMA and F16C.
+    pub(super) fn kernel(t: HalfType) -> Option<RowsFn> {
+        if !crate::ggml_math::has_avx2() {
+            return None;
+        }
+        Some(match t {
+            HalfType::F16 => rows::<F16>,
+            HalfType::BF16 => rows::<Bf16>,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn random_bits(t: HalfType, len: usize, rng: &mut impl Rng) -> Vec<u8> {
+        (0..len)
+            .flat_map(|_| {
+                let v = rng.random_range(-3f32..3.0) * rng.random_range(0f32..1.0);
+                match t {
+                    HalfType::F16 => f16::from_f32(v).to_le_bytes(),
+                    HalfType::BF16 => bf16::from_f32(v).to_le_bytes(),
+                }
+            })
+            .collect()
+    }
+
+    /// The SIMD kernels equal the scalar reference bit for bit on odd shapes: rows not a
+    /// multiple of any tile, k with and without a tail of eight, 1 to 70 activation rows.
+    #[test]
+    fn kernels_equal_scalar_reference_on_odd_shapes() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        for t in [HalfType::F16, HalfType::BF16] {
+            for &(n, k, m) in &[
+                (1, 8, 1),
+                (7, 576, 1),
+                (13, 37, 1),
+                (9, 100, 5),
+                (33, 64, 70),
+                (8, 1, 3),
+                (130, 608, 9),
+            ] {
+                let bytes = random_bits(t, n * k, &mut rng);
+                let w = HalfMatrix::new(t, &bytes, n, k);
+                assert_eq!(w.gguf_bytes(), bytes, "{t:?} n{n} k{k}: layout round trip");
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
+                let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
+                w.matmul_with(&x, m, &mut fast, true);
+                w.matmul_with(&x, m, &mut slow, false);
+                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                    assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {i}");
+                }
+            }
+        }
+    }
+
+    /// Against an f64 product of the widened weights and rounded activations: only f32
+    /// summation error is allowed (relative to the sum of |products|).
+    #[test]
+    fn matmul_matches_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        for t in [HalfType::F16, HalfType::BF16] {
+            let (n, k, m) = (11, 200, 4);
+            let bytes = random_bits(t, n * k, &mut rng);
+            let w = HalfMatrix::new(t, &bytes, n, k);
+            assert_eq!(w.gguf_bytes(), bytes);
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
+            let mut out = vec![0f32; m * n];
+            w.matmul(&x, m, &mut out);
+            let mut row = vec![0f32; k];
+            for j in 0..n {
+                w.row(j, &mut row);
+                for i in 0..m {
+                    let (mut s, mut mag) = (0f64, 0f64);
+                    for (a, &b) in row.iter().zip(&x[i * k..(i + 1) * k]) {
+                        let p = *a as f64 * t.round(b) as f64;
+                        s += p;
+                        mag += p.abs();
+                    }
+                    let err = (out[i * n + j] as f64 - s).abs();
+                    assert!(
+                        err <= 1e-6 * mag,
+                        "{t:?} ({i},{j}): {} vs {s}",
+                        out[i * n + j]
+                    );
+                }
+            }
+        }
+    }
+
+    /// Activation rounding is ggml's: nearest, ties to even, for both types.
+    #[test]
+    fn activations_round_to_nearest_even() {
+        // 1 + 2^-11 is halfway between two f16 values; even wins (1.0). Nine values, so
+        // both the eight-wide path and the tail are taken.
+        let h = 2f32.powi(-11);
+        let x = [
+            1.0 + h,
+            1.0 + 3.0 * h,
+            -0.0,
+            65504.0,
+            0.1,
+            -1.0 - h,
+            3.0,
+            1e-8,
+            1.0 + h,
+        ];
+        let mut out = [0f32; 9];
+        round_row(HalfType::F16, &x, &mut out);
+        let want = [
+            1.0,
+            1.0 + 4.0 * h,
+            -0.0,
+            65504.0,
+            f16::from_f32(0.1).to_f32(),
+        ];
+        assert_eq!(out[..5], want);
+        assert_eq!(out[5..], [-1.0, 3.0, f16::from_f32(1e-8).to_f32(), 1.0]);
+        assert!(out[2].is_sign_negative());
+        round_row(
+            HalfType::BF16,
+            &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)],
+            &mut out[..2],
+        );
+        assert_eq!(out[..2], [1.0, 1.0 + 4.0 * 2f32.powi(-8)]);
+    }
+}
