@@ -8,11 +8,13 @@
 //!   products are f16 x f16 accumulated in f32, and softmax(QK)V is accumulated online in an
 //!   f16 buffer (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`);
 //! - `TILE_Q` or more (prefill of long prompts, perplexity): K and V widened to f32 and
-//!   everything else in f32 (the tiled kernel), done here with candle's matmul.
+//!   everything else in f32 (the tiled kernel), done here one query at a time on the kernel
+//!   pool with an exact two-pass softmax over that query's scores: no t x len matrix of
+//!   scores is ever stored (it was ~30 MB at 512 positions, the peak memory of a run).
 //!
 //! Training does not come here: it runs without a cache, through candle ops with gradients.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use half::f16;
 
 /// llama.cpp's GGML_FA_TILE_Q: below this many queries it takes the f16 path.
@@ -76,34 +78,8 @@ pub fn attend(
     let rep = n_heads / n_kv;
 
     if t >= TILE_Q {
-        // f32 path: widen K/V and let candle's gemm do the two matmuls.
-        let kt = Tensor::from_slice(&cache.k, (len, n_kv, hd), device)?
-            .to_dtype(DType::F32)?
-            .transpose(0, 1)?
-            .contiguous()?; // (n_kv, len, hd)
-        let vt = Tensor::from_slice(&cache.v, (len, n_kv, hd), device)?
-            .to_dtype(DType::F32)?
-            .transpose(0, 1)?
-            .contiguous()?;
-        let qt = Tensor::from_slice(q, (t, n_heads, hd), device)?
-            .transpose(0, 1)?
-            .contiguous()?
-            .reshape((n_kv, rep * t, hd))?;
-        let att = (qt.matmul(&kt.t()?)? * scale as f64)?;
-        let mask: Vec<f32> = (0..t)
-            .flat_map(|i| (0..len).map(move |j| if j > past + i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (t, len), device)?;
-        let att = att
-            .reshape((n_kv, rep, t, len))?
-            .broadcast_add(&mask)?
-            .reshape((n_kv, rep * t, len))?;
-        let att = candle_nn::ops::softmax_last_dim(&att)?;
-        let y = att.matmul(&vt)?; // (n_kv, rep*t, hd)
-        return y
-            .reshape((n_heads, t, hd))?
-            .transpose(0, 1)?
-            .reshape((t, n_heads * hd));
+        let out = attend_f32(&cache.k, &cache.v, q, t, past, n_heads, n_kv, hd, scale);
+        return Tensor::from_vec(out, (t, n_heads * hd), device);
     }
 
     let mut out = vec![0f32; t * n_heads * hd];
@@ -142,4 +118,173 @@ pub fn attend(
         }
     }
     Tensor::from_vec(out, (t, n_heads * hd), device)
+}
+
+/// Queries of one task in the f32 path: enough to share the widened keys while in cache.
+const QUERIES_PER_TASK: usize = 16;
+
+/// The f32 path for t queries at positions past.. over the whole (f16) cache: K and V
+/// widened to f32 once, then per (query, head) scores, softmax and the weighted sum of values.
+#[allow(clippy::too_many_arguments)]
+fn attend_f32(
+    k16: &[f16],
+    v16: &[f16],
+    q: &[f32],
+    t: usize,
+    past: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let widen = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
+    let (k, v) = (widen(k16), widen(v16));
+    let (row, rep) = (n_kv * hd, n_heads / n_kv);
+    let mut out = vec![0f32; t * n_heads * hd];
+    let o = OutPtr(out.as_mut_ptr());
+    let chunks = t.div_ceil(QUERIES_PER_TASK);
+    crate::pool::global().run(n_heads * chunks, |task| {
+        let (h, c) = (task / chunks, task % chunks);
+        let g = h / rep;
+        let mut s = vec![0f32; past + t];
+        let mut acc = vec![0f32; hd];
+        for i in c * QUERIES_PER_TASK..((c + 1) * QUERIES_PER_TASK).min(t) {
+            let visible = past + i + 1;
+            let qrow = &q[(i * n_heads + h) * hd..][..hd];
+            let mut m = f32::NEG_INFINITY;
+            for (j, sj) in s[..visible].iter_mut().enumerate() {
+                *sj = dot8(qrow, &k[j * row + g * hd..][..hd]) * scale;
+                m = m.max(*sj);
+            }
+            let mut sum = 0f32;
+            for sj in &mut s[..visible] {
+                *sj = (*sj - m).exp();
+                sum += *sj;
+            }
+            acc.fill(0.0);
+            for (j, &p) in s[..visible].iter().enumerate() {
+                for (a, &x) in acc.iter_mut().zip(&v[j * row + g * hd..][..hd]) {
+                    *a += p * x;
+                }
+            }
+            // SAFETY: (query i, head h) is written by this task only; out holds t * n_heads * hd.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(o.get().add((i * n_heads + h) * hd), hd) };
+            for (d, a) in dst.iter_mut().zip(&acc) {
+                *d = a / sum;
+            }
+        }
+    });
+    out
+}
+
+/// f32 dot product in eight independent lanes (vectorizes; a single running sum would not).
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A pointer the pool's tasks write disjoint rows through.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: each task writes only its own (query, head) rows.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Causal attention in f64 over the same f16-rounded keys and values, per (query, head).
+    #[allow(clippy::too_many_arguments)]
+    fn reference(
+        k: &[f16],
+        v: &[f16],
+        q: &[f32],
+        t: usize,
+        past: usize,
+        nh: usize,
+        nkv: usize,
+        hd: usize,
+    ) -> Vec<f64> {
+        let (row, rep) = (nkv * hd, nh / nkv);
+        let scale = 1.0 / (hd as f64).sqrt();
+        let mut out = vec![0f64; t * nh * hd];
+        for i in 0..t {
+            for h in 0..nh {
+                let g = h / rep;
+                let qr = &q[(i * nh + h) * hd..][..hd];
+                let s: Vec<f64> = (0..past + i + 1)
+                    .map(|j| {
+                        let kr = &k[j * row + g * hd..][..hd];
+                        qr.iter()
+                            .zip(kr)
+                            .map(|(a, b)| *a as f64 * b.to_f64())
+                            .sum::<f64>()
+                            * scale
+                    })
+                    .collect();
+                let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = s.iter().map(|x| (x - m).exp()).collect();
+                let sum: f64 = e.iter().sum();
+                for (j, p) in e.iter().enumerate() {
+                    for d in 0..hd {
+                        out[(i * nh + h) * hd + d] += p / sum * v[j * row + g * hd + d].to_f64();
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The long-prompt path (t >= TILE_Q), after a short first call filled part of the cache:
+    /// grouped heads, a head size with a tail of eight, queries not a multiple of a task.
+    #[test]
+    fn long_prompt_attention_matches_f64_reference() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let (nh, nkv, hd) = (6, 2, 20);
+        let mut cache = LayerCache::default();
+        let mut rand_vec =
+            |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2f32..2.0)).collect() };
+        let (q0, k0, v0) = (
+            rand_vec(5 * nh * hd),
+            rand_vec(5 * nkv * hd),
+            rand_vec(5 * nkv * hd),
+        );
+        attend(&mut cache, &q0, &k0, &v0, 5, nh, nkv, hd, &Device::Cpu).unwrap();
+        let t = TILE_Q + 7;
+        let (q, k, v) = (
+            rand_vec(t * nh * hd),
+            rand_vec(t * nkv * hd),
+            rand_vec(t * nkv * hd),
+        );
+        let y = attend(&mut cache, &q, &k, &v, t, nh, nkv, hd, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let want = reference(&cache.k, &cache.v, &q, t, 5, nh, nkv, hd);
+        for (idx, (a, b)) in y.iter().zip(&want).enumerate() {
+            assert!((*a as f64 - b).abs() < 1e-5, "element {idx}: {a} vs {b}");
+        }
+    }
 }

@@ -2,7 +2,9 @@
 //! same way llama.cpp interprets it: "gpt2" (byte-level BPE with the pre-tokenizer named by
 //! `tokenizer.ggml.pre`) and "llama" (SentencePiece BPE with byte fallback).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::ser::SerializeMap;
 
 use serde_json::{json, Value as Json};
 use slm_model::gguf::Value;
@@ -27,6 +29,56 @@ impl TokenizerSpec {
     /// The vocabulary string of `id` (as the chat template sees special tokens).
     pub fn piece(&self, id: u32) -> String {
         self.tokens.get(id as usize).cloned().unwrap_or_default()
+    }
+}
+
+/// What differs between the two tokenizer families around the shared BPE model.
+struct Parts<'a> {
+    normalizer: Json,
+    pre_tokenizer: Json,
+    decoder: Json,
+    unk_token: Option<&'a str>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+}
+
+/// tokenizer.json, as `tokenizers` reads it.
+#[derive(serde::Serialize)]
+struct TokenizerJson<'a> {
+    version: &'static str,
+    added_tokens: Vec<Json>,
+    normalizer: Json,
+    pre_tokenizer: Json,
+    post_processor: Json,
+    decoder: Json,
+    model: BpeJson<'a>,
+}
+
+#[derive(serde::Serialize)]
+struct BpeJson<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    dropout: Option<f32>,
+    unk_token: Option<&'a str>,
+    continuing_subword_prefix: Option<&'a str>,
+    end_of_word_suffix: Option<&'a str>,
+    fuse_unk: bool,
+    byte_fallback: bool,
+    ignore_merges: bool,
+    vocab: Vocab<'a>,
+    merges: Vec<(&'a str, &'a str)>,
+}
+
+/// Token strings as the `{"token": id}` map, ids by position.
+struct Vocab<'a>(&'a [String]);
+
+impl serde::Serialize for Vocab<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.0.len()))?;
+        for (i, t) in self.0.iter().enumerate() {
+            m.serialize_entry(t, &i)?;
+        }
+        m.end()
     }
 }
 
@@ -160,12 +212,13 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
     let eot = check_id("tokenizer.ggml.eot_token_id")?;
     let unk = check_id("tokenizer.ggml.unknown_token_id")?;
 
-    let vocab: serde_json::Map<String, Json> = tokens
+    if tokens
         .iter()
-        .enumerate()
-        .map(|(i, t)| (t.clone(), json!(i)))
-        .collect();
-    if vocab.len() != n {
+        .map(String::as_str)
+        .collect::<HashSet<_>>()
+        .len()
+        != n
+    {
         return Err(invalid(file, "tokenizer.ggml.tokens has duplicate entries"));
     }
 
@@ -180,30 +233,29 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
         }
     }
 
-    let (add_bos_default, tj) = match model {
+    // The merges as owned pairs (SentencePiece's are derived from scores), borrowed below.
+    let merge_pairs: Vec<(String, String)>;
+    let (add_bos_default, parts) = match model {
         "gpt2" => {
             let merges = str_array("tokenizer.ggml.merges")?.ok_or_else(|| invalid(file, "tokenizer.ggml.merges is missing"))?;
-            let merges: Vec<Json> = merges
-                .iter()
+            merge_pairs = merges
+                .into_iter()
                 .map(|m| {
                     let (a, b) = m.split_once(' ').ok_or_else(|| invalid(file, format!("merge '{m}' has no space")))?;
-                    Ok(json!([a, b]))
+                    Ok((a.to_string(), b.to_string()))
                 })
                 .collect::<Result<_>>()?;
             let pre = meta.get("tokenizer.ggml.pre").and_then(|v| v.as_str()).unwrap_or("default");
             (
                 false,
-                json!({
-                    "version": "1.0",
-                    "added_tokens": added,
-                    "normalizer": null,
-                    "pre_tokenizer": gpt2_pre_tokenizer(pre, file)?,
-                    "post_processor": null,
-                    "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
-                              "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
-                              "ignore_merges": false, "vocab": vocab, "merges": merges}
-                }),
+                Parts {
+                    normalizer: Json::Null,
+                    pre_tokenizer: gpt2_pre_tokenizer(pre, file)?,
+                    decoder: json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true}),
+                    unk_token: None,
+                    fuse_unk: false,
+                    byte_fallback: false,
+                },
             )
         }
         "llama" => {
@@ -214,10 +266,9 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
                 .zip(&types)
                 .map(|(t, &ty)| if ty as i64 == TOKEN_BYTE || ty as i64 == TOKEN_CONTROL { String::new() } else { t.clone() })
                 .collect();
-            let merges: Vec<Json> = spm_merges(&mergeable, &scores)
+            merge_pairs = spm_merges(&mergeable, &scores)
                 .into_iter()
                 .filter(|(a, b)| !a.is_empty() && !b.is_empty())
-                .map(|(a, b)| json!([a, b]))
                 .collect();
             let add_prefix = meta.get("tokenizer.ggml.add_space_prefix").and_then(|v| v.as_bool()).unwrap_or(true);
             let mut normalizers = vec![];
@@ -235,17 +286,14 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
             }
             (
                 true,
-                json!({
-                    "version": "1.0",
-                    "added_tokens": added,
-                    "normalizer": {"type": "Sequence", "normalizers": normalizers},
-                    "pre_tokenizer": null,
-                    "post_processor": null,
-                    "decoder": {"type": "Sequence", "decoders": decoders},
-                    "model": {"type": "BPE", "dropout": null, "unk_token": unk.map(|u| tokens[u as usize].clone()),
-                              "continuing_subword_prefix": null, "end_of_word_suffix": null, "fuse_unk": true,
-                              "byte_fallback": true, "ignore_merges": false, "vocab": vocab, "merges": merges}
-                }),
+                Parts {
+                    normalizer: json!({"type": "Sequence", "normalizers": normalizers}),
+                    pre_tokenizer: Json::Null,
+                    decoder: json!({"type": "Sequence", "decoders": decoders}),
+                    unk_token: unk.map(|u| tokens[u as usize].as_str()),
+                    fuse_unk: true,
+                    byte_fallback: true,
+                },
             )
         }
         other => {
@@ -255,10 +303,38 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
             ))
         }
     };
-    let tokenizer: tokenizers::Tokenizer = tj
-        .to_string()
+    // Serialized straight from borrowed data: a serde_json::Value tree of the vocabulary and
+    // merges (json! copies what it interpolates) had set the peak memory of a whole
+    // generate run, ~25 MB above the model itself.
+    let text = serde_json::to_string(&TokenizerJson {
+        version: "1.0",
+        added_tokens: added,
+        normalizer: parts.normalizer,
+        pre_tokenizer: parts.pre_tokenizer,
+        post_processor: Json::Null,
+        decoder: parts.decoder,
+        model: BpeJson {
+            kind: "BPE",
+            dropout: None,
+            unk_token: parts.unk_token,
+            continuing_subword_prefix: None,
+            end_of_word_suffix: None,
+            fuse_unk: parts.fuse_unk,
+            byte_fallback: parts.byte_fallback,
+            ignore_merges: false,
+            vocab: Vocab(&tokens),
+            merges: merge_pairs
+                .iter()
+                .map(|(a, b)| (a.as_str(), b.as_str()))
+                .collect(),
+        },
+    })
+    .map_err(|e| invalid(file, format!("writing the tokenizer: {e}")))?;
+    drop(merge_pairs);
+    let tokenizer: tokenizers::Tokenizer = text
         .parse()
         .map_err(|e: tokenizers::Error| invalid(file, format!("building the tokenizer: {e}")))?;
+    drop(text);
     let add_bos = meta
         .get("tokenizer.ggml.add_bos_token")
         .and_then(|v| v.as_bool())
