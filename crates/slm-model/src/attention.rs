@@ -141,7 +141,7 @@ fn attend_f32(
     let (k, v) = (widen(k16), widen(v16));
     let (row, rep) = (n_kv * hd, n_heads / n_kv);
     let mut out = vec![0f32; t * n_heads * hd];
-    let o = OutPtr(out.as_mut_ptr());
+    let o = crate::pool::OutPtr(out.as_mut_ptr());
     let chunks = t.div_ceil(QUERIES_PER_TASK);
     crate::pool::global().run(n_heads * chunks, |task| {
         let (h, c) = (task / chunks, task % chunks);
@@ -194,18 +194,6 @@ fn dot8(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     acc.iter().sum::<f32>() + tail
-}
-
-/// A pointer the pool's tasks write disjoint rows through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each task writes only its own (query, head) rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 #[cfg(test)]

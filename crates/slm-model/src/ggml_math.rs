@@ -29,6 +29,30 @@ pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Re
     crate::fused::contiguous(v, l, op)
 }
 
+/// The forward of a weight-matrix op `x (.., k) W^T` for an n x k matrix: checks the input
+/// width, lets `matmul(x, m, out)` fill the (m, n) output, keeps the leading dimensions.
+pub fn matmul_fwd(
+    s: &CpuStorage,
+    l: &Layout,
+    op: &str,
+    n: usize,
+    k: usize,
+    matmul: impl FnOnce(&[f32], usize, &mut [f32]),
+) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    let x = f32_slice(s, l, op)?;
+    let dims = l.shape().dims();
+    let width = *dims.last().unwrap_or(&0);
+    if width != k {
+        candle_core::bail!("{op}: input width {width}, weights expect {k}");
+    }
+    let m = x.len() / k;
+    let mut out = vec![0f32; m * n];
+    matmul(x, m, &mut out);
+    let mut od = dims.to_vec();
+    *od.last_mut().expect("rank >= 1") = n;
+    Ok((CpuStorage::F32(out), candle_core::Shape::from(od)))
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Flavor {
     Avx512,

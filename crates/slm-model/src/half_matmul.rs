@@ -17,6 +17,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::{bf16, f16};
 
+use crate::pool::OutPtr;
+use crate::quant::hsum8;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HalfType {
     F16,
@@ -58,13 +61,6 @@ impl HalfType {
             Self::BF16 => bf16::from_f32(x).to_f32(),
         }
     }
-}
-
-/// `hsum_float_8`'s order (see `quant::hsum8`).
-#[inline(always)]
-fn hsum8(a: &[f32; 8]) -> f32 {
-    let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
-    (r[0] + r[2]) + (r[1] + r[3])
 }
 
 /// One output: weight row `w` against rounded activations `x`, with the scalar kernel that
@@ -124,17 +120,6 @@ unsafe fn rows_scalar(
             // SAFETY: i < m and j < n per the contract.
             unsafe { *out.add(i * n + j) = dot_row(t, &wr, &x[i * k..(i + 1) * k]) };
         }
-    }
-}
-
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each thread writes only the output columns of its own weight rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
 
@@ -245,24 +230,16 @@ impl CustomOp1 for HalfMatrix {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::ggml_math::f32_slice(s, l, "half matmul")?;
-        let dims = l.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.k {
-            candle_core::bail!("half matmul: input width {k}, weights expect {}", self.k);
-        }
-        let m = x.len() / k;
-        let mut out = vec![0f32; m * self.n];
-        self.matmul(x, m, &mut out);
-        let mut od = dims.to_vec();
-        *od.last_mut().expect("rank >= 1") = self.n;
-        Ok((CpuStorage::F32(out), Shape::from(od)))
+        crate::ggml_math::matmul_fwd(s, l, "half matmul", self.n, self.k, |x, m, out| {
+            self.matmul(x, m, out)
+        })
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{HalfType, ROWS};
+    use crate::quant::hsum8_m256 as hsum8;
     use std::arch::x86_64::*;
 
     /// Eight stored values widened to f32.
@@ -283,13 +260,6 @@ mod avx2 {
             let v = _mm256_cvtepu16_epi32(_mm_loadu_si128(p as *const __m128i));
             _mm256_castsi256_ps(_mm256_slli_epi32(v, 16))
         }
-    }
-
-    #[inline(always)]
-    unsafe fn hsum8(x: __m256) -> f32 {
-        let mut a = [0f32; 8];
-        _mm256_storeu_ps(a.as_mut_ptr(), x);
-        super::hsum8(&a)
     }
 
     /// # Safety
@@ -523,6 +493,32 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// An input whose width is not the weights' k is refused with both widths named.
+    #[test]
+    fn wrong_input_width_is_a_clear_error() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(2);
+        let w = HalfMatrix::new(
+            HalfType::F16,
+            &random_bits(HalfType::F16, 3 * 16, &mut rng),
+            3,
+            16,
+        );
+        let x =
+            candle_core::Tensor::zeros((2, 15), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap();
+        let err = x.apply_op1_no_bwd(&w).unwrap_err().to_string();
+        assert!(
+            err.contains("half matmul: input width 15, weights expect 16"),
+            "{err}"
+        );
+        let ok =
+            candle_core::Tensor::zeros((2, 16), candle_core::DType::F32, &candle_core::Device::Cpu)
+                .unwrap()
+                .apply_op1_no_bwd(&w)
+                .unwrap();
+        assert_eq!(ok.dims(), &[2, 3]);
     }
 
     /// Activation rounding is ggml's: nearest, ties to even, for both types.

@@ -13,6 +13,25 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// A pointer the tasks of one section write disjoint parts of a buffer through (each task
+/// its own rows or columns; the caller's contract says which).
+pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+impl<T> Clone for OutPtr<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for OutPtr<T> {}
+// SAFETY: tasks write disjoint elements only, as each user documents at its write.
+unsafe impl<T> Send for OutPtr<T> {}
+unsafe impl<T> Sync for OutPtr<T> {}
+impl<T> OutPtr<T> {
+    /// Through a method, so closures capture the wrapper (Sync), not the raw pointer field.
+    pub(crate) fn get(self) -> *mut T {
+        self.0
+    }
+}
+
 /// How long an idle worker spins for the next section before it sleeps.
 const SPIN: Duration = Duration::from_micros(100);
 

@@ -15,6 +15,10 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
+use crate::pool::OutPtr;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use avx2::hsum8 as hsum8_m256;
+
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 pub mod rows8;
@@ -182,7 +186,7 @@ fn dot_row(t: BlockType, w: &[u8], a: &[ActBlock]) -> f32 {
 
 /// `hsum_float_8`: the 128-bit halves added, then pairs, then the last two lanes.
 #[inline(always)]
-fn hsum8(a: &[f32; 8]) -> f32 {
+pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
     let r = [a[4] + a[0], a[5] + a[1], a[6] + a[2], a[7] + a[3]];
     (r[0] + r[2]) + (r[1] + r[3])
 }
@@ -213,20 +217,6 @@ unsafe fn rows_scalar(
     }
 }
 
-/// A pointer the worker threads write disjoint cells through.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: each thread writes only the output columns of its own weight rows.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Through a method, so closures capture the wrapper (Sync), not the raw pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// x (m, k) times W^T with W in GGUF order or, if `grouped`, in `rows8`'s layout.
 #[allow(clippy::too_many_arguments)]
 fn matmul_in(
@@ -244,12 +234,10 @@ fn matmul_in(
     let pool = crate::pool::global();
     let mut act = vec![ActBlock::ZERO; m * nb];
     {
-        let a = OutPtr(act.as_mut_ptr() as *mut f32);
+        let a = OutPtr(act.as_mut_ptr());
         pool.run(m, |i| {
             // SAFETY: task i writes activation row i only.
-            let row = unsafe {
-                std::slice::from_raw_parts_mut((a.get() as *mut ActBlock).add(i * nb), nb)
-            };
+            let row = unsafe { std::slice::from_raw_parts_mut(a.get().add(i * nb), nb) };
             quantize_row(&x[i * k..(i + 1) * k], row);
         });
     }
@@ -374,18 +362,9 @@ impl CustomOp1 for BlockMatrix {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let x = crate::ggml_math::f32_slice(s, l, "block matmul")?;
-        let dims = l.shape().dims();
-        let k = *dims.last().unwrap_or(&0);
-        if k != self.k {
-            candle_core::bail!("block matmul: input width {k}, weights expect {}", self.k);
-        }
-        let m = x.len() / k;
-        let mut out = vec![0f32; m * self.n];
-        self.matmul(x, m, &mut out);
-        let mut od = dims.to_vec();
-        *od.last_mut().expect("rank >= 1") = self.n;
-        Ok((CpuStorage::F32(out), Shape::from(od)))
+        crate::ggml_math::matmul_fwd(s, l, "block matmul", self.n, self.k, |x, m, out| {
+            self.matmul(x, m, out)
+        })
     }
 }
 

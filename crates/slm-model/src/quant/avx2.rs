@@ -80,7 +80,7 @@ unsafe fn f16_at(p: *const u8) -> f32 {
 
 /// `hsum_float_8`.
 #[inline(always)]
-unsafe fn hsum8(x: __m256) -> f32 {
+pub(crate) unsafe fn hsum8(x: __m256) -> f32 {
     let r = _mm_add_ps(_mm256_extractf128_ps(x, 1), _mm256_castps256_ps128(x));
     let r = _mm_add_ps(r, _mm_movehl_ps(r, r));
     _mm_cvtss_f32(_mm_add_ss(r, _mm_movehdup_ps(r)))
