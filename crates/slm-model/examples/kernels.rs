@@ -24,8 +24,14 @@ fn main() {
     let ms: Vec<usize> = std::env::var("KERNELS_M")
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|_| vec![1, 64, 512]);
+    // KERNELS_TYPES=Q8_0,F16 picks types by name (all by default).
+    let types = std::env::var("KERNELS_TYPES").ok();
+    let wanted = |t: &str| types.as_ref().is_none_or(|v| v.split(',').any(|x| x == t));
     let shapes = [(1536, 576), (576, 1536), (49152, 576)];
     for t in [HalfType::F16, HalfType::BF16] {
+        if !wanted(&format!("{t:?}")) {
+            continue;
+        }
         for (n, k) in shapes {
             let bytes: Vec<u8> = (0..n * k)
                 .flat_map(|i| {
@@ -45,6 +51,9 @@ fn main() {
         (GgmlDType::Q8_0, BlockType::Q8_0),
         (GgmlDType::Q4_0, BlockType::Q4_0),
     ] {
+        if !wanted(&format!("{t:?}")) {
+            continue;
+        }
         for (n, k) in shapes {
             let w: Vec<f32> = (0..n * k)
                 .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)

@@ -120,11 +120,16 @@ pub fn attend(
     Tensor::from_vec(out, (t, n_heads * hd), device)
 }
 
-/// Queries of one task in the f32 path: enough to share the widened keys while in cache.
-const QUERIES_PER_TASK: usize = 16;
+/// Query positions of one task in the f32 path. A task takes them for all the heads that
+/// share one key/value head, so each product reads that head's keys once for
+/// rep x QUERIES_PER_TASK query rows.
+const QUERIES_PER_TASK: usize = 32;
 
 /// The f32 path for t queries at positions past.. over the whole (f16) cache: K and V
-/// widened to f32 once, then per (query, head) scores, softmax and the weighted sum of values.
+/// widened to f32 once, then per task (key/value head, block of query positions) two
+/// matrix products through the `gemm` crate, scores = scale * Q K^T and out = P V, with an
+/// exact softmax in between. The scores of one block (rows x visible keys) are the only
+/// intermediate; keys a query does not see yet get probability zero.
 #[allow(clippy::too_many_arguments)]
 fn attend_f32(
     k16: &[f16],
@@ -143,57 +148,88 @@ fn attend_f32(
     let mut out = vec![0f32; t * n_heads * hd];
     let o = crate::pool::OutPtr(out.as_mut_ptr());
     let chunks = t.div_ceil(QUERIES_PER_TASK);
-    crate::pool::global().run(n_heads * chunks, |task| {
-        let (h, c) = (task / chunks, task % chunks);
-        let g = h / rep;
-        let mut s = vec![0f32; past + t];
-        let mut acc = vec![0f32; hd];
-        for i in c * QUERIES_PER_TASK..((c + 1) * QUERIES_PER_TASK).min(t) {
-            let visible = past + i + 1;
-            let qrow = &q[(i * n_heads + h) * hd..][..hd];
-            let mut m = f32::NEG_INFINITY;
-            for (j, sj) in s[..visible].iter_mut().enumerate() {
-                *sj = dot8(qrow, &k[j * row + g * hd..][..hd]) * scale;
-                m = m.max(*sj);
-            }
-            let mut sum = 0f32;
-            for sj in &mut s[..visible] {
-                *sj = (*sj - m).exp();
-                sum += *sj;
-            }
-            acc.fill(0.0);
-            for (j, &p) in s[..visible].iter().enumerate() {
-                for (a, &x) in acc.iter_mut().zip(&v[j * row + g * hd..][..hd]) {
-                    *a += p * x;
-                }
-            }
-            // SAFETY: (query i, head h) is written by this task only; out holds t * n_heads * hd.
+    crate::pool::global().run(n_kv * chunks, |task| {
+        let (g, c) = (task / chunks, task % chunks);
+        let (i0, i1) = (c * QUERIES_PER_TASK, ((c + 1) * QUERIES_PER_TASK).min(t));
+        let rows = (i1 - i0) * rep;
+        let width = past + i1;
+        // Row r is position i0 + r / rep, head g * rep + r % rep: the group's heads lie
+        // side by side in q for one position.
+        let mut qs = Vec::with_capacity(rows * hd);
+        for i in i0..i1 {
+            qs.extend_from_slice(&q[(i * n_heads + g * rep) * hd..][..rep * hd]);
+        }
+        let mut s = vec![0f32; rows * width];
+        // SAFETY: qs is rows x hd (row stride hd); the group's keys are width x hd at
+        // k[g * hd..] with row stride `row`, read transposed; s is rows x width.
+        unsafe {
+            gemm::gemm(
+                rows,
+                width,
+                hd,
+                s.as_mut_ptr(),
+                1,
+                width as isize,
+                false,
+                qs.as_ptr(),
+                1,
+                hd as isize,
+                k.as_ptr().add(g * hd),
+                row as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let mut sums = vec![0f32; rows];
+        for (r, (sr, sum)) in s.chunks_exact_mut(width).zip(&mut sums).enumerate() {
+            let visible = past + i0 + r / rep + 1;
+            let m = sr[..visible].iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            *sum = crate::ggml_math::exp_sub_sum(&mut sr[..visible], m);
+            sr[visible..].fill(0.0);
+        }
+        let mut os = vec![0f32; rows * hd];
+        // SAFETY: s is rows x width; the group's values are width x hd at v[g * hd..] with
+        // row stride `row`; os is rows x hd.
+        unsafe {
+            gemm::gemm(
+                rows,
+                hd,
+                width,
+                os.as_mut_ptr(),
+                1,
+                hd as isize,
+                false,
+                s.as_ptr(),
+                1,
+                width as isize,
+                v.as_ptr().add(g * hd),
+                1,
+                row as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (r, (orow, sum)) in os.chunks_exact(hd).zip(&sums).enumerate() {
+            let (i, h) = (i0 + r / rep, g * rep + r % rep);
+            // SAFETY: (position i, head h) is written by this task only; out holds
+            // t * n_heads * hd.
             let dst =
                 unsafe { std::slice::from_raw_parts_mut(o.get().add((i * n_heads + h) * hd), hd) };
-            for (d, a) in dst.iter_mut().zip(&acc) {
+            for (d, a) in dst.iter_mut().zip(orow) {
                 *d = a / sum;
             }
         }
     });
     out
-}
-
-/// f32 dot product in eight independent lanes (vectorizes; a single running sum would not).
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

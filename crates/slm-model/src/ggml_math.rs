@@ -123,6 +123,21 @@ fn expf_in(x: f32, flavor: Flavor) -> f32 {
     }
 }
 
+/// ggml_vec_soft_max_f32's core: `s[i] = expf(s[i] - max)` in place, returning the sum.
+pub fn exp_sub_sum(s: &mut [f32], max: f32) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features.
+        return unsafe { x86::exp_sub_sum(s, max, flavor()) };
+    }
+    let mut sum = 0f32;
+    for x in s.iter_mut() {
+        *x = expf(*x - max);
+        sum += *x;
+    }
+    sum
+}
+
 /// ggml_vec_swiglu_f32: `silu(g) * u` with silu as `x / (1 + expf(-x))`.
 pub fn swiglu(g: f32, u: f32) -> f32 {
     g / (1.0 + expf(-g)) * u
@@ -372,6 +387,27 @@ mod x86 {
                 _mm256_blendv_ps(r, _mm256_mul_ps(s1, s1), big)
             }
         }
+    }
+
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn exp_sub_sum(s: &mut [f32], max: f32, flavor: Flavor) -> f32 {
+        let n = s.len();
+        let np = n - n % 8;
+        let (p, m) = (s.as_mut_ptr(), _mm256_set1_ps(max));
+        let mut acc = _mm256_setzero_ps();
+        for i in (0..np).step_by(8) {
+            let e = expf8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m), flavor);
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut sum = crate::quant::hsum8_m256(acc);
+        for x in &mut s[np..] {
+            *x = super::expf_in(*x - max, flavor);
+            sum += *x;
+        }
+        sum
     }
 
     /// # Safety
