@@ -505,6 +505,33 @@ fn dot_f16_lanes<const L: usize>(k: &[f16], q: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
+    /// The softmax core: each value exactly `expf(x - max)` on the vector and tail paths
+    /// (lengths around the width of eight), the sum within f32 rounding of an f64 sum.
+    #[test]
+    fn exp_sub_sum_equals_expf_per_value() {
+        for n in [1, 7, 8, 9, 31, 100] {
+            let x: Vec<f32> = (0..n)
+                .map(|i| ((i * 37) % 23) as f32 * 0.9 - 15.0)
+                .collect();
+            let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+            let mut y = x.clone();
+            let sum = exp_sub_sum(&mut y, max);
+            let mut want = 0f64;
+            for (a, &b) in y.iter().zip(&x) {
+                assert_eq!(
+                    a.to_bits(),
+                    expf(b - max).to_bits(),
+                    "n {n}: expf({b} - {max})"
+                );
+                want += *a as f64;
+            }
+            assert!(
+                (sum as f64 - want).abs() <= want * 1e-6,
+                "n {n}: {sum} vs {want}"
+            );
+        }
+    }
+
     #[test]
     fn expf_is_within_two_ulp_of_libm() {
         let mut worst = 0u32;
