@@ -172,45 +172,63 @@ impl HalfMatrix {
 
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        self.matmul_with(x, m, out, true)
+        group_with(&[self], x, m, &mut [out], true)
     }
 
-    fn matmul_with(&self, x: &[f32], m: usize, out: &mut [f32], simd: bool) {
-        let (n, k, t) = (self.n, self.k, self.t);
-        assert!(x.len() >= m * k && out.len() >= m * n);
-        let pool = crate::pool::global();
-        // llama.cpp's vec_dot_type: the activations in the weights' type.
-        let mut xr = vec![0f32; m * k];
-        {
-            let p = OutPtr(xr.as_mut_ptr());
-            pool.run(m, |i| {
-                // SAFETY: task i writes row i only.
-                let row = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * k), k) };
-                round_row(t, &x[i * k..(i + 1) * k], row);
-            });
-        }
-        #[cfg(target_arch = "x86_64")]
-        let kernel = simd.then(|| avx2::kernel(t)).flatten();
-        #[cfg(not(target_arch = "x86_64"))]
-        let kernel: Option<fn()> = {
-            let _ = simd;
-            None
-        };
-        let o = OutPtr(out.as_mut_ptr());
-        let (w, xr) = (&self.bits[..], &xr[..]);
-        // Output features in spans of whole tiles, a few per thread to even out their speeds;
-        // each task walks all m activation rows so a weight row is read from memory once.
-        let span = n.div_ceil(pool.threads() * 4).next_multiple_of(8).max(8);
-        pool.run(n.div_ceil(span), |s| {
-            let r = s * span..((s + 1) * span).min(n);
-            match kernel {
-                // SAFETY: spans are disjoint, out holds m * n, the kernel suits this CPU.
-                #[cfg(target_arch = "x86_64")]
-                Some(f) => unsafe { f(t, w, k, xr, m, r, o.get(), n) },
-                _ => unsafe { rows_scalar(t, w, k, xr, m, r, o.get(), n) },
-            }
+    /// x (m, k) times the transpose of each matrix (all of one type, k wide) into its out
+    /// (m, n_i): x rounded once and one section of the kernel pool for all of them.
+    pub fn matmul_group(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+        group_with(ws, x, m, outs, true)
+    }
+}
+
+/// `HalfMatrix::matmul_group`; without `simd`, with the scalar kernel (the tests' reference).
+fn group_with(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]], simd: bool) {
+    assert_eq!(ws.len(), outs.len());
+    let Some((k, t)) = ws.first().map(|w| (w.k, w.t)) else {
+        return;
+    };
+    assert!(x.len() >= m * k);
+    let pool = crate::pool::global();
+    // llama.cpp's vec_dot_type: the activations in the weights' type.
+    let mut xr = vec![0f32; m * k];
+    {
+        let p = OutPtr(xr.as_mut_ptr());
+        pool.run(m, |i| {
+            // SAFETY: task i writes row i only.
+            let row = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * k), k) };
+            round_row(t, &x[i * k..(i + 1) * k], row);
         });
     }
+    #[cfg(target_arch = "x86_64")]
+    let kernel = simd.then(|| avx2::kernel(t)).flatten();
+    #[cfg(not(target_arch = "x86_64"))]
+    let kernel: Option<fn()> = {
+        let _ = simd;
+        None
+    };
+    // Output features in spans of whole tiles, a few per thread to even out their speeds;
+    // each task walks all m activation rows so a weight row is read from memory once.
+    let parts = pool.threads() * 4;
+    let mut spans = Vec::new();
+    let mut jobs = Vec::with_capacity(ws.len());
+    for (ji, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+        assert!(w.k == k && w.t == t && out.len() >= m * w.n);
+        jobs.push((&w.bits[..], w.n, OutPtr(out.as_mut_ptr())));
+        let span = w.n.div_ceil(parts).next_multiple_of(8).max(8);
+        spans.extend((0..w.n).step_by(span).map(|r| (ji, r..(r + span).min(w.n))));
+    }
+    let xr = &xr[..];
+    pool.run(spans.len(), |s| {
+        let (ji, r) = spans[s].clone();
+        let (w, n, o) = jobs[ji];
+        match kernel {
+            // SAFETY: spans are disjoint, out holds m * n, the kernel suits this CPU.
+            #[cfg(target_arch = "x86_64")]
+            Some(f) => unsafe { f(t, w, k, xr, m, r, o.get(), n) },
+            _ => unsafe { rows_scalar(t, w, k, xr, m, r, o.get(), n) },
+        }
+    });
 }
 
 fn round_row(t: HalfType, x: &[f32], out: &mut [f32]) {
@@ -452,11 +470,38 @@ mod tests {
                 assert_eq!(w.gguf_bytes(), bytes, "{t:?} n{n} k{k}: layout round trip");
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
                 let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
-                w.matmul_with(&x, m, &mut fast, true);
-                w.matmul_with(&x, m, &mut slow, false);
+                group_with(&[&w], &x, m, &mut [&mut fast], true);
+                group_with(&[&w], &x, m, &mut [&mut slow], false);
                 for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {i}");
                 }
+            }
+        }
+    }
+
+    /// Several matrices of one type in one call: each output as its matrix alone gives it.
+    #[test]
+    fn group_equals_each_matrix_alone() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        let (k, m) = (72, 5);
+        for t in [HalfType::F16, HalfType::BF16] {
+            let ws: Vec<HalfMatrix> = [17, 8, 40]
+                .iter()
+                .map(|&n| HalfMatrix::new(t, &random_bits(t, n * k, &mut rng), n, k))
+                .collect();
+            let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
+            let refs: Vec<&HalfMatrix> = ws.iter().collect();
+            let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.n]).collect();
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            HalfMatrix::matmul_group(&refs, &x, m, &mut slices);
+            for (w, grouped) in ws.iter().zip(&outs) {
+                let mut alone = vec![0f32; m * w.n];
+                w.matmul(&x, m, &mut alone);
+                let same = alone
+                    .iter()
+                    .zip(grouped)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{t:?} n={}: grouped call differs", w.n);
             }
         }
     }

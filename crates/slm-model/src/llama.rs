@@ -277,7 +277,7 @@ impl Attention {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(x)?, self.v.forward(x)?);
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
         tap::see("Qcur", Some(layer), &q);
         tap::see("Kcur", Some(layer), &k);
         tap::see("Vcur", Some(layer), &v);
@@ -401,7 +401,7 @@ struct Mlp {
 
 impl Mlp {
     fn forward(&self, x: &Tensor, layer: usize, ggml: bool) -> candle_core::Result<Tensor> {
-        let (g, u) = (self.gate.forward(x)?, self.up.forward(x)?);
+        let [g, u] = Linear::forward_group([&self.gate, &self.up], x)?;
         tap::see("ffn_gate", Some(layer), &g);
         tap::see("ffn_up", Some(layer), &u);
         let s = swiglu(&g, &u, ggml)?;

@@ -100,6 +100,92 @@ impl Linear {
         }
     }
 
+    /// Several projections of one input (q, k and v; gate and up). Block matrices, or half
+    /// matrices of one type, run as one matmul on the CPU: the input quantized (or rounded)
+    /// once and all their rows in one section of the kernel pool. Anything else, one by one.
+    pub fn forward_group<const N: usize>(
+        ls: [&Linear; N],
+        x: &Tensor,
+    ) -> candle_core::Result<[Tensor; N]> {
+        enum Kind<'a> {
+            Blocks(Vec<&'a BlockMatrix>),
+            Half(Vec<&'a HalfMatrix>),
+        }
+        let blocks: Option<Vec<_>> = ls
+            .iter()
+            .map(|l| match l {
+                Linear::Blocks { w, .. } => Some(w),
+                _ => None,
+            })
+            .collect();
+        let half: Option<Vec<_>> = ls
+            .iter()
+            .map(|l| match l {
+                Linear::Half { w, .. } => Some(w),
+                _ => None,
+            })
+            .collect();
+        let kind = match (blocks, half) {
+            (Some(b), _) => Some(Kind::Blocks(b)),
+            (_, Some(h)) if h.iter().all(|w| w.t == h[0].t) => Some(Kind::Half(h)),
+            _ => None,
+        };
+        let (Some(kind), true) = (kind, N > 1 && crate::ggml_math::exact_path(&[x])) else {
+            return ls
+                .iter()
+                .map(|l| l.forward(x))
+                .collect::<candle_core::Result<Vec<_>>>()?
+                .try_into()
+                .map_err(|_| candle_core::Error::Msg("forward_group".into()));
+        };
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        let k = *dims.last().unwrap_or(&0);
+        let shapes: Vec<(usize, usize)> = match &kind {
+            Kind::Blocks(ws) => ws.iter().map(|w| (w.k, w.n)).collect(),
+            Kind::Half(ws) => ws.iter().map(|w| (w.k, w.n)).collect(),
+        };
+        let ns: Vec<usize> = shapes
+            .into_iter()
+            .map(|(wk, n)| {
+                if wk == k {
+                    Ok(n)
+                } else {
+                    Err(candle_core::Error::Msg(format!(
+                        "projection: input width {k}, weights expect {wk}"
+                    )))
+                }
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let m = x.elem_count() / k.max(1);
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        {
+            let (storage, layout) = x.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*storage else {
+                candle_core::bail!("projection: expects a CPU tensor");
+            };
+            let xs = crate::ggml_math::f32_slice(cpu, layout, "projection")?;
+            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            match &kind {
+                Kind::Blocks(ws) => BlockMatrix::matmul_group(ws, xs, m, &mut slices),
+                Kind::Half(ws) => HalfMatrix::matmul_group(ws, xs, m, &mut slices),
+            }
+        }
+        let mut ys = Vec::with_capacity(N);
+        for ((out, n), l) in outs.into_iter().zip(ns).zip(ls) {
+            let mut shape = dims.clone();
+            *shape.last_mut().expect("rank >= 1") = n;
+            let y = Tensor::from_vec(out, shape, x.device())?;
+            ys.push(match l {
+                Linear::Blocks { b: Some(b), .. } | Linear::Half { b: Some(b), .. } => {
+                    y.broadcast_add(b)?
+                }
+                _ => y,
+            });
+        }
+        Ok(ys.try_into().expect("one output per projection"))
+    }
+
     /// The same weights widened to a dense f32 matrix. Prompt-sized inputs then run through
     /// candle's f32 gemm (measured here ~4x the block kernels' throughput at 128-512 rows),
     /// at four bytes per weight; activations are no longer rounded to 8 bits on the way.
