@@ -32,18 +32,29 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         let x = f32_slice(s1, l1, "rms norm")?;
         let w = f32_slice(s2, l2, "rms norm")?;
         let n = w.len();
-        let mut y = vec![0f32; x.len()];
-        for (xr, yr) in x.chunks_exact(n).zip(y.chunks_exact_mut(n)) {
-            let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-            let mean = (sum / n as f64) as f32;
-            let scale = 1.0 / (mean + self.eps).sqrt();
-            for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                *o = v * scale * g;
-            }
+        if n == 0 || !x.len().is_multiple_of(n) {
+            candle_core::bail!("rms norm: {} values are not rows of {n}", x.len())
         }
+        let mut y = vec![0f32; x.len()];
+        let rows = (PART_VALUES / n).max(1);
+        crate::pool::for_chunks(&mut y, rows * n, |start, part| {
+            let xs = &x[start..start + part.len()];
+            for (xr, yr) in xs.chunks_exact(n).zip(part.chunks_exact_mut(n)) {
+                let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+                let mean = (sum / n as f64) as f32;
+                let scale = 1.0 / (mean + self.eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * scale * g;
+                }
+            }
+        });
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
+
+/// Values per task when a prompt's norms and activations are split across the kernel pool
+/// (a multiple of eight, so that each part runs the vector loop as the whole would).
+const PART_VALUES: usize = 16 << 10;
 
 /// `ggml`: round as llama.cpp does (see `Llama::dequantized` for when that is off).
 fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, ggml: bool) -> candle_core::Result<Tensor> {
@@ -80,7 +91,10 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
             candle_core::bail!("swiglu shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
         }
         let mut y = vec![0f32; g.len()];
-        crate::ggml_math::swiglu_slice(g, u, &mut y);
+        crate::pool::for_chunks(&mut y, PART_VALUES, |start, part| {
+            let end = start + part.len();
+            crate::ggml_math::swiglu_slice(&g[start..end], &u[start..end], part)
+        });
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }

@@ -198,6 +198,22 @@ fn worker(s: &Shared) {
     }
 }
 
+/// Runs `f(start, part)` over consecutive parts of `out` of `chunk` values (the last may be
+/// shorter) on the global pool: elementwise and row-wise work of a prompt, which would
+/// otherwise keep the other threads waiting between two matmuls.
+pub fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [T]) + Sync) {
+    let (len, chunk) = (out.len(), chunk.max(1));
+    let p = OutPtr(out.as_mut_ptr());
+    global().run(len.div_ceil(chunk), |c| {
+        let start = c * chunk;
+        let n = chunk.min(len - start);
+        // SAFETY: part c covers start..start + n, disjoint from every other part, within out.
+        f(start, unsafe {
+            std::slice::from_raw_parts_mut(p.get().add(start), n)
+        })
+    });
+}
+
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// Sets the kernel threads (the caller included) before first use; later calls are ignored.
