@@ -76,8 +76,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<PathBuf>,
         /// Keep llama.cpp's arithmetic for quantized weights (8-bit activations, the block
-        /// kernels). By default weights are widened to f32 once and run through f32 gemm:
-        /// about 4x faster on long inputs, at 4 bytes of memory per weight.
+        /// kernels). By default weights are widened to f32 once and run through f32 gemm, at
+        /// 4 bytes of memory per weight; measured here, --ggml is now also faster.
         #[arg(long)]
         ggml: bool,
         /// Tokens per packed forward pass (larger: bigger matmuls, more memory).

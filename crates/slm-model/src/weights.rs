@@ -186,9 +186,9 @@ impl Linear {
         Ok(ys.try_into().expect("one output per projection"))
     }
 
-    /// The same weights widened to a dense f32 matrix. Prompt-sized inputs then run through
-    /// candle's f32 gemm (measured here ~4x the block kernels' throughput at 128-512 rows),
-    /// at four bytes per weight; activations are no longer rounded to 8 bits on the way.
+    /// The same weights widened to a dense f32 matrix, run through candle's f32 gemm at four
+    /// bytes per weight; activations are no longer rounded to 8 bits on the way. (This was
+    /// ~4x the first block kernels' speed on prompts; the current ones are faster than it.)
     pub fn dequantized(&self) -> candle_core::Result<Linear> {
         let dense = |w: Tensor, b: &Option<Tensor>| Linear::Dense { w, b: b.clone() };
         Ok(match self {
