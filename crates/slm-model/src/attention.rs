@@ -8,9 +8,11 @@
 //!   products are f16 x f16 accumulated in f32, and softmax(QK)V is accumulated online in an
 //!   f16 buffer (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`);
 //! - `TILE_Q` or more (prefill of long prompts, perplexity): K and V widened to f32 and
-//!   everything else in f32 (the tiled kernel), done here one query at a time on the kernel
-//!   pool with an exact two-pass softmax over that query's scores: no t x len matrix of
-//!   scores is ever stored (it was ~30 MB at 512 positions, the peak memory of a run).
+//!   everything else in f32 (the tiled kernel), done here on the kernel pool as two matrix
+//!   products per (key/value head, 32 positions) with an exact softmax between them: only
+//!   that block's scores exist at a time, never a t x len matrix for all heads (that was
+//!   ~30 MB at 512 positions, the peak memory of a run). Decode runs one task per
+//!   (query, head) on the pool once the cache is long enough to share.
 //!
 //! Training does not come here: it runs without a cache, through candle ops with gradients.
 
