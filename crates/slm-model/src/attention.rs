@@ -172,31 +172,8 @@ fn attend_f32(
             qs.extend_from_slice(&q[(i * n_heads + g * rep) * hd..][..rep * hd]);
         }
         let mut s = vec![0f32; rows * width];
-        // SAFETY: qs is rows x hd (row stride hd); the group's keys are width x hd at
-        // k[g * hd..] with row stride `row`, read transposed; s is rows x width.
-        unsafe {
-            gemm::gemm(
-                rows,
-                width,
-                hd,
-                s.as_mut_ptr(),
-                1,
-                width as isize,
-                false,
-                qs.as_ptr(),
-                1,
-                hd as isize,
-                k.as_ptr().add(g * hd),
-                row as isize,
-                1,
-                0.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        // The group's keys, read transposed: key j's value d at k[g * hd + j * row + d].
+        product(&mut s, width, &qs, hd, &k[g * hd..], 1, row, scale);
         let mut sums = vec![0f32; rows];
         for (r, (sr, sum)) in s.chunks_exact_mut(width).zip(&mut sums).enumerate() {
             let visible = past + i0 + r / rep + 1;
@@ -207,31 +184,7 @@ fn attend_f32(
             sr[visible..].fill(0.0);
         }
         let mut os = vec![0f32; rows * hd];
-        // SAFETY: s is rows x width; the group's values are width x hd at v[g * hd..] with
-        // row stride `row`; os is rows x hd.
-        unsafe {
-            gemm::gemm(
-                rows,
-                hd,
-                width,
-                os.as_mut_ptr(),
-                1,
-                hd as isize,
-                false,
-                s.as_ptr(),
-                1,
-                width as isize,
-                v.as_ptr().add(g * hd),
-                1,
-                row as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
+        product(&mut os, hd, &s, width, &v[g * hd..], row, 1, 1.0);
         for (r, (orow, sum)) in os.chunks_exact(hd).zip(&sums).enumerate() {
             let (i, h) = (i0 + r / rep, g * rep + r % rep);
             // SAFETY: (position i, head h) is written by this task only; out holds
@@ -244,6 +197,55 @@ fn attend_f32(
         }
     });
     out
+}
+
+/// `dst = beta * lhs rhs` through the `gemm` crate on the calling thread: lhs is m x kd and
+/// dst m x n, both row-major; element (c, j) of rhs is `rhs[c * rhs_rs + j * rhs_cs]`.
+#[allow(clippy::too_many_arguments)]
+fn product(
+    dst: &mut [f32],
+    n: usize,
+    lhs: &[f32],
+    kd: usize,
+    rhs: &[f32],
+    rhs_rs: usize,
+    rhs_cs: usize,
+    beta: f32,
+) {
+    let m = lhs.len() / kd.max(1);
+    assert!(lhs.len() == m * kd && dst.len() == m * n);
+    if kd == 0 {
+        dst.fill(0.0);
+        return;
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!((kd - 1) * rhs_rs + (n - 1) * rhs_cs < rhs.len());
+    // SAFETY: the asserts keep every element read and written inside the slices.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            kd,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            1,
+            kd as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            0.0,
+            beta,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 #[cfg(test)]

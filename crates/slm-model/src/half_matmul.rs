@@ -192,14 +192,9 @@ fn group_with(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]], 
     let pool = crate::pool::global();
     // llama.cpp's vec_dot_type: the activations in the weights' type.
     let mut xr = vec![0f32; m * k];
-    {
-        let p = OutPtr(xr.as_mut_ptr());
-        pool.run(m, |i| {
-            // SAFETY: task i writes row i only.
-            let row = unsafe { std::slice::from_raw_parts_mut(p.get().add(i * k), k) };
-            round_row(t, &x[i * k..(i + 1) * k], row);
-        });
-    }
+    crate::pool::for_chunks(&mut xr, k, |start, row| {
+        round_row(t, &x[start..start + row.len()], row)
+    });
     #[cfg(target_arch = "x86_64")]
     let kernel = simd.then(|| avx2::kernel(t)).flatten();
     #[cfg(not(target_arch = "x86_64"))]
@@ -207,16 +202,14 @@ fn group_with(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]], 
         let _ = simd;
         None
     };
-    // Output features in spans of whole tiles, a few per thread to even out their speeds;
-    // each task walks all m activation rows so a weight row is read from memory once.
-    let parts = pool.threads() * 4;
+    // Output features in spans of whole tiles; each task walks all m activation rows so a
+    // weight row is read from memory once.
     let mut spans = Vec::new();
     let mut jobs = Vec::with_capacity(ws.len());
     for (ji, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
         assert!(w.k == k && w.t == t && out.len() >= m * w.n);
         jobs.push((&w.bits[..], w.n, OutPtr(out.as_mut_ptr())));
-        let span = w.n.div_ceil(parts).next_multiple_of(8).max(8);
-        spans.extend((0..w.n).step_by(span).map(|r| (ji, r..(r + span).min(w.n))));
+        spans.extend(pool.spans(w.n, 8).map(|r| (ji, r)));
     }
     let xr = &xr[..];
     pool.run(spans.len(), |s| {

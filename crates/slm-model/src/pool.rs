@@ -97,6 +97,22 @@ impl Pool {
         self.threads
     }
 
+    /// `0..units` cut into spans of whole `align`s (at least one), about four per thread so
+    /// that threads of uneven speed even out.
+    pub(crate) fn spans(
+        &self,
+        units: usize,
+        align: usize,
+    ) -> impl Iterator<Item = std::ops::Range<usize>> {
+        let span = units
+            .div_ceil(self.threads * 4)
+            .next_multiple_of(align)
+            .max(align);
+        (0..units)
+            .step_by(span)
+            .map(move |u| u..(u + span).min(units))
+    }
+
     /// Runs `f(0..n)` across the pool and returns when every task is done.
     pub fn run(&self, n: usize, f: impl Fn(usize) + Sync) {
         if n == 0 {

@@ -235,32 +235,21 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize) {
     let nb = k / QK;
     let pool = crate::pool::global();
     let mut act = vec![ActBlock::ZERO; m * nb];
-    {
-        let a = OutPtr(act.as_mut_ptr());
-        pool.run(m, |i| {
-            // SAFETY: task i writes activation row i only.
-            let row = unsafe { std::slice::from_raw_parts_mut(a.get().add(i * nb), nb) };
-            quantize_row(&x[i * k..(i + 1) * k], row);
-        });
-    }
-    // Output features are split into spans (of whole groups, or of whole tiles of rows),
-    // a few per thread to even out the threads' speeds; each task walks all m activation
-    // rows for its span, so a weight row is read from memory once.
-    let parts = pool.threads() * 4;
+    crate::pool::for_chunks(&mut act, nb, |start, row| {
+        let i = start / nb;
+        quantize_row(&x[i * k..(i + 1) * k], row)
+    });
+    // Output features are split into spans (of whole groups, or of whole tiles of rows);
+    // each task walks all m activation rows for its span, so a weight row is read from
+    // memory once.
     let mut spans: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     for (ji, j) in jobs.iter().enumerate() {
-        let (units, span) = if j.grouped {
-            let groups = j.n.div_ceil(rows8::ROWS);
-            (groups, groups.div_ceil(parts).max(1))
+        if j.grouped {
+            spans.extend(pool.spans(j.n.div_ceil(rows8::ROWS), 1).map(|r| (ji, r)));
         } else {
             assert!(j.w.len() >= j.n * nb * j.t.block_bytes());
-            (j.n, j.n.div_ceil(parts).next_multiple_of(8).max(8))
-        };
-        spans.extend(
-            (0..units)
-                .step_by(span)
-                .map(|u| (ji, u..(u + span).min(units))),
-        );
+            spans.extend(pool.spans(j.n, 8).map(|r| (ji, r)));
+        }
     }
     let act = &act;
     pool.run(spans.len(), |s| {
