@@ -32,8 +32,9 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         let x = f32_slice(s1, l1, "rms norm")?;
         let w = f32_slice(s2, l2, "rms norm")?;
         let n = w.len();
-        if n == 0 || !x.len().is_multiple_of(n) {
-            candle_core::bail!("rms norm: {} values are not rows of {n}", x.len())
+        let width = l1.shape().dims().last().copied().unwrap_or(0);
+        if n == 0 || width != n {
+            candle_core::bail!("rms norm: input width {width}, weight of {n}")
         }
         let mut y = vec![0f32; x.len()];
         let rows = (PART_VALUES / n).max(1);
@@ -673,5 +674,19 @@ impl Llama {
         self.forward(&ids, Some(cache), true)?
             .flatten_all()?
             .to_vec1()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_rejects_a_weight_of_another_width() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();
+        let w = Tensor::ones(3, DType::F32, &dev).unwrap();
+        let err = rms_norm(&x, &w, 1e-5, true).unwrap_err().to_string();
+        assert!(err.contains("input width 6, weight of 3"), "{err}");
     }
 }

@@ -517,6 +517,52 @@ mod tests {
         }
     }
 
+    fn q8_linear(n: usize, k: usize, seed: usize) -> Linear {
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| (((i + seed) * 7919) % 1000) as f32 * 2e-3 - 1.0)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        let w = BlockMatrix::new(BlockType::Q8_0, &q.data().unwrap(), n, k);
+        Linear::Blocks { w, b: None }
+    }
+
+    /// Projections run as one group give what each gives alone, bit for bit, including a
+    /// group that mixes kinds (and so runs one by one).
+    #[test]
+    fn grouped_projections_equal_each_alone() {
+        let dev = Device::Cpu;
+        let k = 64;
+        let x: Vec<f32> = (0..3 * k)
+            .map(|i| ((i * 31) % 97) as f32 * 0.01 - 0.4)
+            .collect();
+        let x = Tensor::from_vec(x, (1, 3, k), &dev).unwrap();
+        let (a, b) = (q8_linear(24, k, 1), q8_linear(8, k, 2));
+        let dense = Linear::Dense {
+            w: Tensor::ones((5, k), DType::F32, &dev).unwrap(),
+            b: None,
+        };
+        let bits = |t: &Tensor| -> Vec<u32> {
+            let v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+            v.iter().map(|f| f.to_bits()).collect()
+        };
+        let [ya, yb] = Linear::forward_group([&a, &b], &x).unwrap();
+        assert_eq!(ya.dims(), &[1, 3, 24]);
+        assert_eq!(bits(&ya), bits(&a.forward(&x).unwrap()));
+        assert_eq!(bits(&yb), bits(&b.forward(&x).unwrap()));
+        let [ya, yd] = Linear::forward_group([&a, &dense], &x).unwrap();
+        assert_eq!(bits(&ya), bits(&a.forward(&x).unwrap()));
+        assert_eq!(bits(&yd), bits(&dense.forward(&x).unwrap()));
+    }
+
+    #[test]
+    fn grouped_projections_reject_a_wrong_input_width() {
+        let x = Tensor::zeros((1, 2, 32), DType::F32, &Device::Cpu).unwrap();
+        let (a, b) = (q8_linear(8, 64, 1), q8_linear(8, 64, 2));
+        let err = Linear::forward_group([&a, &b], &x).unwrap_err().to_string();
+        assert!(err.contains("input width 32, weights expect 64"), "{err}");
+    }
+
     #[test]
     fn block_embedding_rejects_ids_past_the_vocabulary() {
         let dev = Device::Cpu;
