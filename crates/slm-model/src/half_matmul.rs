@@ -308,11 +308,16 @@ mod avx2 {
         n: usize,
     ) {
         let k8 = k / 8 * 8;
-        let mut acc = if !SPLIT || span.start == 0 {
-            [[_mm256_setzero_ps(); C]; R]
-        } else {
-            *partial
-        };
+        // Vector loads and stores for `partial`: copied as arrays they became memcpy calls.
+        let saved = partial as *mut f32;
+        let mut acc = [[_mm256_setzero_ps(); C]; R];
+        if SPLIT && span.start > 0 {
+            for r in 0..R {
+                for c in 0..C {
+                    acc[r][c] = _mm256_loadu_ps(saved.add((r * C + c) * 8));
+                }
+            }
+        }
         for i in span.clone().step_by(8) {
             // Eight values of eight rows: 128 bytes, two cache lines, per step of eight.
             let chunk = grp.add(i * ROWS);
@@ -335,7 +340,11 @@ mod avx2 {
             }
         }
         if SPLIT && span.end < k8 {
-            *partial = acc;
+            for r in 0..R {
+                for c in 0..C {
+                    _mm256_storeu_ps(saved.add((r * C + c) * 8), acc[r][c]);
+                }
+            }
             return;
         }
         let tail = grp.add(ROWS * k8);
