@@ -155,20 +155,41 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
         },
         device,
     )?;
+    Ok(LoadedModel {
+        model,
+        source: gguf_source(&file),
+    })
+}
+
+/// What `load` would report as the model's source, read without the weights: the GGUF
+/// metadata (the tokenizer is built from it), or the folder. A caller that builds the
+/// tokenizer from this before loading lets the weights reuse the memory that construction
+/// frees (~30 MB for a 49k vocabulary), which otherwise sits on top of the weights as the
+/// process's peak.
+pub fn source(path: &Path) -> Result<ModelSource, LoadError> {
+    if path.is_dir() {
+        return Ok(ModelSource::HfFolder {
+            dir: path.to_path_buf(),
+        });
+    }
+    if !path.exists() {
+        return Err(files_err(path, "no such file or folder"));
+    }
+    Ok(gguf_source(&GgufFile::open(path)?))
+}
+
+fn gguf_source(file: &GgufFile) -> ModelSource {
     let mut tensor_types = BTreeMap::new();
     for t in &file.tensors {
         *tensor_types
             .entry(gguf::dtype_name(t.dtype).to_string())
             .or_insert(0) += 1;
     }
-    let file_bytes = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-    Ok(LoadedModel {
-        model,
-        source: ModelSource::Gguf {
-            path: path.to_path_buf(),
-            metadata: file.metadata.clone(),
-            tensor_types,
-            file_bytes,
-        },
-    })
+    let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
+    ModelSource::Gguf {
+        path: file.path().to_path_buf(),
+        metadata: file.metadata.clone(),
+        tensor_types,
+        file_bytes,
+    }
 }

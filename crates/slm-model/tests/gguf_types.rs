@@ -65,6 +65,35 @@ fn write_gguf(
 
 fn logits(path: &std::path::Path) -> Vec<f32> {
     let m = slm_model::load(path, &Device::Cpu).unwrap();
+    // The source read without the weights (as the CLI reads it to build the tokenizer
+    // first) is the one the load reports.
+    match (slm_model::source(path).unwrap(), &m.source) {
+        (
+            slm_model::ModelSource::Gguf {
+                path: p,
+                metadata,
+                tensor_types,
+                file_bytes,
+            },
+            slm_model::ModelSource::Gguf {
+                path: lp,
+                metadata: lm,
+                tensor_types: lt,
+                file_bytes: lb,
+            },
+        ) => {
+            assert_eq!((&p, &tensor_types, file_bytes), (lp, lt, *lb));
+            assert_eq!(format!("{metadata:?}"), format!("{lm:?}"));
+            assert!(file_bytes > 0 && !tensor_types.is_empty());
+        }
+        (
+            slm_model::ModelSource::HfFolder { dir },
+            slm_model::ModelSource::HfFolder { dir: ld },
+        ) => {
+            assert_eq!(&dir, ld)
+        }
+        (a, b) => panic!("{}: read as {a:?}, loaded as {b:?}", path.display()),
+    }
     let mut cache = m.model.new_cache();
     let mut out = m
         .model
