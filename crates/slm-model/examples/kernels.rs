@@ -68,6 +68,45 @@ fn main() {
             }
         }
     }
+    // K-quants: candle's dot products on the kernel pool (k must be whole 256-blocks, so
+    // only the down projection's shape applies).
+    for g in [GgmlDType::Q4K, GgmlDType::Q6K] {
+        if !wanted(&format!("{g:?}")) {
+            continue;
+        }
+        let (n, k) = (576, 1536);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&w, g).unwrap();
+        let bytes = q.storage_size_in_bytes();
+        for &m in &ms {
+            let run = |x: &[f32], out: &mut [f32]| {
+                slm_model::kquant::matmul(&q, x, m, out).unwrap();
+            };
+            report(&format!("{g:?}"), n, k, m, bytes, run);
+            if std::env::var("KERNELS_CANDLE").is_ok() {
+                let qm = candle_core::quantized::QMatMul::from_qtensor(
+                    QTensor::quantize(&w, g).unwrap(),
+                )
+                .unwrap();
+                let run = |x: &[f32], out: &mut [f32]| {
+                    use candle_core::Module;
+                    let xt = Tensor::from_slice(x, (m, k), &Device::Cpu).unwrap();
+                    let y: Vec<f32> = qm
+                        .forward(&xt)
+                        .unwrap()
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1()
+                        .unwrap();
+                    out.copy_from_slice(&y);
+                };
+                report(&format!("{g:?} candle"), n, k, m, bytes, run);
+            }
+        }
+    }
 }
 
 /// Times `run` on an m x k input and prints one table row.

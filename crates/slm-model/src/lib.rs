@@ -8,6 +8,7 @@ pub mod fused;
 pub mod ggml_math;
 pub mod gguf;
 pub mod half_matmul;
+pub mod kquant;
 pub mod llama;
 pub mod packed;
 pub mod pool;

@@ -90,6 +90,22 @@ impl Linear {
                 shape[last] = n;
                 (x.reshape(((), k))?.matmul(&w.t()?)?.reshape(shape)?, b)
             }
+            // K-quant decode steps on the kernel pool (see `kquant`). Prompts stay with
+            // candle: its repacked K-quant tiles are ~3x the per-row dot products there, and
+            // over a prompt-sized matmul its pool's spinning costs little.
+            Linear::Quantized {
+                w: QMatMul::QTensor(q),
+                b,
+            } if crate::kquant::supports(q)
+                && crate::ggml_math::exact_path(&[x])
+                && x.dims().last().is_some_and(|&k| x.elem_count() == k) =>
+            {
+                (
+                    x.contiguous()?
+                        .apply_op1_no_bwd(&crate::kquant::KQuantMatmul(q.clone()))?,
+                    b,
+                )
+            }
             Linear::Quantized { w, b } => (w.forward(x)?, b),
             Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
             Linear::Half { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
