@@ -431,7 +431,8 @@ mod avx2 {
             let blk = gb..(gb + block).min(groups.end);
             let mut i = 0;
             while i < m {
-                let c = if i + GEMM_C <= m { GEMM_C } else { 1 };
+                // The last rows (m % 6) as one narrower tile, not one row at a time.
+                let c = (m - i).min(GEMM_C);
                 let mut k0 = 0;
                 loop {
                     let span = k0..(k0 + chunk).min(whole.end);
@@ -443,38 +444,48 @@ mod avx2 {
                             // Slot of rows r0.. of group g; a one-row tile uses its first half.
                             let p = partial.as_mut_ptr().add(((g - gb) * ROWS + r0) / GEMM_R);
                             let s = span.clone();
-                            match (full_r, c == GEMM_C, split) {
-                                (true, true, true) => {
-                                    tile::<W, GEMM_R, GEMM_C, true>(t, gp(g), r0, k, s, a, p, o, n)
-                                }
-                                (true, true, false) => {
-                                    tile::<W, GEMM_R, GEMM_C, false>(t, gp(g), r0, k, s, a, p, o, n)
-                                }
-                                (true, false, _) => tile::<W, GEMM_R, 1, true>(
-                                    t,
-                                    gp(g),
-                                    r0,
-                                    k,
-                                    s,
-                                    a,
-                                    p.cast(),
-                                    o,
-                                    n,
-                                ),
-                                (false, true, _) => tile::<W, 1, GEMM_C, true>(
-                                    t,
-                                    gp(g),
-                                    r0,
-                                    k,
-                                    s,
-                                    a,
-                                    p.cast(),
-                                    o,
-                                    n,
-                                ),
-                                (false, false, _) => {
-                                    tile::<W, 1, 1, true>(t, gp(g), r0, k, s, a, p.cast(), o, n)
-                                }
+                            macro_rules! go {
+                                ($r:literal, $c:literal) => {
+                                    if split {
+                                        tile::<W, $r, $c, true>(
+                                            t,
+                                            gp(g),
+                                            r0,
+                                            k,
+                                            s,
+                                            a,
+                                            p.cast(),
+                                            o,
+                                            n,
+                                        )
+                                    } else {
+                                        tile::<W, $r, $c, false>(
+                                            t,
+                                            gp(g),
+                                            r0,
+                                            k,
+                                            s,
+                                            a,
+                                            p.cast(),
+                                            o,
+                                            n,
+                                        )
+                                    }
+                                };
+                            }
+                            match (full_r, c) {
+                                (true, 6) => go!(2, 6),
+                                (true, 5) => go!(2, 5),
+                                (true, 4) => go!(2, 4),
+                                (true, 3) => go!(2, 3),
+                                (true, 2) => go!(2, 2),
+                                (true, _) => go!(2, 1),
+                                (false, 6) => go!(1, 6),
+                                (false, 5) => go!(1, 5),
+                                (false, 4) => go!(1, 4),
+                                (false, 3) => go!(1, 3),
+                                (false, 2) => go!(1, 2),
+                                (false, _) => go!(1, 1),
                             }
                             r0 += if full_r { GEMM_R } else { 1 };
                         }
@@ -537,6 +548,7 @@ mod tests {
                 (130, 608, 9),
                 (21, 1001, 13),
                 (8, 768, 6),
+                (11, 1000, 14),
             ] {
                 let bytes = random_bits(t, n * k, &mut rng);
                 let w = HalfMatrix::new(t, &bytes, n, k);
