@@ -83,7 +83,9 @@ fn main() {
         let bytes = q.storage_size_in_bytes();
         for &m in &ms {
             let run = |x: &[f32], out: &mut [f32]| {
-                slm_model::kquant::matmul(&q, x, m, out).unwrap();
+                // SAFETY: the kernel stores computed values only.
+                slm_model::kquant::matmul(&q, x, m, unsafe { slm_model::pool::as_uninit(out) })
+                    .unwrap();
             };
             report(&format!("{g:?}"), n, k, m, bytes, run);
             if std::env::var("KERNELS_CANDLE").is_ok() {

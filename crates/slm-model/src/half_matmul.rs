@@ -17,8 +17,9 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::{bf16, f16};
 
-use crate::pool::OutPtr;
+use crate::pool::{as_uninit, OutPtr};
 use crate::quant::hsum8;
+use std::mem::MaybeUninit;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HalfType {
@@ -172,18 +173,31 @@ impl HalfMatrix {
 
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        group_with(&[self], x, m, &mut [out], true)
+        // SAFETY: the kernels store computed values only.
+        group_with(&[self], x, m, &mut [unsafe { as_uninit(out) }], true)
     }
 
     /// x (m, k) times the transpose of each matrix (all of one type, k wide) into its out
-    /// (m, n_i): x rounded once and one section of the kernel pool for all of them.
-    pub fn matmul_group(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    /// (m, n_i): x rounded once and one section of the kernel pool for all of them. Every
+    /// output value is written (so the outputs may start uninitialised).
+    pub fn matmul_group(
+        ws: &[&HalfMatrix],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [MaybeUninit<f32>]],
+    ) {
         group_with(ws, x, m, outs, true)
     }
 }
 
 /// `HalfMatrix::matmul_group`; without `simd`, with the scalar kernel (the tests' reference).
-fn group_with(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]], simd: bool) {
+fn group_with(
+    ws: &[&HalfMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [MaybeUninit<f32>]],
+    simd: bool,
+) {
     assert_eq!(ws.len(), outs.len());
     let Some((k, t)) = ws.first().map(|w| (w.k, w.t)) else {
         return;
@@ -208,7 +222,7 @@ fn group_with(ws: &[&HalfMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]], 
     let mut jobs = Vec::with_capacity(ws.len());
     for (ji, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
         assert!(w.k == k && w.t == t && out.len() >= m * w.n);
-        jobs.push((&w.bits[..], w.n, OutPtr(out.as_mut_ptr())));
+        jobs.push((&w.bits[..], w.n, OutPtr(out.as_mut_ptr().cast::<f32>())));
         spans.extend(pool.spans(w.n, 8).map(|r| (ji, r)));
     }
     let xr = &xr[..];
@@ -242,7 +256,8 @@ impl CustomOp1 for HalfMatrix {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         crate::ggml_math::matmul_fwd(s, l, "half matmul", self.n, self.k, |x, m, out| {
-            self.matmul(x, m, out)
+            Self::matmul_group(&[self], x, m, &mut [out]);
+            Ok(())
         })
     }
 }
@@ -554,9 +569,13 @@ mod tests {
                 let w = HalfMatrix::new(t, &bytes, n, k);
                 assert_eq!(w.gguf_bytes(), bytes, "{t:?} n{n} k{k}: layout round trip");
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
-                let (mut fast, mut slow) = (vec![0f32; m * n], vec![0f32; m * n]);
-                group_with(&[&w], &x, m, &mut [&mut fast], true);
-                group_with(&[&w], &x, m, &mut [&mut slow], false);
+                // NaN to start: a cell the kernels left unwritten could not match.
+                let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                // SAFETY: the kernels store computed values only.
+                unsafe {
+                    group_with(&[&w], &x, m, &mut [as_uninit(&mut fast)], true);
+                    group_with(&[&w], &x, m, &mut [as_uninit(&mut slow)], false);
+                }
                 for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {i}");
                 }
@@ -577,7 +596,9 @@ mod tests {
             let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
             let refs: Vec<&HalfMatrix> = ws.iter().collect();
             let mut outs: Vec<Vec<f32>> = ws.iter().map(|w| vec![f32::NAN; m * w.n]).collect();
-            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            // SAFETY: the kernels store computed values only.
+            let mut slices: Vec<&mut [MaybeUninit<f32>]> =
+                outs.iter_mut().map(|o| unsafe { as_uninit(o) }).collect();
             HalfMatrix::matmul_group(&refs, &x, m, &mut slices);
             for (w, grouped) in ws.iter().zip(&outs) {
                 let mut alone = vec![0f32; m * w.n];

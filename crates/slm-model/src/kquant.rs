@@ -17,6 +17,7 @@ use candle_core::quantized::k_quants::{
 };
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::pool::OutPtr;
@@ -40,16 +41,19 @@ impl CustomOp1 for KQuantMatmul {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (n, k) = self.0.shape().dims2()?;
-        let mut res = Ok(());
-        let y = crate::ggml_math::matmul_fwd(s, l, "k-quant matmul", n, k, |x, m, out| {
-            res = matmul(&self.0, x, m, out)
-        })?;
-        res.map(|()| y)
+        crate::ggml_math::matmul_fwd(s, l, "k-quant matmul", n, k, |x, m, out| {
+            matmul(&self.0, x, m, out)
+        })
     }
 }
 
-/// `out (m x n) = x (m x k) W^T` for a K-quant `q` of n x k.
-pub fn matmul(q: &QTensor, x: &[f32], m: usize, out: &mut [f32]) -> candle_core::Result<()> {
+/// `out (m x n) = x (m x k) W^T` for a K-quant `q` of n x k; on Ok every output is written.
+pub fn matmul(
+    q: &QTensor,
+    x: &[f32],
+    m: usize,
+    out: &mut [MaybeUninit<f32>],
+) -> candle_core::Result<()> {
     let (n, k) = q.shape().dims2()?;
     let data = q.data()?;
     match q.dtype() {
@@ -86,7 +90,7 @@ fn run<T: GgmlType>(
     k: usize,
     x: &[f32],
     m: usize,
-    out: &mut [f32],
+    out: &mut [MaybeUninit<f32>],
 ) -> candle_core::Result<()> {
     if !k.is_multiple_of(T::BLCK_SIZE) || x.len() < m * k || out.len() < m * n {
         candle_core::bail!(
@@ -111,7 +115,7 @@ fn run<T: GgmlType>(
     // Whole quads of rows per span, as candle forms them (vec_dot_4 shares the activation
     // loads between four weight rows).
     let spans: Vec<_> = pool.spans(n, 4).collect();
-    let o = OutPtr(out.as_mut_ptr());
+    let o = OutPtr(out.as_mut_ptr().cast::<f32>());
     pool.run(spans.len(), |s| {
         let r = spans[s].clone();
         let row = |j: usize| &w[j * kb..(j + 1) * kb];
@@ -226,7 +230,7 @@ mod tests {
             GgmlDType::Q4K,
         )
         .unwrap();
-        let mut out = vec![0f32; 4];
+        let mut out = [MaybeUninit::uninit(); 4];
         let err = run::<BlockQ4K>(&q.data().unwrap(), 4, 200, &[0.0; 200], 1, &mut out)
             .unwrap_err()
             .to_string();

@@ -230,6 +230,17 @@ pub fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [
     });
 }
 
+/// `s` as memory for the kernels to write, the type the matmuls take their outputs as (so
+/// that a fresh output need not be zeroed first; see `ggml_math::matmul_fwd`).
+///
+/// # Safety
+/// Only initialised values may be written through the result (as the kernels do): writing
+/// `MaybeUninit::uninit()` would leave `s` holding uninitialised floats.
+pub unsafe fn as_uninit(s: &mut [f32]) -> &mut [std::mem::MaybeUninit<f32>] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller writes initialised values only.
+    unsafe { &mut *(s as *mut [f32] as *mut [std::mem::MaybeUninit<f32>]) }
+}
+
 static POOL: OnceLock<Pool> = OnceLock::new();
 
 /// Sets the kernel threads (the caller included) before first use; later calls are ignored.

@@ -18,6 +18,7 @@ use half::f16;
 use crate::pool::OutPtr;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::hsum8 as hsum8_m256;
+use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -348,12 +349,19 @@ impl BlockMatrix {
 
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
-        Self::matmul_group(&[self], x, m, &mut [out])
+        // SAFETY: the kernels store computed values only.
+        Self::matmul_group(&[self], x, m, &mut [unsafe { crate::pool::as_uninit(out) }])
     }
 
     /// x (m, k) times the transpose of each matrix (all k wide) into its out (m, n_i): one
-    /// quantization of x and one section of the kernel pool for all of them.
-    pub fn matmul_group(ws: &[&BlockMatrix], x: &[f32], m: usize, outs: &mut [&mut [f32]]) {
+    /// quantization of x and one section of the kernel pool for all of them. Every output
+    /// value is written (so the outputs may start uninitialised).
+    pub fn matmul_group(
+        ws: &[&BlockMatrix],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [MaybeUninit<f32>]],
+    ) {
         assert_eq!(ws.len(), outs.len());
         let Some(k) = ws.first().map(|w| w.k) else {
             return;
@@ -368,7 +376,7 @@ impl BlockMatrix {
                     w: &w.bytes,
                     grouped: w.grouped,
                     n: w.n,
-                    out: OutPtr(out.as_mut_ptr()),
+                    out: OutPtr(out.as_mut_ptr().cast()),
                 }
             })
             .collect();
@@ -383,7 +391,8 @@ impl CustomOp1 for BlockMatrix {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         crate::ggml_math::matmul_fwd(s, l, "block matmul", self.n, self.k, |x, m, out| {
-            self.matmul(x, m, out)
+            Self::matmul_group(&[self], x, m, &mut [out]);
+            Ok(())
         })
     }
 }
@@ -425,7 +434,7 @@ mod tests {
                 .unwrap()
                 .to_vec1()
                 .unwrap();
-            let mut out = vec![0f32; m * n];
+            let mut out = vec![f32::NAN; m * n];
             BlockMatrix::new(t, &bytes, n, k).matmul(&x, m, &mut out);
             for i in 0..m {
                 let mut a = vec![
@@ -557,7 +566,10 @@ mod tests {
             // its matrix alone gives it.
             let ws: Vec<&BlockMatrix> = singles.iter().map(|(bm, _)| bm).collect();
             let mut outs = vec![vec![f32::NAN; m * n]; ws.len()];
-            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            let mut slices: Vec<&mut [MaybeUninit<f32>]> = outs
+                .iter_mut()
+                .map(|o| unsafe { crate::pool::as_uninit(o) })
+                .collect();
             BlockMatrix::matmul_group(&ws, &x, m, &mut slices);
             for ((bm, alone), grouped) in singles.iter().zip(&outs) {
                 let same = alone

@@ -174,18 +174,27 @@ impl Linear {
             })
             .collect::<candle_core::Result<_>>()?;
         let m = x.elem_count() / k.max(1);
-        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| vec![0f32; m * n]).collect();
+        // Not zeroed: the grouped matmuls write every output value (see their docs).
+        let mut outs: Vec<Vec<f32>> = ns.iter().map(|n| Vec::with_capacity(m * n)).collect();
         {
             let (storage, layout) = x.storage_and_layout();
             let candle_core::Storage::Cpu(cpu) = &*storage else {
                 candle_core::bail!("projection: expects a CPU tensor");
             };
             let xs = crate::ggml_math::f32_slice(cpu, layout, "projection")?;
-            let mut slices: Vec<&mut [f32]> = outs.iter_mut().map(|o| &mut o[..]).collect();
+            let mut slices: Vec<_> = outs
+                .iter_mut()
+                .zip(&ns)
+                .map(|(o, &n)| &mut o.spare_capacity_mut()[..m * n])
+                .collect();
             match &kind {
                 Kind::Blocks(ws) => BlockMatrix::matmul_group(ws, xs, m, &mut slices),
                 Kind::Half(ws) => HalfMatrix::matmul_group(ws, xs, m, &mut slices),
             }
+        }
+        for (o, &n) in outs.iter_mut().zip(&ns) {
+            // SAFETY: matmul_group wrote all m * n values of each output.
+            unsafe { o.set_len(m * n) };
         }
         let mut ys = Vec::with_capacity(N);
         for ((out, n), l) in outs.into_iter().zip(ns).zip(ls) {
