@@ -205,10 +205,14 @@ fn group_with(
     assert!(x.len() >= m * k);
     let pool = crate::pool::global();
     // llama.cpp's vec_dot_type: the activations in the weights' type.
-    let mut xr = vec![0f32; m * k];
-    crate::pool::for_chunks(&mut xr, k, |start, row| {
-        round_row(t, &x[start..start + row.len()], row)
-    });
+    let mut xr = Vec::with_capacity(m * k);
+    crate::pool::for_chunks(
+        &mut xr.spare_capacity_mut()[..m * k],
+        k.max(1),
+        |start, row| round_row(t, &x[start..start + row.len()], row),
+    );
+    // SAFETY: the parts cover 0..m * k and round_row wrote every value of each.
+    unsafe { xr.set_len(m * k) };
     #[cfg(target_arch = "x86_64")]
     let kernel = simd.then(|| avx2::kernel(t)).flatten();
     #[cfg(not(target_arch = "x86_64"))]
@@ -238,14 +242,16 @@ fn group_with(
     });
 }
 
-fn round_row(t: HalfType, x: &[f32], out: &mut [f32]) {
+/// Writes every value of `out` (as long as `x`).
+fn round_row(t: HalfType, x: &[f32], out: &mut [MaybeUninit<f32>]) {
+    assert_eq!(x.len(), out.len());
     #[cfg(target_arch = "x86_64")]
     if t == HalfType::F16 && crate::ggml_math::has_avx2() {
         // SAFETY: the CPU has F16C; the slices have equal lengths.
         return unsafe { avx2::round_f16(x, out) };
     }
     for (o, &v) in out.iter_mut().zip(x) {
-        *o = t.round(v);
+        o.write(t.round(v));
     }
 }
 
@@ -267,6 +273,7 @@ mod avx2 {
     use super::{HalfType, ROWS};
     use crate::quant::hsum8_m256 as hsum8;
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     /// Eight stored values widened to f32.
     trait Widen {
@@ -291,15 +298,16 @@ mod avx2 {
     /// # Safety
     /// F16C; `out` at least as long as `x`.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn round_f16(x: &[f32], out: &mut [f32]) {
+    pub(super) unsafe fn round_f16(x: &[f32], out: &mut [MaybeUninit<f32>]) {
         let k8 = x.len() / 8 * 8;
+        let o = out.as_mut_ptr().cast::<f32>();
         for i in (0..k8).step_by(8) {
             let h =
                 _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(i)));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            _mm256_storeu_ps(o.add(i), _mm256_cvtph_ps(h));
         }
         for i in k8..x.len() {
-            out[i] = HalfType::F16.round(x[i]);
+            out[i].write(HalfType::F16.round(x[i]));
         }
     }
 
@@ -690,7 +698,8 @@ mod tests {
             1.0 + h,
         ];
         let mut out = [0f32; 9];
-        round_row(HalfType::F16, &x, &mut out);
+        // SAFETY: round_row stores rounded values only.
+        round_row(HalfType::F16, &x, unsafe { as_uninit(&mut out) });
         let want = [
             1.0,
             1.0 + 4.0 * h,
@@ -704,7 +713,8 @@ mod tests {
         round_row(
             HalfType::BF16,
             &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8)],
-            &mut out[..2],
+            // SAFETY: as above.
+            unsafe { as_uninit(&mut out[..2]) },
         );
         assert_eq!(out[..2], [1.0, 1.0 + 4.0 * 2f32.powi(-8)]);
     }

@@ -36,19 +36,29 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         if n == 0 || width != n {
             candle_core::bail!("rms norm: input width {width}, weight of {n}")
         }
-        let mut y = vec![0f32; x.len()];
+        if x.len() % n != 0 {
+            candle_core::bail!("rms norm: {} values are not rows of {n}", x.len())
+        }
+        let mut y = Vec::with_capacity(x.len());
         let rows = (PART_VALUES / n).max(1);
-        crate::pool::for_chunks(&mut y, rows * n, |start, part| {
-            let xs = &x[start..start + part.len()];
-            for (xr, yr) in xs.chunks_exact(n).zip(part.chunks_exact_mut(n)) {
-                let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
-                let mean = (sum / n as f64) as f32;
-                let scale = 1.0 / (mean + self.eps).sqrt();
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = v * scale * g;
+        crate::pool::for_chunks(
+            &mut y.spare_capacity_mut()[..x.len()],
+            rows * n,
+            |start, part| {
+                let xs = &x[start..start + part.len()];
+                for (xr, yr) in xs.chunks_exact(n).zip(part.chunks_exact_mut(n)) {
+                    let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
+                    let mean = (sum / n as f64) as f32;
+                    let scale = 1.0 / (mean + self.eps).sqrt();
+                    for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                        o.write(v * scale * g);
+                    }
                 }
-            }
-        });
+            },
+        );
+        // SAFETY: the parts are whole rows (x.len() is a multiple of n) covering 0..x.len(),
+        // and every value of each row was written.
+        unsafe { y.set_len(x.len()) };
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
