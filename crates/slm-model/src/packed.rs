@@ -8,8 +8,6 @@
 //! after the context. Several questions go into one pack, so every linear layer is one large
 //! matmul. Attention is a few percent of the work at these lengths and is done by hand below.
 
-use rayon::prelude::*;
-
 /// A run of consecutive rows; a child segment continues its parent (a root).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Segment {
@@ -98,15 +96,17 @@ pub fn attend(
     let rep = n_heads / n_kv;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; n * width];
-    // Disjoint output rows per segment, so segments run in parallel.
-    let mut parts = Vec::with_capacity(pack.segments.len());
-    let mut rest = out.as_mut_slice();
-    for seg in &pack.segments {
-        let (mine, tail) = rest.split_at_mut(seg.len * width);
-        parts.push((*seg, mine));
-        rest = tail;
-    }
-    parts.into_par_iter().for_each(|(seg, out)| {
+    assert!(pack.segments.iter().map(|s| s.len).sum::<usize>() == n);
+    // Segments own disjoint, consecutive output rows, so they run as tasks of the kernel
+    // pool (rayon here had its workers spin against the pool's, on the same cores).
+    let o = crate::pool::OutPtr(out.as_mut_ptr());
+    crate::pool::global().run(pack.segments.len(), |si| {
+        let seg = pack.segments[si];
+        // SAFETY: segment si's rows seg.start..seg.start + seg.len are written by this task
+        // only (segments tile 0..n in order, asserted above), within out's n * width.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(o.get().add(seg.start * width), seg.len * width)
+        };
         let parent = seg.parent.map(|p| pack.segments[p]);
         let mut keys: Vec<usize> = parent
             .map(|p| (p.start..p.start + p.len).collect())
