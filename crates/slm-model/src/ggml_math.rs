@@ -150,7 +150,8 @@ pub fn swiglu(g: f32, u: f32) -> f32 {
 
 /// `swiglu` over whole rows: `out[i] = silu(g[i]) * u[i]`, eight or sixteen at a time as
 /// ggml's vector loop does (the same values as `swiglu` element by element).
-pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
+/// Every value of `out` is written.
+pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [std::mem::MaybeUninit<f32>]) {
     assert!(g.len() == u.len() && u.len() == out.len());
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
@@ -158,7 +159,7 @@ pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [f32]) {
         return unsafe { x86::swiglu(g, u, out, flavor()) };
     }
     for ((o, &g), &u) in out.iter_mut().zip(g).zip(u) {
-        *o = swiglu(g, u);
+        o.write(swiglu(g, u));
     }
 }
 
@@ -418,19 +419,25 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA; equal lengths.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn swiglu(g: &[f32], u: &[f32], out: &mut [f32], flavor: Flavor) {
+    pub unsafe fn swiglu(
+        g: &[f32],
+        u: &[f32],
+        out: &mut [std::mem::MaybeUninit<f32>],
+        flavor: Flavor,
+    ) {
         let n = g.len();
         let np = n - n % 8;
         let one = _mm256_set1_ps(1.0);
+        let o = out.as_mut_ptr().cast::<f32>();
         for i in (0..np).step_by(8) {
             let x = _mm256_loadu_ps(g.as_ptr().add(i));
             let e = expf8(_mm256_sub_ps(_mm256_setzero_ps(), x), flavor);
             let silu = _mm256_div_ps(x, _mm256_add_ps(one, e));
             let y = _mm256_mul_ps(silu, _mm256_loadu_ps(u.as_ptr().add(i)));
-            _mm256_storeu_ps(out.as_mut_ptr().add(i), y);
+            _mm256_storeu_ps(o.add(i), y);
         }
         for i in np..n {
-            out[i] = super::swiglu(g[i], u[i]);
+            out[i].write(super::swiglu(g[i], u[i]));
         }
     }
 
@@ -599,11 +606,12 @@ mod tests {
         for flavor in [Flavor::Avx512, Flavor::Avx2] {
             #[cfg(target_arch = "x86_64")]
             if has_avx2() {
-                // SAFETY: features checked, equal lengths.
-                unsafe { x86::swiglu(&g, &u, &mut out, flavor) };
+                // SAFETY: features checked, equal lengths; the kernel stores values only.
+                unsafe { x86::swiglu(&g, &u, crate::pool::as_uninit(&mut out), flavor) };
             }
             #[cfg(not(target_arch = "x86_64"))]
-            swiglu_slice(&g, &u, &mut out);
+            // SAFETY: swiglu_slice stores values only.
+            swiglu_slice(&g, &u, unsafe { crate::pool::as_uninit(&mut out) });
             for i in 0..g.len() {
                 let want = g[i] / (1.0 + expf_in(-g[i], flavor)) * u[i];
                 assert!(

@@ -205,14 +205,12 @@ fn group_with(
     assert!(x.len() >= m * k);
     let pool = crate::pool::global();
     // llama.cpp's vec_dot_type: the activations in the weights' type.
-    let mut xr = Vec::with_capacity(m * k);
-    crate::pool::for_chunks(
-        &mut xr.spare_capacity_mut()[..m * k],
-        k.max(1),
-        |start, row| round_row(t, &x[start..start + row.len()], row),
-    );
-    // SAFETY: the parts cover 0..m * k and round_row wrote every value of each.
-    unsafe { xr.set_len(m * k) };
+    // SAFETY: round_row writes every value of its part.
+    let xr = unsafe {
+        crate::pool::fill_chunks(m * k, k.max(1), |start, row| {
+            round_row(t, &x[start..start + row.len()], row)
+        })
+    };
     #[cfg(target_arch = "x86_64")]
     let kernel = simd.then(|| avx2::kernel(t)).flatten();
     #[cfg(not(target_arch = "x86_64"))]

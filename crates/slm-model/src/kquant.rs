@@ -157,6 +157,10 @@ mod tests {
     use candle_core::{Device, Module, Tensor};
     use rand::{Rng, SeedableRng};
 
+    fn values(t: candle_core::Result<Tensor>) -> Vec<f32> {
+        t.unwrap().flatten_all().unwrap().to_vec1().unwrap()
+    }
+
     /// The pool's schedule gives candle's own quantized matmul bit for bit: same dot products.
     #[test]
     fn equals_candles_quantized_matmul_on_odd_shapes() {
@@ -182,21 +186,8 @@ mod tests {
                 assert!(supports(&q));
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
                 let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
-                let theirs: Vec<f32> = QMatMul::from_arc(q.clone())
-                    .unwrap()
-                    .forward(&xt)
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
-                let ours: Vec<f32> = xt
-                    .apply_op1_no_bwd(&KQuantMatmul(q.clone()))
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let theirs = values(QMatMul::from_arc(q.clone()).unwrap().forward(&xt));
+                let ours = values(xt.apply_op1_no_bwd(&KQuantMatmul(q.clone())));
                 assert_eq!(ours.len(), m * n);
                 for (c, (a, b)) in ours.iter().zip(&theirs).enumerate() {
                     assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {c}");
@@ -204,13 +195,7 @@ mod tests {
                 // And against the dequantized weights, so that the comparison above is not of
                 // two copies of one mistake.
                 let dense = q.dequantize(&dev).unwrap();
-                let exact: Vec<f32> = xt
-                    .matmul(&dense.t().unwrap())
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap();
+                let exact = values(xt.matmul(&dense.t().unwrap()));
                 let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
                 for (c, (a, b)) in ours.iter().zip(&exact).enumerate() {
                     // Activations go through 8 bits (Q8_K): about 1% of the largest output.
@@ -235,5 +220,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("k 200 (blocks of 256)"), "{err}");
+        // Bytes that are not n rows of whole blocks, and a type that is not a K-quant.
+        let bytes = q.data().unwrap();
+        let err = blocks::<BlockQ4K>(&bytes[..bytes.len() - 1], 4, 1)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("{} bytes for 4 rows", bytes.len() - 1)),
+            "{err}"
+        );
+        let q8 = QTensor::quantize(
+            &Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
+            GgmlDType::Q8_0,
+        )
+        .unwrap();
+        assert!(!supports(&q8));
+        let err = matmul(&q8, &[0.0; 256], 1, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("Q8_0 is not a K-quant type"), "{err}");
     }
 }

@@ -36,15 +36,11 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         if n == 0 || width != n {
             candle_core::bail!("rms norm: input width {width}, weight of {n}")
         }
-        if x.len() % n != 0 {
-            candle_core::bail!("rms norm: {} values are not rows of {n}", x.len())
-        }
-        let mut y = Vec::with_capacity(x.len());
         let rows = (PART_VALUES / n).max(1);
-        crate::pool::for_chunks(
-            &mut y.spare_capacity_mut()[..x.len()],
-            rows * n,
-            |start, part| {
+        // SAFETY: x is contiguous with last dimension n, so the parts are whole rows, and
+        // every value of each row is written.
+        let y = unsafe {
+            crate::pool::fill_chunks(x.len(), rows * n, |start, part| {
                 let xs = &x[start..start + part.len()];
                 for (xr, yr) in xs.chunks_exact(n).zip(part.chunks_exact_mut(n)) {
                     let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
@@ -54,11 +50,8 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
                         o.write(v * scale * g);
                     }
                 }
-            },
-        );
-        // SAFETY: the parts are whole rows (x.len() is a multiple of n) covering 0..x.len(),
-        // and every value of each row was written.
-        unsafe { y.set_len(x.len()) };
+            })
+        };
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -96,18 +89,33 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let g = f32_slice(s1, l1, "swiglu")?;
-        let u = f32_slice(s2, l2, "swiglu")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!("swiglu shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
-        }
-        let mut y = vec![0f32; g.len()];
-        crate::pool::for_chunks(&mut y, PART_VALUES, |start, part| {
-            let end = start + part.len();
-            crate::ggml_math::swiglu_slice(&g[start..end], &u[start..end], part)
-        });
-        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
+        zip_on_pool("swiglu", s1, l1, s2, l2, crate::ggml_math::swiglu_slice)
     }
+}
+
+/// An elementwise op of two f32 tensors of one shape, split across the kernel pool:
+/// `f(a, b, out)` fills `out` from the same stretch of both inputs, writing every value.
+fn zip_on_pool(
+    op: &str,
+    s1: &candle_core::CpuStorage,
+    l1: &candle_core::Layout,
+    s2: &candle_core::CpuStorage,
+    l2: &candle_core::Layout,
+    f: impl Fn(&[f32], &[f32], &mut [std::mem::MaybeUninit<f32>]) + Sync,
+) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    let a = f32_slice(s1, l1, op)?;
+    let b = f32_slice(s2, l2, op)?;
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op} shapes differ: {:?} vs {:?}", l1.shape(), l2.shape())
+    }
+    // SAFETY: `f` writes every value of its part (its contract above).
+    let y = unsafe {
+        crate::pool::fill_chunks(a.len(), PART_VALUES, |start, part| {
+            let end = start + part.len();
+            f(&a[start..end], &b[start..end], part)
+        })
+    };
+    Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
 }
 
 fn swiglu(g: &Tensor, u: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
@@ -137,29 +145,11 @@ impl candle_core::CustomOp2 for PoolAdd {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let x = f32_slice(s1, l1, "residual add")?;
-        let a = f32_slice(s2, l2, "residual add")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "residual add shapes differ: {:?} vs {:?}",
-                l1.shape(),
-                l2.shape()
-            )
-        }
-        let mut y = Vec::with_capacity(x.len());
-        crate::pool::for_chunks(
-            &mut y.spare_capacity_mut()[..x.len()],
-            PART_VALUES,
-            |start, part| {
-                let (xs, as_) = (&x[start..], &a[start..]);
-                for ((o, &u), &v) in part.iter_mut().zip(xs).zip(as_) {
-                    o.write(u + v);
-                }
-            },
-        );
-        // SAFETY: the parts cover 0..x.len() and each wrote every element it holds.
-        unsafe { y.set_len(x.len()) };
-        Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
+        zip_on_pool("residual add", s1, l1, s2, l2, |x, a, out| {
+            for ((o, &u), &v) in out.iter_mut().zip(x).zip(a) {
+                o.write(u + v);
+            }
+        })
     }
 }
 
@@ -749,6 +739,17 @@ mod tests {
         let w = Tensor::ones(3, DType::F32, &dev).unwrap();
         let err = rms_norm(&x, &w, 1e-5, true).unwrap_err().to_string();
         assert!(err.contains("input width 6, weight of 3"), "{err}");
+    }
+
+    #[test]
+    fn elementwise_ops_on_the_pool_refuse_shapes_that_differ() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();
+        let y = Tensor::zeros((3, 4), DType::F32, &dev).unwrap();
+        let err = x.apply_op2_no_bwd(&y, &PoolAdd).unwrap_err().to_string();
+        assert!(err.contains("residual add shapes differ"), "{err}");
+        let err = x.apply_op2_no_bwd(&y, &GgmlSwiglu).unwrap_err().to_string();
+        assert!(err.contains("swiglu shapes differ"), "{err}");
     }
 
     #[test]

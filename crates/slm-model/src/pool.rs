@@ -230,6 +230,24 @@ pub fn for_chunks<T: Send>(out: &mut [T], chunk: usize, f: impl Fn(usize, &mut [
     });
 }
 
+/// A vector of `len` values made on the global pool by `f(start, part)` over consecutive
+/// parts of `chunk` values (as `for_chunks`), without zeroing it first: every prompt-sized
+/// activation would otherwise be written twice, the first time serially on the calling thread.
+///
+/// # Safety
+/// `f` writes every value of each part it is given.
+pub unsafe fn fill_chunks<T: Send>(
+    len: usize,
+    chunk: usize,
+    f: impl Fn(usize, &mut [std::mem::MaybeUninit<T>]) + Sync,
+) -> Vec<T> {
+    let mut v = Vec::with_capacity(len);
+    for_chunks(&mut v.spare_capacity_mut()[..len], chunk, f);
+    // SAFETY: the parts cover 0..len and the caller's `f` wrote every value of each.
+    unsafe { v.set_len(len) };
+    v
+}
+
 /// `s` as memory for the kernels to write, the type the matmuls take their outputs as (so
 /// that a fresh output need not be zeroed first; see `ggml_math::matmul_fwd`).
 ///

@@ -123,5 +123,16 @@ fn errors_name_the_file_and_the_problem() {
         .unwrap()
         .to_string();
     assert!(missing.contains("nope.gguf"), "{missing}");
+    // Reading the source alone (the CLI does so to build the tokenizer first) names them too.
+    for (path, want) in [
+        ("nope.gguf", "no such file"),
+        ("notgguf.gguf", "not a GGUF file"),
+    ] {
+        let err = slm_model::source(&dir.join(path))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(path) && err.contains(want), "{err}");
+    }
     std::fs::remove_dir_all(&dir).ok();
 }
