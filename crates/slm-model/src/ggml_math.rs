@@ -12,6 +12,7 @@
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};
 use half::f16;
+use std::mem::MaybeUninit;
 use std::sync::OnceLock;
 
 /// Whether the ggml-exact CPU ops apply: f32 tensors on the CPU that no gradient flows
@@ -163,47 +164,61 @@ pub fn swiglu_slice(g: &[f32], u: &[f32], out: &mut [std::mem::MaybeUninit<f32>]
     }
 }
 
-/// Rotation of rows of width `d` (row r at position r % t) by per-position tables `c`, `s`
-/// of d/2 values, as ggml's `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one
-/// fused multiply-add). Pairs are adjacent (`interleaved`) or half a row apart.
-pub fn rope_rows(
-    x: &[f32],
-    c: &[f32],
-    s: &[f32],
-    t: usize,
-    d: usize,
-    interleaved: bool,
-    y: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has the features (the body is the portable code, compiled with FMA
-        // so that `mul_add` is one instruction instead of a library call).
-        return unsafe { x86::rope_rows(x, c, s, t, d, interleaved, y) };
-    }
-    rope_rows_portable(x, c, s, t, d, interleaved, y)
+/// Rotation of rows of width `d` by per-position tables of d/2 values, as ggml's
+/// `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one fused multiply-add).
+/// Pairs are adjacent (`interleaved`) or half a row apart. Row r is at table position
+/// (r / per) % positions: `per` = 1 for (.., heads, seq, d), `per` = heads for (seq, heads, d).
+#[derive(Debug, Clone, Copy)]
+pub struct Rope<'a> {
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+    pub positions: usize,
+    pub per: usize,
+    pub d: usize,
+    pub interleaved: bool,
 }
 
-#[inline(always)]
-fn rope_rows_portable(
-    x: &[f32],
-    c: &[f32],
-    s: &[f32],
-    t: usize,
-    d: usize,
-    interleaved: bool,
-    y: &mut [f32],
-) {
-    let (step, offset) = if interleaved { (2, 1) } else { (1, d / 2) };
-    for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
-        let p = row % t;
-        let (cr, sr) = (&c[p * d / 2..][..d / 2], &s[p * d / 2..][..d / 2]);
-        for i in 0..d / 2 {
-            let (cos, sin) = (cr[i], sr[i]);
-            let j = i * step;
-            let (x0, x1) = (xr[j], xr[j + offset]);
-            yr[j] = x0.mul_add(cos, -(x1 * sin));
-            yr[j + offset] = x0.mul_add(sin, x1 * cos);
+impl Rope<'_> {
+    /// The rotation of `x`, whole rows, on the kernel pool.
+    pub fn apply(&self, x: &[f32]) -> Vec<f32> {
+        let d = self.d.max(1);
+        // Parts of about 16 KB of whole rows: enough to share, few enough to be cheap.
+        let chunk = (4096 / d).max(1) * d;
+        // SAFETY: `rows` writes every value of its part.
+        unsafe {
+            crate::pool::fill_chunks(x.len(), chunk, |start, part| {
+                self.rows(&x[start..start + part.len()], start / d, part)
+            })
+        }
+    }
+
+    /// Rows `first_row..` of the whole: `x` into `y` (equal lengths, whole rows).
+    pub fn rows(&self, x: &[f32], first_row: usize, y: &mut [MaybeUninit<f32>]) {
+        assert_eq!(x.len(), y.len());
+        assert!(self.cos.len() >= self.positions * self.d / 2 && self.sin.len() == self.cos.len());
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU has the features (the body is the portable code, compiled with
+            // FMA so that `mul_add` is one instruction instead of a library call).
+            return unsafe { x86::rope_rows(self, x, first_row, y) };
+        }
+        self.rows_portable(x, first_row, y)
+    }
+
+    #[inline(always)]
+    fn rows_portable(&self, x: &[f32], first_row: usize, y: &mut [MaybeUninit<f32>]) {
+        let d = self.d;
+        let (step, offset) = if self.interleaved { (2, 1) } else { (1, d / 2) };
+        for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
+            let p = ((first_row + row) / self.per) % self.positions;
+            let (cr, sr) = (&self.cos[p * d / 2..][..d / 2], &self.sin[p * d / 2..][..d / 2]);
+            for i in 0..d / 2 {
+                let (cos, sin) = (cr[i], sr[i]);
+                let j = i * step;
+                let (x0, x1) = (xr[j], xr[j + offset]);
+                yr[j].write(x0.mul_add(cos, -(x1 * sin)));
+                yr[j + offset].write(x0.mul_add(sin, x1 * cos));
+            }
         }
     }
 }
@@ -322,15 +337,12 @@ mod x86 {
     /// FMA.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn rope_rows(
+        r: &super::Rope,
         x: &[f32],
-        c: &[f32],
-        s: &[f32],
-        t: usize,
-        d: usize,
-        interleaved: bool,
-        y: &mut [f32],
+        first_row: usize,
+        y: &mut [std::mem::MaybeUninit<f32>],
     ) {
-        super::rope_rows_portable(x, c, s, t, d, interleaved, y)
+        r.rows_portable(x, first_row, y)
     }
 
     /// ggml_v_expf of eight lanes, in the arithmetic of `flavor` (see `super::expf`).

@@ -162,6 +162,15 @@ fn residual(x: &Tensor, a: &Tensor) -> candle_core::Result<Tensor> {
     }
 }
 
+/// `f` of the values of `x`, a contiguous f32 CPU tensor, without copying them.
+fn with_f32<R>(x: &Tensor, op: &str, f: impl FnOnce(&[f32]) -> R) -> candle_core::Result<R> {
+    let (s, l) = x.storage_and_layout();
+    let candle_core::Storage::Cpu(s) = &*s else {
+        candle_core::bail!("{op} expects a CPU tensor")
+    };
+    Ok(f(f32_slice(s, l, op)?))
+}
+
 /// Rotation of (batch, heads, seq, head_dim) by per-position cos/sin tables, rounded as
 /// ggml's `rotate_pairs` compiles (GCC contracts `x0*cos - x1*sin` into one fused
 /// multiply-add). Pairs are adjacent (GGUF llama) or half a head apart (NeoX / HF layout).
@@ -194,8 +203,15 @@ impl candle_core::CustomOp3 for GgmlRope {
                 t * d / 2
             )
         }
-        let mut y = vec![0f32; x.len()];
-        crate::ggml_math::rope_rows(x, c, s, t, d, self.interleaved, &mut y);
+        let y = crate::ggml_math::Rope {
+            cos: c,
+            sin: s,
+            positions: t,
+            per: 1,
+            d,
+            interleaved: self.interleaved,
+        }
+        .apply(x);
         Ok((candle_core::CpuStorage::F32(y), l1.shape().clone()))
     }
 }
@@ -280,6 +296,30 @@ impl Rope {
             self.sin.narrow(0, pos, t)?,
             ggml,
         )
+    }
+
+    /// x: (1, seq, heads * head_dim) at positions pos..pos+seq, with the ggml-exact rotation
+    /// on the kernel pool; the rotated values in the same layout.
+    fn rotate_rows(&self, x: &Tensor, pos: usize, heads: usize) -> candle_core::Result<Vec<f32>> {
+        let (_, t, width) = x.dims3()?;
+        let d = width / heads.max(1);
+        let tables = |c: &Tensor| c.narrow(0, pos, t);
+        let (cos, sin) = (tables(&self.cos)?, tables(&self.sin)?);
+        with_f32(x, "rope", |x| {
+            with_f32(&cos, "rope", |c| {
+                with_f32(&sin, "rope", |s| {
+                    crate::ggml_math::Rope {
+                        cos: c,
+                        sin: s,
+                        positions: t,
+                        per: heads,
+                        d,
+                        interleaved: self.interleaved,
+                    }
+                    .apply(x)
+                })
+            })
+        })??
     }
 
     /// x: (batch, heads, seq, head_dim), each row at its own position (a packed forward).
@@ -370,6 +410,9 @@ impl Attention {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
             }
+            if ggml && exact_path(&[x]) {
+                return self.forward_cached(x, rope, pos, cache, layer);
+            }
             let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> {
                 y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()
             };
@@ -405,6 +448,37 @@ impl Attention {
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o.forward(&y)
+    }
+
+    /// Inference over a KV cache with the ggml-exact ops, without the (batch, heads, seq,
+    /// head_dim) layout: q, k and v stay as the matmuls wrote them, (seq, heads, head_dim),
+    /// which is what the cache and `attend` take. The two transposes there and back were
+    /// serial copies on the calling thread (~2% of a 512-token prompt on 2 threads).
+    fn forward_cached(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        pos: usize,
+        cache: &mut LayerCache,
+        layer: usize,
+    ) -> candle_core::Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
+        tap::see("Qcur", Some(layer), &q);
+        tap::see("Kcur", Some(layer), &k);
+        tap::see("Vcur", Some(layer), &v);
+        let q = rope.rotate_rows(&q, pos, nh)?;
+        let k = rope.rotate_rows(&k, pos, nkv)?;
+        if tap::active() {
+            tap::see("Qrope", Some(layer), &Tensor::from_slice(&q, (1, t, nh, hd), x.device())?);
+            tap::see("Krope", Some(layer), &Tensor::from_slice(&k, (1, t, nkv, hd), x.device())?);
+        }
+        let y = with_f32(&v, "attention", |v| {
+            attention::attend(cache, &q, &k, v, t, nh, nkv, hd, x.device())
+        })??;
+        tap::see("kqv_out", Some(layer), &y);
+        self.o.forward(&y.unsqueeze(0)?)
     }
 
     /// x: (1, rows, hidden) of a pack; see `packed`.

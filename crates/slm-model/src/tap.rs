@@ -16,6 +16,11 @@ pub fn set(tap: Option<Tap>) {
     TAP.with(|t| *t.borrow_mut() = tap);
 }
 
+/// Whether a hook is installed (to skip building a tensor only a tap would see).
+pub(crate) fn active() -> bool {
+    TAP.with(|t| t.borrow().is_some())
+}
+
 pub(crate) fn see(name: &str, layer: Option<usize>, x: &Tensor) {
     TAP.with(|t| {
         if let Some(f) = t.borrow_mut().as_mut() {
