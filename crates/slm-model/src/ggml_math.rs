@@ -211,7 +211,10 @@ impl Rope<'_> {
         let (step, offset) = if self.interleaved { (2, 1) } else { (1, d / 2) };
         for (row, (xr, yr)) in x.chunks_exact(d).zip(y.chunks_exact_mut(d)).enumerate() {
             let p = ((first_row + row) / self.per) % self.positions;
-            let (cr, sr) = (&self.cos[p * d / 2..][..d / 2], &self.sin[p * d / 2..][..d / 2]);
+            let (cr, sr) = (
+                &self.cos[p * d / 2..][..d / 2],
+                &self.sin[p * d / 2..][..d / 2],
+            );
             for i in 0..d / 2 {
                 let (cos, sin) = (cr[i], sr[i]);
                 let j = i * step;
@@ -221,6 +224,62 @@ impl Rope<'_> {
             }
         }
     }
+}
+
+/// The widest x86 kernels a matrix product may use. AVX-512 kernels compute the same cells as
+/// the AVX2 ones, bit for bit; `SLM_KERNELS=avx2` keeps to AVX2 (to compare the two, or where
+/// 512-bit code lowers the clock more than it gains).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    Avx2,
+    Avx512,
+}
+
+impl Isa {
+    /// The widest this CPU has (None without AVX2, FMA and F16C: the portable kernels).
+    pub fn best() -> Option<Isa> {
+        static BEST: OnceLock<Option<Isa>> = OnceLock::new();
+        *BEST.get_or_init(|| {
+            let only_avx2 = std::env::var("SLM_KERNELS").is_ok_and(|v| v == "avx2");
+            if has_avx512() && !only_avx2 {
+                Some(Isa::Avx512)
+            } else if has_avx2() {
+                Some(Isa::Avx2)
+            } else {
+                None
+            }
+        })
+    }
+
+    /// Every kernel set this CPU can run, narrowest first (what the tests compare).
+    pub fn available() -> Vec<Isa> {
+        let mut v = Vec::new();
+        if has_avx2() {
+            v.push(Isa::Avx2);
+        }
+        if has_avx512() {
+            v.push(Isa::Avx512);
+        }
+        v
+    }
+}
+
+/// Whether this CPU has the AVX-512 subsets the 512-bit kernels use (F, BW, VL, VNNI) beside
+/// AVX2, FMA and F16C; checked once.
+pub fn has_avx512() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            has_avx2()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
 }
 
 /// Whether this CPU runs the x86 kernels (AVX2, FMA and F16C); checked once.

@@ -17,6 +17,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::{bf16, f16};
 
+use crate::ggml_math::Isa;
 use crate::pool::{as_uninit, OutPtr};
 use crate::quant::hsum8;
 use std::mem::MaybeUninit;
@@ -198,6 +199,17 @@ fn group_with(
     outs: &mut [&mut [MaybeUninit<f32>]],
     simd: bool,
 ) {
+    group_isa(ws, x, m, outs, if simd { Isa::best() } else { None })
+}
+
+/// `group_with` with the kernels of `isa`; None: the scalar kernel.
+fn group_isa(
+    ws: &[&HalfMatrix],
+    x: &[f32],
+    m: usize,
+    outs: &mut [&mut [MaybeUninit<f32>]],
+    isa: Option<Isa>,
+) {
     assert_eq!(ws.len(), outs.len());
     let Some((k, t)) = ws.first().map(|w| (w.k, w.t)) else {
         return;
@@ -212,10 +224,14 @@ fn group_with(
         })
     };
     #[cfg(target_arch = "x86_64")]
-    let kernel = simd.then(|| avx2::kernel(t)).flatten();
+    let kernel = match isa {
+        Some(Isa::Avx512) => avx512::kernel(t),
+        Some(Isa::Avx2) => avx2::kernel(t),
+        None => None,
+    };
     #[cfg(not(target_arch = "x86_64"))]
     let kernel: Option<fn()> = {
-        let _ = simd;
+        let _ = isa;
         None
     };
     // Output features in spans of whole tiles; each task walks all m activation rows so a
@@ -274,11 +290,11 @@ mod avx2 {
     use std::mem::MaybeUninit;
 
     /// Eight stored values widened to f32.
-    trait Widen {
+    pub(super) trait Widen {
         unsafe fn load8(p: *const u16) -> __m256;
     }
-    struct F16;
-    struct Bf16;
+    pub(super) struct F16;
+    pub(super) struct Bf16;
     impl Widen for F16 {
         #[inline(always)]
         unsafe fn load8(p: *const u16) -> __m256 {
@@ -386,7 +402,7 @@ mod avx2 {
     const GEMM_R: usize = 2;
     const GEMM_C: usize = 6;
     /// Weight bytes a block of rows keeps in L2 while all activation rows pass.
-    const ROW_BLOCK_BYTES: usize = 256 << 10;
+    pub(super) const ROW_BLOCK_BYTES: usize = 256 << 10;
     /// Activation bytes a tile may keep in L1 over the whole of k; past that, k goes in
     /// chunks of `K_CHUNK` (9 KB of activations). Measured on the down projection
     /// (576 x 1536, 512 rows, one thread): 57-59 -> 67-68 GFLOP/s; chunking k = 576 as well
@@ -401,7 +417,7 @@ mod avx2 {
     /// As `super::rows_scalar`, and the CPU has AVX2, FMA and F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn rows<W: Widen>(
+    pub(super) unsafe fn rows<W: Widen>(
         t: HalfType,
         w: &[u16],
         k: usize,
@@ -536,6 +552,258 @@ mod avx2 {
     }
 }
 
+/// The AVX-512 kernel: `avx2`'s cells, bit for bit, two weight rows to a 512-bit register.
+/// Each output is still one eight-lane chain over k: the low half of a register carries row
+/// r's lanes, the high half row r + 1's, both against the same eight activations (loaded
+/// once into both halves). 32 registers hold a tile of four weight rows by twelve activation
+/// rows, twice `avx2`'s 2 x 6, at twice the width.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::avx2::{self, Bf16, Widen, F16};
+    use super::{HalfType, ROWS};
+    use crate::quant::hsum8_m256 as hsum8;
+    use std::arch::x86_64::*;
+
+    /// Sixteen stored values (eight of two adjacent rows) widened to f32.
+    trait Widen16: Widen {
+        unsafe fn load16(p: *const u16) -> __m512;
+    }
+    impl Widen16 for F16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i))
+        }
+    }
+    impl Widen16 for Bf16 {
+        #[inline(always)]
+        unsafe fn load16(p: *const u16) -> __m512 {
+            let v = _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v))
+        }
+    }
+
+    /// Row pairs per tile (four weight rows) and activation rows per tile.
+    const GEMM_P: usize = 2;
+    const GEMM_C: usize = 12;
+    /// As `avx2`'s: a tile of activations stays in L1 over the whole of k up to this size;
+    /// past it k goes in chunks of `K_CHUNK` (a 12-row tile of 24 KB).
+    const X_TILE_BYTES: usize = 28 << 10;
+    const K_CHUNK: usize = 512;
+
+    /// Rows r0..r0+2P of the group at `grp` against activation rows `x` .. `x + C * k`, over
+    /// the values `span` (whole steps of eight); cell (r, c) to `out[c * ldo + r]` once the
+    /// span reaches the last whole step (before that the accumulators wait in `partial`).
+    ///
+    /// # Safety
+    /// The group and activation rows exist; r0 + 2P <= 8; AVX-512 F, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[inline(never)]
+    #[allow(clippy::needless_range_loop, clippy::too_many_arguments)]
+    unsafe fn tile<W: Widen16, const P: usize, const C: usize, const SPLIT: bool>(
+        t: HalfType,
+        grp: *const u16,
+        r0: usize,
+        k: usize,
+        span: std::ops::Range<usize>,
+        x: *const f32,
+        partial: *mut f32,
+        out: *mut f32,
+        ldo: usize,
+    ) {
+        let k8 = k / 8 * 8;
+        let mut acc = [[_mm512_setzero_ps(); C]; P];
+        if SPLIT && span.start > 0 {
+            for p in 0..P {
+                for c in 0..C {
+                    acc[p][c] = _mm512_loadu_ps(partial.add((p * C + c) * 16));
+                }
+            }
+        }
+        for i in span.clone().step_by(8) {
+            let chunk = grp.add(i * ROWS);
+            let mut wv = [_mm512_setzero_ps(); P];
+            for p in 0..P {
+                wv[p] = W::load16(chunk.add((r0 + 2 * p) * 8));
+            }
+            for c in 0..C {
+                let xv = _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(
+                    x.add(c * k + i) as *const f64,
+                )));
+                for p in 0..P {
+                    acc[p][c] = _mm512_fmadd_ps(wv[p], xv, acc[p][c]);
+                }
+            }
+        }
+        if SPLIT && span.end < k8 {
+            for p in 0..P {
+                for c in 0..C {
+                    _mm512_storeu_ps(partial.add((p * C + c) * 16), acc[p][c]);
+                }
+            }
+            return;
+        }
+        let tail = grp.add(ROWS * k8);
+        for p in 0..P {
+            for c in 0..C {
+                let a = acc[p][c];
+                let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(a)));
+                for (h, half) in [_mm512_castps512_ps256(a), hi].into_iter().enumerate() {
+                    let r = r0 + 2 * p + h;
+                    let mut v = hsum8(half);
+                    for i in k8..k {
+                        let w = *tail.add(r * (k - k8) + (i - k8));
+                        v = t.widen(w).mul_add(*x.add(c * k + i), v);
+                    }
+                    *out.add(c * ldo + 2 * p + h) = v;
+                }
+            }
+        }
+    }
+
+    /// Weight rows `rows` (whole groups but perhaps the last) against all m activation rows;
+    /// cell (j, i) to `out[i * n + j]`. Decode (m = 1) streams the weights from memory and
+    /// runs `avx2`'s tiles, which keep up with it.
+    ///
+    /// # Safety
+    /// As `super::rows_scalar`; the CPU has AVX-512 F, AVX2, FMA and F16C.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn rows<W: Widen16>(
+        t: HalfType,
+        w: &[u16],
+        k: usize,
+        x: &[f32],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        n: usize,
+    ) {
+        debug_assert_eq!(rows.start % ROWS, 0);
+        if m == 1 {
+            return avx2::rows::<W>(t, w, k, x, m, rows, out, n);
+        }
+        let gp = |g: usize| w.as_ptr().add(g * ROWS * k);
+        let groups = rows.start / ROWS..rows.end.div_ceil(ROWS);
+        let valid = |g: usize| (rows.end - g * ROWS).min(ROWS);
+        let k8 = k / 8 * 8;
+        // As `avx2::rows`: a block of weight rows stays in L2 while all activation rows pass
+        // it a tile at a time, k in chunks where a tile would not fit in L1.
+        let block = (avx2::ROW_BLOCK_BYTES / (2 * k.max(1)))
+            .max(1)
+            .div_ceil(ROWS);
+        let chunk = if GEMM_C * k * 4 <= X_TILE_BYTES {
+            k8.max(8)
+        } else {
+            K_CHUNK
+        };
+        let split = chunk < k8;
+        let slot = GEMM_P * GEMM_C * 16;
+        let tiles_per_group = ROWS / (2 * GEMM_P);
+        let mut partial = vec![0f32; block * tiles_per_group * slot];
+        // A last group of fewer than eight rows runs whole (its padding rows are zeros) into
+        // `scratch`, and only its valid rows are kept.
+        let mut scratch = [0f32; GEMM_C * ROWS];
+        for gb in (groups.start..groups.end).step_by(block) {
+            let blk = gb..(gb + block).min(groups.end);
+            let mut i = 0;
+            while i < m {
+                let c = (m - i).min(GEMM_C);
+                let xi = x.as_ptr().add(i * k);
+                let mut k0 = 0;
+                loop {
+                    let span = k0..(k0 + chunk).min(k8);
+                    for g in blk.clone() {
+                        let whole = valid(g) == ROWS;
+                        for tr in 0..tiles_per_group {
+                            let r0 = tr * 2 * GEMM_P;
+                            let (o, ldo) = if whole {
+                                (out.add(i * n + g * ROWS + r0), n)
+                            } else {
+                                (scratch.as_mut_ptr().add(r0), ROWS)
+                            };
+                            let p = partial
+                                .as_mut_ptr()
+                                .add(((g - gb) * tiles_per_group + tr) * slot);
+                            let s = span.clone();
+                            macro_rules! go {
+                                ($c:literal) => {
+                                    if split {
+                                        tile::<W, GEMM_P, $c, true>(
+                                            t,
+                                            gp(g),
+                                            r0,
+                                            k,
+                                            s,
+                                            xi,
+                                            p,
+                                            o,
+                                            ldo,
+                                        )
+                                    } else {
+                                        tile::<W, GEMM_P, $c, false>(
+                                            t,
+                                            gp(g),
+                                            r0,
+                                            k,
+                                            s,
+                                            xi,
+                                            p,
+                                            o,
+                                            ldo,
+                                        )
+                                    }
+                                };
+                            }
+                            match c {
+                                12 => go!(12),
+                                11 => go!(11),
+                                10 => go!(10),
+                                9 => go!(9),
+                                8 => go!(8),
+                                7 => go!(7),
+                                6 => go!(6),
+                                5 => go!(5),
+                                4 => go!(4),
+                                3 => go!(3),
+                                2 => go!(2),
+                                _ => go!(1),
+                            }
+                        }
+                    }
+                    k0 += chunk;
+                    if k0 >= k8 {
+                        break;
+                    }
+                }
+                let last = blk.end - 1;
+                if valid(last) < ROWS {
+                    for ci in 0..c {
+                        std::ptr::copy_nonoverlapping(
+                            scratch.as_ptr().add(ci * ROWS),
+                            out.add((i + ci) * n + last * ROWS),
+                            valid(last),
+                        );
+                    }
+                }
+                i += c;
+            }
+        }
+    }
+
+    /// The kernel for `t` if this CPU has AVX-512 F beside AVX2, FMA and F16C.
+    pub(super) fn kernel(t: HalfType) -> Option<avx2::RowsFn> {
+        if !crate::ggml_math::has_avx512() {
+            return None;
+        }
+        Some(match t {
+            HalfType::F16 => rows::<F16>,
+            HalfType::BF16 => rows::<Bf16>,
+        })
+    }
+
+    const _: () = assert!(GEMM_C == 12 && ROWS.is_multiple_of(2 * GEMM_P));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -570,20 +838,24 @@ mod tests {
                 (21, 1001, 13),
                 (8, 768, 6),
                 (11, 1000, 14),
+                (16, 1536, 25),
             ] {
                 let bytes = random_bits(t, n * k, &mut rng);
                 let w = HalfMatrix::new(t, &bytes, n, k);
                 assert_eq!(w.gguf_bytes(), bytes, "{t:?} n{n} k{k}: layout round trip");
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-4f32..4.0)).collect();
-                // NaN to start: a cell the kernels left unwritten could not match.
-                let (mut fast, mut slow) = (vec![f32::NAN; m * n], vec![f32::NAN; m * n]);
+                let mut slow = vec![f32::NAN; m * n];
                 // SAFETY: the kernels store computed values only.
-                unsafe {
-                    group_with(&[&w], &x, m, &mut [as_uninit(&mut fast)], true);
-                    group_with(&[&w], &x, m, &mut [as_uninit(&mut slow)], false);
-                }
-                for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {i}");
+                unsafe { group_isa(&[&w], &x, m, &mut [as_uninit(&mut slow)], None) };
+                // Every kernel set this CPU has.
+                for isa in Isa::available() {
+                    // NaN to start: a cell the kernels left unwritten could not match.
+                    let mut fast = vec![f32::NAN; m * n];
+                    unsafe { group_isa(&[&w], &x, m, &mut [as_uninit(&mut fast)], Some(isa)) };
+                    for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+                        let at = format!("{t:?} {isa:?} n{n} k{k} m{m} cell {i}");
+                        assert_eq!(a.to_bits(), b.to_bits(), "{at}");
+                    }
                 }
             }
         }

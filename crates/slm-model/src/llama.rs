@@ -471,8 +471,16 @@ impl Attention {
         let q = rope.rotate_rows(&q, pos, nh)?;
         let k = rope.rotate_rows(&k, pos, nkv)?;
         if tap::active() {
-            tap::see("Qrope", Some(layer), &Tensor::from_slice(&q, (1, t, nh, hd), x.device())?);
-            tap::see("Krope", Some(layer), &Tensor::from_slice(&k, (1, t, nkv, hd), x.device())?);
+            tap::see(
+                "Qrope",
+                Some(layer),
+                &Tensor::from_slice(&q, (1, t, nh, hd), x.device())?,
+            );
+            tap::see(
+                "Krope",
+                Some(layer),
+                &Tensor::from_slice(&k, (1, t, nkv, hd), x.device())?,
+            );
         }
         let y = with_f32(&v, "attention", |v| {
             attention::attend(cache, &q, &k, v, t, nh, nkv, hd, x.device())

@@ -15,6 +15,7 @@
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
 
+use crate::ggml_math::Isa;
 use crate::pool::OutPtr;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::hsum8 as hsum8_m256;
@@ -22,6 +23,8 @@ use std::mem::MaybeUninit;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod rows8;
 
 pub const QK: usize = 32;
@@ -231,7 +234,7 @@ struct Job<'a> {
 /// x (m, k) times W^T for each job's W. The activations are quantized once, and every
 /// matrix's spans of rows run in one section of the pool: q, k and v of a decode step as
 /// one pass over 1.1 MB instead of three, two of them too short to reach the memory's speed.
-fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize) {
+fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
     assert!(k.is_multiple_of(QK) && x.len() >= m * k);
     let nb = k / QK;
     let pool = crate::pool::global();
@@ -240,6 +243,13 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize) {
         let i = start / nb;
         quantize_row(&x[i * k..(i + 1) * k], row)
     });
+    // The 512-bit tiles take the activations two rows at a time.
+    #[cfg(target_arch = "x86_64")]
+    let pairs = if isa == Some(Isa::Avx512) && m > 1 && jobs.iter().any(|j| j.grouped) {
+        avx512::pairs(&act, nb, m)
+    } else {
+        Vec::new()
+    };
     // Output features are split into spans (of whole groups, or of whole tiles of rows);
     // each task walks all m activation rows for its span, so a weight row is read from
     // memory once.
@@ -253,14 +263,21 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize) {
         }
     }
     let act = &act;
+    #[cfg(target_arch = "x86_64")]
+    let pairs = &pairs;
     pool.run(spans.len(), |s| {
         let (ji, r) = spans[s].clone();
         let j = &jobs[ji];
         #[cfg(target_arch = "x86_64")]
         if j.grouped {
             let geo = rows8::geometry(j.t).expect("grouped layout");
-            let f = avx2::grouped_kernel(j.t).expect("grouped layout only where its kernel runs");
             assert!(j.w.len() >= j.n.div_ceil(rows8::ROWS) * geo.group_bytes(nb));
+            if isa == Some(Isa::Avx512) {
+                let f = avx512_kernel(j.t).expect("an AVX-512 kernel for every grouped type");
+                // SAFETY: as below; `pairs` are this call's activations, the CPU has AVX-512.
+                return unsafe { f(j.w, &geo, act, &pairs, nb, m, r, j.out.get(), j.n) };
+            }
+            let f = avx2::grouped_kernel(j.t).expect("grouped layout only where its kernel runs");
             // SAFETY: spans of groups are disjoint output columns, out holds m * n, and the
             // kernel was chosen for this CPU.
             return unsafe { f(j.w, &geo, act, nb, m, r, j.out.get(), j.n) };
@@ -275,6 +292,30 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize) {
         // SAFETY: as above.
         unsafe { rows_scalar(j.t, j.w, row_bytes, act, nb, m, r, j.out.get(), j.n) }
     });
+}
+
+#[cfg(target_arch = "x86_64")]
+type Avx512Fn = unsafe fn(
+    &[u8],
+    &rows8::Geometry,
+    &[ActBlock],
+    &[avx512::PairBlock],
+    usize,
+    usize,
+    std::ops::Range<usize>,
+    *mut f32,
+    usize,
+);
+
+/// The 512-bit kernel of a grouped block type.
+#[cfg(target_arch = "x86_64")]
+fn avx512_kernel(t: BlockType) -> Option<Avx512Fn> {
+    match t {
+        BlockType::Q4_0 => Some(avx512::groups::<avx2::G4_0>),
+        BlockType::Q4_1 => Some(avx512::groups::<avx2::G4_1>),
+        BlockType::Q8_0 => Some(avx512::groups::<avx2::G8_0>),
+        _ => None,
+    }
 }
 
 /// A weight matrix in GGML blocks, applied as a candle op (no gradient: inference only).
@@ -362,6 +403,17 @@ impl BlockMatrix {
         m: usize,
         outs: &mut [&mut [MaybeUninit<f32>]],
     ) {
+        Self::group_with(ws, x, m, outs, Isa::best())
+    }
+
+    /// `matmul_group` with the kernels of `isa` (the tests run every set the CPU has).
+    fn group_with(
+        ws: &[&BlockMatrix],
+        x: &[f32],
+        m: usize,
+        outs: &mut [&mut [MaybeUninit<f32>]],
+        isa: Option<Isa>,
+    ) {
         assert_eq!(ws.len(), outs.len());
         let Some(k) = ws.first().map(|w| w.k) else {
             return;
@@ -380,7 +432,7 @@ impl BlockMatrix {
                 }
             })
             .collect();
-        matmul_in(&jobs, k, x, m)
+        matmul_in(&jobs, k, x, m, isa)
     }
 }
 
@@ -402,6 +454,16 @@ mod tests {
     use super::*;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
+
+    /// Every kernel set this CPU runs (the portable kernels where it has none).
+    fn isas() -> Vec<Option<Isa>> {
+        let v: Vec<Option<Isa>> = Isa::available().into_iter().map(Some).collect();
+        if v.is_empty() {
+            vec![None]
+        } else {
+            v
+        }
+    }
 
     /// Every block type against the dequantized weights times the (quantized) activations in
     /// plain f32: the only differences allowed are float summation order.
@@ -541,23 +603,28 @@ mod tests {
                 }
                 let bm = BlockMatrix::new(t, &w, n, k);
                 assert_eq!(bm.gguf_bytes().as_ref(), w.as_slice());
-                let mut out = vec![f32::NAN; m * n];
-                bm.matmul(&x, m, &mut out);
                 let row_bytes = nb * bb;
-                for j in 0..n {
-                    for i in 0..m {
-                        let want = dot_row(
-                            t,
-                            &w[j * row_bytes..(j + 1) * row_bytes],
-                            &act_ref[i * nb..(i + 1) * nb],
-                        );
-                        assert_eq!(
-                            out[i * n + j].to_bits(),
-                            want.to_bits(),
-                            "{t:?} (grouped: {}) n={n} k={k} m={m} cell ({i}, {j}): {} vs {want}",
-                            bm.grouped,
-                            out[i * n + j]
-                        );
+                let mut out = Vec::new();
+                for isa in isas() {
+                    out = vec![f32::NAN; m * n];
+                    let o = unsafe { crate::pool::as_uninit(&mut out) };
+                    BlockMatrix::group_with(&[&bm], &x, m, &mut [o], isa);
+                    for j in 0..n {
+                        for i in 0..m {
+                            let want = dot_row(
+                                t,
+                                &w[j * row_bytes..(j + 1) * row_bytes],
+                                &act_ref[i * nb..(i + 1) * nb],
+                            );
+                            assert_eq!(
+                                out[i * n + j].to_bits(),
+                                want.to_bits(),
+                                "{t:?} {isa:?} (grouped: {}) n={n} k={k} m={m} cell ({i}, {j}): \
+                                 {} vs {want}",
+                                bm.grouped,
+                                out[i * n + j]
+                            );
+                        }
                     }
                 }
                 singles.push((bm, out));
@@ -565,18 +632,24 @@ mod tests {
             // All five types (grouped layouts and GGUF order) as one group: each output as
             // its matrix alone gives it.
             let ws: Vec<&BlockMatrix> = singles.iter().map(|(bm, _)| bm).collect();
-            let mut outs = vec![vec![f32::NAN; m * n]; ws.len()];
-            let mut slices: Vec<&mut [MaybeUninit<f32>]> = outs
-                .iter_mut()
-                .map(|o| unsafe { crate::pool::as_uninit(o) })
-                .collect();
-            BlockMatrix::matmul_group(&ws, &x, m, &mut slices);
-            for ((bm, alone), grouped) in singles.iter().zip(&outs) {
-                let same = alone
-                    .iter()
-                    .zip(grouped)
-                    .all(|(a, b)| a.to_bits() == b.to_bits());
-                assert!(same, "{:?} n={n} k={k} m={m}: grouped call differs", bm.t);
+            for isa in isas() {
+                let mut outs = vec![vec![f32::NAN; m * n]; ws.len()];
+                let mut slices: Vec<&mut [MaybeUninit<f32>]> = outs
+                    .iter_mut()
+                    .map(|o| unsafe { crate::pool::as_uninit(o) })
+                    .collect();
+                BlockMatrix::group_with(&ws, &x, m, &mut slices, isa);
+                for ((bm, alone), grouped) in singles.iter().zip(&outs) {
+                    let same = alone
+                        .iter()
+                        .zip(grouped)
+                        .all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{:?} {isa:?} n={n} k={k} m={m}: grouped call differs",
+                        bm.t
+                    );
+                }
             }
         }
     }

@@ -207,7 +207,7 @@ const GEMM_R: usize = 2;
 const GEMM_C: usize = 4;
 const GEMV_R: usize = 4;
 /// Activation rows in panels that stay in L2 while the thread's weight rows stream past.
-const PANEL: usize = 64;
+pub(super) const PANEL: usize = 64;
 const PREFETCH: usize = 2;
 
 /// Weight rows `rows` of `w` against all `m` activation rows; cell (j, i) to `out[i * n + j]`.
@@ -333,6 +333,33 @@ unsafe fn offsets8<B: Grouped, const C: usize>(
     }
     for (o, a) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), a);
+    }
+}
+
+/// `offsets8` of activation rows 0..rows of `act` (rows of nb blocks) into `summs[..rows]`.
+///
+/// # Safety
+/// As `gemm8`; `act` holds `rows` rows, `summs` at least as many.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn offsets_panel<B: Grouped>(
+    grp: *const u8,
+    geo: &Geometry,
+    act: &[ActBlock],
+    nb: usize,
+    rows: usize,
+    summs: &mut [[f32; 8]],
+) {
+    assert!(act.len() >= rows * nb && summs.len() >= rows);
+    let mut i = 0;
+    while i < rows {
+        let a = act.as_ptr().add(i * nb);
+        if i + 4 <= rows {
+            offsets8::<B, 4>(grp, geo, a, nb, &mut summs[i..i + 4]);
+            i += 4;
+        } else {
+            offsets8::<B, 1>(grp, geo, a, nb, &mut summs[i..i + 1]);
+            i += 1;
+        }
     }
 }
 
@@ -498,6 +525,25 @@ unsafe fn gemm8<B: Grouped, const R: usize, const C: usize>(
     }
 }
 
+/// Row r of one group against one activation row: `gemm8`'s one-cell tile.
+///
+/// # Safety
+/// As `gemm8`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm8_one<B: Grouped>(
+    grp: *const u8,
+    geo: &Geometry,
+    r: usize,
+    act: *const ActBlock,
+    nb: usize,
+    summs: &[[f32; 8]],
+    out: *mut f32,
+    ldo: usize,
+) {
+    gemm8::<B, 1, 1>(grp, geo, r, act, nb, summs, out, ldo)
+}
+
 /// Groups `groups` of a grouped matrix of n rows against all m activation rows; cell (j, i)
 /// to `out[i * n + j]`.
 ///
@@ -537,16 +583,7 @@ unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
         for i0 in (0..m).step_by(PANEL) {
             let i1 = (i0 + PANEL).min(m);
             if B::OFFSET {
-                let mut i = i0;
-                while i < i1 {
-                    if i + 4 <= i1 {
-                        offsets8::<B, 4>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 4]);
-                        i += 4;
-                    } else {
-                        offsets8::<B, 1>(grp, geo, ap(i), nb, &mut summs[i - i0..i - i0 + 1]);
-                        i += 1;
-                    }
-                }
+                offsets_panel::<B>(grp, geo, &act[i0 * nb..], nb, i1 - i0, &mut summs);
             }
             // Activation rows outside, weight rows inside: a tile of activation rows stays in
             // L1 while the group's rows (also in L1) pass it.
