@@ -583,8 +583,8 @@ mod avx512 {
     }
 
     /// Row pairs per tile (four weight rows) and activation rows per tile.
-    const GEMM_P: usize = 2;
-    const GEMM_C: usize = 12;
+    const GEMM_P: usize = 4;
+    const GEMM_C: usize = 6;
     /// As `avx2`'s: a tile of activations stays in L1 over the whole of k up to this size;
     /// past it k goes in chunks of `K_CHUNK` (a 12-row tile of 24 KB).
     const X_TILE_BYTES: usize = 28 << 10;
@@ -801,7 +801,7 @@ mod avx512 {
         })
     }
 
-    const _: () = assert!(GEMM_C == 12 && ROWS.is_multiple_of(2 * GEMM_P));
+    const _: () = assert!(GEMM_C <= 12 && ROWS.is_multiple_of(2 * GEMM_P));
 }
 
 #[cfg(test)]

@@ -250,6 +250,7 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
     } else {
         Vec::new()
     };
+    let sums = block_sums(jobs, &act, m);
     // Output features are split into spans (of whole groups, or of whole tiles of rows);
     // each task walks all m activation rows for its span, so a weight row is read from
     // memory once.
@@ -262,7 +263,7 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
             spans.extend(pool.spans(j.n, 8).map(|r| (ji, r)));
         }
     }
-    let act = &act;
+    let (act, sums) = (&act[..], &sums[..]);
     #[cfg(target_arch = "x86_64")]
     let pairs = &pairs;
     pool.run(spans.len(), |s| {
@@ -275,12 +276,12 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
             if isa == Some(Isa::Avx512) {
                 let f = avx512_kernel(j.t).expect("an AVX-512 kernel for every grouped type");
                 // SAFETY: as below; `pairs` are this call's activations, the CPU has AVX-512.
-                return unsafe { f(j.w, &geo, act, &pairs, nb, m, r, j.out.get(), j.n) };
+                return unsafe { f(j.w, &geo, act, sums, pairs, nb, m, r, j.out.get(), j.n) };
             }
             let f = avx2::grouped_kernel(j.t).expect("grouped layout only where its kernel runs");
             // SAFETY: spans of groups are disjoint output columns, out holds m * n, and the
             // kernel was chosen for this CPU.
-            return unsafe { f(j.w, &geo, act, nb, m, r, j.out.get(), j.n) };
+            return unsafe { f(j.w, &geo, act, sums, nb, m, r, j.out.get(), j.n) };
         }
         assert!(!j.grouped, "grouped layout without its kernel");
         let row_bytes = nb * j.t.block_bytes();
@@ -294,11 +295,22 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
     });
 }
 
+/// The activation blocks' sums `s`, packed, where a grouped matrix with offsets (Q4_1) takes
+/// more than one row (its tiles read them once per group of weight rows); else empty.
+fn block_sums(jobs: &[Job], act: &[ActBlock], m: usize) -> Vec<f32> {
+    if m > 1 && jobs.iter().any(|j| j.grouped && j.t.needs_sum()) {
+        act.iter().map(|a| a.s).collect()
+    } else {
+        Vec::new()
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 type Avx512Fn = unsafe fn(
     &[u8],
     &rows8::Geometry,
     &[ActBlock],
+    &[f32],
     &[avx512::PairBlock],
     usize,
     usize,

@@ -308,17 +308,17 @@ impl Grouped for G8_0 {
     const PER_UNIT: usize = 1;
 }
 
-/// The offsets' term of a Q4_1 group for activation rows `act + c * nb` (c < C): for each
-/// of the eight weight rows, `fma(m_w, s_x, acc)` block after block (ggml's `summs`), the
-/// eight rows in one vector and C independent chains.
+/// The offsets' term of a Q4_1 group for activation rows c < C, whose block sums are
+/// `sums + c * nb`: for each of the eight weight rows, `fma(m_w, s_x, acc)` block after block
+/// (ggml's `summs`), the eight rows in one vector and C independent chains.
 ///
 /// # Safety
-/// As `gemm8`.
+/// As `gemm8`; `sums` covers C rows of nb values.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn offsets8<B: Grouped, const C: usize>(
     grp: *const u8,
     geo: &Geometry,
-    act: *const ActBlock,
+    sums: *const f32,
     nb: usize,
     out: &mut [[f32; 8]],
 ) {
@@ -328,7 +328,7 @@ unsafe fn offsets8<B: Grouped, const C: usize>(
         let p = grp.add(u * geo.unit_bytes + geo.m_off + h * 16);
         let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
         for (c, a) in acc.iter_mut().enumerate() {
-            *a = _mm256_fmadd_ps(mv, _mm256_set1_ps((*act.add(c * nb + b)).s), *a);
+            *a = _mm256_fmadd_ps(mv, _mm256_set1_ps(*sums.add(c * nb + b)), *a);
         }
     }
     for (o, a) in out.iter_mut().zip(acc) {
@@ -336,23 +336,25 @@ unsafe fn offsets8<B: Grouped, const C: usize>(
     }
 }
 
-/// `offsets8` of activation rows 0..rows of `act` (rows of nb blocks) into `summs[..rows]`.
+/// `offsets8` of activation rows 0..rows, whose block sums are `sums` (rows of nb values),
+/// into `summs[..rows]`. The sums come packed, apart from the blocks' values: read from the
+/// blocks, they had pulled every activation block through the cache once per group of rows.
 ///
 /// # Safety
-/// As `gemm8`; `act` holds `rows` rows, `summs` at least as many.
+/// As `gemm8`; `summs` holds at least `rows` rows.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn offsets_panel<B: Grouped>(
     grp: *const u8,
     geo: &Geometry,
-    act: &[ActBlock],
+    sums: &[f32],
     nb: usize,
     rows: usize,
     summs: &mut [[f32; 8]],
 ) {
-    assert!(act.len() >= rows * nb && summs.len() >= rows);
+    assert!(sums.len() >= rows * nb && summs.len() >= rows);
     let mut i = 0;
     while i < rows {
-        let a = act.as_ptr().add(i * nb);
+        let a = sums.as_ptr().add(i * nb);
         if i + 4 <= rows {
             offsets8::<B, 4>(grp, geo, a, nb, &mut summs[i..i + 4]);
             i += 4;
@@ -545,7 +547,8 @@ pub(super) unsafe fn gemm8_one<B: Grouped>(
 }
 
 /// Groups `groups` of a grouped matrix of n rows against all m activation rows; cell (j, i)
-/// to `out[i * n + j]`.
+/// to `out[i * n + j]`. `sums`: the activation blocks' sums `s`, packed (Q4_1 products of
+/// more than one row; see `super::block_sums`).
 ///
 /// # Safety
 /// As `gemm8`, for every cell of the range; `out` holds m * n values.
@@ -555,6 +558,7 @@ unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
     w: &[u8],
     geo: &Geometry,
     act: &[ActBlock],
+    sums: &[f32],
     nb: usize,
     m: usize,
     groups: std::ops::Range<usize>,
@@ -583,7 +587,7 @@ unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
         for i0 in (0..m).step_by(PANEL) {
             let i1 = (i0 + PANEL).min(m);
             if B::OFFSET {
-                offsets_panel::<B>(grp, geo, &act[i0 * nb..], nb, i1 - i0, &mut summs);
+                offsets_panel::<B>(grp, geo, &sums[i0 * nb..], nb, i1 - i0, &mut summs);
             }
             // Activation rows outside, weight rows inside: a tile of activation rows stays in
             // L1 while the group's rows (also in L1) pass it.
@@ -614,8 +618,17 @@ unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
     }
 }
 
-pub(super) type GroupsFn =
-    unsafe fn(&[u8], &Geometry, &[ActBlock], usize, usize, std::ops::Range<usize>, *mut f32, usize);
+pub(super) type GroupsFn = unsafe fn(
+    &[u8],
+    &Geometry,
+    &[ActBlock],
+    &[f32],
+    usize,
+    usize,
+    std::ops::Range<usize>,
+    *mut f32,
+    usize,
+);
 
 /// The grouped-layout kernel for a block type, if it has one and this CPU has AVX2, FMA and
 /// F16C.

@@ -236,11 +236,11 @@ unsafe fn gemv8<B: Grouped>(
 }
 
 /// Weight rows per tile and pairs of activation rows per tile of the matrix product.
-const GEMM_R: usize = 4;
-const GEMM_P: usize = 4;
+const GEMM_R: usize = 8;
+const GEMM_P: usize = 2;
 
 /// `avx2::groups` with the 512-bit tiles: groups `groups` of a grouped matrix of n rows
-/// against all m activation rows (`act`, and `pairs` of them, see `pairs`); cell (j, i) to
+/// against all m activation rows (`act`, their sums and `pairs` of them, see `pairs`); cell (j, i) to
 /// `out[i * n + j]`. An odd last activation row runs `avx2`'s one-row tile (the same cells).
 ///
 /// # Safety
@@ -251,6 +251,7 @@ pub(super) unsafe fn groups<B: Grouped>(
     w: &[u8],
     geo: &Geometry,
     act: &[ActBlock],
+    sums: &[f32],
     pairs: &[PairBlock],
     nb: usize,
     m: usize,
@@ -281,7 +282,7 @@ pub(super) unsafe fn groups<B: Grouped>(
         for i0 in (0..m).step_by(avx2::PANEL) {
             let i1 = (i0 + avx2::PANEL).min(m);
             if B::OFFSET {
-                avx2::offsets_panel::<B>(grp, geo, &act[i0 * nb..], nb, i1 - i0, &mut summs);
+                avx2::offsets_panel::<B>(grp, geo, &sums[i0 * nb..], nb, i1 - i0, &mut summs);
             }
             let mut i = i0;
             while i < i1 {
@@ -303,15 +304,13 @@ pub(super) unsafe fn groups<B: Grouped>(
                     macro_rules! go {
                         ($r:literal) => {
                             match np {
-                                4 => gemm8::<B, $r, 4>(grp, geo, r0, pp, nb, s, o.add(r0), n),
-                                3 => gemm8::<B, $r, 3>(grp, geo, r0, pp, nb, s, o.add(r0), n),
                                 2 => gemm8::<B, $r, 2>(grp, geo, r0, pp, nb, s, o.add(r0), n),
                                 _ => gemm8::<B, $r, 1>(grp, geo, r0, pp, nb, s, o.add(r0), n),
                             }
                         };
                     }
                     if r0 + GEMM_R <= valid {
-                        go!(4);
+                        go!(8);
                         r0 += GEMM_R;
                     } else {
                         go!(1);
@@ -324,4 +323,4 @@ pub(super) unsafe fn groups<B: Grouped>(
     }
 }
 
-const _: () = assert!(GEMM_R == 4 && GEMM_P == 4 && ROWS == 8);
+const _: () = assert!(GEMM_R == 8 && GEMM_P == 2 && ROWS == 8);
