@@ -13,6 +13,7 @@ pub mod llama;
 pub mod packed;
 pub mod pool;
 pub mod quant;
+mod scratch;
 pub mod tap;
 pub mod weights;
 

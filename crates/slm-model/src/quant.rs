@@ -79,13 +79,18 @@ impl BlockType {
 /// One block of 32 activations quantized to 8 bits, as ggml's block_q8_0 / block_q8_1, with
 /// the f16 scale and sum widened to f32 once.
 #[derive(Clone, Copy)]
+#[repr(C)]
 struct ActBlock {
     d: f32,
     s: f32,
     qs: [i8; QK],
 }
 
+// SAFETY: numbers only; any bits are a block.
+unsafe impl crate::scratch::Plain for ActBlock {}
+
 impl ActBlock {
+    #[cfg(test)]
     const ZERO: Self = Self {
         d: 0.0,
         s: 0.0,
@@ -235,22 +240,63 @@ struct Job<'a> {
 /// matrix's spans of rows run in one section of the pool: q, k and v of a decode step as
 /// one pass over 1.1 MB instead of three, two of them too short to reach the memory's speed.
 fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
+    SCRATCH.with(|s| match s.try_borrow_mut() {
+        Ok(mut s) => matmul_with(jobs, k, x, m, isa, &mut s),
+        Err(_) => matmul_with(jobs, k, x, m, isa, &mut Scratch::default()),
+    })
+}
+
+/// A matmul's quantized activations, in the forms the kernels read (see `scratch` for why
+/// they live outside the heap).
+#[derive(Default)]
+struct Scratch {
+    act: crate::scratch::Scratch,
+    sums: crate::scratch::Scratch,
+    #[cfg(target_arch = "x86_64")]
+    pairs: crate::scratch::Scratch,
+}
+
+thread_local! {
+    /// Kept between the matmuls of a thread.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
+}
+
+fn matmul_with(
+    jobs: &[Job],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    isa: Option<Isa>,
+    scratch: &mut Scratch,
+) {
     assert!(k.is_multiple_of(QK) && x.len() >= m * k);
     let nb = k / QK;
     let pool = crate::pool::global();
-    let mut act = vec![ActBlock::ZERO; m * nb];
-    crate::pool::for_chunks(&mut act, nb, |start, row| {
+    let act: &mut [ActBlock] = scratch.act.slice(m * nb);
+    crate::pool::for_chunks(act, nb, |start, row| {
         let i = start / nb;
         quantize_row(&x[i * k..(i + 1) * k], row)
     });
+    let act = &*act;
     // The 512-bit tiles take the activations two rows at a time.
     #[cfg(target_arch = "x86_64")]
-    let pairs = if isa == Some(Isa::Avx512) && m > 1 && jobs.iter().any(|j| j.grouped) {
-        avx512::pairs(&act, nb, m)
+    let pairs: &[avx512::PairBlock] =
+        if isa == Some(Isa::Avx512) && m > 1 && jobs.iter().any(|j| j.grouped) {
+            let p = scratch.pairs.slice(m / 2 * nb);
+            avx512::pairs(act, nb, m, p);
+            p
+        } else {
+            &[]
+        };
+    // The activation blocks' sums `s`, packed, where a grouped matrix with offsets (Q4_1)
+    // takes more than one row (its tiles read them once per group of weight rows).
+    let sums: &[f32] = if m > 1 && jobs.iter().any(|j| j.grouped && j.t.needs_sum()) {
+        let s = scratch.sums.slice(m * nb);
+        s.iter_mut().zip(act).for_each(|(s, a)| *s = a.s);
+        s
     } else {
-        Vec::new()
+        &[]
     };
-    let sums = block_sums(jobs, &act, m);
     // Output features are split into spans (of whole groups, or of whole tiles of rows);
     // each task walks all m activation rows for its span, so a weight row is read from
     // memory once.
@@ -263,9 +309,6 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
             spans.extend(pool.spans(j.n, 8).map(|r| (ji, r)));
         }
     }
-    let (act, sums) = (&act[..], &sums[..]);
-    #[cfg(target_arch = "x86_64")]
-    let pairs = &pairs;
     pool.run(spans.len(), |s| {
         let (ji, r) = spans[s].clone();
         let j = &jobs[ji];
@@ -293,16 +336,6 @@ fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
         // SAFETY: as above.
         unsafe { rows_scalar(j.t, j.w, row_bytes, act, nb, m, r, j.out.get(), j.n) }
     });
-}
-
-/// The activation blocks' sums `s`, packed, where a grouped matrix with offsets (Q4_1) takes
-/// more than one row (its tiles read them once per group of weight rows); else empty.
-fn block_sums(jobs: &[Job], act: &[ActBlock], m: usize) -> Vec<f32> {
-    if m > 1 && jobs.iter().any(|j| j.grouped && j.t.needs_sum()) {
-        act.iter().map(|a| a.s).collect()
-    } else {
-        Vec::new()
-    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -15,57 +15,47 @@ use super::rows8::{Geometry, ROWS};
 use super::{ActBlock, QK};
 use std::arch::x86_64::*;
 
-/// Two activation rows' block b, as the 512-bit tiles take it: the values of both rows, each
-/// row's scale over its eight lanes, and -8 times each lane's sum of four values (the start of
-/// Q4_0's sums; Q8_0's is 16 times that).
+/// Two activation rows' block b, as the 512-bit tiles take it: the values of both rows and
+/// their scales. Kept small (72 bytes for two 40-byte blocks): the pairs of a 512-token prompt
+/// are megabytes, and what the tiles derive from them (a scale over eight lanes, Q4_0's and
+/// Q8_0's starting sums) costs one or two instructions per block shared by eight weight rows.
 #[derive(Clone, Copy)]
-#[repr(C, align(64))]
+#[repr(C)]
 pub(super) struct PairBlock {
     y: [i8; 2 * QK],
-    d: [f32; 16],
-    minus8: [i32; 16],
+    d: [f32; 2],
 }
 
-impl PairBlock {
-    const ZERO: Self = Self {
-        y: [0; 2 * QK],
-        d: [0.0; 16],
-        minus8: [0; 16],
-    };
-}
+// SAFETY: numbers only; any bits are a block.
+unsafe impl crate::scratch::Plain for PairBlock {}
 
 /// Rows 2p and 2p + 1 of `act` (m rows of nb blocks) as pairs, block by block: pair p's block
-/// b at `p * nb + b`. An odd last row has no pair (the caller runs it alone).
-pub(super) fn pairs(act: &[ActBlock], nb: usize, m: usize) -> Vec<PairBlock> {
-    let np = m / 2;
-    let mut out = vec![PairBlock::ZERO; np * nb];
-    crate::pool::for_chunks(&mut out, nb.max(1), |start, row| {
+/// b at `p * nb + b`, into `out`. An odd last row has no pair (the caller runs it alone).
+pub(super) fn pairs(act: &[ActBlock], nb: usize, m: usize, out: &mut [PairBlock]) {
+    assert!(out.len() == m / 2 * nb && act.len() >= m * nb);
+    crate::pool::for_chunks(out, nb.max(1), |start, row| {
         let p = start / nb;
         for (b, pb) in row.iter_mut().enumerate() {
             for h in 0..2 {
                 let a = &act[(2 * p + h) * nb + b];
                 pb.y[h * QK..(h + 1) * QK].copy_from_slice(&a.qs);
-                pb.d[h * 8..(h + 1) * 8].fill(a.d);
-                for l in 0..8 {
-                    let s: i32 = a.qs[4 * l..4 * l + 4].iter().map(|&v| v as i32).sum();
-                    pb.minus8[h * 8 + l] = -8 * s;
-                }
+                pb.d[h] = a.d;
             }
         }
     });
-    out
 }
 
 /// The integer lanes' starting values for block values `y` (pairs of rows or one row
-/// broadcast): Q4_0's -8·sum, Q8_0's -128·sum, zero for Q4_1.
+/// broadcast): Q4_0's nibbles are w + 8, so -8·sum; Q8_0's shifted weights w + 128, so
+/// -128·sum; zero for Q4_1.
 #[inline(always)]
-unsafe fn start<B: Grouped>(minus8: __m512i) -> __m512i {
-    if B::MINUS8 {
-        minus8
-    } else if B::SIGNED {
-        _mm512_slli_epi32::<4>(minus8)
+unsafe fn start<B: Grouped>(y: __m512i) -> __m512i {
+    let zero = _mm512_setzero_si512();
+    if B::MINUS8 || B::SIGNED {
+        let shift = _mm512_set1_epi8(if B::MINUS8 { 8 } else { 0x80u8 as i8 });
+        _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, shift, y))
     } else {
-        _mm512_setzero_si512()
+        zero
     }
 }
 
@@ -116,6 +106,8 @@ unsafe fn gemm8<B: Grouped, const R: usize, const P: usize>(
 ) {
     let mut acc = [[_mm512_setzero_ps(); P]; R];
     let mut dw = [0f32; ROWS];
+    // Value 0 over the low eight lanes, value 1 over the high eight.
+    let halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     for b in 0..nb {
         let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
         let unit = grp.add(u * geo.unit_bytes);
@@ -128,10 +120,11 @@ unsafe fn gemm8<B: Grouped, const R: usize, const P: usize>(
         let mut da = [_mm512_setzero_ps(); P];
         let mut s0 = [_mm512_setzero_si512(); P];
         for p in 0..P {
-            let pb = &*pairs.add(p * nb + b);
-            y[p] = _mm512_load_si512(pb.y.as_ptr() as *const __m512i);
-            da[p] = _mm512_load_ps(pb.d.as_ptr());
-            s0[p] = start::<B>(_mm512_load_si512(pb.minus8.as_ptr() as *const __m512i));
+            let pb = pairs.add(p * nb + b);
+            y[p] = _mm512_loadu_si512((*pb).y.as_ptr() as *const __m512i);
+            let d2 = _mm_castpd_ps(_mm_load_sd((*pb).d.as_ptr() as *const f64));
+            da[p] = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(d2));
+            s0[p] = start::<B>(y[p]);
         }
         for r in 0..R {
             let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(
@@ -202,21 +195,7 @@ unsafe fn gemv8<B: Grouped>(
         // The eight rows' d_w * d_x, each rounded once as ggml's scalar product.
         let dp = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_set1_ps(ab.d)));
         let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i));
-        let s0 = if B::MINUS8 || B::SIGNED {
-            // -sum of each lane's four values, then scaled as `start` does.
-            let ones = _mm512_set1_epi8(1);
-            let neg = _mm512_sub_epi32(
-                _mm512_setzero_si512(),
-                _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, y),
-            );
-            if B::MINUS8 {
-                _mm512_slli_epi32::<3>(neg)
-            } else {
-                _mm512_slli_epi32::<7>(neg)
-            }
-        } else {
-            _mm512_setzero_si512()
-        };
+        let s0 = start::<B>(y);
         for (q, a) in acc.iter_mut().enumerate() {
             let raw = _mm512_loadu_si512(unit.add(geo.qs_off + 2 * q * 32) as *const __m512i);
             let x = weights::<B>(raw, h);
