@@ -395,6 +395,25 @@ unsafe fn unit_values<B: Grouped, const R: usize>(
     (ux, x)
 }
 
+/// How far ahead of block b a decode step asks for the weights. The hardware's prefetcher
+/// alone left a Q4_1 decode step waiting on memory: 82-86 -> 115-145 tok/s on one thread,
+/// 200 -> 225-258 on two (2, 4 and 8 KB measured alike within this VM's noise).
+const DECODE_PREFETCH: usize = 4096;
+
+/// Asks for the cache lines `DECODE_PREFETCH` bytes past block b's share of its group (the
+/// group's blocks, then the next group's, lie in one sequential stream). Past the end of the
+/// weights a prefetch is only a hint: it never faults.
+#[inline(always)]
+pub(super) unsafe fn prefetch_ahead<B: Grouped>(grp: *const u8, geo: &Geometry, b: usize) {
+    let per_block = geo.unit_bytes / B::PER_UNIT;
+    let p = grp.wrapping_add(b * per_block + DECODE_PREFETCH);
+    let mut o = 0;
+    while o < per_block {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(o) as *const i8);
+        o += 64;
+    }
+}
+
 /// The eight rows of one group against one activation row (decode); row r to `out[r]`.
 /// The arithmetic per row is `tile`'s (ggml's); only the loads differ.
 ///
@@ -419,6 +438,7 @@ unsafe fn gemv8<B: Grouped>(
     for b in 0..nb {
         let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
         let unit = grp.add(u * geo.unit_bytes);
+        prefetch_ahead::<B>(grp, geo, b);
         let ab = &*act.add(b);
         if B::OFFSET {
             let p = unit.add(geo.m_off + h * 16);

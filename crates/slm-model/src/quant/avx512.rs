@@ -183,6 +183,7 @@ unsafe fn gemv8<B: Grouped>(
     for b in 0..nb {
         let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
         let unit = grp.add(u * geo.unit_bytes);
+        avx2::prefetch_ahead::<B>(grp, geo, b);
         let ab = &*act.add(b);
         if B::OFFSET {
             let p = unit.add(geo.m_off + h * 16);
