@@ -1170,14 +1170,21 @@ fn bench(path: &Path, threads: usize, json: bool, reps: usize) -> Result<()> {
     }
     let tg128 = median(rates);
     let rss = peak_rss_mb();
+    // Which kernel set ran (SLM_KERNELS may narrow it), so results say what they measured.
+    let kernels = match slm_model::ggml_math::Isa::best() {
+        Some(slm_model::ggml_math::Isa::Avx512) => "avx512",
+        Some(slm_model::ggml_math::Isa::Avx2) => "avx2",
+        None => "portable",
+    };
     if json {
         println!(
             "{}",
-            serde_json::json!({"pp128": pp128, "pp512": pp512, "tg128": tg128, "peak_rss_mb": rss, "threads": threads})
+            serde_json::json!({"pp128": pp128, "pp512": pp512, "tg128": tg128, "peak_rss_mb": rss, "threads": threads, "kernels": kernels})
         );
     } else {
         println!("model    {}", path.display());
         println!("threads  {threads}");
+        println!("kernels  {kernels}");
         println!("pp128    {pp128:.1} tok/s");
         println!("pp512    {pp512:.1} tok/s");
         println!("tg128    {tg128:.1} tok/s");
