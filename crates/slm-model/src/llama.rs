@@ -712,6 +712,33 @@ impl Llama {
         self.logits(&x)
     }
 
+    /// Final-norm hidden states (batch, seq, hidden) of `ids` from position 0: the logits
+    /// before the output projection, for a loss that applies the projection itself (see
+    /// `head_weight`).
+    pub fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t > self.config.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the model's context length {}",
+                self.config.max_position_embeddings
+            );
+        }
+        let x = self.embed.forward(ids)?;
+        let x = self.blocks(x, |i, attn, h| {
+            attn.forward(h, &self.rope, 0, None, i, self.ggml)
+        })?;
+        rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32, self.ggml)
+    }
+
+    /// The output projection's weight (vocab, hidden) where it is a plain dense matrix without
+    /// bias (a trained or f32 model; not a quantized one).
+    pub fn head_weight(&self) -> Option<&Tensor> {
+        match &self.lm_head {
+            Linear::Dense { w, b: None } => Some(w),
+            _ => None,
+        }
+    }
+
     /// The residual stream through every block; `attend` does a block's attention.
     fn blocks(
         &self,

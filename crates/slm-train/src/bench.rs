@@ -112,7 +112,7 @@ pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<Tra
         let all_t = Tensor::from_vec(toks, (batch, ctx + 1), &dev)?;
         let (x, y) = (all_t.narrow(1, 0, ctx)?, all_t.narrow(1, 1, ctx)?);
         let t0 = Instant::now();
-        let loss = crate::lm_loss(&model.forward(&x, None, false)?, &y)?;
+        let loss = crate::model_loss(&model, &x, &y)?;
         final_loss = loss.to_scalar::<f32>()?;
         let t1 = Instant::now();
         let store = loss.backward()?;

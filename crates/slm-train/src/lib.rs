@@ -12,4 +12,4 @@ pub mod run;
 pub mod samples;
 pub mod schedule;
 
-pub use loss::lm_loss;
+pub use loss::{lm_head_loss, lm_loss, model_loss};

@@ -10,6 +10,7 @@
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor, WithDType, D};
+use num_traits::Float;
 use rayon::prelude::*;
 use slm_model::fused::{all_log_sum_exp, contiguous, ExpInPlace};
 
@@ -127,6 +128,239 @@ impl CustomOp1 for CrossEntropy {
     }
 }
 
+/// The training loss of `model` on inputs `x` (batch, seq) and targets `y`: `lm_head_loss`
+/// where the output projection is a dense f32/f64 matrix, else `lm_loss` of the logits.
+pub fn model_loss(model: &slm_model::Llama, x: &Tensor, y: &Tensor) -> candle_core::Result<Tensor> {
+    match model.head_weight() {
+        Some(w) if matches!(w.dtype(), DType::F32 | DType::F64) => {
+            lm_head_loss(&model.hidden(x)?, w, y)
+        }
+        _ => lm_loss(&model.forward(x, None, false)?, y),
+    }
+}
+
+/// Mean next-token cross-entropy of the output projection `h · wᵀ` (h: (.., hidden) final
+/// hidden states, w: (vocab, hidden)) against targets, without the (tokens x vocab) logits.
+///
+/// Why: `lm_loss` of the projected logits materialises them (134 MB for the tiny benchmark
+/// shape), then their gradient, and candle's backward adds that gradient into a third zeroed
+/// tensor of the same size before two matmuls read it. Here rows go in chunks that stay in
+/// cache: each chunk's logits become its softmax-minus-one-hot gradient in place, which goes
+/// straight into the gradients of h and w (computed with the loss, since nothing follows the
+/// loss but its scale). `lm_loss` after a matmul stays the reference it is tested against.
+pub fn lm_head_loss(h: &Tensor, w: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    let d = h.dim(D::Minus1)?;
+    let h = h.reshape(((), d))?.contiguous()?;
+    let w = w.contiguous()?;
+    let targets: Vec<u32> = targets.flatten_all()?.to_dtype(DType::U32)?.to_vec1()?;
+    h.apply_op2(
+        &w,
+        HeadLoss {
+            targets,
+            grads: Mutex::new(None),
+        },
+    )
+}
+
+struct HeadLoss {
+    targets: Vec<u32>,
+    /// Gradients of the mean loss with respect to h and w, from the forward pass.
+    grads: Mutex<Option<(CpuStorage, CpuStorage)>>,
+}
+
+/// Logits per chunk: 256 rows of an 8192-token vocabulary (8 MB of f32). Each chunk adds
+/// its share into w's gradient, which is read and written once per chunk: 64-row chunks
+/// (2 MB) made that traffic cost more than the chunks saved (tiny shape 2,860-3,031 tok/s
+/// against 3,175-3,322 with 256 rows; 512 rows measured alike).
+const HEAD_CHUNK_VALUES: usize = 1 << 21;
+
+/// dst (m x n, row-major, written) = lhs (m x k) · rhs (k x n), operands given by their row
+/// and column strides, on rayon's threads.
+///
+/// # Safety
+/// Every element the strides address lies inside its slice.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_into<T: 'static + num_traits::Float>(
+    dst: &mut [T],
+    accumulate: bool,
+    (m, n, k): (usize, usize, usize),
+    lhs: &[T],
+    (lhs_rs, lhs_cs): (usize, usize),
+    rhs: &[T],
+    (rhs_rs, rhs_cs): (usize, usize),
+) {
+    debug_assert!(dst.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            dst[..m * n].fill(T::zero());
+        }
+        return;
+    }
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst.as_mut_ptr(),
+        1,
+        n as isize,
+        accumulate,
+        lhs.as_ptr(),
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs.as_ptr(),
+        rhs_cs as isize,
+        rhs_rs as isize,
+        T::one(),
+        T::one(),
+        false,
+        false,
+        false,
+        gemm::Parallelism::Rayon(rayon::current_num_threads()),
+    )
+}
+
+impl HeadLoss {
+    /// The mean loss, and its gradients with respect to h (n x d) and w (v x d).
+    #[allow(clippy::type_complexity)]
+    fn run<T: WithDType + ExpInPlace>(
+        &self,
+        h: &[T],
+        hl: &Layout,
+        w: &[T],
+        wl: &Layout,
+    ) -> candle_core::Result<(T, Vec<T>, Vec<T>)> {
+        let (n, d) = hl.shape().dims2()?;
+        let (v, dw_) = wl.shape().dims2()?;
+        let (h, w) = (
+            contiguous(h, hl, "head loss")?,
+            contiguous(w, wl, "head loss")?,
+        );
+        if dw_ != d {
+            candle_core::bail!(
+                "head loss: hidden states of width {d} against weights of width {dw_}"
+            );
+        }
+        if self.targets.len() != n {
+            candle_core::bail!("head loss: {} targets for {n} rows", self.targets.len());
+        }
+        if let Some(&bad) = self.targets.iter().find(|&&t| t as usize >= v) {
+            candle_core::bail!("head loss: target id {bad} is outside the vocabulary of {v}");
+        }
+        let chunk = (HEAD_CHUNK_VALUES / v.max(1)).clamp(1, n.max(1));
+        let mut buf = vec![T::zero(); chunk * v];
+        let mut dh = vec![T::zero(); n * d];
+        let mut dw = vec![T::zero(); v * d];
+        let inv_n = 1.0 / n.max(1) as f64;
+        let mut total = 0f64;
+        for c0 in (0..n).step_by(chunk) {
+            let rows = chunk.min(n - c0);
+            let hc = &h[c0 * d..(c0 + rows) * d];
+            let logits = &mut buf[..rows * v];
+            // SAFETY (all three products): the shapes and strides address the slices' own
+            // elements: h rows (rows x d), w (v x d) read as its transpose or as it is, the
+            // chunk's logits (rows x v) and its transpose.
+            unsafe { gemm_into(logits, false, (rows, v, d), hc, (d, 1), w, (1, d)) };
+            let targets = &self.targets[c0..c0 + rows];
+            total += logits
+                .par_chunks_mut(v)
+                .zip(targets.par_iter())
+                .map(|(row, &t)| {
+                    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+                    let at_target = WithDType::to_f64(row[t as usize]);
+                    row.iter_mut().for_each(|x| *x -= max);
+                    T::exp_in_place(row);
+                    let sum: f64 = row.iter().map(|&e| WithDType::to_f64(e)).sum();
+                    let lse = WithDType::to_f64(max) + sum.ln();
+                    // d(loss)/d(logit) = (softmax - one-hot) / n.
+                    let s = <T as WithDType>::from_f64(inv_n / sum);
+                    row.iter_mut().for_each(|x| *x *= s);
+                    row[t as usize] -= <T as WithDType>::from_f64(inv_n);
+                    lse - at_target
+                })
+                .sum::<f64>();
+            let g = &buf[..rows * v];
+            unsafe {
+                gemm_into(
+                    &mut dh[c0 * d..(c0 + rows) * d],
+                    false,
+                    (rows, d, v),
+                    g,
+                    (v, 1),
+                    w,
+                    (d, 1),
+                );
+                gemm_into(&mut dw, c0 > 0, (v, d, rows), g, (1, v), hc, (d, 1));
+            }
+        }
+        Ok((<T as WithDType>::from_f64(total * inv_n), dh, dw))
+    }
+}
+
+impl candle_core::CustomOp2 for HeadLoss {
+    fn name(&self) -> &'static str {
+        "slm-head-cross-entropy"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (loss, dh, dw) = match (s1, s2) {
+            (CpuStorage::F32(h), CpuStorage::F32(w)) => {
+                let (l, dh, dw) = self.run(h, l1, w, l2)?;
+                (
+                    CpuStorage::F32(vec![l]),
+                    CpuStorage::F32(dh),
+                    CpuStorage::F32(dw),
+                )
+            }
+            (CpuStorage::F64(h), CpuStorage::F64(w)) => {
+                let (l, dh, dw) = self.run(h, l1, w, l2)?;
+                (
+                    CpuStorage::F64(vec![l]),
+                    CpuStorage::F64(dh),
+                    CpuStorage::F64(dw),
+                )
+            }
+            _ => candle_core::bail!("head loss: hidden states and weights must both be f32 or f64"),
+        };
+        *self.grads.lock().expect("head loss grads") = Some((dh, dw));
+        Ok((loss, Shape::from(())))
+    }
+
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let Some((dh, dw)) = self.grads.lock().expect("head loss grads").take() else {
+            candle_core::bail!("head loss: backward ran twice, or without its forward");
+        };
+        let dev = h.device();
+        let to_tensor = |s: CpuStorage, shape: &Shape| match s {
+            CpuStorage::F32(v) => Tensor::from_vec(v, shape, dev),
+            CpuStorage::F64(v) => Tensor::from_vec(v, shape, dev),
+            _ => unreachable!("the forward stores f32 or f64"),
+        };
+        let (dh, dw) = (to_tensor(dh, h.shape())?, to_tensor(dw, w.shape())?);
+        // The upstream gradient of a scalar loss (1, or 1 / accumulation steps).
+        let g = grad.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if g == 1.0 {
+            Ok((Some(dh), Some(dw)))
+        } else {
+            Ok((Some((dh * g)?), Some((dw * g)?)))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +437,126 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// The fused head loss against `lm_loss` of the explicit matmul, in value and in both
+    /// gradients, on shapes whose rows span one chunk, several, and a short last chunk.
+    #[test]
+    fn head_loss_matches_matmul_then_cross_entropy() {
+        let cases = [
+            (1, 1, 3, 2, 1),
+            (2, 3, 5, 17, 2),
+            (3, 50, 8, 301, 3),
+            (2, 700, 16, 1000, 4),
+        ];
+        for (b, t, d, v, seed) in cases {
+            for dtype in [DType::F64, DType::F32] {
+                let dev = Device::Cpu;
+                let var = |len: usize, shape: &[usize], s: u64| {
+                    let x = Tensor::from_vec(random(len, s, 1.0), shape, &dev).unwrap();
+                    Var::from_tensor(&x.to_dtype(dtype).unwrap()).unwrap()
+                };
+                let h = var(b * t * d, &[b, t, d], seed);
+                let w = var(v * d, &[v, d], seed + 50);
+                let mut rng = crate::init::Rng(seed + 100);
+                let y: Vec<u32> = (0..b * t)
+                    .map(|_| (rng.next_u64() % v as u64) as u32)
+                    .collect();
+                let y = Tensor::from_vec(y, (b, t), &dev).unwrap();
+                let ours = lm_head_loss(h.as_tensor(), w.as_tensor(), &y).unwrap();
+                let logits = h
+                    .as_tensor()
+                    .reshape((b * t, d))
+                    .unwrap()
+                    .matmul(&w.as_tensor().t().unwrap())
+                    .unwrap();
+                let reference = lm_loss(&logits.reshape((b, t, v)).unwrap(), &y).unwrap();
+                let f = |x: &Tensor| x.to_dtype(DType::F64).unwrap();
+                let (a, r) = (
+                    f(&ours).to_scalar::<f64>().unwrap(),
+                    f(&reference).to_scalar::<f64>().unwrap(),
+                );
+                let tol = if dtype == DType::F64 { 1e-12 } else { 1e-5 };
+                assert!(
+                    (a - r).abs() <= tol * r.abs().max(1.0),
+                    "{b}x{t}x{d}x{v} {dtype:?}: {a} vs {r}"
+                );
+                let (go, gr) = (ours.backward().unwrap(), reference.backward().unwrap());
+                for (name, x) in [("h", &h), ("w", &w)] {
+                    let (ga, gb) = (
+                        f(go.get(x.as_tensor()).unwrap()),
+                        f(gr.get(x.as_tensor()).unwrap()),
+                    );
+                    let scale = gb
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    let diff = (ga - gb)
+                        .unwrap()
+                        .abs()
+                        .unwrap()
+                        .max_all()
+                        .unwrap()
+                        .to_scalar::<f64>()
+                        .unwrap();
+                    assert!(
+                        diff <= tol * scale.max(1e-30) * 10.0,
+                        "{b}x{t}x{d}x{v} {dtype:?}: d{name} differs by {diff} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
+
+    /// An upstream scale (gradient accumulation divides the loss) scales both gradients.
+    #[test]
+    fn head_loss_gradients_follow_the_upstream_scale() {
+        let dev = Device::Cpu;
+        let h =
+            Var::from_tensor(&Tensor::from_vec(random(6 * 4, 1, 1.0), (1, 6, 4), &dev).unwrap())
+                .unwrap();
+        let w = Var::from_tensor(&Tensor::from_vec(random(9 * 4, 2, 1.0), (9, 4), &dev).unwrap())
+            .unwrap();
+        let y = Tensor::new(&[[1u32, 2, 3, 4, 5, 8]], &dev).unwrap();
+        let whole = lm_head_loss(h.as_tensor(), w.as_tensor(), &y)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let third = (lm_head_loss(h.as_tensor(), w.as_tensor(), &y).unwrap() / 3.0)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let a = (whole.get(w.as_tensor()).unwrap() / 3.0).unwrap();
+        let b = third.get(w.as_tensor()).unwrap();
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        assert!(diff < 1e-15, "{diff}");
+    }
+
+    #[test]
+    fn head_loss_refuses_bad_targets_and_widths() {
+        let dev = Device::Cpu;
+        let h = Tensor::zeros((1, 2, 4), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((5, 4), DType::F32, &dev).unwrap();
+        let y = Tensor::new(&[[1u32, 5]], &dev).unwrap();
+        let err = lm_head_loss(&h, &w, &y).unwrap_err().to_string();
+        assert!(
+            err.contains("target id 5") && err.contains("vocabulary of 5"),
+            "{err}"
+        );
+        let w3 = Tensor::zeros((5, 3), DType::F32, &dev).unwrap();
+        let y = Tensor::new(&[[1u32, 2]], &dev).unwrap();
+        let err = lm_head_loss(&h, &w3, &y).unwrap_err().to_string();
+        assert!(err.contains("width 4") && err.contains("width 3"), "{err}");
     }
 
     #[test]

@@ -398,7 +398,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         for _ in 0..o.grad_accum {
             let toks = sample_batch(&data, &mut rng, batch, ctx);
             let (x, y) = to_xy(&toks, batch, ctx)?;
-            let loss = crate::lm_loss(&model.forward(&x, None, false)?, &y)?;
+            let loss = crate::model_loss(&model, &x, &y)?;
             loss_sum += loss.to_scalar::<f32>()?;
             let grads = (loss / o.grad_accum as f64)?.backward()?;
             for v in vars.all_vars() {
