@@ -175,7 +175,7 @@ impl HalfMatrix {
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
         // SAFETY: the kernels store computed values only.
-        group_with(&[self], x, m, &mut [unsafe { as_uninit(out) }], true)
+        group_isa(&[self], x, m, &mut [unsafe { as_uninit(out) }], Isa::best())
     }
 
     /// x (m, k) times the transpose of each matrix (all of one type, k wide) into its out
@@ -187,22 +187,12 @@ impl HalfMatrix {
         m: usize,
         outs: &mut [&mut [MaybeUninit<f32>]],
     ) {
-        group_with(ws, x, m, outs, true)
+        group_isa(ws, x, m, outs, Isa::best())
     }
 }
 
-/// `HalfMatrix::matmul_group`; without `simd`, with the scalar kernel (the tests' reference).
-fn group_with(
-    ws: &[&HalfMatrix],
-    x: &[f32],
-    m: usize,
-    outs: &mut [&mut [MaybeUninit<f32>]],
-    simd: bool,
-) {
-    group_isa(ws, x, m, outs, if simd { Isa::best() } else { None })
-}
-
-/// `group_with` with the kernels of `isa`; None: the scalar kernel.
+/// `HalfMatrix::matmul_group` with the kernels of `isa`; None: the scalar kernel (the tests'
+/// reference).
 fn group_isa(
     ws: &[&HalfMatrix],
     x: &[f32],

@@ -692,20 +692,7 @@ impl Llama {
         last_only: bool,
     ) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        let pos = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        if pos + t > self.config.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {} tokens exceeds the model's context length {}",
-                pos + t,
-                self.config.max_position_embeddings
-            );
-        }
-        let mut x = self.embed.forward(ids)?;
-        let mut cache = cache;
-        x = self.blocks(x, |i, attn, h| {
-            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            attn.forward(h, &self.rope, pos, kv, i, self.ggml)
-        })?;
+        let mut x = self.stream(ids, cache)?;
         if last_only {
             x = x.narrow(1, t - 1, 1)?;
         }
@@ -716,18 +703,31 @@ impl Llama {
     /// before the output projection, for a loss that applies the projection itself (see
     /// `head_weight`).
     pub fn hidden(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        self.final_norm(&self.stream(ids, None)?)
+    }
+
+    /// The residual stream after every block for `ids` (batch, seq), after what `cache`
+    /// holds; a sequence past the model's context is refused.
+    fn stream(&self, ids: &Tensor, cache: Option<&mut Cache>) -> candle_core::Result<Tensor> {
         let (_, t) = ids.dims2()?;
-        if t > self.config.max_position_embeddings {
+        let pos = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        if pos + t > self.config.max_position_embeddings {
             candle_core::bail!(
-                "sequence of {t} tokens exceeds the model's context length {}",
+                "sequence of {} tokens exceeds the model's context length {}",
+                pos + t,
                 self.config.max_position_embeddings
             );
         }
         let x = self.embed.forward(ids)?;
-        let x = self.blocks(x, |i, attn, h| {
-            attn.forward(h, &self.rope, 0, None, i, self.ggml)
-        })?;
-        rms_norm(&x, &self.norm, self.config.rms_norm_eps as f32, self.ggml)
+        let mut cache = cache;
+        self.blocks(x, |i, attn, h| {
+            let kv = cache.as_mut().map(|c| &mut c.layers[i]);
+            attn.forward(h, &self.rope, pos, kv, i, self.ggml)
+        })
+    }
+
+    fn final_norm(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        rms_norm(x, &self.norm, self.config.rms_norm_eps as f32, self.ggml)
     }
 
     /// The output projection's weight (vocab, hidden) where it is a plain dense matrix without
@@ -765,7 +765,7 @@ impl Llama {
 
     /// Final norm and output projection.
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = rms_norm(x, &self.norm, self.config.rms_norm_eps as f32, self.ggml)?;
+        let x = self.final_norm(x)?;
         tap::see("result_norm", None, &x);
         let logits = self.lm_head.forward(&x)?;
         // f32 for callers, except in f64 runs (gradient checks) where precision is the point.

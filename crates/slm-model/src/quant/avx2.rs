@@ -414,6 +414,45 @@ pub(super) unsafe fn prefetch_ahead<B: Grouped>(grp: *const u8, geo: &Geometry, 
     }
 }
 
+/// One decode block's scales: the offsets' chain `sm` advanced by this block (Q4_1: the
+/// eight rows' `m_w` times the activation sum, the chain riding along in the main loop,
+/// where the weights are already in cache) and the eight rows' products d_w * d_x, each
+/// rounded once as ggml's scalar product.
+#[inline(always)]
+pub(super) unsafe fn decode_scales<B: Grouped>(
+    unit: *const u8,
+    geo: &Geometry,
+    h: usize,
+    ab: &ActBlock,
+    sm: &mut __m256,
+) -> __m256 {
+    if B::OFFSET {
+        let p = unit.add(geo.m_off + h * 16);
+        let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
+        *sm = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), *sm);
+    }
+    let dv = _mm256_cvtph_ps(_mm_loadu_si128(
+        unit.add(geo.d_off + h * 16) as *const __m128i
+    ));
+    _mm256_mul_ps(dv, _mm256_set1_ps(ab.d))
+}
+
+/// Group `g`'s eight decode outputs through `gemv` (which writes eight values): straight into
+/// `out` (n values), or, for a last group with padding rows, into a scratch tile of which
+/// only the valid rows are kept.
+#[inline(always)]
+pub(super) unsafe fn decode_group(out: *mut f32, n: usize, g: usize, gemv: impl FnOnce(*mut f32)) {
+    let j0 = g * ROWS;
+    let valid = (n - j0).min(ROWS);
+    if valid == ROWS {
+        gemv(out.add(j0));
+    } else {
+        let mut tmp = [0f32; ROWS];
+        gemv(tmp.as_mut_ptr());
+        std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j0), valid);
+    }
+}
+
 /// The eight rows of one group against one activation row (decode); row r to `out[r]`.
 /// The arithmetic per row is `tile`'s (ggml's); only the loads differ.
 ///
@@ -432,25 +471,17 @@ unsafe fn gemv8<B: Grouped>(
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); ROWS];
     let mut dp = [0f32; 8];
-    // The offsets' chain rides along in the main loop, where the weights are already in
-    // cache (a separate pass would fetch them from memory twice).
     let mut sm = _mm256_setzero_ps();
     for b in 0..nb {
         let (u, h) = (b / B::PER_UNIT, b % B::PER_UNIT);
         let unit = grp.add(u * geo.unit_bytes);
         prefetch_ahead::<B>(grp, geo, b);
         let ab = &*act.add(b);
-        if B::OFFSET {
-            let p = unit.add(geo.m_off + h * 16);
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            sm = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), sm);
-        }
-        let dv = _mm256_cvtph_ps(_mm_loadu_si128(
-            unit.add(geo.d_off + h * 16) as *const __m128i
-        ));
-        // The products d_w * d_x of the eight rows, each rounded once as ggml's scalar
-        // product, through a store and broadcasts.
-        _mm256_storeu_ps(dp.as_mut_ptr(), _mm256_mul_ps(dv, _mm256_set1_ps(ab.d)));
+        // The scale products reach the rows through a store and broadcasts.
+        _mm256_storeu_ps(
+            dp.as_mut_ptr(),
+            decode_scales::<B>(unit, geo, h, ab, &mut sm),
+        );
         let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
         let sa8 = if B::MINUS8 {
             _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y), ones)
@@ -588,22 +619,15 @@ unsafe fn groups<B: Grouped, const R: usize, const C: usize>(
     debug_assert_eq!(geo.per_unit, B::PER_UNIT);
     let gb = geo.group_bytes(nb);
     let ap = |i: usize| act.as_ptr().add(i * nb);
-    let mut tmp = [0f32; ROWS];
     let mut summs = [[0f32; 8]; PANEL];
     for g in groups {
         let grp = w.as_ptr().add(g * gb);
-        let j0 = g * ROWS;
-        let valid = (n - j0).min(ROWS);
         if m == 1 {
-            // A group's padding rows are computed into a scratch tile and dropped.
-            if valid == ROWS {
-                gemv8::<B>(grp, geo, ap(0), nb, out.add(j0));
-            } else {
-                gemv8::<B>(grp, geo, ap(0), nb, tmp.as_mut_ptr());
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j0), valid);
-            }
+            decode_group(out, n, g, |o| gemv8::<B>(grp, geo, ap(0), nb, o));
             continue;
         }
+        let j0 = g * ROWS;
+        let valid = (n - j0).min(ROWS);
         for i0 in (0..m).step_by(PANEL) {
             let i1 = (i0 + PANEL).min(m);
             if B::OFFSET {

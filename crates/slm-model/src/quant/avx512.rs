@@ -185,16 +185,7 @@ unsafe fn gemv8<B: Grouped>(
         let unit = grp.add(u * geo.unit_bytes);
         avx2::prefetch_ahead::<B>(grp, geo, b);
         let ab = &*act.add(b);
-        if B::OFFSET {
-            let p = unit.add(geo.m_off + h * 16);
-            let mv = _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i));
-            sm = _mm256_fmadd_ps(mv, _mm256_set1_ps(ab.s), sm);
-        }
-        let dv = _mm256_cvtph_ps(_mm_loadu_si128(
-            unit.add(geo.d_off + h * 16) as *const __m128i
-        ));
-        // The eight rows' d_w * d_x, each rounded once as ggml's scalar product.
-        let dp = _mm512_castps256_ps512(_mm256_mul_ps(dv, _mm256_set1_ps(ab.d)));
+        let dp = _mm512_castps256_ps512(avx2::decode_scales::<B>(unit, geo, h, ab, &mut sm));
         let y = _mm512_broadcast_i64x4(_mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i));
         let s0 = start::<B>(y);
         for (q, a) in acc.iter_mut().enumerate() {
@@ -244,22 +235,15 @@ pub(super) unsafe fn groups<B: Grouped>(
     debug_assert_eq!(geo.per_unit, B::PER_UNIT);
     debug_assert!(pairs.len() >= m / 2 * nb);
     let gb = geo.group_bytes(nb);
-    let mut tmp = [0f32; ROWS];
     let mut summs = [[0f32; 8]; avx2::PANEL];
     for g in groups {
         let grp = w.as_ptr().add(g * gb);
-        let j0 = g * ROWS;
-        let valid = (n - j0).min(ROWS);
         if m == 1 {
-            // A group's padding rows are computed into a scratch tile and dropped.
-            if valid == ROWS {
-                gemv8::<B>(grp, geo, act.as_ptr(), nb, out.add(j0));
-            } else {
-                gemv8::<B>(grp, geo, act.as_ptr(), nb, tmp.as_mut_ptr());
-                std::ptr::copy_nonoverlapping(tmp.as_ptr(), out.add(j0), valid);
-            }
+            avx2::decode_group(out, n, g, |o| gemv8::<B>(grp, geo, act.as_ptr(), nb, o));
             continue;
         }
+        let j0 = g * ROWS;
+        let valid = (n - j0).min(ROWS);
         // Panels start at even rows, so pair p of the matrix is rows 2p and 2p + 1.
         for i0 in (0..m).step_by(avx2::PANEL) {
             let i1 = (i0 + avx2::PANEL).min(m);
