@@ -240,7 +240,16 @@ impl Isa {
     pub fn best() -> Option<Isa> {
         static BEST: OnceLock<Option<Isa>> = OnceLock::new();
         *BEST.get_or_init(|| {
-            let only_avx2 = std::env::var("SLM_KERNELS").is_ok_and(|v| v == "avx2");
+            let only_avx2 = match std::env::var("SLM_KERNELS") {
+                Ok(v) if v == "avx2" => true,
+                Ok(v) => {
+                    tracing::warn!(
+                        "SLM_KERNELS={v:?} is not a kernel set (expected \"avx2\"); ignored"
+                    );
+                    false
+                }
+                Err(_) => false,
+            };
             if has_avx512() && !only_avx2 {
                 Some(Isa::Avx512)
             } else if has_avx2() {

@@ -557,6 +557,26 @@ mod tests {
         let y = Tensor::new(&[[1u32, 2]], &dev).unwrap();
         let err = lm_head_loss(&h, &w3, &y).unwrap_err().to_string();
         assert!(err.contains("width 4") && err.contains("width 3"), "{err}");
+        let y3 = Tensor::new(&[[1u32, 2, 3]], &dev).unwrap();
+        let err = lm_head_loss(&h, &w, &y3).unwrap_err().to_string();
+        assert!(err.contains("3 targets for 2 rows"), "{err}");
+        let w64 = Tensor::zeros((5, 4), DType::F64, &dev).unwrap();
+        let err = lm_head_loss(&h, &w64, &y).unwrap_err().to_string();
+        assert!(err.contains("both be f32 or f64"), "{err}");
+    }
+
+    /// The gradients come from the forward pass once: a second backward of the same loss is
+    /// refused rather than given nothing or stale gradients.
+    #[test]
+    fn head_loss_backward_twice_is_an_error() {
+        let dev = Device::Cpu;
+        let h = Var::from_tensor(&Tensor::ones((1, 2, 4), DType::F32, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&Tensor::ones((5, 4), DType::F32, &dev).unwrap()).unwrap();
+        let y = Tensor::new(&[[1u32, 2]], &dev).unwrap();
+        let loss = lm_head_loss(h.as_tensor(), w.as_tensor(), &y).unwrap();
+        loss.backward().unwrap();
+        let err = loss.backward().unwrap_err().to_string();
+        assert!(err.contains("backward ran twice"), "{err}");
     }
 
     #[test]
