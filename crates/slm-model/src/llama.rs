@@ -287,6 +287,11 @@ impl Rope {
         })
     }
 
+    /// cos and sin of every position's angles, (positions, head_dim / 2) each, in f32.
+    pub fn tables(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.sin)
+    }
+
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
     fn apply(&self, x: &Tensor, pos: usize, ggml: bool) -> candle_core::Result<Tensor> {
         let t = x.dim(2)?;

@@ -10,6 +10,7 @@ use slm_model::{Config, Llama, Weights};
 
 use crate::init::{decays, init_params, Rng};
 use crate::optim::{AdamW, AdamWConfig};
+use crate::trainer::Trainer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -81,6 +82,8 @@ pub struct TrainBench {
     pub backward_s: f64,
     pub optimizer_s: f64,
     pub final_loss: f32,
+    /// "fused" (trainer.rs) or "autograd" (candle's, the reference).
+    pub path: &'static str,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -88,19 +91,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones.
-pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<TrainBench> {
+/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones; through
+/// the fused trainer, or candle's autograd when `autograd`.
+pub fn run(
+    shape: Shape,
+    steps: usize,
+    warmup: usize,
+    autograd: bool,
+) -> candle_core::Result<TrainBench> {
     let dev = Device::Cpu;
     let (cfg, batch) = shape.config();
     let ctx = cfg.max_position_embeddings;
     let vars = init_params(&cfg, DType::F32, 0, &dev)?;
-    let model = Llama::load(
-        &cfg,
-        &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
-        &dev,
-    )
-    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-    let mut opt = AdamW::new(&vars, AdamWConfig::default(), decays)?;
+    let mut path = if autograd {
+        let model = Llama::load(
+            &cfg,
+            &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
+            &dev,
+        )
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let opt = AdamW::new(&vars, AdamWConfig::default(), decays)?;
+        Path::Autograd(Box::new((model, opt)))
+    } else {
+        Path::Fused(Box::new(Trainer::new(
+            &cfg,
+            batch,
+            AdamWConfig::default(),
+            &vars,
+        )?))
+    };
     let mut rng = Rng(1);
     let vocab = cfg.vocab_size as u64;
     let (mut fwd, mut bwd, mut upd, mut all) = (vec![], vec![], vec![], vec![]);
@@ -109,19 +128,37 @@ pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<Tra
         let toks: Vec<u32> = (0..batch * (ctx + 1))
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();
-        let all_t = Tensor::from_vec(toks, (batch, ctx + 1), &dev)?;
-        let (x, y) = (all_t.narrow(1, 0, ctx)?, all_t.narrow(1, 1, ctx)?);
         let t0 = Instant::now();
-        let loss = crate::model_loss(&model, &x, &y)?;
-        final_loss = loss.to_scalar::<f32>()?;
-        let t1 = Instant::now();
-        let store = loss.backward()?;
-        let grads = opt.grads(&store);
-        drop(store);
-        let t2 = Instant::now();
-        let norm = opt.grad_norm(&grads)?;
-        let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
-        opt.step(&grads, 3e-4, scale)?;
+        let (t1, t2) = match &mut path {
+            Path::Fused(tr) => {
+                // The fused trainer computes the loss and the gradients in one pass; its
+                // forward share is timed inside `accumulate`.
+                tr.zero_grads();
+                let (loss, forward_s) = tr.accumulate_timed(&toks, 1.0)?;
+                final_loss = loss;
+                let t2 = Instant::now();
+                let norm = tr.grad_norm();
+                let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+                tr.step(3e-4, scale);
+                (t0 + std::time::Duration::from_secs_f64(forward_s), t2)
+            }
+            Path::Autograd(b) => {
+                let (model, opt) = &mut **b;
+                let all_t = Tensor::from_vec(toks, (batch, ctx + 1), &dev)?;
+                let (x, y) = (all_t.narrow(1, 0, ctx)?, all_t.narrow(1, 1, ctx)?);
+                let loss = crate::model_loss(model, &x, &y)?;
+                final_loss = loss.to_scalar::<f32>()?;
+                let t1 = Instant::now();
+                let store = loss.backward()?;
+                let grads = opt.grads(&store);
+                drop(store);
+                let t2 = Instant::now();
+                let norm = opt.grad_norm(&grads)?;
+                let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+                opt.step(&grads, 3e-4, scale)?;
+                (t1, t2)
+            }
+        };
         let t3 = Instant::now();
         if i >= warmup {
             fwd.push((t1 - t0).as_secs_f64());
@@ -143,5 +180,11 @@ pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<Tra
         backward_s: median(bwd),
         optimizer_s: median(upd),
         final_loss,
+        path: if autograd { "autograd" } else { "fused" },
     })
+}
+
+enum Path {
+    Fused(Box<Trainer>),
+    Autograd(Box<(Llama, AdamW)>),
 }

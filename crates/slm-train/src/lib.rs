@@ -4,12 +4,15 @@
 
 pub mod bench;
 pub mod init;
+pub mod kernels;
 pub mod loss;
+mod matmul;
 pub mod optim;
 pub mod recipe;
 pub mod report;
 pub mod run;
 pub mod samples;
 pub mod schedule;
+pub mod trainer;
 
 pub use loss::{lm_head_loss, lm_loss, model_loss};

@@ -14,6 +14,8 @@ use num_traits::Float;
 use rayon::prelude::*;
 use slm_model::fused::{all_log_sum_exp, contiguous, ExpInPlace};
 
+use crate::matmul::{gemm, View};
+
 /// Mean next-token cross-entropy of logits (b, t, vocab) against targets (b, t).
 pub fn lm_loss(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
     let v = logits.dim(D::Minus1)?;
@@ -174,52 +176,96 @@ struct HeadLoss {
 /// against 3,175-3,322 with 256 rows; 512 rows measured alike).
 const HEAD_CHUNK_VALUES: usize = 1 << 21;
 
-/// dst (m x n, row-major, written) = lhs (m x k) · rhs (k x n), operands given by their row
-/// and column strides, on rayon's threads.
-///
-/// # Safety
-/// Every element the strides address lies inside its slice.
+/// Rows, width and vocabulary of an output projection.
+#[derive(Clone, Copy)]
+pub(crate) struct HeadShape {
+    pub n: usize,
+    pub d: usize,
+    pub v: usize,
+}
+
+/// The summed cross-entropy of `h · wᵀ` (h: n x d, w: v x d) against `targets` (checked by
+/// the caller to lie below v); writes `scale / n` times its gradient with respect to h into
+/// `dh` and adds that of w into `dw`. `buf` holds one chunk's logits between calls.
 #[allow(clippy::too_many_arguments)]
-unsafe fn gemm_into<T: 'static + num_traits::Float>(
-    dst: &mut [T],
-    accumulate: bool,
-    (m, n, k): (usize, usize, usize),
-    lhs: &[T],
-    (lhs_rs, lhs_cs): (usize, usize),
-    rhs: &[T],
-    (rhs_rs, rhs_cs): (usize, usize),
-) {
-    debug_assert!(dst.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            dst[..m * n].fill(T::zero());
+pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
+    HeadShape { n, d, v }: HeadShape,
+    h: &[T],
+    w: &[T],
+    targets: &[u32],
+    scale: T,
+    dh: &mut [T],
+    dw: &mut [T],
+    buf: &mut Vec<T>,
+) -> f64 {
+    assert!(h.len() >= n * d && w.len() >= v * d && targets.len() >= n);
+    assert!(dh.len() >= n * d && dw.len() >= v * d);
+    let chunk = (HEAD_CHUNK_VALUES / v.max(1)).clamp(1, n.max(1));
+    buf.resize(chunk * v, T::zero());
+    let inv_n = WithDType::to_f64(scale) / n.max(1) as f64;
+    let mut total = 0f64;
+    for c0 in (0..n).step_by(chunk) {
+        let rows = chunk.min(n - c0);
+        let hc = &h[c0 * d..(c0 + rows) * d];
+        let logits = &mut buf[..rows * v];
+        // SAFETY (all three products): the asserts above bound the h rows (rows x d), w
+        // (v x d) read as its transpose or as it is, the chunk's logits (rows x v) and its
+        // transpose, and the gradients.
+        unsafe {
+            gemm(
+                logits.as_mut_ptr(),
+                v,
+                false,
+                (rows, v, d),
+                View::rows(hc, d),
+                View::transposed(w, d),
+                T::one(),
+                true,
+            )
+        };
+        let targets = &targets[c0..c0 + rows];
+        total += logits
+            .par_chunks_mut(v)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| {
+                let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+                let at_target = WithDType::to_f64(row[t as usize]);
+                row.iter_mut().for_each(|x| *x -= max);
+                T::exp_in_place(row);
+                let sum: f64 = row.iter().map(|&e| WithDType::to_f64(e)).sum();
+                let lse = WithDType::to_f64(max) + sum.ln();
+                // d(loss)/d(logit) = (softmax - one-hot) * scale / n.
+                let s = <T as WithDType>::from_f64(inv_n / sum);
+                row.iter_mut().for_each(|x| *x *= s);
+                row[t as usize] -= <T as WithDType>::from_f64(inv_n);
+                lse - at_target
+            })
+            .sum::<f64>();
+        let g = &buf[..rows * v];
+        unsafe {
+            gemm(
+                dh[c0 * d..].as_mut_ptr(),
+                d,
+                false,
+                (rows, d, v),
+                View::rows(g, v),
+                View::rows(w, d),
+                T::one(),
+                true,
+            );
+            gemm(
+                dw.as_mut_ptr(),
+                d,
+                true,
+                (v, d, rows),
+                View::transposed(g, v),
+                View::rows(hc, d),
+                T::one(),
+                true,
+            );
         }
-        return;
     }
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.as_mut_ptr(),
-        1,
-        n as isize,
-        accumulate,
-        lhs.as_ptr(),
-        lhs_cs as isize,
-        lhs_rs as isize,
-        rhs.as_ptr(),
-        rhs_cs as isize,
-        rhs_rs as isize,
-        T::one(),
-        T::one(),
-        false,
-        false,
-        false,
-        gemm::Parallelism::Rayon(rayon::current_num_threads()),
-    )
+    total
 }
 
 impl HeadLoss {
@@ -249,52 +295,20 @@ impl HeadLoss {
         if let Some(&bad) = self.targets.iter().find(|&&t| t as usize >= v) {
             candle_core::bail!("head loss: target id {bad} is outside the vocabulary of {v}");
         }
-        let chunk = (HEAD_CHUNK_VALUES / v.max(1)).clamp(1, n.max(1));
-        let mut buf = vec![T::zero(); chunk * v];
         let mut dh = vec![T::zero(); n * d];
         let mut dw = vec![T::zero(); v * d];
+        let mut buf = Vec::new();
+        let total = head_loss_into(
+            HeadShape { n, d, v },
+            h,
+            w,
+            &self.targets,
+            T::one(),
+            &mut dh,
+            &mut dw,
+            &mut buf,
+        );
         let inv_n = 1.0 / n.max(1) as f64;
-        let mut total = 0f64;
-        for c0 in (0..n).step_by(chunk) {
-            let rows = chunk.min(n - c0);
-            let hc = &h[c0 * d..(c0 + rows) * d];
-            let logits = &mut buf[..rows * v];
-            // SAFETY (all three products): the shapes and strides address the slices' own
-            // elements: h rows (rows x d), w (v x d) read as its transpose or as it is, the
-            // chunk's logits (rows x v) and its transpose.
-            unsafe { gemm_into(logits, false, (rows, v, d), hc, (d, 1), w, (1, d)) };
-            let targets = &self.targets[c0..c0 + rows];
-            total += logits
-                .par_chunks_mut(v)
-                .zip(targets.par_iter())
-                .map(|(row, &t)| {
-                    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-                    let at_target = WithDType::to_f64(row[t as usize]);
-                    row.iter_mut().for_each(|x| *x -= max);
-                    T::exp_in_place(row);
-                    let sum: f64 = row.iter().map(|&e| WithDType::to_f64(e)).sum();
-                    let lse = WithDType::to_f64(max) + sum.ln();
-                    // d(loss)/d(logit) = (softmax - one-hot) / n.
-                    let s = <T as WithDType>::from_f64(inv_n / sum);
-                    row.iter_mut().for_each(|x| *x *= s);
-                    row[t as usize] -= <T as WithDType>::from_f64(inv_n);
-                    lse - at_target
-                })
-                .sum::<f64>();
-            let g = &buf[..rows * v];
-            unsafe {
-                gemm_into(
-                    &mut dh[c0 * d..(c0 + rows) * d],
-                    false,
-                    (rows, d, v),
-                    g,
-                    (v, 1),
-                    w,
-                    (d, 1),
-                );
-                gemm_into(&mut dw, c0 > 0, (v, d, rows), g, (1, v), hc, (d, 1));
-            }
-        }
         Ok((<T as WithDType>::from_f64(total * inv_n), dh, dw))
     }
 }

@@ -1,0 +1,449 @@
+//! The forward and backward passes of the transformer block's parts (RMSNorm, RoPE, causal
+//! attention, SwiGLU, the embedding) on f32 slices, for the trainer in trainer.rs.
+//!
+//! Why by hand and not as candle ops with autograd: candle's backward allocates every
+//! gradient as a new tensor and adds it into another fresh zeroed one, walks each composed op
+//! as a separate pass over memory, and runs elementwise work and matmuls on two thread pools
+//! that spin against each other; on 2 cores that was more than half of a training step.
+//! Here every function writes into buffers its caller allocated once, rows are split across
+//! rayon's threads (the pool the matmuls use too), and the backward passes add straight into
+//! the gradients they feed. The candle model (`slm_model::Llama` over `Var`s, with
+//! autograd) stays the reference these are tested against.
+
+use rayon::prelude::*;
+use slm_model::fused::ExpInPlace;
+
+use crate::matmul::{gemm, View};
+
+/// Rows per parallel task of the row-wise kernels.
+const ROWS: usize = 32;
+
+/// Query rows per attention tile: a tile's scores (ROWS x positions) stay in L2.
+const QUERY_TILE: usize = 64;
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    // Eight partial sums, so the loop vectorises (a single f32 sum must keep its order).
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// RMSNorm: `y = x * r * w` per row, with `r = 1 / sqrt(mean(x²) + eps)` kept for backward.
+pub fn rms_norm(y: &mut [f32], r: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let d = w.len();
+    y.par_chunks_mut(ROWS * d)
+        .zip(r.par_chunks_mut(ROWS))
+        .zip(x.par_chunks(ROWS * d))
+        .for_each(|((y, r), x)| {
+            for ((yr, rr), xr) in y.chunks_exact_mut(d).zip(r).zip(x.chunks_exact(d)) {
+                *rr = 1.0 / (dot(xr, xr) / d as f32 + eps).sqrt();
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * *rr * g;
+                }
+            }
+        });
+}
+
+/// RMSNorm backward: adds the gradient with respect to x into `dx` (the residual stream's
+/// gradient, which x also feeds directly) and that of the weight into `dw`.
+pub fn rms_norm_bwd(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], r: &[f32], w: &[f32]) {
+    let d = w.len();
+    let dw_sum = dx
+        .par_chunks_mut(ROWS * d)
+        .zip(dy.par_chunks(ROWS * d))
+        .zip(x.par_chunks(ROWS * d))
+        .zip(r.par_chunks(ROWS))
+        .fold(
+            || vec![0f32; d],
+            |mut acc, (((dx, dy), x), r)| {
+                for (((dxr, dyr), xr), &rr) in dx
+                    .chunks_exact_mut(d)
+                    .zip(dy.chunks_exact(d))
+                    .zip(x.chunks_exact(d))
+                    .zip(r)
+                {
+                    // y_c = x_c r w_c: dx_c = r (dy_c w_c) - r³/d x_c Σ_j dy_j w_j x_j
+                    let mut s = 0f32;
+                    for ((&g, &wc), &xc) in dyr.iter().zip(w).zip(xr) {
+                        s += g * wc * xc;
+                    }
+                    let k = rr * rr * rr * s / d as f32;
+                    for ((((o, &g), &wc), &xc), a) in
+                        dxr.iter_mut().zip(dyr).zip(w).zip(xr).zip(acc.iter_mut())
+                    {
+                        *o += rr * g * wc - k * xc;
+                        *a += g * xc * rr;
+                    }
+                }
+                acc
+            },
+        )
+        .reduce(
+            || vec![0f32; d],
+            |mut a, b| {
+                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
+                a
+            },
+        );
+    dw.iter_mut().zip(&dw_sum).for_each(|(a, b)| *a += b);
+}
+
+/// Where the heads lie in a row of the fused q|k|v projection, and the rotation tables.
+#[derive(Clone, Copy)]
+pub struct RopeSpec<'a> {
+    /// Values per row of the buffer.
+    pub width: usize,
+    /// Heads to rotate, from column 0 (the q and k heads are adjacent in q|k|v).
+    pub heads: usize,
+    pub head_dim: usize,
+    /// Positions per sequence: row n is at position n % positions.
+    pub positions: usize,
+    /// cos and sin of each position's angles (positions x head_dim / 2).
+    pub cos: &'a [f32],
+    pub sin: &'a [f32],
+}
+
+/// Rotary embedding in place, pairs half a head apart (the Hugging Face layout);
+/// `inverse` rotates back, which is the backward pass of the rotation.
+pub fn rope(buf: &mut [f32], s: RopeSpec, inverse: bool) {
+    let half = s.head_dim / 2;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    buf.par_chunks_mut(s.width)
+        .enumerate()
+        .for_each(|(n, row)| {
+            let p = n % s.positions;
+            let (cos, sin) = (
+                &s.cos[p * half..(p + 1) * half],
+                &s.sin[p * half..(p + 1) * half],
+            );
+            for head in row[..s.heads * s.head_dim].chunks_exact_mut(s.head_dim) {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x0, x1, c, sn) = (a[i], b[i], cos[i], sign * sin[i]);
+                    a[i] = x0 * c - x1 * sn;
+                    b[i] = x1 * c + x0 * sn;
+                }
+            }
+        });
+}
+
+/// SwiGLU: `a = silu(g) * u` for rows of g|u (2f values: gate, then up); the gate's
+/// sigmoid is kept for backward.
+pub fn swiglu(a: &mut [f32], sig: &mut [f32], gu: &[f32], f: usize) {
+    a.par_chunks_mut(ROWS * f)
+        .zip(sig.par_chunks_mut(ROWS * f))
+        .zip(gu.par_chunks(ROWS * 2 * f))
+        .for_each(|((a, sig), gu)| {
+            for ((ar, sr), gur) in a
+                .chunks_exact_mut(f)
+                .zip(sig.chunks_exact_mut(f))
+                .zip(gu.chunks_exact(2 * f))
+            {
+                let (g, u) = gur.split_at(f);
+                sr.iter_mut().zip(g).for_each(|(s, &x)| *s = -x);
+                f32::exp_in_place(sr);
+                for (((o, s), &x), &y) in ar.iter_mut().zip(sr.iter_mut()).zip(g).zip(u) {
+                    *s = 1.0 / (1.0 + *s);
+                    *o = x * *s * y;
+                }
+            }
+        });
+}
+
+/// SwiGLU backward: the gradients of g|u (written) from that of a.
+pub fn swiglu_bwd(dgu: &mut [f32], da: &[f32], gu: &[f32], sig: &[f32], f: usize) {
+    dgu.par_chunks_mut(ROWS * 2 * f)
+        .zip(da.par_chunks(ROWS * f))
+        .zip(gu.par_chunks(ROWS * 2 * f))
+        .zip(sig.par_chunks(ROWS * f))
+        .for_each(|(((dgu, da), gu), sig)| {
+            for (((dr, dar), gur), sr) in dgu
+                .chunks_exact_mut(2 * f)
+                .zip(da.chunks_exact(f))
+                .zip(gu.chunks_exact(2 * f))
+                .zip(sig.chunks_exact(f))
+            {
+                let (dg, du) = dr.split_at_mut(f);
+                let (g, u) = gur.split_at(f);
+                for i in 0..f {
+                    let (s, x) = (sr[i], g[i]);
+                    // silu(x) = x s, silu'(x) = s (1 + x (1 - s))
+                    dg[i] = dar[i] * u[i] * s * (1.0 + x * (1.0 - s));
+                    du[i] = dar[i] * x * s;
+                }
+            }
+        });
+}
+
+/// Embedding rows for each token.
+pub fn embed(x: &mut [f32], table: &[f32], tokens: &[u32], d: usize) {
+    x.par_chunks_mut(d)
+        .zip(tokens.par_iter())
+        .for_each(|(row, &t)| row.copy_from_slice(&table[t as usize * d..(t as usize + 1) * d]));
+}
+
+/// Embedding backward: each row's gradient added into its token's row of the table's
+/// gradient. Split by columns, so threads never add into the same value.
+pub fn embed_bwd(dtable: &mut [f32], dx: &[f32], tokens: &[u32], d: usize) {
+    let parts = rayon::current_num_threads().max(1);
+    let cols = d.div_ceil(parts).max(1);
+    let dt = SharedMut(dtable.as_mut_ptr());
+    (0..d.div_ceil(cols)).into_par_iter().for_each(|p| {
+        let (c0, c1) = (p * cols, ((p + 1) * cols).min(d));
+        for (row, &t) in dx.chunks_exact(d).zip(tokens) {
+            // SAFETY: tokens lie below the table's rows (checked by the trainer), and this
+            // task alone writes columns c0..c1.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(dt.at(t as usize * d + c0), c1 - c0) };
+            out.iter_mut().zip(&row[c0..c1]).for_each(|(o, g)| *o += g);
+        }
+    });
+}
+
+/// A pointer that parallel tasks share, each writing its own elements.
+#[derive(Clone, Copy)]
+struct SharedMut(*mut f32);
+// SAFETY: users write disjoint elements (see each use).
+unsafe impl Send for SharedMut {}
+unsafe impl Sync for SharedMut {}
+impl SharedMut {
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the allocation.
+        unsafe { self.0.add(i) }
+    }
+}
+
+/// Causal self-attention over the fused q|k|v rows of `batch` sequences of `positions`.
+#[derive(Clone, Copy, Debug)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub positions: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttnShape {
+    /// Values per q|k|v row.
+    pub fn qkv_width(&self) -> usize {
+        (self.heads + 2 * self.kv_heads) * self.head_dim
+    }
+    /// Values per output row.
+    pub fn out_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+    fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+    fn k_col(&self, g: usize) -> usize {
+        (self.heads + g) * self.head_dim
+    }
+    fn v_col(&self, g: usize) -> usize {
+        (self.heads + self.kv_heads + g) * self.head_dim
+    }
+    fn check(&self, qkv: usize, out: usize, lse: usize) {
+        let n = self.batch * self.positions;
+        assert!(self.heads % self.kv_heads.max(1) == 0 && self.kv_heads > 0);
+        assert!(qkv >= n * self.qkv_width() && out >= n * self.out_width());
+        assert!(lse >= n * self.heads);
+    }
+}
+
+/// Row `i` of a score tile `row` (valid entries `..valid`, the rest masked): softmax in
+/// place with the masked entries set to 0; returns the log of its normaliser.
+fn softmax_row(row: &mut [f32], valid: usize) -> f32 {
+    let (live, masked) = row.split_at_mut(valid);
+    let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+    live.iter_mut().for_each(|x| *x -= max);
+    f32::exp_in_place(live);
+    let sum: f32 = live.iter().sum();
+    let inv = 1.0 / sum;
+    live.iter_mut().for_each(|x| *x *= inv);
+    masked.fill(0.0);
+    max + sum.ln()
+}
+
+/// Forward: `out` (rows x heads*head_dim) and the log-sum-exp of every score row
+/// (`lse`, batch x heads x positions), from which backward rebuilds the probabilities.
+/// Scores live one tile of query rows at a time, never as a whole T x T matrix.
+pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
+    s.check(qkv.len(), out.len(), lse.len());
+    let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
+    let rep = s.heads / s.kv_heads;
+    let (o_ptr, l_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
+    (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
+        || vec![0f32; QUERY_TILE * t],
+        |scores, task| {
+            let (b, g) = (task / s.kv_heads, task % s.kv_heads);
+            let base = b * t * w;
+            let k = &qkv[base + s.k_col(g)..];
+            let v = &qkv[base + s.v_col(g)..];
+            for h in g * rep..(g + 1) * rep {
+                for r0 in (0..t).step_by(QUERY_TILE) {
+                    let (rows, r1) = (QUERY_TILE.min(t - r0), (r0 + QUERY_TILE).min(t));
+                    let q = &qkv[base + r0 * w + h * hd..];
+                    let sc = &mut scores[..rows * r1];
+                    // SAFETY: q, k and v rows of sequence b lie inside qkv (checked); the
+                    // output rows r0..r1 of head h belong to this task alone.
+                    unsafe {
+                        gemm(
+                            sc.as_mut_ptr(),
+                            r1,
+                            false,
+                            (rows, r1, hd),
+                            View::rows(q, w),
+                            View::transposed(k, w),
+                            s.scale(),
+                            false,
+                        );
+                    }
+                    for (i, row) in sc.chunks_exact_mut(r1).enumerate() {
+                        let l = softmax_row(row, r0 + i + 1);
+                        // SAFETY: row (b, h, r0 + i) of lse belongs to this task.
+                        unsafe { *l_ptr.at((b * s.heads + h) * t + r0 + i) = l };
+                    }
+                    unsafe {
+                        gemm(
+                            o_ptr.at((b * t + r0) * ow + h * hd),
+                            ow,
+                            false,
+                            (rows, hd, r1),
+                            View::rows(sc, r1),
+                            View::rows(v, w),
+                            1.0,
+                            false,
+                        );
+                    }
+                }
+            }
+        },
+    );
+}
+
+/// Backward: the gradients of q|k|v (written, before RoPE's backward) from that of `out`.
+/// Each tile's probabilities are rebuilt from q, k and `lse`; `dS = P (dP - rowsum(dO O))`.
+pub fn attention_bwd(
+    dqkv: &mut [f32],
+    dout: &[f32],
+    out: &[f32],
+    lse: &[f32],
+    qkv: &[f32],
+    s: AttnShape,
+) {
+    s.check(qkv.len(), out.len(), lse.len());
+    s.check(dqkv.len(), dout.len(), lse.len());
+    let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
+    let rep = s.heads / s.kv_heads;
+    let d_ptr = SharedMut(dqkv.as_mut_ptr());
+    (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
+        || vec![0f32; 2 * QUERY_TILE * t],
+        |scratch, task| {
+            let (b, g) = (task / s.kv_heads, task % s.kv_heads);
+            let base = b * t * w;
+            let k = &qkv[base + s.k_col(g)..];
+            let v = &qkv[base + s.v_col(g)..];
+            // This task owns the k and v gradient columns of kv head g in sequence b.
+            for i in 0..t {
+                for col in [s.k_col(g), s.v_col(g)] {
+                    // SAFETY: inside dqkv (checked), owned by this task.
+                    unsafe { std::slice::from_raw_parts_mut(d_ptr.at(base + i * w + col), hd) }
+                        .fill(0.0);
+                }
+            }
+            for h in g * rep..(g + 1) * rep {
+                for r0 in (0..t).step_by(QUERY_TILE) {
+                    let (rows, r1) = (QUERY_TILE.min(t - r0), (r0 + QUERY_TILE).min(t));
+                    let (p, dp) = scratch.split_at_mut(QUERY_TILE * t);
+                    let (p, dp) = (&mut p[..rows * r1], &mut dp[..rows * r1]);
+                    let q = &qkv[base + r0 * w + h * hd..];
+                    let dout_t = &dout[(b * t + r0) * ow + h * hd..];
+                    let out_t = &out[(b * t + r0) * ow + h * hd..];
+                    // SAFETY (every product below): the operands are rows of sequence b
+                    // inside their buffers (checked); the written gradient rows (q of head h,
+                    // rows r0..r1; k and v of head g) belong to this task.
+                    unsafe {
+                        gemm(
+                            p.as_mut_ptr(),
+                            r1,
+                            false,
+                            (rows, r1, hd),
+                            View::rows(q, w),
+                            View::transposed(k, w),
+                            s.scale(),
+                            false,
+                        );
+                        gemm(
+                            dp.as_mut_ptr(),
+                            r1,
+                            false,
+                            (rows, r1, hd),
+                            View::rows(dout_t, ow),
+                            View::transposed(v, w),
+                            1.0,
+                            false,
+                        );
+                    }
+                    for (i, (pr, dpr)) in p
+                        .chunks_exact_mut(r1)
+                        .zip(dp.chunks_exact_mut(r1))
+                        .enumerate()
+                    {
+                        let valid = r0 + i + 1;
+                        let l = lse[(b * s.heads + h) * t + r0 + i];
+                        let (live, masked) = pr.split_at_mut(valid);
+                        live.iter_mut().for_each(|x| *x -= l);
+                        f32::exp_in_place(live);
+                        masked.fill(0.0);
+                        let dd = dot(&dout_t[i * ow..i * ow + hd], &out_t[i * ow..i * ow + hd]);
+                        for (x, &pv) in dpr.iter_mut().zip(pr.iter()) {
+                            *x = pv * (*x - dd);
+                        }
+                    }
+                    unsafe {
+                        gemm(
+                            d_ptr.at(base + r0 * w + h * hd),
+                            w,
+                            false,
+                            (rows, hd, r1),
+                            View::rows(dp, r1),
+                            View::rows(k, w),
+                            s.scale(),
+                            false,
+                        );
+                        gemm(
+                            d_ptr.at(base + s.k_col(g)),
+                            w,
+                            true,
+                            (r1, hd, rows),
+                            View::transposed(dp, r1),
+                            View::rows(q, w),
+                            s.scale(),
+                            false,
+                        );
+                        gemm(
+                            d_ptr.at(base + s.v_col(g)),
+                            w,
+                            true,
+                            (r1, hd, rows),
+                            View::transposed(p, r1),
+                            View::rows(dout_t, ow),
+                            1.0,
+                            false,
+                        );
+                    }
+                }
+            }
+        },
+    );
+}

@@ -1,0 +1,698 @@
+//! The training step without autograd: the Llama model's forward and backward passes written
+//! out layer by layer over buffers allocated once (kernels.rs, matmul.rs), and AdamW over
+//! the flat parameter, gradient and moment vectors.
+//!
+//! Parameters live here during training, in one vector laid out so that a layer's q, k and v
+//! projections (and its gate and up projections) form one matrix each: one product instead
+//! of three (two). The candle `VarMap` gets them back for evaluation, samples, checkpoints and
+//! the model folder (`write_params`), under the same names and with the optimizer state under
+//! the same keys as `optim::AdamW`, so checkpoints do not depend on which path trained them.
+
+use std::collections::HashMap;
+use std::ops::Range;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarMap;
+use rayon::prelude::*;
+use slm_model::{Arch, Config};
+
+use crate::kernels::{self, AttnShape, RopeSpec};
+use crate::loss::{head_loss_into, HeadShape};
+use crate::matmul::linear;
+use crate::optim::AdamWConfig;
+
+/// Why a model cannot train on this path (it then trains through candle's autograd).
+pub fn unsupported(cfg: &Config) -> Option<String> {
+    if cfg.arch != Arch::Llama && cfg.arch != Arch::Mistral {
+        return Some(format!("architecture {:?}", cfg.arch));
+    }
+    if cfg.attention_bias {
+        return Some("attention biases".into());
+    }
+    if cfg.head_dim % 2 != 0 || cfg.num_key_value_heads == 0 {
+        return Some(format!("head_dim {}", cfg.head_dim));
+    }
+    if cfg.num_attention_heads % cfg.num_key_value_heads != 0 {
+        return Some("query heads not a multiple of kv heads".into());
+    }
+    None
+}
+
+struct Param {
+    name: String,
+    shape: Vec<usize>,
+    range: Range<usize>,
+    decay: bool,
+}
+
+/// Where one layer's parameters lie in the flat vector.
+struct LayerParams {
+    attn_norm: Range<usize>,
+    /// q, k and v projections, one after the other: ((heads + 2 kv_heads) head_dim) x hidden.
+    qkv: Range<usize>,
+    o: Range<usize>,
+    mlp_norm: Range<usize>,
+    /// gate then up projection: (2 ffn) x hidden.
+    gate_up: Range<usize>,
+    down: Range<usize>,
+}
+
+/// What a layer's forward keeps for its backward.
+struct Saved {
+    r1: Vec<f32>,
+    h1: Vec<f32>,
+    qkv: Vec<f32>,
+    att: Vec<f32>,
+    lse: Vec<f32>,
+    mid: Vec<f32>,
+    r2: Vec<f32>,
+    h2: Vec<f32>,
+    gu: Vec<f32>,
+    sig: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// Backward's working buffers, shared by the layers.
+struct Work {
+    dres: Vec<f32>,
+    dh: Vec<f32>,
+    dqkv: Vec<f32>,
+    datt: Vec<f32>,
+    dgu: Vec<f32>,
+    dact: Vec<f32>,
+    head: Vec<f32>,
+}
+
+pub struct Trainer {
+    cfg: Config,
+    batch: usize,
+    positions: usize,
+    params_by_name: Vec<Param>,
+    layers: Vec<LayerParams>,
+    embed: Range<usize>,
+    norm: Range<usize>,
+    head: Range<usize>,
+    params: Vec<f32>,
+    grads: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    steps: u64,
+    adam: AdamWConfig,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    inputs: Vec<u32>,
+    targets: Vec<u32>,
+    /// The residual stream entering each layer, and leaving the last.
+    streams: Vec<Vec<f32>>,
+    saved: Vec<Saved>,
+    final_r: Vec<f32>,
+    final_h: Vec<f32>,
+    work: Work,
+}
+
+fn zeros(n: usize) -> Vec<f32> {
+    vec![0f32; n]
+}
+
+impl Trainer {
+    /// A trainer for `batch` sequences of the model's full context, its parameters read from
+    /// `vars` (every tensor of `cfg.tensor_shapes()`).
+    pub fn new(
+        cfg: &Config,
+        batch: usize,
+        adam: AdamWConfig,
+        vars: &VarMap,
+    ) -> candle_core::Result<Self> {
+        if let Some(why) = unsupported(cfg) {
+            candle_core::bail!("the fused trainer does not handle {why}");
+        }
+        let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (qw, kvw) = (heads * hd, kvh * hd);
+        let positions = cfg.max_position_embeddings;
+        let n = batch * positions;
+
+        let mut params_by_name = Vec::new();
+        let mut at = 0usize;
+        let mut take = |name: String, shape: Vec<usize>| {
+            let len: usize = shape.iter().product();
+            let range = at..at + len;
+            at += len;
+            params_by_name.push(Param {
+                decay: crate::init::decays(&name),
+                name,
+                shape,
+                range: range.clone(),
+            });
+            range
+        };
+        let span = |a: &Range<usize>, b: &Range<usize>| a.start..b.end;
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let p = format!("model.layers.{l}");
+            let attn_norm = take(format!("{p}.input_layernorm.weight"), vec![d]);
+            let q = take(format!("{p}.self_attn.q_proj.weight"), vec![qw, d]);
+            take(format!("{p}.self_attn.k_proj.weight"), vec![kvw, d]);
+            let v = take(format!("{p}.self_attn.v_proj.weight"), vec![kvw, d]);
+            let o = take(format!("{p}.self_attn.o_proj.weight"), vec![d, qw]);
+            let mlp_norm = take(format!("{p}.post_attention_layernorm.weight"), vec![d]);
+            let gate = take(format!("{p}.mlp.gate_proj.weight"), vec![f, d]);
+            let up = take(format!("{p}.mlp.up_proj.weight"), vec![f, d]);
+            let down = take(format!("{p}.mlp.down_proj.weight"), vec![d, f]);
+            layers.push(LayerParams {
+                attn_norm,
+                qkv: span(&q, &v),
+                o,
+                mlp_norm,
+                gate_up: span(&gate, &up),
+                down,
+            });
+        }
+        let embed = take("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d]);
+        let norm = take("model.norm.weight".into(), vec![d]);
+        let head = if cfg.tie_word_embeddings {
+            embed.clone()
+        } else {
+            take("lm_head.weight".into(), vec![cfg.vocab_size, d])
+        };
+        let total = at;
+
+        let rope = slm_model::llama::Rope::new(cfg, None, false, &Device::Cpu)
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let (cos, sin) = rope.tables();
+        let (cos, sin) = (
+            cos.flatten_all()?.to_vec1::<f32>()?,
+            sin.flatten_all()?.to_vec1::<f32>()?,
+        );
+        let qkv_w = qw + 2 * kvw;
+        let saved = (0..cfg.num_hidden_layers)
+            .map(|_| Saved {
+                r1: zeros(n),
+                h1: zeros(n * d),
+                qkv: zeros(n * qkv_w),
+                att: zeros(n * qw),
+                lse: zeros(n * heads),
+                mid: zeros(n * d),
+                r2: zeros(n),
+                h2: zeros(n * d),
+                gu: zeros(n * 2 * f),
+                sig: zeros(n * f),
+                act: zeros(n * f),
+            })
+            .collect();
+        let mut t = Self {
+            cfg: cfg.clone(),
+            batch,
+            positions,
+            params_by_name,
+            layers,
+            embed,
+            norm,
+            head,
+            params: zeros(total),
+            grads: zeros(total),
+            m: zeros(total),
+            v: zeros(total),
+            steps: 0,
+            adam,
+            cos,
+            sin,
+            inputs: vec![0; n],
+            targets: vec![0; n],
+            streams: (0..=cfg.num_hidden_layers).map(|_| zeros(n * d)).collect(),
+            saved,
+            final_r: zeros(n),
+            final_h: zeros(n * d),
+            work: Work {
+                dres: zeros(n * d),
+                dh: zeros(n * d),
+                dqkv: zeros(n * qkv_w),
+                datt: zeros(n * qw),
+                dgu: zeros(n * 2 * f),
+                dact: zeros(n * f),
+                head: Vec::new(),
+            },
+        };
+        t.read_params(vars)?;
+        Ok(t)
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
+    pub fn tokens_per_batch(&self) -> usize {
+        self.batch * (self.positions + 1)
+    }
+
+    fn attn_shape(&self) -> AttnShape {
+        AttnShape {
+            batch: self.batch,
+            positions: self.positions,
+            heads: self.cfg.num_attention_heads,
+            kv_heads: self.cfg.num_key_value_heads,
+            head_dim: self.cfg.head_dim,
+        }
+    }
+
+    /// Sets every gradient to zero (before the first micro-batch of an update).
+    pub fn zero_grads(&mut self) {
+        self.grads.par_chunks_mut(1 << 16).for_each(|c| c.fill(0.0));
+    }
+
+    /// Forward and backward on one micro-batch (`batch` rows of `positions + 1` tokens,
+    /// row-major): adds `scale` times the gradient of the mean next-token loss into the
+    /// gradients, and returns that loss.
+    pub fn accumulate(&mut self, tokens: &[u32], scale: f32) -> candle_core::Result<f32> {
+        Ok(self.accumulate_timed(tokens, scale)?.0)
+    }
+
+    /// `accumulate`, and the seconds its forward pass took (up to the output projection).
+    pub fn accumulate_timed(
+        &mut self,
+        tokens: &[u32],
+        scale: f32,
+    ) -> candle_core::Result<(f32, f64)> {
+        let (t, b) = (self.positions, self.batch);
+        if tokens.len() != b * (t + 1) {
+            candle_core::bail!(
+                "a micro-batch of {} tokens, {b} rows of {} expected",
+                tokens.len(),
+                t + 1
+            );
+        }
+        if let Some(bad) = tokens.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
+            candle_core::bail!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        for (r, row) in tokens.chunks_exact(t + 1).enumerate() {
+            self.inputs[r * t..(r + 1) * t].copy_from_slice(&row[..t]);
+            self.targets[r * t..(r + 1) * t].copy_from_slice(&row[1..]);
+        }
+        let t0 = std::time::Instant::now();
+        self.forward();
+        let forward_s = t0.elapsed().as_secs_f64();
+        Ok((self.head_and_backward(scale), forward_s))
+    }
+
+    fn forward(&mut self) {
+        let cfg = &self.cfg;
+        let (d, f, eps) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps as f32,
+        );
+        let n = self.batch * self.positions;
+        let shape = self.attn_shape();
+        let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
+        let rope = RopeSpec {
+            width: qkv_w,
+            heads: shape.heads + shape.kv_heads,
+            head_dim: shape.head_dim,
+            positions: self.positions,
+            cos: &self.cos,
+            sin: &self.sin,
+        };
+        let p = &self.params;
+        kernels::embed(
+            &mut self.streams[0],
+            &p[self.embed.clone()],
+            &self.inputs,
+            d,
+        );
+        for (l, (lp, s)) in self.layers.iter().zip(&mut self.saved).enumerate() {
+            let (before, after) = self.streams.split_at_mut(l + 1);
+            let (x, out) = (&before[l], &mut after[0]);
+            kernels::rms_norm(&mut s.h1, &mut s.r1, x, &p[lp.attn_norm.clone()], eps);
+            linear::forward(&mut s.qkv, &s.h1, &p[lp.qkv.clone()], (n, d, qkv_w), false);
+            kernels::rope(&mut s.qkv, rope, false);
+            kernels::attention(&mut s.att, &mut s.lse, &s.qkv, shape);
+            s.mid.copy_from_slice(x);
+            linear::forward(&mut s.mid, &s.att, &p[lp.o.clone()], (n, qw, d), true);
+            kernels::rms_norm(&mut s.h2, &mut s.r2, &s.mid, &p[lp.mlp_norm.clone()], eps);
+            linear::forward(
+                &mut s.gu,
+                &s.h2,
+                &p[lp.gate_up.clone()],
+                (n, d, 2 * f),
+                false,
+            );
+            kernels::swiglu(&mut s.act, &mut s.sig, &s.gu, f);
+            out.copy_from_slice(&s.mid);
+            linear::forward(out, &s.act, &p[lp.down.clone()], (n, f, d), true);
+        }
+        let last = &self.streams[self.cfg.num_hidden_layers];
+        kernels::rms_norm(
+            &mut self.final_h,
+            &mut self.final_r,
+            last,
+            &p[self.norm.clone()],
+            eps,
+        );
+    }
+
+    /// The loss of the output projection, then every gradient back to the embedding.
+    fn head_and_backward(&mut self, scale: f32) -> f32 {
+        let cfg = &self.cfg;
+        let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let n = self.batch * self.positions;
+        let shape = self.attn_shape();
+        let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
+        let rope = RopeSpec {
+            width: qkv_w,
+            heads: shape.heads + shape.kv_heads,
+            head_dim: shape.head_dim,
+            positions: self.positions,
+            cos: &self.cos,
+            sin: &self.sin,
+        };
+        let (p, g, w) = (&self.params, &mut self.grads, &mut self.work);
+        let total = head_loss_into(
+            HeadShape { n, d, v },
+            &self.final_h,
+            &p[self.head.clone()],
+            &self.targets,
+            scale,
+            &mut w.dh,
+            &mut g[self.head.clone()],
+            &mut w.head,
+        );
+        w.dres.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+        kernels::rms_norm_bwd(
+            &mut w.dres,
+            &mut g[self.norm.clone()],
+            &w.dh,
+            &self.streams[cfg.num_hidden_layers],
+            &self.final_r,
+            &p[self.norm.clone()],
+        );
+        for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
+            let x = &self.streams[l];
+            // MLP: out = mid + down(silu(gate) * up)
+            linear::input_grad(&mut w.dact, &w.dres, &p[lp.down.clone()], (n, f, d), false);
+            linear::weight_grad(&mut g[lp.down.clone()], &w.dres, &s.act, (n, f, d));
+            kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
+            linear::input_grad(
+                &mut w.dh,
+                &w.dgu,
+                &p[lp.gate_up.clone()],
+                (n, d, 2 * f),
+                false,
+            );
+            linear::weight_grad(&mut g[lp.gate_up.clone()], &w.dgu, &s.h2, (n, d, 2 * f));
+            kernels::rms_norm_bwd(
+                &mut w.dres,
+                &mut g[lp.mlp_norm.clone()],
+                &w.dh,
+                &s.mid,
+                &s.r2,
+                &p[lp.mlp_norm.clone()],
+            );
+            // Attention: mid = x + o(attention(rope(q), rope(k), v))
+            linear::input_grad(&mut w.datt, &w.dres, &p[lp.o.clone()], (n, qw, d), false);
+            linear::weight_grad(&mut g[lp.o.clone()], &w.dres, &s.att, (n, qw, d));
+            kernels::attention_bwd(&mut w.dqkv, &w.datt, &s.att, &s.lse, &s.qkv, shape);
+            kernels::rope(&mut w.dqkv, rope, true);
+            linear::input_grad(&mut w.dh, &w.dqkv, &p[lp.qkv.clone()], (n, d, qkv_w), false);
+            linear::weight_grad(&mut g[lp.qkv.clone()], &w.dqkv, &s.h1, (n, d, qkv_w));
+            kernels::rms_norm_bwd(
+                &mut w.dres,
+                &mut g[lp.attn_norm.clone()],
+                &w.dh,
+                x,
+                &s.r1,
+                &p[lp.attn_norm.clone()],
+            );
+        }
+        kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
+        (total / n.max(1) as f64) as f32
+    }
+
+    /// The global L2 norm of the gradients.
+    pub fn grad_norm(&self) -> f64 {
+        self.grads
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+            .sum::<f64>()
+            .sqrt()
+    }
+
+    /// One AdamW update (as `optim::AdamW::step`) with the gradients times `grad_scale`.
+    pub fn step(&mut self, lr: f64, grad_scale: f64) {
+        self.steps += 1;
+        let AdamWConfig {
+            beta1,
+            beta2,
+            eps,
+            weight_decay,
+        } = self.adam;
+        let t = self.steps as i32;
+        let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
+        let (b1, b2, gs) = (beta1 as f32, beta2 as f32, grad_scale as f32);
+        let (inv_bc1, inv_bc2, eps, lr32) = (
+            (1.0 / bc1) as f32,
+            (1.0 / bc2) as f32,
+            eps as f32,
+            lr as f32,
+        );
+        for prm in &self.params_by_name {
+            let keep = if prm.decay && weight_decay != 0.0 {
+                (1.0 - lr * weight_decay) as f32
+            } else {
+                1.0
+            };
+            let r = prm.range.clone();
+            const CHUNK: usize = 1 << 14;
+            self.params[r.clone()]
+                .par_chunks_mut(CHUNK)
+                .zip(self.grads[r.clone()].par_chunks(CHUNK))
+                .zip(self.m[r.clone()].par_chunks_mut(CHUNK))
+                .zip(self.v[r].par_chunks_mut(CHUNK))
+                .for_each(|(((w, g), m), v)| {
+                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
+                        let g = g * gs;
+                        *m = *m * b1 + g * (1.0 - b1);
+                        *v = *v * b2 + g * g * (1.0 - b2);
+                        let update = (*m * inv_bc1) / ((*v * inv_bc2).sqrt() + eps);
+                        *w = *w * keep - update * lr32;
+                    }
+                });
+        }
+    }
+
+    fn var_map_tensor(
+        data: &HashMap<String, candle_core::Var>,
+        name: &str,
+        shape: &[usize],
+    ) -> candle_core::Result<candle_core::Var> {
+        let var = data
+            .get(name)
+            .ok_or_else(|| candle_core::Error::Msg(format!("the model has no tensor {name}")))?;
+        if var.dims() != shape {
+            candle_core::bail!("{name} has shape {:?}, {shape:?} expected", var.dims());
+        }
+        Ok(var.clone())
+    }
+
+    /// Reads every parameter from `vars` (after a resume or a parent model's load).
+    pub fn read_params(&mut self, vars: &VarMap) -> candle_core::Result<()> {
+        let data = vars.data().lock().expect("var map lock");
+        for prm in &self.params_by_name {
+            let var = Self::var_map_tensor(&data, &prm.name, &prm.shape)?;
+            let values = var
+                .as_tensor()
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1::<f32>()?;
+            self.params[prm.range.clone()].copy_from_slice(&values);
+        }
+        Ok(())
+    }
+
+    /// Writes every parameter into `vars`, whose model then computes with them.
+    pub fn write_params(&self, vars: &VarMap) -> candle_core::Result<()> {
+        let data = vars.data().lock().expect("var map lock");
+        for prm in &self.params_by_name {
+            let var = Self::var_map_tensor(&data, &prm.name, &prm.shape)?;
+            let t = Tensor::from_slice(
+                &self.params[prm.range.clone()],
+                prm.shape.as_slice(),
+                &Device::Cpu,
+            )?
+            .to_dtype(var.dtype())?;
+            var.set(&t)?;
+        }
+        Ok(())
+    }
+
+    /// The gradients by parameter name (for tests and diagnostics).
+    pub fn grads_by_name(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        self.by_name(&self.grads)
+    }
+
+    fn by_name(&self, values: &[f32]) -> candle_core::Result<HashMap<String, Tensor>> {
+        self.params_by_name
+            .iter()
+            .map(|p| {
+                Ok((
+                    p.name.clone(),
+                    Tensor::from_slice(&values[p.range.clone()], p.shape.as_slice(), &Device::Cpu)?,
+                ))
+            })
+            .collect()
+    }
+
+    /// The moments by name (`m.NAME`, `v.NAME`), as `optim::AdamW::state` saves them.
+    pub fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        let mut s = HashMap::new();
+        for (prefix, values) in [("m", &self.m), ("v", &self.v)] {
+            for (name, t) in self.by_name(values)? {
+                s.insert(format!("{prefix}.{name}"), t);
+            }
+        }
+        Ok(s)
+    }
+
+    /// Restores what `state` saved, after `steps` updates.
+    pub fn load_state(
+        &mut self,
+        state: &HashMap<String, Tensor>,
+        steps: u64,
+    ) -> candle_core::Result<()> {
+        for prm in &self.params_by_name {
+            for (prefix, values) in [("m", &mut self.m), ("v", &mut self.v)] {
+                let key = format!("{prefix}.{}", prm.name);
+                let t = state.get(&key).ok_or_else(|| {
+                    candle_core::Error::Msg(format!("optimizer state has no {key}"))
+                })?;
+                if t.dims() != prm.shape.as_slice() {
+                    candle_core::bail!(
+                        "optimizer state {key} has shape {:?}, the parameter {:?}",
+                        t.dims(),
+                        prm.shape
+                    );
+                }
+                let x = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                values[prm.range.clone()].copy_from_slice(&x);
+            }
+        }
+        self.steps = steps;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::{init_params, Rng};
+    use candle_nn::VarBuilder;
+    use slm_model::{Llama, Weights};
+
+    /// Odd sizes on purpose: a head_dim that is not a multiple of 8, grouped kv heads, more
+    /// positions than one attention tile and not a multiple of it, a vocabulary of 97.
+    pub(crate) fn odd_config(tied: bool) -> Config {
+        Config {
+            arch: Arch::Llama,
+            vocab_size: 97,
+            hidden_size: 36,
+            intermediate_size: 50,
+            num_hidden_layers: 2,
+            num_attention_heads: 6,
+            num_key_value_heads: 2,
+            head_dim: 6,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10_000.0,
+            rope_scaling: None,
+            max_position_embeddings: 70,
+            tie_word_embeddings: tied,
+            attention_bias: false,
+            bos_token_id: None,
+            eos_token_id: Some(0),
+        }
+    }
+
+    pub(crate) fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
+        let mut rng = Rng(seed);
+        (0..n)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect()
+    }
+
+    /// Loss and gradients of candle's autograd through `slm_model::Llama` (the reference).
+    pub(crate) fn reference(
+        cfg: &Config,
+        vars: &VarMap,
+        tokens: &[u32],
+        batch: usize,
+    ) -> (f32, HashMap<String, Tensor>) {
+        let dev = Device::Cpu;
+        let model = Llama::load(
+            cfg,
+            &Weights::Vars(VarBuilder::from_varmap(vars, DType::F32, &dev)),
+            &dev,
+        )
+        .unwrap();
+        let t = cfg.max_position_embeddings;
+        let all = Tensor::from_slice(tokens, (batch, t + 1), &dev).unwrap();
+        let (x, y) = (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap());
+        let loss = crate::model_loss(&model, &x, &y).unwrap();
+        let store = loss.backward().unwrap();
+        let data = vars.data().lock().unwrap();
+        let grads = data
+            .iter()
+            .map(|(name, var)| (name.clone(), store.get(var.as_tensor()).unwrap().clone()))
+            .collect();
+        (loss.to_scalar::<f32>().unwrap(), grads)
+    }
+
+    fn max_abs(t: &Tensor) -> f32 {
+        t.abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Every gradient within 1e-4 of the reference's largest value in that tensor.
+    #[test]
+    fn loss_and_gradients_equal_candle_autograd() {
+        for tied in [true, false] {
+            let cfg = odd_config(tied);
+            let batch = 3;
+            let vars = init_params(&cfg, DType::F32, 7, &Device::Cpu).unwrap();
+            // Norm weights away from 1, so a wrong norm gradient cannot hide.
+            for (name, var) in vars.data().lock().unwrap().iter() {
+                if name.ends_with("norm.weight") {
+                    let n = var.elem_count();
+                    let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.15).collect();
+                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                        .unwrap();
+                }
+            }
+            let tokens = random_tokens(batch * 71, cfg.vocab_size, 3);
+            let (ref_loss, ref_grads) = reference(&cfg, &vars, &tokens, batch);
+            let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+            tr.zero_grads();
+            let loss = tr.accumulate(&tokens, 1.0).unwrap();
+            assert!(
+                (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
+                "loss {loss} vs reference {ref_loss}"
+            );
+            let grads = tr.grads_by_name().unwrap();
+            assert_eq!(grads.len(), ref_grads.len());
+            for (name, r) in &ref_grads {
+                let g = &grads[name];
+                let err = max_abs(&(g - r).unwrap());
+                let scale = max_abs(r);
+                assert!(
+                    err <= 1e-4 * scale,
+                    "tied={tied} {name}: max error {err:e}, largest reference value {scale:e}"
+                );
+            }
+        }
+    }
+}
