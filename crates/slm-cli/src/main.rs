@@ -1134,6 +1134,9 @@ fn bench_train(
             pct(r.optimizer_s)
         );
         println!("peak RSS   {rss:.0} MB");
+        for (op, s) in &r.ops {
+            println!("  {op:<26} {:.3} s ({:.0}%)", s, pct(*s));
+        }
     }
     Ok(())
 }

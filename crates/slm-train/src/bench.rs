@@ -84,6 +84,8 @@ pub struct TrainBench {
     pub final_loss: f32,
     /// "fused" (trainer.rs) or "autograd" (candle's, the reference).
     pub path: &'static str,
+    /// Mean seconds per update by kind of op (fused path only), largest first.
+    pub ops: Vec<(&'static str, f64)>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -125,6 +127,11 @@ pub fn run(
     let (mut fwd, mut bwd, mut upd, mut all) = (vec![], vec![], vec![], vec![]);
     let mut final_loss = f32::NAN;
     for i in 0..warmup + steps.max(1) {
+        if i == warmup {
+            if let Path::Fused(tr) = &mut path {
+                tr.take_op_seconds();
+            }
+        }
         let toks: Vec<u32> = (0..batch * (ctx + 1))
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();
@@ -169,6 +176,14 @@ pub fn run(
     }
     let tokens_per_step = batch * ctx;
     let step_s = median(all);
+    let ops = match &mut path {
+        Path::Fused(tr) => tr
+            .take_op_seconds()
+            .into_iter()
+            .map(|(op, s)| (op, s / steps.max(1) as f64))
+            .collect(),
+        Path::Autograd(_) => Vec::new(),
+    };
     Ok(TrainBench {
         shape: shape.name(),
         parameters: cfg.num_params(),
@@ -181,6 +196,7 @@ pub fn run(
         optimizer_s: median(upd),
         final_loss,
         path: if autograd { "autograd" } else { "fused" },
+        ops,
     })
 }
 

@@ -108,6 +108,31 @@ pub struct Trainer {
     final_r: Vec<f32>,
     final_h: Vec<f32>,
     work: Work,
+    laps: Laps,
+}
+
+/// Seconds spent per kind of op, summed over the updates since the last `take_op_seconds`:
+/// each op runs alone (parallel inside), so the wall time between two laps is its own.
+#[derive(Default)]
+struct Laps {
+    last: Option<std::time::Instant>,
+    seconds: Vec<(&'static str, f64)>,
+}
+
+impl Laps {
+    fn start(&mut self) {
+        self.last = Some(std::time::Instant::now());
+    }
+    /// Charges the time since the previous lap to `op`.
+    fn lap(&mut self, op: &'static str) {
+        let now = std::time::Instant::now();
+        let dt = self.last.map_or(0.0, |t| (now - t).as_secs_f64());
+        self.last = Some(now);
+        match self.seconds.iter_mut().find(|(n, _)| *n == op) {
+            Some((_, s)) => *s += dt,
+            None => self.seconds.push((op, dt)),
+        }
+    }
 }
 
 fn zeros(n: usize) -> Vec<f32> {
@@ -232,6 +257,7 @@ impl Trainer {
                 dact: zeros(n * f),
                 head: Vec::new(),
             },
+            laps: Laps::default(),
         };
         t.read_params(vars)?;
         Ok(t)
@@ -317,22 +343,31 @@ impl Trainer {
             sin: &self.sin,
         };
         let p = &self.params;
+        let laps = &mut self.laps;
+        laps.start();
         kernels::embed(
             &mut self.streams[0],
             &p[self.embed.clone()],
             &self.inputs,
             d,
         );
+        laps.lap("embedding");
         for (l, (lp, s)) in self.layers.iter().zip(&mut self.saved).enumerate() {
             let (before, after) = self.streams.split_at_mut(l + 1);
             let (x, out) = (&before[l], &mut after[0]);
             kernels::rms_norm(&mut s.h1, &mut s.r1, x, &p[lp.attn_norm.clone()], eps);
+            laps.lap("rms_norm");
             linear::forward(&mut s.qkv, &s.h1, &p[lp.qkv.clone()], (n, d, qkv_w), false);
+            laps.lap("linear");
             kernels::rope(&mut s.qkv, rope, false);
+            laps.lap("rope");
             kernels::attention(&mut s.att, &mut s.lse, &s.qkv, shape);
+            laps.lap("attention");
             s.mid.copy_from_slice(x);
             linear::forward(&mut s.mid, &s.att, &p[lp.o.clone()], (n, qw, d), true);
+            laps.lap("linear");
             kernels::rms_norm(&mut s.h2, &mut s.r2, &s.mid, &p[lp.mlp_norm.clone()], eps);
+            laps.lap("rms_norm");
             linear::forward(
                 &mut s.gu,
                 &s.h2,
@@ -340,9 +375,12 @@ impl Trainer {
                 (n, d, 2 * f),
                 false,
             );
+            laps.lap("linear");
             kernels::swiglu(&mut s.act, &mut s.sig, &s.gu, f);
+            laps.lap("swiglu");
             out.copy_from_slice(&s.mid);
             linear::forward(out, &s.act, &p[lp.down.clone()], (n, f, d), true);
+            laps.lap("linear");
         }
         let last = &self.streams[self.cfg.num_hidden_layers];
         kernels::rms_norm(
@@ -352,6 +390,7 @@ impl Trainer {
             &p[self.norm.clone()],
             eps,
         );
+        laps.lap("rms_norm");
     }
 
     /// The loss of the output projection, then every gradient back to the embedding.
@@ -370,6 +409,8 @@ impl Trainer {
             sin: &self.sin,
         };
         let (p, g, w) = (&self.params, &mut self.grads, &mut self.work);
+        let laps = &mut self.laps;
+        laps.start();
         let total = head_loss_into(
             HeadShape { n, d, v },
             &self.final_h,
@@ -380,6 +421,7 @@ impl Trainer {
             &mut g[self.head.clone()],
             &mut w.head,
         );
+        laps.lap("output projection + loss");
         w.dres.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
         kernels::rms_norm_bwd(
             &mut w.dres,
@@ -389,12 +431,16 @@ impl Trainer {
             &self.final_r,
             &p[self.norm.clone()],
         );
+        laps.lap("rms_norm (backward)");
         for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
             let x = &self.streams[l];
             // MLP: out = mid + down(silu(gate) * up)
             linear::input_grad(&mut w.dact, &w.dres, &p[lp.down.clone()], (n, f, d), false);
+            laps.lap("linear (backward)");
             linear::weight_grad(&mut g[lp.down.clone()], &w.dres, &s.act, (n, f, d));
+            laps.lap("linear (backward)");
             kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
+            laps.lap("swiglu (backward)");
             linear::input_grad(
                 &mut w.dh,
                 &w.dgu,
@@ -402,7 +448,9 @@ impl Trainer {
                 (n, d, 2 * f),
                 false,
             );
+            laps.lap("linear (backward)");
             linear::weight_grad(&mut g[lp.gate_up.clone()], &w.dgu, &s.h2, (n, d, 2 * f));
+            laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
                 &mut g[lp.mlp_norm.clone()],
@@ -411,13 +459,20 @@ impl Trainer {
                 &s.r2,
                 &p[lp.mlp_norm.clone()],
             );
+            laps.lap("rms_norm (backward)");
             // Attention: mid = x + o(attention(rope(q), rope(k), v))
             linear::input_grad(&mut w.datt, &w.dres, &p[lp.o.clone()], (n, qw, d), false);
+            laps.lap("linear (backward)");
             linear::weight_grad(&mut g[lp.o.clone()], &w.dres, &s.att, (n, qw, d));
+            laps.lap("linear (backward)");
             kernels::attention_bwd(&mut w.dqkv, &w.datt, &s.att, &s.lse, &s.qkv, shape);
+            laps.lap("attention (backward)");
             kernels::rope(&mut w.dqkv, rope, true);
+            laps.lap("rope (backward)");
             linear::input_grad(&mut w.dh, &w.dqkv, &p[lp.qkv.clone()], (n, d, qkv_w), false);
+            laps.lap("linear (backward)");
             linear::weight_grad(&mut g[lp.qkv.clone()], &w.dqkv, &s.h1, (n, d, qkv_w));
+            laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
                 &mut g[lp.attn_norm.clone()],
@@ -426,9 +481,18 @@ impl Trainer {
                 &s.r1,
                 &p[lp.attn_norm.clone()],
             );
+            laps.lap("rms_norm (backward)");
         }
         kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
+        laps.lap("embedding (backward)");
         (total / n.max(1) as f64) as f32
+    }
+
+    /// Seconds per kind of op since the last call, largest first.
+    pub fn take_op_seconds(&mut self) -> Vec<(&'static str, f64)> {
+        let mut v = std::mem::take(&mut self.laps.seconds);
+        v.sort_by(|a, b| b.1.total_cmp(&a.1));
+        v
     }
 
     /// The global L2 norm of the gradients.
