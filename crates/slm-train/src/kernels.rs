@@ -254,7 +254,7 @@ impl AttnShape {
     }
     fn check(&self, qkv: usize, out: usize, lse: usize) {
         let n = self.batch * self.positions;
-        assert!(self.heads % self.kv_heads.max(1) == 0 && self.kv_heads > 0);
+        assert!(self.kv_heads > 0 && self.heads.is_multiple_of(self.kv_heads));
         assert!(qkv >= n * self.qkv_width() && out >= n * self.out_width());
         assert!(lse >= n * self.heads);
     }
@@ -446,4 +446,282 @@ pub fn attention_bwd(
             }
         },
     );
+}
+
+/// Every fused op against the same op composed of candle's differentiable primitives (its
+/// autograd gives the reference gradients) and against central finite differences, on
+/// random inputs of odd sizes. Tolerances: gradients within 1e-4 of the reference's largest
+/// value (f32 against f32 with another summation order); a directional derivative within
+/// 1% of the finite difference (the f32 forward's rounding over a step of 1e-2).
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::init::Rng;
+    use candle_core::{Device, Tensor, Var, D};
+
+    fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
+        let mut rng = Rng(seed);
+        (0..n).map(|_| rng.normal() as f32 * scale).collect()
+    }
+
+    fn close(name: &str, got: &[f32], want: &Tensor) {
+        let want: Vec<f32> = want.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(got.len(), want.len(), "{name}: length");
+        let scale = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let err = got
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(
+            err <= 1e-4 * scale,
+            "{name}: max error {err:e} against a largest value of {scale:e}"
+        );
+    }
+
+    fn var(values: &[f32], shape: &[usize]) -> Var {
+        Var::from_tensor(&Tensor::from_slice(values, shape, &Device::Cpu).unwrap()).unwrap()
+    }
+
+    /// Σ y·r (the loss whose gradient with respect to y is r) of a candle output.
+    fn weighted_sum(y: &Tensor, r: &[f32]) -> Tensor {
+        let r = Tensor::from_slice(r, y.shape(), &Device::Cpu).unwrap();
+        (y * r).unwrap().sum_all().unwrap()
+    }
+
+    fn dot64(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    }
+
+    /// `grad · u` against (L(x + eps u) - L(x - eps u)) / (2 eps) with L(x) = f(x) · r.
+    fn finite_difference(
+        name: &str,
+        x: &[f32],
+        grad: &[f32],
+        r: &[f32],
+        f: impl Fn(&[f32]) -> Vec<f32>,
+    ) {
+        let u = random(x.len(), 99, 1.0);
+        let eps = 1e-2f32;
+        let shifted = |sign: f32| -> Vec<f32> {
+            x.iter()
+                .zip(&u)
+                .map(|(&a, &b)| a + sign * eps * b)
+                .collect()
+        };
+        let (lp, lm) = (dot64(&f(&shifted(1.0)), r), dot64(&f(&shifted(-1.0)), r));
+        let fd = (lp - lm) / (2.0 * eps as f64);
+        let an = dot64(grad, &u);
+        assert!(
+            (fd - an).abs() <= 1e-2 * an.abs().max(1e-3),
+            "{name}: directional derivative {an} against finite difference {fd}"
+        );
+    }
+
+    #[test]
+    fn rms_norm_gradients() {
+        let (n, d) = (37, 45);
+        let x = random(n * d, 1, 1.0);
+        let w = random(d, 2, 1.0);
+        let r = random(n * d, 3, 1.0);
+        let run = |x: &[f32]| {
+            let (mut y, mut rr) = (vec![0f32; n * d], vec![0f32; n]);
+            rms_norm(&mut y, &mut rr, x, &w, 1e-5);
+            (y, rr)
+        };
+        let (y, rr) = run(&x);
+        let (mut dx, mut dw) = (vec![0.5f32; n * d], vec![0.25f32; d]);
+        rms_norm_bwd(&mut dx, &mut dw, &r, &x, &rr, &w);
+        // The backward adds into what the buffers held.
+        dx.iter_mut().for_each(|v| *v -= 0.5);
+        dw.iter_mut().for_each(|v| *v -= 0.25);
+
+        let (xv, wv) = (var(&x, &[n, d]), var(&w, &[d]));
+        let ms = xv.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        let inv = (ms + 1e-5).unwrap().sqrt().unwrap().recip().unwrap();
+        let yr = xv.broadcast_mul(&inv).unwrap().broadcast_mul(&wv).unwrap();
+        close("rms_norm forward", &y, &yr);
+        let g = weighted_sum(&yr, &r).backward().unwrap();
+        close("rms_norm dx", &dx, g.get(&xv).unwrap());
+        close("rms_norm dw", &dw, g.get(&wv).unwrap());
+        finite_difference("rms_norm dx", &x, &dx, &r, |x| run(x).0);
+    }
+
+    #[test]
+    fn rope_gradients() {
+        let (batch, t, heads, hd, extra) = (2, 13, 3, 10, 7);
+        let width = heads * hd + extra; // columns past the rotated heads stay untouched
+        let half = hd / 2;
+        let angles: Vec<f32> = (0..t * half)
+            .map(|i| (i / half) as f32 * (1e-2f32).powf((i % half) as f32 / half as f32))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let spec = RopeSpec {
+            width,
+            heads,
+            head_dim: hd,
+            positions: t,
+            cos: &cos,
+            sin: &sin,
+        };
+        let x = random(batch * t * width, 4, 1.0);
+        let r = random(batch * t * width, 5, 1.0);
+        let run = |x: &[f32]| {
+            let mut y = x.to_vec();
+            rope(&mut y, spec, false);
+            y
+        };
+        let y = run(&x);
+        let mut dx = r.clone();
+        rope(&mut dx, spec, true);
+
+        // Reference: (batch, t, width) -> the rotated heads by halves, the rest as is.
+        let xv = var(&x, &[batch, t, width]);
+        let heads_part = xv
+            .narrow(2, 0, heads * hd)
+            .unwrap()
+            .reshape((batch, t, heads, hd))
+            .unwrap();
+        let (x1, x2) = (
+            heads_part.narrow(3, 0, half).unwrap(),
+            heads_part.narrow(3, half, half).unwrap(),
+        );
+        let c = Tensor::from_slice(&cos, (1, t, 1, half), &Device::Cpu).unwrap();
+        let s = Tensor::from_slice(&sin, (1, t, 1, half), &Device::Cpu).unwrap();
+        let y1 = (x1.broadcast_mul(&c).unwrap() - x2.broadcast_mul(&s).unwrap()).unwrap();
+        let y2 = (x2.broadcast_mul(&c).unwrap() + x1.broadcast_mul(&s).unwrap()).unwrap();
+        let rotated = Tensor::cat(&[y1, y2], 3)
+            .unwrap()
+            .reshape((batch, t, heads * hd))
+            .unwrap();
+        let yr = Tensor::cat(&[rotated, xv.narrow(2, heads * hd, extra).unwrap()], 2).unwrap();
+        close("rope forward", &y, &yr);
+        let g = weighted_sum(&yr, &r).backward().unwrap();
+        close("rope dx", &dx, g.get(&xv).unwrap());
+        finite_difference("rope dx", &x, &dx, &r, run);
+    }
+
+    #[test]
+    fn swiglu_gradients() {
+        let (n, f) = (29, 51);
+        let gu = random(n * 2 * f, 6, 2.0);
+        let r = random(n * f, 7, 1.0);
+        let run = |gu: &[f32]| {
+            let (mut a, mut sig) = (vec![0f32; n * f], vec![0f32; n * f]);
+            swiglu(&mut a, &mut sig, gu, f);
+            (a, sig)
+        };
+        let (a, sig) = run(&gu);
+        let mut dgu = vec![0f32; n * 2 * f];
+        swiglu_bwd(&mut dgu, &r, &gu, &sig, f);
+
+        let guv = var(&gu, &[n, 2 * f]);
+        let (g, u) = (guv.narrow(1, 0, f).unwrap(), guv.narrow(1, f, f).unwrap());
+        let sigmoid = (g.neg().unwrap().exp().unwrap() + 1.0)
+            .unwrap()
+            .recip()
+            .unwrap();
+        let ar = ((g * sigmoid).unwrap() * u).unwrap();
+        close("swiglu forward", &a, &ar);
+        let grads = weighted_sum(&ar, &r).backward().unwrap();
+        close("swiglu dgu", &dgu, grads.get(&guv).unwrap());
+        finite_difference("swiglu dgu", &gu, &dgu, &r, |x| run(x).0);
+    }
+
+    #[test]
+    fn embedding_gradients() {
+        let (vocab, d, n) = (23, 19, 61);
+        let table = random(vocab * d, 8, 1.0);
+        let mut rng = Rng(9);
+        let tokens: Vec<u32> = (0..n)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
+        let r = random(n * d, 10, 1.0);
+        let mut x = vec![0f32; n * d];
+        embed(&mut x, &table, &tokens, d);
+        let mut dt = vec![0f32; vocab * d];
+        embed_bwd(&mut dt, &r, &tokens, d);
+
+        let tv = var(&table, &[vocab, d]);
+        let ids = Tensor::from_slice(&tokens, n, &Device::Cpu).unwrap();
+        let xr = tv.index_select(&ids, 0).unwrap();
+        close("embedding forward", &x, &xr);
+        let g = weighted_sum(&xr, &r).backward().unwrap();
+        close("embedding dtable", &dt, g.get(&tv).unwrap());
+    }
+
+    /// Grouped kv heads, a head_dim that is not a multiple of 8, and more positions than one
+    /// query tile, ending inside a tile.
+    #[test]
+    fn attention_gradients() {
+        let s = AttnShape {
+            batch: 2,
+            positions: QUERY_TILE + 21,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 6,
+        };
+        let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
+        let n = s.batch * t;
+        let qkv = random(n * w, 11, 1.0);
+        let r = random(n * ow, 12, 1.0);
+        let run = |qkv: &[f32]| {
+            let (mut out, mut lse) = (vec![0f32; n * ow], vec![0f32; n * s.heads]);
+            attention(&mut out, &mut lse, qkv, s);
+            (out, lse)
+        };
+        let (out, lse) = run(&qkv);
+        let mut dqkv = vec![f32::NAN; n * w];
+        attention_bwd(&mut dqkv, &r, &out, &lse, &qkv, s);
+
+        // Reference: (batch, heads, t, hd) per part, explicit scores with a -inf mask.
+        let qv = var(&qkv, &[s.batch, t, w]);
+        let part = |col: usize, h: usize| {
+            qv.narrow(2, col, h * hd)
+                .unwrap()
+                .reshape((s.batch, t, h, hd))
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .contiguous()
+                .unwrap()
+        };
+        let q = part(0, s.heads);
+        let rep = s.heads / s.kv_heads;
+        let expand = |x: Tensor| {
+            // kv head g serves query heads g * rep .. (g + 1) * rep
+            let x = x.unsqueeze(2).unwrap();
+            let x = Tensor::cat(&vec![x; rep], 2).unwrap();
+            x.reshape((s.batch, s.heads, t, hd)).unwrap()
+        };
+        let k = expand(part(s.heads * hd, s.kv_heads));
+        let v = expand(part((s.heads + s.kv_heads) * hd, s.kv_heads));
+        let mask: Vec<f32> = (0..t * t)
+            .map(|i| {
+                if i % t > i / t {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (t, t), &Device::Cpu).unwrap();
+        let scores = (q.matmul(&k.t().unwrap().contiguous().unwrap()).unwrap()
+            / (hd as f64).sqrt())
+        .unwrap()
+        .broadcast_add(&mask)
+        .unwrap();
+        let p = candle_nn::ops::softmax(&scores, D::Minus1).unwrap();
+        let yr = p
+            .matmul(&v)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((s.batch, t, ow))
+            .unwrap();
+        close("attention forward", &out, &yr);
+        let g = weighted_sum(&yr, &r).backward().unwrap();
+        close("attention dqkv", &dqkv, g.get(&qv).unwrap());
+        finite_difference("attention dqkv", &qkv, &dqkv, &r, |x| run(x).0);
+    }
 }

@@ -20,6 +20,7 @@ use crate::init::{decays, init_params, Rng};
 use crate::optim::{AdamW, AdamWConfig};
 use crate::recipe::Recipe;
 use crate::schedule::Schedule;
+use crate::trainer::Trainer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -220,7 +221,7 @@ fn sync_file(path: &Path) -> Result<()> {
 fn save_checkpoint(
     dir: &Path,
     vars: &VarMap,
-    opt: &AdamW,
+    optim_state: &HashMap<String, Tensor>,
     state: &RunState,
     keep: usize,
 ) -> Result<PathBuf> {
@@ -230,7 +231,7 @@ fn save_checkpoint(
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
     vars.save(tmp.join("model.safetensors"))?;
-    candle_core::safetensors::save(&opt.state(), tmp.join("optim.safetensors"))?;
+    candle_core::safetensors::save(optim_state, tmp.join("optim.safetensors"))?;
     let json = serde_json::to_vec_pretty(state).expect("state serializes");
     std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
     for f in ["model.safetensors", "optim.safetensors", "state.json"] {
@@ -282,6 +283,49 @@ pub struct RunOptions<'a> {
     pub on_step: &'a mut dyn FnMut(&StepReport),
 }
 
+/// How an update's gradients are computed and applied.
+enum Updater {
+    /// The fused trainer (trainer.rs), wherever it handles the model.
+    Fused(Box<Trainer>),
+    /// candle's autograd through `Llama`, for the architectures the fused trainer does not
+    /// cover (attention biases).
+    Autograd(AdamW),
+}
+
+impl Updater {
+    /// Makes the `VarMap` (which the model for evaluation, samples and checkpoints reads)
+    /// hold the current parameters.
+    fn write_params(&self, vars: &VarMap) -> candle_core::Result<()> {
+        match self {
+            Updater::Fused(tr) => tr.write_params(vars),
+            Updater::Autograd(_) => Ok(()),
+        }
+    }
+
+    fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
+        match self {
+            Updater::Fused(tr) => tr.state(),
+            Updater::Autograd(opt) => Ok(opt.state()),
+        }
+    }
+
+    /// After `vars` were loaded from a checkpoint with optimizer state `st`.
+    fn load_state(
+        &mut self,
+        vars: &VarMap,
+        st: &HashMap<String, Tensor>,
+        steps: u64,
+    ) -> candle_core::Result<()> {
+        match self {
+            Updater::Fused(tr) => {
+                tr.read_params(vars)?;
+                tr.load_state(st, steps)
+            }
+            Updater::Autograd(opt) => opt.load_state(st, steps),
+        }
+    }
+}
+
 pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
@@ -328,16 +372,21 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         &dev,
     )?;
     let o = &recipe.optim;
-    let mut opt = AdamW::new(
-        &vars,
-        AdamWConfig {
-            beta1: o.beta1,
-            beta2: o.beta2,
-            eps: 1e-8,
-            weight_decay: o.weight_decay,
-        },
-        decays,
-    )?;
+    let adam = AdamWConfig {
+        beta1: o.beta1,
+        beta2: o.beta2,
+        eps: 1e-8,
+        weight_decay: o.weight_decay,
+    };
+    let mut updater = match crate::trainer::unsupported(&cfg) {
+        None => Updater::Fused(Box::new(Trainer::new(&cfg, batch, adam, &vars)?)),
+        Some(why) => {
+            tracing::info!(
+                "training through candle's autograd: the fused trainer does not handle {why}"
+            );
+            Updater::Autograd(AdamW::new(&vars, adam, decays)?)
+        }
+    };
     let tokens_per_step = (batch * o.grad_accum * ctx) as u64;
     let mut state = RunState {
         step: 0,
@@ -358,7 +407,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
             state = serde_json::from_str(&text)
                 .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
-            opt.load_state(&st, state.step)?;
+            updater.load_state(&vars, &st, state.step)?;
             tracing::info!("resumed from {} (update {})", last.display(), state.step);
         }
     }
@@ -393,24 +442,34 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
 
     while state.total_steps == 0 || state.step < state.total_steps {
         let step_start = Instant::now();
+        // The autograd path's gradients, summed over the micro-batches.
         let mut acc: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
         let mut loss_sum = 0f32;
+        if let Updater::Fused(tr) = &mut updater {
+            tr.zero_grads();
+        }
         for _ in 0..o.grad_accum {
             let toks = sample_batch(&data, &mut rng, batch, ctx);
-            let (x, y) = to_xy(&toks, batch, ctx)?;
-            let loss = crate::model_loss(&model, &x, &y)?;
-            loss_sum += loss.to_scalar::<f32>()?;
-            let grads = (loss / o.grad_accum as f64)?.backward()?;
-            for v in vars.all_vars() {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    let id = v.as_tensor().id();
-                    let g = match acc.remove(&id) {
-                        Some(prev) => (prev + g)?,
-                        None => g.clone(),
-                    };
-                    acc.insert(id, g);
+            loss_sum += match &mut updater {
+                Updater::Fused(tr) => tr.accumulate(&toks, 1.0 / o.grad_accum as f32)?,
+                Updater::Autograd(_) => {
+                    let (x, y) = to_xy(&toks, batch, ctx)?;
+                    let loss = crate::model_loss(&model, &x, &y)?;
+                    let value = loss.to_scalar::<f32>()?;
+                    let grads = (loss / o.grad_accum as f64)?.backward()?;
+                    for v in vars.all_vars() {
+                        if let Some(g) = grads.get(v.as_tensor()) {
+                            let id = v.as_tensor().id();
+                            let g = match acc.remove(&id) {
+                                Some(prev) => (prev + g)?,
+                                None => g.clone(),
+                            };
+                            acc.insert(id, g);
+                        }
+                    }
+                    value
                 }
-            }
+            };
         }
         let loss = loss_sum / o.grad_accum as f32;
         if !loss.is_finite() {
@@ -419,7 +478,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 loss,
             });
         }
-        let norm = opt.grad_norm(&acc)?;
+        let norm = match &updater {
+            Updater::Fused(tr) => tr.grad_norm(),
+            Updater::Autograd(opt) => opt.grad_norm(&acc)?,
+        };
         let scale = if o.grad_clip > 0.0 && norm > o.grad_clip {
             o.grad_clip / (norm + 1e-6)
         } else {
@@ -451,7 +513,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             min_ratio: o.min_lr_ratio,
         };
         let lr = sched.at(state.step);
-        opt.step(&acc, lr, scale)?;
+        match &mut updater {
+            Updater::Fused(tr) => tr.step(lr, scale),
+            Updater::Autograd(opt) => opt.step(&acc, lr, scale)?,
+        }
         state.step += 1;
         state.tokens += tokens_per_step;
         state.rng = rng.0;
@@ -461,6 +526,14 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         let finished = state.total_steps != 0 && state.step >= state.total_steps;
         let eval_now = finished
             || (recipe.eval.interval > 0 && state.step.is_multiple_of(recipe.eval.interval));
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let ckpt_now = finished
+            || stop
+            || (recipe.checkpoint.interval > 0
+                && state.step.is_multiple_of(recipe.checkpoint.interval));
+        if eval_now || ckpt_now {
+            updater.write_params(&vars)?;
+        }
         let vl = if eval_now {
             valid_loss(&model, &valid, batch, ctx)?
         } else {
@@ -496,20 +569,22 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             tokens_per_s: tps,
             valid_loss: vl,
         });
-        let stop = opts.stop.load(Ordering::SeqCst);
-        let ckpt_now = finished
-            || stop
-            || (recipe.checkpoint.interval > 0
-                && state.step.is_multiple_of(recipe.checkpoint.interval));
         if ckpt_now {
             metrics.sync_data().map_err(io(&metrics_path))?;
-            save_checkpoint(&ckpt_dir, &vars, &opt, &state, recipe.checkpoint.keep)?;
+            save_checkpoint(
+                &ckpt_dir,
+                &vars,
+                &updater.state()?,
+                &state,
+                recipe.checkpoint.keep,
+            )?;
         }
         if stop && !finished {
             interrupted = true;
             break;
         }
     }
+    updater.write_params(&vars)?;
     let model_dir = if interrupted {
         None
     } else {
