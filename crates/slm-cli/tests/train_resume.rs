@@ -80,7 +80,10 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     setup(d);
+    let started = std::time::Instant::now();
     ok(slm().arg("train").arg(recipe(d, "unbroken")).current_dir(d));
+    // Kills land at random points of a run as long as the unbroken one took.
+    let run_ms = started.elapsed().as_millis() as u64;
     let want = losses(&d.join("unbroken"));
     assert_eq!(want.len(), 300);
     assert!(want[299].1 < want[0].1 - 0.5, "the tiny model learns");
@@ -100,7 +103,7 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
             .spawn()
             .unwrap();
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let wait_ms = 50 + (seed >> 33) % 550;
+        let wait_ms = run_ms / 20 + (seed >> 33) % (run_ms * 3 / 10).max(1);
         std::thread::sleep(Duration::from_millis(wait_ms));
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap(); // SIGKILL
