@@ -97,7 +97,7 @@ fn exp_portable(xs: &mut [f32]) {
     const LN2_LO: f32 = 1.428_606_8e-6;
     for x in xs.iter_mut() {
         let v = x.clamp(-104.0, 89.0);
-        let n = (v * LOG2E).round();
+        let n = (v * LOG2E).round_ties_even();
         let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, v));
         let p = r
             .mul_add(1.0 / 5040.0, 1.0 / 720.0)
@@ -107,8 +107,11 @@ fn exp_portable(xs: &mut [f32]) {
             .mul_add(r, 0.5)
             .mul_add(r, 1.0)
             .mul_add(r, 1.0);
-        let n = n as i32;
-        let half = n / 2;
+        // n as an integer through the float's bits (n + 1.5 * 2^23 puts it in the low
+        // mantissa bits): `as i32` saturates and checks for NaN element by element, which
+        // kept the loop from vectorising. A NaN input stays NaN through p.
+        let n = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
+        let half = n >> 1;
         let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
         *x = p * pow2(half) * pow2(n - half);
     }

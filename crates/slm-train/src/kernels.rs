@@ -19,7 +19,7 @@ use crate::matmul::{gemm, View};
 const ROWS: usize = 32;
 
 /// Query rows per attention tile: a tile's scores (ROWS x positions) stay in L2.
-const QUERY_TILE: usize = 64;
+const QUERY_TILE: usize = 128;
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     // Eight partial sums, so the loop vectorises (a single f32 sum must keep its order).
