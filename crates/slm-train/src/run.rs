@@ -378,7 +378,12 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         eps: 1e-8,
         weight_decay: o.weight_decay,
     };
-    let mut updater = match crate::trainer::unsupported(&cfg) {
+    // SLM_TRAIN_AUTOGRAD=1 trains through the reference path (to compare the two).
+    let why_not = crate::trainer::unsupported(&cfg).or_else(|| {
+        (std::env::var("SLM_TRAIN_AUTOGRAD").as_deref() == Ok("1"))
+            .then(|| "SLM_TRAIN_AUTOGRAD=1".to_string())
+    });
+    let mut updater = match why_not {
         None => Updater::Fused(Box::new(Trainer::new(&cfg, batch, adam, &vars)?)),
         Some(why) => {
             tracing::info!(

@@ -24,16 +24,21 @@ use crate::optim::AdamWConfig;
 /// Why a model cannot train on this path (it then trains through candle's autograd).
 pub fn unsupported(cfg: &Config) -> Option<String> {
     if cfg.arch != Arch::Llama && cfg.arch != Arch::Mistral {
-        return Some(format!("architecture {:?}", cfg.arch));
+        return Some(format!("the fused trainer does not handle {:?}", cfg.arch));
     }
     if cfg.attention_bias {
-        return Some("attention biases".into());
+        return Some("the fused trainer does not handle attention biases".into());
     }
-    if !cfg.head_dim.is_multiple_of(2) || cfg.num_key_value_heads == 0 {
-        return Some(format!("head_dim {}", cfg.head_dim));
+    if !cfg.head_dim.is_multiple_of(2) {
+        return Some(format!("head_dim {} is odd", cfg.head_dim));
     }
-    if !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads) {
-        return Some("query heads not a multiple of kv heads".into());
+    if cfg.num_key_value_heads == 0
+        || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
+    {
+        return Some(format!(
+            "{} query heads are not a multiple of {} kv heads",
+            cfg.num_attention_heads, cfg.num_key_value_heads
+        ));
     }
     None
 }
@@ -149,7 +154,7 @@ impl Trainer {
         vars: &VarMap,
     ) -> candle_core::Result<Self> {
         if let Some(why) = unsupported(cfg) {
-            candle_core::bail!("the fused trainer does not handle {why}");
+            candle_core::bail!("{why}");
         }
         let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
