@@ -211,6 +211,24 @@ pub fn embed_bwd(dtable: &mut [f32], dx: &[f32], tokens: &[u32], d: usize) {
     });
 }
 
+thread_local! {
+    /// Each thread's attention tile (scores, and their gradient in backward), kept between
+    /// calls: a fresh one per task came from mmap above glibc's threshold, and every
+    /// update paid its page faults and the TLB shootdowns of unmapping it.
+    static TILE: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `f` with this thread's tile, at least `len` values long.
+fn with_tile<R>(len: usize, f: impl FnOnce(&mut [f32]) -> R) -> R {
+    TILE.with(|t| {
+        let mut t = t.borrow_mut();
+        if t.len() < len {
+            t.resize(len, 0.0);
+        }
+        f(&mut t[..len])
+    })
+}
+
 /// A pointer that parallel tasks share, each writing its own elements.
 #[derive(Clone, Copy)]
 struct SharedMut(*mut f32);
@@ -282,9 +300,8 @@ pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
     let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
     let rep = s.heads / s.kv_heads;
     let (o_ptr, l_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-    (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
-        || vec![0f32; QUERY_TILE * t],
-        |scores, task| {
+    (0..s.batch * s.kv_heads).into_par_iter().for_each(|task| {
+        with_tile(QUERY_TILE * t, |scores| {
             let (b, g) = (task / s.kv_heads, task % s.kv_heads);
             let base = b * t * w;
             let k = &qkv[base + s.k_col(g)..];
@@ -327,8 +344,8 @@ pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
                     }
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// Backward: the gradients of q|k|v (written, before RoPE's backward) from that of `out`.
@@ -346,9 +363,8 @@ pub fn attention_bwd(
     let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
     let rep = s.heads / s.kv_heads;
     let d_ptr = SharedMut(dqkv.as_mut_ptr());
-    (0..s.batch * s.kv_heads).into_par_iter().for_each_init(
-        || vec![0f32; 2 * QUERY_TILE * t],
-        |scratch, task| {
+    (0..s.batch * s.kv_heads).into_par_iter().for_each(|task| {
+        with_tile(2 * QUERY_TILE * t, |scratch| {
             let (b, g) = (task / s.kv_heads, task % s.kv_heads);
             let base = b * t * w;
             let k = &qkv[base + s.k_col(g)..];
@@ -444,8 +460,8 @@ pub fn attention_bwd(
                     }
                 }
             }
-        },
-    );
+        })
+    });
 }
 
 /// Every fused op against the same op composed of candle's differentiable primitives (its

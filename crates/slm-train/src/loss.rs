@@ -170,11 +170,12 @@ struct HeadLoss {
     grads: Mutex<Option<(CpuStorage, CpuStorage)>>,
 }
 
-/// Logits per chunk: 256 rows of an 8192-token vocabulary (8 MB of f32). Each chunk adds
+/// Logits per chunk: 512 rows of an 8192-token vocabulary (16 MB of f32). Each chunk adds
 /// its share into w's gradient, which is read and written once per chunk: 64-row chunks
-/// (2 MB) made that traffic cost more than the chunks saved (tiny shape 2,860-3,031 tok/s
-/// against 3,175-3,322 with 256 rows; 512 rows measured alike).
-const HEAD_CHUNK_VALUES: usize = 1 << 21;
+/// (2 MB) made that traffic cost more than the chunks saved. With the fused trainer, tiny
+/// shape, head seconds per update: 256 rows 0.252-0.254, 512 rows 0.227-0.246, 1024 rows
+/// 0.232-0.243 (+16 MB peak), 2048 rows 0.243-0.252 (+49 MB).
+const HEAD_CHUNK_VALUES: usize = 1 << 22;
 
 /// Rows, width and vocabulary of an output projection.
 #[derive(Clone, Copy)]
