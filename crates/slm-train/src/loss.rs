@@ -186,8 +186,9 @@ pub(crate) struct HeadShape {
 }
 
 /// The summed cross-entropy of `h · wᵀ` (h: n x d, w: v x d) against `targets` (checked by
-/// the caller to lie below v); writes `scale / n` times its gradient with respect to h into
-/// `dh` and adds that of w into `dw`. `buf` holds one chunk's logits between calls.
+/// the caller to lie below v); with `grads` = (dh, dw), writes `scale / n` times its gradient
+/// with respect to h into dh and adds that of w into dw. `buf` holds one chunk's logits
+/// between calls.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
     HeadShape { n, d, v }: HeadShape,
@@ -195,12 +196,14 @@ pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
     w: &[T],
     targets: &[u32],
     scale: T,
-    dh: &mut [T],
-    dw: &mut [T],
+    grads: Option<(&mut [T], &mut [T])>,
     buf: &mut Vec<T>,
 ) -> f64 {
     assert!(h.len() >= n * d && w.len() >= v * d && targets.len() >= n);
-    assert!(dh.len() >= n * d && dw.len() >= v * d);
+    let mut grads = grads;
+    if let Some((dh, dw)) = &grads {
+        assert!(dh.len() >= n * d && dw.len() >= v * d);
+    }
     let chunk = (HEAD_CHUNK_VALUES / v.max(1)).clamp(1, n.max(1));
     buf.resize(chunk * v, T::zero());
     let inv_n = WithDType::to_f64(scale) / n.max(1) as f64;
@@ -242,6 +245,9 @@ pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
                 lse - at_target
             })
             .sum::<f64>();
+        let Some((dh, dw)) = grads.as_mut() else {
+            continue;
+        };
         let g = &buf[..rows * v];
         unsafe {
             gemm(
@@ -305,8 +311,7 @@ impl HeadLoss {
             w,
             &self.targets,
             T::one(),
-            &mut dh,
-            &mut dw,
+            Some((&mut dh, &mut dw)),
             &mut buf,
         );
         let inv_n = 1.0 / n.max(1) as f64;

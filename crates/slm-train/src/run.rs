@@ -135,6 +135,7 @@ fn to_xy(tokens: &[u32], batch: usize, ctx: usize) -> candle_core::Result<(Tenso
 }
 
 fn valid_loss(
+    updater: &mut Updater,
     model: &Llama,
     batches: &[Vec<u32>],
     batch: usize,
@@ -145,9 +146,14 @@ fn valid_loss(
     }
     let mut sum = 0f64;
     for b in batches {
-        let (x, y) = to_xy(b, batch, ctx)?;
-        let logits = model.forward(&x, None, false)?.detach();
-        sum += crate::lm_loss(&logits, &y)?.to_scalar::<f32>()? as f64;
+        sum += match updater {
+            Updater::Fused(tr) => tr.loss(b)?,
+            Updater::Autograd(_) => {
+                let (x, y) = to_xy(b, batch, ctx)?;
+                let logits = model.forward(&x, None, false)?.detach();
+                crate::lm_loss(&logits, &y)?.to_scalar::<f32>()?
+            }
+        } as f64;
     }
     Ok(Some((sum / batches.len() as f64) as f32))
 }
@@ -540,7 +546,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             updater.write_params(&vars)?;
         }
         let vl = if eval_now {
-            valid_loss(&model, &valid, batch, ctx)?
+            valid_loss(&mut updater, &model, &valid, batch, ctx)?
         } else {
             None
         };

@@ -33,7 +33,9 @@ pub fn unsupported(cfg: &Config) -> Option<String> {
         return Some(format!("head_dim {} is odd", cfg.head_dim));
     }
     if cfg.num_key_value_heads == 0
-        || !cfg.num_attention_heads.is_multiple_of(cfg.num_key_value_heads)
+        || !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
     {
         return Some(format!(
             "{} query heads are not a multiple of {} kv heads",
@@ -86,6 +88,8 @@ struct Work {
     dgu: Vec<f32>,
     dact: Vec<f32>,
     head: Vec<f32>,
+    /// Per-thread partial weight gradients (`linear::weight_grad`).
+    partials: Vec<f32>,
 }
 
 pub struct Trainer {
@@ -261,6 +265,7 @@ impl Trainer {
                 dgu: zeros(n * 2 * f),
                 dact: zeros(n * f),
                 head: Vec::new(),
+                partials: Vec::new(),
             },
             laps: Laps::default(),
         };
@@ -299,12 +304,44 @@ impl Trainer {
         Ok(self.accumulate_timed(tokens, scale)?.0)
     }
 
+    /// The mean next-token loss of one micro-batch, without gradients (validation), in the
+    /// buffers training uses rather than a second model's.
+    pub fn loss(&mut self, tokens: &[u32]) -> candle_core::Result<f32> {
+        self.load_batch(tokens)?;
+        self.forward();
+        let cfg = &self.cfg;
+        let n = self.batch * self.positions;
+        let total = head_loss_into(
+            HeadShape {
+                n,
+                d: cfg.hidden_size,
+                v: cfg.vocab_size,
+            },
+            &self.final_h,
+            &self.params[self.head.clone()],
+            &self.targets,
+            1.0,
+            None,
+            &mut self.work.head,
+        );
+        Ok((total / n.max(1) as f64) as f32)
+    }
+
     /// `accumulate`, and the seconds its forward pass took (up to the output projection).
     pub fn accumulate_timed(
         &mut self,
         tokens: &[u32],
         scale: f32,
     ) -> candle_core::Result<(f32, f64)> {
+        self.load_batch(tokens)?;
+        let t0 = std::time::Instant::now();
+        self.forward();
+        let forward_s = t0.elapsed().as_secs_f64();
+        Ok((self.head_and_backward(scale), forward_s))
+    }
+
+    /// Checks a micro-batch and splits it into inputs and targets.
+    fn load_batch(&mut self, tokens: &[u32]) -> candle_core::Result<()> {
         let (t, b) = (self.positions, self.batch);
         if tokens.len() != b * (t + 1) {
             candle_core::bail!(
@@ -323,10 +360,7 @@ impl Trainer {
             self.inputs[r * t..(r + 1) * t].copy_from_slice(&row[..t]);
             self.targets[r * t..(r + 1) * t].copy_from_slice(&row[1..]);
         }
-        let t0 = std::time::Instant::now();
-        self.forward();
-        let forward_s = t0.elapsed().as_secs_f64();
-        Ok((self.head_and_backward(scale), forward_s))
+        Ok(())
     }
 
     fn forward(&mut self) {
@@ -422,8 +456,7 @@ impl Trainer {
             &p[self.head.clone()],
             &self.targets,
             scale,
-            &mut w.dh,
-            &mut g[self.head.clone()],
+            Some((&mut w.dh, &mut g[self.head.clone()])),
             &mut w.head,
         );
         laps.lap("output projection + loss");
@@ -442,7 +475,13 @@ impl Trainer {
             // MLP: out = mid + down(silu(gate) * up)
             linear::input_grad(&mut w.dact, &w.dres, &p[lp.down.clone()], (n, f, d), false);
             laps.lap("linear (backward)");
-            linear::weight_grad(&mut g[lp.down.clone()], &w.dres, &s.act, (n, f, d));
+            linear::weight_grad(
+                &mut g[lp.down.clone()],
+                &w.dres,
+                &s.act,
+                (n, f, d),
+                &mut w.partials,
+            );
             laps.lap("linear (backward)");
             kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
             laps.lap("swiglu (backward)");
@@ -454,7 +493,13 @@ impl Trainer {
                 false,
             );
             laps.lap("linear (backward)");
-            linear::weight_grad(&mut g[lp.gate_up.clone()], &w.dgu, &s.h2, (n, d, 2 * f));
+            linear::weight_grad(
+                &mut g[lp.gate_up.clone()],
+                &w.dgu,
+                &s.h2,
+                (n, d, 2 * f),
+                &mut w.partials,
+            );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
@@ -468,7 +513,13 @@ impl Trainer {
             // Attention: mid = x + o(attention(rope(q), rope(k), v))
             linear::input_grad(&mut w.datt, &w.dres, &p[lp.o.clone()], (n, qw, d), false);
             laps.lap("linear (backward)");
-            linear::weight_grad(&mut g[lp.o.clone()], &w.dres, &s.att, (n, qw, d));
+            linear::weight_grad(
+                &mut g[lp.o.clone()],
+                &w.dres,
+                &s.att,
+                (n, qw, d),
+                &mut w.partials,
+            );
             laps.lap("linear (backward)");
             kernels::attention_bwd(&mut w.dqkv, &w.datt, &s.att, &s.lse, &s.qkv, shape);
             laps.lap("attention (backward)");
@@ -476,7 +527,13 @@ impl Trainer {
             laps.lap("rope (backward)");
             linear::input_grad(&mut w.dh, &w.dqkv, &p[lp.qkv.clone()], (n, d, qkv_w), false);
             laps.lap("linear (backward)");
-            linear::weight_grad(&mut g[lp.qkv.clone()], &w.dqkv, &s.h1, (n, d, qkv_w));
+            linear::weight_grad(
+                &mut g[lp.qkv.clone()],
+                &w.dqkv,
+                &s.h1,
+                (n, d, qkv_w),
+                &mut w.partials,
+            );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
@@ -750,6 +807,11 @@ mod tests {
             assert!(
                 (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
                 "loss {loss} vs reference {ref_loss}"
+            );
+            let eval = tr.loss(&tokens).unwrap();
+            assert!(
+                (eval - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
+                "validation loss {eval} vs reference {ref_loss}"
             );
             let grads = tr.grads_by_name().unwrap();
             assert_eq!(grads.len(), ref_grads.len());
