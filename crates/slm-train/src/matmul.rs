@@ -146,6 +146,22 @@ pub(crate) mod linear {
         }
     }
 
+    /// Both gradients of `y = x · wᵀ` from dy: dx written (it feeds a norm's backward, which
+    /// adds it into the residual stream's gradient), dw accumulated.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward(
+        dx: &mut [f32],
+        dw: &mut [f32],
+        dy: &[f32],
+        x: &[f32],
+        w: &[f32],
+        dims: (usize, usize, usize),
+        partials: &mut Vec<f32>,
+    ) {
+        input_grad(dx, dy, w, dims, false);
+        weight_grad(dw, dy, x, dims, partials);
+    }
+
     /// Weight gradients of at most this many values are summed from one partial product per
     /// thread over its share of the rows, instead of gemm splitting the (small) output
     /// between threads. Measured on 2 threads (GFLOP/s, gemm's split -> ours): 768x256

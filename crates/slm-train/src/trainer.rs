@@ -144,6 +144,18 @@ impl Laps {
     }
 }
 
+/// RoPE over the q and k heads of the fused q|k|v rows (they are adjacent, from column 0).
+fn rope_spec<'a>(s: AttnShape, cos: &'a [f32], sin: &'a [f32]) -> RopeSpec<'a> {
+    RopeSpec {
+        width: s.qkv_width(),
+        heads: s.heads + s.kv_heads,
+        head_dim: s.head_dim,
+        positions: s.positions,
+        cos,
+        sin,
+    }
+}
+
 fn zeros(n: usize) -> Vec<f32> {
     vec![0f32; n]
 }
@@ -373,14 +385,7 @@ impl Trainer {
         let n = self.batch * self.positions;
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
-        let rope = RopeSpec {
-            width: qkv_w,
-            heads: shape.heads + shape.kv_heads,
-            head_dim: shape.head_dim,
-            positions: self.positions,
-            cos: &self.cos,
-            sin: &self.sin,
-        };
+        let rope = rope_spec(shape, &self.cos, &self.sin);
         let p = &self.params;
         let laps = &mut self.laps;
         laps.start();
@@ -439,14 +444,7 @@ impl Trainer {
         let n = self.batch * self.positions;
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
-        let rope = RopeSpec {
-            width: qkv_w,
-            heads: shape.heads + shape.kv_heads,
-            head_dim: shape.head_dim,
-            positions: self.positions,
-            cos: &self.cos,
-            sin: &self.sin,
-        };
+        let rope = rope_spec(shape, &self.cos, &self.sin);
         let (p, g, w) = (&self.params, &mut self.grads, &mut self.work);
         let laps = &mut self.laps;
         laps.start();
@@ -473,30 +471,24 @@ impl Trainer {
         for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
             let x = &self.streams[l];
             // MLP: out = mid + down(silu(gate) * up)
-            linear::input_grad(&mut w.dact, &w.dres, &p[lp.down.clone()], (n, f, d), false);
-            laps.lap("linear (backward)");
-            linear::weight_grad(
+            linear::backward(
+                &mut w.dact,
                 &mut g[lp.down.clone()],
                 &w.dres,
                 &s.act,
+                &p[lp.down.clone()],
                 (n, f, d),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
             laps.lap("swiglu (backward)");
-            linear::input_grad(
+            linear::backward(
                 &mut w.dh,
-                &w.dgu,
-                &p[lp.gate_up.clone()],
-                (n, d, 2 * f),
-                false,
-            );
-            laps.lap("linear (backward)");
-            linear::weight_grad(
                 &mut g[lp.gate_up.clone()],
                 &w.dgu,
                 &s.h2,
+                &p[lp.gate_up.clone()],
                 (n, d, 2 * f),
                 &mut w.partials,
             );
@@ -511,12 +503,12 @@ impl Trainer {
             );
             laps.lap("rms_norm (backward)");
             // Attention: mid = x + o(attention(rope(q), rope(k), v))
-            linear::input_grad(&mut w.datt, &w.dres, &p[lp.o.clone()], (n, qw, d), false);
-            laps.lap("linear (backward)");
-            linear::weight_grad(
+            linear::backward(
+                &mut w.datt,
                 &mut g[lp.o.clone()],
                 &w.dres,
                 &s.att,
+                &p[lp.o.clone()],
                 (n, qw, d),
                 &mut w.partials,
             );
@@ -525,12 +517,12 @@ impl Trainer {
             laps.lap("attention (backward)");
             kernels::rope(&mut w.dqkv, rope, true);
             laps.lap("rope (backward)");
-            linear::input_grad(&mut w.dh, &w.dqkv, &p[lp.qkv.clone()], (n, d, qkv_w), false);
-            laps.lap("linear (backward)");
-            linear::weight_grad(
+            linear::backward(
+                &mut w.dh,
                 &mut g[lp.qkv.clone()],
                 &w.dqkv,
                 &s.h1,
+                &p[lp.qkv.clone()],
                 (n, d, qkv_w),
                 &mut w.partials,
             );
