@@ -389,9 +389,11 @@ impl Weights<'_> {
         match self {
             Weights::Gguf { file, device } => {
                 if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
-                    if let (Some(t), true) = (
+                    // The block kernels run on the CPU; another device takes candle's QMatMul.
+                    if let (Some(t), true, true) = (
                         BlockType::from_ggml(info.dtype),
                         info.dims == [out_dim, in_dim],
+                        device.is_cpu(),
                     ) {
                         let w = BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
                         file.release(info);
