@@ -59,44 +59,40 @@ pub fn rms_norm(y: &mut [f32], r: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
 /// gradient, which x also feeds directly) and that of the weight into `dw`.
 pub fn rms_norm_bwd(dx: &mut [f32], dw: &mut [f32], dy: &[f32], x: &[f32], r: &[f32], w: &[f32]) {
     let d = w.len();
-    let dw_sum = dx
+    // One partial weight gradient per fixed block of rows, summed in order: the same sum
+    // whichever thread ran which block (rayon's fold would follow its work stealing).
+    let partials: Vec<Vec<f32>> = dx
         .par_chunks_mut(ROWS * d)
         .zip(dy.par_chunks(ROWS * d))
         .zip(x.par_chunks(ROWS * d))
         .zip(r.par_chunks(ROWS))
-        .fold(
-            || vec![0f32; d],
-            |mut acc, (((dx, dy), x), r)| {
-                for (((dxr, dyr), xr), &rr) in dx
-                    .chunks_exact_mut(d)
-                    .zip(dy.chunks_exact(d))
-                    .zip(x.chunks_exact(d))
-                    .zip(r)
-                {
-                    // y_c = x_c r w_c: dx_c = r (dy_c w_c) - r³/d x_c Σ_j dy_j w_j x_j
-                    let mut s = 0f32;
-                    for ((&g, &wc), &xc) in dyr.iter().zip(w).zip(xr) {
-                        s += g * wc * xc;
-                    }
-                    let k = rr * rr * rr * s / d as f32;
-                    for ((((o, &g), &wc), &xc), a) in
-                        dxr.iter_mut().zip(dyr).zip(w).zip(xr).zip(acc.iter_mut())
-                    {
-                        *o += rr * g * wc - k * xc;
-                        *a += g * xc * rr;
-                    }
+        .map(|(((dx, dy), x), r)| {
+            let mut acc = vec![0f32; d];
+            for (((dxr, dyr), xr), &rr) in dx
+                .chunks_exact_mut(d)
+                .zip(dy.chunks_exact(d))
+                .zip(x.chunks_exact(d))
+                .zip(r)
+            {
+                // y_c = x_c r w_c: dx_c = r (dy_c w_c) - r³/d x_c Σ_j dy_j w_j x_j
+                let mut s = 0f32;
+                for ((&g, &wc), &xc) in dyr.iter().zip(w).zip(xr) {
+                    s += g * wc * xc;
                 }
-                acc
-            },
-        )
-        .reduce(
-            || vec![0f32; d],
-            |mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            },
-        );
-    dw.iter_mut().zip(&dw_sum).for_each(|(a, b)| *a += b);
+                let k = rr * rr * rr * s / d as f32;
+                for ((((o, &g), &wc), &xc), a) in
+                    dxr.iter_mut().zip(dyr).zip(w).zip(xr).zip(acc.iter_mut())
+                {
+                    *o += rr * g * wc - k * xc;
+                    *a += g * xc * rr;
+                }
+            }
+            acc
+        })
+        .collect();
+    for part in &partials {
+        dw.iter_mut().zip(part).for_each(|(a, b)| *a += b);
+    }
 }
 
 /// Where the heads lie in a row of the fused q|k|v projection, and the rotation tables.

@@ -228,7 +228,9 @@ pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
             )
         };
         let targets = &targets[c0..c0 + rows];
-        total += logits
+        // Per-row losses collected and added in order, so the total does not depend on how
+        // rayon split the rows.
+        let losses: Vec<f64> = logits
             .par_chunks_mut(v)
             .zip(targets.par_iter())
             .map(|(row, &t)| {
@@ -244,7 +246,8 @@ pub(crate) fn head_loss_into<T: WithDType + ExpInPlace>(
                 row[t as usize] -= <T as WithDType>::from_f64(inv_n);
                 lse - at_target
             })
-            .sum::<f64>();
+            .collect();
+        total += losses.iter().sum::<f64>();
         let Some((dh, dw)) = grads.as_mut() else {
             continue;
         };
