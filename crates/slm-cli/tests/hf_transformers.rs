@@ -94,6 +94,18 @@ fn transformers_loads_trained_models_and_gives_the_same_logits() {
             .map(|&t| model.next_logits(&[t], &mut cache).unwrap())
             .collect();
 
+        let f16_kv: Vec<f32> = hf["logits_f16_kv"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|row| row.as_array().unwrap().iter())
+            .map(|v| v.as_f64().unwrap() as f32)
+            .collect();
+        let sensitivity = f16_kv
+            .iter()
+            .zip(hf_logits.iter().flatten())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        eprintln!("{name}: f16 K/V alone move transformers' logits by {sensitivity:e}");
         let spread = hf_logits.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
             spread > 1.0,
@@ -107,14 +119,23 @@ fn transformers_loads_trained_models_and_gives_the_same_logits() {
                     worst = worst.max((x - y).abs());
                 }
             }
-            eprintln!("{name} {what}: max |logit difference| {worst:e} (logits up to {spread})");
             // The whole-sequence path is f32 on both sides; only summation order differs.
             // Generation keeps K and V in an f16 cache and accumulates attention in f16, as
-            // llama.cpp does, so there the bound is one f16 rounding (2^-11) of the largest logit.
+            // llama.cpp does (that path is held to llama.cpp's own logits bit for bit by the
+            // reference tests). How far f16 moves this model's logits depends on the model:
+            // two trainings of this recipe that converged to different weights measured 4.4e-4
+            // and 2.7e-3 for rounding K and V alone. So the bound is measured, not guessed:
+            // `sensitivity` is that rounding's effect in transformers, and summing n weighted
+            // values in f16 errs by at most n roundings of the same size (the classic n·u
+            // bound for recursive summation), n being the positions attended. It was one f16
+            // rounding of the largest logit, which held for one training and not the other.
             let bound = match what {
                 "forward" => 1e-4,
-                _ => spread * 2f32.powi(-11),
+                _ => ids.len() as f32 * sensitivity + 1e-4,
             };
+            eprintln!(
+                "{name} {what}: max |logit difference| {worst:e}, bound {bound:e} (logits up to {spread})"
+            );
             assert!(
                 worst < bound,
                 "{name} {what}: logits differ by {worst} (bound {bound})"
