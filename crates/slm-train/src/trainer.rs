@@ -726,7 +726,7 @@ mod tests {
             rms_norm_eps: 1e-5,
             rope_theta: 10_000.0,
             rope_scaling: None,
-            max_position_embeddings: 70,
+            max_position_embeddings: 150,
             tie_word_embeddings: tied,
             attention_bias: false,
             bos_token_id: None,
@@ -793,7 +793,7 @@ mod tests {
                         .unwrap();
                 }
             }
-            let tokens = random_tokens(batch * 71, cfg.vocab_size, 3);
+            let tokens = random_tokens(batch * 151, cfg.vocab_size, 3);
             let (ref_loss, ref_grads) = reference(&cfg, &vars, &tokens, batch);
             let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
             tr.zero_grads();
@@ -915,7 +915,7 @@ mod tests {
             let mut tr = Trainer::new(&cfg, 3, AdamWConfig::default(), &vars).unwrap();
             for step in 0..3 {
                 tr.zero_grads();
-                let tokens = random_tokens(3 * 71, cfg.vocab_size, 40 + step);
+                let tokens = random_tokens(3 * 151, cfg.vocab_size, 40 + step);
                 tr.accumulate(&tokens, 1.0).unwrap();
                 let norm = tr.grad_norm();
                 tr.step(1e-2, 1.0 / norm.max(1.0));
