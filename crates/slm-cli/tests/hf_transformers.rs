@@ -60,18 +60,27 @@ fn transformers_loads_trained_models_and_gives_the_same_logits() {
             .collect();
         assert_eq!(ids, hf_ids, "{name}: token ids");
         assert!(ids.len() >= 8, "{name}: too few tokens to compare");
-        let hf_logits: Vec<Vec<f32>> = hf["logits"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|row| {
-                row.as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|v| v.as_f64().unwrap() as f32)
-                    .collect()
-            })
-            .collect();
+        // Each of the script's logits, row after row, as one list.
+        let logits = |key: &str| -> Vec<f32> {
+            hf[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|row| row.as_array().unwrap().iter())
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect()
+        };
+        let (plain, f16_kv, emulated) = (
+            logits("logits"),
+            logits("logits_f16_kv"),
+            logits("logits_f16_cache"),
+        );
+        let max_diff = |ours: &[f32], theirs: &[f32]| {
+            assert_eq!(ours.len(), theirs.len(), "{name}: logits per position");
+            ours.iter()
+                .zip(theirs)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        };
 
         let loaded = slm_model::load(&model_dir, &Device::Cpu).unwrap();
         let model = &loaded.model;
@@ -80,52 +89,27 @@ fn transformers_loads_trained_models_and_gives_the_same_logits() {
             .unwrap()
             .unsqueeze(0)
             .unwrap();
-        let all: Vec<Vec<f32>> = model
+        let all: Vec<f32> = model
             .forward(&x, None, false)
             .unwrap()
-            .squeeze(0)
+            .flatten_all()
             .unwrap()
-            .to_vec2()
+            .to_vec1()
             .unwrap();
         // ... and token by token through the KV cache (generation's path).
         let mut cache = model.new_cache();
-        let stepwise: Vec<Vec<f32>> = ids
+        let stepwise: Vec<f32> = ids
             .iter()
-            .map(|&t| model.next_logits(&[t], &mut cache).unwrap())
+            .flat_map(|&t| model.next_logits(&[t], &mut cache).unwrap())
             .collect();
 
-        let f16_kv: Vec<f32> = hf["logits_f16_kv"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().iter())
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let sensitivity = f16_kv
-            .iter()
-            .zip(hf_logits.iter().flatten())
-            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        let sensitivity = max_diff(&f16_kv, &plain);
         eprintln!("{name}: f16 K/V alone move transformers' logits by {sensitivity:e}");
-        let emulated: Vec<f32> = hf["logits_f16_cache"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|row| row.as_array().unwrap().iter())
-            .map(|v| v.as_f64().unwrap() as f32)
-            .collect();
-        let spread = hf_logits.iter().flatten().fold(0f32, |m, v| m.max(v.abs()));
+        let spread = plain.iter().fold(0f32, |m, v| m.max(v.abs()));
         assert!(
             spread > 1.0,
             "{name}: logits too flat ({spread}) to compare"
         );
-        let max_diff = |ours: &[Vec<f32>], theirs: &[f32]| {
-            let ours: Vec<f32> = ours.iter().flatten().copied().collect();
-            assert_eq!(ours.len(), theirs.len(), "{name}: logits per position");
-            ours.iter()
-                .zip(theirs)
-                .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-        };
-        let plain: Vec<f32> = hf_logits.iter().flatten().copied().collect();
         // The whole-sequence path is f32 on both sides; only summation order differs.
         let worst = max_diff(&all, &plain);
         eprintln!("{name} forward: max |logit difference| {worst:e} (logits up to {spread})");
