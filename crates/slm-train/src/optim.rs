@@ -83,6 +83,18 @@ impl AdamW {
             .collect()
     }
 
+    /// Adds a backward pass's gradients into `acc` (micro-batches of one update).
+    pub fn add_grads(&self, acc: &mut Grads, store: &GradStore) -> Result<()> {
+        for (id, g) in self.grads(store) {
+            let sum = match acc.remove(&id) {
+                Some(prev) => (prev + g)?,
+                None => g,
+            };
+            acc.insert(id, sum);
+        }
+        Ok(())
+    }
+
     /// The global L2 norm of the gradients (what clipping compares with its limit).
     pub fn grad_norm(&self, grads: &Grads) -> Result<f64> {
         let mut sq = 0f64;

@@ -392,9 +392,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let mut updater = match why_not {
         None => Updater::Fused(Box::new(Trainer::new(&cfg, batch, adam, &vars)?)),
         Some(why) => {
-            tracing::info!(
-                "training through candle's autograd: the fused trainer does not handle {why}"
-            );
+            tracing::info!("training through candle's autograd ({why})");
             Updater::Autograd(AdamW::new(&vars, adam, decays)?)
         }
     };
@@ -463,21 +461,11 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             let toks = sample_batch(&data, &mut rng, batch, ctx);
             loss_sum += match &mut updater {
                 Updater::Fused(tr) => tr.accumulate(&toks, 1.0 / o.grad_accum as f32)?,
-                Updater::Autograd(_) => {
+                Updater::Autograd(opt) => {
                     let (x, y) = to_xy(&toks, batch, ctx)?;
                     let loss = crate::model_loss(&model, &x, &y)?;
                     let value = loss.to_scalar::<f32>()?;
-                    let grads = (loss / o.grad_accum as f64)?.backward()?;
-                    for v in vars.all_vars() {
-                        if let Some(g) = grads.get(v.as_tensor()) {
-                            let id = v.as_tensor().id();
-                            let g = match acc.remove(&id) {
-                                Some(prev) => (prev + g)?,
-                                None => g.clone(),
-                            };
-                            acc.insert(id, g);
-                        }
-                    }
+                    opt.add_grads(&mut acc, &(loss / o.grad_accum as f64)?.backward()?)?;
                     value
                 }
             };
@@ -537,12 +525,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         let finished = state.total_steps != 0 && state.step >= state.total_steps;
         let eval_now = finished
             || (recipe.eval.interval > 0 && state.step.is_multiple_of(recipe.eval.interval));
-        let stop = opts.stop.load(Ordering::SeqCst);
-        let ckpt_now = finished
-            || stop
-            || (recipe.checkpoint.interval > 0
-                && state.step.is_multiple_of(recipe.checkpoint.interval));
-        if eval_now || ckpt_now {
+        if eval_now {
             updater.write_params(&vars)?;
         }
         let vl = if eval_now {
@@ -580,7 +563,15 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             tokens_per_s: tps,
             valid_loss: vl,
         });
+        let stop = opts.stop.load(Ordering::SeqCst);
+        let ckpt_now = finished
+            || stop
+            || (recipe.checkpoint.interval > 0
+                && state.step.is_multiple_of(recipe.checkpoint.interval));
         if ckpt_now {
+            if !eval_now {
+                updater.write_params(&vars)?;
+            }
             metrics.sync_data().map_err(io(&metrics_path))?;
             save_checkpoint(
                 &ckpt_dir,
@@ -595,7 +586,6 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             break;
         }
     }
-    updater.write_params(&vars)?;
     let model_dir = if interrupted {
         None
     } else {

@@ -871,13 +871,7 @@ mod tests {
                 let l = crate::model_loss(&model, &x, &y).unwrap();
                 loss += l.to_scalar::<f32>().unwrap() / accum as f32;
                 let g = (l / accum as f64).unwrap().backward().unwrap();
-                for (id, g) in opt.grads(&g) {
-                    let sum = match acc.remove(&id) {
-                        Some(prev) => (prev + g).unwrap(),
-                        None => g,
-                    };
-                    acc.insert(id, sum);
-                }
+                opt.add_grads(&mut acc, &g).unwrap();
             }
             let norm = opt.grad_norm(&acc).unwrap();
             let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
