@@ -285,10 +285,6 @@ impl Trainer {
         Ok(t)
     }
 
-    pub fn steps(&self) -> u64 {
-        self.steps
-    }
-
     /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
     pub fn tokens_per_batch(&self) -> usize {
         self.batch * (self.positions + 1)
@@ -927,5 +923,70 @@ mod tests {
                 "parameters differ between two identical runs"
             );
         }
+    }
+
+    /// Each refusal names what was wrong: a micro-batch of the wrong length, a token past the
+    /// vocabulary, a model the fused path does not handle, a parameter missing or of another
+    /// shape, optimizer state without a moment or with one of another shape.
+    #[test]
+    fn bad_input_is_refused_by_name() {
+        let cfg = odd_config(true);
+        let dev = Device::Cpu;
+        let vars = init_params(&cfg, DType::F32, 1, &dev).unwrap();
+        let mut tr = Trainer::new(&cfg, 2, AdamWConfig::default(), &vars).unwrap();
+        let err = |r: candle_core::Result<f32>| r.unwrap_err().to_string();
+        let short = err(tr.accumulate(&[1; 10], 1.0));
+        assert!(short.contains("10 tokens, 2 rows of 151"), "{short}");
+        let mut tokens = random_tokens(tr.tokens_per_batch(), cfg.vocab_size, 2);
+        tokens[5] = 97;
+        let outside = err(tr.loss(&tokens));
+        assert!(
+            outside.contains("token id 97") && outside.contains("97"),
+            "{outside}"
+        );
+
+        let mut biased = cfg.clone();
+        biased.attention_bias = true;
+        let e = Trainer::new(&biased, 2, AdamWConfig::default(), &vars)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("attention biases"), "{e}");
+
+        let other = VarMap::new();
+        let e = tr.read_params(&other).unwrap_err().to_string();
+        assert!(
+            e.contains("has no tensor model.layers.0.input_layernorm.weight"),
+            "{e}"
+        );
+        let wide = init_params(&odd_config(false), DType::F32, 1, &dev).unwrap();
+        {
+            let mut data = wide.data().lock().unwrap();
+            let bad = Tensor::zeros((3, 36), DType::F32, &dev).unwrap();
+            data.insert(
+                "model.norm.weight".into(),
+                candle_core::Var::from_tensor(&bad).unwrap(),
+            );
+        }
+        let e = tr.read_params(&wide).unwrap_err().to_string();
+        assert!(
+            e.contains("model.norm.weight has shape [3, 36], [36] expected"),
+            "{e}"
+        );
+
+        let mut state = tr.state().unwrap();
+        state.remove("v.model.norm.weight");
+        let e = tr.load_state(&state, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("optimizer state has no v.model.norm.weight"),
+            "{e}"
+        );
+        let mut state = tr.state().unwrap();
+        state.insert(
+            "m.model.norm.weight".into(),
+            Tensor::zeros(5, DType::F32, &dev).unwrap(),
+        );
+        let e = tr.load_state(&state, 1).unwrap_err().to_string();
+        assert!(e.contains("m.model.norm.weight has shape [5]"), "{e}");
     }
 }
