@@ -288,6 +288,28 @@ fn softmax_row(row: &mut [f32], valid: usize) -> f32 {
     max + sum.ln()
 }
 
+/// A tile's scaled scores `scores` (rows x r1) = scale · q (rows query rows of one head,
+/// `qkv_width` apart) · kᵀ (the first r1 keys of one kv head), on the calling thread.
+fn tile_scores(scores: &mut [f32], q: &[f32], k: &[f32], rows: usize, r1: usize, s: AttnShape) {
+    let (w, hd) = (s.qkv_width(), s.head_dim);
+    assert!(scores.len() >= rows * r1);
+    assert!(rows == 0 || q.len() >= (rows - 1) * w + hd);
+    assert!(r1 == 0 || k.len() >= (r1 - 1) * w + hd);
+    // SAFETY: the asserts bound every element the views address.
+    unsafe {
+        gemm(
+            scores.as_mut_ptr(),
+            r1,
+            false,
+            (rows, r1, hd),
+            View::rows(q, w),
+            View::transposed(k, w),
+            s.scale(),
+            false,
+        )
+    }
+}
+
 /// Forward: `out` (rows x heads*head_dim) and the log-sum-exp of every score row
 /// (`lse`, batch x heads x positions), from which backward rebuilds the probabilities.
 /// Scores live one tile of query rows at a time, never as a whole T x T matrix.
@@ -307,25 +329,14 @@ pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
                     let (rows, r1) = (QUERY_TILE.min(t - r0), (r0 + QUERY_TILE).min(t));
                     let q = &qkv[base + r0 * w + h * hd..];
                     let sc = &mut scores[..rows * r1];
-                    // SAFETY: q, k and v rows of sequence b lie inside qkv (checked); the
-                    // output rows r0..r1 of head h belong to this task alone.
-                    unsafe {
-                        gemm(
-                            sc.as_mut_ptr(),
-                            r1,
-                            false,
-                            (rows, r1, hd),
-                            View::rows(q, w),
-                            View::transposed(k, w),
-                            s.scale(),
-                            false,
-                        );
-                    }
+                    tile_scores(sc, q, k, rows, r1, s);
                     for (i, row) in sc.chunks_exact_mut(r1).enumerate() {
                         let l = softmax_row(row, r0 + i + 1);
                         // SAFETY: row (b, h, r0 + i) of lse belongs to this task.
                         unsafe { *l_ptr.at((b * s.heads + h) * t + r0 + i) = l };
                     }
+                    // SAFETY: v rows of sequence b lie inside qkv (checked); the output rows
+                    // r0..r1 of head h belong to this task alone.
                     unsafe {
                         gemm(
                             o_ptr.at((b * t + r0) * ow + h * hd),
@@ -381,20 +392,11 @@ pub fn attention_bwd(
                     let q = &qkv[base + r0 * w + h * hd..];
                     let dout_t = &dout[(b * t + r0) * ow + h * hd..];
                     let out_t = &out[(b * t + r0) * ow + h * hd..];
+                    tile_scores(p, q, k, rows, r1, s);
                     // SAFETY (every product below): the operands are rows of sequence b
                     // inside their buffers (checked); the written gradient rows (q of head h,
                     // rows r0..r1; k and v of head g) belong to this task.
                     unsafe {
-                        gemm(
-                            p.as_mut_ptr(),
-                            r1,
-                            false,
-                            (rows, r1, hd),
-                            View::rows(q, w),
-                            View::transposed(k, w),
-                            s.scale(),
-                            false,
-                        );
                         gemm(
                             dp.as_mut_ptr(),
                             r1,
