@@ -1092,7 +1092,7 @@ fn set_threads(threads: Option<usize>) -> usize {
         .num_threads(threads)
         .build_global()
         .ok();
-    slm_model::pool::init(threads);
+    slm_kernels::pool::init(threads);
     threads
 }
 
@@ -1181,9 +1181,9 @@ fn bench(path: &Path, threads: usize, json: bool, reps: usize) -> Result<()> {
     let tg128 = median(rates);
     let rss = peak_rss_mb();
     // Which kernel set ran (SLM_KERNELS may narrow it), so results say what they measured.
-    let kernels = match slm_model::ggml_math::Isa::best() {
-        Some(slm_model::ggml_math::Isa::Avx512) => "avx512",
-        Some(slm_model::ggml_math::Isa::Avx2) => "avx2",
+    let kernels = match slm_kernels::ggml_math::Isa::best() {
+        Some(slm_kernels::ggml_math::Isa::Avx512) => "avx512",
+        Some(slm_kernels::ggml_math::Isa::Avx2) => "avx2",
         None => "portable",
     };
     if json {

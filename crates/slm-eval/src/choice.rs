@@ -14,7 +14,7 @@
 use std::collections::BTreeMap;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use slm_model::fused::all_log_sum_exp;
+use slm_kernels::exp::all_log_sum_exp;
 use slm_model::{Llama, Pack};
 use slm_tokenizer::Tokenizer;
 

@@ -7,11 +7,12 @@ use candle_core::Device;
 use slm_tokenizer::Tokenizer;
 
 #[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
 fn q4_1_perplexity_within_one_percent_of_llama_cpp() {
-    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    else {
-        return;
-    };
+    let path = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let text = std::fs::read_to_string(
         PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("../../../shared/fixtures/reference/eval.txt"),

@@ -85,7 +85,7 @@ pub fn attend(
     }
 
     let mut out = vec![0f32; t * n_heads * hd];
-    let o = crate::pool::OutPtr(out.as_mut_ptr());
+    let o = slm_kernels::pool::OutPtr(out.as_mut_ptr());
     let (kc, vc) = (&cache.k, &cache.v);
     let one = |task: usize| {
         let (i, h) = (task / n_heads, task % n_heads);
@@ -97,18 +97,18 @@ pub fn attend(
         let (mut m, mut s_sum) = (f32::NEG_INFINITY, 0f32);
         for j in 0..visible {
             let krow = &kc[j * row + g * hd..][..hd];
-            let s = crate::ggml_math::dot_f16(krow, &q16) * scale;
+            let s = slm_kernels::ggml_math::dot_f16(krow, &q16) * scale;
             let vrow = &vc[j * row + g * hd..][..hd];
             let (mut ms, mut vs) = (1f32, 1f32);
             if s > m {
                 let old = m;
                 m = s;
                 ms = (old - m).exp();
-                crate::ggml_math::scale_f16(&mut acc, ms);
+                slm_kernels::ggml_math::scale_f16(&mut acc, ms);
             } else {
                 vs = (s - m).exp();
             }
-            crate::ggml_math::mad_f16(&mut acc, vrow, vs);
+            slm_kernels::ggml_math::mad_f16(&mut acc, vrow, vs);
             s_sum = s_sum.mul_add(ms, vs); // contracted to FMA in ggml's build
         }
         let inv = if s_sum == 0.0 { 0.0 } else { 1.0 / s_sum };
@@ -121,7 +121,7 @@ pub fn attend(
     // One task per (query, head) on the kernel pool once there is enough to share: in decode
     // this was serial work on the calling thread while the other threads waited.
     if len * n_heads >= MIN_PARALLEL {
-        crate::pool::global().run(t * n_heads, one);
+        slm_kernels::pool::global().run(t * n_heads, one);
     } else {
         (0..t * n_heads).for_each(one);
     }
@@ -158,9 +158,9 @@ fn attend_f32(
     let (k, v) = (widen(k16), widen(v16));
     let (row, rep) = (n_kv * hd, n_heads / n_kv);
     let mut out = vec![0f32; t * n_heads * hd];
-    let o = crate::pool::OutPtr(out.as_mut_ptr());
+    let o = slm_kernels::pool::OutPtr(out.as_mut_ptr());
     let chunks = t.div_ceil(QUERIES_PER_TASK);
-    crate::pool::global().run(n_kv * chunks, |task| {
+    slm_kernels::pool::global().run(n_kv * chunks, |task| {
         let (g, c) = (task / chunks, task % chunks);
         let (i0, i1) = (c * QUERIES_PER_TASK, ((c + 1) * QUERIES_PER_TASK).min(t));
         let rows = (i1 - i0) * rep;
@@ -180,7 +180,7 @@ fn attend_f32(
             let m = sr[..visible]
                 .iter()
                 .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            *sum = crate::ggml_math::exp_sub_sum(&mut sr[..visible], m);
+            *sum = slm_kernels::ggml_math::exp_sub_sum(&mut sr[..visible], m);
             sr[visible..].fill(0.0);
         }
         let mut os = vec![0f32; rows * hd];

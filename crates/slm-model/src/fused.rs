@@ -11,18 +11,7 @@ use candle_core::{
 };
 use num_traits::Float;
 use rayon::prelude::*;
-
-/// The elements of a contiguous tensor's storage `x` under layout `l`.
-pub fn contiguous<'a, T: WithDType>(
-    x: &'a [T],
-    l: &Layout,
-    op: &str,
-) -> candle_core::Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&x[a..b]),
-        None => candle_core::bail!("{op}: expects a contiguous tensor"),
-    }
-}
+use slm_kernels::exp::{contiguous, ExpInPlace};
 
 /// Runs `f` on the f32 or f64 data of a tensor.
 macro_rules! on_float {
@@ -34,87 +23,6 @@ macro_rules! on_float {
             _ => candle_core::bail!("{}: expects f32 or f64 on the CPU", $op),
         }
     }};
-}
-
-/// `exp` over a slice in place: f32 through a branch-free polynomial that the compiler
-/// vectorises (AVX2+FMA when the CPU has them), f64 through the standard library.
-///
-/// Why by hand: the standard library's `expf` is a scalar call per element, and cross-entropy
-/// takes two exponentials of every logit per step (67M for the tiny benchmark shape).
-pub trait ExpInPlace: Float {
-    fn exp_in_place(xs: &mut [Self]);
-}
-
-impl ExpInPlace for f64 {
-    fn exp_in_place(xs: &mut [f64]) {
-        xs.iter_mut().for_each(|x| *x = x.exp());
-    }
-}
-
-impl ExpInPlace for f32 {
-    fn exp_in_place(xs: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were just detected.
-            return unsafe { exp_avx2(xs) };
-        }
-        exp_portable(xs)
-    }
-}
-
-/// log(sum(exp(row))) with the exponentials from `exp_in_place`, summed in f64.
-pub fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
-    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-    scratch.clear();
-    scratch.extend(row.iter().map(|&x| x - max));
-    T::exp_in_place(scratch);
-    let sum: f64 = scratch.iter().map(|&e| WithDType::to_f64(e)).sum();
-    WithDType::to_f64(max) + sum.ln()
-}
-
-/// `log_sum_exp` of every row of width `v` of `x`, rows in parallel: the normaliser of a
-/// log-softmax over the vocabulary, for cross-entropy and for scoring continuations.
-pub fn all_log_sum_exp<T: WithDType + ExpInPlace>(x: &[T], v: usize) -> Vec<f64> {
-    x.par_chunks(v)
-        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
-        .collect()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_avx2(xs: &mut [f32]) {
-    exp_portable(xs)
-}
-
-/// Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, the degree-7 Taylor polynomial of e^r,
-/// and 2^n applied as two powers of two built in the exponent bits (so that n from -150 to
-/// 128 needs no special case: the products underflow to subnormals and 0, or overflow to
-/// inf, exactly as exp does). Within 2 ulp of the standard library (tested).
-#[inline(always)]
-fn exp_portable(xs: &mut [f32]) {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_145_75;
-    const LN2_LO: f32 = 1.428_606_8e-6;
-    for x in xs.iter_mut() {
-        let v = x.clamp(-104.0, 89.0);
-        let n = (v * LOG2E).round_ties_even();
-        let r = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, v));
-        let p = r
-            .mul_add(1.0 / 5040.0, 1.0 / 720.0)
-            .mul_add(r, 1.0 / 120.0)
-            .mul_add(r, 1.0 / 24.0)
-            .mul_add(r, 1.0 / 6.0)
-            .mul_add(r, 0.5)
-            .mul_add(r, 1.0)
-            .mul_add(r, 1.0);
-        // n as an integer through the float's bits (n + 1.5 * 2^23 puts it in the low
-        // mantissa bits): `as i32` saturates and checks for NaN element by element, which
-        // kept the loop from vectorising. A NaN input stays NaN through p.
-        let n = (n + 12_582_912.0).to_bits() as i32 - 0x4B40_0000;
-        let half = n >> 1;
-        let pow2 = |k: i32| f32::from_bits(((k + 127) as u32) << 23);
-        *x = p * pow2(half) * pow2(n - half);
-    }
 }
 
 /// dx = y * (dy - sum(dy * y)) per row.
@@ -747,41 +655,6 @@ mod tests {
             }
         }
     }
-
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_the_standard_library() {
-        let mut xs: Vec<f32> = (0..200_001).map(|i| -100.0 + i as f32 * 0.001).collect();
-        xs.extend([
-            0.0,
-            -0.0,
-            1e-30,
-            -1e-30,
-            88.0,
-            -87.0,
-            f32::NEG_INFINITY,
-            f32::INFINITY,
-        ]);
-        let mut ys = xs.clone();
-        f32::exp_in_place(&mut ys);
-        let mut portable = xs.clone();
-        exp_portable(&mut portable);
-        assert_eq!(
-            portable, ys,
-            "the vectorised and portable builds agree bit for bit"
-        );
-        for (&x, &y) in xs.iter().zip(&ys) {
-            let want = x.exp();
-            if want < f32::MIN_POSITIVE {
-                assert!(y < 1e-37, "exp({x}) = {y}, want {want}");
-            } else if want.is_infinite() {
-                assert!(y.is_infinite(), "exp({x}) = {y}");
-            } else {
-                let ulps = (y.to_bits() as i64 - want.to_bits() as i64).abs();
-                assert!(ulps <= 2, "exp({x}) = {y}, want {want} ({ulps} ulp)");
-            }
-        }
-    }
-
     #[test]
     fn swiglu_matches_the_composed_reference() {
         for (i, shape) in SHAPES.iter().enumerate() {

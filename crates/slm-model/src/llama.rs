@@ -3,8 +3,8 @@
 //! no cache): the fused candle kernels are used unless a tensor is being tracked for gradients.
 
 use crate::attention::{self, LayerCache};
-use crate::config::Config;
-use crate::ggml_math::{exact_path, f32_slice};
+use slm_format::config::Config;
+use slm_kernels::ggml_math::{exact_path, f32_slice};
 use crate::packed::{self, Pack};
 use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
@@ -40,7 +40,7 @@ impl candle_core::CustomOp2 for GgmlRmsNorm {
         // SAFETY: x is contiguous with last dimension n, so the parts are whole rows, and
         // every value of each row is written.
         let y = unsafe {
-            crate::pool::fill_chunks(x.len(), rows * n, |start, part| {
+            slm_kernels::pool::fill_chunks(x.len(), rows * n, |start, part| {
                 let xs = &x[start..start + part.len()];
                 for (xr, yr) in xs.chunks_exact(n).zip(part.chunks_exact_mut(n)) {
                     let sum: f64 = xr.iter().map(|&v| (v * v) as f64).sum();
@@ -89,7 +89,7 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        zip_on_pool("swiglu", s1, l1, s2, l2, crate::ggml_math::swiglu_slice)
+        zip_on_pool("swiglu", s1, l1, s2, l2, slm_kernels::ggml_math::swiglu_slice)
     }
 }
 
@@ -110,7 +110,7 @@ fn zip_on_pool(
     }
     // SAFETY: `f` writes every value of its part (its contract above).
     let y = unsafe {
-        crate::pool::fill_chunks(a.len(), PART_VALUES, |start, part| {
+        slm_kernels::pool::fill_chunks(a.len(), PART_VALUES, |start, part| {
             let end = start + part.len();
             f(&a[start..end], &b[start..end], part)
         })
@@ -203,7 +203,7 @@ impl candle_core::CustomOp3 for GgmlRope {
                 t * d / 2
             )
         }
-        let y = crate::ggml_math::Rope {
+        let y = slm_kernels::ggml_math::Rope {
             cos: c,
             sin: s,
             positions: t,
@@ -313,7 +313,7 @@ impl Rope {
         with_f32(x, "rope", |x| {
             with_f32(&cos, "rope", |c| {
                 with_f32(&sin, "rope", |s| {
-                    crate::ggml_math::Rope {
+                    slm_kernels::ggml_math::Rope {
                         cos: c,
                         sin: s,
                         positions: t,

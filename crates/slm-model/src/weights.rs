@@ -8,9 +8,9 @@ use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 
-use crate::gguf::{dtype_name, GgufError, GgufFile};
-use crate::half_matmul::{HalfMatrix, HalfType};
-use crate::quant::{BlockMatrix, BlockType};
+use slm_format::gguf::{GgmlType, GgufError, GgufFile};
+use slm_kernels::half_matmul::{HalfMatrix, HalfType};
+use slm_kernels::quant::{BlockMatrix, BlockType};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WeightError {
@@ -96,13 +96,13 @@ impl Linear {
             Linear::Quantized {
                 w: QMatMul::QTensor(q),
                 b,
-            } if crate::kquant::supports(q)
-                && crate::ggml_math::exact_path(&[x])
+            } if slm_kernels::kquant::supports(q)
+                && slm_kernels::ggml_math::exact_path(&[x])
                 && x.dims().last().is_some_and(|&k| x.elem_count() == k) =>
             {
                 (
                     x.contiguous()?
-                        .apply_op1_no_bwd(&crate::kquant::KQuantMatmul(q.clone()))?,
+                        .apply_op1_no_bwd(&slm_kernels::kquant::KQuantMatmul(q.clone()))?,
                     b,
                 )
             }
@@ -146,7 +146,7 @@ impl Linear {
             (_, Some(h)) if h.iter().all(|w| w.t == h[0].t) => Some(Kind::Half(h)),
             _ => None,
         };
-        let (Some(kind), true) = (kind, N > 1 && crate::ggml_math::exact_path(&[x])) else {
+        let (Some(kind), true) = (kind, N > 1 && slm_kernels::ggml_math::exact_path(&[x])) else {
             return ls
                 .iter()
                 .map(|l| l.forward(x))
@@ -181,7 +181,7 @@ impl Linear {
             let candle_core::Storage::Cpu(cpu) = &*storage else {
                 candle_core::bail!("projection: expects a CPU tensor");
             };
-            let xs = crate::ggml_math::f32_slice(cpu, layout, "projection")?;
+            let xs = slm_kernels::ggml_math::f32_slice(cpu, layout, "projection")?;
             let mut slices: Vec<_> = outs
                 .iter_mut()
                 .zip(&ns)
@@ -356,11 +356,11 @@ impl Weights<'_> {
                 format!(
                     "has shape {:?} ({}), the config implies {shape:?}",
                     info.dims,
-                    dtype_name(info.dtype)
+                    info.dtype.name()
                 ),
             ));
         }
-        Ok(file.qtensor(&name, device)?)
+        gguf_qtensor(file, &name, device)
     }
 
     /// A full-precision tensor (norm weights, biases).
@@ -391,7 +391,7 @@ impl Weights<'_> {
                 if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
                     // The block kernels run on the CPU; another device takes candle's QMatMul.
                     if let (Some(t), true, true) = (
-                        BlockType::from_ggml(info.dtype),
+                        BlockType::from_ggml(candle_type(info.dtype)),
                         info.dims == [out_dim, in_dim],
                         device.is_cpu(),
                     ) {
@@ -400,7 +400,7 @@ impl Weights<'_> {
                         return Ok(Linear::Blocks { w, b });
                     }
                     if let (Some(t), true, true) = (
-                        HalfType::from_ggml(info.dtype),
+                        HalfType::from_ggml(candle_type(info.dtype)),
                         info.dims == [out_dim, in_dim],
                         device.is_cpu(),
                     ) {
@@ -429,7 +429,7 @@ impl Weights<'_> {
             Weights::Gguf { file, device } => {
                 if let Some(info) = hf_to_gguf_name(hf_name).and_then(|g| file.tensor_info(&g)) {
                     if let (Some(t), true, true) = (
-                        BlockType::from_ggml(info.dtype),
+                        BlockType::from_ggml(candle_type(info.dtype)),
                         info.dims == [vocab, hidden],
                         device.is_cpu(),
                     ) {
@@ -438,7 +438,7 @@ impl Weights<'_> {
                         return Ok(Embedding::Blocks(w));
                     }
                     if let (Some(t), true, true) = (
-                        HalfType::from_ggml(info.dtype),
+                        HalfType::from_ggml(candle_type(info.dtype)),
                         info.dims == [vocab, hidden],
                         device.is_cpu(),
                     ) {
@@ -469,9 +469,7 @@ impl Weights<'_> {
             Weights::Gguf { file, device } => match file.tensor_info("rope_freqs.weight") {
                 None => Ok(None),
                 Some(_) => {
-                    let t = file
-                        .qtensor("rope_freqs.weight", device)?
-                        .dequantize(device)?;
+                    let t = gguf_qtensor(file, "rope_freqs.weight", device)?.dequantize(device)?;
                     Ok(Some(t.flatten_all()?.to_vec1::<f32>()?))
                 }
             },
@@ -482,14 +480,80 @@ impl Weights<'_> {
     /// GGUF files converted from Llama/Mistral checkpoints store q and k with their rows
     /// permuted so that rotary pairs are adjacent (interleaved); Hugging Face weights and
     /// Qwen2 GGUFs pair dimension i with i + d/2.
-    pub fn rope_interleaved(&self, arch: crate::config::Arch) -> bool {
-        matches!(self, Weights::Gguf { .. }) && arch != crate::config::Arch::Qwen2
+    pub fn rope_interleaved(&self, arch: slm_format::config::Arch) -> bool {
+        matches!(self, Weights::Gguf { .. }) && arch != slm_format::config::Arch::Qwen2
+    }
+}
+
+/// One tensor of a GGUF file as a candle `QTensor` (a copy of its bytes, so the map can be
+/// dropped).
+pub fn gguf_qtensor(file: &GgufFile, name: &str, device: &Device) -> Result<QTensor> {
+        let info = file.tensor_info(name).ok_or_else(|| GgufError::Tensor {
+            path: file.path().to_path_buf(),
+            tensor: name.to_string(),
+            what: "not found in the file".into(),
+        })?;
+        let bytes = file.tensor_bytes(info);
+        let terr = |what: String| GgufError::Tensor {
+            path: file.path().to_path_buf(),
+            tensor: name.to_string(),
+            what,
+        };
+        // candle reinterprets the bytes as blocks in place; blocks hold f16/f32 fields, so the
+        // slice must be aligned for them. A mapped file with a legal alignment always is; a
+        // file with `general.alignment` of 1 or 2 may not be, so copy to an aligned buffer then.
+        let aligned: Vec<u64>;
+        let bytes = if !(bytes.as_ptr() as usize).is_multiple_of(8) {
+            let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+            // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
+            let dst =
+                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len()) };
+            dst.copy_from_slice(bytes);
+            aligned = buf;
+            // SAFETY: as above; `aligned` outlives this use.
+            unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, bytes.len()) }
+        } else {
+            bytes
+        };
+        candle_core::quantized::ggml_file::qtensor_from_ggml(candle_type(info.dtype), bytes, info.dims.clone(), device)
+            .map_err(|e| terr(e.to_string()).into())
+    }
+
+/// candle's name for a GGUF tensor type: candle dequantizes every type and computes the
+/// K-quants' dot products.
+pub fn candle_type(t: GgmlType) -> GgmlDType {
+    match t {
+        GgmlType::F32 => GgmlDType::F32,
+        GgmlType::F16 => GgmlDType::F16,
+        GgmlType::BF16 => GgmlDType::BF16,
+        GgmlType::Q4_0 => GgmlDType::Q4_0,
+        GgmlType::Q4_1 => GgmlDType::Q4_1,
+        GgmlType::Q5_0 => GgmlDType::Q5_0,
+        GgmlType::Q5_1 => GgmlDType::Q5_1,
+        GgmlType::Q8_0 => GgmlDType::Q8_0,
+        GgmlType::Q8_1 => GgmlDType::Q8_1,
+        GgmlType::Q2K => GgmlDType::Q2K,
+        GgmlType::Q3K => GgmlDType::Q3K,
+        GgmlType::Q4K => GgmlDType::Q4K,
+        GgmlType::Q5K => GgmlDType::Q5K,
+        GgmlType::Q6K => GgmlDType::Q6K,
+        GgmlType::Q8K => GgmlDType::Q8K,
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// slm-format checks tensor byte lengths with its own block sizes; candle reads the
+    /// blocks with its own. They must be the same numbers.
+    #[test]
+    fn gguf_type_sizes_equal_candles() {
+        for t in GgmlType::ALL {
+            let c = candle_type(t);
+            assert_eq!((t.block_size(), t.type_size()), (c.block_size(), c.type_size()), "{t:?}");
+        }
+    }
 
     /// A tied embedding looks rows up in the output projection's blocks: the same values as
     /// candle's dequantization, bit for bit, for every block type, grouped layout or not.

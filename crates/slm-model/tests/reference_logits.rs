@@ -21,11 +21,12 @@ fn ids(v: &Value) -> Vec<u32> {
 }
 
 #[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
 fn q4_1_top10_logits_and_greedy_match_llama_cpp() {
-    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    else {
-        return;
-    };
+    let path = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(
             shared().join("fixtures/reference/smollm2-135m-instruct-q4_1.llamacpp.json"),

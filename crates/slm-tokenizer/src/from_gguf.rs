@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::ser::SerializeMap;
 
 use serde_json::{json, Value as Json};
-use slm_model::gguf::Value;
+use slm_format::gguf::Value;
 
 use crate::{Result, TokenizerError};
 

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 pub use chat::{ChatTemplate, Message};
 pub use from_gguf::{from_gguf_metadata, TokenizerSpec};
-use slm_model::ModelSource;
+use slm_format::ModelSource;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {

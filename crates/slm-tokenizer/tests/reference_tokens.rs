@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
-use slm_model::{gguf::GgufFile, ModelSource};
+use slm_format::{gguf::GgufFile, ModelSource};
 use slm_tokenizer::Tokenizer;
 
 fn tokenizer(path: &std::path::Path) -> Tokenizer {
@@ -18,11 +18,12 @@ fn tokenizer(path: &std::path::Path) -> Tokenizer {
 }
 
 #[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
 fn token_ids_equal_llama_cpp() {
-    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    else {
-        return;
-    };
+    let path = slm_format::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let tok = tokenizer(&path);
     let reference: Value = serde_json::from_str(
         &std::fs::read_to_string(
@@ -68,11 +69,12 @@ fn token_ids_equal_llama_cpp() {
 }
 
 #[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
 fn chat_template_renders_the_reference_chat_prompt() {
-    let Some(path) = slm_model::assets::require_for_test("models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    else {
-        return;
-    };
+    let path = slm_format::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let tok = tokenizer(&path);
     let reference: Value =
         serde_json::from_str(

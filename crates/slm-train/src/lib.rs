@@ -6,9 +6,7 @@
 
 pub mod bench;
 pub mod init;
-pub mod kernels;
 pub mod loss;
-mod matmul;
 pub mod optim;
 pub mod recipe;
 pub mod report;

@@ -16,9 +16,9 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 use slm_model::{Arch, Config};
 
-use crate::kernels::{self, AttnShape, RopeSpec};
-use crate::loss::{head_loss_into, HeadShape};
-use crate::matmul::linear;
+use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
+use slm_kernels::head::{head_loss_into, HeadShape};
+use slm_kernels::gemm::linear;
 use crate::optim::AdamWConfig;
 
 /// Why a model cannot train on this path (it then trains through candle's autograd).

@@ -11,9 +11,9 @@
 //! autograd) stays the reference these are tested against.
 
 use rayon::prelude::*;
-use slm_model::fused::ExpInPlace;
+use crate::exp::ExpInPlace;
 
-use crate::matmul::{gemm, View};
+use crate::gemm::{gemm, View};
 
 /// Rows per parallel task of the row-wise kernels.
 const ROWS: usize = 32;
@@ -470,12 +470,19 @@ pub fn attention_bwd(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::init::Rng;
     use candle_core::{Device, Tensor, Var, D};
+    use rand::{Rng, SeedableRng};
 
+    /// Normal samples (Box-Muller) from a seed.
     fn random(n: usize, seed: u64, scale: f32) -> Vec<f32> {
-        let mut rng = Rng(seed);
-        (0..n).map(|_| rng.normal() as f32 * scale).collect()
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        (0..n)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (1.0 - rng.random::<f64>(), rng.random());
+                let g = (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos();
+                g as f32 * scale
+            })
+            .collect()
     }
 
     fn close(name: &str, got: &[f32], want: &Tensor) {
@@ -646,9 +653,9 @@ mod tests {
     fn embedding_gradients() {
         let (vocab, d, n) = (23, 19, 61);
         let table = random(vocab * d, 8, 1.0);
-        let mut rng = Rng(9);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(9);
         let tokens: Vec<u32> = (0..n)
-            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .map(|_| (rng.random::<u64>() % vocab as u64) as u32)
             .collect();
         let r = random(n * d, 10, 1.0);
         let mut x = vec![0f32; n * d];

@@ -4,7 +4,7 @@
 
 /// A matrix read through strides: element (i, j) at `i * rs + j * cs`.
 #[derive(Clone, Copy)]
-pub(crate) struct View<T> {
+pub struct View<T> {
     pub ptr: *const T,
     pub rs: usize,
     pub cs: usize,
@@ -36,7 +36,7 @@ impl<T> View<T> {
 /// Every element the views and `dst`'s stride address lies inside live allocations, and no
 /// other thread writes `dst`'s elements meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm<T: 'static + num_traits::Float>(
+pub unsafe fn gemm<T: 'static + num_traits::Float>(
     dst: *mut T,
     dst_rs: usize,
     accumulate: bool,
@@ -87,7 +87,7 @@ pub(crate) unsafe fn gemm<T: 'static + num_traits::Float>(
 
 /// The three products of a linear layer `y = x · wᵀ` (x: n x k rows, w: m x k), on all threads.
 /// Lengths are checked: the callers size every buffer from one model shape.
-pub(crate) mod linear {
+pub mod linear {
     use super::{gemm, View};
 
     fn check(what: &str, len: usize, want: usize) {

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 /// A pointer the tasks of one section write disjoint parts of a buffer through (each task
 /// its own rows or columns; the caller's contract says which).
-pub(crate) struct OutPtr<T>(pub(crate) *mut T);
+pub struct OutPtr<T>(pub *mut T);
 impl<T> Clone for OutPtr<T> {
     fn clone(&self) -> Self {
         *self
@@ -27,7 +27,7 @@ unsafe impl<T> Send for OutPtr<T> {}
 unsafe impl<T> Sync for OutPtr<T> {}
 impl<T> OutPtr<T> {
     /// Through a method, so closures capture the wrapper (Sync), not the raw pointer field.
-    pub(crate) fn get(self) -> *mut T {
+    pub fn get(self) -> *mut T {
         self.0
     }
 }

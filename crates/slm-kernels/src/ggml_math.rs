@@ -27,7 +27,7 @@ pub fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> candle_core::Re
     let CpuStorage::F32(v) = s else {
         candle_core::bail!("{op} expects f32")
     };
-    crate::fused::contiguous(v, l, op)
+    crate::exp::contiguous(v, l, op)
 }
 
 /// The forward of a weight-matrix op `x (.., k) W^T` for an n x k matrix: checks the input

@@ -11,8 +11,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::quantized::{ggml_file::qtensor_from_ggml, GgmlDType, QTensor};
-use candle_core::Device;
 use memmap2::Mmap;
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -149,7 +147,7 @@ pub struct TensorInfo {
     pub name: String,
     /// Dimensions in candle order (slowest first); GGUF stores them fastest first.
     pub dims: Vec<usize>,
-    pub dtype: GgmlDType,
+    pub dtype: GgmlType,
     /// Absolute byte range in the file.
     pub start: usize,
     pub len: usize,
@@ -324,59 +322,99 @@ impl GgufFile {
             };
         }
     }
+}
 
-    /// Loads one tensor into a candle `QTensor` (a copy of its bytes, so the map can be dropped).
-    pub fn qtensor(&self, name: &str, device: &Device) -> Result<QTensor> {
-        let info = self.tensor_info(name).ok_or_else(|| GgufError::Tensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            what: "not found in the file".into(),
-        })?;
-        let bytes = self.tensor_bytes(info);
-        let terr = |what: String| GgufError::Tensor {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            what,
-        };
-        // candle reinterprets the bytes as blocks in place; blocks hold f16/f32 fields, so the
-        // slice must be aligned for them. A mapped file with a legal alignment always is; a
-        // file with `general.alignment` of 1 or 2 may not be, so copy to an aligned buffer then.
-        let aligned: Vec<u64>;
-        let bytes = if !(bytes.as_ptr() as usize).is_multiple_of(8) {
-            let mut buf = vec![0u64; bytes.len().div_ceil(8)];
-            // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len()) };
-            dst.copy_from_slice(bytes);
-            aligned = buf;
-            // SAFETY: as above; `aligned` outlives this use.
-            unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, bytes.len()) }
-        } else {
-            bytes
-        };
-        qtensor_from_ggml(info.dtype, bytes, info.dims.clone(), device)
-            .map_err(|e| terr(e.to_string()))
+/// The tensor storage types slm reads, by ggml's names. Sizes are ggml's (`ggml_blck_size`,
+/// `ggml_type_size`), so a tensor's byte length is checked against the file without knowing
+/// how its blocks compute.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+    Q8_0,
+    Q8_1,
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
+    Q8K,
+}
+
+impl GgmlType {
+    pub const ALL: [GgmlType; 15] = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::Q8K,
+    ];
+
+    pub fn name(self) -> &'static str {
+        self.info().0
+    }
+    /// Values per block.
+    pub fn block_size(self) -> usize {
+        self.info().1
+    }
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        self.info().2
+    }
+    fn info(self) -> (&'static str, usize, usize) {
+        match self {
+            GgmlType::F32 => ("F32", 1, 4),
+            GgmlType::F16 => ("F16", 1, 2),
+            GgmlType::BF16 => ("BF16", 1, 2),
+            GgmlType::Q4_0 => ("Q4_0", 32, 18),
+            GgmlType::Q4_1 => ("Q4_1", 32, 20),
+            GgmlType::Q5_0 => ("Q5_0", 32, 22),
+            GgmlType::Q5_1 => ("Q5_1", 32, 24),
+            GgmlType::Q8_0 => ("Q8_0", 32, 34),
+            GgmlType::Q8_1 => ("Q8_1", 32, 36),
+            GgmlType::Q2K => ("Q2_K", 256, 84),
+            GgmlType::Q3K => ("Q3_K", 256, 110),
+            GgmlType::Q4K => ("Q4_K", 256, 144),
+            GgmlType::Q5K => ("Q5_K", 256, 176),
+            GgmlType::Q6K => ("Q6_K", 256, 210),
+            GgmlType::Q8K => ("Q8_K", 256, 292),
+        }
     }
 }
 
-/// Name, id, and whether candle can compute with it.
-fn ggml_type(id: u32) -> std::result::Result<GgmlDType, String> {
+/// The type of ggml type id `id`, or why slm cannot read it.
+fn ggml_type(id: u32) -> std::result::Result<GgmlType, String> {
     Ok(match id {
-        0 => GgmlDType::F32,
-        1 => GgmlDType::F16,
-        2 => GgmlDType::Q4_0,
-        3 => GgmlDType::Q4_1,
-        6 => GgmlDType::Q5_0,
-        7 => GgmlDType::Q5_1,
-        8 => GgmlDType::Q8_0,
-        9 => GgmlDType::Q8_1,
-        10 => GgmlDType::Q2K,
-        11 => GgmlDType::Q3K,
-        12 => GgmlDType::Q4K,
-        13 => GgmlDType::Q5K,
-        14 => GgmlDType::Q6K,
-        15 => GgmlDType::Q8K,
-        30 => GgmlDType::BF16,
+        0 => GgmlType::F32,
+        1 => GgmlType::F16,
+        2 => GgmlType::Q4_0,
+        3 => GgmlType::Q4_1,
+        6 => GgmlType::Q5_0,
+        7 => GgmlType::Q5_1,
+        8 => GgmlType::Q8_0,
+        9 => GgmlType::Q8_1,
+        10 => GgmlType::Q2K,
+        11 => GgmlType::Q3K,
+        12 => GgmlType::Q4K,
+        13 => GgmlType::Q5K,
+        14 => GgmlType::Q6K,
+        15 => GgmlType::Q8K,
+        30 => GgmlType::BF16,
         other => {
             let name = match other {
                 4 | 5 => "Q4_2/Q4_3 (removed from ggml)",
@@ -405,26 +443,6 @@ fn ggml_type(id: u32) -> std::result::Result<GgmlDType, String> {
             ));
         }
     })
-}
-
-pub fn dtype_name(t: GgmlDType) -> &'static str {
-    match t {
-        GgmlDType::F32 => "F32",
-        GgmlDType::F16 => "F16",
-        GgmlDType::BF16 => "BF16",
-        GgmlDType::Q4_0 => "Q4_0",
-        GgmlDType::Q4_1 => "Q4_1",
-        GgmlDType::Q5_0 => "Q5_0",
-        GgmlDType::Q5_1 => "Q5_1",
-        GgmlDType::Q8_0 => "Q8_0",
-        GgmlDType::Q8_1 => "Q8_1",
-        GgmlDType::Q2K => "Q2_K",
-        GgmlDType::Q3K => "Q3_K",
-        GgmlDType::Q4K => "Q4_K",
-        GgmlDType::Q5K => "Q5_K",
-        GgmlDType::Q6K => "Q6_K",
-        GgmlDType::Q8K => "Q8_K",
-    }
 }
 
 struct Reader<'a> {
@@ -595,7 +613,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     struct Raw {
         name: String,
         dims: Vec<usize>,
-        dtype: GgmlDType,
+        dtype: GgmlType,
         offset: u64,
         len: usize,
     }
@@ -641,7 +659,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
             return Err(terr(format!(
                 "row length {} is not a multiple of the {} block size {block}",
                 ne[0],
-                dtype_name(dtype)
+                dtype.name()
             )));
         }
         let len = elems / block * dtype.type_size() as u64;

@@ -5,8 +5,8 @@ use std::time::Instant;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use slm_model::half_matmul::{HalfMatrix, HalfType};
-use slm_model::quant::{BlockMatrix, BlockType};
+use slm_kernels::half_matmul::{HalfMatrix, HalfType};
+use slm_kernels::quant::{BlockMatrix, BlockType};
 
 fn main() {
     let threads: usize = std::env::args()
@@ -17,7 +17,7 @@ fn main() {
         .num_threads(threads)
         .build_global()
         .unwrap();
-    slm_model::pool::init(threads);
+    slm_kernels::pool::init(threads);
     println!("threads {threads}");
     println!("| type | n x k | m | GB/s | GOP/s | us/call |");
     println!("|---|---|---|---|---|---|");
@@ -84,7 +84,7 @@ fn main() {
         for &m in &ms {
             let run = |x: &[f32], out: &mut [f32]| {
                 // SAFETY: the kernel stores computed values only.
-                slm_model::kquant::matmul(&q, x, m, unsafe { slm_model::pool::as_uninit(out) })
+                slm_kernels::kquant::matmul(&q, x, m, unsafe { slm_kernels::pool::as_uninit(out) })
                     .unwrap();
             };
             report(&format!("{g:?}"), n, k, m, bytes, run);
