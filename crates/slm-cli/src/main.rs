@@ -145,10 +145,6 @@ enum Cmd {
         /// tiny (d256 L4 ctx256 batch16) or small (d512 L8 ctx512 batch8), vocab 8192.
         #[arg(long, conflicts_with = "model")]
         train: Option<slm_train::bench::Shape>,
-        /// With --train: through candle's autograd (the reference path the fused trainer is
-        /// tested against) instead of the fused trainer.
-        #[arg(long, requires = "train")]
-        autograd: bool,
         /// Timed training updates (after two untimed ones).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -791,7 +787,6 @@ fn main() -> Result<()> {
         Cmd::Bench {
             model,
             train,
-            autograd,
             steps,
             threads,
             json,
@@ -799,7 +794,7 @@ fn main() -> Result<()> {
         } => {
             let threads = set_threads(threads);
             match (train, model) {
-                (Some(shape), _) => bench_train(shape, steps, threads, json, autograd),
+                (Some(shape), _) => bench_train(shape, steps, threads, json),
                 (None, Some(model)) => bench(&model, threads, json, reps),
                 (None, None) => bail!("bench needs a MODEL or --train tiny|small"),
             }
@@ -1101,9 +1096,8 @@ fn bench_train(
     steps: usize,
     threads: usize,
     json: bool,
-    autograd: bool,
 ) -> Result<()> {
-    let r = slm_train::bench::run(shape, steps, 2, autograd)?;
+    let r = slm_train::bench::run(shape, steps, 2)?;
     let rss = peak_rss_mb();
     if json {
         let mut v = serde_json::to_value(&r)?;
@@ -1117,7 +1111,6 @@ fn bench_train(
             r.shape, r.parameters, r.tokens_per_step
         );
         println!("threads    {threads}");
-        println!("path       {}", r.path);
         println!(
             "training   {:.0} tok/s ({:.3} s per update, median of {})",
             r.tokens_per_s, r.step_s, r.steps

@@ -71,7 +71,12 @@ fn model(vocab: usize) -> Llama {
     let dev = Device::Cpu;
     // Fixed weights (a deterministic pattern, not an RNG) so the model is the same everywhere.
     let mut ts = HashMap::new();
-    for (k, (name, shape)) in cfg.tensor_shapes().into_iter().enumerate() {
+    for (k, (name, shape)) in cfg
+        .params()
+        .into_iter()
+        .map(|p| (p.name(), p.shape))
+        .enumerate()
+    {
         let n: usize = shape.iter().product();
         let vals: Vec<f32> = (0..n)
             .map(|i| ((i * 7919 + k * 104_729) % 1000) as f32 / 1000.0 - 0.5)

@@ -328,51 +328,6 @@ impl Config {
         Ok(())
     }
 
-    /// Parameters, counting tied embeddings once.
-    /// Every parameter tensor of the model, by its Hugging Face name, with its shape.
-    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
-        let (h, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
-        let mut v = vec![
-            (
-                "model.embed_tokens.weight".to_string(),
-                vec![self.vocab_size, h],
-            ),
-            ("model.norm.weight".to_string(), vec![h]),
-        ];
-        for l in 0..self.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.self_attn.q_proj.weight"), vec![q, h]));
-            v.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, h]));
-            v.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, h]));
-            if self.attention_bias {
-                v.push((format!("{p}.self_attn.q_proj.bias"), vec![q]));
-                v.push((format!("{p}.self_attn.k_proj.bias"), vec![kv]));
-                v.push((format!("{p}.self_attn.v_proj.bias"), vec![kv]));
-            }
-            v.push((format!("{p}.self_attn.o_proj.weight"), vec![h, q]));
-            v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
-            v.push((format!("{p}.mlp.gate_proj.weight"), vec![f, h]));
-            v.push((format!("{p}.mlp.up_proj.weight"), vec![f, h]));
-            v.push((format!("{p}.mlp.down_proj.weight"), vec![h, f]));
-        }
-        if !self.tie_word_embeddings {
-            v.push(("lm_head.weight".to_string(), vec![self.vocab_size, h]));
-        }
-        v
-    }
-
-    pub fn num_params(&self) -> usize {
-        let (h, f, v) = (self.hidden_size, self.intermediate_size, self.vocab_size);
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let bias = if self.attention_bias { q + 2 * kv } else { 0 };
-        let layer = h * q + 2 * h * kv + q * h + bias + 3 * h * f + 2 * h;
-        let head = if self.tie_word_embeddings { 0 } else { v * h };
-        v * h + self.num_hidden_layers * layer + h + head
-    }
-
     /// The Hugging Face config.json for this configuration.
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
@@ -422,12 +377,6 @@ mod tests {
         let c = Config::from_hf_json(SMOLLM, "config.json").unwrap();
         assert_eq!(c.head_dim, 64);
         assert_eq!(c.num_params(), 134_515_008);
-        let listed: usize = c
-            .tensor_shapes()
-            .iter()
-            .map(|(_, s)| s.iter().product::<usize>())
-            .sum();
-        assert_eq!(listed, c.num_params());
         let back = Config::from_hf_json(&c.to_hf_json().to_string(), "x").unwrap();
         assert_eq!(back, c);
     }

@@ -112,18 +112,16 @@ pub fn source(path: &Path) -> Result<ModelSource, SourceError> {
 impl ModelSource {
     /// The source of an opened GGUF file.
     pub fn of_gguf(file: &GgufFile) -> ModelSource {
-    let mut tensor_types = BTreeMap::new();
-    for t in &file.tensors {
-        *tensor_types
-            .entry(t.dtype.name().to_string())
-            .or_insert(0) += 1;
+        let mut tensor_types = BTreeMap::new();
+        for t in &file.tensors {
+            *tensor_types.entry(t.dtype.name().to_string()).or_insert(0) += 1;
+        }
+        let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
+        ModelSource::Gguf {
+            path: file.path().to_path_buf(),
+            metadata: file.metadata.clone(),
+            tensor_types,
+            file_bytes,
+        }
     }
-    let file_bytes = std::fs::metadata(file.path()).map(|m| m.len()).unwrap_or(0);
-    ModelSource::Gguf {
-        path: file.path().to_path_buf(),
-        metadata: file.metadata.clone(),
-        tensor_types,
-        file_bytes,
-    }
-}
 }

@@ -18,7 +18,6 @@ pub fn contiguous<'a, T: WithDType>(
     }
 }
 
-
 /// `exp` over a slice in place: f32 through a branch-free polynomial that the compiler
 /// vectorises (AVX2+FMA when the CPU has them), f64 through the standard library.
 ///
@@ -137,5 +136,4 @@ mod tests {
             }
         }
     }
-
 }

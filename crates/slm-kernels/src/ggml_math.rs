@@ -7,7 +7,7 @@
 //! of the reference prompts). Matching a llama.cpp run therefore means doing its arithmetic
 //! in its order, for the instruction set it was built for. The reference fixtures come from an
 //! AVX-512 build, which is the default here; `SLM_GGML_FLAVOR=avx2` reproduces an AVX2 build
-//! (used to check these replicas against a local llama.cpp, see bench/compare-numerics.py).
+//! (no fixture holds an AVX2 build's outputs; it was checked against a local llama.cpp once).
 //! Neither is more accurate than the other: both are within a few ulp of the true values.
 
 use candle_core::{CpuStorage, DType, Layout, Tensor};

@@ -23,4 +23,3 @@ pub mod pool;
 pub mod quant;
 mod scratch;
 pub mod train;
-

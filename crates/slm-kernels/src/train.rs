@@ -10,8 +10,8 @@
 //! the gradients they feed. The candle model (`slm_model::Llama` over `Var`s, with
 //! autograd) stays the reference these are tested against.
 
-use rayon::prelude::*;
 use crate::exp::ExpInPlace;
+use rayon::prelude::*;
 
 use crate::gemm::{gemm, View};
 
@@ -203,6 +203,31 @@ pub fn embed_bwd(dtable: &mut [f32], dx: &[f32], tokens: &[u32], d: usize) {
             let out =
                 unsafe { std::slice::from_raw_parts_mut(dt.at(t as usize * d + c0), c1 - c0) };
             out.iter_mut().zip(&row[c0..c1]).for_each(|(o, g)| *o += g);
+        }
+    });
+}
+
+/// A bias added to every row of `y` (rows of `b.len()` values).
+pub fn add_bias(y: &mut [f32], b: &[f32]) {
+    y.par_chunks_mut(b.len().max(1) * ROWS).for_each(|rows| {
+        for row in rows.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(y, &b)| *y += b);
+        }
+    });
+}
+
+/// Bias backward: the column sums of `dy` (rows of `db.len()` values) added into `db`.
+/// Split by columns and summed down the rows in order, so the sums do not depend on how the
+/// threads shared the work.
+pub fn bias_bwd(db: &mut [f32], dy: &[f32]) {
+    let width = db.len();
+    const COLS: usize = 64;
+    db.par_chunks_mut(COLS).enumerate().for_each(|(p, out)| {
+        let (c0, cols) = (p * COLS, out.len());
+        for row in dy.chunks_exact(width) {
+            out.iter_mut()
+                .zip(&row[c0..c0 + cols])
+                .for_each(|(o, g)| *o += g);
         }
     });
 }
@@ -647,6 +672,25 @@ mod tests {
         let grads = weighted_sum(&ar, &r).backward().unwrap();
         close("swiglu dgu", &dgu, grads.get(&guv).unwrap());
         finite_difference("swiglu dgu", &gu, &dgu, &r, |x| run(x).0);
+    }
+
+    #[test]
+    fn bias_forward_and_gradient() {
+        let (n, w) = (37, 70);
+        let b = random(w, 11, 1.0);
+        let y0 = random(n * w, 12, 1.0);
+        let mut y = y0.clone();
+        add_bias(&mut y, &b);
+        for (i, (got, start)) in y.iter().zip(&y0).enumerate() {
+            assert_eq!(*got, start + b[i % w]);
+        }
+        // Added into what db held, in row order per column: exactly the sequential sums.
+        let mut db = vec![0.5f32; w];
+        bias_bwd(&mut db, &y0);
+        for (c, got) in db.iter().enumerate() {
+            let want = (0..n).fold(0.5f32, |s, r| s + y0[r * w + c]);
+            assert_eq!(got.to_bits(), want.to_bits(), "column {c}");
+        }
     }
 
     #[test]

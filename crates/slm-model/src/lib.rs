@@ -1,18 +1,15 @@
 //! slm-model: the Llama-family transformer and its weights, loaded from GGUF files and
 //! Hugging Face safetensors folders (read through slm-format) onto slm-kernels' matrices.
 
-
 pub mod attention;
-pub mod fused;
 pub mod llama;
 pub mod packed;
-pub mod tap;
 pub mod weights;
 
 use std::path::Path;
 
 pub use slm_format::source::{safetensors_files, source, ModelSource};
-pub use slm_format::{assets, config, gguf};
+pub use slm_format::{assets, config, gguf, params};
 use slm_format::{files_err, FileError, SourceError};
 
 use candle_core::{DType, Device};
@@ -96,4 +93,3 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
         source: ModelSource::of_gguf(&file),
     })
 }
-

@@ -1,14 +1,16 @@
-//! The Llama-family transformer: RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP.
-//! One definition for inference (quantized GGUF weights, KV cache) and training (candle Vars,
-//! no cache): the fused candle kernels are used unless a tensor is being tracked for gradients.
+//! The Llama-family transformer: RMSNorm, rotary attention with grouped KV heads, SwiGLU MLP,
+//! for inference (quantized GGUF weights, KV cache) in llama.cpp's arithmetic
+//! (slm_kernels::ggml_math), or, in a `dequantized` copy, candle's f32 ops. Over candle `Var`s
+//! it is also the reference the fused trainer (slm-train) is tested against: a tensor tracked
+//! for gradients goes through candle's composed ops, whose backward is candle's autograd.
 
 use crate::attention::{self, LayerCache};
-use slm_format::config::Config;
-use slm_kernels::ggml_math::{exact_path, f32_slice};
 use crate::packed::{self, Pack};
-use crate::tap;
 use crate::weights::{Embedding, Linear, Result, Weights};
 use candle_core::{DType, Device, Tensor};
+use slm_format::config::Config;
+use slm_format::params::Role;
+use slm_kernels::ggml_math::{exact_path, f32_slice};
 
 /// RMSNorm as ggml computes it: squares summed in f64, `scale = 1/sqrtf(mean + eps)`, then
 /// `(x * scale) * w` in f32. The next matmul quantizes its input to 8 bits, so a one-ulp
@@ -66,7 +68,7 @@ fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, ggml: bool) -> candle_core::Result
         x.contiguous()?
             .apply_op2_no_bwd(&w.contiguous()?, &GgmlRmsNorm { eps })
     } else if x.track_op() || w.track_op() {
-        crate::fused::rms_norm(x, w, eps)
+        candle_nn::ops::rms_norm_slow(x, w, eps)
     } else if x.dtype() == DType::F32 {
         candle_nn::ops::rms_norm(&x.contiguous()?, w, eps)
     } else {
@@ -89,7 +91,14 @@ impl candle_core::CustomOp2 for GgmlSwiglu {
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
     ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        zip_on_pool("swiglu", s1, l1, s2, l2, slm_kernels::ggml_math::swiglu_slice)
+        zip_on_pool(
+            "swiglu",
+            s1,
+            l1,
+            s2,
+            l2,
+            slm_kernels::ggml_math::swiglu_slice,
+        )
     }
 }
 
@@ -122,8 +131,6 @@ fn swiglu(g: &Tensor, u: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
     if ggml && exact_path(&[g, u]) {
         g.contiguous()?
             .apply_op2_no_bwd(&u.contiguous()?, &GgmlSwiglu)
-    } else if g.track_op() || u.track_op() {
-        crate::fused::swiglu(g, u)
     } else {
         candle_nn::ops::silu(g)? * u
     }
@@ -357,8 +364,10 @@ impl Rope {
                 },
             );
         }
+        // candle's fused rope kernels have no backward; the composed ones do.
         match (self.interleaved, x.track_op()) {
-            (interleaved, true) => crate::fused::rope(x, &cos, &sin, interleaved),
+            (true, true) => candle_nn::rotary_emb::rope_i_slow(x, &cos, &sin),
+            (false, true) => candle_nn::rotary_emb::rope_slow(x, &cos, &sin),
             (true, false) => candle_nn::rotary_emb::rope_i(x, &cos, &sin),
             (false, false) => candle_nn::rotary_emb::rope(x, &cos, &sin),
         }
@@ -382,20 +391,14 @@ impl Attention {
     fn qkv(
         &self,
         x: &Tensor,
-        layer: usize,
         rotate: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let hd = self.head_dim;
         let heads = |y: Tensor, n: usize| y.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous();
         let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
-        tap::see("Qcur", Some(layer), &q);
-        tap::see("Kcur", Some(layer), &k);
-        tap::see("Vcur", Some(layer), &v);
         let q = rotate(&heads(q, self.n_heads)?)?;
         let k = rotate(&heads(k, self.n_kv_heads)?)?;
-        tap::see("Qrope", Some(layer), &q);
-        tap::see("Krope", Some(layer), &k);
         Ok((q, k, heads(v, self.n_kv_heads)?))
     }
 
@@ -405,18 +408,17 @@ impl Attention {
         rope: &Rope,
         pos: usize,
         cache: Option<&mut LayerCache>,
-        layer: usize,
         ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = self.qkv(x, layer, |y| rope.apply(y, pos, ggml))?;
+        let (q, k, v) = self.qkv(x, |y| rope.apply(y, pos, ggml))?;
         if let Some(cache) = cache {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
             }
             if ggml && exact_path(&[x]) {
-                return self.forward_cached(x, rope, pos, cache, layer);
+                return self.forward_cached(x, rope, pos, cache);
             }
             let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> {
                 y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()
@@ -432,7 +434,6 @@ impl Attention {
                 hd,
                 x.device(),
             )?;
-            tap::see("kqv_out", Some(layer), &y);
             return self.o.forward(&y.unsqueeze(0)?);
         }
         // Grouped-query attention without copying K/V per query head: the `rep` query heads
@@ -441,12 +442,7 @@ impl Attention {
         let q = q.reshape((b, nkv, rep * t, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let att = q.matmul(&k.t()?)?;
-        // Training: scale, causal mask and softmax as one op with its own backward.
-        let att = if att.track_op() {
-            crate::fused::causal_softmax(&att, scale)?
-        } else {
-            masked_softmax(att, scale, b, nkv, rep, t)?
-        };
+        let att = masked_softmax(att, scale, b, nkv, rep, t)?;
         let y = att.matmul(&v)?;
         let y = y
             .reshape((b, nh, t, hd))?
@@ -465,32 +461,15 @@ impl Attention {
         rope: &Rope,
         pos: usize,
         cache: &mut LayerCache,
-        layer: usize,
     ) -> candle_core::Result<Tensor> {
         let (_, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
-        tap::see("Qcur", Some(layer), &q);
-        tap::see("Kcur", Some(layer), &k);
-        tap::see("Vcur", Some(layer), &v);
         let q = rope.rotate_rows(&q, pos, nh)?;
         let k = rope.rotate_rows(&k, pos, nkv)?;
-        if tap::active() {
-            tap::see(
-                "Qrope",
-                Some(layer),
-                &Tensor::from_slice(&q, (1, t, nh, hd), x.device())?,
-            );
-            tap::see(
-                "Krope",
-                Some(layer),
-                &Tensor::from_slice(&k, (1, t, nkv, hd), x.device())?,
-            );
-        }
         let y = with_f32(&v, "attention", |v| {
             attention::attend(cache, &q, &k, v, t, nh, nkv, hd, x.device())
         })??;
-        tap::see("kqv_out", Some(layer), &y);
         self.o.forward(&y.unsqueeze(0)?)
     }
 
@@ -501,12 +480,11 @@ impl Attention {
         rope: &Rope,
         pack: &Pack,
         positions: &Tensor,
-        layer: usize,
         ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = self.qkv(x, layer, |y| rope.apply_at(y, positions, ggml))?;
+        let (q, k, v) = self.qkv(x, |y| rope.apply_at(y, positions, ggml))?;
         let flat = |y: Tensor| -> candle_core::Result<Vec<f32>> {
             y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
         };
@@ -533,7 +511,12 @@ fn masked_softmax(
             .broadcast_add(&mask)?
             .reshape((b, nkv, rep * t, t))?;
     }
-    candle_nn::ops::softmax_last_dim(&att)
+    if att.track_op() {
+        // The fused softmax has no backward; the composed one does.
+        candle_nn::ops::softmax(&att, candle_core::D::Minus1)
+    } else {
+        candle_nn::ops::softmax_last_dim(&att)
+    }
 }
 
 /// (t, len) additive mask for t new queries at the end of a sequence of len keys.
@@ -553,12 +536,9 @@ struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, x: &Tensor, layer: usize, ggml: bool) -> candle_core::Result<Tensor> {
+    fn forward(&self, x: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
         let [g, u] = Linear::forward_group([&self.gate, &self.up], x)?;
-        tap::see("ffn_gate", Some(layer), &g);
-        tap::see("ffn_up", Some(layer), &u);
         let s = swiglu(&g, &u, ggml)?;
-        tap::see("ffn_swiglu", Some(layer), &s);
         self.down.forward(&s)
     }
 }
@@ -623,39 +603,47 @@ impl Llama {
     pub fn load(config: &Config, w: &Weights, device: &Device) -> Result<Self> {
         let c = config;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let embed = w.embedding("model.embed_tokens.weight", c.vocab_size, h)?;
+        // Names from the one parameter description (slm_format::params); a linear layer is
+        // asked for by its weight's name without ".weight".
+        let name = |role: Role, layer: Option<usize>| role.hf_name(layer);
+        let prefix = |role: Role, layer: usize| {
+            let n = name(role, Some(layer));
+            n.strip_suffix(".weight").map(str::to_string).unwrap_or(n)
+        };
+        let embed = w.embedding(&name(Role::Embedding, None), c.vocab_size, h)?;
         let mut blocks = Vec::with_capacity(c.num_hidden_layers);
         for i in 0..c.num_hidden_layers {
-            let p = format!("model.layers.{i}");
             let qdim = c.num_attention_heads * hd;
             let kvdim = c.num_key_value_heads * hd;
             let bias = c.attention_bias;
+            let f = c.intermediate_size;
             blocks.push(Block {
-                attn_norm: w.tensor(&format!("{p}.input_layernorm.weight"), &[h])?,
+                attn_norm: w.tensor(&name(Role::AttnNorm, Some(i)), &[h])?,
                 attn: Attention {
-                    q: w.linear(&format!("{p}.self_attn.q_proj"), qdim, h, bias)?,
-                    k: w.linear(&format!("{p}.self_attn.k_proj"), kvdim, h, bias)?,
-                    v: w.linear(&format!("{p}.self_attn.v_proj"), kvdim, h, bias)?,
-                    o: w.linear(&format!("{p}.self_attn.o_proj"), h, qdim, false)?,
+                    q: w.linear(&prefix(Role::Q, i), qdim, h, bias)?,
+                    k: w.linear(&prefix(Role::K, i), kvdim, h, bias)?,
+                    v: w.linear(&prefix(Role::V, i), kvdim, h, bias)?,
+                    o: w.linear(&prefix(Role::O, i), h, qdim, false)?,
                     n_heads: c.num_attention_heads,
                     n_kv_heads: c.num_key_value_heads,
                     head_dim: hd,
                 },
-                mlp_norm: w.tensor(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
+                mlp_norm: w.tensor(&name(Role::MlpNorm, Some(i)), &[h])?,
                 mlp: Mlp {
-                    gate: w.linear(&format!("{p}.mlp.gate_proj"), c.intermediate_size, h, false)?,
-                    up: w.linear(&format!("{p}.mlp.up_proj"), c.intermediate_size, h, false)?,
-                    down: w.linear(&format!("{p}.mlp.down_proj"), h, c.intermediate_size, false)?,
+                    gate: w.linear(&prefix(Role::Gate, i), f, h, false)?,
+                    up: w.linear(&prefix(Role::Up, i), f, h, false)?,
+                    down: w.linear(&prefix(Role::Down, i), h, f, false)?,
                 },
             });
         }
-        let norm = w.tensor("model.norm.weight", &[h])?;
+        let norm = w.tensor(&name(Role::FinalNorm, None), &[h])?;
         // Some checkpoints say tie_word_embeddings=false yet ship no lm_head; tying is the only
         // sensible reading of that.
-        let lm_head = if c.tie_word_embeddings || !w.contains("lm_head.weight") {
+        let head = name(Role::Head, None);
+        let lm_head = if c.tie_word_embeddings || !w.contains(&head) {
             embed.as_linear()?
         } else {
-            w.linear("lm_head", c.vocab_size, h, false)?
+            w.linear(head.trim_end_matches(".weight"), c.vocab_size, h, false)?
         };
         let freq_factors = w.rope_freq_factors()?;
         let rope = Rope::new(
@@ -727,7 +715,7 @@ impl Llama {
         let mut cache = cache;
         self.blocks(x, |i, attn, h| {
             let kv = cache.as_mut().map(|c| &mut c.layers[i]);
-            attn.forward(h, &self.rope, pos, kv, i, self.ggml)
+            attn.forward(h, &self.rope, pos, kv, self.ggml)
         })
     }
 
@@ -753,17 +741,11 @@ impl Llama {
         let eps = self.config.rms_norm_eps as f32;
         for (i, blk) in self.blocks.iter().enumerate() {
             let h = rms_norm(&x, &blk.attn_norm, eps, self.ggml)?;
-            tap::see("attn_norm", Some(i), &h);
             let a = attend(i, &blk.attn, &h)?;
-            tap::see("attn_out", Some(i), &a);
             x = residual(&x, &a)?;
-            tap::see("ffn_inp", Some(i), &x);
             let h = rms_norm(&x, &blk.mlp_norm, eps, self.ggml)?;
-            tap::see("ffn_norm", Some(i), &h);
-            let m = blk.mlp.forward(&h, i, self.ggml)?;
-            tap::see("ffn_out", Some(i), &m);
+            let m = blk.mlp.forward(&h, self.ggml)?;
             x = residual(&x, &m)?;
-            tap::see("l_out", Some(i), &x);
         }
         Ok(x)
     }
@@ -771,7 +753,6 @@ impl Llama {
     /// Final norm and output projection.
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.final_norm(x)?;
-        tap::see("result_norm", None, &x);
         let logits = self.lm_head.forward(&x)?;
         // f32 for callers, except in f64 runs (gradient checks) where precision is the point.
         match logits.dtype() {
@@ -800,8 +781,8 @@ impl Llama {
         let x = self
             .embed
             .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
-        let x = self.blocks(x, |i, attn, h| {
-            attn.forward_packed(h, &self.rope, pack, &positions, i, self.ggml)
+        let x = self.blocks(x, |_, attn, h| {
+            attn.forward_packed(h, &self.rope, pack, &positions, self.ggml)
         })?;
         let x = x
             .squeeze(0)?

@@ -28,32 +28,7 @@ pub enum WeightError {
 
 pub type Result<T> = std::result::Result<T, WeightError>;
 
-/// Maps a Hugging Face Llama-family tensor name to its GGUF (llama.cpp) name.
-pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
-    }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let g = match module {
-        "self_attn.q_proj" => "attn_q",
-        "self_attn.k_proj" => "attn_k",
-        "self_attn.v_proj" => "attn_v",
-        "self_attn.o_proj" => "attn_output",
-        "mlp.gate_proj" => "ffn_gate",
-        "mlp.up_proj" => "ffn_up",
-        "mlp.down_proj" => "ffn_down",
-        "input_layernorm" => "attn_norm",
-        "post_attention_layernorm" => "ffn_norm",
-        _ => return None,
-    };
-    Some(format!("blk.{layer}.{g}.{kind}"))
-}
+pub use slm_format::params::hf_to_gguf_name;
 
 /// A linear layer `y = x W^T + b`, with W dense (trainable) or in quantized GGUF blocks.
 #[derive(Debug, Clone)]
@@ -488,36 +463,41 @@ impl Weights<'_> {
 /// One tensor of a GGUF file as a candle `QTensor` (a copy of its bytes, so the map can be
 /// dropped).
 pub fn gguf_qtensor(file: &GgufFile, name: &str, device: &Device) -> Result<QTensor> {
-        let info = file.tensor_info(name).ok_or_else(|| GgufError::Tensor {
-            path: file.path().to_path_buf(),
-            tensor: name.to_string(),
-            what: "not found in the file".into(),
-        })?;
-        let bytes = file.tensor_bytes(info);
-        let terr = |what: String| GgufError::Tensor {
-            path: file.path().to_path_buf(),
-            tensor: name.to_string(),
-            what,
-        };
-        // candle reinterprets the bytes as blocks in place; blocks hold f16/f32 fields, so the
-        // slice must be aligned for them. A mapped file with a legal alignment always is; a
-        // file with `general.alignment` of 1 or 2 may not be, so copy to an aligned buffer then.
-        let aligned: Vec<u64>;
-        let bytes = if !(bytes.as_ptr() as usize).is_multiple_of(8) {
-            let mut buf = vec![0u64; bytes.len().div_ceil(8)];
-            // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len()) };
-            dst.copy_from_slice(bytes);
-            aligned = buf;
-            // SAFETY: as above; `aligned` outlives this use.
-            unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, bytes.len()) }
-        } else {
-            bytes
-        };
-        candle_core::quantized::ggml_file::qtensor_from_ggml(candle_type(info.dtype), bytes, info.dims.clone(), device)
-            .map_err(|e| terr(e.to_string()).into())
-    }
+    let info = file.tensor_info(name).ok_or_else(|| GgufError::Tensor {
+        path: file.path().to_path_buf(),
+        tensor: name.to_string(),
+        what: "not found in the file".into(),
+    })?;
+    let bytes = file.tensor_bytes(info);
+    let terr = |what: String| GgufError::Tensor {
+        path: file.path().to_path_buf(),
+        tensor: name.to_string(),
+        what,
+    };
+    // candle reinterprets the bytes as blocks in place; blocks hold f16/f32 fields, so the
+    // slice must be aligned for them. A mapped file with a legal alignment always is; a
+    // file with `general.alignment` of 1 or 2 may not be, so copy to an aligned buffer then.
+    let aligned: Vec<u64>;
+    let bytes = if !(bytes.as_ptr() as usize).is_multiple_of(8) {
+        let mut buf = vec![0u64; bytes.len().div_ceil(8)];
+        // SAFETY: buf holds at least bytes.len() bytes; u8 has no alignment needs.
+        let dst =
+            unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes.len()) };
+        dst.copy_from_slice(bytes);
+        aligned = buf;
+        // SAFETY: as above; `aligned` outlives this use.
+        unsafe { std::slice::from_raw_parts(aligned.as_ptr() as *const u8, bytes.len()) }
+    } else {
+        bytes
+    };
+    candle_core::quantized::ggml_file::qtensor_from_ggml(
+        candle_type(info.dtype),
+        bytes,
+        info.dims.clone(),
+        device,
+    )
+    .map_err(|e| terr(e.to_string()).into())
+}
 
 /// candle's name for a GGUF tensor type: candle dequantizes every type and computes the
 /// K-quants' dot products.
@@ -551,7 +531,11 @@ mod tests {
     fn gguf_type_sizes_equal_candles() {
         for t in GgmlType::ALL {
             let c = candle_type(t);
-            assert_eq!((t.block_size(), t.type_size()), (c.block_size(), c.type_size()), "{t:?}");
+            assert_eq!(
+                (t.block_size(), t.type_size()),
+                (c.block_size(), c.type_size()),
+                "{t:?}"
+            );
         }
     }
 
@@ -668,18 +652,5 @@ mod tests {
             err.contains("token id 4 is past the vocabulary of 4"),
             "{err}"
         );
-    }
-
-    #[test]
-    fn names_map_to_llama_cpp() {
-        assert_eq!(
-            hf_to_gguf_name("model.layers.12.self_attn.o_proj.weight").as_deref(),
-            Some("blk.12.attn_output.weight")
-        );
-        assert_eq!(
-            hf_to_gguf_name("model.layers.0.post_attention_layernorm.weight").as_deref(),
-            Some("blk.0.ffn_norm.weight")
-        );
-        assert_eq!(hf_to_gguf_name("model.layers.x.mlp.up_proj.weight"), None);
     }
 }

@@ -87,7 +87,8 @@ fn mutated_headers_and_tables_never_panic() {
             if let Ok(g) = slm_model::GgufFile::open(&path) {
                 // A file that parses must also load its tensors or say why, without panicking.
                 for t in g.tensors.iter().take(4) {
-                    let _ = slm_model::weights::gguf_qtensor(&g, &t.name, &candle_core::Device::Cpu);
+                    let _ =
+                        slm_model::weights::gguf_qtensor(&g, &t.name, &candle_core::Device::Cpu);
                 }
                 let _ = slm_model::Config::from_gguf(&g);
                 true

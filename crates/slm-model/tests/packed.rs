@@ -31,7 +31,7 @@ fn tiny() -> Config {
 fn random_model(cfg: &Config) -> Llama {
     let dev = Device::Cpu;
     let mut ts = HashMap::new();
-    for (name, shape) in cfg.tensor_shapes() {
+    for (name, shape) in cfg.params().into_iter().map(|p| (p.name(), p.shape)) {
         let t = Tensor::randn(0f32, 0.5, shape.as_slice(), &dev).unwrap();
         // Norm weights near one, as trained models have them.
         let t = if shape.len() == 1 && name.contains("norm") {

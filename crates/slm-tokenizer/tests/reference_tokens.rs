@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde_json::Value;
 use slm_format::{gguf::GgufFile, ModelSource};
-use slm_tokenizer::Tokenizer;
+use slm_tokenizer::{Message, Tokenizer};
 
 fn tokenizer(path: &std::path::Path) -> Tokenizer {
     let g = GgufFile::open(path).unwrap();
@@ -96,7 +96,27 @@ fn chat_template_renders_the_reference_chat_prompt() {
         .iter()
         .map(|v| v.as_u64().unwrap() as u32)
         .collect();
-    let got = tok.encode(chat["text"].as_str().unwrap(), false).unwrap();
+    // The model's own template renders the reference's system and user turns, with the
+    // generation prompt, into exactly the text llama.cpp was given, which encodes (special
+    // tokens parsed) to its ids.
+    let template = tok
+        .chat_template
+        .as_ref()
+        .expect("the GGUF carries a chat template");
+    let rendered = template
+        .render(
+            &[
+                Message::new(
+                    "system",
+                    "You are a helpful AI assistant named SmolLM, trained by Hugging Face",
+                ),
+                Message::new("user", "What is the capital of France?"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(rendered, chat["text"].as_str().unwrap());
+    let got = tok.encode(&rendered, false).unwrap();
     assert_eq!(got, want);
     assert!(
         tok.stop_ids.contains(&2),

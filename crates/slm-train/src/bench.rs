@@ -4,12 +4,11 @@
 
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use slm_model::{Config, Llama, Weights};
+use candle_core::{DType, Device};
+use slm_model::Config;
 
-use crate::init::{decays, init_params, Rng};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::init::{init_params, Rng};
+use crate::optim::AdamWConfig;
 use crate::trainer::Trainer;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,9 +81,7 @@ pub struct TrainBench {
     pub backward_s: f64,
     pub optimizer_s: f64,
     pub final_loss: f32,
-    /// "fused" (trainer.rs) or "autograd" (candle's, the reference).
-    pub path: &'static str,
-    /// Mean seconds per update by kind of op (fused path only), largest first.
+    /// Mean seconds per update by kind of op, largest first.
     pub ops: Vec<(&'static str, f64)>,
 }
 
@@ -93,79 +90,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones; through
-/// the fused trainer, or candle's autograd when `autograd`.
-pub fn run(
-    shape: Shape,
-    steps: usize,
-    warmup: usize,
-    autograd: bool,
-) -> candle_core::Result<TrainBench> {
+/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones.
+pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<TrainBench> {
     let dev = Device::Cpu;
     let (cfg, batch) = shape.config();
     let ctx = cfg.max_position_embeddings;
     let vars = init_params(&cfg, DType::F32, 0, &dev)?;
-    let mut path = if autograd {
-        let model = Llama::load(
-            &cfg,
-            &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
-            &dev,
-        )
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let opt = AdamW::new(&vars, AdamWConfig::default(), decays)?;
-        Path::Autograd(Box::new((model, opt)))
-    } else {
-        Path::Fused(Box::new(Trainer::new(
-            &cfg,
-            batch,
-            AdamWConfig::default(),
-            &vars,
-        )?))
-    };
+    let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars)?;
     let mut rng = Rng(1);
     let vocab = cfg.vocab_size as u64;
     let (mut fwd, mut bwd, mut upd, mut all) = (vec![], vec![], vec![], vec![]);
     let mut final_loss = f32::NAN;
     for i in 0..warmup + steps.max(1) {
         if i == warmup {
-            if let Path::Fused(tr) = &mut path {
-                tr.take_op_seconds();
-            }
+            tr.take_op_seconds();
         }
         let toks: Vec<u32> = (0..batch * (ctx + 1))
             .map(|_| (rng.next_u64() % vocab) as u32)
             .collect();
         let t0 = Instant::now();
-        let (t1, t2) = match &mut path {
-            Path::Fused(tr) => {
-                // The fused trainer computes the loss and the gradients in one pass; its
-                // forward share is timed inside `accumulate`.
-                tr.zero_grads();
-                let (loss, forward_s) = tr.accumulate_timed(&toks, 1.0)?;
-                final_loss = loss;
-                let t2 = Instant::now();
-                let norm = tr.grad_norm();
-                let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
-                tr.step(3e-4, scale);
-                (t0 + std::time::Duration::from_secs_f64(forward_s), t2)
-            }
-            Path::Autograd(b) => {
-                let (model, opt) = &mut **b;
-                let all_t = Tensor::from_vec(toks, (batch, ctx + 1), &dev)?;
-                let (x, y) = (all_t.narrow(1, 0, ctx)?, all_t.narrow(1, 1, ctx)?);
-                let loss = crate::model_loss(model, &x, &y)?;
-                final_loss = loss.to_scalar::<f32>()?;
-                let t1 = Instant::now();
-                let store = loss.backward()?;
-                let grads = opt.grads(&store);
-                drop(store);
-                let t2 = Instant::now();
-                let norm = opt.grad_norm(&grads)?;
-                let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
-                opt.step(&grads, 3e-4, scale)?;
-                (t1, t2)
-            }
-        };
+        // The trainer computes the loss and the gradients in one pass; its forward share is
+        // timed inside `accumulate_timed`.
+        tr.zero_grads();
+        let (loss, forward_s) = tr.accumulate_timed(&toks, 1.0)?;
+        final_loss = loss;
+        let t2 = Instant::now();
+        let norm = tr.grad_norm();
+        let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
+        tr.step(3e-4, scale);
+        let t1 = t0 + std::time::Duration::from_secs_f64(forward_s);
         let t3 = Instant::now();
         if i >= warmup {
             fwd.push((t1 - t0).as_secs_f64());
@@ -176,14 +129,11 @@ pub fn run(
     }
     let tokens_per_step = batch * ctx;
     let step_s = median(all);
-    let ops = match &mut path {
-        Path::Fused(tr) => tr
-            .take_op_seconds()
-            .into_iter()
-            .map(|(op, s)| (op, s / steps.max(1) as f64))
-            .collect(),
-        Path::Autograd(_) => Vec::new(),
-    };
+    let ops = tr
+        .take_op_seconds()
+        .into_iter()
+        .map(|(op, s)| (op, s / steps.max(1) as f64))
+        .collect();
     Ok(TrainBench {
         shape: shape.name(),
         parameters: cfg.num_params(),
@@ -195,12 +145,6 @@ pub fn run(
         backward_s: median(bwd),
         optimizer_s: median(upd),
         final_loss,
-        path: if autograd { "autograd" } else { "fused" },
         ops,
     })
-}
-
-enum Path {
-    Fused(Box<Trainer>),
-    Autograd(Box<(Llama, AdamW)>),
 }

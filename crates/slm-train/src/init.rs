@@ -2,6 +2,7 @@
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::VarMap;
+use slm_model::params::Role;
 use slm_model::Config;
 
 /// splitmix64, then Box-Muller: a small, portable source of normal samples, so a seed gives
@@ -41,28 +42,31 @@ pub fn init_params(
     let resid = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
     {
         let mut data = map.data().lock().expect("var map lock");
-        for (name, shape) in cfg.tensor_shapes() {
-            let n: usize = shape.iter().product();
-            let values: Vec<f64> = if name.ends_with("norm.weight") {
+        // Drawn embedding and final norm first, then the layers and the head: the order the
+        // samples have always been drawn in, so a seed keeps giving the same model.
+        let mut params = cfg.params();
+        params.sort_by_key(|p| match p.role {
+            Role::Embedding => 0,
+            Role::FinalNorm => 1,
+            _ => 2,
+        });
+        for p in params {
+            let n = p.len();
+            let values: Vec<f64> = if p.role.is_norm() {
                 vec![1.0; n]
-            } else if name.ends_with(".bias") {
+            } else if p.role.is_bias() {
                 vec![0.0; n]
             } else {
-                let std = if name.ends_with("o_proj.weight") || name.ends_with("down_proj.weight") {
+                let std = if p.role.writes_residual() {
                     resid
                 } else {
                     0.02
                 };
                 (0..n).map(|_| rng.normal() * std).collect()
             };
-            let t = Tensor::from_vec(values, shape, device)?.to_dtype(dtype)?;
-            data.insert(name, Var::from_tensor(&t)?);
+            let t = Tensor::from_vec(values, p.shape.as_slice(), device)?.to_dtype(dtype)?;
+            data.insert(p.name(), Var::from_tensor(&t)?);
         }
     }
     Ok(map)
-}
-
-/// Whether weight decay applies: matrices yes; norms, biases and embeddings no.
-pub fn decays(name: &str) -> bool {
-    !(name.ends_with("norm.weight") || name.ends_with(".bias") || name.contains("embed_tokens"))
 }

@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 use slm_data::Dataset;
 use slm_model::{Config, Llama, Weights};
 
-use crate::init::{decays, init_params, Rng};
-use crate::optim::{AdamW, AdamWConfig};
+use crate::init::{init_params, Rng};
+use crate::optim::AdamWConfig;
 use crate::recipe::Recipe;
 use crate::schedule::Schedule;
 use crate::trainer::Trainer;
@@ -129,31 +129,13 @@ fn valid_batches(data: &Dataset, n: usize, batch: usize, ctx: usize) -> Vec<Vec<
     all.chunks(batch).map(|c| c.concat()).collect()
 }
 
-fn to_xy(tokens: &[u32], batch: usize, ctx: usize) -> candle_core::Result<(Tensor, Tensor)> {
-    let all = Tensor::from_slice(tokens, (batch, ctx + 1), &Device::Cpu)?;
-    Ok((all.narrow(1, 0, ctx)?, all.narrow(1, 1, ctx)?))
-}
-
-fn valid_loss(
-    updater: &mut Updater,
-    model: &Llama,
-    batches: &[Vec<u32>],
-    batch: usize,
-    ctx: usize,
-) -> Result<Option<f32>> {
+fn valid_loss(trainer: &mut Trainer, batches: &[Vec<u32>]) -> Result<Option<f32>> {
     if batches.is_empty() {
         return Ok(None);
     }
     let mut sum = 0f64;
     for b in batches {
-        sum += match updater {
-            Updater::Fused(tr) => tr.loss(b)?,
-            Updater::Autograd(_) => {
-                let (x, y) = to_xy(b, batch, ctx)?;
-                let logits = model.forward(&x, None, false)?.detach();
-                crate::lm_loss(&logits, &y)?.to_scalar::<f32>()?
-            }
-        } as f64;
+        sum += trainer.loss(b)? as f64;
     }
     Ok(Some((sum / batches.len() as f64) as f32))
 }
@@ -289,49 +271,6 @@ pub struct RunOptions<'a> {
     pub on_step: &'a mut dyn FnMut(&StepReport),
 }
 
-/// How an update's gradients are computed and applied.
-enum Updater {
-    /// The fused trainer (trainer.rs), wherever it handles the model.
-    Fused(Box<Trainer>),
-    /// candle's autograd through `Llama`, for the architectures the fused trainer does not
-    /// cover (attention biases).
-    Autograd(AdamW),
-}
-
-impl Updater {
-    /// Makes the `VarMap` (which the model for evaluation, samples and checkpoints reads)
-    /// hold the current parameters.
-    fn write_params(&self, vars: &VarMap) -> candle_core::Result<()> {
-        match self {
-            Updater::Fused(tr) => tr.write_params(vars),
-            Updater::Autograd(_) => Ok(()),
-        }
-    }
-
-    fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
-        match self {
-            Updater::Fused(tr) => tr.state(),
-            Updater::Autograd(opt) => Ok(opt.state()),
-        }
-    }
-
-    /// After `vars` were loaded from a checkpoint with optimizer state `st`.
-    fn load_state(
-        &mut self,
-        vars: &VarMap,
-        st: &HashMap<String, Tensor>,
-        steps: u64,
-    ) -> candle_core::Result<()> {
-        match self {
-            Updater::Fused(tr) => {
-                tr.read_params(vars)?;
-                tr.load_state(st, steps)
-            }
-            Updater::Autograd(opt) => opt.load_state(st, steps),
-        }
-    }
-}
-
 pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
@@ -384,18 +323,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         eps: 1e-8,
         weight_decay: o.weight_decay,
     };
-    // SLM_TRAIN_AUTOGRAD=1 trains through the reference path (to compare the two).
-    let why_not = crate::trainer::unsupported(&cfg).or_else(|| {
-        (std::env::var("SLM_TRAIN_AUTOGRAD").as_deref() == Ok("1"))
-            .then(|| "SLM_TRAIN_AUTOGRAD=1".to_string())
-    });
-    let mut updater = match why_not {
-        None => Updater::Fused(Box::new(Trainer::new(&cfg, batch, adam, &vars)?)),
-        Some(why) => {
-            tracing::info!("training through candle's autograd ({why})");
-            Updater::Autograd(AdamW::new(&vars, adam, decays)?)
-        }
-    };
+    let mut trainer = Trainer::new(&cfg, batch, adam, &vars)?;
     let tokens_per_step = (batch * o.grad_accum * ctx) as u64;
     let mut state = RunState {
         step: 0,
@@ -416,7 +344,8 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
             state = serde_json::from_str(&text)
                 .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
-            updater.load_state(&vars, &st, state.step)?;
+            trainer.read_params(&vars)?;
+            trainer.load_state(&st, state.step)?;
             tracing::info!("resumed from {} (update {})", last.display(), state.step);
         }
     }
@@ -451,24 +380,11 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
 
     while state.total_steps == 0 || state.step < state.total_steps {
         let step_start = Instant::now();
-        // The autograd path's gradients, summed over the micro-batches.
-        let mut acc: HashMap<candle_core::TensorId, Tensor> = HashMap::new();
         let mut loss_sum = 0f32;
-        if let Updater::Fused(tr) = &mut updater {
-            tr.zero_grads();
-        }
+        trainer.zero_grads();
         for _ in 0..o.grad_accum {
             let toks = sample_batch(&data, &mut rng, batch, ctx);
-            loss_sum += match &mut updater {
-                Updater::Fused(tr) => tr.accumulate(&toks, 1.0 / o.grad_accum as f32)?,
-                Updater::Autograd(opt) => {
-                    let (x, y) = to_xy(&toks, batch, ctx)?;
-                    let loss = crate::model_loss(&model, &x, &y)?;
-                    let value = loss.to_scalar::<f32>()?;
-                    opt.add_grads(&mut acc, &(loss / o.grad_accum as f64)?.backward()?)?;
-                    value
-                }
-            };
+            loss_sum += trainer.accumulate(&toks, 1.0 / o.grad_accum as f32)?;
         }
         let loss = loss_sum / o.grad_accum as f32;
         if !loss.is_finite() {
@@ -477,10 +393,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 loss,
             });
         }
-        let norm = match &updater {
-            Updater::Fused(tr) => tr.grad_norm(),
-            Updater::Autograd(opt) => opt.grad_norm(&acc)?,
-        };
+        let norm = trainer.grad_norm();
         let scale = if o.grad_clip > 0.0 && norm > o.grad_clip {
             o.grad_clip / (norm + 1e-6)
         } else {
@@ -512,10 +425,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             min_ratio: o.min_lr_ratio,
         };
         let lr = sched.at(state.step);
-        match &mut updater {
-            Updater::Fused(tr) => tr.step(lr, scale),
-            Updater::Autograd(opt) => opt.step(&acc, lr, scale)?,
-        }
+        trainer.step(lr, scale);
         state.step += 1;
         state.tokens += tokens_per_step;
         state.rng = rng.0;
@@ -526,10 +436,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         let eval_now = finished
             || (recipe.eval.interval > 0 && state.step.is_multiple_of(recipe.eval.interval));
         if eval_now {
-            updater.write_params(&vars)?;
+            trainer.write_params(&vars)?;
         }
         let vl = if eval_now {
-            valid_loss(&mut updater, &model, &valid, batch, ctx)?
+            valid_loss(&mut trainer, &valid)?
         } else {
             None
         };
@@ -570,13 +480,13 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 && state.step.is_multiple_of(recipe.checkpoint.interval));
         if ckpt_now {
             if !eval_now {
-                updater.write_params(&vars)?;
+                trainer.write_params(&vars)?;
             }
             metrics.sync_data().map_err(io(&metrics_path))?;
             save_checkpoint(
                 &ckpt_dir,
                 &vars,
-                &updater.state()?,
+                &trainer.state()?,
                 &state,
                 recipe.checkpoint.keep,
             )?;

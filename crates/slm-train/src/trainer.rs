@@ -1,12 +1,25 @@
-//! The training step without autograd: the Llama model's forward and backward passes written
-//! out layer by layer over buffers allocated once (kernels.rs, matmul.rs), and AdamW over
-//! the flat parameter, gradient and moment vectors.
+//! The training step: the Llama model's forward and backward passes written out layer by
+//! layer over buffers allocated once (the ops' math is slm_kernels::train, the output
+//! projection's slm_kernels::head), and AdamW over the flat parameter, gradient and moment
+//! vectors. Every architecture slm loads trains here (q/k/v biases included); candle's
+//! autograd through `slm_model::Llama`, with candle's composed ops, is only the reference
+//! the tests hold this to.
 //!
-//! Parameters live here during training, in one vector laid out so that a layer's q, k and v
-//! projections (and its gate and up projections) form one matrix each: one product instead
-//! of three (two). The candle `VarMap` gets them back for evaluation, samples, checkpoints and
-//! the model folder (`write_params`), under the same names and with the optimizer state under
-//! the same keys as `optim::AdamW`, so checkpoints do not depend on which path trained them.
+//! Parameters live here during training, in one vector laid out by the model's one
+//! parameter description (`Config::params`), where a layer's q, k and v projections (and
+//! their biases, and its gate and up projections) are adjacent and multiply as one matrix.
+//! The candle `VarMap` gets them back for evaluation, samples, checkpoints and the model
+//! folder (`write_params`), under their Hugging Face names, the moments under `m.NAME` and
+//! `v.NAME`.
+//!
+//! Seams for the objectives built on this (heads, distillation, chat fine-tuning, LoRA):
+//! - `freeze` keeps parameters fixed: no weight gradient is formed for them and AdamW skips
+//!   them (a LoRA base, a pruned model's kept weights);
+//! - `forward_hidden` and `backward_hidden` expose the final hidden states and take their
+//!   gradient, so another head (classification, tagging) or a loss against a teacher's
+//!   outputs computed beside the trainer drives the same backward;
+//! - targets may be `IGNORE` (`accumulate_targets`): no loss and no gradient at that
+//!   position (prompt tokens in chat fine-tuning).
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -14,21 +27,17 @@ use std::ops::Range;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use rayon::prelude::*;
-use slm_model::{Arch, Config};
-
-use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
-use slm_kernels::head::{head_loss_into, HeadShape};
 use slm_kernels::gemm::linear;
-use crate::optim::AdamWConfig;
+pub use slm_kernels::head::IGNORE;
+use slm_kernels::head::{head_loss_into, HeadShape};
+use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
+use slm_model::params::{self, Role};
+use slm_model::Config;
 
-/// Why a model cannot train on this path (it then trains through candle's autograd).
-pub fn unsupported(cfg: &Config) -> Option<String> {
-    if cfg.arch != Arch::Llama && cfg.arch != Arch::Mistral {
-        return Some(format!("the fused trainer does not handle {:?}", cfg.arch));
-    }
-    if cfg.attention_bias {
-        return Some("the fused trainer does not handle attention biases".into());
-    }
+use crate::optim::{AdamW, AdamWConfig, Group};
+
+/// Why a model's shape cannot train (the loaders accept none of these either).
+fn unsupported(cfg: &Config) -> Option<String> {
     if !cfg.head_dim.is_multiple_of(2) {
         return Some(format!("head_dim {} is odd", cfg.head_dim));
     }
@@ -45,11 +54,12 @@ pub fn unsupported(cfg: &Config) -> Option<String> {
     None
 }
 
+/// One tensor of the model (`Config::params`) and where it lies in the flat vectors.
 struct Param {
+    spec: params::Param,
     name: String,
-    shape: Vec<usize>,
     range: Range<usize>,
-    decay: bool,
+    trainable: bool,
 }
 
 /// Where one layer's parameters lie in the flat vector.
@@ -57,6 +67,8 @@ struct LayerParams {
     attn_norm: Range<usize>,
     /// q, k and v projections, one after the other: ((heads + 2 kv_heads) head_dim) x hidden.
     qkv: Range<usize>,
+    /// Their biases, one after the other, where the model has them.
+    qkv_bias: Option<Range<usize>>,
     o: Range<usize>,
     mlp_norm: Range<usize>,
     /// gate then up projection: (2 ffn) x hidden.
@@ -103,10 +115,9 @@ pub struct Trainer {
     head: Range<usize>,
     params: Vec<f32>,
     grads: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
-    steps: u64,
-    adam: AdamWConfig,
+    opt: AdamW,
+    /// The trainable stretches of `params`, for AdamW and the gradient norm.
+    groups: Vec<Group>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     inputs: Vec<u32>,
@@ -117,6 +128,8 @@ pub struct Trainer {
     final_r: Vec<f32>,
     final_h: Vec<f32>,
     work: Work,
+    /// The rms_norm weight gradient of a frozen norm, formed and dropped.
+    discard: Vec<f32>,
     laps: Laps,
 }
 
@@ -156,13 +169,29 @@ fn rope_spec<'a>(s: AttnShape, cos: &'a [f32], sin: &'a [f32]) -> RopeSpec<'a> {
     }
 }
 
+/// Where an rms_norm's weight gradient goes: its gradients, or cleared scratch when the
+/// norm is frozen.
+fn norm_grad<'a>(
+    grads: &'a mut [f32],
+    r: &Range<usize>,
+    trains: bool,
+    discard: &'a mut [f32],
+) -> &'a mut [f32] {
+    if trains {
+        &mut grads[r.clone()]
+    } else {
+        discard.fill(0.0);
+        discard
+    }
+}
+
 fn zeros(n: usize) -> Vec<f32> {
     vec![0f32; n]
 }
 
 impl Trainer {
     /// A trainer for `batch` sequences of the model's full context, its parameters read from
-    /// `vars` (every tensor of `cfg.tensor_shapes()`).
+    /// `vars` (every tensor of `cfg.params()`).
     pub fn new(
         cfg: &Config,
         batch: usize,
@@ -178,50 +207,60 @@ impl Trainer {
         let positions = cfg.max_position_embeddings;
         let n = batch * positions;
 
+        // The flat layout: every tensor in `Config::params` order (a layer's q, k, v and
+        // their biases, and its gate and up, adjacent), the head sharing the embedding's
+        // values when tied.
         let mut params_by_name = Vec::new();
         let mut at = 0usize;
-        let mut take = |name: String, shape: Vec<usize>| {
-            let len: usize = shape.iter().product();
-            let range = at..at + len;
-            at += len;
+        for spec in cfg.params() {
+            let range = at..at + spec.len();
+            at += spec.len();
             params_by_name.push(Param {
-                decay: crate::init::decays(&name),
-                name,
-                shape,
-                range: range.clone(),
-            });
-            range
-        };
-        let span = |a: &Range<usize>, b: &Range<usize>| a.start..b.end;
-        let mut layers = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            let p = format!("model.layers.{l}");
-            let attn_norm = take(format!("{p}.input_layernorm.weight"), vec![d]);
-            let q = take(format!("{p}.self_attn.q_proj.weight"), vec![qw, d]);
-            take(format!("{p}.self_attn.k_proj.weight"), vec![kvw, d]);
-            let v = take(format!("{p}.self_attn.v_proj.weight"), vec![kvw, d]);
-            let o = take(format!("{p}.self_attn.o_proj.weight"), vec![d, qw]);
-            let mlp_norm = take(format!("{p}.post_attention_layernorm.weight"), vec![d]);
-            let gate = take(format!("{p}.mlp.gate_proj.weight"), vec![f, d]);
-            let up = take(format!("{p}.mlp.up_proj.weight"), vec![f, d]);
-            let down = take(format!("{p}.mlp.down_proj.weight"), vec![d, f]);
-            layers.push(LayerParams {
-                attn_norm,
-                qkv: span(&q, &v),
-                o,
-                mlp_norm,
-                gate_up: span(&gate, &up),
-                down,
+                name: spec.name(),
+                spec,
+                range,
+                trainable: true,
             });
         }
-        let embed = take("model.embed_tokens.weight".into(), vec![cfg.vocab_size, d]);
-        let norm = take("model.norm.weight".into(), vec![d]);
-        let head = if cfg.tie_word_embeddings {
-            embed.clone()
-        } else {
-            take("lm_head.weight".into(), vec![cfg.vocab_size, d])
-        };
         let total = at;
+        let find = |role: Role, layer: Option<usize>| {
+            params_by_name
+                .iter()
+                .find(|p| p.spec.role == role && p.spec.layer == layer)
+                .map(|p| p.range.clone())
+        };
+        let get = |role: Role, layer: Option<usize>| {
+            find(role, layer).unwrap_or_else(|| panic!("Config::params lists {role:?}"))
+        };
+        // Adjacent stretches as one; Config::params promises the adjacency.
+        let span = |a: Range<usize>, b: Range<usize>| {
+            assert!(a.end <= b.start, "{a:?} then {b:?}");
+            a.start..b.end
+        };
+        let mut layers = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            let l = Some(l);
+            let (q, v) = (get(Role::Q, l), get(Role::V, l));
+            assert_eq!(get(Role::K, l).end, v.start, "k then v");
+            let qkv_bias = match (find(Role::QBias, l), find(Role::VBias, l)) {
+                (Some(qb), Some(vb)) => Some(span(qb, vb)),
+                _ => None,
+            };
+            let (gate, up) = (get(Role::Gate, l), get(Role::Up, l));
+            assert_eq!(gate.end, up.start, "gate then up");
+            layers.push(LayerParams {
+                attn_norm: get(Role::AttnNorm, l),
+                qkv: span(q, v),
+                qkv_bias,
+                o: get(Role::O, l),
+                mlp_norm: get(Role::MlpNorm, l),
+                gate_up: span(gate, up),
+                down: get(Role::Down, l),
+            });
+        }
+        let embed = get(Role::Embedding, None);
+        let norm = get(Role::FinalNorm, None);
+        let head = find(Role::Head, None).unwrap_or_else(|| embed.clone());
 
         let rope = slm_model::llama::Rope::new(cfg, None, false, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -257,10 +296,8 @@ impl Trainer {
             head,
             params: zeros(total),
             grads: zeros(total),
-            m: zeros(total),
-            v: zeros(total),
-            steps: 0,
-            adam,
+            opt: AdamW::new(adam, total),
+            groups: Vec::new(),
             cos,
             sin,
             inputs: vec![0; n],
@@ -279,10 +316,49 @@ impl Trainer {
                 head: Vec::new(),
                 partials: Vec::new(),
             },
+            discard: zeros(d),
             laps: Laps::default(),
         };
+        t.groups = t.trainable_groups();
         t.read_params(vars)?;
         Ok(t)
+    }
+
+    /// Keeps the parameters `frozen` selects fixed from now on: AdamW leaves them (and their
+    /// moments) alone and backward forms no weight gradient for them, only the input
+    /// gradients that flow through. A tied head is frozen with the embedding.
+    pub fn freeze(&mut self, frozen: impl Fn(&params::Param) -> bool) {
+        for p in &mut self.params_by_name {
+            if frozen(&p.spec) {
+                p.trainable = false;
+            }
+        }
+        self.groups = self.trainable_groups();
+    }
+
+    /// The trainable parameters as AdamW's groups, neighbours with the same decay merged.
+    fn trainable_groups(&self) -> Vec<Group> {
+        let mut groups: Vec<Group> = Vec::new();
+        for p in self.params_by_name.iter().filter(|p| p.trainable) {
+            let decay = p.spec.role.decays();
+            match groups.last_mut() {
+                Some(g) if g.decay == decay && g.range.end == p.range.start => {
+                    g.range.end = p.range.end
+                }
+                _ => groups.push(Group {
+                    range: p.range.clone(),
+                    decay,
+                }),
+            }
+        }
+        groups
+    }
+
+    /// Whether any value of `r` is trained (a weight gradient is needed).
+    fn trains(&self, r: &Range<usize>) -> bool {
+        self.groups
+            .iter()
+            .any(|g| g.range.start < r.end && r.start < g.range.end)
     }
 
     /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
@@ -306,10 +382,23 @@ impl Trainer {
     }
 
     /// Forward and backward on one micro-batch (`batch` rows of `positions + 1` tokens,
-    /// row-major): adds `scale` times the gradient of the mean next-token loss into the
-    /// gradients, and returns that loss.
+    /// row-major, each row's targets its inputs shifted by one): adds `scale` times the
+    /// gradient of the mean next-token loss into the gradients, and returns that loss.
     pub fn accumulate(&mut self, tokens: &[u32], scale: f32) -> candle_core::Result<f32> {
         Ok(self.accumulate_timed(tokens, scale)?.0)
+    }
+
+    /// `accumulate` with targets of its own (`batch` x `positions` each, row-major): a
+    /// target may be `IGNORE`, and the loss is the mean over the targets that count.
+    pub fn accumulate_targets(
+        &mut self,
+        inputs: &[u32],
+        targets: &[u32],
+        scale: f32,
+    ) -> candle_core::Result<f32> {
+        self.set_batch(inputs, targets)?;
+        self.forward();
+        Ok(self.head_and_backward(scale))
     }
 
     /// The mean next-token loss of one micro-batch, without gradients (validation), in the
@@ -318,10 +407,9 @@ impl Trainer {
         self.load_batch(tokens)?;
         self.forward();
         let cfg = &self.cfg;
-        let n = self.batch * self.positions;
-        let total = head_loss_into(
+        let (total, counted) = head_loss_into(
             HeadShape {
-                n,
+                n: self.batch * self.positions,
                 d: cfg.hidden_size,
                 v: cfg.vocab_size,
             },
@@ -332,7 +420,7 @@ impl Trainer {
             None,
             &mut self.work.head,
         );
-        Ok((total / n.max(1) as f64) as f32)
+        Ok((total / counted.max(1) as f64) as f32)
     }
 
     /// `accumulate`, and the seconds its forward pass took (up to the output projection).
@@ -348,6 +436,73 @@ impl Trainer {
         Ok((self.head_and_backward(scale), forward_s))
     }
 
+    /// The final (normed) hidden states of `inputs` (`batch` x `positions` tokens):
+    /// `batch * positions` rows of `hidden_size`, for a head or loss computed outside the
+    /// trainer, whose gradient `backward_hidden` then takes.
+    pub fn forward_hidden(&mut self, inputs: &[u32]) -> candle_core::Result<&[f32]> {
+        let n = self.batch * self.positions;
+        if inputs.len() != n {
+            candle_core::bail!(
+                "{} input tokens, {} rows of {} expected",
+                inputs.len(),
+                self.batch,
+                self.positions
+            );
+        }
+        self.check_ids(inputs, "token")?;
+        self.inputs.copy_from_slice(inputs);
+        self.forward();
+        Ok(&self.final_h)
+    }
+
+    /// Backward from `dh`, the gradient of a loss with respect to the hidden states the last
+    /// `forward_hidden` returned: adds every parameter's gradient (the output projection's
+    /// excepted: that head was not used).
+    pub fn backward_hidden(&mut self, dh: &[f32]) -> candle_core::Result<()> {
+        if dh.len() != self.final_h.len() {
+            candle_core::bail!(
+                "a hidden-state gradient of {} values, {} expected",
+                dh.len(),
+                self.final_h.len()
+            );
+        }
+        self.work.dh.copy_from_slice(dh);
+        self.laps.start();
+        self.backward();
+        Ok(())
+    }
+
+    fn check_ids(&self, ids: &[u32], what: &str) -> candle_core::Result<()> {
+        if let Some(bad) = ids
+            .iter()
+            .find(|&&x| x as usize >= self.cfg.vocab_size && !(what == "target" && x == IGNORE))
+        {
+            candle_core::bail!(
+                "{what} id {bad} is outside the vocabulary of {}",
+                self.cfg.vocab_size
+            );
+        }
+        Ok(())
+    }
+
+    fn set_batch(&mut self, inputs: &[u32], targets: &[u32]) -> candle_core::Result<()> {
+        let n = self.batch * self.positions;
+        if inputs.len() != n || targets.len() != n {
+            candle_core::bail!(
+                "{} inputs and {} targets, {} rows of {} expected",
+                inputs.len(),
+                targets.len(),
+                self.batch,
+                self.positions
+            );
+        }
+        self.check_ids(inputs, "token")?;
+        self.check_ids(targets, "target")?;
+        self.inputs.copy_from_slice(inputs);
+        self.targets.copy_from_slice(targets);
+        Ok(())
+    }
+
     /// Checks a micro-batch and splits it into inputs and targets.
     fn load_batch(&mut self, tokens: &[u32]) -> candle_core::Result<()> {
         let (t, b) = (self.positions, self.batch);
@@ -358,12 +513,7 @@ impl Trainer {
                 t + 1
             );
         }
-        if let Some(bad) = tokens.iter().find(|&&x| x as usize >= self.cfg.vocab_size) {
-            candle_core::bail!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            );
-        }
+        self.check_ids(tokens, "token")?;
         for (r, row) in tokens.chunks_exact(t + 1).enumerate() {
             self.inputs[r * t..(r + 1) * t].copy_from_slice(&row[..t]);
             self.targets[r * t..(r + 1) * t].copy_from_slice(&row[1..]);
@@ -398,6 +548,9 @@ impl Trainer {
             kernels::rms_norm(&mut s.h1, &mut s.r1, x, &p[lp.attn_norm.clone()], eps);
             laps.lap("rms_norm");
             linear::forward(&mut s.qkv, &s.h1, &p[lp.qkv.clone()], (n, d, qkv_w), false);
+            if let Some(b) = &lp.qkv_bias {
+                kernels::add_bias(&mut s.qkv, &p[b.clone()]);
+            }
             laps.lap("linear");
             kernels::rope(&mut s.qkv, rope, false);
             laps.lap("rope");
@@ -436,28 +589,94 @@ impl Trainer {
     /// The loss of the output projection, then every gradient back to the embedding.
     fn head_and_backward(&mut self, scale: f32) -> f32 {
         let cfg = &self.cfg;
-        let (d, f, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
+        let n = self.batch * self.positions;
+        self.laps.start();
+        // A frozen head's weight gradient goes to scratch and is dropped.
+        let head_trains = self.trains(&self.head);
+        let w = &mut self.work;
+        let mut frozen_dw = Vec::new();
+        let dw = if head_trains {
+            &mut self.grads[self.head.clone()]
+        } else {
+            frozen_dw.resize(v * d, 0.0);
+            &mut frozen_dw[..]
+        };
+        let (total, counted) = head_loss_into(
+            HeadShape { n, d, v },
+            &self.final_h,
+            &self.params[self.head.clone()],
+            &self.targets,
+            scale,
+            Some((&mut w.dh, dw)),
+            &mut w.head,
+        );
+        self.laps.lap("output projection + loss");
+        self.backward();
+        (total / counted.max(1) as f64) as f32
+    }
+
+    /// Every gradient from `work.dh` (of the final hidden states) back to the embedding.
+    /// Frozen linear layers get their input gradient only; a frozen norm's weight gradient
+    /// is formed in scratch and dropped.
+    fn backward(&mut self) {
+        let cfg = &self.cfg;
+        let (d, f) = (cfg.hidden_size, cfg.intermediate_size);
         let n = self.batch * self.positions;
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
         let rope = rope_spec(shape, &self.cos, &self.sin);
+        let trains: Vec<[bool; 7]> = self
+            .layers
+            .iter()
+            .map(|lp| {
+                [
+                    &lp.attn_norm,
+                    &lp.qkv,
+                    &lp.o,
+                    &lp.mlp_norm,
+                    &lp.gate_up,
+                    &lp.down,
+                ]
+                .map(|r| self.trains(r))
+                .into_iter()
+                .chain([lp.qkv_bias.as_ref().is_some_and(|b| self.trains(b))])
+                .collect::<Vec<_>>()
+                .try_into()
+                .expect("seven")
+            })
+            .collect();
+        let (norm_trains, embed_trains) = (self.trains(&self.norm), self.trains(&self.embed));
         let (p, g, w) = (&self.params, &mut self.grads, &mut self.work);
+        let discard = &mut self.discard;
         let laps = &mut self.laps;
-        laps.start();
-        let total = head_loss_into(
-            HeadShape { n, d, v },
-            &self.final_h,
-            &p[self.head.clone()],
-            &self.targets,
-            scale,
-            Some((&mut w.dh, &mut g[self.head.clone()])),
-            &mut w.head,
-        );
-        laps.lap("output projection + loss");
+        // A linear layer's backward: both gradients, or the input's alone when it is frozen.
+        let linear_bwd = |dx: &mut [f32],
+                          g: &mut [f32],
+                          trains: bool,
+                          dy: &[f32],
+                          x: &[f32],
+                          wr: &Range<usize>,
+                          dims: (usize, usize, usize),
+                          partials: &mut Vec<f32>| {
+            if trains {
+                linear::backward(
+                    dx,
+                    &mut g[wr.clone()],
+                    dy,
+                    x,
+                    &p[wr.clone()],
+                    dims,
+                    partials,
+                );
+            } else {
+                linear::input_grad(dx, dy, &p[wr.clone()], dims, false);
+            }
+        };
         w.dres.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
         kernels::rms_norm_bwd(
             &mut w.dres,
-            &mut g[self.norm.clone()],
+            norm_grad(g, &self.norm, norm_trains, discard),
             &w.dh,
             &self.streams[cfg.num_hidden_layers],
             &self.final_r,
@@ -466,32 +685,35 @@ impl Trainer {
         laps.lap("rms_norm (backward)");
         for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
             let x = &self.streams[l];
+            let [attn_norm_t, qkv_t, o_t, mlp_norm_t, gate_up_t, down_t, bias_t] = trains[l];
             // MLP: out = mid + down(silu(gate) * up)
-            linear::backward(
+            linear_bwd(
                 &mut w.dact,
-                &mut g[lp.down.clone()],
+                g,
+                down_t,
                 &w.dres,
                 &s.act,
-                &p[lp.down.clone()],
+                &lp.down,
                 (n, f, d),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
             laps.lap("swiglu (backward)");
-            linear::backward(
+            linear_bwd(
                 &mut w.dh,
-                &mut g[lp.gate_up.clone()],
+                g,
+                gate_up_t,
                 &w.dgu,
                 &s.h2,
-                &p[lp.gate_up.clone()],
+                &lp.gate_up,
                 (n, d, 2 * f),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
-                &mut g[lp.mlp_norm.clone()],
+                norm_grad(g, &lp.mlp_norm, mlp_norm_t, discard),
                 &w.dh,
                 &s.mid,
                 &s.r2,
@@ -499,12 +721,13 @@ impl Trainer {
             );
             laps.lap("rms_norm (backward)");
             // Attention: mid = x + o(attention(rope(q), rope(k), v))
-            linear::backward(
+            linear_bwd(
                 &mut w.datt,
-                &mut g[lp.o.clone()],
+                g,
+                o_t,
                 &w.dres,
                 &s.att,
-                &p[lp.o.clone()],
+                &lp.o,
                 (n, qw, d),
                 &mut w.partials,
             );
@@ -513,19 +736,23 @@ impl Trainer {
             laps.lap("attention (backward)");
             kernels::rope(&mut w.dqkv, rope, true);
             laps.lap("rope (backward)");
-            linear::backward(
+            if let (Some(b), true) = (&lp.qkv_bias, bias_t) {
+                kernels::bias_bwd(&mut g[b.clone()], &w.dqkv);
+            }
+            linear_bwd(
                 &mut w.dh,
-                &mut g[lp.qkv.clone()],
+                g,
+                qkv_t,
                 &w.dqkv,
                 &s.h1,
-                &p[lp.qkv.clone()],
+                &lp.qkv,
                 (n, d, qkv_w),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
-                &mut g[lp.attn_norm.clone()],
+                norm_grad(g, &lp.attn_norm, attn_norm_t, discard),
                 &w.dh,
                 x,
                 &s.r1,
@@ -533,9 +760,10 @@ impl Trainer {
             );
             laps.lap("rms_norm (backward)");
         }
-        kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
+        if embed_trains {
+            kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
+        }
         laps.lap("embedding (backward)");
-        (total / n.max(1) as f64) as f32
     }
 
     /// Seconds per kind of op since the last call, largest first.
@@ -545,7 +773,7 @@ impl Trainer {
         v
     }
 
-    /// The global L2 norm of the gradients.
+    /// The global L2 norm of the gradients (a frozen parameter's stay zero).
     pub fn grad_norm(&self) -> f64 {
         // Partial sums of fixed blocks, added in order: the same norm on every run.
         let parts: Vec<f64> = self
@@ -556,47 +784,10 @@ impl Trainer {
         parts.iter().sum::<f64>().sqrt()
     }
 
-    /// One AdamW update (as `optim::AdamW::step`) with the gradients times `grad_scale`.
+    /// One AdamW update of the trainable parameters with the gradients times `grad_scale`.
     pub fn step(&mut self, lr: f64, grad_scale: f64) {
-        self.steps += 1;
-        let AdamWConfig {
-            beta1,
-            beta2,
-            eps,
-            weight_decay,
-        } = self.adam;
-        let t = self.steps as i32;
-        let (bc1, bc2) = (1.0 - beta1.powi(t), 1.0 - beta2.powi(t));
-        let (b1, b2, gs) = (beta1 as f32, beta2 as f32, grad_scale as f32);
-        let (inv_bc1, inv_bc2, eps, lr32) = (
-            (1.0 / bc1) as f32,
-            (1.0 / bc2) as f32,
-            eps as f32,
-            lr as f32,
-        );
-        for prm in &self.params_by_name {
-            let keep = if prm.decay && weight_decay != 0.0 {
-                (1.0 - lr * weight_decay) as f32
-            } else {
-                1.0
-            };
-            let r = prm.range.clone();
-            const CHUNK: usize = 1 << 14;
-            self.params[r.clone()]
-                .par_chunks_mut(CHUNK)
-                .zip(self.grads[r.clone()].par_chunks(CHUNK))
-                .zip(self.m[r.clone()].par_chunks_mut(CHUNK))
-                .zip(self.v[r].par_chunks_mut(CHUNK))
-                .for_each(|(((w, g), m), v)| {
-                    for (((w, &g), m), v) in w.iter_mut().zip(g).zip(m).zip(v) {
-                        let g = g * gs;
-                        *m = *m * b1 + g * (1.0 - b1);
-                        *v = *v * b2 + g * g * (1.0 - b2);
-                        let update = (*m * inv_bc1) / ((*v * inv_bc2).sqrt() + eps);
-                        *w = *w * keep - update * lr32;
-                    }
-                });
-        }
+        self.opt
+            .step(&mut self.params, &self.grads, &self.groups, lr, grad_scale);
     }
 
     fn var_map_tensor(
@@ -617,7 +808,7 @@ impl Trainer {
     pub fn read_params(&mut self, vars: &VarMap) -> candle_core::Result<()> {
         let data = vars.data().lock().expect("var map lock");
         for prm in &self.params_by_name {
-            let var = Self::var_map_tensor(&data, &prm.name, &prm.shape)?;
+            let var = Self::var_map_tensor(&data, &prm.name, &prm.spec.shape)?;
             let values = var
                 .as_tensor()
                 .to_dtype(DType::F32)?
@@ -632,10 +823,10 @@ impl Trainer {
     pub fn write_params(&self, vars: &VarMap) -> candle_core::Result<()> {
         let data = vars.data().lock().expect("var map lock");
         for prm in &self.params_by_name {
-            let var = Self::var_map_tensor(&data, &prm.name, &prm.shape)?;
+            let var = Self::var_map_tensor(&data, &prm.name, &prm.spec.shape)?;
             let t = Tensor::from_slice(
                 &self.params[prm.range.clone()],
-                prm.shape.as_slice(),
+                prm.spec.shape.as_slice(),
                 &Device::Cpu,
             )?
             .to_dtype(var.dtype())?;
@@ -655,7 +846,11 @@ impl Trainer {
             .map(|p| {
                 Ok((
                     p.name.clone(),
-                    Tensor::from_slice(&values[p.range.clone()], p.shape.as_slice(), &Device::Cpu)?,
+                    Tensor::from_slice(
+                        &values[p.range.clone()],
+                        p.spec.shape.as_slice(),
+                        &Device::Cpu,
+                    )?,
                 ))
             })
             .collect()
@@ -664,7 +859,7 @@ impl Trainer {
     /// The moments by name (`m.NAME`, `v.NAME`), as `optim::AdamW::state` saves them.
     pub fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut s = HashMap::new();
-        for (prefix, values) in [("m", &self.m), ("v", &self.v)] {
+        for (prefix, values) in [("m", &self.opt.m), ("v", &self.opt.v)] {
             for (name, t) in self.by_name(values)? {
                 s.insert(format!("{prefix}.{name}"), t);
             }
@@ -679,23 +874,23 @@ impl Trainer {
         steps: u64,
     ) -> candle_core::Result<()> {
         for prm in &self.params_by_name {
-            for (prefix, values) in [("m", &mut self.m), ("v", &mut self.v)] {
+            for (prefix, values) in [("m", &mut self.opt.m), ("v", &mut self.opt.v)] {
                 let key = format!("{prefix}.{}", prm.name);
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state has no {key}"))
                 })?;
-                if t.dims() != prm.shape.as_slice() {
+                if t.dims() != prm.spec.shape.as_slice() {
                     candle_core::bail!(
                         "optimizer state {key} has shape {:?}, the parameter {:?}",
                         t.dims(),
-                        prm.shape
+                        prm.spec.shape
                     );
                 }
                 let x = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
                 values[prm.range.clone()].copy_from_slice(&x);
             }
         }
-        self.steps = steps;
+        self.opt.steps = steps;
         Ok(())
     }
 }
@@ -705,7 +900,7 @@ mod tests {
     use super::*;
     use crate::init::{init_params, Rng};
     use candle_nn::VarBuilder;
-    use slm_model::{Llama, Weights};
+    use slm_model::{Arch, Llama, Weights};
 
     /// Odd sizes on purpose: a head_dim that is not a multiple of 8, grouped kv heads, more
     /// positions than one attention tile and not a multiple of it, a vocabulary of 97.
@@ -730,6 +925,15 @@ mod tests {
         }
     }
 
+    /// Qwen2's shape: attention biases on q, k and v.
+    fn biased_config() -> Config {
+        Config {
+            arch: Arch::Qwen2,
+            attention_bias: true,
+            ..odd_config(true)
+        }
+    }
+
     pub(crate) fn random_tokens(n: usize, vocab: usize, seed: u64) -> Vec<u32> {
         let mut rng = Rng(seed);
         (0..n)
@@ -737,11 +941,33 @@ mod tests {
             .collect()
     }
 
-    /// Loss and gradients of candle's autograd through `slm_model::Llama` (the reference).
+    /// Fresh parameters with norm weights away from 1 and biases away from 0, so a wrong
+    /// norm or bias gradient cannot hide.
+    fn params(cfg: &Config, seed: u64) -> VarMap {
+        let vars = init_params(cfg, DType::F32, seed, &Device::Cpu).unwrap();
+        for (name, var) in vars.data().lock().unwrap().iter() {
+            let n = var.elem_count();
+            let w: Vec<f32> = if name.ends_with("norm.weight") {
+                (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.15).collect()
+            } else if name.ends_with(".bias") {
+                (0..n).map(|i| ((i % 5) as f32 - 2.0) * 0.1).collect()
+            } else {
+                continue;
+            };
+            var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        vars
+    }
+
+    /// Loss and gradients of candle's autograd through `slm_model::Llama` (its composed
+    /// ops) and `candle_nn::loss::cross_entropy`: the reference. `targets` may hold
+    /// `IGNORE`; the loss is the mean over the others.
     pub(crate) fn reference(
         cfg: &Config,
         vars: &VarMap,
-        tokens: &[u32],
+        inputs: &[u32],
+        targets: &[u32],
         batch: usize,
     ) -> (f32, HashMap<String, Tensor>) {
         let dev = Device::Cpu;
@@ -752,9 +978,23 @@ mod tests {
         )
         .unwrap();
         let t = cfg.max_position_embeddings;
-        let all = Tensor::from_slice(tokens, (batch, t + 1), &dev).unwrap();
-        let (x, y) = (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap());
-        let loss = crate::model_loss(&model, &x, &y).unwrap();
+        let x = Tensor::from_slice(inputs, (batch, t), &dev).unwrap();
+        let logits = model
+            .forward(&x, None, false)
+            .unwrap()
+            .reshape((batch * t, cfg.vocab_size))
+            .unwrap();
+        let keep: Vec<u32> = (0..targets.len() as u32)
+            .filter(|&i| targets[i as usize] != IGNORE)
+            .collect();
+        let kept: Vec<u32> = keep.iter().map(|&i| targets[i as usize]).collect();
+        let loss = candle_nn::loss::cross_entropy(
+            &logits
+                .index_select(&Tensor::new(keep.as_slice(), &dev).unwrap(), 0)
+                .unwrap(),
+            &Tensor::new(kept.as_slice(), &dev).unwrap(),
+        )
+        .unwrap();
         let store = loss.backward().unwrap();
         let data = vars.data().lock().unwrap();
         let grads = data
@@ -762,6 +1002,15 @@ mod tests {
             .map(|(name, var)| (name.clone(), store.get(var.as_tensor()).unwrap().clone()))
             .collect();
         (loss.to_scalar::<f32>().unwrap(), grads)
+    }
+
+    /// Inputs and next-token targets of `batch` rows of a token sequence.
+    fn split(tokens: &[u32], t: usize) -> (Vec<u32>, Vec<u32>) {
+        let rows = tokens.chunks_exact(t + 1);
+        (
+            rows.clone().flat_map(|r| r[..t].to_vec()).collect(),
+            rows.flat_map(|r| r[1..].to_vec()).collect(),
+        )
     }
 
     fn max_abs(t: &Tensor) -> f32 {
@@ -773,53 +1022,192 @@ mod tests {
             .unwrap()
     }
 
-    /// Every gradient within 1e-4 of the reference's largest value in that tensor.
+    /// Every gradient within 1e-4 of the reference's largest value in that tensor (f32
+    /// against f32 summed in another order).
+    fn assert_grads_close(
+        what: &str,
+        grads: &HashMap<String, Tensor>,
+        reference: &HashMap<String, Tensor>,
+    ) {
+        assert_eq!(grads.len(), reference.len(), "{what}");
+        for (name, r) in reference {
+            let g = &grads[name];
+            let err = max_abs(&(g - r).unwrap());
+            let scale = max_abs(r);
+            assert!(
+                err <= 1e-4 * scale,
+                "{what} {name}: max error {err:e}, largest reference value {scale:e}"
+            );
+        }
+    }
+
     #[test]
     fn loss_and_gradients_equal_candle_autograd() {
-        for tied in [true, false] {
-            let cfg = odd_config(tied);
+        let configs = [
+            ("tied", odd_config(true)),
+            ("untied", odd_config(false)),
+            ("qkv biases", biased_config()),
+        ];
+        for (what, cfg) in configs {
             let batch = 3;
-            let vars = init_params(&cfg, DType::F32, 7, &Device::Cpu).unwrap();
-            // Norm weights away from 1, so a wrong norm gradient cannot hide.
-            for (name, var) in vars.data().lock().unwrap().iter() {
-                if name.ends_with("norm.weight") {
-                    let n = var.elem_count();
-                    let w: Vec<f32> = (0..n).map(|i| 0.5 + (i % 7) as f32 * 0.15).collect();
-                    var.set(&Tensor::from_vec(w, var.shape(), &Device::Cpu).unwrap())
-                        .unwrap();
-                }
-            }
+            let vars = params(&cfg, 7);
             let tokens = random_tokens(batch * 151, cfg.vocab_size, 3);
-            let (ref_loss, ref_grads) = reference(&cfg, &vars, &tokens, batch);
+            let (inputs, targets) = split(&tokens, 150);
+            let (ref_loss, ref_grads) = reference(&cfg, &vars, &inputs, &targets, batch);
             let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
             tr.zero_grads();
             let loss = tr.accumulate(&tokens, 1.0).unwrap();
             assert!(
                 (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
-                "loss {loss} vs reference {ref_loss}"
+                "{what}: loss {loss} vs reference {ref_loss}"
             );
             let eval = tr.loss(&tokens).unwrap();
             assert!(
                 (eval - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
-                "validation loss {eval} vs reference {ref_loss}"
+                "{what}: validation loss {eval} vs reference {ref_loss}"
             );
-            let grads = tr.grads_by_name().unwrap();
-            assert_eq!(grads.len(), ref_grads.len());
-            for (name, r) in &ref_grads {
-                let g = &grads[name];
-                let err = max_abs(&(g - r).unwrap());
-                let scale = max_abs(r);
-                assert!(
-                    err <= 1e-4 * scale,
-                    "tied={tied} {name}: max error {err:e}, largest reference value {scale:e}"
+            assert_grads_close(what, &tr.grads_by_name().unwrap(), &ref_grads);
+        }
+    }
+
+    /// Ignored targets (a chat's prompt tokens) count for nothing: the loss is the mean over
+    /// the others and the gradients are the reference's over those rows alone.
+    #[test]
+    fn ignored_targets_carry_no_loss_or_gradient() {
+        let cfg = odd_config(true);
+        let batch = 2;
+        let vars = params(&cfg, 8);
+        let tokens = random_tokens(batch * 151, cfg.vocab_size, 4);
+        let (inputs, mut targets) = split(&tokens, 150);
+        for (i, t) in targets.iter_mut().enumerate() {
+            if i % 150 < 60 || i % 11 == 0 {
+                *t = IGNORE;
+            }
+        }
+        let (ref_loss, ref_grads) = reference(&cfg, &vars, &inputs, &targets, batch);
+        let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+        tr.zero_grads();
+        let loss = tr.accumulate_targets(&inputs, &targets, 1.0).unwrap();
+        assert!(
+            (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
+            "loss {loss} vs reference {ref_loss}"
+        );
+        assert_grads_close("masked", &tr.grads_by_name().unwrap(), &ref_grads);
+        let mut bad = targets.clone();
+        bad[3] = 97;
+        let e = tr.accumulate_targets(&inputs, &bad, 1.0).unwrap_err();
+        assert!(e.to_string().contains("target id 97"), "{e}");
+    }
+
+    /// A loss computed outside the trainer from its hidden states drives the same backward:
+    /// Σ h·r through `forward_hidden` / `backward_hidden` against candle's autograd of
+    /// `Llama::hidden`. The output projection gets no gradient.
+    #[test]
+    fn a_loss_on_the_hidden_states_backpropagates_like_the_reference() {
+        let cfg = odd_config(false);
+        let batch = 2;
+        let vars = params(&cfg, 9);
+        let (inputs, _) = split(&random_tokens(batch * 151, cfg.vocab_size, 5), 150);
+        let mut rng = Rng(6);
+        let r: Vec<f32> = (0..batch * 150 * cfg.hidden_size)
+            .map(|_| rng.normal() as f32)
+            .collect();
+        let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+        tr.zero_grads();
+        let h = tr.forward_hidden(&inputs).unwrap().to_vec();
+        tr.backward_hidden(&r).unwrap();
+        let grads = tr.grads_by_name().unwrap();
+
+        let dev = Device::Cpu;
+        let model = Llama::load(
+            &cfg,
+            &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
+            &dev,
+        )
+        .unwrap();
+        let x = Tensor::from_slice(&inputs, (batch, 150), &dev).unwrap();
+        let hidden = model.hidden(&x).unwrap();
+        let want: Vec<f32> = hidden.flatten_all().unwrap().to_vec1().unwrap();
+        let err = h
+            .iter()
+            .zip(&want)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+        assert!(err <= 1e-4, "hidden states differ by {err:e}");
+        let rt = Tensor::from_slice(&r, hidden.shape(), &dev).unwrap();
+        let store = (hidden * rt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let data = vars.data().lock().unwrap();
+        let mut reference: HashMap<String, Tensor> = HashMap::new();
+        for (name, var) in data.iter() {
+            let g = match store.get(var.as_tensor()) {
+                Some(g) => g.clone(),
+                None => var.as_tensor().zeros_like().unwrap(),
+            };
+            reference.insert(name.clone(), g);
+        }
+        assert_eq!(max_abs(&grads["lm_head.weight"]), 0.0);
+        reference.remove("lm_head.weight");
+        let mut ours = grads;
+        ours.remove("lm_head.weight");
+        assert_grads_close("hidden", &ours, &reference);
+    }
+
+    /// Frozen parameters (a LoRA base) keep their values and get no gradient; the others
+    /// get the same gradients as in an unfrozen model, and only they move.
+    #[test]
+    fn frozen_parameters_stay_fixed() {
+        let cfg = odd_config(true);
+        let vars = params(&cfg, 10);
+        let tokens = random_tokens(2 * 151, cfg.vocab_size, 6);
+        let mut full = Trainer::new(&cfg, 2, AdamWConfig::default(), &vars).unwrap();
+        full.zero_grads();
+        full.accumulate(&tokens, 1.0).unwrap();
+        let full_grads = full.grads_by_name().unwrap();
+
+        let mut tr = Trainer::new(&cfg, 2, AdamWConfig::default(), &vars).unwrap();
+        let frozen = |p: &params::Param| {
+            p.role == Role::Embedding
+                || p.role.is_norm()
+                || (p.layer == Some(0)
+                    && matches!(p.role, Role::Q | Role::K | Role::V | Role::Down))
+        };
+        tr.freeze(frozen);
+        tr.zero_grads();
+        tr.accumulate(&tokens, 1.0).unwrap();
+        let before = tr.params.clone();
+        tr.step(1e-2, 1.0);
+        let grads = tr.grads_by_name().unwrap();
+        for p in cfg.params() {
+            let name = p.name();
+            let range = &tr
+                .params_by_name
+                .iter()
+                .find(|q| q.name == name)
+                .unwrap()
+                .range;
+            let moved = tr.params[range.clone()] != before[range.clone()];
+            if frozen(&p) {
+                assert_eq!(max_abs(&grads[&name]), 0.0, "{name} has a gradient");
+                assert!(!moved, "{name} moved");
+            } else {
+                let err = max_abs(&(&grads[&name] - &full_grads[&name]).unwrap());
+                assert_eq!(
+                    err, 0.0,
+                    "{name}: gradient differs from the unfrozen model's"
                 );
+                assert!(moved, "{name} did not move");
             }
         }
     }
 
     /// Twenty AdamW updates with clipping, learning-rate warmup and two micro-batches each,
-    /// through the fused trainer and through candle's autograd with `optim::AdamW`: the same
-    /// loss curve, and the same parameters after it, within f32 tolerance.
+    /// through the trainer and through the reference's gradients (with the same AdamW over
+    /// a copy of the parameters): the same loss curve, and the same parameters after it,
+    /// within f32 tolerance.
     #[test]
     fn a_short_run_follows_the_reference_loss_curve() {
         let cfg = odd_config(true);
@@ -829,15 +1217,26 @@ mod tests {
         let fused_vars = init_params(&cfg, DType::F32, 11, &dev).unwrap();
         let ref_vars = init_params(&cfg, DType::F32, 11, &dev).unwrap();
         let mut tr = Trainer::new(&cfg, batch, adam, &fused_vars).unwrap();
-        let model = Llama::load(
-            &cfg,
-            &Weights::Vars(VarBuilder::from_varmap(&ref_vars, DType::F32, &dev)),
-            &dev,
-        )
-        .unwrap();
-        let mut opt = crate::optim::AdamW::new(&ref_vars, adam, crate::init::decays).unwrap();
+        // The reference's parameters as one vector in `Config::params` order.
+        let specs = cfg.params();
+        let total: usize = specs.iter().map(|p| p.len()).sum();
+        let mut ref_params = Vec::with_capacity(total);
+        let mut groups = Vec::new();
+        for p in &specs {
+            let v = ref_vars.data().lock().unwrap()[&p.name()]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            groups.push(Group {
+                range: ref_params.len()..ref_params.len() + v.len(),
+                decay: p.role.decays(),
+            });
+            ref_params.extend(v);
+        }
+        let mut opt = AdamW::new(adam, total);
         let t = cfg.max_position_embeddings;
-        let (mut fused, mut reference) = (vec![], vec![]);
+        let (mut fused, mut reference_curve) = (vec![], vec![]);
         for step in 0..20u64 {
             let lr = 3e-3 * ((step + 1) as f64 / 5.0).min(1.0);
             // Rows that count up in steps of 5 from a random start: learnable in a few updates.
@@ -859,25 +1258,43 @@ mod tests {
             tr.step(lr, if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 });
             fused.push(loss);
 
-            let mut acc: crate::optim::Grads = HashMap::new();
+            let mut acc = vec![0f32; total];
             let mut loss = 0.0;
             for b in &batches {
-                let all = Tensor::from_slice(b, (batch, t + 1), &dev).unwrap();
-                let (x, y) = (all.narrow(1, 0, t).unwrap(), all.narrow(1, 1, t).unwrap());
-                let l = crate::model_loss(&model, &x, &y).unwrap();
-                loss += l.to_scalar::<f32>().unwrap() / accum as f32;
-                let g = (l / accum as f64).unwrap().backward().unwrap();
-                opt.add_grads(&mut acc, &g).unwrap();
+                let (inputs, targets) = split(b, t);
+                let (l, g) = reference(&cfg, &ref_vars, &inputs, &targets, batch);
+                loss += l / accum as f32;
+                for (p, group) in specs.iter().zip(&groups) {
+                    let gv = g[&p.name()]
+                        .flatten_all()
+                        .unwrap()
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    for (a, x) in acc[group.range.clone()].iter_mut().zip(gv) {
+                        *a += x / accum as f32;
+                    }
+                }
             }
-            let norm = opt.grad_norm(&acc).unwrap();
+            let norm = acc
+                .iter()
+                .map(|&x| (x as f64) * (x as f64))
+                .sum::<f64>()
+                .sqrt();
             let scale = if norm > 1.0 { 1.0 / (norm + 1e-6) } else { 1.0 };
-            opt.step(&acc, lr, scale).unwrap();
-            reference.push(loss);
+            opt.step(&mut ref_params, &acc, &groups, lr, scale);
+            let data = ref_vars.data().lock().unwrap();
+            for (p, group) in specs.iter().zip(&groups) {
+                let v =
+                    Tensor::from_slice(&ref_params[group.range.clone()], p.shape.as_slice(), &dev)
+                        .unwrap();
+                data[&p.name()].set(&v).unwrap();
+            }
+            reference_curve.push(loss);
         }
-        for (i, (a, b)) in fused.iter().zip(&reference).enumerate() {
+        for (i, (a, b)) in fused.iter().zip(&reference_curve).enumerate() {
             assert!(
                 (a - b).abs() <= 1e-4 * b.abs(),
-                "update {i}: fused loss {a}, reference {b} (curves {fused:?} vs {reference:?})"
+                "update {i}: fused loss {a}, reference {b} (curves {fused:?} vs {reference_curve:?})"
             );
         }
         assert!(fused[19] < fused[0] - 0.1, "the loss fell: {fused:?}");
@@ -899,34 +1316,35 @@ mod tests {
     /// threads shared the work: every reduction sums fixed blocks in a fixed order.
     #[test]
     fn updates_are_reproducible_bit_for_bit() {
-        let cfg = odd_config(true);
-        let run = || {
-            let vars = init_params(&cfg, DType::F32, 5, &Device::Cpu).unwrap();
-            let mut tr = Trainer::new(&cfg, 3, AdamWConfig::default(), &vars).unwrap();
-            for step in 0..3 {
-                tr.zero_grads();
-                let tokens = random_tokens(3 * 151, cfg.vocab_size, 40 + step);
-                tr.accumulate(&tokens, 1.0).unwrap();
-                let norm = tr.grad_norm();
-                tr.step(1e-2, 1.0 / norm.max(1.0));
+        for cfg in [odd_config(true), biased_config()] {
+            let run = || {
+                let vars = init_params(&cfg, DType::F32, 5, &Device::Cpu).unwrap();
+                let mut tr = Trainer::new(&cfg, 3, AdamWConfig::default(), &vars).unwrap();
+                for step in 0..3 {
+                    tr.zero_grads();
+                    let tokens = random_tokens(3 * 151, cfg.vocab_size, 40 + step);
+                    tr.accumulate(&tokens, 1.0).unwrap();
+                    let norm = tr.grad_norm();
+                    tr.step(1e-2, 1.0 / norm.max(1.0));
+                }
+                tr.params.clone()
+            };
+            let first = run();
+            for _ in 0..3 {
+                let again = run();
+                assert!(
+                    first
+                        .iter()
+                        .zip(&again)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
+                    "parameters differ between two identical runs"
+                );
             }
-            tr.params.clone()
-        };
-        let first = run();
-        for _ in 0..3 {
-            let again = run();
-            assert!(
-                first
-                    .iter()
-                    .zip(&again)
-                    .all(|(a, b)| a.to_bits() == b.to_bits()),
-                "parameters differ between two identical runs"
-            );
         }
     }
 
     /// Each refusal names what was wrong: a micro-batch of the wrong length, a token past the
-    /// vocabulary, a model the fused path does not handle, a parameter missing or of another
+    /// vocabulary, a model shape no kernel handles, a parameter missing or of another
     /// shape, optimizer state without a moment or with one of another shape.
     #[test]
     fn bad_input_is_refused_by_name() {
@@ -944,14 +1362,20 @@ mod tests {
             outside.contains("token id 97") && outside.contains("97"),
             "{outside}"
         );
+        let e = tr.forward_hidden(&[1; 7]).err().unwrap().to_string();
+        assert!(e.contains("7 input tokens, 2 rows of 150"), "{e}");
+        tr.forward_hidden(&vec![1; 300]).unwrap();
+        let e = tr.backward_hidden(&[0.0; 5]).unwrap_err().to_string();
+        assert!(e.contains("gradient of 5 values"), "{e}");
 
-        let mut biased = cfg.clone();
-        biased.attention_bias = true;
-        let e = Trainer::new(&biased, 2, AdamWConfig::default(), &vars)
+        let mut odd = cfg.clone();
+        odd.head_dim = 5;
+        odd.hidden_size = 30;
+        let e = Trainer::new(&odd, 2, AdamWConfig::default(), &vars)
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("attention biases"), "{e}");
+        assert!(e.contains("head_dim 5 is odd"), "{e}");
 
         let other = VarMap::new();
         let e = tr.read_params(&other).unwrap_err().to_string();
