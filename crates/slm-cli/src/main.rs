@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 use clap::{Args, Parser, Subcommand};
 use slm_model::{LoadedModel, ModelSource};
 use slm_runtime::{generate, GenerateOptions, SamplingParams, Session};
@@ -314,29 +314,26 @@ fn pull(repo: &str, file: Option<&str>, revision: &str) -> Result<()> {
 }
 
 fn tokenizer_train(corpus: &[PathBuf], vocab: usize, min_frequency: u64, out: &Path) -> Result<()> {
+    tokenizer_train_docs(&slm_data::read_corpus(corpus)?, vocab, min_frequency, out)
+}
+
+fn tokenizer_train_docs(
+    docs: &[slm_data::Document],
+    vocab: usize,
+    min_frequency: u64,
+    out: &Path,
+) -> Result<()> {
     let t = Instant::now();
-    let docs = slm_data::read_corpus(corpus)?;
     let bytes: usize = docs.iter().map(|d| d.text.len()).sum();
     eprintln!(
         "training a {vocab}-token BPE on {} documents ({:.1} MB)",
         docs.len(),
         bytes as f64 / 1e6
     );
-    let tok = slm_tokenizer::train::train_bpe(
-        docs.iter().map(|d| d.text.as_str()),
-        &slm_tokenizer::train::TrainOptions {
-            vocab_size: vocab,
-            min_frequency,
-        },
-    )?;
-    let json = tok
-        .to_string(false)
-        .map_err(|e| anyhow::anyhow!("serializing the tokenizer: {e}"))?;
-    slm_data::shard::write_atomic(out, |f| f.write_all(json.as_bytes()))?;
+    let size = slm_train::prepare::train_tokenizer(docs, vocab, min_frequency, out)?;
     eprintln!(
-        "wrote {} ({} tokens) in {:.1}s",
+        "wrote {} ({size} tokens) in {:.1}s",
         out.display(),
-        tok.get_vocab_size(true),
         t.elapsed().as_secs_f64()
     );
     Ok(())
@@ -353,22 +350,18 @@ fn data_prepare(
     if !(0.0..1.0).contains(&valid_fraction) {
         bail!("--valid-fraction {valid_fraction}: expected a number in [0, 1)");
     }
-    let json =
-        std::fs::read(tokenizer).with_context(|| format!("reading {}", tokenizer.display()))?;
-    let tok = tokenizers::Tokenizer::from_bytes(&json)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", tokenizer.display()))?;
-    let Some(eos_id) = tok.token_to_id(eos) else {
-        bail!(
-            "{}: no token {eos:?} to end documents with (choose one with --eos)",
-            tokenizer.display()
-        );
-    };
-    let info = slm_data::ShardInfo {
-        vocab: tok.get_vocab_size(true) as u32,
-        eos: eos_id,
-        tokenizer_sha256: slm_data::tokenizer_sha256(&json),
-    };
     let docs = slm_data::read_corpus(corpus)?;
+    data_prepare_docs(&docs, tokenizer, out, valid_fraction, seed, eos)
+}
+
+fn data_prepare_docs(
+    docs: &[slm_data::Document],
+    tokenizer: &Path,
+    out: &Path,
+    valid_fraction: f64,
+    seed: u64,
+    eos: &str,
+) -> Result<()> {
     let total: usize = docs.iter().map(|d| d.text.len()).sum();
     let bar = indicatif::ProgressBar::new(total as u64).with_style(
         indicatif::ProgressStyle::with_template(
@@ -376,21 +369,16 @@ fn data_prepare(
         )?
         .progress_chars("=> "),
     );
-    let encode = |text: &str| -> std::result::Result<Vec<u32>, String> {
-        tok.encode(text, false)
-            .map(|e| e.get_ids().to_vec())
-            .map_err(|e| e.to_string())
-    };
-    let m = slm_data::prepare(
-        &docs,
-        &encode,
-        &info,
+    let m = slm_train::prepare::prepare_shards(
+        docs,
+        tokenizer,
         out,
         &slm_data::PrepareOptions {
             valid_fraction,
             seed,
             ..Default::default()
         },
+        eos,
         &mut |n| bar.inc(n as u64),
     )?;
     bar.finish_and_clear();
@@ -469,26 +457,10 @@ fn train(recipe_path: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
-/// The corpus quickstart uses: the fetched public-domain corpora, else the chapters bundled
-/// in the repository.
-fn quickstart_corpus() -> Result<Vec<PathBuf>> {
-    let assets = slm_model::assets::dir().join("corpora");
-    let fetched = [assets.join("sotu"), assets.join("moby-dick.txt")];
-    if fetched.iter().all(|p| p.exists()) {
-        return Ok(fetched.to_vec());
-    }
-    let bundled = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/quickstart");
-    if bundled.is_dir() {
-        eprintln!(
-            "using the bundled corpus ({}); `bash ../shared/fetch-assets.sh corpora` gives a larger one",
-            bundled.display()
-        );
-        return Ok(vec![bundled]);
-    }
-    bail!("no corpus: run `bash ../shared/fetch-assets.sh corpora` or pass --corpus FILES")
-}
-
+/// The bundled end-to-end demo (slm_train::quickstart): a tokenizer, shards, a short
+/// training run, then its held-out perplexity against the unigram baseline and samples.
 fn quickstart(minutes: f64, seed: u64, out: &Path, corpus: Vec<PathBuf>) -> Result<()> {
+    use slm_train::quickstart as qs;
     if out.exists() && std::fs::read_dir(out)?.next().is_some() {
         bail!(
             "{} already exists: remove it or choose another --out (an interrupted run continues \
@@ -498,46 +470,18 @@ fn quickstart(minutes: f64, seed: u64, out: &Path, corpus: Vec<PathBuf>) -> Resu
         );
     }
     std::fs::create_dir_all(out)?;
-    let corpus = if corpus.is_empty() {
-        quickstart_corpus()?
-    } else {
-        corpus
-    };
+    let (docs, origin) = qs::documents(&corpus)?;
+    eprintln!("corpus: {origin}");
     let t0 = Instant::now();
     let tok_path = out.join("tokenizer.json");
-    tokenizer_train(&corpus, 4096, 2, &tok_path)?;
+    tokenizer_train_docs(&docs, qs::VOCAB, qs::MIN_FREQUENCY, &tok_path)?;
     let shards = out.join("shards");
-    data_prepare(&corpus, &tok_path, &shards, 0.05, seed, "<|endoftext|>")?;
+    data_prepare_docs(&docs, &tok_path, &shards, 0.05, seed, qs::EOS)?;
+    drop(docs);
     let recipe_path = out.join("recipe.toml");
-    let recipe_text = format!(
-        r#"# slm quickstart: a ~5M-parameter Llama trained for a fixed time.
-[run]
-out = "run"
-seed = {seed}
-[data]
-shards = "shards"
-tokenizer = "tokenizer.json"
-[model]
-d_model = 256
-layers = 5
-heads = 4
-ffn = 688
-context = 128
-[budget]
-minutes = {minutes}
-[optim]
-batch = 16
-lr = 2e-3
-warmup = 20
-[eval]
-interval = 50
-batches = 8
-[checkpoint]
-interval = 100
-keep = 1
-"#
-    );
-    std::fs::write(&recipe_path, recipe_text)?;
+    slm_data::shard::write_atomic(&recipe_path, |f| {
+        f.write_all(qs::recipe(seed, minutes).as_bytes())
+    })?;
     let recipe = slm_train::recipe::Recipe::load(&recipe_path)?;
     let outcome = run_training(&recipe, false)?;
     let Some(model_dir) = outcome.model_dir else {
@@ -548,31 +492,11 @@ keep = 1
         return Ok(());
     };
 
-    // Held-out perplexity over 32k validation tokens, against the unigram baseline: 32 pieces
-    // of 1024 tokens spread evenly over the whole validation set, so every kind of held-out
-    // text counts, not just the first document's.
     let tok_json = std::fs::read(&tok_path)?;
     let data = slm_data::Dataset::open(&shards, &slm_data::tokenizer_sha256(&tok_json))?;
-    let all_valid: Vec<u32> = data
-        .valid
-        .iter()
-        .flat_map(|s| s.slice(0, s.len()))
-        .collect();
-    let (pieces, piece) = (32, 1024);
-    let valid: Vec<u32> = if all_valid.len() <= pieces * piece {
-        all_valid
-    } else {
-        let stride = all_valid.len() / pieces;
-        (0..pieces)
-            .flat_map(|i| all_valid[i * stride..i * stride + piece].iter().copied())
-            .collect()
-    };
-    let train_tokens = data
-        .train
-        .iter()
-        .flat_map(|s| (0..s.len()).map(move |i| s.get(i)));
+    let valid = qs::held_out(&data);
     let unigram = slm_eval::perplexity::unigram_perplexity(
-        train_tokens,
+        qs::train_tokens(&data),
         &valid,
         data.manifest.vocab_size as usize,
     );
@@ -583,10 +507,7 @@ keep = 1
         "held-out perplexity {:.1} +/- {:.1} (unigram baseline of the same tokenizer: {unigram:.1}), {} tokens scored",
         ppl.ppl, ppl.stderr, ppl.scored_tokens
     );
-    for (i, prompt) in ["Call me", "The whale", "It is the duty of"]
-        .iter()
-        .enumerate()
-    {
+    for (i, prompt) in qs::PROMPTS.iter().enumerate() {
         let ids = tok.encode(prompt, true)?;
         let mut session = Session::new(&m.model);
         let opts = GenerateOptions {
@@ -628,7 +549,7 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     let source = slm_model::source(path).with_context(|| format!("loading {}", path.display()))?;
     let tok = Tokenizer::for_model(&source)?;
     drop(source);
-    release_freed_memory();
+    slm_kernels::process::release_freed_memory();
     let loaded = slm_model::load(path, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
     tracing::info!(
@@ -639,38 +560,8 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     Ok((loaded, tok))
 }
 
-/// glibc hands every allocation over its (adaptive, at most 32 MiB) mmap threshold straight
-/// back to the kernel when it is freed, so a training step, which allocates and frees
-/// hundreds of activation and gradient tensors of megabytes each, spends most of its time in
-/// page faults and zeroing fresh pages (measured: 20 of 25 s of a tiny-shape benchmark in the
-/// kernel; with this, 1.9x the tokens/s). Large blocks are kept on the heap for reuse instead;
-/// peak memory is unchanged in kind, since what is freed is soon allocated again.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn keep_freed_memory() {
-    // SAFETY: mallopt only sets allocator parameters; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn keep_freed_memory() {}
-
-/// Hands the heap's free pages back to the system (what `keep_freed_memory` otherwise keeps).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn release_freed_memory() {
-    // SAFETY: malloc_trim only returns free heap pages; it is safe at any time.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn release_freed_memory() {}
-
 fn main() -> Result<()> {
-    keep_freed_memory();
+    slm_kernels::process::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SLM_LOG")
@@ -757,7 +648,7 @@ fn main() -> Result<()> {
             batch_tokens,
             threads,
         } => {
-            let threads = set_threads(threads);
+            let threads = slm_kernels::process::init_threads(threads);
             let mut specs = task
                 .iter()
                 .map(|t| slm_eval::run::TaskSpec::parse(t))
@@ -792,7 +683,7 @@ fn main() -> Result<()> {
             json,
             reps,
         } => {
-            let threads = set_threads(threads);
+            let threads = slm_kernels::process::init_threads(threads);
             match (train, model) {
                 (Some(shape), _) => bench_train(shape, steps, threads, json),
                 (None, Some(model)) => bench(&model, threads, json, reps),
@@ -1055,42 +946,6 @@ fn report(files: &[PathBuf], output: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Peak resident memory of this process (VmHWM), in MB.
-fn peak_rss_mb() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-/// One thread count for rayon and for candle's matmuls (which read RAYON_NUM_THREADS).
-fn set_threads(threads: Option<usize>) -> usize {
-    let threads = threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    // Still single-threaded here: nothing else reads the environment concurrently.
-    std::env::set_var("RAYON_NUM_THREADS", threads.to_string());
-    rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build_global()
-        .ok();
-    slm_kernels::pool::init(threads);
-    threads
-}
-
 fn bench_train(
     shape: slm_train::bench::Shape,
     steps: usize,
@@ -1098,7 +953,7 @@ fn bench_train(
     json: bool,
 ) -> Result<()> {
     let r = slm_train::bench::run(shape, steps, 2)?;
-    let rss = peak_rss_mb();
+    let rss = slm_kernels::process::peak_rss_mb();
     if json {
         let mut v = serde_json::to_value(&r)?;
         v["peak_rss_mb"] = rss.into();
@@ -1136,49 +991,14 @@ fn bench_train(
 
 fn bench(path: &Path, threads: usize, json: bool, reps: usize) -> Result<()> {
     let (m, _tok) = load(path)?;
-    let model = &m.model;
-    let vocab = model.config.vocab_size as u32;
-    // Token ids as llama-bench uses them: arbitrary but fixed.
-    let tokens =
-        |n: usize| -> Vec<u32> { (0..n as u32).map(|i| (i * 7919 + 13) % vocab).collect() };
-    let reps = reps.max(1);
-    // Each test is warmed up first, as llama-bench does: one untimed prompt of the same
-    // length, one untimed decoded token. Otherwise the first test timed also the first
-    // touch of every weight page and the kernel pool's start.
-    let pp = |n: usize| -> Result<f64> {
-        let ids = Tensor::new(tokens(n).as_slice(), &Device::Cpu)?.unsqueeze(0)?;
-        model.forward(&ids, Some(&mut model.new_cache()), true)?;
-        let mut rates = Vec::new();
-        for _ in 0..reps {
-            let mut cache = model.new_cache();
-            let t = Instant::now();
-            model.forward(&ids, Some(&mut cache), true)?;
-            rates.push(n as f64 / t.elapsed().as_secs_f64());
-        }
-        Ok(median(rates))
-    };
-    let pp128 = pp(128)?;
-    let pp512 = pp(512)?;
-    model.next_logits(&[1], &mut model.new_cache())?;
-    let mut rates = Vec::new();
-    for _ in 0..reps {
-        let mut cache = model.new_cache();
-        let mut next = 1u32;
-        let t = Instant::now();
-        for _ in 0..128 {
-            let logits = model.next_logits(&[next], &mut cache)?;
-            next = slm_runtime::argmax(&logits);
-        }
-        rates.push(128.0 / t.elapsed().as_secs_f64());
-    }
-    let tg128 = median(rates);
-    let rss = peak_rss_mb();
-    // Which kernel set ran (SLM_KERNELS may narrow it), so results say what they measured.
-    let kernels = match slm_kernels::ggml_math::Isa::best() {
-        Some(slm_kernels::ggml_math::Isa::Avx512) => "avx512",
-        Some(slm_kernels::ggml_math::Isa::Avx2) => "avx2",
-        None => "portable",
-    };
+    let speed = slm_runtime::bench::run(&m.model, reps)?;
+    let rss = slm_kernels::process::peak_rss_mb();
+    let kernels = slm_kernels::process::kernel_set();
+    let slm_runtime::bench::Speed {
+        pp128,
+        pp512,
+        tg128,
+    } = speed;
     if json {
         println!(
             "{}",

@@ -59,8 +59,12 @@ fn mix(mut z: u64) -> u64 {
 /// `valid_fraction` mark (else at the mark).
 fn split_tail(doc: &Document, valid_fraction: f64) -> (Document, Document) {
     let text = &doc.text;
-    let target = ((text.len() as f64) * (1.0 - valid_fraction)) as usize;
-    let cut = text[..target.min(text.len())]
+    // The mark, moved back to the start of the character it falls in.
+    let mut target = (((text.len() as f64) * (1.0 - valid_fraction)) as usize).min(text.len());
+    while !text.is_char_boundary(target) {
+        target -= 1;
+    }
+    let cut = text[..target]
         .rfind("\n\n")
         .map(|i| i + 2)
         .filter(|&i| i > 0 && i < text.len())

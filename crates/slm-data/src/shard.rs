@@ -148,10 +148,10 @@ impl Shard {
             info,
             map,
         };
-        if let Some(i) = (0..shard.len).find(|&i| shard.get(i) >= shard.info.vocab) {
+        if let Some(i) = (0..shard.len).find(|&i| shard.token(i) >= shard.info.vocab) {
             return Err(bad(format!(
                 "token {} at position {i} is outside the vocabulary of {}",
-                shard.get(i),
+                shard.token(i),
                 shard.info.vocab
             )));
         }
@@ -166,8 +166,15 @@ impl Shard {
         self.len == 0
     }
 
+    /// Token `i`, or None past the shard's end.
     #[inline]
-    pub fn get(&self, i: usize) -> u32 {
+    pub fn get(&self, i: usize) -> Option<u32> {
+        (i < self.len).then(|| self.token(i))
+    }
+
+    /// Token `i < len` (checked by the callers in this file).
+    #[inline]
+    fn token(&self, i: usize) -> u32 {
         let at = HEADER + i * self.width;
         if self.width == 2 {
             u16::from_le_bytes([self.map[at], self.map[at + 1]]) as u32
@@ -178,8 +185,8 @@ impl Shard {
 
     /// Tokens `start..start+n` (clamped to the shard).
     pub fn slice(&self, start: usize, n: usize) -> Vec<u32> {
-        (start..(start + n).min(self.len))
-            .map(|i| self.get(i))
+        (start..start.saturating_add(n).min(self.len))
+            .map(|i| self.token(i))
             .collect()
     }
 }

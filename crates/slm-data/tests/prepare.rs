@@ -29,7 +29,7 @@ fn docs_of(ds: &[slm_data::Shard], eos: u32) -> Vec<String> {
     let mut cur = Vec::new();
     for s in ds {
         for i in 0..s.len() {
-            let t = s.get(i);
+            let t = s.get(i).unwrap();
             if t == eos {
                 out.push(String::from_utf8(std::mem::take(&mut cur)).unwrap());
             } else {
@@ -229,4 +229,67 @@ fn wrong_tokenizer_and_damaged_shards_are_refused() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("999"), "{e}");
+}
+
+/// A long document whose validation mark falls inside a multi-byte character (curly quotes,
+/// no paragraph break before the mark) is cut at a character boundary, for every fraction;
+/// head and tail together are the document.
+#[test]
+fn a_cut_inside_a_multibyte_character_moves_to_its_start() {
+    let text = "“Whale”, he said. ".repeat(300) + "\n\nend";
+    let docs = vec![
+        slm_data::Document {
+            source: "long".into(),
+            text: text.clone(),
+        },
+        slm_data::Document {
+            source: "short".into(),
+            text: "a".into(),
+        },
+    ];
+    for (i, fraction) in [0.05, 0.1, 0.13, 0.2, 0.37].into_iter().enumerate() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("shards");
+        prepare(
+            &docs,
+            &encode,
+            &info(7),
+            &out,
+            &PrepareOptions {
+                valid_fraction: fraction,
+                seed: i as u64,
+                ..Default::default()
+            },
+            &mut |_| {},
+        )
+        .unwrap();
+        let ds = Dataset::open(&out, &[7; 32]).unwrap();
+        let (train, valid) = (docs_of(&ds.train, 256), docs_of(&ds.valid, 256));
+        let head = train.iter().find(|t| t.starts_with('“')).unwrap();
+        let tail = valid.iter().find(|t| t.ends_with("end")).unwrap();
+        assert_eq!(format!("{head}{tail}"), text, "fraction {fraction}");
+    }
+}
+
+/// Reading past a shard's end is None, not a panic or a read of other bytes.
+#[test]
+fn tokens_past_a_shards_end_are_none() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("shards");
+    let docs = vec![slm_data::Document {
+        source: "x".into(),
+        text: "abc".into(),
+    }];
+    let opts = PrepareOptions {
+        valid_fraction: 0.0,
+        ..Default::default()
+    };
+    prepare(&docs, &encode, &info(7), &out, &opts, &mut |_| {}).unwrap();
+    let ds = Dataset::open(&out, &[7; 32]).unwrap();
+    let s = &ds.train[0];
+    assert_eq!(s.len(), 4);
+    assert_eq!(s.get(3), Some(256));
+    assert_eq!(s.get(4), None);
+    assert_eq!(s.get(usize::MAX), None);
+    assert_eq!(s.slice(2, usize::MAX), vec![u32::from(b'c'), 256]);
 }

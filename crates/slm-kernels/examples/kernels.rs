@@ -63,7 +63,7 @@ fn main() {
             let bytes = q.data().unwrap().to_vec();
             for &m in &ms {
                 let bm = BlockMatrix::new(t, &bytes, n, k);
-                let run = |x: &[f32], out: &mut [f32]| bm.matmul(x, m, out);
+                let run = |x: &[f32], out: &mut [f32]| bm.matmul(x, m, out).unwrap();
                 report(&format!("{t:?}"), n, k, m, bytes.len(), run);
             }
         }

@@ -20,6 +20,9 @@ pub mod half_matmul;
 pub mod head;
 pub mod kquant;
 pub mod pool;
+pub mod process;
 pub mod quant;
 mod scratch;
+
+pub use scratch::MapError;
 pub mod train;

@@ -17,6 +17,7 @@ use half::f16;
 
 use crate::ggml_math::Isa;
 use crate::pool::OutPtr;
+use crate::scratch::MapError;
 #[cfg(target_arch = "x86_64")]
 pub(crate) use avx2::hsum8 as hsum8_m256;
 use std::mem::MaybeUninit;
@@ -239,7 +240,7 @@ struct Job<'a> {
 /// x (m, k) times W^T for each job's W. The activations are quantized once, and every
 /// matrix's spans of rows run in one section of the pool: q, k and v of a decode step as
 /// one pass over 1.1 MB instead of three, two of them too short to reach the memory's speed.
-fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) {
+fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) -> Result<(), MapError> {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => matmul_with(jobs, k, x, m, isa, &mut s),
         Err(_) => matmul_with(jobs, k, x, m, isa, &mut Scratch::default()),
@@ -268,11 +269,11 @@ fn matmul_with(
     m: usize,
     isa: Option<Isa>,
     scratch: &mut Scratch,
-) {
+) -> Result<(), MapError> {
     assert!(k.is_multiple_of(QK) && x.len() >= m * k);
     let nb = k / QK;
     let pool = crate::pool::global();
-    let act: &mut [ActBlock] = scratch.act.slice(m * nb);
+    let act: &mut [ActBlock] = scratch.act.slice(m * nb)?;
     crate::pool::for_chunks(act, nb, |start, row| {
         let i = start / nb;
         quantize_row(&x[i * k..(i + 1) * k], row)
@@ -282,7 +283,7 @@ fn matmul_with(
     #[cfg(target_arch = "x86_64")]
     let pairs: &[avx512::PairBlock] =
         if isa == Some(Isa::Avx512) && m > 1 && jobs.iter().any(|j| j.grouped) {
-            let p = scratch.pairs.slice(m / 2 * nb);
+            let p = scratch.pairs.slice(m / 2 * nb)?;
             avx512::pairs(act, nb, m, p);
             p
         } else {
@@ -291,7 +292,7 @@ fn matmul_with(
     // The activation blocks' sums `s`, packed, where a grouped matrix with offsets (Q4_1)
     // takes more than one row (its tiles read them once per group of weight rows).
     let sums: &[f32] = if m > 1 && jobs.iter().any(|j| j.grouped && j.t.needs_sum()) {
-        let s = scratch.sums.slice(m * nb);
+        let s = scratch.sums.slice(m * nb)?;
         s.iter_mut().zip(act).for_each(|(s, a)| *s = a.s);
         s
     } else {
@@ -336,6 +337,7 @@ fn matmul_with(
         // SAFETY: as above.
         unsafe { rows_scalar(j.t, j.w, row_bytes, act, nb, m, r, j.out.get(), j.n) }
     });
+    Ok(())
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -434,7 +436,7 @@ impl BlockMatrix {
     }
 
     /// x (m, k) times the transpose of these weights into out (m, n).
-    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) {
+    pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), MapError> {
         // SAFETY: the kernels store computed values only.
         Self::matmul_group(&[self], x, m, &mut [unsafe { crate::pool::as_uninit(out) }])
     }
@@ -447,7 +449,7 @@ impl BlockMatrix {
         x: &[f32],
         m: usize,
         outs: &mut [&mut [MaybeUninit<f32>]],
-    ) {
+    ) -> Result<(), MapError> {
         Self::group_with(ws, x, m, outs, Isa::best())
     }
 
@@ -458,10 +460,10 @@ impl BlockMatrix {
         m: usize,
         outs: &mut [&mut [MaybeUninit<f32>]],
         isa: Option<Isa>,
-    ) {
+    ) -> Result<(), MapError> {
         assert_eq!(ws.len(), outs.len());
         let Some(k) = ws.first().map(|w| w.k) else {
-            return;
+            return Ok(());
         };
         let jobs: Vec<Job> = ws
             .iter()
@@ -488,8 +490,8 @@ impl CustomOp1 for BlockMatrix {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         crate::ggml_math::matmul_fwd(s, l, "block matmul", self.n, self.k, |x, m, out| {
-            Self::matmul_group(&[self], x, m, &mut [out]);
-            Ok(())
+            Self::matmul_group(&[self], x, m, &mut [out])
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
     }
 }
@@ -542,7 +544,7 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let mut out = vec![f32::NAN; m * n];
-            BlockMatrix::new(t, &bytes, n, k).matmul(&x, m, &mut out);
+            BlockMatrix::new(t, &bytes, n, k).matmul(&x, m, &mut out).unwrap();
             for i in 0..m {
                 let mut a = vec![
                     ActBlock {
@@ -653,7 +655,7 @@ mod tests {
                 for isa in isas() {
                     out = vec![f32::NAN; m * n];
                     let o = unsafe { crate::pool::as_uninit(&mut out) };
-                    BlockMatrix::group_with(&[&bm], &x, m, &mut [o], isa);
+                    BlockMatrix::group_with(&[&bm], &x, m, &mut [o], isa).unwrap();
                     for j in 0..n {
                         for i in 0..m {
                             let want = dot_row(
@@ -683,7 +685,7 @@ mod tests {
                     .iter_mut()
                     .map(|o| unsafe { crate::pool::as_uninit(o) })
                     .collect();
-                BlockMatrix::group_with(&ws, &x, m, &mut slices, isa);
+                BlockMatrix::group_with(&ws, &x, m, &mut slices, isa).unwrap();
                 for ((bm, alone), grouped) in singles.iter().zip(&outs) {
                     let same = alone
                         .iter()

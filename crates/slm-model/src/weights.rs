@@ -163,7 +163,8 @@ impl Linear {
                 .map(|(o, &n)| &mut o.spare_capacity_mut()[..m * n])
                 .collect();
             match &kind {
-                Kind::Blocks(ws) => BlockMatrix::matmul_group(ws, xs, m, &mut slices),
+                Kind::Blocks(ws) => BlockMatrix::matmul_group(ws, xs, m, &mut slices)
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?,
                 Kind::Half(ws) => HalfMatrix::matmul_group(ws, xs, m, &mut slices),
             }
         }

@@ -1,6 +1,7 @@
 //! slm-runtime: text generation over a loaded model: prompt processing, sampling, stop rules,
 //! streaming.
 
+pub mod bench;
 pub mod sampler;
 
 use std::ops::ControlFlow;

@@ -8,6 +8,8 @@
 pub mod bench;
 pub mod init;
 pub mod optim;
+pub mod prepare;
+pub mod quickstart;
 pub mod recipe;
 pub mod report;
 pub mod run;

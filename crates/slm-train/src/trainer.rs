@@ -201,6 +201,7 @@ impl Trainer {
         if let Some(why) = unsupported(cfg) {
             candle_core::bail!("{why}");
         }
+        slm_kernels::process::keep_freed_memory();
         let (d, f, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (heads, kvh) = (cfg.num_attention_heads, cfg.num_key_value_heads);
         let (qw, kvw) = (heads * hd, kvh * hd);
