@@ -18,9 +18,13 @@ fn main() {
     for f in &files {
         let path = f.canonicalize().expect("an existing file");
         let name = f.file_name().expect("a file name").to_string_lossy();
-        out.push_str(&format!("    ({name:?}, include_str!({:?})),\n", path.display().to_string()));
+        out.push_str(&format!(
+            "    ({name:?}, include_str!({:?})),\n",
+            path.display().to_string()
+        ));
     }
     out.push_str("];\n");
-    let dest = PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo")).join("bundled_corpus.rs");
+    let dest =
+        PathBuf::from(std::env::var("OUT_DIR").expect("set by cargo")).join("bundled_corpus.rs");
     std::fs::write(dest, out).expect("writing into OUT_DIR");
 }

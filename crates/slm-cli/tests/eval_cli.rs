@@ -39,7 +39,9 @@ fn eval_writes_results_and_report_compares_them() {
     std::fs::write(d.join("sea.jsonl"), choice).unwrap();
     std::fs::write(
         d.join("mood.jsonl"),
-        "{\"text\": \"the storm\", \"label\": \"dark\"}\n{\"text\": \"the white ship\", \"label\": \"light\"}\n{\"text\": \"deep sea\", \"label\": \"dark\"}\n",
+        // Labels as the choices: one of the model's ten words and letters it has never
+        // seen. It picks "sea" every time, so two of three are right.
+        "{\"text\": \"the storm\", \"label\": \"sea\"}\n{\"text\": \"the white ship\", \"label\": \"qzjx\"}\n{\"text\": \"deep sea\", \"label\": \"sea\"}\n",
     )
     .unwrap();
     let out = ok(slm()
@@ -82,9 +84,13 @@ fn eval_writes_results_and_report_compares_them() {
     assert_eq!(sea["file_sha256"].as_str().unwrap().len(), 64);
     let mood = &tasks[1];
     assert_eq!(mood["kind"], "classify");
-    assert_eq!(mood["labels"], serde_json::json!(["dark", "light"]));
+    assert_eq!(mood["labels"], serde_json::json!(["qzjx", "sea"]));
+    let acc = mood["metrics"]["acc"]["value"].as_f64().unwrap();
+    assert!((acc - 2.0 / 3.0).abs() < 1e-12, "{mood}");
+    // Predictions [sea, sea, sea] against [sea, qzjx, sea]: F1 of "sea" 2*2/(2*2+1) = 0.8,
+    // of "qzjx" 0 (no true positive), macro 0.4.
     let f1 = mood["metrics"]["macro_f1"]["value"].as_f64().unwrap();
-    assert!((0.0..=1.0).contains(&f1));
+    assert!((f1 - 0.4).abs() < 1e-12, "{mood}");
     let ppl = &tasks[2];
     assert_eq!(ppl["n"], 3);
     let p = ppl["metrics"]["ppl"]["value"].as_f64().unwrap();

@@ -240,7 +240,13 @@ struct Job<'a> {
 /// x (m, k) times W^T for each job's W. The activations are quantized once, and every
 /// matrix's spans of rows run in one section of the pool: q, k and v of a decode step as
 /// one pass over 1.1 MB instead of three, two of them too short to reach the memory's speed.
-fn matmul_in(jobs: &[Job], k: usize, x: &[f32], m: usize, isa: Option<Isa>) -> Result<(), MapError> {
+fn matmul_in(
+    jobs: &[Job],
+    k: usize,
+    x: &[f32],
+    m: usize,
+    isa: Option<Isa>,
+) -> Result<(), MapError> {
     SCRATCH.with(|s| match s.try_borrow_mut() {
         Ok(mut s) => matmul_with(jobs, k, x, m, isa, &mut s),
         Err(_) => matmul_with(jobs, k, x, m, isa, &mut Scratch::default()),
@@ -544,7 +550,9 @@ mod tests {
                 .to_vec1()
                 .unwrap();
             let mut out = vec![f32::NAN; m * n];
-            BlockMatrix::new(t, &bytes, n, k).matmul(&x, m, &mut out).unwrap();
+            BlockMatrix::new(t, &bytes, n, k)
+                .matmul(&x, m, &mut out)
+                .unwrap();
             for i in 0..m {
                 let mut a = vec![
                     ActBlock {

@@ -43,14 +43,14 @@ impl Scratch {
         }
         if self.map.as_ref().is_none_or(|m| m.len() < bytes) {
             // Grown in powers of two: a few remappings over a model's run, not one per size.
-            let size = bytes.checked_next_power_of_two().ok_or_else(|| too_big(bytes))?;
+            let size = bytes
+                .checked_next_power_of_two()
+                .ok_or_else(|| too_big(bytes))?;
             self.map = None;
-            self.map = Some(
-                memmap2::MmapMut::map_anon(size).map_err(|source| MapError {
-                    bytes: size,
-                    source,
-                })?,
-            );
+            self.map = Some(memmap2::MmapMut::map_anon(size).map_err(|source| MapError {
+                bytes: size,
+                source,
+            })?);
         }
         let map = self.map.as_mut().expect("mapped above");
         debug_assert!(map.as_ptr().align_offset(std::mem::align_of::<T>()) == 0);
@@ -84,7 +84,10 @@ mod tests {
     fn a_mapping_the_system_refuses_is_an_error() {
         let mut s = Scratch::default();
         let e = s.slice::<f32>(1 << 60).unwrap_err().to_string();
-        assert!(e.contains("cannot map") && e.contains("bytes of scratch memory"), "{e}");
+        assert!(
+            e.contains("cannot map") && e.contains("bytes of scratch memory"),
+            "{e}"
+        );
         let e = s.slice::<f32>(usize::MAX).unwrap_err().to_string();
         assert!(e.contains("size overflows"), "{e}");
         // The buffer still works afterwards.

@@ -69,5 +69,7 @@ pub fn prepare_shards(
             .map(|e| e.get_ids().to_vec())
             .map_err(|e| e.to_string())
     };
-    Ok(slm_data::prepare(docs, &encode, &info, out, opts, progress)?)
+    Ok(slm_data::prepare(
+        docs, &encode, &info, out, opts, progress,
+    )?)
 }
