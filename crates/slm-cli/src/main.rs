@@ -313,11 +313,7 @@ fn pull(repo: &str, file: Option<&str>, revision: &str) -> Result<()> {
     Ok(())
 }
 
-fn tokenizer_train(corpus: &[PathBuf], vocab: usize, min_frequency: u64, out: &Path) -> Result<()> {
-    tokenizer_train_docs(&slm_data::read_corpus(corpus)?, vocab, min_frequency, out)
-}
-
-fn tokenizer_train_docs(
+fn tokenizer_train(
     docs: &[slm_data::Document],
     vocab: usize,
     min_frequency: u64,
@@ -340,21 +336,6 @@ fn tokenizer_train_docs(
 }
 
 fn data_prepare(
-    corpus: &[PathBuf],
-    tokenizer: &Path,
-    out: &Path,
-    valid_fraction: f64,
-    seed: u64,
-    eos: &str,
-) -> Result<()> {
-    if !(0.0..1.0).contains(&valid_fraction) {
-        bail!("--valid-fraction {valid_fraction}: expected a number in [0, 1)");
-    }
-    let docs = slm_data::read_corpus(corpus)?;
-    data_prepare_docs(&docs, tokenizer, out, valid_fraction, seed, eos)
-}
-
-fn data_prepare_docs(
     docs: &[slm_data::Document],
     tokenizer: &Path,
     out: &Path,
@@ -474,9 +455,9 @@ fn quickstart(minutes: f64, seed: u64, out: &Path, corpus: Vec<PathBuf>) -> Resu
     eprintln!("corpus: {origin}");
     let t0 = Instant::now();
     let tok_path = out.join("tokenizer.json");
-    tokenizer_train_docs(&docs, qs::VOCAB, qs::MIN_FREQUENCY, &tok_path)?;
+    tokenizer_train(&docs, qs::VOCAB, qs::MIN_FREQUENCY, &tok_path)?;
     let shards = out.join("shards");
-    data_prepare_docs(&docs, &tok_path, &shards, 0.05, seed, qs::EOS)?;
+    data_prepare(&docs, &tok_path, &shards, 0.05, seed, qs::EOS)?;
     drop(docs);
     let recipe_path = out.join("recipe.toml");
     slm_data::shard::write_atomic(&recipe_path, |f| {
@@ -595,7 +576,12 @@ fn main() -> Result<()> {
                     min_frequency,
                     output,
                 },
-        } => tokenizer_train(&corpus, vocab, min_frequency, &output),
+        } => tokenizer_train(
+            &slm_data::read_corpus(&corpus)?,
+            vocab,
+            min_frequency,
+            &output,
+        ),
         Cmd::Data {
             cmd:
                 DataCmd::Prepare {
@@ -606,7 +592,13 @@ fn main() -> Result<()> {
                     seed,
                     eos,
                 },
-        } => data_prepare(&corpus, &tokenizer, &output, valid_fraction, seed, &eos),
+        } => {
+            if !(0.0..1.0).contains(&valid_fraction) {
+                bail!("--valid-fraction {valid_fraction}: expected a number in [0, 1)");
+            }
+            let docs = slm_data::read_corpus(&corpus)?;
+            data_prepare(&docs, &tokenizer, &output, valid_fraction, seed, &eos)
+        }
         Cmd::Generate { model, prompt, gen } => {
             let (m, tok) = load(&model)?;
             let ids = tok.encode(&prompt, true)?;
