@@ -5,6 +5,9 @@
 #
 #   bench/compare-llamacpp.sh MODEL.gguf [THREADS] [PAIRS]     # THREADS may be a list: "1 2"
 #
+# SLM_BASELINE=path/to/an/older/slm adds that build to every round (A B C A B C ...) and a
+# column comparing the two slm builds: a change's cost or gain, measured beside the peer.
+#
 # llama.cpp is built outside the repository (never committed): set LLAMA_BENCH to its
 # llama-bench binary, or let this script build it from the PyPI sdist of llama-cpp-python into
 # $SLM_PEERS (default ~/.cache/slm/peers; ~11 minutes on 2 cores).
@@ -31,13 +34,17 @@ for t in $threads; do
 out="$(mktemp -d)"
 for i in $(seq "$pairs"); do
   "$slm" bench "$model" --threads "$t" --json --reps 1 >> "$out/slm.jsonl"
+  if [ -n "${SLM_BASELINE:-}" ]; then
+    "$SLM_BASELINE" bench "$model" --threads "$t" --json --reps 1 >> "$out/base.jsonl"
+  fi
   /usr/bin/time -f '%M' -a -o "$out/llama.rss" \
     "$LLAMA_BENCH" -m "$model" -t "$t" -p 128,512 -n 128 -r 1 -o jsonl 2>/dev/null >> "$out/llama.jsonl"
 done
 python3 - "$out" "$model" "$t" <<'PY'
-import json, statistics, sys
+import json, os, statistics, sys
 out, model, threads = sys.argv[1:]
 slm = [json.loads(l) for l in open(f"{out}/slm.jsonl")]
+base = [json.loads(l) for l in open(f"{out}/base.jsonl")] if os.path.exists(f"{out}/base.jsonl") else []
 llama_rss = [int(l) / 1024 for l in open(f"{out}/llama.rss") if l.strip().isdigit()]
 ll = {}
 for l in open(f"{out}/llama.jsonl"):
@@ -45,12 +52,20 @@ for l in open(f"{out}/llama.jsonl"):
     key = f"pp{r['n_prompt']}" if r["n_prompt"] else f"tg{r['n_gen']}"
     ll.setdefault(key, []).append(r["avg_ts"])
 print(f"model {model}, threads {threads}, {len(slm)} alternating pairs, medians")
-print("| test | slm tok/s | llama.cpp tok/s | ratio |")
-print("|---|---|---|---|")
+med = lambda rs, k: statistics.median(r[k] for r in rs)
+extra = " baseline slm | slm/baseline |" if base else ""
+print("| test | slm tok/s | llama.cpp tok/s | slm/llama.cpp |" + extra)
+print("|---|---|---|---|" + ("---|---|" if base else ""))
 for k in ("pp128", "pp512", "tg128"):
-    a = statistics.median(s[k] for s in slm); b = statistics.median(ll[k])
-    print(f"| {k} | {a:.1f} | {b:.1f} | {a/b:.2f}x |")
-a = statistics.median(s['peak_rss_mb'] for s in slm); b = statistics.median(llama_rss)
-print(f"| peak RSS | {a:.0f} MB | {b:.0f} MB | {a/b:.2f}x |")
+    a = med(slm, k); b = statistics.median(ll[k])
+    row = f"| {k} | {a:.1f} | {b:.1f} | {a/b:.2f}x |"
+    if base:
+        c = med(base, k); row += f" {c:.1f} | {a/c:.3f}x |"
+    print(row)
+a = med(slm, "peak_rss_mb"); b = statistics.median(llama_rss)
+row = f"| peak RSS | {a:.0f} MB | {b:.0f} MB | {a/b:.2f}x |"
+if base:
+    c = med(base, "peak_rss_mb"); row += f" {c:.0f} MB | {a/c:.3f}x |"
+print(row)
 PY
 done

@@ -6,7 +6,8 @@
 #   bench/compare-train.sh [SHAPES] [THREADS] [PAIRS] [STEPS]      e.g. "tiny small" 2 3 4
 #
 # PyTorch comes from $SLM_PYTHON (default: the venv .ci/run makes, ~/.cache/slm/pyenv, from
-# requirements-dev.txt). SLM_TORCH_COMPILE=1 also runs torch.compile.
+# requirements-dev.txt). SLM_TORCH_COMPILE=1 also runs torch.compile. SLM_BASELINE=path/to/an
+# older slm adds that build to every round, as the row "slm-baseline".
 set -euo pipefail
 shapes="${1:-tiny small}"; threads="${2:-2}"; pairs="${3:-3}"; steps="${4:-4}"
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -23,6 +24,10 @@ engines="eager"; [ "${SLM_TORCH_COMPILE:-0}" = 1 ] && engines="eager compile"
 for shape in $shapes; do
   for i in $(seq "$pairs"); do
     "$slm" bench --train "$shape" --threads "$threads" --steps "$steps" --json >> "$out/$shape.slm.jsonl"
+    if [ -n "${SLM_BASELINE:-}" ]; then
+      "$SLM_BASELINE" bench --train "$shape" --threads "$threads" --steps "$steps" --json \
+        >> "$out/$shape.slm-baseline.jsonl"
+    fi
     for e in $engines; do
       flag=""; [ "$e" = compile ] && flag="--compile"
       "$py" "$root/bench/train_torch.py" --shape "$shape" --threads "$threads" --steps "$steps" $flag --json \
@@ -40,7 +45,7 @@ print("|---|---|---|---|---|---|---|---|")
 for shape in shapes:
     slm = [json.loads(l) for l in open(f"{out}/{shape}.slm.jsonl")]
     rows = [("slm", slm)]
-    for f in sorted(glob.glob(f"{out}/{shape}.torch-*.jsonl")):
+    for f in sorted(glob.glob(f"{out}/{shape}.torch-*.jsonl") + glob.glob(f"{out}/{shape}.slm-baseline.jsonl")):
         rows.append((os.path.basename(f).split(".")[1], [json.loads(l) for l in open(f)]))
     s = med(slm, "tokens_per_s")
     for name, rs in rows:
