@@ -3,7 +3,6 @@
 
 pub mod attention;
 pub mod llama;
-pub mod packed;
 pub mod weights;
 
 use std::path::Path;
@@ -18,7 +17,7 @@ use candle_nn::VarBuilder;
 pub use config::{Arch, Config};
 pub use gguf::GgufFile;
 pub use llama::{Cache, Llama};
-pub use packed::Pack;
+pub use slm_kernels::packed::{self, Pack};
 pub use weights::{Linear, Weights};
 
 #[derive(Debug, thiserror::Error)]

@@ -5,12 +5,12 @@
 //! for gradients goes through candle's composed ops, whose backward is candle's autograd.
 
 use crate::attention::{self, LayerCache};
-use crate::packed::{self, Pack};
 use crate::weights::{Embedding, Linear, Result, Weights};
 use candle_core::{DType, Device, Tensor};
 use slm_format::config::Config;
 use slm_format::params::Role;
 use slm_kernels::ggml_math::{exact_path, f32_slice};
+use slm_kernels::packed::{self, Pack};
 
 /// RMSNorm as ggml computes it: squares summed in f64, `scale = 1/sqrtf(mean + eps)`, then
 /// `(x * scale) * w` in f32. The next matmul quantizes its input to 8 bits, so a one-ulp

@@ -17,7 +17,8 @@
 //!   them (a LoRA base, a pruned model's kept weights);
 //! - `forward_hidden` and `backward_hidden` expose the final hidden states and take their
 //!   gradient, so another head (classification, tagging) or a loss against a teacher's
-//!   outputs computed beside the trainer drives the same backward;
+//!   outputs (a second model's forward in the same step, computed beside the trainer, through
+//!   `head_mut`'s weights and gradient) drives the same backward;
 //! - targets may be `IGNORE` (`accumulate_targets`): no loss and no gradient at that
 //!   position (prompt tokens in chat fine-tuning).
 
@@ -471,6 +472,17 @@ impl Trainer {
         self.laps.start();
         self.backward();
         Ok(())
+    }
+
+    /// The output projection's weights (vocab x hidden; the embedding's when tied) and their
+    /// gradient, for a loss on the hidden states that uses the model's own head (a teacher's
+    /// soft targets): it adds the head's gradient here and passes the hidden states' gradient
+    /// to `backward_hidden`.
+    pub fn head_mut(&mut self) -> (&[f32], &mut [f32]) {
+        (
+            &self.params[self.head.clone()],
+            &mut self.grads[self.head.clone()],
+        )
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> candle_core::Result<()> {
@@ -1155,6 +1167,46 @@ mod tests {
         let mut ours = grads;
         ours.remove("lm_head.weight");
         assert_grads_close("hidden", &ours, &reference);
+    }
+
+    /// A loss assembled from the seams (`forward_hidden`, the head's weights and gradient
+    /// from `head_mut`, `backward_hidden`) gives the trainer's own loss and gradients to the
+    /// bit: what a distillation objective builds on.
+    #[test]
+    fn the_seams_compose_into_the_trainers_own_step() {
+        let cfg = odd_config(true);
+        let batch = 2;
+        let vars = params(&cfg, 12);
+        let tokens = random_tokens(batch * 151, cfg.vocab_size, 7);
+        let (inputs, targets) = split(&tokens, 150);
+        let mut whole = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+        whole.zero_grads();
+        let want_loss = whole.accumulate(&tokens, 1.0).unwrap();
+
+        let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+        tr.zero_grads();
+        let h = tr.forward_hidden(&inputs).unwrap().to_vec();
+        let (n, d, v) = (batch * 150, cfg.hidden_size, cfg.vocab_size);
+        let mut dh = vec![0f32; n * d];
+        let (w, dw) = tr.head_mut();
+        let (total, counted) = head_loss_into(
+            HeadShape { n, d, v },
+            &h,
+            w,
+            &targets,
+            1.0,
+            Some((&mut dh, dw)),
+            &mut Vec::new(),
+        );
+        tr.backward_hidden(&dh).unwrap();
+        assert_eq!(
+            ((total / counted as f64) as f32).to_bits(),
+            want_loss.to_bits()
+        );
+        assert_eq!(
+            tr.grads.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            whole.grads.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
     }
 
     /// Frozen parameters (a LoRA base) keep their values and get no gradient; the others

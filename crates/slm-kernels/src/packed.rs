@@ -99,8 +99,8 @@ pub fn attend(
     assert!(pack.segments.iter().map(|s| s.len).sum::<usize>() == n);
     // Segments own disjoint, consecutive output rows, so they run as tasks of the kernel
     // pool (rayon here had its workers spin against the pool's, on the same cores).
-    let o = slm_kernels::pool::OutPtr(out.as_mut_ptr());
-    slm_kernels::pool::global().run(pack.segments.len(), |si| {
+    let o = crate::pool::OutPtr(out.as_mut_ptr());
+    crate::pool::global().run(pack.segments.len(), |si| {
         let seg = pack.segments[si];
         // SAFETY: segment si's rows seg.start..seg.start + seg.len are written by this task
         // only (segments tile 0..n in order, asserted above), within out's n * width.
