@@ -8,17 +8,14 @@
 //!   products are f16 x f16 accumulated in f32, and softmax(QK)V is accumulated online in an
 //!   f16 buffer (`ggml_compute_forward_flash_attn_ext_f16_one_chunk`);
 //! - `TILE_Q` or more (prefill of long prompts, perplexity): K and V widened to f32 and
-//!   everything else in f32 (the tiled kernel), done here on the kernel pool as two matrix
-//!   products per (key/value head, 32 positions) with an exact softmax between them: only
-//!   that block's scores exist at a time, never a t x len matrix for all heads (that was
-//!   ~30 MB at 512 positions, the peak memory of a run). Decode runs one task per
-//!   (query, head) on the pool once the cache is long enough to share.
+//!   everything else in f32, over tiles of 64 queries and 64 keys, in the order of
+//!   `ggml_compute_forward_flash_attn_ext_tiled` (`attend_tiled`); only one tile's scores
+//!   exist at a time. Decode runs one task per (query, head) on the pool once the cache is
+//!   long enough to share.
 //!
 //! Training does not come here: its attention is `train::attention`.
 
 use half::f16;
-
-use crate::gemm::{gemm, View};
 
 /// llama.cpp's GGML_FA_TILE_Q: below this many queries it takes the f16 path.
 pub const TILE_Q: usize = 64;
@@ -44,7 +41,7 @@ pub fn attend_cached(
     let rep = n_heads / n_kv;
 
     if t >= TILE_Q {
-        return attend_f32(kc, vc, q, t, past, n_heads, n_kv, hd, scale);
+        return attend_tiled(kc, vc, q, t, past, n_heads, n_kv, hd, scale);
     }
 
     let mut out = vec![0f32; t * n_heads * hd];
@@ -94,18 +91,21 @@ pub fn attend_cached(
 /// pool costs a few microseconds).
 const MIN_PARALLEL: usize = 256;
 
-/// Query positions of one task in the f32 path. A task takes them for all the heads that
-/// share one key/value head, so each product reads that head's keys once for
-/// rep x QUERIES_PER_TASK query rows.
-const QUERIES_PER_TASK: usize = 32;
+/// Keys per tile of the tiled path (llama.cpp's GGML_FA_TILE_KV).
+const TILE_KV: usize = 64;
 
-/// The f32 path for t queries at positions past.. over the whole (f16) cache: K and V
-/// widened to f32 once, then per task (key/value head, block of query positions) two
-/// matrix products through the `gemm` crate, scores = scale * Q K^T and out = P V, with an
-/// exact softmax in between. The scores of one block (rows x visible keys) are the only
-/// intermediate; keys a query does not see yet get probability zero.
+/// llama.cpp's tiled flash attention (`ggml_compute_forward_flash_attn_ext_tiled`), which
+/// it runs for `TILE_Q` or more queries, in its arithmetic: queries in f32, keys and values
+/// widened from f16, and per query over tiles of `TILE_KV` keys (aligned at key 0, a tile
+/// skipped where the query sees none of it): scores as a chain of fused multiply-adds over
+/// the head's dimensions, scaled, the keys it does not see at -inf; the running maximum
+/// and sum rescaled by libm's `expf` when the maximum grows; the tile's exponentials and
+/// their sum as ggml_vec_soft_max_f32 forms them (`ggml_math::soft_max`), the sum added in
+/// f64 and rounded to f32; values accumulated as a chain of fused multiply-adds over the
+/// tile's keys; at the end times the reciprocal of the sum. A query's result does not
+/// depend on which queries share its tile, so tasks take (head, 64 queries) here.
 #[allow(clippy::too_many_arguments)]
-fn attend_f32(
+fn attend_tiled(
     k16: &[f16],
     v16: &[f16],
     q: &[f32],
@@ -116,90 +116,342 @@ fn attend_f32(
     hd: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let widen = |x: &[f16]| -> Vec<f32> { x.iter().map(|v| v.to_f32()).collect() };
-    let (k, v) = (widen(k16), widen(v16));
-    let (row, rep) = (n_kv * hd, n_heads / n_kv);
+    let (k32, v32) = widen(k16, v16, past + t, n_kv, hd);
+    let (k16, v16) = (k32.as_slice(), v32.as_slice());
     let mut out = vec![0f32; t * n_heads * hd];
     let o = crate::pool::OutPtr(out.as_mut_ptr());
-    let chunks = t.div_ceil(QUERIES_PER_TASK);
-    crate::pool::global().run(n_kv * chunks, |task| {
-        let (g, c) = (task / chunks, task % chunks);
-        let (i0, i1) = (c * QUERIES_PER_TASK, ((c + 1) * QUERIES_PER_TASK).min(t));
-        let rows = (i1 - i0) * rep;
-        let width = past + i1;
-        // Row r is position i0 + r / rep, head g * rep + r % rep: the group's heads lie
-        // side by side in q for one position.
-        let mut qs = Vec::with_capacity(rows * hd);
-        for i in i0..i1 {
-            qs.extend_from_slice(&q[(i * n_heads + g * rep) * hd..][..rep * hd]);
+    let q_tiles = t.div_ceil(TILE_Q);
+    let shape = TiledShape {
+        t,
+        past,
+        n_heads,
+        n_kv,
+        hd,
+        scale,
+    };
+    crate::pool::global().run(n_heads * q_tiles, |task| {
+        let (h, tile) = (task / q_tiles, task % q_tiles);
+        let (i0, i1) = (tile * TILE_Q, ((tile + 1) * TILE_Q).min(t));
+        // SAFETY: rows i0..i1 of head h are written by this task only, inside out's
+        // t * n_heads * hd values (each row's hd values at (i * n_heads + h) * hd).
+        let write = |i: usize, row: &[f32]| unsafe {
+            std::slice::from_raw_parts_mut(o.get().add((i * n_heads + h) * hd), hd)
+                .copy_from_slice(row)
+        };
+        #[cfg(target_arch = "x86_64")]
+        if crate::ggml_math::has_avx512() {
+            // SAFETY: the CPU has the features.
+            return unsafe { tiled_task_avx512(k16, v16, q, shape, h, i0..i1, write) };
         }
-        let mut s = vec![0f32; rows * width];
-        // The group's keys, read transposed: key j's value d at k[g * hd + j * row + d].
-        product(
-            &mut s,
-            width,
-            &qs,
-            hd,
-            View {
-                ptr: k[g * hd..].as_ptr(),
-                rs: 1,
-                cs: row,
-            },
-            scale,
-        );
-        let mut sums = vec![0f32; rows];
-        for (r, (sr, sum)) in s.chunks_exact_mut(width).zip(&mut sums).enumerate() {
-            let visible = past + i0 + r / rep + 1;
-            let m = sr[..visible]
-                .iter()
-                .fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-            *sum = crate::ggml_math::exp_sub_sum(&mut sr[..visible], m);
-            sr[visible..].fill(0.0);
+        #[cfg(target_arch = "x86_64")]
+        if crate::ggml_math::has_avx2() {
+            // SAFETY: the CPU has the features.
+            return unsafe { tiled_task_fma(k16, v16, q, shape, h, i0..i1, write) };
         }
-        let mut os = vec![0f32; rows * hd];
-        product(
-            &mut os,
-            hd,
-            &s,
-            width,
-            View {
-                ptr: v[g * hd..].as_ptr(),
-                rs: row,
-                cs: 1,
-            },
-            1.0,
-        );
-        for (r, (orow, sum)) in os.chunks_exact(hd).zip(&sums).enumerate() {
-            let (i, h) = (i0 + r / rep, g * rep + r % rep);
-            // SAFETY: (position i, head h) is written by this task only; out holds
-            // t * n_heads * hd.
-            let dst =
-                unsafe { std::slice::from_raw_parts_mut(o.get().add((i * n_heads + h) * hd), hd) };
-            for (d, a) in dst.iter_mut().zip(orow) {
-                *d = a / sum;
-            }
-        }
+        tiled_task(k16, v16, q, shape, h, i0..i1, write)
     });
     out
 }
 
-/// `dst = beta * lhs rhs` on the calling thread: lhs is m x kd and dst m x n, both row-major.
-fn product(dst: &mut [f32], n: usize, lhs: &[f32], kd: usize, rhs: View<f32>, beta: f32) {
-    let m = lhs.len() / kd.max(1);
-    assert!(lhs.len() == m * kd && dst.len() == m * n);
-    // SAFETY: the callers' rhs views lie inside the widened cache (kd x n elements at their
-    // strides), and dst and lhs are checked above.
-    unsafe {
-        gemm(
-            dst.as_mut_ptr(),
-            n,
-            false,
-            (m, n, kd),
-            View::rows(lhs, kd),
-            rhs,
-            beta,
-            false,
-        )
+/// The cache's keys and values widened to f32 (exact) for every task of one call, per
+/// key/value head: the keys as transposed tiles ([head][tile][dimension][key], zero past
+/// the last key), the values as rows ([head][position][dimension]).
+fn widen(k16: &[f16], v16: &[f16], len: usize, n_kv: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
+    let row = n_kv * hd;
+    let tiles = len.div_ceil(TILE_KV);
+    let mut k32 = vec![0f32; n_kv * tiles * hd * TILE_KV];
+    let mut v32 = vec![0f32; n_kv * len * hd];
+    for pos in 0..len {
+        let (tile, tk) = (pos / TILE_KV, pos % TILE_KV);
+        for g in 0..n_kv {
+            let src = pos * row + g * hd;
+            let kt = &mut k32[(g * tiles + tile) * hd * TILE_KV..][..hd * TILE_KV];
+            for (d, x) in k16[src..src + hd].iter().enumerate() {
+                kt[d * TILE_KV + tk] = x.to_f32();
+            }
+            for (y, x) in v32[(g * len + pos) * hd..][..hd]
+                .iter_mut()
+                .zip(&v16[src..src + hd])
+            {
+                *y = x.to_f32();
+            }
+        }
+    }
+    (k32, v32)
+}
+
+#[derive(Clone, Copy)]
+struct TiledShape {
+    t: usize,
+    past: usize,
+    n_heads: usize,
+    n_kv: usize,
+    hd: usize,
+    scale: f32,
+}
+
+/// `tiled_task` compiled with FMA (and AVX-512 where the CPU has it), so its fused
+/// multiply-adds are instructions and its loops over a tile's keys and a head's dimensions
+/// vectorise. The arithmetic is the same in every build: each value is one chain of fused
+/// multiply-adds in a fixed order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tiled_task_fma(
+    k16: &[f32],
+    v16: &[f32],
+    q: &[f32],
+    s: TiledShape,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    write: impl Fn(usize, &[f32]),
+) {
+    tiled_task(k16, v16, q, s, h, rows, write)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,fma")]
+unsafe fn tiled_task_avx512(
+    k16: &[f32],
+    v16: &[f32],
+    q: &[f32],
+    s: TiledShape,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    write: impl Fn(usize, &[f32]),
+) {
+    tiled_task(k16, v16, q, s, h, rows, write)
+}
+
+/// Query rows whose scores and values a tile computes together (each loaded key and value
+/// serves them all from registers).
+const ROW_BLOCK: usize = 4;
+/// Dimensions of the values accumulated in registers at a time (with `ROW_BLOCK` rows:
+/// sixteen AVX-512 registers).
+const LANES: usize = 64;
+
+/// Head `h`'s queries `rows` through every key tile, as `attend_tiled` describes.
+#[inline(always)]
+fn tiled_task(
+    k16: &[f32],
+    v16: &[f32],
+    q: &[f32],
+    s: TiledShape,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    write: impl Fn(usize, &[f32]),
+) {
+    let TiledShape {
+        t,
+        past,
+        n_heads,
+        n_kv,
+        hd,
+        scale,
+    } = s;
+    let g = h / (n_heads / n_kv);
+    let len = past + t;
+    let tiles = len.div_ceil(TILE_KV);
+    let n = rows.len();
+    let (mut m, mut sum) = (vec![f32::NEG_INFINITY; n], vec![0f32; n]);
+    let mut acc = vec![0f32; n * hd];
+    let mut qt = vec![[0f32; ROW_BLOCK]; hd];
+    let last_key = past + rows.end - 1;
+    for k0 in (0..=last_key).step_by(TILE_KV) {
+        // This tile's keys, transposed ([dimension][key]), and its values ([key][dimension]).
+        let kt = &k16[(g * tiles + k0 / TILE_KV) * hd * TILE_KV..][..hd * TILE_KV];
+        let vt = &v16[(g * len + k0) * hd..(g * len + len) * hd];
+        // The rows that see some key of this tile.
+        let first = (k0 + 1).saturating_sub(past + 1 + rows.start).min(n);
+        for b0 in (first..n).step_by(ROW_BLOCK) {
+            let nb = ROW_BLOCK.min(n - b0);
+            // The block's queries, transposed; a short block repeats its last row, so that
+            // every loop below has a fixed length and its sums stay in registers (the
+            // repeated rows' results are dropped).
+            for b in 0..ROW_BLOCK {
+                let i = rows.start + b0 + b.min(nb - 1);
+                let qr = &q[(i * n_heads + h) * hd..][..hd];
+                for (col, &x) in qt.iter_mut().zip(qr) {
+                    col[b] = x;
+                }
+            }
+            // Scores: per (row, key) one chain of FMAs over the dimensions, from 0.
+            let mut kq = [[0f32; TILE_KV]; ROW_BLOCK];
+            #[cfg(target_arch = "x86_64")]
+            let done = crate::ggml_math::has_avx512() && {
+                // SAFETY: the CPU has AVX-512; qt has hd rows and kt hd * TILE_KV values.
+                unsafe { x86::scores(&mut kq, &qt, kt) };
+                true
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let done = false;
+            for (d, qd) in qt.iter().enumerate().take(if done { 0 } else { hd }) {
+                let krow: &[f32; TILE_KV] = kt[d * TILE_KV..(d + 1) * TILE_KV]
+                    .try_into()
+                    .expect("a tile row");
+                for (kb, &qv) in kq.iter_mut().zip(qd) {
+                    for (x, &kv) in kb.iter_mut().zip(krow) {
+                        *x = kv.mul_add(qv, *x);
+                    }
+                }
+            }
+            for (b, kb) in kq.iter_mut().enumerate().take(nb) {
+                let r = b0 + b;
+                let visible = past + rows.start + r + 1;
+                for (j, x) in kb.iter_mut().enumerate() {
+                    *x = if k0 + j < visible {
+                        *x * scale
+                    } else {
+                        f32::NEG_INFINITY
+                    };
+                }
+                let tile_max = kb
+                    .iter()
+                    .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a });
+                let new = m[r].max(tile_max);
+                if new > m[r] {
+                    let ms = (m[r] - new).exp();
+                    acc[r * hd..(r + 1) * hd].iter_mut().for_each(|x| *x *= ms);
+                    sum[r] *= ms;
+                }
+                m[r] = new;
+                sum[r] = (sum[r] as f64 + crate::ggml_math::soft_max(kb, new)) as f32;
+            }
+            // Values: per (row, dimension) one chain of FMAs over the tile's keys, onto
+            // what the row holds. Keys no row of the block sees have probability 0, and
+            // adding 0 times a value leaves a sum as it is: they are left out.
+            let seen = (past + rows.start + b0 + nb - k0).min(TILE_KV);
+            let vt = &vt[..seen * hd];
+            let block = &mut acc[b0 * hd..(b0 + nb) * hd];
+            #[cfg(target_arch = "x86_64")]
+            if crate::ggml_math::has_avx512() && hd.is_multiple_of(LANES) {
+                // SAFETY: the CPU has AVX-512; block holds nb rows of hd, vt seen rows of hd.
+                unsafe { x86::values(block, nb, hd, &kq, vt) };
+                continue;
+            }
+            if hd.is_multiple_of(LANES) {
+                for c in (0..hd).step_by(LANES) {
+                    let mut regs = [[0f32; LANES]; ROW_BLOCK];
+                    for (b, r) in regs.iter_mut().enumerate().take(nb) {
+                        r.copy_from_slice(&block[b * hd + c..b * hd + c + LANES]);
+                    }
+                    for (kk, vrow) in vt.chunks_exact(hd).enumerate() {
+                        let v: &[f32; LANES] = vrow[c..c + LANES].try_into().expect("lanes");
+                        for (r, kb) in regs.iter_mut().zip(&kq) {
+                            let p = kb[kk];
+                            for (x, &vv) in r.iter_mut().zip(v) {
+                                *x = vv.mul_add(p, *x);
+                            }
+                        }
+                    }
+                    for (b, r) in regs.iter().enumerate().take(nb) {
+                        block[b * hd + c..b * hd + c + LANES].copy_from_slice(r);
+                    }
+                }
+            } else {
+                for (b, a) in block.chunks_exact_mut(hd).enumerate() {
+                    for (&p, vrow) in kq[b].iter().zip(vt.chunks_exact(hd)) {
+                        for (x, &v) in a.iter_mut().zip(vrow) {
+                            *x = v.mul_add(p, *x);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    for (r, i) in rows.enumerate() {
+        let inv = if sum[r] == 0.0 { 0.0 } else { 1.0 / sum[r] };
+        let a = &mut acc[r * hd..(r + 1) * hd];
+        a.iter_mut().for_each(|x| *x *= inv);
+        write(i, a);
+    }
+}
+
+/// The tile's two products in AVX-512 registers (sixteen accumulators each), the same
+/// chains of fused multiply-adds as the portable loops: the compiler kept those sums in
+/// memory between steps.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{ROW_BLOCK, TILE_KV};
+    use std::arch::x86_64::*;
+
+    /// kq[b][j] = Σ_d qt[d][b] · kt[d][j], one FMA per d in order, from 0.
+    ///
+    /// # Safety
+    /// AVX-512F; `kt` holds `qt.len() * TILE_KV` values.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn scores(
+        kq: &mut [[f32; TILE_KV]; ROW_BLOCK],
+        qt: &[[f32; ROW_BLOCK]],
+        kt: &[f32],
+    ) {
+        assert!(kt.len() >= qt.len() * TILE_KV);
+        let mut acc = [_mm512_setzero_ps(); 16];
+        for (d, qd) in qt.iter().enumerate() {
+            let k = kt.as_ptr().add(d * TILE_KV);
+            let kv = [
+                _mm512_loadu_ps(k),
+                _mm512_loadu_ps(k.add(16)),
+                _mm512_loadu_ps(k.add(32)),
+                _mm512_loadu_ps(k.add(48)),
+            ];
+            for (b, &q) in qd.iter().enumerate() {
+                let qv = _mm512_set1_ps(q);
+                for (c, &k) in kv.iter().enumerate() {
+                    acc[b * 4 + c] = _mm512_fmadd_ps(k, qv, acc[b * 4 + c]);
+                }
+            }
+        }
+        for (b, row) in kq.iter_mut().enumerate() {
+            for c in 0..4 {
+                _mm512_storeu_ps(row.as_mut_ptr().add(c * 16), acc[b * 4 + c]);
+            }
+        }
+    }
+
+    /// block[b][x] += Σ_kk kq[b][kk] · vt[kk][x] for the first `nb` rows, one FMA per key
+    /// in order onto what the row holds.
+    ///
+    /// # Safety
+    /// AVX-512F; `hd` a multiple of 64, `block` `nb` rows and `vt` whole rows of `hd`.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn values(
+        block: &mut [f32],
+        nb: usize,
+        hd: usize,
+        kq: &[[f32; TILE_KV]; ROW_BLOCK],
+        vt: &[f32],
+    ) {
+        assert!(hd.is_multiple_of(64) && block.len() >= nb * hd && nb <= ROW_BLOCK);
+        let seen = vt.len() / hd;
+        assert!(seen <= TILE_KV);
+        for c in (0..hd).step_by(64) {
+            let mut acc = [_mm512_setzero_ps(); 16];
+            for b in 0..nb {
+                for l in 0..4 {
+                    acc[b * 4 + l] = _mm512_loadu_ps(block.as_ptr().add(b * hd + c + l * 16));
+                }
+            }
+            for kk in 0..seen {
+                let v = vt.as_ptr().add(kk * hd + c);
+                let vv = [
+                    _mm512_loadu_ps(v),
+                    _mm512_loadu_ps(v.add(16)),
+                    _mm512_loadu_ps(v.add(32)),
+                    _mm512_loadu_ps(v.add(48)),
+                ];
+                for (b, kb) in kq.iter().enumerate() {
+                    let p = _mm512_set1_ps(kb[kk]);
+                    for (l, &x) in vv.iter().enumerate() {
+                        acc[b * 4 + l] = _mm512_fmadd_ps(x, p, acc[b * 4 + l]);
+                    }
+                }
+            }
+            for b in 0..nb {
+                for l in 0..4 {
+                    _mm512_storeu_ps(block.as_mut_ptr().add(b * hd + c + l * 16), acc[b * 4 + l]);
+                }
+            }
+        }
     }
 }
 
@@ -320,6 +572,55 @@ mod tests {
             moved > 10.0 * 4e-3,
             "an extra key moved outputs by only {moved}"
         );
+    }
+
+    /// The tiled path's portable loops and its AVX-512 kernels give the same bits (the
+    /// property tests of every kernel set), on a cache that ends inside a tile.
+    #[test]
+    fn tiled_attention_is_the_same_in_every_build() {
+        #[cfg(target_arch = "x86_64")]
+        if crate::ggml_math::has_avx512() {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+            let (nh, nkv, hd, past, t) = (6, 2, 64, 37, TILE_Q + 70);
+            let len = past + t;
+            let mut r =
+                |n: usize| -> Vec<f32> { (0..n).map(|_| rng.random_range(-2f32..2.0)).collect() };
+            let k: Vec<f16> = r(len * nkv * hd).into_iter().map(f16::from_f32).collect();
+            let v: Vec<f16> = r(len * nkv * hd).into_iter().map(f16::from_f32).collect();
+            let q = r(t * nh * hd);
+            let (k32, v32) = widen(&k, &v, len, nkv, hd);
+            let shape = TiledShape {
+                t,
+                past,
+                n_heads: nh,
+                n_kv: nkv,
+                hd,
+                scale: 0.125,
+            };
+            for h in 0..nh {
+                for rows in [0..TILE_Q, TILE_Q..t] {
+                    let run = |fast: bool| {
+                        let out = std::cell::RefCell::new(vec![0f32; t * hd]);
+                        let write = |i: usize, row: &[f32]| {
+                            out.borrow_mut()[i * hd..(i + 1) * hd].copy_from_slice(row)
+                        };
+                        if fast {
+                            unsafe {
+                                tiled_task_avx512(&k32, &v32, &q, shape, h, rows.clone(), write)
+                            }
+                        } else {
+                            tiled_task(&k32, &v32, &q, shape, h, rows.clone(), write)
+                        }
+                        out.into_inner()
+                    };
+                    let (a, b) = (run(true), run(false));
+                    assert!(
+                        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
+                        "head {h} rows {rows:?}"
+                    );
+                }
+            }
+        }
     }
 
     /// The long-prompt path (t >= TILE_Q), after a short first call filled part of the cache:

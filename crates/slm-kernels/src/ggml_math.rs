@@ -144,6 +144,50 @@ pub fn exp_sub_sum(s: &mut [f32], max: f32) -> f32 {
     sum
 }
 
+/// `s[i] = expf(s[i] - max)` in place, each value as ggml_v_expf computes it (the values
+/// ggml_vec_soft_max_f32 stores).
+pub fn exp_sub(s: &mut [f32], max: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: the CPU has the features.
+        return unsafe { x86::exp_sub(s, max, flavor()) };
+    }
+    let f = flavor();
+    for x in s.iter_mut() {
+        *x = expf_in(*x - max, f);
+    }
+}
+
+/// ggml_vec_soft_max_f32: the exponentials of `s[i] - max` in place, and their sum as that
+/// function forms it: each vector's lanes added pairwise as the build's reduction does
+/// (AVX-512: `_mm512_reduce_add_ps`, halves of 8, 4, then 2 + 2 lanes; AVX2: halves of 4,
+/// then 2 + 2 lanes), the vectors' sums added in f64, a short tail through libm's expf.
+pub fn soft_max(s: &mut [f32], max: f32) -> f64 {
+    let f = flavor();
+    let lanes = match f {
+        Flavor::Avx512 => 16,
+        Flavor::Avx2 => 8,
+    };
+    let np = s.len() - s.len() % lanes;
+    exp_sub(&mut s[..np], max);
+    let mut sum = 0f64;
+    for c in s[..np].chunks_exact(lanes) {
+        let quad: [f32; 4] = match f {
+            Flavor::Avx512 => {
+                let half: [f32; 8] = std::array::from_fn(|i| c[8 + i] + c[i]);
+                std::array::from_fn(|i| half[4 + i] + half[i])
+            }
+            Flavor::Avx2 => std::array::from_fn(|i| c[4 + i] + c[i]),
+        };
+        sum += ((quad[0] + quad[2]) + (quad[1] + quad[3])) as f64;
+    }
+    for x in &mut s[np..] {
+        *x = (*x - max).exp();
+        sum += *x as f64;
+    }
+    sum
+}
+
 /// ggml_vec_swiglu_f32: `silu(g) * u` with silu as `x / (1 + expf(-x))`.
 pub fn swiglu(g: f32, u: f32) -> f32 {
     g / (1.0 + expf(-g)) * u
@@ -494,6 +538,22 @@ mod x86 {
             sum += *x;
         }
         sum
+    }
+
+    /// # Safety
+    /// AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn exp_sub(s: &mut [f32], max: f32, flavor: Flavor) {
+        let n = s.len();
+        let np = n - n % 8;
+        let (p, m) = (s.as_mut_ptr(), _mm256_set1_ps(max));
+        for i in (0..np).step_by(8) {
+            let e = expf8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m), flavor);
+            _mm256_storeu_ps(p.add(i), e);
+        }
+        for x in &mut s[np..] {
+            *x = super::expf_in(*x - max, flavor);
+        }
     }
 
     /// # Safety
