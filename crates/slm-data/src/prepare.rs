@@ -170,6 +170,12 @@ pub fn prepare(
             info.eos, info.vocab
         )));
     }
+    if !(0.0..1.0).contains(&opts.valid_fraction) {
+        return Err(DataError::Empty(format!(
+            "valid fraction {}: expected a number in [0, 1)",
+            opts.valid_fraction
+        )));
+    }
     std::fs::create_dir_all(out).map_err(|err| DataError::Io {
         path: out.to_path_buf(),
         err,

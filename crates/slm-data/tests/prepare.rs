@@ -293,3 +293,26 @@ fn tokens_past_a_shards_end_are_none() {
     assert_eq!(s.get(usize::MAX), None);
     assert_eq!(s.slice(2, usize::MAX), vec![u32::from(b'c'), 256]);
 }
+
+/// A validation fraction outside [0, 1) is refused by value before anything is written
+/// (it used to be clamped: 1.5 quietly held everything out).
+#[test]
+fn a_validation_fraction_outside_zero_to_one_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let docs = vec![slm_data::Document {
+        source: "x".into(),
+        text: "abc".into(),
+    }];
+    for bad in [1.0, 1.5, -0.1, f64::NAN] {
+        let out = d.path().join("shards");
+        let opts = PrepareOptions {
+            valid_fraction: bad,
+            ..Default::default()
+        };
+        let e = prepare(&docs, &encode, &info(7), &out, &opts, &mut |_| {})
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&format!("valid fraction {bad}")), "{e}");
+        assert!(!out.exists(), "{bad}: nothing is written");
+    }
+}

@@ -17,6 +17,8 @@
 
 use half::f16;
 
+use crate::ggml_math::Isa;
+
 /// llama.cpp's GGML_FA_TILE_Q: below this many queries it takes the f16 path.
 pub const TILE_Q: usize = 64;
 
@@ -117,7 +119,7 @@ fn attend_tiled(
     scale: f32,
 ) -> Vec<f32> {
     let (k32, v32) = widen(k16, v16, past + t, n_kv, hd);
-    let (k16, v16) = (k32.as_slice(), v32.as_slice());
+    let isa = Isa::best();
     let mut out = vec![0f32; t * n_heads * hd];
     let o = crate::pool::OutPtr(out.as_mut_ptr());
     let q_tiles = t.div_ceil(TILE_Q);
@@ -139,16 +141,11 @@ fn attend_tiled(
                 .copy_from_slice(row)
         };
         #[cfg(target_arch = "x86_64")]
-        if crate::ggml_math::has_avx512() {
-            // SAFETY: the CPU has the features.
-            return unsafe { tiled_task_avx512(k16, v16, q, shape, h, i0..i1, write) };
+        if isa.is_some() {
+            // SAFETY: Isa::best found AVX2 and FMA.
+            return unsafe { tiled_task_fma(&k32, &v32, q, shape, h, i0..i1, isa, write) };
         }
-        #[cfg(target_arch = "x86_64")]
-        if crate::ggml_math::has_avx2() {
-            // SAFETY: the CPU has the features.
-            return unsafe { tiled_task_fma(k16, v16, q, shape, h, i0..i1, write) };
-        }
-        tiled_task(k16, v16, q, shape, h, i0..i1, write)
+        tiled_task(&k32, &v32, q, shape, h, i0..i1, isa, write)
     });
     out
 }
@@ -190,54 +187,44 @@ struct TiledShape {
     scale: f32,
 }
 
-/// `tiled_task` compiled with FMA (and AVX-512 where the CPU has it), so its fused
-/// multiply-adds are instructions and its loops over a tile's keys and a head's dimensions
-/// vectorise. The arithmetic is the same in every build: each value is one chain of fused
-/// multiply-adds in a fixed order.
+/// `tiled_task` compiled with FMA, so its fused multiply-adds are instructions and its
+/// loops vectorise. The arithmetic is the same in every build: each value is one chain of
+/// fused multiply-adds in a fixed order.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
 unsafe fn tiled_task_fma(
-    k16: &[f32],
-    v16: &[f32],
+    k32: &[f32],
+    v32: &[f32],
     q: &[f32],
     s: TiledShape,
     h: usize,
     rows: std::ops::Range<usize>,
+    isa: Option<Isa>,
     write: impl Fn(usize, &[f32]),
 ) {
-    tiled_task(k16, v16, q, s, h, rows, write)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx2,fma")]
-unsafe fn tiled_task_avx512(
-    k16: &[f32],
-    v16: &[f32],
-    q: &[f32],
-    s: TiledShape,
-    h: usize,
-    rows: std::ops::Range<usize>,
-    write: impl Fn(usize, &[f32]),
-) {
-    tiled_task(k16, v16, q, s, h, rows, write)
+    tiled_task(k32, v32, q, s, h, rows, isa, write)
 }
 
 /// Query rows whose scores and values a tile computes together (each loaded key and value
 /// serves them all from registers).
 const ROW_BLOCK: usize = 4;
-/// Dimensions of the values accumulated in registers at a time (with `ROW_BLOCK` rows:
-/// sixteen AVX-512 registers).
+/// Dimensions the AVX-512 values kernel accumulates in registers at a time (with
+/// `ROW_BLOCK` rows: sixteen registers); other head sizes take the portable loop.
 const LANES: usize = 64;
 
-/// Head `h`'s queries `rows` through every key tile, as `attend_tiled` describes.
+/// Head `h`'s queries `rows` through every key tile, as `attend_tiled` describes, over
+/// `widen`'s keys and values; the tile products in AVX-512 registers when `isa` says so.
 #[inline(always)]
+#[allow(clippy::too_many_arguments)]
 fn tiled_task(
-    k16: &[f32],
-    v16: &[f32],
+    k32: &[f32],
+    v32: &[f32],
     q: &[f32],
     s: TiledShape,
     h: usize,
     rows: std::ops::Range<usize>,
+    isa: Option<Isa>,
     write: impl Fn(usize, &[f32]),
 ) {
     let TiledShape {
@@ -258,8 +245,8 @@ fn tiled_task(
     let last_key = past + rows.end - 1;
     for k0 in (0..=last_key).step_by(TILE_KV) {
         // This tile's keys, transposed ([dimension][key]), and its values ([key][dimension]).
-        let kt = &k16[(g * tiles + k0 / TILE_KV) * hd * TILE_KV..][..hd * TILE_KV];
-        let vt = &v16[(g * len + k0) * hd..(g * len + len) * hd];
+        let kt = &k32[(g * tiles + k0 / TILE_KV) * hd * TILE_KV..][..hd * TILE_KV];
+        let vt = &v32[(g * len + k0) * hd..(g * len + len) * hd];
         // The rows that see some key of this tile.
         let first = (k0 + 1).saturating_sub(past + 1 + rows.start).min(n);
         for b0 in (first..n).step_by(ROW_BLOCK) {
@@ -276,24 +263,7 @@ fn tiled_task(
             }
             // Scores: per (row, key) one chain of FMAs over the dimensions, from 0.
             let mut kq = [[0f32; TILE_KV]; ROW_BLOCK];
-            #[cfg(target_arch = "x86_64")]
-            let done = crate::ggml_math::has_avx512() && {
-                // SAFETY: the CPU has AVX-512; qt has hd rows and kt hd * TILE_KV values.
-                unsafe { x86::scores(&mut kq, &qt, kt) };
-                true
-            };
-            #[cfg(not(target_arch = "x86_64"))]
-            let done = false;
-            for (d, qd) in qt.iter().enumerate().take(if done { 0 } else { hd }) {
-                let krow: &[f32; TILE_KV] = kt[d * TILE_KV..(d + 1) * TILE_KV]
-                    .try_into()
-                    .expect("a tile row");
-                for (kb, &qv) in kq.iter_mut().zip(qd) {
-                    for (x, &kv) in kb.iter_mut().zip(krow) {
-                        *x = kv.mul_add(qv, *x);
-                    }
-                }
-            }
+            scores(&mut kq, &qt, kt, isa);
             for (b, kb) in kq.iter_mut().enumerate().take(nb) {
                 let r = b0 + b;
                 let visible = past + rows.start + r + 1;
@@ -321,41 +291,7 @@ fn tiled_task(
             // adding 0 times a value leaves a sum as it is: they are left out.
             let seen = (past + rows.start + b0 + nb - k0).min(TILE_KV);
             let vt = &vt[..seen * hd];
-            let block = &mut acc[b0 * hd..(b0 + nb) * hd];
-            #[cfg(target_arch = "x86_64")]
-            if crate::ggml_math::has_avx512() && hd.is_multiple_of(LANES) {
-                // SAFETY: the CPU has AVX-512; block holds nb rows of hd, vt seen rows of hd.
-                unsafe { x86::values(block, nb, hd, &kq, vt) };
-                continue;
-            }
-            if hd.is_multiple_of(LANES) {
-                for c in (0..hd).step_by(LANES) {
-                    let mut regs = [[0f32; LANES]; ROW_BLOCK];
-                    for (b, r) in regs.iter_mut().enumerate().take(nb) {
-                        r.copy_from_slice(&block[b * hd + c..b * hd + c + LANES]);
-                    }
-                    for (kk, vrow) in vt.chunks_exact(hd).enumerate() {
-                        let v: &[f32; LANES] = vrow[c..c + LANES].try_into().expect("lanes");
-                        for (r, kb) in regs.iter_mut().zip(&kq) {
-                            let p = kb[kk];
-                            for (x, &vv) in r.iter_mut().zip(v) {
-                                *x = vv.mul_add(p, *x);
-                            }
-                        }
-                    }
-                    for (b, r) in regs.iter().enumerate().take(nb) {
-                        block[b * hd + c..b * hd + c + LANES].copy_from_slice(r);
-                    }
-                }
-            } else {
-                for (b, a) in block.chunks_exact_mut(hd).enumerate() {
-                    for (&p, vrow) in kq[b].iter().zip(vt.chunks_exact(hd)) {
-                        for (x, &v) in a.iter_mut().zip(vrow) {
-                            *x = v.mul_add(p, *x);
-                        }
-                    }
-                }
-            }
+            values(&mut acc[b0 * hd..(b0 + nb) * hd], nb, hd, &kq, vt, isa);
         }
     }
     for (r, i) in rows.enumerate() {
@@ -363,6 +299,56 @@ fn tiled_task(
         let a = &mut acc[r * hd..(r + 1) * hd];
         a.iter_mut().for_each(|x| *x *= inv);
         write(i, a);
+    }
+}
+
+/// kq[b][j] = Σ_d qt[d][b] · kt[d][j] (kt: `qt.len()` rows of a tile's keys): one chain of
+/// fused multiply-adds per score, over the dimensions in order, from 0.
+fn scores(
+    kq: &mut [[f32; TILE_KV]; ROW_BLOCK],
+    qt: &[[f32; ROW_BLOCK]],
+    kt: &[f32],
+    isa: Option<Isa>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Some(Isa::Avx512) {
+        // SAFETY: Isa::best found AVX-512; kt holds qt.len() tile rows (asserted inside).
+        return unsafe { x86::scores(kq, qt, kt) };
+    }
+    let _ = isa;
+    for (d, qd) in qt.iter().enumerate() {
+        let krow = &kt[d * TILE_KV..(d + 1) * TILE_KV];
+        for (kb, &qv) in kq.iter_mut().zip(qd) {
+            for (x, &kv) in kb.iter_mut().zip(krow) {
+                *x = kv.mul_add(qv, *x);
+            }
+        }
+    }
+}
+
+/// block[b][x] += Σ_kk kq[b][kk] · vt[kk][x] for the block's first `nb` rows of `hd` (vt:
+/// whole rows of `hd`): one chain of fused multiply-adds per value, over the keys in order,
+/// onto what the row holds.
+fn values(
+    block: &mut [f32],
+    nb: usize,
+    hd: usize,
+    kq: &[[f32; TILE_KV]; ROW_BLOCK],
+    vt: &[f32],
+    isa: Option<Isa>,
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Some(Isa::Avx512) && hd.is_multiple_of(LANES) {
+        // SAFETY: Isa::best found AVX-512; the sizes are asserted inside.
+        return unsafe { x86::values(block, nb, hd, kq, vt) };
+    }
+    let _ = isa;
+    for (a, kb) in block.chunks_exact_mut(hd).take(nb).zip(kq) {
+        for (&p, vrow) in kb.iter().zip(vt.chunks_exact(hd)) {
+            for (x, &v) in a.iter_mut().zip(vrow) {
+                *x = v.mul_add(p, *x);
+            }
+        }
     }
 }
 
@@ -604,13 +590,8 @@ mod tests {
                         let write = |i: usize, row: &[f32]| {
                             out.borrow_mut()[i * hd..(i + 1) * hd].copy_from_slice(row)
                         };
-                        if fast {
-                            unsafe {
-                                tiled_task_avx512(&k32, &v32, &q, shape, h, rows.clone(), write)
-                            }
-                        } else {
-                            tiled_task(&k32, &v32, &q, shape, h, rows.clone(), write)
-                        }
+                        let isa = fast.then_some(Isa::Avx512);
+                        tiled_task(&k32, &v32, &q, shape, h, rows.clone(), isa, write);
                         out.into_inner()
                     };
                     let (a, b) = (run(true), run(false));

@@ -41,12 +41,6 @@ pub fn prepare_shards(
     eos: &str,
     progress: &mut dyn FnMut(usize),
 ) -> Result<Manifest> {
-    if !(0.0..1.0).contains(&opts.valid_fraction) {
-        return Err(TrainError::Setup(format!(
-            "valid fraction {}: expected a number in [0, 1)",
-            opts.valid_fraction
-        )));
-    }
     let json = std::fs::read(tokenizer).map_err(|err| TrainError::Io {
         path: tokenizer.to_path_buf(),
         err,

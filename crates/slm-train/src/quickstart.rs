@@ -101,9 +101,11 @@ pub fn held_out(data: &Dataset) -> Vec<u32> {
         .collect()
 }
 
-/// Every training token, for the unigram baseline.
+/// Every training token, for the unigram baseline, read one at a time from the maps.
 pub fn train_tokens(data: &Dataset) -> impl Iterator<Item = u32> + '_ {
-    data.train.iter().flat_map(|s| s.slice(0, s.len()))
+    data.train
+        .iter()
+        .flat_map(|s| (0..s.len()).filter_map(move |i| s.get(i)))
 }
 
 #[cfg(test)]

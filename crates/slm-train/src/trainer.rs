@@ -129,7 +129,7 @@ pub struct Trainer {
     final_r: Vec<f32>,
     final_h: Vec<f32>,
     work: Work,
-    /// The rms_norm weight gradient of a frozen norm, formed and dropped.
+    /// The weight gradient of a frozen norm or head, formed and dropped.
     discard: Vec<f32>,
     laps: Laps,
 }
@@ -170,18 +170,26 @@ fn rope_spec<'a>(s: AttnShape, cos: &'a [f32], sin: &'a [f32]) -> RopeSpec<'a> {
     }
 }
 
-/// Where an rms_norm's weight gradient goes: its gradients, or cleared scratch when the
-/// norm is frozen.
-fn norm_grad<'a>(
+/// Whether AdamW's `groups` train any value of `r` (a weight gradient is needed).
+fn trains(groups: &[Group], r: &Range<usize>) -> bool {
+    groups
+        .iter()
+        .any(|g| g.range.start < r.end && r.start < g.range.end)
+}
+
+/// Where the weight gradient of the parameters `r` goes: their gradients, or, when AdamW's
+/// `groups` leave them frozen, cleared scratch of their size that is dropped.
+fn grad_or_discard<'a>(
     grads: &'a mut [f32],
     r: &Range<usize>,
-    trains: bool,
-    discard: &'a mut [f32],
+    groups: &[Group],
+    discard: &'a mut Vec<f32>,
 ) -> &'a mut [f32] {
-    if trains {
+    if trains(groups, r) {
         &mut grads[r.clone()]
     } else {
-        discard.fill(0.0);
+        discard.clear();
+        discard.resize(r.len(), 0.0);
         discard
     }
 }
@@ -318,7 +326,7 @@ impl Trainer {
                 head: Vec::new(),
                 partials: Vec::new(),
             },
-            discard: zeros(d),
+            discard: Vec::new(),
             laps: Laps::default(),
         };
         t.groups = t.trainable_groups();
@@ -354,13 +362,6 @@ impl Trainer {
             }
         }
         groups
-    }
-
-    /// Whether any value of `r` is trained (a weight gradient is needed).
-    fn trains(&self, r: &Range<usize>) -> bool {
-        self.groups
-            .iter()
-            .any(|g| g.range.start < r.end && r.start < g.range.end)
     }
 
     /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
@@ -605,16 +606,8 @@ impl Trainer {
         let (d, v) = (cfg.hidden_size, cfg.vocab_size);
         let n = self.batch * self.positions;
         self.laps.start();
-        // A frozen head's weight gradient goes to scratch and is dropped.
-        let head_trains = self.trains(&self.head);
         let w = &mut self.work;
-        let mut frozen_dw = Vec::new();
-        let dw = if head_trains {
-            &mut self.grads[self.head.clone()]
-        } else {
-            frozen_dw.resize(v * d, 0.0);
-            &mut frozen_dw[..]
-        };
+        let dw = grad_or_discard(&mut self.grads, &self.head, &self.groups, &mut self.discard);
         let (total, counted) = head_loss_into(
             HeadShape { n, d, v },
             &self.final_h,
@@ -639,40 +632,18 @@ impl Trainer {
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
         let rope = rope_spec(shape, &self.cos, &self.sin);
-        let trains: Vec<[bool; 7]> = self
-            .layers
-            .iter()
-            .map(|lp| {
-                [
-                    &lp.attn_norm,
-                    &lp.qkv,
-                    &lp.o,
-                    &lp.mlp_norm,
-                    &lp.gate_up,
-                    &lp.down,
-                ]
-                .map(|r| self.trains(r))
-                .into_iter()
-                .chain([lp.qkv_bias.as_ref().is_some_and(|b| self.trains(b))])
-                .collect::<Vec<_>>()
-                .try_into()
-                .expect("seven")
-            })
-            .collect();
-        let (norm_trains, embed_trains) = (self.trains(&self.norm), self.trains(&self.embed));
-        let (p, g, w) = (&self.params, &mut self.grads, &mut self.work);
+        let (p, g, w, groups) = (&self.params, &mut self.grads, &mut self.work, &self.groups);
         let discard = &mut self.discard;
         let laps = &mut self.laps;
         // A linear layer's backward: both gradients, or the input's alone when it is frozen.
         let linear_bwd = |dx: &mut [f32],
                           g: &mut [f32],
-                          trains: bool,
                           dy: &[f32],
                           x: &[f32],
                           wr: &Range<usize>,
                           dims: (usize, usize, usize),
                           partials: &mut Vec<f32>| {
-            if trains {
+            if trains(groups, wr) {
                 linear::backward(
                     dx,
                     &mut g[wr.clone()],
@@ -689,7 +660,7 @@ impl Trainer {
         w.dres.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
         kernels::rms_norm_bwd(
             &mut w.dres,
-            norm_grad(g, &self.norm, norm_trains, discard),
+            grad_or_discard(g, &self.norm, groups, discard),
             &w.dh,
             &self.streams[cfg.num_hidden_layers],
             &self.final_r,
@@ -698,12 +669,10 @@ impl Trainer {
         laps.lap("rms_norm (backward)");
         for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
             let x = &self.streams[l];
-            let [attn_norm_t, qkv_t, o_t, mlp_norm_t, gate_up_t, down_t, bias_t] = trains[l];
             // MLP: out = mid + down(silu(gate) * up)
             linear_bwd(
                 &mut w.dact,
                 g,
-                down_t,
                 &w.dres,
                 &s.act,
                 &lp.down,
@@ -716,7 +685,6 @@ impl Trainer {
             linear_bwd(
                 &mut w.dh,
                 g,
-                gate_up_t,
                 &w.dgu,
                 &s.h2,
                 &lp.gate_up,
@@ -726,7 +694,7 @@ impl Trainer {
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
-                norm_grad(g, &lp.mlp_norm, mlp_norm_t, discard),
+                grad_or_discard(g, &lp.mlp_norm, groups, discard),
                 &w.dh,
                 &s.mid,
                 &s.r2,
@@ -737,7 +705,6 @@ impl Trainer {
             linear_bwd(
                 &mut w.datt,
                 g,
-                o_t,
                 &w.dres,
                 &s.att,
                 &lp.o,
@@ -749,13 +716,12 @@ impl Trainer {
             laps.lap("attention (backward)");
             kernels::rope(&mut w.dqkv, rope, true);
             laps.lap("rope (backward)");
-            if let (Some(b), true) = (&lp.qkv_bias, bias_t) {
+            if let Some(b) = lp.qkv_bias.as_ref().filter(|b| trains(groups, b)) {
                 kernels::bias_bwd(&mut g[b.clone()], &w.dqkv);
             }
             linear_bwd(
                 &mut w.dh,
                 g,
-                qkv_t,
                 &w.dqkv,
                 &s.h1,
                 &lp.qkv,
@@ -765,7 +731,7 @@ impl Trainer {
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
                 &mut w.dres,
-                norm_grad(g, &lp.attn_norm, attn_norm_t, discard),
+                grad_or_discard(g, &lp.attn_norm, groups, discard),
                 &w.dh,
                 x,
                 &s.r1,
@@ -773,7 +739,7 @@ impl Trainer {
             );
             laps.lap("rms_norm (backward)");
         }
-        if embed_trains {
+        if trains(groups, &self.embed) {
             kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
         }
         laps.lap("embedding (backward)");
