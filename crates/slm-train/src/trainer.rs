@@ -58,7 +58,6 @@ fn unsupported(cfg: &Config) -> Option<String> {
 /// One tensor of the model (`Config::params`) and where it lies in the flat vectors.
 struct Param {
     spec: params::Param,
-    name: String,
     range: Range<usize>,
     trainable: bool,
 }
@@ -226,7 +225,6 @@ impl Trainer {
             let range = at..at + spec.len();
             at += spec.len();
             params_by_name.push(Param {
-                name: spec.name(),
                 spec,
                 range,
                 trainable: true,
@@ -787,7 +785,7 @@ impl Trainer {
     pub fn read_params(&mut self, vars: &VarMap) -> candle_core::Result<()> {
         let data = vars.data().lock().expect("var map lock");
         for prm in &self.params_by_name {
-            let var = Self::var_map_tensor(&data, &prm.name, &prm.spec.shape)?;
+            let var = Self::var_map_tensor(&data, &prm.spec.name(), &prm.spec.shape)?;
             let values = var
                 .as_tensor()
                 .to_dtype(DType::F32)?
@@ -802,7 +800,7 @@ impl Trainer {
     pub fn write_params(&self, vars: &VarMap) -> candle_core::Result<()> {
         let data = vars.data().lock().expect("var map lock");
         for prm in &self.params_by_name {
-            let var = Self::var_map_tensor(&data, &prm.name, &prm.spec.shape)?;
+            let var = Self::var_map_tensor(&data, &prm.spec.name(), &prm.spec.shape)?;
             let t = Tensor::from_slice(
                 &self.params[prm.range.clone()],
                 prm.spec.shape.as_slice(),
@@ -824,7 +822,7 @@ impl Trainer {
             .iter()
             .map(|p| {
                 Ok((
-                    p.name.clone(),
+                    p.spec.name(),
                     Tensor::from_slice(
                         &values[p.range.clone()],
                         p.spec.shape.as_slice(),
@@ -854,7 +852,7 @@ impl Trainer {
     ) -> candle_core::Result<()> {
         for prm in &self.params_by_name {
             for (prefix, values) in [("m", &mut self.opt.m), ("v", &mut self.opt.v)] {
-                let key = format!("{prefix}.{}", prm.name);
+                let key = format!("{prefix}.{}", prm.spec.name());
                 let t = state.get(&key).ok_or_else(|| {
                     candle_core::Error::Msg(format!("optimizer state has no {key}"))
                 })?;
@@ -1205,7 +1203,7 @@ mod tests {
             let range = &tr
                 .params_by_name
                 .iter()
-                .find(|q| q.name == name)
+                .find(|q| q.spec == p)
                 .unwrap()
                 .range;
             let moved = tr.params[range.clone()] != before[range.clone()];
