@@ -129,21 +129,6 @@ fn expf_in(x: f32, flavor: Flavor) -> f32 {
     }
 }
 
-/// ggml_vec_soft_max_f32's core: `s[i] = expf(s[i] - max)` in place, returning the sum.
-pub fn exp_sub_sum(s: &mut [f32], max: f32) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        // SAFETY: the CPU has the features.
-        return unsafe { x86::exp_sub_sum(s, max, flavor()) };
-    }
-    let mut sum = 0f32;
-    for x in s.iter_mut() {
-        *x = expf(*x - max);
-        sum += *x;
-    }
-    sum
-}
-
 /// `s[i] = expf(s[i] - max)` in place, each value as ggml_v_expf computes it (the values
 /// ggml_vec_soft_max_f32 stores).
 pub fn exp_sub(s: &mut [f32], max: f32) {
@@ -522,27 +507,6 @@ mod x86 {
     /// # Safety
     /// AVX2 and FMA.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn exp_sub_sum(s: &mut [f32], max: f32, flavor: Flavor) -> f32 {
-        let n = s.len();
-        let np = n - n % 8;
-        let (p, m) = (s.as_mut_ptr(), _mm256_set1_ps(max));
-        let mut acc = _mm256_setzero_ps();
-        for i in (0..np).step_by(8) {
-            let e = expf8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), m), flavor);
-            _mm256_storeu_ps(p.add(i), e);
-            acc = _mm256_add_ps(acc, e);
-        }
-        let mut sum = crate::quant::hsum8_m256(acc);
-        for x in &mut s[np..] {
-            *x = super::expf_in(*x - max, flavor);
-            sum += *x;
-        }
-        sum
-    }
-
-    /// # Safety
-    /// AVX2 and FMA.
-    #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn exp_sub(s: &mut [f32], max: f32, flavor: Flavor) {
         let n = s.len();
         let np = n - n % 8;
@@ -657,30 +621,40 @@ fn dot_f16_lanes<const L: usize>(k: &[f16], q: &[f32]) -> f32 {
 mod tests {
     use super::*;
 
-    /// The softmax core: each value exactly `expf(x - max)` on the vector and tail paths
-    /// (lengths around the width of eight), the sum within f32 rounding of an f64 sum.
+    /// ggml_vec_soft_max_f32: each value of the vector part exactly `expf(x - max)` (ggml's
+    /// vectorised expf, on the eight-lane and scalar paths alike), the tail libm's `expf`,
+    /// masked values (-inf) exactly 0, and the sum within rounding of an f64 sum.
     #[test]
-    fn exp_sub_sum_equals_expf_per_value() {
-        for n in [1, 7, 8, 9, 31, 100] {
-            let x: Vec<f32> = (0..n)
+    fn soft_max_values_and_sum() {
+        let lanes = match flavor() {
+            Flavor::Avx512 => 16,
+            Flavor::Avx2 => 8,
+        };
+        for n in [1, 7, 8, 9, 16, 31, 64, 100] {
+            let mut x: Vec<f32> = (0..n)
                 .map(|i| ((i * 37) % 23) as f32 * 0.9 - 15.0)
                 .collect();
+            if n > 3 {
+                x[3] = f32::NEG_INFINITY;
+            }
             let max = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
             let mut y = x.clone();
-            let sum = exp_sub_sum(&mut y, max);
+            let sum = soft_max(&mut y, max);
+            let np = n - n % lanes;
             let mut want = 0f64;
-            for (a, &b) in y.iter().zip(&x) {
-                assert_eq!(
-                    a.to_bits(),
-                    expf(b - max).to_bits(),
-                    "n {n}: expf({b} - {max})"
-                );
+            for (i, (a, &b)) in y.iter().zip(&x).enumerate() {
+                let e = if i < np {
+                    expf(b - max)
+                } else {
+                    (b - max).exp()
+                };
+                assert_eq!(a.to_bits(), e.to_bits(), "n {n}: exp({b} - {max})");
                 want += *a as f64;
             }
-            assert!(
-                (sum as f64 - want).abs() <= want * 1e-6,
-                "n {n}: {sum} vs {want}"
-            );
+            if n > 3 {
+                assert_eq!(y[3], 0.0);
+            }
+            assert!((sum - want).abs() <= want * 1e-6, "n {n}: {sum} vs {want}");
         }
     }
 
