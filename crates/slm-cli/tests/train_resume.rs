@@ -385,6 +385,40 @@ fn training_and_data_mistakes_are_clear_errors() {
     );
     assert!(e.contains("--valid-fraction 1.5"), "{e}");
 
+    // A tokenizer file that is not there, or not a tokenizer.
+    let e = fails(
+        slm()
+            .args([
+                "data",
+                "prepare",
+                "corpus",
+                "--tokenizer",
+                "missing.json",
+                "-o",
+                "s3",
+            ])
+            .current_dir(d),
+    );
+    assert!(
+        e.contains("missing.json") && e.contains("No such file"),
+        "{e}"
+    );
+    std::fs::write(d.join("junk.json"), "{").unwrap();
+    let e = fails(
+        slm()
+            .args([
+                "data",
+                "prepare",
+                "corpus",
+                "--tokenizer",
+                "junk.json",
+                "-o",
+                "s3",
+            ])
+            .current_dir(d),
+    );
+    assert!(e.contains("junk.json"), "{e}");
+
     // quickstart never overwrites a folder that holds something.
     let e = fails(slm().args(["quickstart", "--out", "corpus"]).current_dir(d));
     assert!(e.contains("already exists"), "{e}");

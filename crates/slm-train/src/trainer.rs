@@ -1379,6 +1379,11 @@ mod tests {
             outside.contains("token id 97") && outside.contains("97"),
             "{outside}"
         );
+        let e = err(tr.accumulate_targets(&[1; 300], &[1; 299], 1.0));
+        assert!(
+            e.contains("300 inputs and 299 targets, 2 rows of 150"),
+            "{e}"
+        );
         let e = tr.forward_hidden(&[1; 7]).err().unwrap().to_string();
         assert!(e.contains("7 input tokens, 2 rows of 150"), "{e}");
         tr.forward_hidden(&vec![1; 300]).unwrap();
