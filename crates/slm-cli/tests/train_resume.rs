@@ -352,71 +352,35 @@ fn training_and_data_mistakes_are_clear_errors() {
     let e = fails(slm().arg("train").arg(&r).arg("--resume").current_dir(d));
     assert!(e.contains("the loss is NaN") && e.contains("step"), "{e}");
 
-    // Data preparation: an EOS the tokenizer lacks, an impossible validation share.
-    let e = fails(
-        slm()
-            .args([
-                "data",
-                "prepare",
-                "corpus",
-                "--tokenizer",
-                "tok.json",
-                "-o",
-                "s2",
-                "--eos",
-                "</s>",
-            ])
-            .current_dir(d),
-    );
+    // Data preparation: an EOS the tokenizer lacks, an impossible validation share, a
+    // tokenizer file that is not there or not a tokenizer.
+    let prepare = |tokenizer: &str, extra: &[&str]| {
+        fails(
+            slm()
+                .args([
+                    "data",
+                    "prepare",
+                    "corpus",
+                    "--tokenizer",
+                    tokenizer,
+                    "-o",
+                    "s2",
+                ])
+                .args(extra)
+                .current_dir(d),
+        )
+    };
+    let e = prepare("tok.json", &["--eos", "</s>"]);
     assert!(e.contains("</s>") && e.contains("--eos"), "{e}");
-    let e = fails(
-        slm()
-            .args([
-                "data",
-                "prepare",
-                "corpus",
-                "--tokenizer",
-                "tok.json",
-                "-o",
-                "s2",
-            ])
-            .args(["--valid-fraction", "1.5"])
-            .current_dir(d),
-    );
+    let e = prepare("tok.json", &["--valid-fraction", "1.5"]);
     assert!(e.contains("--valid-fraction 1.5"), "{e}");
-
-    // A tokenizer file that is not there, or not a tokenizer.
-    let e = fails(
-        slm()
-            .args([
-                "data",
-                "prepare",
-                "corpus",
-                "--tokenizer",
-                "missing.json",
-                "-o",
-                "s3",
-            ])
-            .current_dir(d),
-    );
+    let e = prepare("missing.json", &[]);
     assert!(
         e.contains("missing.json") && e.contains("No such file"),
         "{e}"
     );
     std::fs::write(d.join("junk.json"), "{").unwrap();
-    let e = fails(
-        slm()
-            .args([
-                "data",
-                "prepare",
-                "corpus",
-                "--tokenizer",
-                "junk.json",
-                "-o",
-                "s3",
-            ])
-            .current_dir(d),
-    );
+    let e = prepare("junk.json", &[]);
     assert!(e.contains("junk.json"), "{e}");
 
     // quickstart never overwrites a folder that holds something.
