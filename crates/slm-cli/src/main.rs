@@ -83,7 +83,7 @@ enum Cmd {
         /// Tokens per packed forward pass (larger: bigger matmuls, more memory).
         #[arg(long, default_value_t = 2048)]
         batch_tokens: usize,
-        #[arg(long)]
+        #[arg(long, value_parser = threads_arg)]
         threads: Option<usize>,
     },
     /// An HTML report comparing results files: tables, bar and line charts.
@@ -148,7 +148,7 @@ enum Cmd {
         /// Timed training updates (after two untimed ones).
         #[arg(long, default_value_t = 5)]
         steps: usize,
-        #[arg(long)]
+        #[arg(long, value_parser = threads_arg)]
         threads: Option<usize>,
         #[arg(long)]
         json: bool,
@@ -263,6 +263,12 @@ impl Cmd {
             | Cmd::Quickstart { .. } => None,
         }
     }
+}
+
+/// `--threads`: 1 to `limits::MAX_THREADS`.
+fn threads_arg(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    slm_model::limits::check("--threads", n, slm_model::limits::MAX_THREADS)
 }
 
 /// A MODEL argument: a path, else a name in the store (OWNER/NAME or OWNER/NAME/FILE).
@@ -533,6 +539,7 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     slm_kernels::process::release_freed_memory();
     let loaded = slm_model::load(path, &Device::Cpu)
         .with_context(|| format!("loading {}", path.display()))?;
+    tok.check_fits(loaded.model.config.vocab_size, &loaded.source)?;
     tracing::info!(
         "loaded {} in {:.2}s",
         path.display(),
@@ -541,7 +548,10 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     Ok((loaded, tok))
 }
 
-fn main() -> Result<()> {
+/// An error reads as one message with its causes ("error: loading m.gguf: ..."), whatever
+/// RUST_BACKTRACE says: a bad input is the user's to fix, not a crash to debug.
+fn main() -> std::process::ExitCode {
+    use std::io::IsTerminal;
     slm_kernels::process::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -549,8 +559,18 @@ fn main() -> Result<()> {
                 .unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let mut cli = Cli::parse();
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(mut cli: Cli) -> Result<()> {
     if let Some(m) = cli.cmd.model_mut() {
         *m = resolve_model(m)?;
     }
@@ -794,11 +814,12 @@ fn info(path: &Path) -> Result<()> {
         piece(tok.eos),
         tok.add_bos
     );
+    // Described, not rendered: a template is code from the file, and info only reads.
     match &tok.chat_template {
-        Some(t) => {
-            let demo = t.render(&[Message::new("user", "Hi")], true)?;
-            println!("chat         template present; 'Hi' renders as {demo:?}");
-        }
+        Some(t) => println!(
+            "chat         template present ({} characters; `slm chat` renders it)",
+            t.source_len()
+        ),
         None => println!("chat         no chat template"),
     }
     Ok(())

@@ -100,10 +100,15 @@ struct HfConfig {
     hidden_act: Option<String>,
 }
 
+/// An id too large for u32 becomes u32::MAX, which `validate` then refuses as out of range.
+fn saturate_u32(v: u64) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
+}
+
 fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     match v {
-        Some(serde_json::Value::Number(n)) => n.as_u64().map(|n| n as u32),
-        Some(serde_json::Value::Array(a)) => a.first().and_then(|n| n.as_u64()).map(|n| n as u32),
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(saturate_u32),
+        Some(serde_json::Value::Array(a)) => a.first().and_then(|n| n.as_u64()).map(saturate_u32),
         _ => None,
     }
 }
@@ -227,8 +232,32 @@ impl Config {
         }
         let head_dim = match g.get_u64(&k("attention.key_length"))? {
             Some(v) => as_usize(v, "key_length")?,
-            None => hidden / heads,
+            None if hidden.is_multiple_of(heads) => hidden / heads,
+            None => {
+                return Err(invalid(
+                    &file,
+                    format!(
+                        "{} {hidden} is not divisible by {} {heads} (and no {} gives the head width)",
+                        k("embedding_length"),
+                        k("attention.head_count"),
+                        k("attention.key_length")
+                    ),
+                ))
+            }
         };
+        // slm rotates every dimension of a head; a partial rotation would compute something
+        // else without a word.
+        if let Some(n) = g.get_u64(&k("rope.dimension_count"))? {
+            if n != head_dim as u64 {
+                return Err(invalid(
+                    &file,
+                    format!(
+                        "{} = {n}: slm rotates whole heads, so it must equal the head width {head_dim}",
+                        k("rope.dimension_count")
+                    ),
+                ));
+            }
+        }
         let vocab_size = match g.get_u64(&k("vocab_size"))? {
             Some(v) => as_usize(v, "vocab_size")?,
             None => g
@@ -286,43 +315,94 @@ impl Config {
             },
             tie_word_embeddings: g.tensor_info("output.weight").is_none(),
             attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
-            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
-            eos_token_id: g.get_u64("tokenizer.ggml.eos_token_id")?.map(|v| v as u32),
+            bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id")?.map(saturate_u32),
+            eos_token_id: g.get_u64("tokenizer.ggml.eos_token_id")?.map(saturate_u32),
         };
         cfg.validate(&file)?;
         Ok(cfg)
     }
 
-    fn validate(&self, file: &str) -> Result<(), ConfigError> {
-        let checks: [(bool, String); 6] = [
-            (self.vocab_size > 0, "vocab_size is 0".into()),
-            (self.num_hidden_layers > 0, "num_hidden_layers is 0".into()),
+    /// Every field within its meaning and within slm's limits (`crate::limits`), checked before
+    /// anything is sized from it; the error names `file`, the field and the value.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        use crate::limits::*;
+        let sizes = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_HIDDEN),
+            ("intermediate_size", self.intermediate_size, MAX_FFN),
+            ("num_hidden_layers", self.num_hidden_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_attention_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_key_value_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
             (
-                self.num_key_value_heads > 0
-                    && self
-                        .num_attention_heads
-                        .is_multiple_of(self.num_key_value_heads),
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_CONTEXT,
+            ),
+        ];
+        for (field, value, max) in sizes {
+            check(field, value, max).map_err(|what| invalid(file, what))?;
+        }
+        let ids = [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)];
+        let checks: [(bool, String); 5] = [
+            (
+                self.num_attention_heads
+                    .is_multiple_of(self.num_key_value_heads),
                 format!(
                     "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                     self.num_attention_heads, self.num_key_value_heads
                 ),
             ),
             (
-                self.head_dim > 0 && self.head_dim.is_multiple_of(2),
-                format!("head_dim {} must be even and positive", self.head_dim),
+                self.head_dim.is_multiple_of(2),
+                format!("head_dim {} must be even (RoPE rotates pairs)", self.head_dim),
             ),
-            (self.hidden_size > 0, "hidden_size is 0".into()),
             (
-                self.rope_theta > 0.0 && self.rms_norm_eps > 0.0,
+                self.rope_theta.is_finite() && self.rope_theta > 1.0,
                 format!(
-                    "rope_theta {} and rms_norm_eps {} must be positive",
-                    self.rope_theta, self.rms_norm_eps
+                    "rope_theta {} must be a finite number above 1",
+                    self.rope_theta
                 ),
+            ),
+            (
+                self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0,
+                format!(
+                    "rms_norm_eps {} must be a finite number in (0, 1)",
+                    self.rms_norm_eps
+                ),
+            ),
+            (
+                ids.iter()
+                    .all(|(_, id)| id.is_none_or(|id| (id as usize) < self.vocab_size)),
+                ids.iter()
+                    .filter_map(|(k, id)| id.map(|id| format!("{k} {id}")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    + &format!(
+                        ": a special token id must be below vocab_size {}",
+                        self.vocab_size
+                    ),
             ),
         ];
         for (ok, what) in checks {
             if !ok {
                 return Err(invalid(file, what));
+            }
+        }
+        if let Some(s) = &self.rope_scaling {
+            let ok = [s.factor, s.low_freq_factor, s.high_freq_factor]
+                .iter()
+                .all(|x| x.is_finite() && *x > 0.0)
+                && s.high_freq_factor > s.low_freq_factor
+                && s.original_max_position_embeddings > 0;
+            if !ok {
+                return Err(invalid(
+                    file,
+                    format!(
+                        "rope_scaling {s:?}: factors must be finite and positive, \
+                         high_freq_factor above low_freq_factor, original_max_position_embeddings above 0"
+                    ),
+                ));
             }
         }
         Ok(())

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use memmap2::Mmap;
 
 const MAGIC: &[u8; 4] = b"GGUF";
-const DEFAULT_ALIGNMENT: u64 = 32;
+pub(crate) const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml supports at most 4 dimensions (GGML_MAX_DIMS).
 const MAX_DIMS: u32 = 4;
 /// Nested arrays are legal in GGUF but no model uses more than one level; a bound keeps a
@@ -376,6 +376,26 @@ impl GgmlType {
     pub fn type_size(self) -> usize {
         self.info().2
     }
+    /// ggml's type id, as the tensor table stores it.
+    pub fn id(self) -> u32 {
+        match self {
+            GgmlType::F32 => 0,
+            GgmlType::F16 => 1,
+            GgmlType::Q4_0 => 2,
+            GgmlType::Q4_1 => 3,
+            GgmlType::Q5_0 => 6,
+            GgmlType::Q5_1 => 7,
+            GgmlType::Q8_0 => 8,
+            GgmlType::Q8_1 => 9,
+            GgmlType::Q2K => 10,
+            GgmlType::Q3K => 11,
+            GgmlType::Q4K => 12,
+            GgmlType::Q5K => 13,
+            GgmlType::Q6K => 14,
+            GgmlType::Q8K => 15,
+            GgmlType::BF16 => 30,
+        }
+    }
     fn info(self) -> (&'static str, usize, usize) {
         match self {
             GgmlType::F32 => ("F32", 1, 4),
@@ -399,50 +419,34 @@ impl GgmlType {
 
 /// The type of ggml type id `id`, or why slm cannot read it.
 fn ggml_type(id: u32) -> std::result::Result<GgmlType, String> {
-    Ok(match id {
-        0 => GgmlType::F32,
-        1 => GgmlType::F16,
-        2 => GgmlType::Q4_0,
-        3 => GgmlType::Q4_1,
-        6 => GgmlType::Q5_0,
-        7 => GgmlType::Q5_1,
-        8 => GgmlType::Q8_0,
-        9 => GgmlType::Q8_1,
-        10 => GgmlType::Q2K,
-        11 => GgmlType::Q3K,
-        12 => GgmlType::Q4K,
-        13 => GgmlType::Q5K,
-        14 => GgmlType::Q6K,
-        15 => GgmlType::Q8K,
-        30 => GgmlType::BF16,
-        other => {
-            let name = match other {
-                4 | 5 => "Q4_2/Q4_3 (removed from ggml)",
-                16 => "IQ2_XXS",
-                17 => "IQ2_XS",
-                18 => "IQ3_XXS",
-                19 => "IQ1_S",
-                20 => "IQ4_NL",
-                21 => "IQ3_S",
-                22 => "IQ2_S",
-                23 => "IQ4_XS",
-                24 => "I8",
-                25 => "I16",
-                26 => "I32",
-                27 => "I64",
-                28 => "F64",
-                29 => "IQ1_M",
-                34 => "TQ1_0",
-                35 => "TQ2_0",
-                39 => "MXFP4",
-                _ => "unknown",
-            };
-            return Err(format!(
-                "tensor type {name} (ggml type id {other}) is not supported; supported: F32, F16, BF16, \
-                 Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
-            ));
-        }
-    })
+    if let Some(t) = GgmlType::ALL.into_iter().find(|t| t.id() == id) {
+        return Ok(t);
+    }
+    let name = match id {
+        4 | 5 => "Q4_2/Q4_3 (removed from ggml)",
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        _ => "unknown",
+    };
+    Err(format!(
+        "tensor type {name} (ggml type id {id}) is not supported; supported: F32, F16, BF16, \
+         Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K"
+    ))
 }
 
 struct Reader<'a> {
@@ -705,11 +709,33 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
             }
         }
     }
+    // Tensors may not share bytes: an overlap means a changed type or offset, and the model
+    // would read one tensor's data as another's.
+    let mut order: Vec<&TensorInfo> = tensors.iter().collect();
+    order.sort_by_key(|t| t.start);
+    for w in order.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if a.start + a.len > b.start {
+            return Err(GgufError::Tensor {
+                path: path.to_path_buf(),
+                tensor: a.name.clone(),
+                what: format!(
+                    "its {} bytes of {} data at [{}, {}) run into tensor '{}' at byte {}: a corrupt tensor table",
+                    a.len,
+                    a.dtype.name(),
+                    a.start,
+                    a.start + a.len,
+                    b.name,
+                    b.start
+                ),
+            });
+        }
+    }
     Ok((version, metadata, tensors))
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Builds a tiny valid GGUF in memory.

@@ -8,6 +8,8 @@
 pub mod assets;
 pub mod config;
 pub mod gguf;
+pub mod gguf_write;
+pub mod limits;
 pub mod params;
 pub mod source;
 

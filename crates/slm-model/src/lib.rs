@@ -8,7 +8,7 @@ pub mod weights;
 use std::path::Path;
 
 pub use slm_format::source::{safetensors_files, source, ModelSource};
-pub use slm_format::{assets, config, gguf, params};
+pub use slm_format::{assets, config, gguf, limits, params};
 use slm_format::{files_err, FileError, SourceError};
 
 use candle_core::{DType, Device};
@@ -64,8 +64,24 @@ pub fn load(path: &Path, device: &Device) -> Result<LoadedModel, LoadError> {
             }
         }
         // SAFETY: read-only maps of files we do not modify; see GgufFile::open.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&files, DType::F32, device) }
+        let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
             .map_err(|e| files_err(path, format!("bad safetensors: {e}")))?;
+        // Weights are floats; integer or 8-bit float data would be converted to f32 without
+        // meaning anything (candle casts any dtype).
+        for (name, view) in st.tensors() {
+            use safetensors::Dtype;
+            if !matches!(view.dtype(), Dtype::F32 | Dtype::F16 | Dtype::BF16) {
+                return Err(files_err(
+                    path,
+                    format!(
+                        "tensor '{name}' is stored as {:?}; model weights must be F32, F16 or BF16",
+                        view.dtype()
+                    ),
+                )
+                .into());
+            }
+        }
+        let vb = VarBuilder::from_backend(Box::new(st), DType::F32, device.clone());
         let model = Llama::load(&config, &Weights::Vars(vb), device)?;
         return Ok(LoadedModel {
             model,

@@ -223,12 +223,19 @@ impl candle_core::CustomOp3 for GgmlRope {
     }
 }
 
-/// Rotary position embedding tables.
+/// Rotary position embedding tables, computed for the positions a model has reached so far
+/// and extended (doubling) when a longer sequence arrives: a model whose context is a million
+/// positions costs nothing until it is used that far.
 #[derive(Debug, Clone)]
 pub struct Rope {
-    cos: Tensor,
-    sin: Tensor,
+    /// Per-pair divisors of the angle (GGUF's rope_freqs, llama3 scaling, or ones).
+    factors: Vec<f32>,
+    theta_scale: f32,
+    max_positions: usize,
+    device: Device,
     interleaved: bool,
+    /// cos and sin, (positions, head_dim / 2) each; shared by clones, which compute the same.
+    tables: std::sync::Arc<std::sync::RwLock<(Tensor, Tensor)>>,
 }
 
 impl Rope {
@@ -265,49 +272,80 @@ impl Rope {
             }
             (None, None) => vec![1.0; d / 2],
         };
-        if factors.len() < d / 2 {
+        if factors.len() != d / 2 || factors.iter().any(|f| !(f.is_finite() && *f > 0.0)) {
             return Err(crate::weights::WeightError::Tensor {
                 source_name: "model".into(),
                 tensor: "rope_freqs.weight".into(),
-                what: format!("{} factors, head_dim {d} needs {}", factors.len(), d / 2),
+                what: format!(
+                    "{} factors, head_dim {d} needs {} finite positive ones",
+                    factors.len(),
+                    d / 2
+                ),
             });
         }
-        let n = cfg.max_position_embeddings;
-        let mut cos = Vec::with_capacity(n * d / 2);
-        let mut sin = Vec::with_capacity(n * d / 2);
-        // The angles in f32 exactly as ggml computes them: theta_scale = base^(-2/d) and
-        // theta_i = theta_{i-1} * theta_scale starting from the position, so they round alike.
-        let theta_scale = (cfg.rope_theta as f32).powf(-2.0 / d as f32);
-        for p in 0..n {
-            let mut theta = p as f32;
-            for &ff in &factors[..d / 2] {
-                let a = theta / ff;
-                cos.push(a.cos());
-                sin.push(a.sin());
-                theta *= theta_scale;
-            }
-        }
+        let empty = Tensor::zeros((0, d / 2), DType::F32, device)?;
         Ok(Self {
-            cos: Tensor::from_vec(cos, (n, d / 2), device)?,
-            sin: Tensor::from_vec(sin, (n, d / 2), device)?,
+            factors,
+            // The angles in f32 exactly as ggml computes them: theta_scale = base^(-2/d) and
+            // theta_i = theta_{i-1} * theta_scale starting from the position, so they round
+            // alike.
+            theta_scale: (cfg.rope_theta as f32).powf(-2.0 / d as f32),
+            max_positions: cfg.max_position_embeddings,
+            device: device.clone(),
             interleaved,
+            tables: std::sync::Arc::new(std::sync::RwLock::new((empty.clone(), empty))),
         })
     }
 
-    /// cos and sin of every position's angles, (positions, head_dim / 2) each, in f32.
-    pub fn tables(&self) -> (&Tensor, &Tensor) {
-        (&self.cos, &self.sin)
+    /// cos and sin of the angles of positions 0..n, (n, head_dim / 2) each, in f32.
+    pub fn tables(&self, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        if n > self.max_positions {
+            candle_core::bail!(
+                "position {} is past the model's context length {}",
+                n - 1,
+                self.max_positions
+            );
+        }
+        {
+            let t = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if t.0.dim(0)? >= n {
+                return Ok((t.0.narrow(0, 0, n)?, t.1.narrow(0, 0, n)?));
+            }
+        }
+        let mut t = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let have = t.0.dim(0)?;
+        if have < n {
+            let len = n.max(2 * have).max(256).min(self.max_positions);
+            let half = self.factors.len();
+            let mut cos = Vec::with_capacity(len * half);
+            let mut sin = Vec::with_capacity(len * half);
+            for p in 0..len {
+                let mut theta = p as f32;
+                for &ff in &self.factors {
+                    let a = theta / ff;
+                    cos.push(a.cos());
+                    sin.push(a.sin());
+                    theta *= self.theta_scale;
+                }
+            }
+            *t = (
+                Tensor::from_vec(cos, (len, half), &self.device)?,
+                Tensor::from_vec(sin, (len, half), &self.device)?,
+            );
+        }
+        Ok((t.0.narrow(0, 0, n)?, t.1.narrow(0, 0, n)?))
+    }
+
+    /// The tables' rows for positions pos..pos+t.
+    fn span(&self, pos: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let (cos, sin) = self.tables(pos + t)?;
+        Ok((cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?))
     }
 
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
     fn apply(&self, x: &Tensor, pos: usize, ggml: bool) -> candle_core::Result<Tensor> {
-        let t = x.dim(2)?;
-        self.rotate(
-            x,
-            self.cos.narrow(0, pos, t)?,
-            self.sin.narrow(0, pos, t)?,
-            ggml,
-        )
+        let (cos, sin) = self.span(pos, x.dim(2)?)?;
+        self.rotate(x, cos, sin, ggml)
     }
 
     /// x: (1, seq, heads * head_dim) at positions pos..pos+seq, with the ggml-exact rotation
@@ -315,8 +353,7 @@ impl Rope {
     fn rotate_rows(&self, x: &Tensor, pos: usize, heads: usize) -> candle_core::Result<Vec<f32>> {
         let (_, t, width) = x.dims3()?;
         let d = width / heads.max(1);
-        let tables = |c: &Tensor| c.narrow(0, pos, t);
-        let (cos, sin) = (tables(&self.cos)?, tables(&self.sin)?);
+        let (cos, sin) = self.span(pos, t)?;
         with_f32(x, "rope", |x| {
             with_f32(&cos, "rope", |c| {
                 with_f32(&sin, "rope", |s| {
@@ -336,10 +373,12 @@ impl Rope {
 
     /// x: (batch, heads, seq, head_dim), each row at its own position (a packed forward).
     fn apply_at(&self, x: &Tensor, positions: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
+        let last = positions.max(0)?.to_scalar::<u32>()? as usize;
+        let (cos, sin) = self.tables(last + 1)?;
         self.rotate(
             x,
-            self.cos.index_select(positions, 0)?,
-            self.sin.index_select(positions, 0)?,
+            cos.index_select(positions, 0)?,
+            sin.index_select(positions, 0)?,
             ggml,
         )
     }

@@ -22,6 +22,16 @@ pub enum GenerateError {
         max: usize,
         ctx: usize,
     },
+    #[error(
+        "--max-tokens ({max}) leaves no room for the prompt in the context length ({ctx}), \
+         even truncated; lower --max-tokens"
+    )]
+    NoRoomForPrompt { max: usize, ctx: usize },
+    #[error(
+        "the model produced {what} logits at generated token {at}: its weights or its \
+         arithmetic are broken (a NaN or infinite weight?)"
+    )]
+    NonFinite { what: &'static str, at: usize },
     #[error("empty prompt: there is nothing to continue")]
     EmptyPrompt,
     #[error("invalid sampling settings: {0}")]
@@ -107,12 +117,19 @@ pub fn fit_prompt(
     if prompt.is_empty() {
         return Err(GenerateError::EmptyPrompt);
     }
-    if prompt.len() + max_tokens <= ctx {
+    // Saturating: a max_tokens near usize::MAX must not wrap into "fits".
+    if prompt.len().saturating_add(max_tokens) <= ctx {
         return Ok(prompt.to_vec());
     }
-    if !truncate || max_tokens >= ctx {
+    if !truncate {
         return Err(GenerateError::ContextOverflow {
             prompt: prompt.len(),
+            max: max_tokens,
+            ctx,
+        });
+    }
+    if max_tokens >= ctx {
+        return Err(GenerateError::NoRoomForPrompt {
             max: max_tokens,
             ctx,
         });
@@ -202,7 +219,25 @@ pub fn generate(
     let mut finish = FinishReason::Length;
     // Text is held back while it could still be the start of a stop string.
     let mut shown = 0;
+    // Rows of the embedding past the tokenizer's ids (padding, as Qwen2 ships) have no text:
+    // they are never sampled.
+    let speakable = tok.vocab_size();
     while out.len() < opts.max_tokens {
+        if let Some(padding) = logits.get_mut(speakable..) {
+            padding.fill(f32::NEG_INFINITY);
+        }
+        if logits.iter().any(|x| x.is_nan()) {
+            return Err(GenerateError::NonFinite {
+                what: "NaN",
+                at: out.len(),
+            });
+        }
+        if !logits.iter().any(|x| x.is_finite()) {
+            return Err(GenerateError::NonFinite {
+                what: "no finite",
+                at: out.len(),
+            });
+        }
         let next = sampler.sample(&logits, &history);
         if tok.is_stop(next) {
             finish = FinishReason::Eos;
@@ -279,7 +314,15 @@ mod tests {
             fit_prompt(&[1, 2, 3, 4], 5, 8, true).unwrap(),
             vec![2, 3, 4]
         );
-        assert!(fit_prompt(&[1], 8, 8, true).is_err());
+        assert!(matches!(
+            fit_prompt(&[1], 8, 8, true),
+            Err(GenerateError::NoRoomForPrompt { max: 8, ctx: 8 })
+        ));
+        // A max_tokens that would overflow prompt + max_tokens is refused, not wrapped.
+        assert!(matches!(
+            fit_prompt(&[1, 2, 3, 4, 5], usize::MAX - 4, 16, false),
+            Err(GenerateError::ContextOverflow { .. })
+        ));
         assert!(matches!(
             fit_prompt(&[], 1, 8, false),
             Err(GenerateError::EmptyPrompt)

@@ -49,6 +49,9 @@ impl ChatTemplate {
         env.add_function("raise_exception", raise_exception);
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
+        // A template is code from the model file: a budget of instructions per rendering
+        // turns a runaway loop into an error instead of a hang.
+        env.set_fuel(Some(slm_format::limits::TEMPLATE_FUEL));
         env.add_template_owned("chat", source.to_string())
             .map_err(|e| TokenizerError::Template {
                 file: file.into(),
@@ -60,6 +63,13 @@ impl ChatTemplate {
             eos,
             file: file.into(),
         })
+    }
+
+    /// Length of the template's source text.
+    pub fn source_len(&self) -> usize {
+        self.env
+            .get_template("chat")
+            .map_or(0, |t| t.source().chars().count())
     }
 
     /// The prompt text for `messages`, ending with the assistant's turn opener when

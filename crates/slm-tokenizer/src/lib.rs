@@ -43,10 +43,19 @@ impl Tokenizer {
             ModelSource::Gguf { path, metadata, .. } => {
                 let file = path.display().to_string();
                 let spec = from_gguf_metadata(metadata, &file)?;
-                let template = match metadata
-                    .get("tokenizer.chat_template")
-                    .and_then(|v| v.as_str())
-                {
+                let template = match metadata.get("tokenizer.chat_template") {
+                    Some(v) if v.as_str().is_none() => {
+                        return Err(TokenizerError::Invalid {
+                            file,
+                            what: format!(
+                                "tokenizer.chat_template is {}, expected a string",
+                                v.summary()
+                            ),
+                        })
+                    }
+                    v => v.and_then(|v| v.as_str()),
+                };
+                let template = match template {
                     Some(t) => Some(ChatTemplate::new(
                         t,
                         spec.bos.map(|b| spec.piece(b)),
@@ -123,7 +132,7 @@ impl Tokenizer {
         }
         stop_ids.sort_unstable();
         stop_ids.dedup();
-        let template = match cfg.get("chat_template").and_then(|t| t.as_str()) {
+        let template = match template_source(cfg.get("chat_template"), &cfg_path)? {
             Some(t) => Some(ChatTemplate::new(
                 t,
                 bos_s,
@@ -171,6 +180,36 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Refuses a tokenizer that does not fit the model's embedding rows: an id past the rows
+    /// would be an out-of-range lookup, and a GGUF whose token list is shorter than its
+    /// embedding has lost entries (llama.cpp requires them equal). A Hugging Face folder may
+    /// have more rows than tokens (Qwen2 pads its embedding to a multiple of 128).
+    pub fn check_fits(&self, model_rows: usize, source: &ModelSource) -> Result<()> {
+        let ids = self
+            .inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        let (file, fits) = match source {
+            ModelSource::Gguf { path, .. } => (path.display().to_string(), ids == model_rows),
+            ModelSource::HfFolder { dir } => (
+                dir.join("tokenizer.json").display().to_string(),
+                ids <= model_rows,
+            ),
+        };
+        if fits {
+            return Ok(());
+        }
+        Err(TokenizerError::Invalid {
+            file,
+            what: format!(
+                "the tokenizer has {ids} token ids but the model's embedding has {model_rows} rows: \
+                 they belong to different models"
+            ),
+        })
+    }
+
     pub fn is_stop(&self, id: u32) -> bool {
         self.stop_ids.contains(&id)
     }
@@ -208,5 +247,35 @@ impl<'a> StreamDecoder<'a> {
     /// All text so far.
     pub fn text(&self) -> Result<String> {
         self.tok.decode(&self.ids, true)
+    }
+}
+
+/// tokenizer_config.json's `chat_template`: a string, or Hugging Face's list of named
+/// templates (the one named "default" is the chat template); anything else is an error.
+fn template_source<'a>(
+    v: Option<&'a serde_json::Value>,
+    file: &Path,
+) -> Result<Option<&'a str>> {
+    let bad = |what: String| TokenizerError::Invalid {
+        file: file.display().to_string(),
+        what,
+    };
+    match v {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        Some(serde_json::Value::String(s)) => Ok(Some(s)),
+        Some(serde_json::Value::Array(list)) => {
+            let named = |want: &str| {
+                list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(want))
+            };
+            match named("default").and_then(|t| t.get("template")) {
+                Some(serde_json::Value::String(s)) => Ok(Some(s)),
+                _ => Err(bad(
+                    "chat_template is a list without a {\"name\": \"default\", \"template\": \"...\"} entry".into(),
+                )),
+            }
+        }
+        Some(other) => Err(bad(format!(
+            "chat_template is {other}, expected a string (or a list of named templates)"
+        ))),
     }
 }

@@ -177,6 +177,16 @@ impl Default for Checkpoint {
     }
 }
 
+/// Sequences per micro-batch: far above what fits in memory for any useful context, low
+/// enough that the product with the other bounds cannot overflow.
+const MAX_BATCH: usize = 1 << 16;
+/// Micro-batches per update: a larger effective batch is a larger `batch` or a longer run.
+const MAX_GRAD_ACCUM: usize = 1 << 12;
+const MAX_EVAL_BATCHES: usize = 1 << 16;
+const MAX_KEEP: usize = 1 << 16;
+/// A year: a time budget is turned into a number of updates, which must stay finite.
+const MAX_MINUTES: f64 = 525_600.0;
+
 impl Recipe {
     /// Reads, resolves relative paths against the recipe's folder, and validates.
     pub fn load(path: &Path) -> Result<Self, RecipeError> {
@@ -257,6 +267,30 @@ impl Recipe {
         if let Some((key, _)) = shape.iter().chain(&counts).find(|(_, v)| *v == Some(0)) {
             return bad(key, "0".into(), "expected a positive integer");
         }
+        // Every size is bounded before anything is sized from it (slm_format::limits); the
+        // memory the whole shape needs is checked against the machine when the run starts.
+        use slm_model::limits;
+        let bounds = [
+            ("model.d_model", m.d_model, limits::MAX_HIDDEN),
+            ("model.layers", m.layers, limits::MAX_LAYERS),
+            ("model.heads", m.heads, limits::MAX_HEADS),
+            ("model.kv_heads", m.kv_heads, limits::MAX_HEADS),
+            ("model.ffn", m.ffn, limits::MAX_FFN),
+            ("model.context", m.context, limits::MAX_CONTEXT),
+            ("optim.batch", Some(self.optim.batch), MAX_BATCH),
+            ("optim.grad_accum", Some(self.optim.grad_accum), MAX_GRAD_ACCUM),
+            ("eval.batches", Some(self.eval.batches), MAX_EVAL_BATCHES),
+            ("checkpoint.keep", Some(self.checkpoint.keep), MAX_KEEP),
+        ];
+        for (key, v, max) in bounds {
+            if let Some(v) = v.filter(|&v| v > max) {
+                return bad(
+                    key,
+                    v.to_string(),
+                    &format!("expected at most {max} (slm's limits, see the README)"),
+                );
+            }
+        }
         if let (Some(d_model), Some(heads)) = (m.d_model, m.heads) {
             if !d_model.is_multiple_of(heads) || !(d_model / heads).is_multiple_of(2) {
                 return bad(
@@ -275,14 +309,37 @@ impl Recipe {
             }
         }
         if let Some(theta) = m.rope_theta {
-            if theta.is_nan() || theta <= 0.0 {
-                return bad("model.rope_theta", theta.to_string(), "expected > 0");
+            if !(theta.is_finite() && theta > 1.0) {
+                return bad(
+                    "model.rope_theta",
+                    theta.to_string(),
+                    "expected a finite number above 1",
+                );
             }
         }
         match (self.budget.tokens, self.budget.minutes) {
             (Some(0), _) => return bad("budget.tokens", "0".into(), "expected > 0"),
-            (_, Some(x)) if x.is_nan() || x <= 0.0 => {
-                return bad("budget.minutes", x.to_string(), "expected > 0")
+            (_, Some(x)) if !(x > 0.0 && x <= MAX_MINUTES) => {
+                return bad(
+                    "budget.minutes",
+                    x.to_string(),
+                    &format!("expected a number of minutes in (0, {MAX_MINUTES}] (a year)"),
+                )
+            }
+            (Some(tokens), None) => {
+                if let (Some(ctx), None) = (m.context, &m.parent) {
+                    let per_update = (self.optim.batch * self.optim.grad_accum * ctx) as u64;
+                    if per_update > tokens {
+                        return bad(
+                            "optim.grad_accum",
+                            self.optim.grad_accum.to_string(),
+                            &format!(
+                                "one update takes batch {} x grad_accum {} x context {ctx} = {per_update} tokens, more than budget.tokens {tokens}",
+                                self.optim.batch, self.optim.grad_accum
+                            ),
+                        );
+                    }
+                }
             }
             (None, None) | (Some(_), Some(_)) => {
                 return bad(

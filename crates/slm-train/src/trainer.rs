@@ -272,7 +272,7 @@ impl Trainer {
 
         let rope = slm_model::llama::Rope::new(cfg, None, false, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-        let (cos, sin) = rope.tables();
+        let (cos, sin) = rope.tables(cfg.max_position_embeddings)?;
         let (cos, sin) = (
             cos.flatten_all()?.to_vec1::<f32>()?,
             sin.flatten_all()?.to_vec1::<f32>()?,
