@@ -61,13 +61,13 @@ enum Cmd {
         #[arg(long)]
         evals: Option<PathBuf>,
         /// Only the first N documents of each task (N windows for perplexity).
-        #[arg(long)]
+        #[arg(long, value_parser = positive)]
         limit: Option<usize>,
         /// Solved examples from the same file before each question.
         #[arg(long, default_value_t = 0)]
         shots: usize,
         /// Window length for perplexity.
-        #[arg(long, default_value_t = 512)]
+        #[arg(long, default_value_t = 512, value_parser = positive)]
         ctx: usize,
         /// Prompt for classify files: {text} or {premise} and {hypothesis}, and {labels}.
         #[arg(long)]
@@ -81,7 +81,7 @@ enum Cmd {
         #[arg(long)]
         ggml: bool,
         /// Tokens per packed forward pass (larger: bigger matmuls, more memory).
-        #[arg(long, default_value_t = 2048)]
+        #[arg(long, default_value_t = 2048, value_parser = positive)]
         batch_tokens: usize,
         #[arg(long, value_parser = threads_arg)]
         threads: Option<usize>,
@@ -263,6 +263,43 @@ impl Cmd {
             | Cmd::Quickstart { .. } => None,
         }
     }
+}
+
+/// A count that must be at least 1.
+fn positive(s: &str) -> std::result::Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("expected at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Fails now, not after hours of work, when `out` cannot be written: its folder must exist
+/// and take a new file, and `out` must not be one of the `inputs`.
+fn check_writable(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if let Some(input) = inputs.iter().find(|i| same(out, i)) {
+        bail!(
+            "{}: the output would overwrite the input {}; choose another output file",
+            out.display(),
+            input.display()
+        );
+    }
+    if out.is_dir() {
+        bail!("{}: is a folder; the output is a file", out.display());
+    }
+    let dir = match out.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let probe = dir.join(format!(".slm-write-probe.{}", std::process::id()));
+    std::fs::write(&probe, b"")
+        .with_context(|| format!("{}: cannot write there", out.display()))?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
 }
 
 /// `--threads`: 1 to `limits::MAX_THREADS`.
@@ -564,7 +601,15 @@ fn main() -> std::process::ExitCode {
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Causes that the message above them already quotes are not repeated.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            eprintln!("error: {msg}");
             std::process::ExitCode::FAILURE
         }
     }
@@ -895,11 +940,15 @@ fn eval(
     threads: usize,
     out: Option<&Path>,
 ) -> Result<()> {
-    // A mistyped path fails before the model loads.
+    // A mistyped path or an unwritable --out fails before the model loads.
     for s in specs {
         if !s.file.is_file() {
             bail!("--task {}: no such file", s.file.display());
         }
+    }
+    if let Some(out) = out {
+        let inputs: Vec<&Path> = specs.iter().map(|s| s.file.as_path()).collect();
+        check_writable(out, &inputs)?;
     }
     let (mut m, tok) = load(path)?;
     if opts.arithmetic == "f32" {
@@ -941,6 +990,8 @@ fn eval(
 }
 
 fn report(files: &[PathBuf], output: &Path) -> Result<()> {
+    let inputs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    check_writable(output, &inputs)?;
     let mut runs = Vec::new();
     for f in files {
         let text =

@@ -176,10 +176,62 @@ pub fn prepare(
             opts.valid_fraction
         )));
     }
-    std::fs::create_dir_all(out).map_err(|err| DataError::Io {
-        path: out.to_path_buf(),
-        err,
-    })?;
+    // The shards and their manifest change as one: they are written into a new folder beside
+    // `out`, which then replaces it. A kill at any point leaves the old set or the new one,
+    // never old manifest beside new shards.
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |err| DataError::Io { path, err }
+    };
+    let existing = std::fs::read_dir(out).ok().map(|d| d.count());
+    if existing.is_some_and(|n| n > 0) && !out.join("manifest.json").is_file() {
+        return Err(DataError::Empty(format!(
+            "{} exists and holds files that are not token shards; choose an empty or new folder",
+            out.display()
+        )));
+    }
+    if out.exists() && existing.is_none() {
+        return Err(DataError::Empty(format!(
+            "{} exists and is not a folder",
+            out.display()
+        )));
+    }
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "shards".into());
+    let sibling = |tag: &str| out.with_file_name(format!(".{name}.{tag}-{}", std::process::id()));
+    let (tmp, old) = (sibling("new"), sibling("old"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let manifest = write_set(docs, encode, info, &tmp, opts, progress);
+    let manifest = match manifest {
+        Ok(m) => m,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
+    if out.exists() {
+        std::fs::rename(out, &old).map_err(io(out))?;
+    }
+    std::fs::rename(&tmp, out).map_err(io(out))?;
+    let _ = std::fs::remove_dir_all(&old);
+    if let Some(dir) = out.parent().and_then(|d| std::fs::File::open(d).ok()) {
+        let _ = dir.sync_all();
+    }
+    Ok(manifest)
+}
+
+/// Writes the shards and, last, the manifest into the empty folder `out`.
+fn write_set(
+    docs: &[Document],
+    encode: &dyn Fn(&str) -> std::result::Result<Vec<u32>, String>,
+    info: &ShardInfo,
+    out: &Path,
+    opts: &PrepareOptions,
+    progress: &mut dyn FnMut(usize),
+) -> Result<Manifest> {
     let mut h = sha2::Sha256::new();
     for d in docs {
         h.update((d.text.len() as u64).to_le_bytes());

@@ -178,6 +178,13 @@ fn strings(row: &serde_json::Map<String, Value>, key: &str) -> Result<Vec<String
             out.len()
         ));
     }
+    // An empty option has no tokens: its log-likelihood is 0, the highest possible, so it
+    // would always win.
+    if let Some(i) = out.iter().position(|o| o.is_empty()) {
+        return Err(format!(
+            "\"{key}\" option {i} is empty; every option needs text to score"
+        ));
+    }
     Ok(out)
 }
 
@@ -198,8 +205,12 @@ fn choice_doc(row: &serde_json::Map<String, Value>) -> Result<Doc, String> {
     if row.contains_key("contexts") {
         let contexts = strings(row, "contexts")?;
         let answer = answer(row, contexts.len())?;
+        let continuation = string(row, "continuation")?;
+        if continuation.is_empty() {
+            return Err("\"continuation\" is empty; it is the text every option scores".into());
+        }
         return Ok(Doc::Contexts {
-            continuation: string(row, "continuation")?,
+            continuation,
             contexts,
             answer,
         });
@@ -285,6 +296,20 @@ pub fn read_classify(
         _ => labels.join(""),
     };
     let template = prompt.unwrap_or(default_prompt(pairs));
+    // A prompt without the row's fields would score every row on the same text.
+    let needed: &[&str] = if pairs {
+        &["{premise}", "{hypothesis}"]
+    } else {
+        &["{text}"]
+    };
+    if let Some(missing) = needed.iter().find(|k| !template.contains(**k)) {
+        return Err(TaskError::File {
+            file,
+            what: format!(
+                "--prompt {template:?} has no {missing}: each row's text must go into the prompt"
+            ),
+        });
+    }
     let choices: Vec<String> = labels.iter().map(|l| format!(" {l}")).collect();
     let docs = parsed
         .into_iter()

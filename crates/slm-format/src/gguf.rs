@@ -28,6 +28,8 @@ pub enum GgufError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{path}: not a regular file (a model is a .gguf file or a Hugging Face folder)")]
+    NotAFile { path: PathBuf },
     #[error("{path}: not a GGUF file (magic is {found:02x?}, expected \"GGUF\")")]
     BadMagic { path: PathBuf, found: [u8; 4] },
     #[error("{path}: GGUF version {version} is not supported (expected 2 or 3)")]
@@ -181,6 +183,10 @@ impl GgufFile {
             source,
         };
         let file = File::open(&path).map_err(io)?;
+        // A device or a pipe is not a model, whatever it reads as.
+        if !file.metadata().map_err(io)?.is_file() {
+            return Err(GgufError::NotAFile { path });
+        }
         // SAFETY: the map is read-only; a concurrent writer truncating the file could fault, as
         // with every mmap-based model loader (llama.cpp does the same).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;

@@ -169,6 +169,16 @@ pub(crate) fn fetch(
             })
         }
     };
+    let limit = file.size.unwrap_or(hub.max_unlisted_bytes);
+    if total.is_some_and(|t| t > limit) {
+        return Err(Error::BadResponse {
+            url: url.into(),
+            msg: format!(
+                "the server announces {} bytes, more than the {limit} a file may have here",
+                total.unwrap_or(0)
+            ),
+        });
+    }
     if let (Some(t), Some(n)) = (total, file.size) {
         if t != n {
             return Err(Error::BadResponse {
@@ -218,12 +228,20 @@ pub(crate) fn fetch(
             out.write_all(&buf[..n]).map_err(io_err(&part))?;
             hasher.update(&buf[..n]);
             got += n as u64;
-            if total.is_some_and(|t| got > t) {
+            // A body longer than announced, or without an announced length longer than any
+            // file may be, is not the file.
+            if got > total.unwrap_or(limit) {
                 drop(out);
                 let _ = std::fs::remove_file(&part);
                 return Err(Error::BadResponse {
                     url: url.into(),
-                    msg: format!("more than the announced {} bytes", total.unwrap_or(0)),
+                    msg: match total {
+                        Some(t) => format!("more than the announced {t} bytes"),
+                        None => format!(
+                            "no size was listed or announced and the body passed {limit} bytes \
+                             (the hub's largest file); the partial download was removed"
+                        ),
+                    },
                 });
             }
             progress(Progress::Advance(n as u64));

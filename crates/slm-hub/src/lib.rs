@@ -80,6 +80,30 @@ pub struct Hub {
     endpoint: String,
     token: Option<String>,
     agent: ureq::Agent,
+    /// Bytes a file whose listing gives no size may take (`limits::MAX_DOWNLOAD_BYTES`).
+    pub(crate) max_unlisted_bytes: u64,
+}
+
+/// How long a pull waits. There is no deadline for a whole body: a large file on a slow line
+/// takes as long as it takes, and only silence ends it.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: std::time::Duration,
+    /// From sending a request to the end of the response's headers.
+    pub headers: std::time::Duration,
+    /// The longest wait for the next bytes of a body (an idle connection, not a slow one).
+    pub idle: std::time::Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let s = std::time::Duration::from_secs;
+        Self {
+            connect: s(30),
+            headers: s(60),
+            idle: s(60),
+        }
+    }
 }
 
 impl Hub {
@@ -91,11 +115,18 @@ impl Hub {
     }
 
     pub fn new(endpoint: &str, token: Option<String>) -> Self {
+        Self::with_timeouts(endpoint, token, Timeouts::default())
+    }
+
+    pub fn with_timeouts(endpoint: &str, token: Option<String>, t: Timeouts) -> Self {
         let agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(std::time::Duration::from_secs(30)))
-            // A stalled transfer fails instead of hanging; the next run resumes it.
-            .timeout_recv_body(Some(std::time::Duration::from_secs(60)))
+            .timeout_connect(Some(t.connect))
+            .timeout_recv_response(Some(t.headers))
+            // Each read may wait this long: a stalled transfer fails instead of hanging (the
+            // next run resumes it), a slow one goes on.
+            .timeout_per_read(Some(t.idle))
+            .timeout_recv_body(None)
             .user_agent(concat!("slm/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
@@ -103,7 +134,14 @@ impl Hub {
             endpoint: endpoint.trim_end_matches('/').to_string(),
             token,
             agent,
+            max_unlisted_bytes: slm_format::limits::MAX_DOWNLOAD_BYTES,
         }
+    }
+
+    /// Lowers the size limit for files whose listing gives no size (for tests).
+    pub fn with_max_unlisted_bytes(mut self, n: u64) -> Self {
+        self.max_unlisted_bytes = n;
+        self
     }
 
     fn get(&self, url: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
@@ -118,8 +156,9 @@ impl Hub {
     pub fn list(&self, repo: &str, revision: &str) -> Result<(String, Vec<RemoteFile>)> {
         check_repo_id(repo)?;
         let url = format!(
-            "{}/api/models/{repo}/revision/{revision}?blobs=true",
-            self.endpoint
+            "{}/api/models/{repo}/revision/{}?blobs=true",
+            self.endpoint,
+            percent_encode(revision)
         );
         let resp = self.get(&url).call().map_err(|e| Error::Http {
             url: url.clone(),
@@ -161,7 +200,8 @@ impl Hub {
         let dir = store.model_dir(repo)?;
         std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         for f in &wanted {
-            let url = format!("{}/{repo}/resolve/{sha}/{}", self.endpoint, f.name);
+            let path: Vec<String> = f.name.split('/').map(percent_encode).collect();
+            let url = format!("{}/{repo}/resolve/{sha}/{}", self.endpoint, path.join("/"));
             download::fetch(self, &url, f, &dir.join(&f.name), progress)?;
         }
         Ok(match wanted.as_slice() {
@@ -169,6 +209,20 @@ impl Hub {
             _ => dir,
         })
     }
+}
+
+/// `s` with every byte outside RFC 3986's unreserved set percent-encoded (a '/' too), so a
+/// name like `a#b?c.gguf` reaches the server as one path segment.
+fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 fn status_hint(status: u16) -> &'static str {
@@ -205,6 +259,12 @@ fn parse_listing(url: &str, body: &str) -> Result<(String, Vec<RemoteFile>)> {
         .as_str()
         .ok_or_else(|| bad("no \"sha\" (commit) in the listing"))?
         .to_string();
+    // The commit becomes part of every file's URL: a git object id and nothing else.
+    if sha.len() != 40 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(&format!(
+            "\"sha\" is {sha:?}, expected a 40-digit hexadecimal commit id"
+        )));
+    }
     let siblings = v["siblings"]
         .as_array()
         .ok_or_else(|| bad("no \"siblings\" array in the listing"))?;

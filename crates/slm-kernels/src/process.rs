@@ -64,6 +64,24 @@ pub fn peak_rss_mb() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// This machine's physical memory in bytes (MemTotal), or None where the system does not
+/// say. `SLM_MEMORY_BYTES` overrides it, so a test can pose as a small machine.
+pub fn physical_memory_bytes() -> Option<u64> {
+    if let Some(v) = std::env::var("SLM_MEMORY_BYTES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        return Some(v);
+    }
+    std::fs::read_to_string("/proc/meminfo").ok().and_then(|s| {
+        s.lines()
+            .find(|l| l.starts_with("MemTotal:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<u64>().ok())
+            .map(|kb| kb * 1024)
+    })
+}
+
 /// The kernel set the matmuls run here ("avx512", "avx2" or "portable"; SLM_KERNELS may
 /// narrow it), so results say what they measured.
 pub fn kernel_set() -> &'static str {

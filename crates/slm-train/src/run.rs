@@ -281,7 +281,22 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let data = Dataset::open(&recipe.data.shards, &slm_data::tokenizer_sha256(&tok_json))?;
     let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
     let cfg: Config = recipe.config(vocab, eos)?;
+    cfg.validate(&recipe.data.shards.display().to_string())
+        .map_err(|e| TrainError::Setup(e.to_string()))?;
     let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
+    let need = crate::trainer::memory_bytes(&cfg, batch);
+    if let Some(have) = slm_kernels::process::physical_memory_bytes() {
+        if need > have as u128 {
+            return Err(TrainError::Setup(format!(
+                "this recipe needs about {:.1} GB to train ({} parameters, their gradients and \
+                 AdamW moments, and the activations of optim.batch {batch} x model.context {ctx}); \
+                 this machine has {:.1} GB: lower optim.batch, model.context or the model's size",
+                need as f64 / 1e9,
+                cfg.num_params(),
+                have as f64 / 1e9
+            )));
+        }
+    }
     let longest = data.train.iter().map(|s| s.len()).max().unwrap_or(0);
     if longest < ctx + 1 {
         return Err(TrainError::Setup(format!(
@@ -307,7 +322,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         f.write_all(recipe_text.as_bytes())
     })?;
 
-    let mut vars = init_params(&cfg, DType::F32, recipe.run.seed, &dev)?;
+    let vars = init_params(&cfg, DType::F32, recipe.run.seed, &dev)?;
     if let Some(parent) = &recipe.model.parent {
         load_parent(parent, &vars, &tok_json)?;
     }
@@ -337,16 +352,36 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         elapsed_s: 0.0,
     };
     if opts.resume {
-        if let Some(last) = existing.last() {
-            vars.load(last.join("model.safetensors"))?;
-            let st = candle_core::safetensors::load(last.join("optim.safetensors"), &dev)?;
-            let sp = last.join("state.json");
-            let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
-            state = serde_json::from_str(&text)
-                .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
-            trainer.read_params(&vars)?;
-            trainer.load_state(&st, state.step)?;
-            tracing::info!("resumed from {} (update {})", last.display(), state.step);
+        // The newest checkpoint that reads back whole; one that does not (a truncated file,
+        // a state that does not fit the run) is named and passed over for the one before.
+        let mut tried: Vec<(PathBuf, String)> = Vec::new();
+        for ckpt in existing.iter().rev() {
+            match resume_from(ckpt, &vars, &mut trainer, &dev, tokens_per_step, &state) {
+                Ok(s) => {
+                    for (bad, why) in &tried {
+                        tracing::warn!(
+                            "checkpoint {} is unusable ({why}); resumed from the previous one, {}",
+                            bad.display(),
+                            ckpt.display()
+                        );
+                    }
+                    state = s;
+                    tracing::info!("resumed from {} (update {})", ckpt.display(), state.step);
+                    break;
+                }
+                Err(e) => tried.push((ckpt.clone(), e.to_string())),
+            }
+        }
+        if !existing.is_empty() && tried.len() == existing.len() {
+            let list: Vec<String> = tried
+                .iter()
+                .map(|(p, why)| format!("{}: {why}", p.display()))
+                .collect();
+            return Err(TrainError::Setup(format!(
+                "no checkpoint of {} can be resumed:\n  {}",
+                ckpt_dir.display(),
+                list.join("\n  ")
+            )));
         }
     }
     // The log holds exactly the updates the starting state has seen: lines a killed run wrote
@@ -369,6 +404,21 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         .open(&metrics_path)
         .map_err(io(&metrics_path))?;
     let valid = valid_batches(&data, recipe.eval.batches, batch, ctx);
+    if valid.is_empty() {
+        let longest = data.valid.iter().map(|s| s.len()).max().unwrap_or(0);
+        if data.manifest.valid.tokens > 0 {
+            return Err(TrainError::Setup(format!(
+                "{}: the longest validation shard has {longest} tokens, model.context {ctx} needs \
+                 {}: prepare the shards with a larger --valid-fraction or lower model.context",
+                recipe.data.shards.display(),
+                ctx + 1
+            )));
+        }
+        tracing::warn!(
+            "{} has no validation tokens: the run reports no validation loss",
+            recipe.data.shards.display()
+        );
+    }
     let prompts = sample_prompts(&valid, ctx);
     let mut rng = Rng(state.rng);
     let mut last_loss = f32::NAN;
@@ -412,7 +462,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 };
                 // Evaluation and checkpoints take about 5% on top of the updates.
                 let left = (minutes * 60.0 - spent) / 1.05;
-                state.total_steps = state.step + ((left / per_step).max(1.0) as u64);
+                // Saturating: budget.minutes is bounded, but the clock is not ours.
+                state.total_steps = state
+                    .step
+                    .saturating_add((left / per_step).clamp(1.0, 1e15) as u64);
                 if state.step == 4 {
                     first_four = spent;
                 }
@@ -510,6 +563,69 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         model_dir,
         interrupted,
     })
+}
+
+/// Loads checkpoint `dir` into `vars` and `trainer` and returns its state, after checking
+/// that the state belongs to this run: its update count is the folder's, within the planned
+/// updates, and its tokens are what that many updates of this recipe see.
+fn resume_from(
+    dir: &Path,
+    vars: &VarMap,
+    trainer: &mut Trainer,
+    dev: &Device,
+    tokens_per_step: u64,
+    fresh: &RunState,
+) -> Result<RunState> {
+    let sp = dir.join("state.json");
+    let text = std::fs::read_to_string(&sp).map_err(io(&sp))?;
+    let state: RunState = serde_json::from_str(&text)
+        .map_err(|e| TrainError::Setup(format!("{}: {e}", sp.display())))?;
+    let named = dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_prefix("step-"))
+        .and_then(|n| n.parse::<u64>().ok());
+    let planned = if fresh.total_steps > 0 {
+        fresh.total_steps
+    } else {
+        state.total_steps
+    };
+    let consistent = named == Some(state.step)
+        && (planned == 0 || state.step <= planned)
+        && state.tokens == state.step.saturating_mul(tokens_per_step)
+        && state.elapsed_s.is_finite();
+    if !consistent {
+        return Err(TrainError::Setup(format!(
+            "{}: update {}, {} tokens, {} planned does not match the folder's name or this \
+             recipe ({tokens_per_step} tokens per update)",
+            sp.display(),
+            state.step,
+            state.tokens,
+            state.total_steps
+        )));
+    }
+    let read = |name: &str| -> Result<HashMap<String, Tensor>> {
+        let p = dir.join(name);
+        candle_core::safetensors::load(&p, dev)
+            .map_err(|e| TrainError::Setup(format!("{}: {e}", p.display())))
+    };
+    let weights = read("model.safetensors")?;
+    let optim = read("optim.safetensors")?;
+    {
+        let data = vars.data().lock().expect("var map lock");
+        for (name, var) in data.iter() {
+            let t = weights.get(name).ok_or_else(|| {
+                TrainError::Setup(format!("{}: no tensor {name}", dir.display()))
+            })?;
+            var.set(t)
+                .map_err(|e| TrainError::Setup(format!("{}: {name}: {e}", dir.display())))?;
+        }
+    }
+    trainer.read_params(vars)?;
+    trainer
+        .load_state(&optim, state.step)
+        .map_err(|e| TrainError::Setup(format!("{}: {e}", dir.join("optim.safetensors").display())))?;
+    Ok(state)
 }
 
 /// Sets the fresh variables to a parent model's weights (any float type in its safetensors),

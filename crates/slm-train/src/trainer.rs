@@ -197,6 +197,24 @@ fn zeros(n: usize) -> Vec<f32> {
     vec![0f32; n]
 }
 
+/// Bytes a run of `cfg` with `batch` sequences holds: the candle variables, the trainer's
+/// parameters, gradients and two AdamW moments, and the activations `Trainer::new` keeps for
+/// the backward pass (the sizes below are those it allocates). In u128 so that no recipe
+/// within the limits overflows it.
+pub fn memory_bytes(cfg: &Config, batch: usize) -> u128 {
+    let p = cfg.num_params() as u128;
+    let (d, f) = (cfg.hidden_size as u128, cfg.intermediate_size as u128);
+    let heads = cfg.num_attention_heads as u128;
+    let qw = heads * cfg.head_dim as u128;
+    let qkv_w = qw + 2 * (cfg.num_key_value_heads * cfg.head_dim) as u128;
+    let layers = cfg.num_hidden_layers as u128;
+    let n = batch as u128 * cfg.max_position_embeddings as u128;
+    let saved = n * (2 + 3 * d + qkv_w + qw + heads + 4 * f);
+    let streams = (layers + 1) * n * d + n * (d + 1) + 2 * n;
+    let work = n * (2 * d + qkv_w + qw + 3 * f);
+    4 * (5 * p + layers * saved + streams + work)
+}
+
 impl Trainer {
     /// A trainer for `batch` sequences of the model's full context, its parameters read from
     /// `vars` (every tensor of `cfg.params()`).
