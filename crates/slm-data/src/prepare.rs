@@ -213,14 +213,48 @@ pub fn prepare(
         }
     };
     if out.exists() {
-        std::fs::rename(out, &old).map_err(io(out))?;
+        swap_in(&tmp, out, &old).map_err(io(out))?;
+    } else {
+        std::fs::rename(&tmp, out).map_err(io(out))?;
     }
-    std::fs::rename(&tmp, out).map_err(io(out))?;
     let _ = std::fs::remove_dir_all(&old);
     if let Some(dir) = out.parent().and_then(|d| std::fs::File::open(d).ok()) {
         let _ = dir.sync_all();
     }
     Ok(manifest)
+}
+
+/// Puts folder `new` in the place of folder `out`, moving the old one to `old`. On Linux the
+/// two trade places in one step (renameat2's RENAME_EXCHANGE), so `out` is never missing;
+/// elsewhere two renames leave a moment without it (but never a mix).
+fn swap_in(new: &Path, out: &Path, old: &Path) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes());
+        let (a, b) = (c(new)?, c(out)?);
+        // SAFETY: two valid NUL-terminated paths relative to the working directory.
+        let r = unsafe {
+            libc::renameat2(
+                libc::AT_FDCWD,
+                a.as_ptr(),
+                libc::AT_FDCWD,
+                b.as_ptr(),
+                libc::RENAME_EXCHANGE,
+            )
+        };
+        if r == 0 {
+            // `new` now names the old set.
+            return std::fs::rename(new, old);
+        }
+        let e = std::io::Error::last_os_error();
+        // Filesystems without the exchange fall through to two renames.
+        if !matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) {
+            return Err(e);
+        }
+    }
+    std::fs::rename(out, old)?;
+    std::fs::rename(new, out)
 }
 
 /// Writes the shards and, last, the manifest into the empty folder `out`.

@@ -421,7 +421,7 @@ mod tests {
     fn listing_rejects_paths_that_escape_the_store() {
         for name in ["../evil", "/etc/passwd", "a//b", "a/./b", "a\\b"] {
             let body = format!(
-                r#"{{"sha":"abc","siblings":[{{"rfilename":"{}"}}]}}"#,
+                r#"{{"sha":"0123456789abcdef0123456789abcdef01234567","siblings":[{{"rfilename":"{}"}}]}}"#,
                 name.replace('\\', "\\\\")
             );
             let err = parse_listing("u", &body).unwrap_err().to_string();

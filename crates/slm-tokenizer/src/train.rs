@@ -44,7 +44,15 @@ where
 {
     if opts.vocab_size < MIN_VOCAB {
         return Err(TokenizerError::Tokenizers(format!(
-            "vocab size {} is below the minimum {MIN_VOCAB} (256 bytes + 3 special tokens)",
+            "--vocab {} is below the minimum {MIN_VOCAB} (256 bytes + 3 special tokens)",
+            opts.vocab_size
+        )));
+    }
+    // The trainer sizes its tables from the target vocabulary.
+    let max = slm_format::limits::MAX_VOCAB;
+    if opts.vocab_size > max {
+        return Err(TokenizerError::Tokenizers(format!(
+            "--vocab {} is beyond slm's limit of {max} (see the README's limits)",
             opts.vocab_size
         )));
     }
