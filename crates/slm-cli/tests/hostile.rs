@@ -41,7 +41,9 @@ fn edit_json(path: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
 
 fn generate(model: &Path) -> std::process::Command {
     let mut c = slm();
-    c.arg("generate").arg(model).args(["-p", "the whale", "-n", "4"]);
+    c.arg("generate")
+        .arg(model)
+        .args(["-p", "the whale", "-n", "4"]);
     c
 }
 
@@ -80,22 +82,32 @@ fn recipes_too_large_to_train_are_refused() {
     for (from, to, key) in [
         ("batch = 8", "batch = 100000000", "optim.batch = 100000000"),
         ("ffn = 96", "ffn = 100000000000", "model.ffn = 100000000000"),
-        ("d_model = 64", "d_model = 1048576", "model.d_model = 1048576"),
-        ("layers = 2", "layers = 100000000", "model.layers = 100000000"),
+        (
+            "d_model = 64",
+            "d_model = 1048576",
+            "model.d_model = 1048576",
+        ),
+        (
+            "layers = 2",
+            "layers = 100000000",
+            "model.layers = 100000000",
+        ),
         (
             "[optim]",
             "[optim]\ngrad_accum = 1000000",
             "optim.grad_accum = 1000000",
         ),
+        ("tokens = 20480", "minutes = inf", "budget.minutes = inf"),
         (
-            "tokens = 20480",
-            "minutes = inf",
-            "budget.minutes = inf",
+            "rope_theta = 500.0",
+            "rope_theta = inf",
+            "model.rope_theta = inf",
         ),
-        ("rope_theta = 500.0", "rope_theta = inf", "model.rope_theta = inf"),
     ] {
         let r = d.join("big.toml");
-        let text = recipe.replace(from, to).replace("out = \"base\"", "out = \"big\"");
+        let text = recipe
+            .replace(from, to)
+            .replace("out = \"base\"", "out = \"big\"");
         std::fs::write(&r, text).unwrap();
         let e = fails(slm().arg("train").arg(&r).current_dir(d));
         assert!(e.contains("big.toml") && e.contains(key), "{key}: {e}");
@@ -127,7 +139,14 @@ fn a_vocabulary_beyond_the_limit_is_refused() {
     let (dir, _) = base();
     let e = fails(
         slm()
-            .args(["tokenizer", "train", "corpus", "--vocab", "4000000000", "-o"])
+            .args([
+                "tokenizer",
+                "train",
+                "corpus",
+                "--vocab",
+                "4000000000",
+                "-o",
+            ])
             .arg(dir.path().join("never.json"))
             .current_dir(dir.path()),
     );
@@ -144,7 +163,9 @@ fn a_runaway_chat_template_is_stopped() {
     let dir = tempfile::tempdir().unwrap();
     let m = model_copy(dir.path());
     edit_json(&m.join("tokenizer_config.json"), |v| {
-        v["chat_template"] = "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}".into()
+        v["chat_template"] =
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}"
+                .into()
     });
     let info = ok(slm().arg("info").arg(&m));
     assert!(info.contains("template present"), "{info}");
@@ -168,20 +189,25 @@ fn a_runaway_chat_template_is_stopped() {
 #[test]
 fn max_tokens_that_overflow_are_refused() {
     let m = &base().1;
-    let e = fails(
-        slm()
-            .arg("generate")
-            .arg(m)
-            .args(["-p", "the", "-n", "18446744073709551611", "--ctx", "16"]),
-    );
+    let e = fails(slm().arg("generate").arg(m).args([
+        "-p",
+        "the",
+        "-n",
+        "18446744073709551611",
+        "--ctx",
+        "16",
+    ]));
     assert!(e.contains("exceeds the context length (16)"), "{e}");
     // With --truncate the message says what is left to do, not to pass --truncate.
-    let e = fails(
-        slm()
-            .arg("generate")
-            .arg(m)
-            .args(["-p", "the", "-n", "100", "--ctx", "16", "--truncate"]),
-    );
+    let e = fails(slm().arg("generate").arg(m).args([
+        "-p",
+        "the",
+        "-n",
+        "100",
+        "--ctx",
+        "16",
+        "--truncate",
+    ]));
     assert!(
         e.contains("lower --max-tokens") && !e.contains("pass --truncate"),
         "{e}"
@@ -202,7 +228,8 @@ fn thread_counts_beyond_the_limit_are_refused() {
 /// ids past the embedding, weights stored as integers: refused at load.
 #[test]
 fn inconsistent_model_folders_are_refused() {
-    let cases: [(&str, Box<dyn Fn(&Path)>, &str); 5] = [
+    type Damage = Box<dyn Fn(&Path)>;
+    let cases: [(&str, Damage, &str); 5] = [
         (
             "bos out of range",
             Box::new(|m| edit_json(&m.join("config.json"), |v| v["bos_token_id"] = 99999.into())),
@@ -210,19 +237,30 @@ fn inconsistent_model_folders_are_refused() {
         ),
         (
             "eos out of range",
-            Box::new(|m| edit_json(&m.join("config.json"), |v| v["eos_token_id"] = 4294967296u64.into())),
+            Box::new(|m| {
+                edit_json(&m.join("config.json"), |v| {
+                    v["eos_token_id"] = 4294967296u64.into()
+                })
+            }),
             "eos_token_id",
         ),
         (
             "template not text",
-            Box::new(|m| edit_json(&m.join("tokenizer_config.json"), |v| v["chat_template"] = 5.into())),
+            Box::new(|m| {
+                edit_json(&m.join("tokenizer_config.json"), |v| {
+                    v["chat_template"] = 5.into()
+                })
+            }),
             "chat_template is 5",
         ),
         (
             "tokenizer past the embedding",
             Box::new(|m| {
                 edit_json(&m.join("tokenizer.json"), |v| {
-                    v["added_tokens"].as_array_mut().unwrap().push(serde_json::json!({
+                    v["added_tokens"]
+                        .as_array_mut()
+                        .unwrap()
+                        .push(serde_json::json!({
                         "id": 5000, "content": "<|extra|>", "single_word": false, "lstrip": false,
                         "rstrip": false, "normalized": false, "special": true}))
                 })
@@ -237,7 +275,7 @@ fn inconsistent_model_folders_are_refused() {
                 let mut b = std::fs::read(&p).unwrap();
                 let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
                 let header = String::from_utf8(b[8..8 + n].to_vec()).unwrap();
-                let at = header.find("\"F32\"").unwrap() + 8;
+                let at = header.find("\"F32\"").unwrap() + 8 + 1;
                 b[at..at + 3].copy_from_slice(b"I32");
                 std::fs::write(&p, b).unwrap();
             }),
@@ -250,7 +288,10 @@ fn inconsistent_model_folders_are_refused() {
         damage(&m);
         let e = fails(&mut generate(&m));
         assert!(e.contains(want), "{what}: {e}");
-        assert!(e.contains(&*m.to_string_lossy()), "{what}: names no file: {e}");
+        assert!(
+            e.contains(&*m.to_string_lossy()),
+            "{what}: names no file: {e}"
+        );
     }
 }
 
@@ -286,26 +327,48 @@ fn broken_checkpoints_are_named_and_passed_over() {
     .unwrap();
     ok(slm().arg("train").arg(&r).current_dir(d));
     let ck = d.join("ckpt/checkpoints");
-    let mut all: Vec<PathBuf> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.path()).collect();
+    let mut all: Vec<PathBuf> = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     all.sort();
     assert_eq!(all.len(), 3, "{all:?}");
     // The newest: a truncated weights file. The one before: a state from another run.
     let newest = all[2].join("model.safetensors");
     let len = std::fs::metadata(&newest).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&newest).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     edit_json(&all[1].join("state.json"), |v| v["step"] = 999999.into());
-    let out = slm().arg("train").arg(&r).arg("--resume").current_dir(d).output().unwrap();
+    let out = slm()
+        .arg("train")
+        .arg(&r)
+        .arg("--resume")
+        .current_dir(d)
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{e}");
     assert!(
         e.contains(&*newest.to_string_lossy())
             && e.contains(&*all[1].join("state.json").to_string_lossy())
-            && e.contains(&format!("resumed from the previous one, {}", all[0].display())),
+            && e.contains(&format!(
+                "resumed from the previous one, {}",
+                all[0].display()
+            )),
         "{e}"
     );
     // With none usable, the error lists each.
     std::fs::remove_dir_all(&all[0]).unwrap();
-    let ckpts: Vec<PathBuf> = std::fs::read_dir(&ck).unwrap().flatten().map(|e| e.path()).collect();
+    let ckpts: Vec<PathBuf> = std::fs::read_dir(&ck)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
     for c in &ckpts {
         edit_json(&c.join("state.json"), |v| v["step"] = 999999.into());
     }
@@ -320,14 +383,25 @@ fn validation_shorter_than_the_context_is_an_error() {
     let d = dir.path();
     std::fs::create_dir_all(d.join("corpus")).unwrap();
     let (b, _) = base();
-    for e in std::fs::read_dir(b.path().join("corpus")).unwrap().flatten() {
+    for e in std::fs::read_dir(b.path().join("corpus"))
+        .unwrap()
+        .flatten()
+    {
         std::fs::copy(e.path(), d.join("corpus").join(e.file_name())).unwrap();
     }
     std::fs::write(d.join("corpus/99-short.txt"), "the whale.").unwrap();
     std::fs::copy(b.path().join("tok.json"), d.join("tok.json")).unwrap();
     // A tenth of the documents in validation: the whole set, but each window needs 3000.
     ok(slm()
-        .args(["data", "prepare", "corpus", "--tokenizer", "tok.json", "-o", "shards"])
+        .args([
+            "data",
+            "prepare",
+            "corpus",
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "shards",
+        ])
         .args(["--valid-fraction", "0.03"])
         .current_dir(d));
     let recipe = std::fs::read_to_string(b.path().join("base.toml"))
@@ -337,7 +411,10 @@ fn validation_shorter_than_the_context_is_an_error() {
         .replace("batch = 8", "batch = 1");
     std::fs::write(d.join("r.toml"), recipe).unwrap();
     let e = fails(slm().arg("train").arg("r.toml").current_dir(d));
-    assert!(e.contains("validation shard") && e.contains("model.context 2048"), "{e}");
+    assert!(
+        e.contains("validation shard") && e.contains("model.context 2048"),
+        "{e}"
+    );
 }
 
 /// Multiple choice with an empty option, --limit 0, a classify prompt without {text}, an
@@ -363,13 +440,19 @@ fn evaluation_mistakes_are_refused_up_front() {
         fails(&mut c)
     };
     let e = eval(&["--task", "choice:c.jsonl"]);
-    assert!(e.contains("c.jsonl") && e.contains("option 1 is empty"), "{e}");
+    assert!(
+        e.contains("c.jsonl") && e.contains("option 1 is empty"),
+        "{e}"
+    );
     let e = eval(&["--task", "classify:k.jsonl", "--limit", "0"]);
     assert!(e.contains("--limit") && e.contains("at least 1"), "{e}");
     let e = eval(&["--task", "classify:k.jsonl", "--prompt", "Is it {labels}?"]);
     assert!(e.contains("k.jsonl") && e.contains("{text}"), "{e}");
     let e = eval(&["--task", "classify:k.jsonl", "--out", "no/such/dir/r.json"]);
-    assert!(e.contains("no/such/dir/r.json") && e.contains("cannot write"), "{e}");
+    assert!(
+        e.contains("no/such/dir/r.json") && e.contains("cannot write"),
+        "{e}"
+    );
     let e = eval(&["--task", "classify:k.jsonl", "--out", "k.jsonl"]);
     assert!(e.contains("overwrite the input"), "{e}");
 }
@@ -403,8 +486,16 @@ fn killed_data_prepare_leaves_a_whole_set() {
     }
     let prepare = |corpus: &str| {
         let mut c = slm();
-        c.args(["data", "prepare", corpus, "--tokenizer", "tok.json", "-o", "shards"])
-            .current_dir(d);
+        c.args([
+            "data",
+            "prepare",
+            corpus,
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "shards",
+        ])
+        .current_dir(d);
         c
     };
     ok(&mut prepare("big"));
@@ -413,7 +504,10 @@ fn killed_data_prepare_leaves_a_whole_set() {
     let mut saw_new = false;
     for delay_ms in [50u64, 150, 300, 600, 1200, 5000] {
         std::fs::write(d.join("big/000.txt"), format!("{delay_ms} {text}")).unwrap();
-        let mut child = prepare("big").spawn().unwrap();
+        let mut child = prepare("big")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
         std::thread::sleep(std::time::Duration::from_millis(delay_ms));
         let _ = child.kill();
         let _ = child.wait();
@@ -435,7 +529,10 @@ fn killed_data_prepare_leaves_a_whole_set() {
         assert_eq!(listed, present, "killed after {delay_ms} ms");
         saw_new |= manifest(d) != first;
     }
-    assert!(saw_new, "no run lived long enough to finish; the test proves nothing");
+    assert!(
+        saw_new,
+        "no run lived long enough to finish; the test proves nothing"
+    );
 }
 
 // ---- How errors read ------------------------------------------------------------------------
@@ -455,7 +552,10 @@ fn errors_read_as_one_message() {
             .unwrap();
         let e = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success());
-        assert!(e.starts_with("error: ") && e.contains(path) && e.contains(want), "{e}");
+        assert!(
+            e.starts_with("error: ") && e.contains(path) && e.contains(want),
+            "{e}"
+        );
         assert_eq!(e.trim_end().lines().count(), 1, "{e}");
         assert!(!e.contains("backtrace") && !e.contains("Caused by"), "{e}");
     }
@@ -467,13 +567,25 @@ fn errors_read_as_one_message() {
     ok(slm()
         .args(["data", "prepare"])
         .arg(b.path().join("corpus"))
-        .args(["--tokenizer", "tok.json", "-o", "shards", "--valid-fraction", "0"])
+        .args([
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "shards",
+            "--valid-fraction",
+            "0",
+        ])
         .current_dir(d));
     let recipe = std::fs::read_to_string(b.path().join("base.toml"))
         .unwrap()
         .replace("tokens = 20480", "tokens = 512");
     std::fs::write(d.join("r.toml"), recipe).unwrap();
-    let out = slm().arg("train").arg("r.toml").current_dir(d).output().unwrap();
+    let out = slm()
+        .arg("train")
+        .arg("r.toml")
+        .current_dir(d)
+        .output()
+        .unwrap();
     let e = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{e}");
     assert!(e.contains("no validation tokens"), "{e}");

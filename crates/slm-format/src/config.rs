@@ -233,17 +233,15 @@ impl Config {
         let head_dim = match g.get_u64(&k("attention.key_length"))? {
             Some(v) => as_usize(v, "key_length")?,
             None if hidden.is_multiple_of(heads) => hidden / heads,
-            None => {
-                return Err(invalid(
-                    &file,
-                    format!(
-                        "{} {hidden} is not divisible by {} {heads} (and no {} gives the head width)",
-                        k("embedding_length"),
-                        k("attention.head_count"),
-                        k("attention.key_length")
-                    ),
-                ))
-            }
+            None => return Err(invalid(
+                &file,
+                format!(
+                    "{} {hidden} is not divisible by {} {heads} (and no {} gives the head width)",
+                    k("embedding_length"),
+                    k("attention.head_count"),
+                    k("attention.key_length")
+                ),
+            )),
         };
         // slm rotates every dimension of a head; a partial rotation would compute something
         // else without a word.
@@ -343,7 +341,10 @@ impl Config {
         for (field, value, max) in sizes {
             check(field, value, max).map_err(|what| invalid(file, what))?;
         }
-        let ids = [("bos_token_id", self.bos_token_id), ("eos_token_id", self.eos_token_id)];
+        let ids = [
+            ("bos_token_id", self.bos_token_id),
+            ("eos_token_id", self.eos_token_id),
+        ];
         let checks: [(bool, String); 5] = [
             (
                 self.num_attention_heads
@@ -355,7 +356,10 @@ impl Config {
             ),
             (
                 self.head_dim.is_multiple_of(2),
-                format!("head_dim {} must be even (RoPE rotates pairs)", self.head_dim),
+                format!(
+                    "head_dim {} must be even (RoPE rotates pairs)",
+                    self.head_dim
+                ),
             ),
             (
                 self.rope_theta.is_finite() && self.rope_theta > 1.0,

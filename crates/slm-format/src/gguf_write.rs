@@ -94,13 +94,14 @@ pub fn write_gguf(
 ) -> Result<(), WriteError> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
-        Some(v) => v
-            .as_u64()
-            .filter(|a| a.is_power_of_two())
-            .ok_or_else(|| WriteError::Metadata {
-                key: "general.alignment".into(),
-                what: format!("{v:?} is not a power of two"),
-            })?,
+        Some(v) => {
+            v.as_u64()
+                .filter(|a| a.is_power_of_two())
+                .ok_or_else(|| WriteError::Metadata {
+                    key: "general.alignment".into(),
+                    what: format!("{v:?} is not a power of two"),
+                })?
+        }
     } as usize;
     let mut head = Vec::new();
     head.extend_from_slice(b"GGUF");

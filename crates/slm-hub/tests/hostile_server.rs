@@ -76,7 +76,8 @@ fn serve(listing: String, handle: Box<Handler>) -> (String, Arc<Mutex<Vec<String
     let count = Arc::new(Mutex::new(0usize));
     std::thread::spawn(move || {
         for stream in listener.incoming().flatten() {
-            let (l, h, listing, count) = (l.clone(), handle.clone(), listing.clone(), count.clone());
+            let (l, h, listing, count) =
+                (l.clone(), handle.clone(), listing.clone(), count.clone());
             std::thread::spawn(move || {
                 let mut s = stream;
                 let req = read_request(&s);
@@ -220,7 +221,10 @@ fn a_stalled_transfer_fails_then_resumes() {
     let t = Instant::now();
     let err = pull(&h, &store, "m.gguf").unwrap_err();
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    assert!(matches!(err, Error::Interrupted { got: 20_000, .. }), "{err}");
+    assert!(
+        matches!(err, Error::Interrupted { got: 20_000, .. }),
+        "{err}"
+    );
     let path = pull(&h, &store, "m.gguf").unwrap();
     assert_eq!(std::fs::read(path).unwrap(), bytes);
     assert!(log.lock().unwrap().len() >= 4);
@@ -242,17 +246,27 @@ fn an_endless_body_without_a_listed_size_stops_at_the_limit() {
     let store = Store::new(dir.path());
     let h = hub(&url, 2.0).with_max_unlisted_bytes(1 << 20);
     let err = pull(&h, &store, "m.gguf").unwrap_err().to_string();
-    assert!(err.contains("no size was listed") && err.contains("1048576"), "{err}");
-    let left: u64 = walk(dir.path()).iter().map(|p| p.metadata().unwrap().len()).sum();
+    assert!(
+        err.contains("no size was listed") && err.contains("1048576"),
+        "{err}"
+    );
+    let left: u64 = walk(dir.path())
+        .iter()
+        .map(|p| p.metadata().unwrap().len())
+        .sum();
     assert_eq!(left, 0, "{:?}", walk(dir.path()));
     // An announced length over the limit is refused before the body.
     let (url, _) = serve(
         listing("m.gguf", b"", false),
         Box::new(|_, s, _| head(s, "200 OK", Some(5 << 20), None)),
     );
-    let err = pull(&hub(&url, 2.0).with_max_unlisted_bytes(1 << 20), &store, "m.gguf")
-        .unwrap_err()
-        .to_string();
+    let err = pull(
+        &hub(&url, 2.0).with_max_unlisted_bytes(1 << 20),
+        &store,
+        "m.gguf",
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("5242880"), "{err}");
 }
 
@@ -274,7 +288,10 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 fn a_listed_commit_that_is_not_a_commit_id_is_refused() {
     let bytes = content(10);
     let bad = listing("m.gguf", &bytes, true).replace(SHA, "../../../etc");
-    let (url, log) = serve(bad, Box::new(|_, _, _| panic!("no file should be asked for")));
+    let (url, log) = serve(
+        bad,
+        Box::new(|_, _, _| panic!("no file should be asked for")),
+    );
     let dir = tempfile::tempdir().unwrap();
     let err = pull(&hub(&url, 2.0), &Store::new(dir.path()), "m.gguf")
         .unwrap_err()

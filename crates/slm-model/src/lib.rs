@@ -9,8 +9,8 @@ use std::path::Path;
 
 pub use slm_format::source::{safetensors_files, source, ModelSource};
 pub use slm_format::{assets, config, gguf, gguf_write, limits, params};
-pub use slm_format::{Param, Role};
 use slm_format::{files_err, FileError, SourceError};
+pub use slm_format::{Param, Role};
 
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;

@@ -867,6 +867,39 @@ mod tests {
     use super::*;
 
     #[test]
+    fn rope_tables_grow_with_use_and_keep_their_values() {
+        let mut cfg = Config::from_hf_json(
+            r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 1, "num_attention_heads": 4, "vocab_size": 10}"#,
+            "c",
+        )
+        .unwrap();
+        cfg.max_position_embeddings = crate::limits::MAX_CONTEXT;
+        let rope = Rope::new(&cfg, None, false, &Device::Cpu).unwrap();
+        // Nothing is computed for a million positions until they are used.
+        assert_eq!(rope.tables.read().unwrap().0.dim(0).unwrap(), 0);
+        let (small, _) = rope.tables(10).unwrap();
+        assert_eq!(rope.tables.read().unwrap().0.dim(0).unwrap(), 256);
+        let (big, _) = rope.tables(1000).unwrap();
+        assert_eq!(rope.tables.read().unwrap().0.dim(0).unwrap(), 1000);
+        // Growing recomputes the same values (ggml's angle recurrence per position).
+        let a: Vec<f32> = small.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = big
+            .narrow(0, 0, 10)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(a, b);
+        let e = rope
+            .tables(crate::limits::MAX_CONTEXT + 1)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("past the model's context length"), "{e}");
+    }
+
+    #[test]
     fn rms_norm_rejects_a_weight_of_another_width() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((2, 6), DType::F32, &dev).unwrap();

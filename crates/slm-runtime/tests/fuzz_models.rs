@@ -93,7 +93,10 @@ fn gguf_metadata() -> BTreeMap<String, Value> {
     m.insert("llama.context_length".into(), u(CTX));
     m.insert("llama.rope.dimension_count".into(), u(HIDDEN / HEADS));
     m.insert("llama.rope.freq_base".into(), Value::F32(10000.0));
-    m.insert("llama.attention.layer_norm_rms_epsilon".into(), Value::F32(1e-5));
+    m.insert(
+        "llama.attention.layer_norm_rms_epsilon".into(),
+        Value::F32(1e-5),
+    );
     m.insert("tokenizer.ggml.model".into(), Value::String("gpt2".into()));
     m.insert(
         "tokenizer.ggml.tokens".into(),
@@ -121,13 +124,22 @@ fn write_gguf(path: &Path, edit: impl FnOnce(&mut BTreeMap<String, Value>), f16:
         .collect();
     let types: Vec<GgmlType> = names
         .iter()
-        .map(|n| if f16.contains(&n.as_str()) { GgmlType::F16 } else { GgmlType::F32 })
+        .map(|n| {
+            if f16.contains(&n.as_str()) {
+                GgmlType::F16
+            } else {
+                GgmlType::F32
+            }
+        })
         .collect();
     let bytes: Vec<Vec<u8>> = w
         .iter()
         .zip(&types)
         .map(|((_, d), t)| match t {
-            GgmlType::F16 => d.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
+            GgmlType::F16 => d
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
             _ => d.iter().flat_map(|x| x.to_le_bytes()).collect(),
         })
         .collect();
@@ -179,7 +191,10 @@ fn open_and_generate(path: &Path) -> Result<(), String> {
 
 fn expect_err(path: &Path, want: &[&str]) {
     match open_and_generate(path) {
-        Ok(()) => panic!("{} was accepted; expected an error with {want:?}", path.display()),
+        Ok(()) => panic!(
+            "{} was accepted; expected an error with {want:?}",
+            path.display()
+        ),
         Err(e) => assert!(want.iter().all(|w| e.contains(w)), "{e}"),
     }
 }
@@ -199,15 +214,47 @@ fn bad_gguf_metadata_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("m.gguf");
     let cases: Vec<(&str, Value, Vec<&str>)> = vec![
-        ("llama.context_length", Value::U64(1 << 31), vec!["max_position_embeddings", "2147483648", "limit"]),
-        ("llama.context_length", Value::U64(1 << 40), vec!["1099511627776", "limit"]),
-        ("llama.block_count", Value::U64(1 << 40), vec!["num_hidden_layers", "limit"]),
-        ("llama.rope.dimension_count", Value::U32(0), vec!["rope.dimension_count = 0", "16"]),
-        ("llama.rope.dimension_count", Value::U32(63), vec!["rope.dimension_count = 63"]),
-        ("llama.attention.head_count", Value::U32(5), vec!["embedding_length 64 is not divisible", "head_count 5"]),
+        (
+            "llama.context_length",
+            Value::U64(1 << 31),
+            vec!["max_position_embeddings", "2147483648", "limit"],
+        ),
+        (
+            "llama.context_length",
+            Value::U64(1 << 40),
+            vec!["1099511627776", "limit"],
+        ),
+        (
+            "llama.block_count",
+            Value::U64(1 << 40),
+            vec!["num_hidden_layers", "limit"],
+        ),
+        (
+            "llama.rope.dimension_count",
+            Value::U32(0),
+            vec!["rope.dimension_count = 0", "16"],
+        ),
+        (
+            "llama.rope.dimension_count",
+            Value::U32(63),
+            vec!["rope.dimension_count = 63"],
+        ),
+        (
+            "llama.attention.head_count",
+            Value::U32(5),
+            vec!["embedding_length 64 is not divisible", "head_count 5"],
+        ),
         ("tokenizer.ggml.eos_token_id", Value::U32(300), vec!["eos"]),
-        ("llama.rope.freq_base", Value::F32(f32::INFINITY), vec!["rope_theta inf"]),
-        ("tokenizer.chat_template", Value::U32(5), vec!["tokenizer.chat_template", "expected a string"]),
+        (
+            "llama.rope.freq_base",
+            Value::F32(f32::INFINITY),
+            vec!["rope_theta inf"],
+        ),
+        (
+            "tokenizer.chat_template",
+            Value::U32(5),
+            vec!["tokenizer.chat_template", "expected a string"],
+        ),
     ];
     for (key, value, want) in cases {
         write_gguf(

@@ -106,6 +106,27 @@ mod tests {
     }
 
     #[test]
+    fn a_long_chat_renders_within_the_fuel_and_a_runaway_loop_does_not() {
+        let t = ChatTemplate::new(CHATML, None, None, "t").unwrap();
+        let messages: Vec<Message> = (0..2000)
+            .map(|i| Message::new(if i % 2 == 0 { "user" } else { "assistant" }, "some words"))
+            .collect();
+        assert!(t.render(&messages, true).unwrap().ends_with("assistant\n"));
+        let runaway = ChatTemplate::new(
+            "{% for a in range(100000) %}{% for b in range(100000) %}x{% endfor %}{% endfor %}",
+            None,
+            None,
+            "t.gguf",
+        )
+        .unwrap();
+        let e = runaway
+            .render(&messages[..1], true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.gguf") && e.contains("fuel"), "{e}");
+    }
+
+    #[test]
     fn python_methods_and_exceptions() {
         let t = ChatTemplate::new(
             "{% if messages[0].role != 'user' %}{{ raise_exception('first must be user') }}{% endif %}{{ messages[0].content.strip() }}",

@@ -252,10 +252,7 @@ impl<'a> StreamDecoder<'a> {
 
 /// tokenizer_config.json's `chat_template`: a string, or Hugging Face's list of named
 /// templates (the one named "default" is the chat template); anything else is an error.
-fn template_source<'a>(
-    v: Option<&'a serde_json::Value>,
-    file: &Path,
-) -> Result<Option<&'a str>> {
+fn template_source<'a>(v: Option<&'a serde_json::Value>, file: &Path) -> Result<Option<&'a str>> {
     let bad = |what: String| TokenizerError::Invalid {
         file: file.display().to_string(),
         what,
@@ -265,7 +262,8 @@ fn template_source<'a>(
         Some(serde_json::Value::String(s)) => Ok(Some(s)),
         Some(serde_json::Value::Array(list)) => {
             let named = |want: &str| {
-                list.iter().find(|t| t.get("name").and_then(|n| n.as_str()) == Some(want))
+                list.iter()
+                    .find(|t| t.get("name").and_then(|n| n.as_str()) == Some(want))
             };
             match named("default").and_then(|t| t.get("template")) {
                 Some(serde_json::Value::String(s)) => Ok(Some(s)),

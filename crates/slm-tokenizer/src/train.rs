@@ -155,6 +155,6 @@ mod tests {
             },
         )
         .unwrap_err();
-        assert!(e.to_string().contains("vocab size 100"), "{e}");
+        assert!(e.to_string().contains("--vocab 100"), "{e}");
     }
 }

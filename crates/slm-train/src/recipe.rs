@@ -278,7 +278,11 @@ impl Recipe {
             ("model.ffn", m.ffn, limits::MAX_FFN),
             ("model.context", m.context, limits::MAX_CONTEXT),
             ("optim.batch", Some(self.optim.batch), MAX_BATCH),
-            ("optim.grad_accum", Some(self.optim.grad_accum), MAX_GRAD_ACCUM),
+            (
+                "optim.grad_accum",
+                Some(self.optim.grad_accum),
+                MAX_GRAD_ACCUM,
+            ),
             ("eval.batches", Some(self.eval.batches), MAX_EVAL_BATCHES),
             ("checkpoint.keep", Some(self.checkpoint.keep), MAX_KEEP),
         ];

@@ -614,17 +614,17 @@ fn resume_from(
     {
         let data = vars.data().lock().expect("var map lock");
         for (name, var) in data.iter() {
-            let t = weights.get(name).ok_or_else(|| {
-                TrainError::Setup(format!("{}: no tensor {name}", dir.display()))
-            })?;
+            let t = weights
+                .get(name)
+                .ok_or_else(|| TrainError::Setup(format!("{}: no tensor {name}", dir.display())))?;
             var.set(t)
                 .map_err(|e| TrainError::Setup(format!("{}: {name}: {e}", dir.display())))?;
         }
     }
     trainer.read_params(vars)?;
-    trainer
-        .load_state(&optim, state.step)
-        .map_err(|e| TrainError::Setup(format!("{}: {e}", dir.join("optim.safetensors").display())))?;
+    trainer.load_state(&optim, state.step).map_err(|e| {
+        TrainError::Setup(format!("{}: {e}", dir.join("optim.safetensors").display()))
+    })?;
     Ok(state)
 }
 
