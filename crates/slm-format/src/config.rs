@@ -233,15 +233,17 @@ impl Config {
         let head_dim = match g.get_u64(&k("attention.key_length"))? {
             Some(v) => as_usize(v, "key_length")?,
             None if hidden.is_multiple_of(heads) => hidden / heads,
-            None => return Err(invalid(
-                &file,
-                format!(
+            None => {
+                return Err(invalid(
+                    &file,
+                    format!(
                     "{} {hidden} is not divisible by {} {heads} (and no {} gives the head width)",
                     k("embedding_length"),
                     k("attention.head_count"),
                     k("attention.key_length")
                 ),
-            )),
+                ))
+            }
         };
         // slm rotates every dimension of a head; a partial rotation would compute something
         // else without a word.
