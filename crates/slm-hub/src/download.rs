@@ -220,7 +220,11 @@ pub(crate) fn fetch(
                         file: file.name.clone(),
                         got,
                         total: total.unwrap_or(0),
-                        reason: e.to_string(),
+                        reason: if e.kind() == std::io::ErrorKind::TimedOut {
+                            format!("no data for {} s", hub.idle_timeout.as_secs_f64())
+                        } else {
+                            e.to_string()
+                        },
                     });
                 }
             };

@@ -82,6 +82,7 @@ pub struct Hub {
     agent: ureq::Agent,
     /// Bytes a file whose listing gives no size may take (`limits::MAX_DOWNLOAD_BYTES`).
     pub(crate) max_unlisted_bytes: u64,
+    pub(crate) idle_timeout: std::time::Duration,
 }
 
 /// How long a pull waits. There is no deadline for a whole body: a large file on a slow line
@@ -135,6 +136,7 @@ impl Hub {
             token,
             agent,
             max_unlisted_bytes: slm_format::limits::MAX_DOWNLOAD_BYTES,
+            idle_timeout: t.idle,
         }
     }
 

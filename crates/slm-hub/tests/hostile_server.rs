@@ -3,7 +3,7 @@
 //! on a local port; timeouts are scaled down (seconds, not minutes) so the suite stays quick,
 //! and each test says what its scale stands for.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,56 +13,8 @@ use slm_hub::{Error, Hub, Progress, Store, Timeouts};
 
 const SHA: &str = "0123456789abcdef0123456789abcdef01234567";
 
-/// A request: its path (percent-decoded) and Range header.
-struct Request {
-    raw_path: String,
-    path: String,
-    range_from: Option<usize>,
-}
-
-fn decode(p: &str) -> String {
-    let b = p.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'%' && i + 2 < b.len() {
-            out.push(u8::from_str_radix(&p[i + 1..i + 3], 16).unwrap());
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).unwrap()
-}
-
-fn read_request(s: &TcpStream) -> Request {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let raw_path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut range_from = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("range") {
-                range_from = v
-                    .trim()
-                    .strip_prefix("bytes=")
-                    .and_then(|v| v.strip_suffix('-'))
-                    .and_then(|v| v.parse().ok());
-            }
-        }
-    }
-    Request {
-        path: decode(raw_path.split('?').next().unwrap()),
-        raw_path,
-        range_from,
-    }
-}
+mod common;
+use common::{read_request, Request};
 
 type Handler = dyn Fn(Request, &mut TcpStream, usize) + Send + Sync;
 
@@ -195,9 +147,9 @@ fn a_stalled_transfer_fails_then_resumes() {
     let (url, log) = serve(
         listing("m.gguf", &bytes, true),
         Box::new(move |req, s, n| {
-            let from = req.range_from.unwrap_or(0);
+            let from = req.range_from().unwrap_or(0);
             let body = &served[from..];
-            match req.range_from {
+            match req.range_from() {
                 Some(_) => head(
                     s,
                     "206 Partial Content",

@@ -2,11 +2,13 @@
 //! `resolve` URLs that redirect LFS files to a CDN path, and Range requests.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 
 use sha1::Digest;
+
+mod common;
 use slm_hub::{Error, Hub, Progress, Store};
 
 struct File {
@@ -101,22 +103,8 @@ fn handle(
     log: &Mutex<Vec<String>>,
     behaviour: &Mutex<Behaviour>,
 ) {
-    let mut r = BufReader::new(s.try_clone().unwrap());
-    let mut line = String::new();
-    r.read_line(&mut line).unwrap();
-    let path = line.split_whitespace().nth(1).unwrap_or("").to_string();
-    let mut range = None;
-    loop {
-        let mut h = String::new();
-        if r.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
-            break;
-        }
-        if let Some((k, v)) = h.split_once(':') {
-            if k.eq_ignore_ascii_case("range") {
-                range = Some(v.trim().to_string());
-            }
-        }
-    }
+    let req = common::read_request(&s);
+    let (path, range) = (req.raw_path, req.range);
     log.lock().unwrap().push(match &range {
         Some(r) => format!("{path} {r}"),
         None => path.clone(),

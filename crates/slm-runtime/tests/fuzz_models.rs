@@ -480,3 +480,42 @@ fn mutated_config_json_never_panics() {
     }
     assert!(refused > 100 && ran > 0, "refused {refused}, ran {ran}");
 }
+
+/// A folder whose embedding has more rows than its tokenizer has ids (as Qwen2 pads its
+/// embedding): loads, and never samples a row without text.
+#[test]
+fn padding_rows_past_the_tokenizer_are_never_sampled() {
+    let dir = tempfile::tempdir().unwrap();
+    hf_folder(dir.path());
+    let m = slm_model::load(dir.path(), &Device::Cpu).unwrap();
+    let tok = Tokenizer::from_folder(dir.path()).unwrap();
+    let ids = tok.vocab_size();
+    assert!(
+        ids < VOCAB,
+        "the test needs padding rows: {ids} ids, {VOCAB} rows"
+    );
+    tok.check_fits(VOCAB, &m.source).unwrap();
+    let prompt = tok.encode("the whale", false).unwrap();
+    let mut session = Session::new(&m.model);
+    let opts = GenerateOptions {
+        max_tokens: 60,
+        sampling: slm_runtime::SamplingParams {
+            temperature: 5.0,
+            top_k: 0,
+            top_p: 1.0,
+            min_p: 0.0,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let g = generate(&m.model, &tok, &mut session, &prompt, &opts, |_| {
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert!(!g.tokens.is_empty());
+    assert!(
+        g.tokens.iter().all(|&t| (t as usize) < ids),
+        "{:?}",
+        g.tokens
+    );
+}
