@@ -299,6 +299,12 @@ impl Rope {
 
     /// cos and sin of the angles of positions 0..n, (n, head_dim / 2) each, in f32.
     pub fn tables(&self, n: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        self.span(0, n)
+    }
+
+    /// The tables' rows for positions pos..pos+t.
+    fn span(&self, pos: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
+        let n = pos + t;
         if n > self.max_positions {
             candle_core::bail!(
                 "position {} is past the model's context length {}",
@@ -307,13 +313,13 @@ impl Rope {
             );
         }
         {
-            let t = self.tables.read().unwrap_or_else(|e| e.into_inner());
-            if t.0.dim(0)? >= n {
-                return Ok((t.0.narrow(0, 0, n)?, t.1.narrow(0, 0, n)?));
+            let g = self.tables.read().unwrap_or_else(|e| e.into_inner());
+            if g.0.dim(0)? >= n {
+                return Ok((g.0.narrow(0, pos, t)?, g.1.narrow(0, pos, t)?));
             }
         }
-        let mut t = self.tables.write().unwrap_or_else(|e| e.into_inner());
-        let have = t.0.dim(0)?;
+        let mut g = self.tables.write().unwrap_or_else(|e| e.into_inner());
+        let have = g.0.dim(0)?;
         if have < n {
             let len = n.max(2 * have).max(256).min(self.max_positions);
             let half = self.factors.len();
@@ -328,18 +334,12 @@ impl Rope {
                     theta *= self.theta_scale;
                 }
             }
-            *t = (
+            *g = (
                 Tensor::from_vec(cos, (len, half), &self.device)?,
                 Tensor::from_vec(sin, (len, half), &self.device)?,
             );
         }
-        Ok((t.0.narrow(0, 0, n)?, t.1.narrow(0, 0, n)?))
-    }
-
-    /// The tables' rows for positions pos..pos+t.
-    fn span(&self, pos: usize, t: usize) -> candle_core::Result<(Tensor, Tensor)> {
-        let (cos, sin) = self.tables(pos + t)?;
-        Ok((cos.narrow(0, pos, t)?, sin.narrow(0, pos, t)?))
+        Ok((g.0.narrow(0, pos, t)?, g.1.narrow(0, pos, t)?))
     }
 
     /// x: (batch, heads, seq, head_dim) at positions pos..pos+seq.
