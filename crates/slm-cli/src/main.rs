@@ -105,6 +105,21 @@ enum Cmd {
         #[arg(long, default_value = "main")]
         revision: String,
     },
+    /// Rewrite a model for other tools: a GGUF file as a Hugging Face folder (config.json,
+    /// model.safetensors, tokenizer.json, tokenizer_config.json with the chat template) that
+    /// transformers loads, or a Hugging Face folder as a GGUF file that llama.cpp runs.
+    Export {
+        model: PathBuf,
+        /// hf (from a GGUF file) or gguf (from a Hugging Face folder).
+        #[arg(long, value_parser = ["hf", "gguf"])]
+        format: String,
+        /// Weight type: f32, f16 or bf16.
+        #[arg(long = "type", default_value = "f32", value_parser = ["f32", "f16", "bf16"])]
+        ty: String,
+        /// The folder (hf, must not exist) or file (gguf) to write.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Tokenizers: `slm tokenizer train CORPUS... --vocab 8192 -o tokenizer.json`.
     Tokenizer {
         #[command(subcommand)]
@@ -253,7 +268,8 @@ impl Cmd {
             Cmd::Info { model }
             | Cmd::Generate { model, .. }
             | Cmd::Chat { model, .. }
-            | Cmd::Eval { model, .. } => Some(model),
+            | Cmd::Eval { model, .. }
+            | Cmd::Export { model, .. } => Some(model),
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
@@ -626,6 +642,43 @@ fn run(mut cli: Cli) -> Result<()> {
             revision,
         } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
+        Cmd::Export {
+            model,
+            format,
+            ty,
+            output,
+        } => {
+            let ty = slm_compress::export::FloatType::parse(&ty).context("--type")?;
+            let t = Instant::now();
+            match (format.as_str(), model.is_dir()) {
+                ("hf", false) => slm_compress::export::gguf_to_hf(&model, &output, ty)?,
+                ("gguf", true) => {
+                    check_writable(&output, &[])?;
+                    slm_compress::export::hf_to_gguf(&model, &output, ty)?
+                }
+                (f, _) => bail!(
+                    "{}: --format {f} writes {} and reads {}",
+                    model.display(),
+                    if f == "hf" {
+                        "a Hugging Face folder"
+                    } else {
+                        "a GGUF file"
+                    },
+                    if f == "hf" {
+                        "a GGUF file"
+                    } else {
+                        "a Hugging Face folder"
+                    }
+                ),
+            }
+            eprintln!(
+                "wrote {} in {:.1}s",
+                output.display(),
+                t.elapsed().as_secs_f64()
+            );
+            println!("{}", output.display());
+            Ok(())
+        }
         Cmd::Train { recipe, resume } => train(&recipe, resume),
         Cmd::Quickstart {
             minutes,

@@ -86,11 +86,61 @@ fn put_value(out: &mut Vec<u8>, key: &str, v: &Value) -> Result<(), WriteError> 
     Ok(())
 }
 
-/// Writes a GGUF version 3 file atomically.
+/// Writes a GGUF version 3 file atomically, tensors given whole.
 pub fn write_gguf(
     path: &Path,
     metadata: &BTreeMap<String, Value>,
     tensors: &[TensorOut],
+) -> Result<(), WriteError> {
+    let specs: Vec<TensorSpec> = tensors
+        .iter()
+        .map(|t| TensorSpec {
+            name: t.name,
+            dims: t.dims,
+            dtype: t.dtype,
+        })
+        .collect();
+    write_gguf_streamed(path, metadata, &specs, |i| Ok(tensors[i].data.to_vec()))
+}
+
+/// A tensor's entry in the table: its data comes later, from the caller.
+pub struct TensorSpec<'a> {
+    pub name: &'a str,
+    pub dims: &'a [usize],
+    pub dtype: GgmlType,
+}
+
+impl TensorSpec<'_> {
+    /// Bytes of this tensor's data, or why the dimensions cannot hold its type's blocks.
+    pub fn byte_len(&self) -> Result<usize, WriteError> {
+        let bad = |what: String| WriteError::Tensor {
+            tensor: self.name.into(),
+            what,
+        };
+        let row = *self
+            .dims
+            .last()
+            .ok_or_else(|| bad("no dimensions".into()))?;
+        if row % self.dtype.block_size() != 0 {
+            return Err(bad(format!(
+                "rows of {row} values are not whole {} blocks of {}",
+                self.dtype.name(),
+                self.dtype.block_size()
+            )));
+        }
+        let elems: usize = self.dims.iter().product();
+        Ok(elems / self.dtype.block_size() * self.dtype.type_size())
+    }
+}
+
+/// Writes a GGUF version 3 file atomically, asking `data(i)` for tensor i's bytes only when
+/// they are written, so memory holds one tensor at a time. A failure anywhere leaves neither
+/// the file nor its temporary.
+pub fn write_gguf_streamed(
+    path: &Path,
+    metadata: &BTreeMap<String, Value>,
+    tensors: &[TensorSpec],
+    mut data: impl FnMut(usize) -> Result<Vec<u8>, String>,
 ) -> Result<(), WriteError> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
@@ -114,21 +164,9 @@ pub fn write_gguf(
         put_value(&mut head, k, v)?;
     }
     let mut offset = 0usize;
+    let mut lens = Vec::with_capacity(tensors.len());
     for t in tensors {
-        let elems: usize = t.dims.iter().product();
-        let want = elems / t.dtype.block_size() * t.dtype.type_size();
-        let row = t.dims.last().copied().unwrap_or(0);
-        if t.dims.is_empty() || row % t.dtype.block_size() != 0 || want != t.data.len() {
-            return Err(WriteError::Tensor {
-                tensor: t.name.into(),
-                what: format!(
-                    "{} bytes of {} for dimensions {:?} (expected {want})",
-                    t.data.len(),
-                    t.dtype.name(),
-                    t.dims
-                ),
-            });
-        }
+        let len = t.byte_len()?;
         put_str(&mut head, t.name);
         head.extend_from_slice(&(t.dims.len() as u32).to_le_bytes());
         for d in t.dims.iter().rev() {
@@ -136,7 +174,8 @@ pub fn write_gguf(
         }
         head.extend_from_slice(&t.dtype.id().to_le_bytes());
         head.extend_from_slice(&(offset as u64).to_le_bytes());
-        offset = (offset + t.data.len()).next_multiple_of(alignment);
+        offset = (offset + len).next_multiple_of(alignment);
+        lens.push(len);
     }
     head.resize(head.len().next_multiple_of(alignment), 0);
 
@@ -147,20 +186,45 @@ pub fn write_gguf(
         source,
     };
     let tmp = tempfile_in(dir, path).map_err(io)?;
+    let mut failed = None;
     let result = (|| {
-        let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
+        let mut w = BufWriter::with_capacity(1 << 20, std::fs::File::create(&tmp)?);
         w.write_all(&head)?;
-        for t in tensors {
-            w.write_all(t.data)?;
-            let pad = t.data.len().next_multiple_of(alignment) - t.data.len();
+        for (i, t) in tensors.iter().enumerate() {
+            let bytes = match data(i) {
+                Ok(b) if b.len() == lens[i] => b,
+                Ok(b) => {
+                    failed = Some(WriteError::Tensor {
+                        tensor: t.name.into(),
+                        what: format!(
+                            "{} bytes of data, its table entry says {}",
+                            b.len(),
+                            lens[i]
+                        ),
+                    });
+                    return Ok(());
+                }
+                Err(what) => {
+                    failed = Some(WriteError::Tensor {
+                        tensor: t.name.into(),
+                        what,
+                    });
+                    return Ok(());
+                }
+            };
+            w.write_all(&bytes)?;
+            let pad = bytes.len().next_multiple_of(alignment) - bytes.len();
             w.write_all(&vec![0u8; pad])?;
         }
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
-    if result.is_err() {
+    if result.is_err() || failed.is_some() {
         let _ = std::fs::remove_file(&tmp);
+    }
+    if let Some(e) = failed {
+        return Err(e);
     }
     result.map_err(io)
 }
@@ -208,6 +272,16 @@ mod tests {
             data: &[0; 3],
         };
         let e = write_gguf(&b, &g.metadata, &[bad]).unwrap_err().to_string();
-        assert!(e.contains("'w'") && e.contains("expected 16"), "{e}");
+        assert!(
+            e.contains("'w'") && e.contains("3 bytes") && e.contains("16"),
+            "{e}"
+        );
+        // A failed write leaves no file and no temporary behind.
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 }

@@ -369,6 +369,123 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
     })
 }
 
+/// The `tokenizer.ggml.pre` names whose pre-tokenizer is distinct, in the order they are
+/// tried when a tokenizer.json is written back to GGUF.
+const PRE_NAMES: [&str; 4] = ["gpt2", "smollm", "llama-bpe", "qwen2"];
+
+/// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer.json (the inverse of
+/// `from_gguf_metadata`), for a model with `rows` embedding rows: tokens, their types
+/// (normal, control for special added tokens, user-defined for others, unused for padding
+/// rows, as llama.cpp's converter writes them), merges, and the pre-tokenizer's name.
+pub fn to_gguf_metadata(
+    tokenizer_json: &str,
+    rows: usize,
+    file: &str,
+) -> Result<BTreeMap<String, Value>> {
+    let t: Json = serde_json::from_str(tokenizer_json)
+        .map_err(|e| invalid(file, format!("not JSON: {e}")))?;
+    let model = &t["model"];
+    if model["type"] != "BPE" || model["byte_fallback"] == true {
+        return Err(invalid(
+            file,
+            "only byte-level BPE tokenizers can be written to GGUF so far (this one is not)",
+        ));
+    }
+    if !t["normalizer"].is_null() {
+        return Err(invalid(
+            file,
+            "a byte-level BPE tokenizer with a normalizer has no GGUF equivalent",
+        ));
+    }
+    let pre = PRE_NAMES
+        .into_iter()
+        .find(|name| gpt2_pre_tokenizer(name, file).is_ok_and(|p| p == t["pre_tokenizer"]))
+        .ok_or_else(|| {
+            invalid(
+                file,
+                format!(
+                    "pre_tokenizer {} matches none of llama.cpp's that slm knows ({})",
+                    t["pre_tokenizer"],
+                    PRE_NAMES.join(", ")
+                ),
+            )
+        })?;
+    let mut tokens: Vec<Option<String>> = vec![None; rows];
+    let mut types = vec![1i32; rows];
+    let mut put = |id: u64, text: &str, ty: i32| -> Result<()> {
+        let slot = tokens.get_mut(id as usize).ok_or_else(|| {
+            invalid(
+                file,
+                format!("token {text:?} has id {id}, past the model's {rows} rows"),
+            )
+        })?;
+        *slot = Some(text.to_string());
+        types[id as usize] = ty;
+        Ok(())
+    };
+    let vocab = model["vocab"]
+        .as_object()
+        .ok_or_else(|| invalid(file, "model.vocab is not an object"))?;
+    for (text, id) in vocab {
+        let id = id
+            .as_u64()
+            .ok_or_else(|| invalid(file, format!("token {text:?} has no id")))?;
+        put(id, text, 1)?;
+    }
+    for a in t["added_tokens"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
+    {
+        let (Some(id), Some(text)) = (a["id"].as_u64(), a["content"].as_str()) else {
+            return Err(invalid(file, "an added token without id or content"));
+        };
+        let ty = if a["special"] == true {
+            TOKEN_CONTROL
+        } else {
+            TOKEN_USER_DEFINED
+        };
+        put(id, text, ty as i32)?;
+    }
+    let tokens: Vec<Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            Value::String(t.unwrap_or_else(|| {
+                types[i] = 5; // unused
+                format!("[PAD{i}]")
+            }))
+        })
+        .collect();
+    let merges = model["merges"]
+        .as_array()
+        .ok_or_else(|| invalid(file, "model.merges is not a list"))?
+        .iter()
+        .map(|m| match m {
+            Json::String(s) => Ok(s.clone()),
+            Json::Array(p) if p.len() == 2 => Ok(format!(
+                "{} {}",
+                p[0].as_str().unwrap_or_default(),
+                p[1].as_str().unwrap_or_default()
+            )),
+            other => Err(invalid(file, format!("merge {other} is not a pair"))),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut m = BTreeMap::new();
+    m.insert("tokenizer.ggml.model".into(), Value::String("gpt2".into()));
+    m.insert("tokenizer.ggml.pre".into(), Value::String(pre.into()));
+    m.insert("tokenizer.ggml.tokens".into(), Value::Array(tokens));
+    m.insert(
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(types.into_iter().map(Value::I32).collect()),
+    );
+    m.insert(
+        "tokenizer.ggml.merges".into(),
+        Value::Array(merges.into_iter().map(Value::String).collect()),
+    );
+    Ok(m)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ pub mod train;
 use std::path::{Path, PathBuf};
 
 pub use chat::{ChatTemplate, Message};
-pub use from_gguf::{from_gguf_metadata, TokenizerSpec};
+pub use from_gguf::{from_gguf_metadata, to_gguf_metadata, TokenizerSpec};
 use slm_format::ModelSource;
 
 #[derive(Debug, thiserror::Error)]

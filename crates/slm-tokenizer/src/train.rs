@@ -145,6 +145,48 @@ mod tests {
         assert!(special.get_ids().contains(&0));
     }
 
+    /// tokenizer.json -> GGUF metadata -> tokenizer: the same ids for every text, specials
+    /// included, and padding rows past the vocabulary named as llama.cpp names them.
+    #[test]
+    fn a_trained_tokenizer_survives_the_trip_through_gguf_metadata() {
+        let tok = train_bpe(
+            corpus().into_iter(),
+            &TrainOptions {
+                vocab_size: 400,
+                min_frequency: 2,
+            },
+        )
+        .unwrap();
+        let json = tok.to_string(false).unwrap();
+        let rows = tok.get_vocab_size(true) + 5;
+        let meta = crate::to_gguf_metadata(&json, rows, "t.json").unwrap();
+        assert_eq!(meta["tokenizer.ggml.pre"].as_str(), Some("gpt2"));
+        let tokens = meta["tokenizer.ggml.tokens"].as_array().unwrap();
+        assert_eq!(tokens.len(), rows);
+        assert_eq!(
+            tokens[rows - 1].as_str(),
+            Some(format!("[PAD{}]", rows - 1).as_str())
+        );
+        let back = crate::from_gguf_metadata(&meta, "t.gguf")
+            .unwrap()
+            .tokenizer;
+        for text in corpus().iter().take(20).map(String::as_str).chain([
+            "<|im_start|>user\nHi<|im_end|>",
+            " leading  spaces\n\n",
+            "12345 ünï",
+        ]) {
+            let a = tok.encode(text, false).unwrap();
+            let b = back.encode(text, false).unwrap();
+            assert_eq!(a.get_ids(), b.get_ids(), "{text:?}");
+        }
+        // A pre-tokenizer llama.cpp has no name for is refused by name.
+        let odd = json.replace("\"use_regex\":true", "\"use_regex\":false");
+        let e = crate::to_gguf_metadata(&odd, rows, "t.json")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("t.json") && e.contains("pre_tokenizer"), "{e}");
+    }
+
     #[test]
     fn too_small_a_vocabulary_is_an_error() {
         let e = train_bpe(

@@ -1,0 +1,478 @@
+//! GGUF file -> Hugging Face folder, in F32, F16 or BF16: config.json from the GGUF's
+//! hyperparameters, every parameter of `Config::params` dequantized under its Hugging Face
+//! name (q and k rows put back in Hugging Face's order, which llama.cpp's converter permuted
+//! for Llama-architecture files), tokenizer.json built from `tokenizer.ggml.*`, and
+//! tokenizer_config.json with the chat template and special tokens. Tensors are converted
+//! one at a time while the safetensors file is written, so memory holds about one tensor, and
+//! the folder appears whole or not at all (written under a temporary name, then renamed).
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+
+use candle_core::Device;
+use slm_model::config::Arch;
+use slm_model::gguf::GgufFile;
+use slm_model::{Config, ModelSource, Param, Role};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatType {
+    F32,
+    F16,
+    BF16,
+}
+
+impl FloatType {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" => Some(Self::F32),
+            "f16" => Some(Self::F16),
+            "bf16" => Some(Self::BF16),
+            _ => None,
+        }
+    }
+    fn torch_name(self) -> &'static str {
+        match self {
+            Self::F32 => "float32",
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        }
+    }
+    fn safetensors(self) -> safetensors::Dtype {
+        match self {
+            Self::F32 => safetensors::Dtype::F32,
+            Self::F16 => safetensors::Dtype::F16,
+            Self::BF16 => safetensors::Dtype::BF16,
+        }
+    }
+    fn bytes(self, values: &[f32]) -> Vec<u8> {
+        match self {
+            Self::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            Self::F16 => values
+                .iter()
+                .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+                .collect(),
+            Self::BF16 => values
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error(transparent)]
+    Load(#[from] slm_model::LoadError),
+    #[error(transparent)]
+    Gguf(#[from] slm_model::gguf::GgufError),
+    #[error(transparent)]
+    Config(#[from] slm_model::config::ConfigError),
+    #[error(transparent)]
+    Tokenizer(#[from] slm_tokenizer::TokenizerError),
+    #[error("{path}: {what}")]
+    Model { path: PathBuf, what: String },
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
+    move |err| ExportError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+/// llama.cpp's converter stores a Llama q or k projection with the rows of each head
+/// reordered from Hugging Face's halves (pair i with i + d/2) to adjacent pairs: row
+/// `h*d + 2j + s` of the GGUF tensor is row `h*d + s*d/2 + j` of Hugging Face's. This puts
+/// them back; `cols` is the row length (1 for a bias).
+fn unpermute_rows(gguf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = gguf.len() / cols;
+    let d = rows / heads;
+    let half = d / 2;
+    let mut hf = vec![0f32; gguf.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for s in 0..2 {
+                let from = (h * d + 2 * j + s) * cols;
+                let to = (h * d + s * half + j) * cols;
+                hf[to..to + cols].copy_from_slice(&gguf[from..from + cols]);
+            }
+        }
+    }
+    hf
+}
+
+/// One parameter, read from the GGUF and converted when the safetensors writer asks for it.
+struct LazyTensor<'a> {
+    file: &'a GgufFile,
+    cfg: &'a Config,
+    param: Param,
+    ty: FloatType,
+    failed: &'a std::sync::Mutex<Option<String>>,
+}
+
+impl LazyTensor<'_> {
+    fn values(&self) -> Result<Vec<f32>, String> {
+        let name = self.param.gguf_name();
+        let q = slm_model::weights::gguf_qtensor(self.file, &name, &Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let t = q.dequantize(&Device::Cpu).map_err(|e| e.to_string())?;
+        let v: Vec<f32> = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| e.to_string())?;
+        if v.len() != self.param.len() {
+            return Err(format!(
+                "tensor '{name}' has {} values, the configuration needs {:?}",
+                v.len(),
+                self.param.shape
+            ));
+        }
+        let cols = if self.param.role.is_bias() {
+            1
+        } else {
+            self.cfg.hidden_size
+        };
+        let interleaved = self.cfg.arch != Arch::Qwen2;
+        Ok(match self.param.role {
+            Role::Q | Role::QBias if interleaved => {
+                unpermute_rows(&v, self.cfg.num_attention_heads, cols)
+            }
+            Role::K | Role::KBias if interleaved => {
+                unpermute_rows(&v, self.cfg.num_key_value_heads, cols)
+            }
+            _ => v,
+        })
+    }
+}
+
+impl safetensors::View for LazyTensor<'_> {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.ty.safetensors()
+    }
+    fn shape(&self) -> &[usize] {
+        &self.param.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        match self.values() {
+            Ok(v) => Cow::Owned(self.ty.bytes(&v)),
+            Err(e) => {
+                // The writer cannot fail from here: the bytes are zeros of the right length,
+                // the error is kept, and the whole folder is discarded.
+                self.failed.lock().expect("lock").get_or_insert(e);
+                Cow::Owned(vec![0; self.data_len()])
+            }
+        }
+    }
+    fn data_len(&self) -> usize {
+        self.param.len() * self.ty.safetensors().bitsize() / 8
+    }
+}
+
+/// Writes the GGUF model at `gguf` as a Hugging Face folder `out` (which must not exist).
+pub fn gguf_to_hf(gguf: &Path, out: &Path, ty: FloatType) -> Result<(), ExportError> {
+    if out.exists() {
+        return Err(ExportError::Io {
+            path: out.to_path_buf(),
+            err: std::io::Error::new(
+                std::io::ErrorKind::AlreadyExists,
+                "already exists; choose a new folder",
+            ),
+        });
+    }
+    let file = GgufFile::open(gguf)?;
+    let cfg = Config::from_gguf(&file)?;
+    let model_err = |what: String| ExportError::Model {
+        path: gguf.to_path_buf(),
+        what,
+    };
+    // llama3 scaling arrives as per-pair divisors; config.json would need the rule's
+    // parameters, which the divisors do not carry.
+    if file.tensor_info("rope_freqs.weight").is_some() {
+        return Err(model_err(
+            "rope scaling stored as rope_freqs.weight cannot be written as a config.json rope_scaling yet".into(),
+        ));
+    }
+    let source = ModelSource::of_gguf(&file);
+    let tok = slm_tokenizer::Tokenizer::for_model(&source)?;
+    tok.check_fits(cfg.vocab_size, &source)?;
+
+    let tmp = out.with_file_name(format!(
+        ".{}.tmp-{}",
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "export".into()),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+    let result = write_folder(&file, &cfg, &tok, ty, &tmp).and_then(|()| {
+        std::fs::rename(&tmp, out).map_err(io(out))?;
+        Ok(())
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_folder(
+    file: &GgufFile,
+    cfg: &Config,
+    tok: &slm_tokenizer::Tokenizer,
+    ty: FloatType,
+    dir: &Path,
+) -> Result<(), ExportError> {
+    let piece = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
+    let mut config = cfg.to_hf_json();
+    config["torch_dtype"] = ty.torch_name().into();
+    let mut tcfg = serde_json::json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": piece(tok.bos),
+        "eos_token": piece(tok.eos),
+        "add_bos_token": tok.add_bos,
+        "add_eos_token": false,
+        "model_max_length": cfg.max_position_embeddings,
+    });
+    if let Some(t) = file.get_str("tokenizer.chat_template")? {
+        tcfg["chat_template"] = t.into();
+    }
+    let generation =
+        serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id});
+    let tokenizer_json = tok.inner.to_string(false).map_err(|e| ExportError::Model {
+        path: file.path().to_path_buf(),
+        what: format!("serializing the tokenizer: {e}"),
+    })?;
+    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
+    for (name, bytes) in [
+        ("config.json", json(&config)),
+        ("tokenizer_config.json", json(&tcfg)),
+        ("generation_config.json", json(&generation)),
+        ("tokenizer.json", tokenizer_json.into_bytes()),
+    ] {
+        let p = dir.join(name);
+        std::fs::write(&p, bytes).map_err(io(&p))?;
+    }
+    let failed = std::sync::Mutex::new(None);
+    let tensors: Vec<(String, LazyTensor)> = cfg
+        .params()
+        .into_iter()
+        .map(|param| {
+            (
+                param.role.hf_name(param.layer),
+                LazyTensor {
+                    file,
+                    cfg,
+                    param,
+                    ty,
+                    failed: &failed,
+                },
+            )
+        })
+        .collect();
+    let st = dir.join("model.safetensors");
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(tensors, Some(meta), &st).map_err(|e| ExportError::Model {
+        path: st.clone(),
+        what: e.to_string(),
+    })?;
+    // The safetensors crate writes through a private temporary file (mode 0600); the folder's
+    // files are all readable alike.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&st, std::fs::Permissions::from_mode(0o644)).map_err(io(&st))?;
+    }
+    if let Some(what) = failed.into_inner().expect("lock") {
+        return Err(ExportError::Model {
+            path: file.path().to_path_buf(),
+            what,
+        });
+    }
+    for f in std::fs::read_dir(dir).map_err(io(dir))?.flatten() {
+        std::fs::File::open(f.path())
+            .and_then(|f| f.sync_all())
+            .map_err(io(&f.path()))?;
+    }
+    Ok(())
+}
+
+/// llama.cpp's converter's row order for a Llama q or k projection (see `unpermute_rows`).
+fn permute_rows(hf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    let rows = hf.len() / cols;
+    let d = rows / heads;
+    let half = d / 2;
+    let mut gguf = vec![0f32; hf.len()];
+    for h in 0..heads {
+        for j in 0..half {
+            for s in 0..2 {
+                let to = (h * d + 2 * j + s) * cols;
+                let from = (h * d + s * half + j) * cols;
+                gguf[to..to + cols].copy_from_slice(&hf[from..from + cols]);
+            }
+        }
+    }
+    gguf
+}
+
+impl FloatType {
+    fn ggml(self) -> slm_model::gguf::GgmlType {
+        match self {
+            Self::F32 => slm_model::gguf::GgmlType::F32,
+            Self::F16 => slm_model::gguf::GgmlType::F16,
+            Self::BF16 => slm_model::gguf::GgmlType::BF16,
+        }
+    }
+    /// llama.cpp's `llama_ftype` for a file of this type (general.file_type).
+    fn file_type(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::BF16 => 32,
+        }
+    }
+}
+
+/// The GGUF metadata llama.cpp's converter writes for `cfg`: the architecture's
+/// hyperparameters; the tokenizer and chat template are added by the caller.
+fn gguf_hparams(
+    cfg: &Config,
+    name: &str,
+    ty: FloatType,
+) -> std::collections::BTreeMap<String, slm_model::gguf::Value> {
+    use slm_model::gguf::Value;
+    let a = cfg.arch.gguf_name();
+    let u = |v: usize| Value::U32(v as u32);
+    let mut m = std::collections::BTreeMap::new();
+    m.insert("general.architecture".into(), Value::String(a.into()));
+    m.insert("general.name".into(), Value::String(name.into()));
+    m.insert("general.file_type".into(), Value::U32(ty.file_type()));
+    let k = |s: &str| format!("{a}.{s}");
+    m.insert(k("vocab_size"), u(cfg.vocab_size));
+    m.insert(k("context_length"), u(cfg.max_position_embeddings));
+    m.insert(k("embedding_length"), u(cfg.hidden_size));
+    m.insert(k("feed_forward_length"), u(cfg.intermediate_size));
+    m.insert(k("block_count"), u(cfg.num_hidden_layers));
+    m.insert(k("attention.head_count"), u(cfg.num_attention_heads));
+    m.insert(k("attention.head_count_kv"), u(cfg.num_key_value_heads));
+    m.insert(k("rope.freq_base"), Value::F32(cfg.rope_theta as f32));
+    m.insert(k("rope.dimension_count"), u(cfg.head_dim));
+    m.insert(
+        k("attention.layer_norm_rms_epsilon"),
+        Value::F32(cfg.rms_norm_eps as f32),
+    );
+    if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size {
+        m.insert(k("attention.key_length"), u(cfg.head_dim));
+        m.insert(k("attention.value_length"), u(cfg.head_dim));
+    }
+    m
+}
+
+/// Writes the Hugging Face folder `dir` (config.json, safetensors, tokenizer.json,
+/// tokenizer_config.json) as the GGUF file `out`, weights in `ty` (norms and biases in F32,
+/// as llama.cpp's converter keeps them), with the tokenizer, special tokens and chat template
+/// as `tokenizer.ggml.*` metadata. Tensors are read and converted one at a time.
+pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportError> {
+    use slm_model::gguf::Value;
+    let model_err = |path: &Path, what: String| ExportError::Model {
+        path: path.to_path_buf(),
+        what,
+    };
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let cfg = Config::from_hf_json(&text, &cfg_path.display().to_string())?;
+    if cfg.rope_scaling.is_some() {
+        return Err(model_err(
+            &cfg_path,
+            "rope_scaling (llama3) is not written to GGUF yet".into(),
+        ));
+    }
+    let tok = slm_tokenizer::Tokenizer::from_folder(dir)?;
+    let tj = dir.join("tokenizer.json");
+    let tj_text = std::fs::read_to_string(&tj).map_err(io(&tj))?;
+    let name = dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "model".into());
+    let mut meta = gguf_hparams(&cfg, &name, ty);
+    meta.extend(slm_tokenizer::to_gguf_metadata(
+        &tj_text,
+        cfg.vocab_size,
+        &tj.display().to_string(),
+    )?);
+    if let Some(b) = tok.bos {
+        meta.insert("tokenizer.ggml.bos_token_id".into(), Value::U32(b));
+    }
+    if let Some(e) = tok.eos.or(cfg.eos_token_id) {
+        meta.insert("tokenizer.ggml.eos_token_id".into(), Value::U32(e));
+    }
+    meta.insert(
+        "tokenizer.ggml.add_bos_token".into(),
+        Value::Bool(tok.add_bos),
+    );
+    let tc = dir.join("tokenizer_config.json");
+    if let Ok(text) = std::fs::read_to_string(&tc) {
+        let v: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| model_err(&tc, e.to_string()))?;
+        if let Some(t) = v["chat_template"].as_str() {
+            meta.insert("tokenizer.chat_template".into(), Value::String(t.into()));
+        }
+    }
+
+    let files = slm_model::safetensors_files(dir).map_err(|e| model_err(dir, e.to_string()))?;
+    // SAFETY: read-only maps of files this function does not modify.
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
+        .map_err(|e| model_err(dir, format!("bad safetensors: {e}")))?;
+    let params = cfg.params();
+    let names: Vec<String> = params.iter().map(|p| p.gguf_name()).collect();
+    let types: Vec<slm_model::gguf::GgmlType> = params
+        .iter()
+        .map(|p| {
+            if p.shape.len() == 1 {
+                slm_model::gguf::GgmlType::F32
+            } else {
+                ty.ggml()
+            }
+        })
+        .collect();
+    let specs: Vec<slm_model::gguf_write::TensorSpec> = (0..params.len())
+        .map(|i| slm_model::gguf_write::TensorSpec {
+            name: &names[i],
+            dims: &params[i].shape,
+            dtype: types[i],
+        })
+        .collect();
+    let interleave = cfg.arch != Arch::Qwen2;
+    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
+        let p = &params[i];
+        let hf = p.role.hf_name(p.layer);
+        let t = st
+            .load(&hf, &Device::Cpu)
+            .and_then(|t| t.to_dtype(candle_core::DType::F32))
+            .map_err(|e| format!("{hf}: {e}"))?;
+        if t.dims() != p.shape.as_slice() {
+            return Err(format!(
+                "{hf} has shape {:?}, config.json implies {:?}",
+                t.dims(),
+                p.shape
+            ));
+        }
+        let v: Vec<f32> = t
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| format!("{hf}: {e}"))?;
+        let cols = if p.role.is_bias() { 1 } else { cfg.hidden_size };
+        let v = match p.role {
+            Role::Q | Role::QBias if interleave => permute_rows(&v, cfg.num_attention_heads, cols),
+            Role::K | Role::KBias if interleave => permute_rows(&v, cfg.num_key_value_heads, cols),
+            _ => v,
+        };
+        Ok(match types[i] {
+            slm_model::gguf::GgmlType::F32 => FloatType::F32.bytes(&v),
+            _ => ty.bytes(&v),
+        })
+    });
+    write.map_err(|e| model_err(out, e.to_string()))
+}
