@@ -3,7 +3,8 @@
 //! name (q and k rows put back in Hugging Face's order, which llama.cpp's converter permuted
 //! for Llama-architecture files), tokenizer.json built from `tokenizer.ggml.*`, and
 //! tokenizer_config.json with the chat template and special tokens. Tensors are converted
-//! one at a time while the safetensors file is written, so memory holds about one tensor, and
+//! one at a time while the safetensors file is written, so no copy of the whole model is built
+//! (the peak is a few copies of the largest tensor, plus the input's mapped pages), and
 //! the folder appears whole or not at all (written under a temporary name, then renamed).
 
 use std::borrow::Cow;
