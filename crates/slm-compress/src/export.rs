@@ -85,23 +85,38 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
 
 /// llama.cpp's converter stores a Llama q or k projection with the rows of each head
 /// reordered from Hugging Face's halves (pair i with i + d/2) to adjacent pairs: row
-/// `h*d + 2j + s` of the GGUF tensor is row `h*d + s*d/2 + j` of Hugging Face's. This puts
-/// them back; `cols` is the row length (1 for a bias).
-fn unpermute_rows(gguf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = gguf.len() / cols;
+/// `h*d + 2j + s` of the GGUF tensor is row `h*d + s*d/2 + j` of Hugging Face's. The pairs
+/// (Hugging Face row, GGUF row) of a tensor of `rows` rows in `heads` heads.
+fn rope_rows(rows: usize, heads: usize) -> impl Iterator<Item = (usize, usize)> {
     let d = rows / heads;
     let half = d / 2;
-    let mut hf = vec![0f32; gguf.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for s in 0..2 {
-                let from = (h * d + 2 * j + s) * cols;
-                let to = (h * d + s * half + j) * cols;
-                hf[to..to + cols].copy_from_slice(&gguf[from..from + cols]);
-            }
-        }
+    (0..heads).flat_map(move |h| {
+        (0..half).flat_map(move |j| (0..2).map(move |s| (h * d + s * half + j, h * d + 2 * j + s)))
+    })
+}
+
+/// Rows of `from` (rows of `cols` values) moved so that row `a` lands at row `b` for each
+/// pair `(a, b)`.
+fn move_rows(from: &[f32], cols: usize, pairs: impl Iterator<Item = (usize, usize)>) -> Vec<f32> {
+    let mut to = vec![0f32; from.len()];
+    for (a, b) in pairs {
+        to[b * cols..(b + 1) * cols].copy_from_slice(&from[a * cols..(a + 1) * cols]);
     }
-    hf
+    to
+}
+
+/// A GGUF q or k tensor (or bias, `cols` 1) in Hugging Face's row order.
+fn unpermute_rows(gguf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rows(
+        gguf,
+        cols,
+        rope_rows(gguf.len() / cols, heads).map(|(h, g)| (g, h)),
+    )
+}
+
+/// A Hugging Face q or k tensor in llama.cpp's converter's row order.
+fn permute_rows(hf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    move_rows(hf, cols, rope_rows(hf.len() / cols, heads))
 }
 
 /// One parameter, read from the GGUF and converted when the safetensors writer asks for it.
@@ -297,24 +312,6 @@ fn write_folder(
             .map_err(io(&f.path()))?;
     }
     Ok(())
-}
-
-/// llama.cpp's converter's row order for a Llama q or k projection (see `unpermute_rows`).
-fn permute_rows(hf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = hf.len() / cols;
-    let d = rows / heads;
-    let half = d / 2;
-    let mut gguf = vec![0f32; hf.len()];
-    for h in 0..heads {
-        for j in 0..half {
-            for s in 0..2 {
-                let to = (h * d + 2 * j + s) * cols;
-                let from = (h * d + s * half + j) * cols;
-                gguf[to..to + cols].copy_from_slice(&hf[from..from + cols]);
-            }
-        }
-    }
-    gguf
 }
 
 impl FloatType {
