@@ -133,6 +133,10 @@ impl LazyTensor<'_> {
         let name = self.param.gguf_name();
         let q = slm_model::weights::gguf_qtensor(self.file, &name, &Device::Cpu)
             .map_err(|e| e.to_string())?;
+        // The copy is made; the file's pages of this tensor may go.
+        if let Some(info) = self.file.tensor_info(&name) {
+            self.file.release(info);
+        }
         let t = q.dequantize(&Device::Cpu).map_err(|e| e.to_string())?;
         let v: Vec<f32> = t
             .flatten_all()
@@ -419,10 +423,7 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
         }
     }
 
-    let files = slm_model::safetensors_files(dir).map_err(|e| model_err(dir, e.to_string()))?;
-    // SAFETY: read-only maps of files this function does not modify.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::multi(&files) }
-        .map_err(|e| model_err(dir, format!("bad safetensors: {e}")))?;
+    let st = Safetensors::open(dir)?;
     let params = cfg.params();
     let names: Vec<String> = params.iter().map(|p| p.gguf_name()).collect();
     let types: Vec<slm_model::gguf::GgmlType> = params
@@ -446,21 +447,7 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
     let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
         let p = &params[i];
         let hf = p.role.hf_name(p.layer);
-        let t = st
-            .load(&hf, &Device::Cpu)
-            .and_then(|t| t.to_dtype(candle_core::DType::F32))
-            .map_err(|e| format!("{hf}: {e}"))?;
-        if t.dims() != p.shape.as_slice() {
-            return Err(format!(
-                "{hf} has shape {:?}, config.json implies {:?}",
-                t.dims(),
-                p.shape
-            ));
-        }
-        let v: Vec<f32> = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(|e| format!("{hf}: {e}"))?;
+        let v = st.values(&hf, &p.shape)?;
         let cols = if p.role.is_bias() { 1 } else { cfg.hidden_size };
         let v = match p.role {
             Role::Q | Role::QBias if interleave => permute_rows(&v, cfg.num_attention_heads, cols),
@@ -473,4 +460,94 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
         })
     });
     write.map_err(|e| model_err(out, e.to_string()))
+}
+
+/// The safetensors files of a folder, each read through its own map so that a tensor's pages
+/// are handed back once it is converted: converting a model then holds about one tensor, not
+/// the whole input, in memory.
+struct Safetensors {
+    maps: Vec<(PathBuf, memmap2::Mmap)>,
+    /// Tensor name -> where it lies.
+    index: std::collections::HashMap<String, Located>,
+}
+
+struct Located {
+    map: usize,
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
+}
+
+impl Safetensors {
+    fn open(dir: &Path) -> Result<Self, ExportError> {
+        let bad = |path: &Path, what: String| ExportError::Model {
+            path: path.to_path_buf(),
+            what,
+        };
+        let files = slm_model::safetensors_files(dir).map_err(|e| bad(dir, e.to_string()))?;
+        let mut maps = Vec::new();
+        let mut index = std::collections::HashMap::new();
+        for f in files {
+            let file = std::fs::File::open(&f).map_err(io(&f))?;
+            // SAFETY: a read-only map of a file this function does not modify.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io(&f))?;
+            // Checks the header and every tensor's extent against the file.
+            let (n, meta) = safetensors::SafeTensors::read_metadata(&map)
+                .map_err(|e| bad(&f, format!("bad safetensors: {e}")))?;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                index.insert(
+                    name,
+                    Located {
+                        map: maps.len(),
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: 8 + n + a,
+                        end: 8 + n + b,
+                    },
+                );
+            }
+            maps.push((f, map));
+        }
+        Ok(Self { maps, index })
+    }
+
+    /// Tensor `name` as f32 values, checked against `shape`; its pages are released after.
+    fn values(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, String> {
+        let t = self
+            .index
+            .get(name)
+            .ok_or_else(|| format!("no tensor {name} in the folder's safetensors"))?;
+        let (path, map) = &self.maps[t.map];
+        if t.shape.as_slice() != shape {
+            return Err(format!(
+                "{name} has shape {:?}, config.json implies {shape:?}",
+                t.shape
+            ));
+        }
+        let bytes = &map[t.start..t.end];
+        let v: Vec<f32> = match t.dtype {
+            safetensors::Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            safetensors::Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            safetensors::Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => {
+                return Err(format!(
+                    "{}: tensor '{name}' is stored as {other:?}; model weights must be F32, F16 or BF16",
+                    path.display()
+                ))
+            }
+        };
+        slm_model::gguf::release_pages(map, t.start, t.end - t.start);
+        Ok(v)
+    }
 }

@@ -312,21 +312,23 @@ impl GgufFile {
     /// leave this process's resident set (they stay in the page cache). Without it a load
     /// holds the file's pages and the copies at once: peak memory near twice the model.
     pub fn release(&self, info: &TensorInfo) {
-        // Only whole pages inside the tensor: neighbours may still be read.
-        let page = 4096;
-        let start = info.start.next_multiple_of(page);
-        let end = (info.start + info.len) / page * page;
-        if end > start {
-            // SAFETY: the map is private and read-only, so dropping pages loses nothing; a
-            // later read faults them back in from the file.
-            let _ = unsafe {
-                self.mmap.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
-        }
+        release_pages(&self.mmap, info.start, info.len);
+    }
+}
+
+/// Hands the whole pages of `map[start..start + len]` back to the kernel: they leave the
+/// process's resident set (staying in the page cache), and a later read faults them in again.
+/// Only pages inside the range, since neighbours may still be read.
+pub fn release_pages(map: &Mmap, start: usize, len: usize) {
+    let page = 4096;
+    let first = start.next_multiple_of(page);
+    let end = (start + len) / page * page;
+    if end > first {
+        // SAFETY: the map is read-only and backed by a file slm does not write, so dropping
+        // its pages loses nothing.
+        let _ = unsafe {
+            map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, first, end - first)
+        };
     }
 }
 
