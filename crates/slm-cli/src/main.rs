@@ -120,6 +120,19 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Quantize a model's weight matrices to a ggml block type, as llama-quantize does (the
+    /// same bytes): q8_0, q4_0, q4_1, q5_0, q5_1. MODEL is a GGUF file (F32/F16/BF16) or a
+    /// Hugging Face folder.
+    Quantize {
+        model: PathBuf,
+        #[arg(long = "type", value_parser = slm_compress::quantize::FileType::NAMES)]
+        ty: String,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Quantize weights that are already quantized (dequantized first; the errors add).
+        #[arg(long)]
+        allow_requantize: bool,
+    },
     /// Tokenizers: `slm tokenizer train CORPUS... --vocab 8192 -o tokenizer.json`.
     Tokenizer {
         #[command(subcommand)]
@@ -269,7 +282,8 @@ impl Cmd {
             | Cmd::Generate { model, .. }
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
-            | Cmd::Export { model, .. } => Some(model),
+            | Cmd::Export { model, .. }
+            | Cmd::Quantize { model, .. } => Some(model),
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
@@ -642,6 +656,12 @@ fn run(mut cli: Cli) -> Result<()> {
             revision,
         } => pull(&repo, file.as_deref(), &revision),
         Cmd::Info { model } => info(&model),
+        Cmd::Quantize {
+            model,
+            ty,
+            output,
+            allow_requantize,
+        } => quantize(&model, &ty, &output, allow_requantize),
         Cmd::Export {
             model,
             format,
@@ -1039,6 +1059,57 @@ fn eval(
             slm_data::shard::write_atomic(out, |f| f.write_all(&json))?;
         }
     }
+    Ok(())
+}
+
+fn quantize(model: &Path, ty: &str, output: &Path, allow_requantize: bool) -> Result<()> {
+    use slm_compress::quantize::{quantize_gguf, FileType};
+    let ft = FileType::parse(ty).context("--type")?;
+    check_writable(output, &[model])?;
+    let t = Instant::now();
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "quantizing [{bar:30}] {pos}/{len} tensors, eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    let progress = |i: usize, n: usize| {
+        bar.set_length(n as u64);
+        bar.set_position(i as u64);
+    };
+    if model.is_dir() {
+        // A folder goes through an F32 GGUF beside the output, removed afterwards.
+        let tmp = output.with_file_name(format!(
+            ".{}.f32-{}.gguf",
+            output
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            std::process::id()
+        ));
+        let r = slm_compress::export::hf_to_gguf(model, &tmp, slm_compress::export::FloatType::F32)
+            .map_err(anyhow::Error::from)
+            .and_then(|()| {
+                Ok(quantize_gguf(
+                    &tmp,
+                    output,
+                    ft,
+                    allow_requantize,
+                    &progress,
+                )?)
+            });
+        let _ = std::fs::remove_file(&tmp);
+        r?;
+    } else {
+        quantize_gguf(model, output, ft, allow_requantize, &progress)?;
+    }
+    bar.finish_and_clear();
+    eprintln!(
+        "wrote {} in {:.1}s",
+        output.display(),
+        t.elapsed().as_secs_f64()
+    );
+    println!("{}", output.display());
     Ok(())
 }
 

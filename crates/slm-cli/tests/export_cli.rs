@@ -53,6 +53,47 @@ fn trained_folders_go_to_gguf_and_back() {
         assert_eq!(cfg["tie_word_embeddings"], tied, "{name}");
     }
     let folder = d.join("gqa_tied/model");
+    // Quantized from the folder (through a temporary F32 GGUF) and from the GGUF: the same
+    // file, which runs; nothing else is left beside it.
+    let qdir = d.join("q");
+    std::fs::create_dir_all(&qdir).unwrap();
+    ok(slm()
+        .arg("quantize")
+        .arg(&folder)
+        .args(["--type", "q4_0", "-o"])
+        .arg(qdir.join("a.gguf")));
+    ok(slm()
+        .arg("quantize")
+        .arg(d.join("gqa_tied.gguf"))
+        .args(["--type", "q4_0", "-o"])
+        .arg(qdir.join("b.gguf")));
+    assert!(
+        std::fs::read(qdir.join("a.gguf")).unwrap() == std::fs::read(qdir.join("b.gguf")).unwrap()
+    );
+    let names: Vec<String> = std::fs::read_dir(&qdir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!greedy(&qdir.join("a.gguf")).is_empty());
+    let e = fails(
+        slm()
+            .arg("quantize")
+            .arg(&folder)
+            .args(["--type", "q4_k_m", "-o"])
+            .arg(qdir.join("c.gguf")),
+    );
+    assert!(e.contains("q4_k_m") && e.contains("q8_0"), "{e}");
+    let e = fails(
+        slm()
+            .arg("quantize")
+            .arg(qdir.join("a.gguf"))
+            .args(["--type", "q8_0", "-o"])
+            .arg(qdir.join("c.gguf")),
+    );
+    assert!(e.contains("--allow-requantize"), "{e}");
+    assert!(!qdir.join("c.gguf").exists());
     let e = fails(
         slm()
             .arg("export")

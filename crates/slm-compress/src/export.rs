@@ -45,6 +45,33 @@ impl FloatType {
             Self::BF16 => safetensors::Dtype::BF16,
         }
     }
+    /// Little-endian values of this type as f32 (exact: every F16 and BF16 value is one).
+    pub fn values(self, bytes: &[u8]) -> Vec<f32> {
+        match self {
+            Self::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Self::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Self::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        }
+    }
+    /// The GGUF float type `t` as a `FloatType`, if it is one.
+    pub fn of_ggml(t: slm_model::gguf::GgmlType) -> Option<Self> {
+        use slm_model::gguf::GgmlType;
+        match t {
+            GgmlType::F32 => Some(Self::F32),
+            GgmlType::F16 => Some(Self::F16),
+            GgmlType::BF16 => Some(Self::BF16),
+            _ => None,
+        }
+    }
     fn bytes(self, values: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
@@ -527,26 +554,19 @@ impl Safetensors {
             ));
         }
         let bytes = &map[t.start..t.end];
-        let v: Vec<f32> = match t.dtype {
-            safetensors::Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            safetensors::Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            safetensors::Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            other => {
-                return Err(format!(
-                    "{}: tensor '{name}' is stored as {other:?}; model weights must be F32, F16 or BF16",
-                    path.display()
-                ))
-            }
+        let float = match t.dtype {
+            safetensors::Dtype::F32 => Some(FloatType::F32),
+            safetensors::Dtype::F16 => Some(FloatType::F16),
+            safetensors::Dtype::BF16 => Some(FloatType::BF16),
+            _ => None,
         };
+        let v = float.map(|f| f.values(bytes)).ok_or_else(|| {
+            format!(
+                "{}: tensor '{name}' is stored as {:?}; model weights must be F32, F16 or BF16",
+                path.display(),
+                t.dtype
+            )
+        })?;
         slm_model::gguf::release_pages(map, t.start, t.end - t.start);
         Ok(v)
     }

@@ -2,3 +2,4 @@
 //! float types (`export`); quantization and pruning to come.
 
 pub mod export;
+pub mod quantize;

@@ -1,0 +1,322 @@
+//! `slm quantize`: a GGUF file (or a Hugging Face folder, converted first) rewritten with its
+//! weight matrices in one of ggml's block types, byte for byte as llama-quantize writes them:
+//! the same reference row quantizers (ggml-quants.c, `quantize_row_*_ref`, ported below with
+//! their float operations in the same order) and the same per-tensor type choice
+//! (llama-quant.cpp's `llama_tensor_get_type`). So far the legacy block types Q8_0, Q4_0,
+//! Q4_1, Q5_0 and Q5_1; the K-quants and importance matrices are to come.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use rayon::prelude::*;
+use slm_model::gguf::{GgmlType, GgufFile, Value};
+use slm_model::Config;
+
+use crate::export::{ExportError, FloatType};
+
+/// A file type of llama-quantize: the type most weight matrices get.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileType {
+    Q8_0,
+    Q4_0,
+    Q4_1,
+    Q5_0,
+    Q5_1,
+}
+
+impl FileType {
+    pub const NAMES: [&'static str; 5] = ["q8_0", "q4_0", "q4_1", "q5_0", "q5_1"];
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s.to_ascii_lowercase().as_str() {
+            "q8_0" => Self::Q8_0,
+            "q4_0" => Self::Q4_0,
+            "q4_1" => Self::Q4_1,
+            "q5_0" => Self::Q5_0,
+            "q5_1" => Self::Q5_1,
+            _ => return None,
+        })
+    }
+    fn tensor_type(self) -> GgmlType {
+        match self {
+            Self::Q8_0 => GgmlType::Q8_0,
+            Self::Q4_0 => GgmlType::Q4_0,
+            Self::Q4_1 => GgmlType::Q4_1,
+            Self::Q5_0 => GgmlType::Q5_0,
+            Self::Q5_1 => GgmlType::Q5_1,
+        }
+    }
+    /// llama.cpp's `llama_ftype` (general.file_type).
+    fn id(self) -> u32 {
+        match self {
+            Self::Q4_0 => 2,
+            Self::Q4_1 => 3,
+            Self::Q8_0 => 7,
+            Self::Q5_0 => 8,
+            Self::Q5_1 => 9,
+        }
+    }
+}
+
+fn f16(x: f32) -> [u8; 2] {
+    half::f16::from_f32(x).to_le_bytes()
+}
+
+/// One row of f32 values in `ty`'s blocks, written to `out` (the row's bytes), as ggml's
+/// reference quantizers compute them.
+pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) {
+    let blocks = x.chunks_exact(32).zip(out.chunks_exact_mut(ty.type_size()));
+    match ty {
+        GgmlType::Q8_0 => {
+            for (b, o) in blocks {
+                let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                o[..2].copy_from_slice(&f16(d));
+                for (q, v) in o[2..].iter_mut().zip(b) {
+                    *q = (v * id).round() as i8 as u8;
+                }
+            }
+        }
+        GgmlType::Q4_0 | GgmlType::Q5_0 => {
+            let five = ty == GgmlType::Q5_0;
+            let (div, off, top) = if five {
+                (-16.0, 16.5, 31u8)
+            } else {
+                (-8.0, 8.5, 15u8)
+            };
+            for (b, o) in blocks {
+                // The value of largest magnitude, the first one on ties (as ggml scans).
+                let (mut amax, mut max) = (0f32, 0f32);
+                for &v in b {
+                    if amax < v.abs() {
+                        amax = v.abs();
+                        max = v;
+                    }
+                }
+                let d = max / div;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                o[..2].copy_from_slice(&f16(d));
+                let q = |v: f32| top.min((v * id + off) as i8 as u8);
+                put_quants(b, q, five, &mut o[2..]);
+            }
+        }
+        GgmlType::Q4_1 | GgmlType::Q5_1 => {
+            let five = ty == GgmlType::Q5_1;
+            for (b, o) in blocks {
+                let min = b.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
+                let max = b.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
+                let d = (max - min) / if five { 31.0 } else { 15.0 };
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                o[..2].copy_from_slice(&f16(d));
+                o[2..4].copy_from_slice(&f16(min));
+                if five {
+                    put_quants(b, |v| ((v - min) * id + 0.5) as u8, true, &mut o[4..]);
+                } else {
+                    let q = |v: f32| 15u8.min(((v - min) * id + 0.5) as i8 as u8);
+                    put_quants(b, q, false, &mut o[4..]);
+                }
+            }
+        }
+        other => unreachable!("no reference quantizer for {}", other.name()),
+    }
+}
+
+/// A block's quants into `o`: for 5-bit types the 32 high bits first (value j's in bit j),
+/// then the low nibbles, value j in the low half of byte j and value j + 16 in the high half.
+fn put_quants(b: &[f32], q: impl Fn(f32) -> u8, five: bool, o: &mut [u8]) {
+    let mut qs = [0u8; 32];
+    for (d, &v) in qs.iter_mut().zip(b) {
+        *d = q(v);
+    }
+    let o = if five {
+        let mut qh = 0u32;
+        for (j, &v) in qs.iter().enumerate() {
+            qh |= u32::from((v & 0x10) >> 4) << j;
+        }
+        o[..4].copy_from_slice(&qh.to_le_bytes());
+        &mut o[4..]
+    } else {
+        o
+    };
+    for j in 0..16 {
+        o[j] = (qs[j] & 0x0F) | ((qs[j + 16] & 0x0F) << 4);
+    }
+}
+
+/// The type llama-quantize gives tensor `name` of `dims` in a file of type `ft`
+/// (`llama_tensor_get_type` for the legacy file types): the output projection, or the token
+/// embedding when it doubles as one, gets Q6_K, or Q8_0 when its rows are not whole 256-value
+/// blocks (`tensor_type_fallback`) or the file is Q8_0; every other weight matrix gets the
+/// file's type; vectors (norms, biases) keep theirs.
+fn choose_type(name: &str, dims: &[usize], tied: bool, ft: FileType) -> Option<GgmlType> {
+    if dims.len() < 2 || !name.ends_with(".weight") {
+        return None;
+    }
+    let is_output = name == "output.weight" || (tied && name == "token_embd.weight");
+    let cols = dims[dims.len() - 1];
+    let ty = if is_output && ft != FileType::Q8_0 {
+        if cols.is_multiple_of(256) {
+            GgmlType::Q6K
+        } else {
+            GgmlType::Q8_0
+        }
+    } else {
+        ft.tensor_type()
+    };
+    Some(ty)
+}
+
+/// Quantizes the GGUF `model` into `out` as file type `ft`. Weights already quantized are
+/// refused unless `allow_requantize` (they are dequantized first, compounding the error).
+pub fn quantize_gguf(
+    model: &Path,
+    out: &Path,
+    ft: FileType,
+    allow_requantize: bool,
+    progress: &(dyn Fn(usize, usize) + Sync),
+) -> Result<(), ExportError> {
+    let err = |what: String| ExportError::Model {
+        path: model.to_path_buf(),
+        what,
+    };
+    let file = GgufFile::open(model)?;
+    // Only a model slm can load is quantized (its configuration checked).
+    Config::from_gguf(&file)?;
+    let tied = file.tensor_info("output.weight").is_none();
+    let mut plan = Vec::new();
+    for t in &file.tensors {
+        let target = choose_type(&t.name, &t.dims, tied, ft);
+        if let Some(ty) = target {
+            if !matches!(t.dtype, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+                && !allow_requantize
+            {
+                return Err(err(format!(
+                    "tensor '{}' is already {}: requantizing loses more than quantizing the original; \
+                     pass --allow-requantize to do it anyway",
+                    t.name,
+                    t.dtype.name()
+                )));
+            }
+            if ty == GgmlType::Q6K {
+                return Err(err(format!(
+                    "tensor '{}' takes Q6_K in llama-quantize's {ft:?} files, and slm's K-quants are not written yet",
+                    t.name
+                )));
+            }
+            if t.dims[t.dims.len() - 1] % ty.block_size() != 0 {
+                return Err(err(format!(
+                    "tensor '{}' has rows of {} values, not whole {} blocks of {}",
+                    t.name,
+                    t.dims[t.dims.len() - 1],
+                    ty.name(),
+                    ty.block_size()
+                )));
+            }
+        }
+        plan.push(target.unwrap_or(t.dtype));
+    }
+    let mut meta: BTreeMap<String, Value> = file.metadata.clone();
+    meta.insert("general.file_type".into(), Value::U32(ft.id()));
+    meta.insert("general.quantization_version".into(), Value::U32(2));
+    let specs: Vec<slm_model::gguf_write::TensorSpec> = file
+        .tensors
+        .iter()
+        .zip(&plan)
+        .map(|(t, &dtype)| slm_model::gguf_write::TensorSpec {
+            name: &t.name,
+            dims: &t.dims,
+            dtype,
+        })
+        .collect();
+    let n = file.tensors.len();
+    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
+        let t = &file.tensors[i];
+        progress(i, n);
+        if plan[i] == t.dtype {
+            return Ok(file.tensor_bytes(t).to_vec());
+        }
+        // Float weights are read straight from the map; quantized ones (with
+        // --allow-requantize) through candle's dequantizer.
+        let values = match FloatType::of_ggml(t.dtype) {
+            Some(f) => f.values(file.tensor_bytes(t)),
+            None => {
+                let cpu = candle_core::Device::Cpu;
+                let q = slm_model::weights::gguf_qtensor(&file, &t.name, &cpu)
+                    .map_err(|e| e.to_string())?;
+                q.dequantize(&cpu)
+                    .and_then(|t| t.flatten_all()?.to_vec1::<f32>())
+                    .map_err(|e| e.to_string())?
+            }
+        };
+        file.release(t);
+        let cols = t.dims[t.dims.len() - 1];
+        let row_bytes = cols / plan[i].block_size() * plan[i].type_size();
+        let mut out = vec![0u8; values.len() / cols * row_bytes];
+        out.par_chunks_mut(row_bytes)
+            .zip(values.par_chunks(cols))
+            .for_each(|(o, r)| quantize_row(plan[i], r, o));
+        Ok(out)
+    });
+    write.map_err(|e| ExportError::Model {
+        path: out.to_path_buf(),
+        what: e.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each type's blocks read back through candle's dequantizer (an independent reader of
+    /// the layout) within half a quantization step of the input.
+    #[test]
+    fn quantized_rows_dequantize_near_the_input() {
+        let x: Vec<f32> = (0..256)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        // The step of each type's grid and the largest error it allows: half a step where the
+        // grid spans the block, a whole step for Q4_0 and Q5_0, whose grid has one level
+        // fewer on the side opposite the largest magnitude.
+        type Bound = fn(f32, f32) -> f32;
+        let cases: [(GgmlType, Bound); 5] = [
+            (GgmlType::Q8_0, |amax, _| amax / 127.0 * 0.5),
+            (GgmlType::Q4_0, |amax, _| amax / 8.0),
+            (GgmlType::Q4_1, |_, span| span / 15.0 * 0.5),
+            (GgmlType::Q5_0, |amax, _| amax / 16.0),
+            (GgmlType::Q5_1, |_, span| span / 31.0 * 0.5),
+        ];
+        for (ty, bound) in cases {
+            let mut b = vec![0u8; 256 / 32 * ty.type_size()];
+            quantize_row(ty, &x, &mut b);
+            assert_eq!(b.len(), 256 / 32 * ty.type_size(), "{}", ty.name());
+            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                slm_model::weights::candle_type(ty),
+                &b,
+                vec![256],
+                &candle_core::Device::Cpu,
+            )
+            .unwrap();
+            let y: Vec<f32> = q
+                .dequantize(&candle_core::Device::Cpu)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (blk, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
+                let (lo, hi) = xs
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+                let amax = lo.abs().max(hi.abs());
+                // Scales and minimums are stored in f16: a few thousandths of the block's range.
+                let allowed = bound(amax, hi - lo) + 2e-3 * amax;
+                for (a, b) in xs.iter().zip(ys) {
+                    assert!(
+                        (a - b).abs() <= allowed,
+                        "{} block {blk}: {a} -> {b} (allowed {allowed})",
+                        ty.name()
+                    );
+                }
+            }
+        }
+    }
+}
