@@ -691,12 +691,7 @@ fn run(mut cli: Cli) -> Result<()> {
                     }
                 ),
             }
-            eprintln!(
-                "wrote {} in {:.1}s",
-                output.display(),
-                t.elapsed().as_secs_f64()
-            );
-            println!("{}", output.display());
+            written(&output, t);
             Ok(())
         }
         Cmd::Train { recipe, resume } => train(&recipe, resume),
@@ -1104,13 +1099,18 @@ fn quantize(model: &Path, ty: &str, output: &Path, allow_requantize: bool) -> Re
         quantize_gguf(model, output, ft, allow_requantize, &progress)?;
     }
     bar.finish_and_clear();
+    written(output, t);
+    Ok(())
+}
+
+/// A finished output: its path on stdout (for scripts), the time taken on stderr.
+fn written(output: &Path, t: Instant) {
     eprintln!(
         "wrote {} in {:.1}s",
         output.display(),
         t.elapsed().as_secs_f64()
     );
     println!("{}", output.display());
-    Ok(())
 }
 
 fn report(files: &[PathBuf], output: &Path) -> Result<()> {
