@@ -2,8 +2,9 @@
 //! weight matrices in one of ggml's block types, byte for byte as llama-quantize writes them:
 //! the same reference row quantizers (ggml-quants.c, `quantize_row_*_ref`, ported below with
 //! their float operations in the same order) and the same per-tensor type choice
-//! (llama-quant.cpp's `llama_tensor_get_type`). So far the legacy block types Q8_0, Q4_0,
-//! Q4_1, Q5_0 and Q5_1; the K-quants and importance matrices are to come.
+//! (llama-quant.cpp's `llama_tensor_get_type`). So far the file types of the legacy block
+//! types Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, whose output projection may take Q6_K; the K-quant
+//! file types and importance matrices are to come.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -118,6 +119,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) {
                 }
             }
         }
+        GgmlType::Q6K => quantize_row_q6k(x, out),
         other => unreachable!("no reference quantizer for {}", other.name()),
     }
 }
@@ -198,12 +200,6 @@ pub fn quantize_gguf(
                     t.dtype.name()
                 )));
             }
-            if ty == GgmlType::Q6K {
-                return Err(err(format!(
-                    "tensor '{}' takes Q6_K in llama-quantize's {ft:?} files, and slm's K-quants are not written yet",
-                    t.name
-                )));
-            }
             if t.dims[t.dims.len() - 1] % ty.block_size() != 0 {
                 return Err(err(format!(
                     "tensor '{}' has rows of {} values, not whole {} blocks of {}",
@@ -264,9 +260,151 @@ pub fn quantize_gguf(
     })
 }
 
+/// ggml's `nearest_int`: round half to even through the float's mantissa (|x| < 2^22).
+fn nearest_int(x: f32) -> i32 {
+    ((x + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
+/// ggml's `make_qx_quants` with `rmse_type` 1 and no importance weights: the scale of `x`'s
+/// values on levels -nmax..nmax-1 (written to `l` offset by nmax), searched over 19 candidate
+/// scales for the least weighted squared error.
+fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < 1e-15 {
+        l.fill(0);
+        return 0.0;
+    }
+    // Separate multiplies and adds, not fused: llama-quantize's bytes come out this way.
+    let sums = |iscale: f32| {
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for &v in x {
+            let q = nearest_int(iscale * v).clamp(-nmax, nmax - 1) as f32;
+            let w = v * v;
+            sumlx += w * v * q;
+            suml2 += w * q * q;
+        }
+        (sumlx, suml2)
+    };
+    let fill = |iscale: f32, l: &mut [i8]| {
+        for (o, &v) in l.iter_mut().zip(x) {
+            *o = (nmax + nearest_int(iscale * v).clamp(-nmax, nmax - 1)) as i8;
+        }
+    };
+    let iscale = -(nmax as f32) / max;
+    fill(iscale, l);
+    let (sumlx, suml2) = sums(iscale);
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (sumlx, suml2) = sums(iscale);
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            fill(iscale, l);
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// One row in Q6_K blocks (ggml's `quantize_row_q6_K_ref`): per 16 values a scale from
+/// `make_qx_quants`, the scales quantized to 8 bits against the block's f16 scale, then 6-bit
+/// quants, low nibbles in `ql`, high bits in `qh`.
+fn quantize_row_q6k(x: &[f32], out: &mut [u8]) {
+    for (b, o) in x.chunks_exact(256).zip(out.chunks_exact_mut(210)) {
+        let mut l = [0i8; 256];
+        let mut scales = [0f32; 16];
+        let (mut max_scale, mut max_abs) = (0f32, 0f32);
+        for ib in 0..16 {
+            let s = make_qx_quants(32, &b[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16]);
+            scales[ib] = s;
+            if s.abs() > max_abs {
+                max_abs = s.abs();
+                max_scale = s;
+            }
+        }
+        o.fill(0);
+        if max_abs < 1e-15 {
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        let d = half::f16::from_f32(1.0 / iscale);
+        o[208..210].copy_from_slice(&d.to_le_bytes());
+        let mut sc = [0i8; 16];
+        for ib in 0..16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+            o[192 + ib] = sc[ib] as u8;
+        }
+        for j in 0..16 {
+            let dj = d.to_f32() * sc[j] as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(b[16 * j + ii] / dj).clamp(-32, 31);
+                l[16 * j + ii] = (q + 32) as i8;
+            }
+        }
+        let (ql, rest) = o.split_at_mut(128);
+        let qh = &mut rest[..64];
+        for (half_, j) in [0usize, 128].into_iter().enumerate() {
+            let ql = &mut ql[64 * half_..64 * half_ + 64];
+            let qh = &mut qh[32 * half_..32 * half_ + 32];
+            for i in 0..32 {
+                let q = |k: usize| l[j + i + k] as u8;
+                ql[i] = (q(0) & 0xF) | ((q(64) & 0xF) << 4);
+                ql[i + 32] = (q(32) & 0xF) | ((q(96) & 0xF) << 4);
+                qh[i] =
+                    (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// llama-quantize's choices for the legacy file types.
+    #[test]
+    fn output_projections_take_q6_k_when_their_rows_are_whole_blocks() {
+        let q4 = FileType::Q4_0;
+        let t = |name, dims: &[usize], tied, ft| choose_type(name, dims, tied, ft);
+        assert_eq!(
+            t("output.weight", &[300, 512], false, q4),
+            Some(GgmlType::Q6K)
+        );
+        assert_eq!(
+            t("output.weight", &[300, 576], false, q4),
+            Some(GgmlType::Q8_0)
+        );
+        assert_eq!(
+            t("token_embd.weight", &[300, 512], true, q4),
+            Some(GgmlType::Q6K)
+        );
+        assert_eq!(
+            t("token_embd.weight", &[300, 512], false, q4),
+            Some(GgmlType::Q4_0)
+        );
+        assert_eq!(
+            t("output.weight", &[300, 512], false, FileType::Q8_0),
+            Some(GgmlType::Q8_0)
+        );
+        assert_eq!(
+            t("blk.0.ffn_up.weight", &[512, 512], true, q4),
+            Some(GgmlType::Q4_0)
+        );
+        assert_eq!(t("blk.0.attn_norm.weight", &[512], true, q4), None);
+    }
 
     /// Each type's blocks read back through candle's dequantizer (an independent reader of
     /// the layout) within half a quantization step of the input.
