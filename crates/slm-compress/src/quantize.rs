@@ -3,8 +3,9 @@
 //! the same reference row quantizers (ggml-quants.c, `quantize_row_*_ref`, ported below with
 //! their float operations in the same order) and the same per-tensor type choice
 //! (llama-quant.cpp's `llama_tensor_get_type`). So far the file types of the legacy block
-//! types Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, whose output projection may take Q6_K; the K-quant
-//! file types and importance matrices are to come.
+//! types Q8_0, Q4_0, Q4_1, Q5_0 and Q5_1, whose output projection may take Q6_K; the Q4_K
+//! quantizer is written and held to llama-quantize's bytes, the K-quant file types (their
+//! per-layer mixes) and importance matrices are to come.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -120,6 +121,7 @@ pub fn quantize_row(ty: GgmlType, x: &[f32], out: &mut [u8]) {
             }
         }
         GgmlType::Q6K => quantize_row_q6k(x, out),
+        GgmlType::Q4K => quantize_row_q4k(x, out),
         other => unreachable!("no reference quantizer for {}", other.name()),
     }
 }
@@ -365,6 +367,158 @@ fn quantize_row_q6k(x: &[f32], out: &mut [u8]) {
                 ql[i + 32] = (q(32) & 0xF) | ((q(96) & 0xF) << 4);
                 qh[i] =
                     (q(0) >> 4) | ((q(32) >> 4) << 2) | ((q(64) >> 4) << 4) | ((q(96) >> 4) << 6);
+            }
+        }
+    }
+}
+
+/// ggml's `make_qkx2_quants` for Q4_K (`nmax` 15, `rmin` -1, `rdelta` 0.1, 20 steps, squared
+/// error): the scale and minimum of `x`'s values on levels 0..=nmax under `weights` (levels
+/// written to `l`); returns (scale, -min).
+fn make_qkx2_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8]) -> (f32, f32) {
+    let (rmin, rdelta, nstep) = (-1.0f32, 0.1f32, 20);
+    let (mut min, mut max) = (x[0], x[0]);
+    let mut sum_w = weights[0];
+    let mut sum_x = sum_w * x[0];
+    for i in 1..x.len() {
+        if x[i] < min {
+            min = x[i];
+        }
+        if x[i] > max {
+            max = x[i];
+        }
+        let w = weights[i];
+        sum_w += w;
+        sum_x += w * x[i];
+    }
+    if min > 0.0 {
+        min = 0.0;
+    }
+    if max == min {
+        l.fill(0);
+        return (0.0, -min);
+    }
+    let mut iscale = nmax as f32 / (max - min);
+    let mut scale = 1.0 / iscale;
+    let mut best_error = 0f32;
+    for i in 0..x.len() {
+        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+        l[i] = q as u8;
+        let diff = scale * q as f32 + min - x[i];
+        best_error += weights[i] * (diff * diff);
+    }
+    let mut aux = [0u8; 32];
+    for is in 0..=nstep {
+        iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
+        let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
+        for i in 0..x.len() {
+            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
+            aux[i] = q as u8;
+            let (w, q) = (weights[i], q as f32);
+            sum_l += w * q;
+            sum_l2 += w * q * q;
+            sum_xl += w * q * x[i];
+        }
+        let d = sum_w * sum_l2 - sum_l * sum_l;
+        if d > 0.0 {
+            let mut this_scale = (sum_w * sum_xl - sum_x * sum_l) / d;
+            let mut this_min = (sum_l2 * sum_x - sum_l * sum_xl) / d;
+            if this_min > 0.0 {
+                this_min = 0.0;
+                this_scale = sum_xl / sum_l2;
+            }
+            let mut cur_error = 0f32;
+            for i in 0..x.len() {
+                let diff = this_scale * aux[i] as f32 + this_min - x[i];
+                cur_error += weights[i] * (diff * diff);
+            }
+            if cur_error < best_error {
+                l[..x.len()].copy_from_slice(&aux[..x.len()]);
+                best_error = cur_error;
+                scale = this_scale;
+                min = this_min;
+            }
+        }
+    }
+    (scale, -min)
+}
+
+/// One row in Q4_K blocks (ggml's `quantize_row_q4_K_ref`): per 32 values a scale and a
+/// minimum from `make_qkx2_quants`, both quantized to 6 bits against the block's f16 `d` and
+/// `dmin`, then 4-bit quants.
+fn quantize_row_q4k(x: &[f32], out: &mut [u8]) {
+    for (b, o) in x.chunks_exact(256).zip(out.chunks_exact_mut(144)) {
+        let mut l = [0u8; 256];
+        let mut scales = [0f32; 8];
+        let mut mins = [0f32; 8];
+        let (mut max_scale, mut max_min) = (0f32, 0f32);
+        for j in 0..8 {
+            let xs = &b[32 * j..32 * j + 32];
+            let mut sum_x2 = 0f32;
+            for v in xs {
+                sum_x2 += v * v;
+            }
+            let av_x = (sum_x2 / 32.0).sqrt();
+            let mut weights = [0f32; 32];
+            for (w, v) in weights.iter_mut().zip(xs) {
+                *w = av_x + v.abs();
+            }
+            let (s, m) = make_qkx2_quants(15, xs, &weights, &mut l[32 * j..32 * j + 32]);
+            scales[j] = s;
+            mins[j] = m;
+            if s > max_scale {
+                max_scale = s;
+            }
+            if m > max_min {
+                max_min = m;
+            }
+        }
+        let inv_scale = if max_scale > 0.0 {
+            63.0 / max_scale
+        } else {
+            0.0
+        };
+        let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+        let mut sc = [0u8; 12];
+        for j in 0..8 {
+            let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+            let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+            if j < 4 {
+                sc[j] = ls;
+                sc[j + 4] = lm;
+            } else {
+                sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
+                sc[j - 4] |= (ls >> 4) << 6;
+                sc[j] |= (lm >> 4) << 6;
+            }
+        }
+        let d = half::f16::from_f32(max_scale / 63.0);
+        let dmin = half::f16::from_f32(max_min / 63.0);
+        o[0..2].copy_from_slice(&d.to_le_bytes());
+        o[2..4].copy_from_slice(&dmin.to_le_bytes());
+        o[4..16].copy_from_slice(&sc);
+        for j in 0..8 {
+            let (s, m) = if j < 4 {
+                (sc[j] & 63, sc[j + 4] & 63)
+            } else {
+                (
+                    (sc[j + 4] & 0xF) | ((sc[j - 4] >> 6) << 4),
+                    (sc[j + 4] >> 4) | ((sc[j] >> 6) << 4),
+                )
+            };
+            let dj = d.to_f32() * s as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            let dm = dmin.to_f32() * m as f32;
+            for ii in 0..32 {
+                l[32 * j + ii] = nearest_int((b[32 * j + ii] + dm) / dj).clamp(0, 15) as u8;
+            }
+        }
+        let q = &mut o[16..144];
+        for (k, j) in (0..256).step_by(64).enumerate() {
+            for i in 0..32 {
+                q[32 * k + i] = l[j + i] | (l[j + i + 32] << 4);
             }
         }
     }

@@ -79,12 +79,12 @@ fn legacy_types_match_llama_quantize_byte_for_byte() {
     }
 }
 
-/// The Q6_K tensors llama-quantize writes in a q4_k_m file (ffn_down in its "more bits"
-/// layers) equal slm's Q6_K quantizer's, byte for byte: the type legacy files give an output
-/// projection whose rows are whole 256-value blocks.
+/// The K-quant tensors llama-quantize writes in a q4_k_m file of SmolLM2 (ffn_down: Q6_K in
+/// its "more bits" layers, Q4_K in the others) equal slm's quantizers', byte for byte. Q6_K is
+/// also what legacy files give an output projection of whole 256-value rows.
 #[test]
 #[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
-fn q6_k_matches_llama_quantize_byte_for_byte() {
+fn k_quants_match_llama_quantize_byte_for_byte() {
     use slm_model::gguf::GgmlType;
     let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
@@ -93,25 +93,31 @@ fn q6_k_matches_llama_quantize_byte_for_byte() {
     let input = d.join("f16.gguf");
     hf_to_gguf(&d.join("hf16"), &input, FloatType::F16).unwrap();
     let g = slm_model::GgufFile::open(&input).unwrap();
-    let mut checked = 0;
+    let (mut q4k, mut q6k) = (0, 0);
     for line in reference("q4_k_m.txt") {
         let mut it = line.split(' ');
         let (name, ty, hash) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-        if ty != "Q6_K" {
-            continue;
-        }
+        let ty = match ty {
+            "Q6_K" => GgmlType::Q6K,
+            "Q4_K" => GgmlType::Q4K,
+            _ => continue,
+        };
         let t = g.tensor_info(name).unwrap();
         let values = FloatType::F16.values(g.tensor_bytes(t));
         let cols = t.dims[1];
-        let row = cols / 256 * GgmlType::Q6K.type_size();
+        let row = cols / 256 * ty.type_size();
         let mut out = vec![0u8; values.len() / cols * row];
         for (o, r) in out.chunks_mut(row).zip(values.chunks(cols)) {
-            slm_compress::quantize::quantize_row(GgmlType::Q6K, r, o);
+            slm_compress::quantize::quantize_row(ty, r, o);
         }
         assert_eq!(hex::encode(sha2::Sha256::digest(&out)), hash, "{name}");
-        checked += 1;
+        *if ty == GgmlType::Q4K {
+            &mut q4k
+        } else {
+            &mut q6k
+        } += 1;
     }
-    assert_eq!(checked, 14, "Q6_K tensors in the reference");
+    assert_eq!((q4k, q6k), (16, 14), "K-quant tensors in the reference");
 }
 
 /// Already-quantized weights are refused with the reason unless asked for; nothing is
