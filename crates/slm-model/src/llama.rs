@@ -371,16 +371,23 @@ impl Rope {
         })??
     }
 
-    /// x: (batch, heads, seq, head_dim), each row at its own position (a packed forward).
-    fn apply_at(&self, x: &Tensor, positions: &Tensor, ggml: bool) -> candle_core::Result<Tensor> {
-        let last = positions.max(0)?.to_scalar::<u32>()? as usize;
-        let (cos, sin) = self.tables(last + 1)?;
-        self.rotate(
-            x,
-            cos.index_select(positions, 0)?,
-            sin.index_select(positions, 0)?,
-            ggml,
-        )
+    /// cos and sin for rows at `positions` (a packed forward's), (rows, head_dim / 2) each:
+    /// the same for every layer, so a forward takes them once.
+    fn at_rows(&self, positions: &[u32]) -> candle_core::Result<(Tensor, Tensor)> {
+        let reach = positions.iter().max().map_or(0, |&p| p as usize + 1);
+        let (cos, sin) = self.tables(reach)?;
+        let idx = Tensor::new(positions, &self.device)?;
+        Ok((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?))
+    }
+
+    /// x: (batch, heads, seq, head_dim), each row rotated by its row of `rows` (`at_rows`).
+    fn apply_at(
+        &self,
+        x: &Tensor,
+        rows: &(Tensor, Tensor),
+        ggml: bool,
+    ) -> candle_core::Result<Tensor> {
+        self.rotate(x, rows.0.clone(), rows.1.clone(), ggml)
     }
 
     /// x rotated by per-row tables cos, sin: (seq, head_dim / 2).
@@ -518,12 +525,12 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         pack: &Pack,
-        positions: &Tensor,
+        rows: &(Tensor, Tensor),
         ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let t = x.dim(1)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = self.qkv(x, |y| rope.apply_at(y, positions, ggml))?;
+        let (q, k, v) = self.qkv(x, |y| rope.apply_at(y, rows, ggml))?;
         let flat = |y: Tensor| -> candle_core::Result<Vec<f32>> {
             y.to_dtype(DType::F32)?.flatten_all()?.to_vec1()
         };
@@ -816,12 +823,12 @@ impl Llama {
         if let Some(&p) = pack.positions().iter().find(|&&p| p as usize >= max) {
             candle_core::bail!("position {p} exceeds the model's context length {max}");
         }
-        let positions = Tensor::new(pack.positions(), &self.device)?;
+        let angles = self.rope.at_rows(pack.positions())?;
         let x = self
             .embed
             .forward(&Tensor::new(ids, &self.device)?.unsqueeze(0)?)?;
         let x = self.blocks(x, |_, attn, h| {
-            attn.forward_packed(h, &self.rope, pack, &positions, self.ggml)
+            attn.forward_packed(h, &self.rope, pack, &angles, self.ggml)
         })?;
         let x = x
             .squeeze(0)?
