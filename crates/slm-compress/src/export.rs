@@ -6,6 +6,9 @@
 //! one at a time while the safetensors file is written, so no copy of the whole model is built
 //! (the peak is a few copies of the largest tensor, plus the input's mapped pages), and
 //! the folder appears whole or not at all (written under a temporary name, then renamed).
+//!
+//! And the way back, `hf_to_gguf`: a folder as a GGUF file with llama.cpp's converter's
+//! metadata, the tokenizer as `tokenizer.ggml.*`, each tensor read through its own map.
 
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
@@ -89,8 +92,6 @@ impl FloatType {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error(transparent)]
-    Load(#[from] slm_model::LoadError),
     #[error(transparent)]
     Gguf(#[from] slm_model::gguf::GgufError),
     #[error(transparent)]

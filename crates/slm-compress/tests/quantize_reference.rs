@@ -23,6 +23,16 @@ fn hashes(path: &Path) -> Vec<String> {
     v
 }
 
+/// The F16 GGUF the reference was made from, made again by slm from the Q4_1 asset in `dir`:
+/// Q4_1 -> Hugging Face folder in f16 -> GGUF in f16, as bench/quantize-reference.sh does.
+fn f16_input(dir: &Path) -> std::path::PathBuf {
+    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    gguf_to_hf(&asset, &dir.join("hf16"), FloatType::F16).unwrap();
+    let input = dir.join("f16.gguf");
+    hf_to_gguf(&dir.join("hf16"), &input, FloatType::F16).unwrap();
+    input
+}
+
 fn reference(name: &str) -> Vec<String> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/reference")
@@ -45,12 +55,9 @@ fn differing(ours: &[String], theirs: &[String]) -> Vec<String> {
 #[test]
 #[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
 fn legacy_types_match_llama_quantize_byte_for_byte() {
-    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    gguf_to_hf(&asset, &d.join("hf16"), FloatType::F16).unwrap();
-    let input = d.join("f16.gguf");
-    hf_to_gguf(&d.join("hf16"), &input, FloatType::F16).unwrap();
+    let input = f16_input(d);
     let ours = hashes(&input);
     assert_eq!(
         ours,
@@ -86,12 +93,9 @@ fn legacy_types_match_llama_quantize_byte_for_byte() {
 #[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
 fn k_quants_match_llama_quantize_byte_for_byte() {
     use slm_model::gguf::GgmlType;
-    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    gguf_to_hf(&asset, &d.join("hf16"), FloatType::F16).unwrap();
-    let input = d.join("f16.gguf");
-    hf_to_gguf(&d.join("hf16"), &input, FloatType::F16).unwrap();
+    let input = f16_input(d);
     let g = slm_model::GgufFile::open(&input).unwrap();
     let (mut q4k, mut q6k) = (0, 0);
     for line in reference("q4_k_m.txt") {
