@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes the reference that crates/slm-compress/tests/quantize_reference.rs holds slm to: the
 # tensor data llama-quantize writes for each file type from one F16 GGUF of
-# SmolLM2-135M-Instruct. The F16 input is made by slm from the fetched Q4_1 asset (Q4_1 ->
+# SmolLM2-135M-Instruct, without and with an importance matrix (llama-imatrix's, over the
+# first 8 windows of 512 tokens of the fetched Moby-Dick, committed as imatrix.gguf). The F16 input is made by slm from the fetched Q4_1 asset (Q4_1 ->
 # Hugging Face folder in f16 -> GGUF in f16, `slm export` both ways), so the test can make
 # the same file without llama.cpp; its tensor hashes are recorded too.
 #
@@ -15,7 +16,8 @@ root="$(cd "$(dirname "$0")/.." && pwd)"
 peers="${SLM_PEERS:-$HOME/.cache/slm/peers}"
 src="$peers/llama_cpp_python-0.3.36/vendor/llama.cpp"
 LLAMA_QUANTIZE="${LLAMA_QUANTIZE:-$src/build/bin/llama-quantize}"
-if [ ! -x "$LLAMA_QUANTIZE" ]; then
+LLAMA_IMATRIX="${LLAMA_IMATRIX:-$src/build/bin/llama-imatrix}"
+if [ ! -x "$LLAMA_QUANTIZE" ] || [ ! -x "$LLAMA_IMATRIX" ]; then
   mkdir -p "$peers"; cd "$peers"
   if [ ! -d "$src" ]; then
     python3 -m pip install -q scikit-build-core cmake ninja
@@ -24,7 +26,7 @@ if [ ! -x "$LLAMA_QUANTIZE" ]; then
   fi
   cd "$src"
   [ -d build ] || cmake -S . -B build -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF
-  cmake --build build --target llama-quantize -j"$(nproc)"
+  cmake --build build --target llama-quantize llama-imatrix -j"$(nproc)"
 fi
 cd "$root"
 cargo build --release -p slm-cli -p slm-compress --examples --bins
@@ -37,13 +39,19 @@ work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 out="$root/crates/slm-compress/tests/reference"
 mkdir -p "$out"
 "$hashes" "$work/f16.gguf" | sort > "$out/input-f16.txt"
-# q4_k_m is recorded for its Q6_K tensors, which slm's Q6_K quantizer is held to.
-for t in q8_0 q4_0 q4_1 q5_0 q5_1 q4_k_m; do
+calib="${SLM_ASSETS:-$HOME/.cache/slm/assets}/corpora/moby-dick.txt"
+"$LLAMA_IMATRIX" -m "$work/f16.gguf" -f "$calib" -o "$out/imatrix.gguf" --chunks 8 -c 512 -t "$(nproc)" >"$work/imatrix.log" 2>&1
+for t in q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; do
   "$LLAMA_QUANTIZE" "$work/f16.gguf" "$work/$t.gguf" "$t" 2 >"$work/$t.log" 2>&1
   "$hashes" "$work/$t.gguf" | sort > "$out/$t.txt"
 done
+for t in q4_0 q5_1 q2_k q3_k_m q4_k_m q5_k_m q6_k; do
+  "$LLAMA_QUANTIZE" --imatrix "$out/imatrix.gguf" "$work/f16.gguf" "$work/$t-imatrix.gguf" "$t" 2 >"$work/$t-imatrix.log" 2>&1
+  "$hashes" "$work/$t-imatrix.gguf" | sort > "$out/$t-imatrix.txt"
+done
 {
-  echo "Tensor data hashes (name type sha256, sorted) of llama-quantize's outputs from input-f16.txt's file,"
+  echo "Tensor data hashes (name type sha256, sorted) of llama-quantize's outputs from input-f16.txt's file"
+  echo "(TYPE-imatrix.txt: with imatrix.gguf, llama-imatrix's over the first 8 windows of 512 tokens of Moby-Dick),"
   echo "made by bench/quantize-reference.sh with llama.cpp from llama-cpp-python 0.3.36's sdist"
   echo "(vendor/llama.cpp, built with GGML_NATIVE=ON). The reference quantizers do not depend on the CPU."
 } > "$out/README"

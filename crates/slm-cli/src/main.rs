@@ -120,18 +120,41 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
-    /// Quantize a model's weight matrices to a ggml block type, as llama-quantize does (the
-    /// same bytes): q8_0, q4_0, q4_1, q5_0, q5_1. MODEL is a GGUF file (F32/F16/BF16) or a
-    /// Hugging Face folder.
+    /// Quantize a model's weight matrices as llama-quantize does (the same types per tensor,
+    /// the same bytes): a float type, a legacy block type, or a K-quant mix. MODEL is a GGUF
+    /// file (F32/F16/BF16) or a Hugging Face folder.
     Quantize {
         model: PathBuf,
         #[arg(long = "type", value_parser = slm_compress::quantize::FileType::NAMES)]
         ty: String,
         #[arg(short, long)]
         output: PathBuf,
+        /// Importance matrix (`slm imatrix` or llama-imatrix) to weigh the quantization errors.
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
         /// Quantize weights that are already quantized (dequantized first; the errors add).
         #[arg(long)]
         allow_requantize: bool,
+        /// Every weight matrix in the type itself: no mix, no fallback for rows that are not
+        /// whole blocks (those are refused).
+        #[arg(long)]
+        pure: bool,
+    },
+    /// An importance matrix of a model over calibration text, in llama-imatrix's format and
+    /// by its method, for `slm quantize --imatrix`.
+    Imatrix {
+        model: PathBuf,
+        /// Calibration text (plain UTF-8).
+        #[arg(long)]
+        calib: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+        /// At most N windows of the text (default: all).
+        #[arg(long, value_parser = positive)]
+        chunks: Option<usize>,
+        /// Window length in tokens.
+        #[arg(long, default_value_t = 512, value_parser = positive)]
+        ctx: usize,
     },
     /// Tokenizers: `slm tokenizer train CORPUS... --vocab 8192 -o tokenizer.json`.
     Tokenizer {
@@ -283,7 +306,8 @@ impl Cmd {
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
             | Cmd::Export { model, .. }
-            | Cmd::Quantize { model, .. } => Some(model),
+            | Cmd::Quantize { model, .. }
+            | Cmd::Imatrix { model, .. } => Some(model),
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
@@ -660,8 +684,24 @@ fn run(mut cli: Cli) -> Result<()> {
             model,
             ty,
             output,
+            imatrix,
             allow_requantize,
-        } => quantize(&model, &ty, &output, allow_requantize),
+            pure,
+        } => quantize(
+            &model,
+            &ty,
+            &output,
+            imatrix.as_deref(),
+            allow_requantize,
+            pure,
+        ),
+        Cmd::Imatrix {
+            model,
+            calib,
+            output,
+            chunks,
+            ctx,
+        } => imatrix(&model, &calib, &output, chunks, ctx),
         Cmd::Export {
             model,
             format,
@@ -1057,11 +1097,29 @@ fn eval(
     Ok(())
 }
 
-fn quantize(model: &Path, ty: &str, output: &Path, allow_requantize: bool) -> Result<()> {
-    use slm_compress::quantize::{quantize_gguf, FileType};
-    let ft = FileType::parse(ty).context("--type")?;
-    check_writable(output, &[model])?;
+fn quantize(
+    model: &Path,
+    ty: &str,
+    output: &Path,
+    imatrix: Option<&Path>,
+    allow_requantize: bool,
+    pure: bool,
+) -> Result<()> {
+    use slm_compress::quantize::{quantize_gguf, FileType, Options};
+    let file_type = FileType::parse(ty).context("--type")?;
+    let mut inputs = vec![model];
+    inputs.extend(imatrix);
+    check_writable(output, &inputs)?;
     let t = Instant::now();
+    let imatrix = imatrix
+        .map(slm_compress::imatrix::Imatrix::load)
+        .transpose()?;
+    let opts = Options {
+        file_type,
+        allow_requantize,
+        pure,
+        imatrix: imatrix.as_ref(),
+    };
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "quantizing [{bar:30}] {pos}/{len} tensors, eta {eta}",
@@ -1084,21 +1142,47 @@ fn quantize(model: &Path, ty: &str, output: &Path, allow_requantize: bool) -> Re
         ));
         let r = slm_compress::export::hf_to_gguf(model, &tmp, slm_compress::export::FloatType::F32)
             .map_err(anyhow::Error::from)
-            .and_then(|()| {
-                Ok(quantize_gguf(
-                    &tmp,
-                    output,
-                    ft,
-                    allow_requantize,
-                    &progress,
-                )?)
-            });
+            .and_then(|()| Ok(quantize_gguf(&tmp, output, &opts, &progress)?));
         let _ = std::fs::remove_file(&tmp);
         r?;
     } else {
-        quantize_gguf(model, output, ft, allow_requantize, &progress)?;
+        quantize_gguf(model, output, &opts, &progress)?;
     }
     bar.finish_and_clear();
+    written(output, t);
+    Ok(())
+}
+
+fn imatrix(
+    model: &Path,
+    calib: &Path,
+    output: &Path,
+    chunks: Option<usize>,
+    ctx: usize,
+) -> Result<()> {
+    check_writable(output, &[model, calib])?;
+    let t = Instant::now();
+    let text =
+        std::fs::read_to_string(calib).with_context(|| format!("reading {}", calib.display()))?;
+    let (m, tok) = load(model)?;
+    let ids = tok.encode(&text, false)?;
+    let bos = if tok.add_bos { tok.bos } else { None };
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let im = slm_compress::imatrix::compute(
+        &m.model,
+        &ids,
+        ctx,
+        bos,
+        chunks,
+        &calib.display().to_string(),
+        progress,
+    )?;
+    im.save(output)?;
+    eprintln!(
+        "{} entries from {} windows of {ctx} tokens",
+        im.len(),
+        im.chunk_count
+    );
     written(output, t);
     Ok(())
 }

@@ -75,7 +75,7 @@ impl FloatType {
             _ => None,
         }
     }
-    fn bytes(self, values: &[f32]) -> Vec<u8> {
+    pub fn bytes(self, values: &[f32]) -> Vec<u8> {
         match self {
             Self::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
             Self::F16 => values

@@ -1,13 +1,15 @@
-//! `slm quantize` writes the tensor data llama-quantize writes, byte for byte, for each legacy
-//! file type (q8_0, q4_0, q4_1, q5_0, q5_1), from one F16 GGUF of SmolLM2-135M-Instruct made
-//! by slm from the Q4_1 asset. The reference hashes come from llama.cpp built outside the
-//! repository (bench/quantize-reference.sh; tests/reference/README).
+//! `slm quantize` writes the tensor data llama-quantize writes, byte for byte and with the same
+//! type per tensor, for every file type it offers, without and with an importance matrix, from
+//! one F16 GGUF of SmolLM2-135M-Instruct made by slm from the Q4_1 asset. The reference hashes
+//! and the importance matrix come from llama.cpp built outside the repository
+//! (bench/quantize-reference.sh; tests/reference/README).
 
 use std::path::Path;
 
 use sha2::Digest;
 use slm_compress::export::{gguf_to_hf, hf_to_gguf, FloatType};
-use slm_compress::quantize::{quantize_gguf, FileType};
+use slm_compress::imatrix::Imatrix;
+use slm_compress::quantize::{quantize_gguf, FileType, Options};
 
 fn hashes(path: &Path) -> Vec<String> {
     let g = slm_model::GgufFile::open(path).unwrap();
@@ -52,32 +54,32 @@ fn differing(ours: &[String], theirs: &[String]) -> Vec<String> {
         .collect()
 }
 
-#[test]
-#[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
-fn legacy_types_match_llama_quantize_byte_for_byte() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let input = f16_input(d);
-    let ours = hashes(&input);
-    assert_eq!(
-        ours,
-        reference("input-f16.txt"),
-        "the F16 input differs from the reference's"
-    );
-    for (name, ft) in [
-        ("q8_0", FileType::Q8_0),
-        ("q4_0", FileType::Q4_0),
-        ("q4_1", FileType::Q4_1),
-        ("q5_0", FileType::Q5_0),
-        ("q5_1", FileType::Q5_1),
-    ] {
-        let out = d.join(format!("{name}.gguf"));
-        quantize_gguf(&input, &out, ft, false, &|_, _| {}).unwrap();
-        let (ours, theirs) = (hashes(&out), reference(&format!("{name}.txt")));
+fn reference_dir() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference")
+}
+
+fn opts(file_type: FileType, imatrix: Option<&Imatrix>) -> Options<'_> {
+    Options {
+        file_type,
+        allow_requantize: false,
+        pure: false,
+        imatrix,
+    }
+}
+
+/// Quantizes `input` to each of `types` and compares every tensor's type and bytes with the
+/// reference file `TYPE{suffix}.txt`.
+fn assert_types_match(input: &Path, types: &[&str], imatrix: Option<&Imatrix>, suffix: &str) {
+    let d = input.parent().unwrap();
+    for name in types {
+        let ft = FileType::parse(name).unwrap();
+        let out = d.join(format!("{name}{suffix}.gguf"));
+        quantize_gguf(input, &out, &opts(ft, imatrix), &|_, _| {}).unwrap();
+        let (ours, theirs) = (hashes(&out), reference(&format!("{name}{suffix}.txt")));
         assert!(
             ours == theirs,
-            "{name}: {} tensors differ from llama-quantize's, e.g. {:?}",
-            differing(&ours, &theirs).len(),
+            "{name}{suffix}: {} tensors differ from llama-quantize's, e.g. {:?}",
+            ours.iter().filter(|l| !theirs.contains(l)).count(),
             differing(&ours, &theirs)
         );
         // And the result runs: slm loads it.
@@ -86,42 +88,42 @@ fn legacy_types_match_llama_quantize_byte_for_byte() {
     }
 }
 
-/// The K-quant tensors llama-quantize writes in a q4_k_m file of SmolLM2 (ffn_down: Q6_K in
-/// its "more bits" layers, Q4_K in the others) equal slm's quantizers', byte for byte. Q6_K is
-/// also what legacy files give an output projection of whole 256-value rows.
 #[test]
 #[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
-fn k_quants_match_llama_quantize_byte_for_byte() {
-    use slm_model::gguf::GgmlType;
+fn every_file_type_matches_llama_quantize_byte_for_byte() {
     let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
-    let input = f16_input(d);
-    let g = slm_model::GgufFile::open(&input).unwrap();
-    let (mut q4k, mut q6k) = (0, 0);
-    for line in reference("q4_k_m.txt") {
-        let mut it = line.split(' ');
-        let (name, ty, hash) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-        let ty = match ty {
-            "Q6_K" => GgmlType::Q6K,
-            "Q4_K" => GgmlType::Q4K,
-            _ => continue,
-        };
-        let t = g.tensor_info(name).unwrap();
-        let values = FloatType::F16.values(g.tensor_bytes(t));
-        let cols = t.dims[1];
-        let row = cols / 256 * ty.type_size();
-        let mut out = vec![0u8; values.len() / cols * row];
-        for (o, r) in out.chunks_mut(row).zip(values.chunks(cols)) {
-            slm_compress::quantize::quantize_row(ty, r, o);
-        }
-        assert_eq!(hex::encode(sha2::Sha256::digest(&out)), hash, "{name}");
-        *if ty == GgmlType::Q4K {
-            &mut q4k
-        } else {
-            &mut q6k
-        } += 1;
-    }
-    assert_eq!((q4k, q6k), (16, 14), "K-quant tensors in the reference");
+    let input = f16_input(dir.path());
+    assert_eq!(
+        hashes(&input),
+        reference("input-f16.txt"),
+        "the F16 input differs from the reference's"
+    );
+    assert_types_match(
+        &input,
+        &[
+            "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s",
+            "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+        ],
+        None,
+        "",
+    );
+}
+
+/// With llama-imatrix's importance matrix: the importance-weighted quantizers of every block
+/// type (legacy and K), and the q4_0 guard that gives the first ffn_down layers Q4_1.
+#[test]
+#[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
+fn file_types_with_an_imatrix_match_llama_quantize_byte_for_byte() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = f16_input(dir.path());
+    let im = Imatrix::load(&reference_dir().join("imatrix.gguf")).unwrap();
+    assert_eq!(im.len(), 30 * 7, "one entry per block projection");
+    assert_types_match(
+        &input,
+        &["q4_0", "q5_1", "q2_k", "q3_k_m", "q4_k_m", "q5_k_m", "q6_k"],
+        Some(&im),
+        "-imatrix",
+    );
 }
 
 /// Already-quantized weights are refused with the reason unless asked for; nothing is
@@ -132,7 +134,7 @@ fn requantizing_needs_to_be_asked_for() {
     let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("q8.gguf");
-    let e = quantize_gguf(&asset, &out, FileType::Q8_0, false, &|_, _| {})
+    let e = quantize_gguf(&asset, &out, &opts(FileType::Q8_0, None), &|_, _| {})
         .unwrap_err()
         .to_string();
     assert!(
@@ -140,6 +142,10 @@ fn requantizing_needs_to_be_asked_for() {
         "{e}"
     );
     assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
-    quantize_gguf(&asset, &out, FileType::Q8_0, true, &|_, _| {}).unwrap();
+    let again = Options {
+        allow_requantize: true,
+        ..opts(FileType::Q8_0, None)
+    };
+    quantize_gguf(&asset, &out, &again, &|_, _| {}).unwrap();
     slm_model::load(&out, &candle_core::Device::Cpu).unwrap();
 }

@@ -5,7 +5,9 @@
 //! for gradients goes through candle's composed ops, whose backward is candle's autograd.
 
 use crate::attention::{self, LayerCache};
-use crate::weights::{Embedding, Linear, Result, Weights};
+use std::sync::{Arc, Mutex};
+
+use crate::weights::{Embedding, InputStats, Linear, Result, Tap, Weights};
 use candle_core::{DType, Device, Tensor};
 use slm_format::config::Config;
 use slm_format::params::Role;
@@ -858,6 +860,30 @@ impl Llama {
         }
         m.lm_head = m.lm_head.dequantized()?;
         Ok(m)
+    }
+
+    /// The same model with the input of every block's projection recorded as it runs (for an
+    /// importance matrix): the statistics of each, under its weight's GGUF name
+    /// (`blk.N.attn_q.weight`, ...), in layer order.
+    pub fn observed(&self) -> (Llama, Vec<(String, Tap)>) {
+        let mut m = self.clone();
+        let mut taps = Vec::new();
+        for (i, blk) in m.blocks.iter_mut().enumerate() {
+            for (role, l) in [
+                (Role::Q, &mut blk.attn.q),
+                (Role::K, &mut blk.attn.k),
+                (Role::V, &mut blk.attn.v),
+                (Role::O, &mut blk.attn.o),
+                (Role::Gate, &mut blk.mlp.gate),
+                (Role::Up, &mut blk.mlp.up),
+                (Role::Down, &mut blk.mlp.down),
+            ] {
+                let stats = Arc::new(Mutex::new(InputStats::default()));
+                *l = l.observed(stats.clone());
+                taps.push((role.gguf_name(Some(i)), stats));
+            }
+        }
+        (m, taps)
     }
 
     /// Logits of the last position for a token sequence appended to `cache`.

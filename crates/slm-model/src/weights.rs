@@ -51,6 +51,46 @@ pub enum Linear {
         w: HalfMatrix,
         b: Option<Tensor>,
     },
+    /// A layer whose inputs are recorded on the way through (see `Llama::observed`).
+    Observed {
+        inner: Box<Linear>,
+        stats: Tap,
+    },
+}
+
+/// A layer's shared input statistics, as `Llama::observed` hands them out.
+pub type Tap = Arc<std::sync::Mutex<InputStats>>;
+
+/// What importance matrices are made of: per input column, the sum of the squares of every
+/// input row a layer has seen, summed row after row in f32 (llama-imatrix's order), and the
+/// number of rows.
+#[derive(Debug, Clone, Default)]
+pub struct InputStats {
+    pub sum2: Vec<f32>,
+    pub rows: u64,
+}
+
+impl InputStats {
+    fn add(&mut self, x: &Tensor) -> candle_core::Result<()> {
+        let k = x.dims().last().copied().unwrap_or(0);
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        if self.sum2.is_empty() {
+            self.sum2 = vec![0.0; k];
+        }
+        if self.sum2.len() != k {
+            candle_core::bail!(
+                "observed inputs of width {k} after width {}",
+                self.sum2.len()
+            );
+        }
+        for row in xs.chunks_exact(k.max(1)) {
+            for (a, &v) in self.sum2.iter_mut().zip(row) {
+                *a += v * v;
+            }
+            self.rows += 1;
+        }
+        Ok(())
+    }
 }
 
 impl Linear {
@@ -84,6 +124,13 @@ impl Linear {
             Linear::Quantized { w, b } => (w.forward(x)?, b),
             Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
             Linear::Half { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
+            Linear::Observed { inner, stats } => {
+                stats
+                    .lock()
+                    .map_err(|_| candle_core::Error::Msg("input statistics poisoned".into()))?
+                    .add(x)?;
+                return inner.forward(x);
+            }
         };
         match b {
             Some(b) => y.broadcast_add(b),
@@ -187,6 +234,14 @@ impl Linear {
         Ok(ys.try_into().expect("one output per projection"))
     }
 
+    /// This layer with its inputs recorded into `stats`.
+    pub fn observed(&self, stats: Tap) -> Linear {
+        Linear::Observed {
+            inner: Box::new(self.clone()),
+            stats,
+        }
+    }
+
     /// The same weights widened to a dense f32 matrix, run through candle's f32 gemm at four
     /// bytes per weight; activations are no longer rounded to 8 bits on the way. (This was
     /// ~4x the first block kernels' speed on prompts; the current ones are faster than it.)
@@ -214,6 +269,10 @@ impl Linear {
                 }
                 dense(Tensor::from_vec(all, (w.n, w.k), &Device::Cpu)?, b)
             }
+            Linear::Observed { inner, stats } => Linear::Observed {
+                inner: Box::new(inner.dequantized()?),
+                stats: stats.clone(),
+            },
         })
     }
 }
