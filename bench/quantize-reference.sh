@@ -2,7 +2,8 @@
 # Makes the reference that crates/slm-compress/tests/quantize_reference.rs holds slm to: the
 # tensor data llama-quantize writes for each file type from one F16 GGUF of
 # SmolLM2-135M-Instruct, without and with an importance matrix (llama-imatrix's, over the
-# first 8 windows of 512 tokens of the fetched Moby-Dick, committed as imatrix.gguf). The F16 input is made by slm from the fetched Q4_1 asset (Q4_1 ->
+# first 8 windows of 512 tokens of data/quickstart/moby-dick-003.txt, one window per batch
+# as slm runs them, committed as imatrix.gguf). The F16 input is made by slm from the fetched Q4_1 asset (Q4_1 ->
 # Hugging Face folder in f16 -> GGUF in f16, `slm export` both ways), so the test can make
 # the same file without llama.cpp; its tensor hashes are recorded too.
 #
@@ -39,8 +40,8 @@ work="$(mktemp -d)"; trap 'rm -rf "$work"' EXIT
 out="$root/crates/slm-compress/tests/reference"
 mkdir -p "$out"
 "$hashes" "$work/f16.gguf" | sort > "$out/input-f16.txt"
-calib="${SLM_ASSETS:-$HOME/.cache/slm/assets}/corpora/moby-dick.txt"
-"$LLAMA_IMATRIX" -m "$work/f16.gguf" -f "$calib" -o "$out/imatrix.gguf" --chunks 8 -c 512 -t "$(nproc)" >"$work/imatrix.log" 2>&1
+calib="$root/data/quickstart/moby-dick-003.txt"
+"$LLAMA_IMATRIX" -m "$work/f16.gguf" -f "$calib" -o "$out/imatrix.gguf" --chunks 8 -c 512 -b 512 -t "$(nproc)" >"$work/imatrix.log" 2>&1
 for t in q8_0 q4_0 q4_1 q5_0 q5_1 q2_k q3_k_s q3_k_m q3_k_l q4_k_s q4_k_m q5_k_s q5_k_m q6_k; do
   "$LLAMA_QUANTIZE" "$work/f16.gguf" "$work/$t.gguf" "$t" 2 >"$work/$t.log" 2>&1
   "$hashes" "$work/$t.gguf" | sort > "$out/$t.txt"
@@ -51,7 +52,7 @@ for t in q4_0 q5_1 q2_k q3_k_m q4_k_m q5_k_m q6_k; do
 done
 {
   echo "Tensor data hashes (name type sha256, sorted) of llama-quantize's outputs from input-f16.txt's file"
-  echo "(TYPE-imatrix.txt: with imatrix.gguf, llama-imatrix's over the first 8 windows of 512 tokens of Moby-Dick),"
+  echo "(TYPE-imatrix.txt: with imatrix.gguf, llama-imatrix's over the first 8 windows of 512 tokens of data/quickstart/moby-dick-003.txt),"
   echo "made by bench/quantize-reference.sh with llama.cpp from llama-cpp-python 0.3.36's sdist"
   echo "(vendor/llama.cpp, built with GGML_NATIVE=ON). The reference quantizers do not depend on the CPU."
 } > "$out/README"

@@ -455,19 +455,21 @@ impl Attention {
         x: &Tensor,
         rope: &Rope,
         pos: usize,
-        cache: Option<&mut LayerCache>,
+        mut cache: Option<&mut LayerCache>,
         ggml: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let (q, k, v) = self.qkv(x, |y| rope.apply(y, pos, ggml))?;
-        if let Some(cache) = cache {
+        if let Some(cache) = cache.as_deref_mut() {
             if b != 1 {
                 candle_core::bail!("a KV cache holds one sequence; got a batch of {b}");
             }
             if ggml && exact_path(&[x]) {
                 return self.forward_cached(x, rope, pos, cache);
             }
+        }
+        let (q, k, v) = self.qkv(x, |y| rope.apply(y, pos, ggml))?;
+        if let Some(cache) = cache {
             let rows = |y: Tensor| -> candle_core::Result<Vec<f32>> {
                 y.squeeze(0)?.transpose(0, 1)?.flatten_all()?.to_vec1()
             };
