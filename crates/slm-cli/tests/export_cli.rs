@@ -81,7 +81,7 @@ fn trained_folders_go_to_gguf_and_back() {
         slm()
             .arg("quantize")
             .arg(&folder)
-            .args(["--type", "q4_k_m", "-o"])
+            .args(["--type", "q4_k", "-o"])
             .arg(qdir.join("c.gguf")),
     );
     assert!(e.contains("q4_k_m") && e.contains("q8_0"), "{e}");
