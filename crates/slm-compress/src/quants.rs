@@ -182,6 +182,21 @@ fn put_quants(qs: &[u8; 32], five: bool, o: &mut [u8]) {
 /// -nmax..nmax-1 (written to `l` offset by nmax), searched over 19 candidate scales for the
 /// least weighted squared error; the weights are `qw`, or x^2 without.
 fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32 {
+    match qw {
+        Some(w) => qx_search(nmax, x, l, &w[..x.len()]),
+        None => {
+            let mut w = [0f32; 32];
+            for (w, &v) in w.iter_mut().zip(x) {
+                *w = v * v;
+            }
+            qx_search(nmax, x, l, &w[..x.len()])
+        }
+    }
+}
+
+/// `make_qx_quants`' search under weights `w` (one per value of `x`).
+fn qx_search(nmax: i32, x: &[f32], l: &mut [i8], w: &[f32]) -> f32 {
+    let l = &mut l[..x.len()];
     let (mut max, mut amax) = (0f32, 0f32);
     for &v in x {
         if v.abs() > amax {
@@ -193,13 +208,11 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32
         l.fill(0);
         return 0.0;
     }
-    let weight = |i: usize| qw.map_or(x[i] * x[i], |q| q[i]);
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
     let sums = |iscale: f32| {
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for (i, &v) in x.iter().enumerate() {
+        for (&v, &w) in x.iter().zip(w) {
             let q = level(iscale, v) as f32;
-            let w = weight(i);
             sumlx += w * v * q;
             suml2 += w * q * q;
         }
@@ -310,19 +323,21 @@ const SEARCH_WEIGHTED: Search = Search {
 /// are given): the scale and minimum of `x`'s values on levels 0..=nmax under `weights`
 /// (levels written to `l`); returns (scale, -min).
 fn make_qkx_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], s: Search) -> (f32, f32) {
+    // Equal lengths up front, so the loops below run without bounds checks.
+    let n = x.len();
+    let (weights, l) = (&weights[..n], &mut l[..n]);
     let (mut min, mut max) = (x[0], x[0]);
     let mut sum_w = weights[0];
     let mut sum_x = sum_w * x[0];
-    for i in 1..x.len() {
-        if x[i] < min {
-            min = x[i];
+    for (&v, &w) in x.iter().zip(weights).skip(1) {
+        if v < min {
+            min = v;
         }
-        if x[i] > max {
-            max = x[i];
+        if v > max {
+            max = v;
         }
-        let w = weights[i];
         sum_w += w;
-        sum_x += w * x[i];
+        sum_x += w * v;
     }
     if min > 0.0 {
         min = 0.0;
@@ -335,26 +350,27 @@ fn make_qkx_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], s: Searc
     let mut iscale = nmax as f32 / (max - min);
     let mut scale = 1.0 / iscale;
     let mut best_error = 0f32;
-    for i in 0..x.len() {
-        let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-        l[i] = q as u8;
-        let diff = scale * q as f32 + min - x[i];
-        best_error += weights[i] * err(diff);
+    for ((o, &v), &w) in l.iter_mut().zip(x).zip(weights) {
+        let q = nearest_int(iscale * (v - min)).clamp(0, nmax);
+        *o = q as u8;
+        let diff = scale * q as f32 + min - v;
+        best_error += w * err(diff);
     }
     if s.nstep < 1 {
         return (scale, -min);
     }
     let mut aux = [0u8; 32];
+    let aux = &mut aux[..n];
     for is in 0..=s.nstep {
         iscale = (s.rmin + s.rdelta * is as f32 + nmax as f32) / (max - min);
         let (mut sum_l, mut sum_l2, mut sum_xl) = (0f32, 0f32, 0f32);
-        for i in 0..x.len() {
-            let q = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
-            aux[i] = q as u8;
-            let (w, q) = (weights[i], q as f32);
+        for ((a, &v), &w) in aux.iter_mut().zip(x).zip(weights) {
+            let q = nearest_int(iscale * (v - min)).clamp(0, nmax);
+            *a = q as u8;
+            let q = q as f32;
             sum_l += w * q;
             sum_l2 += w * q * q;
-            sum_xl += w * q * x[i];
+            sum_xl += w * q * v;
         }
         let d = sum_w * sum_l2 - sum_l * sum_l;
         if d > 0.0 {
@@ -365,12 +381,12 @@ fn make_qkx_quants(nmax: i32, x: &[f32], weights: &[f32], l: &mut [u8], s: Searc
                 this_scale = sum_xl / sum_l2;
             }
             let mut cur_error = 0f32;
-            for i in 0..x.len() {
-                let diff = this_scale * aux[i] as f32 + this_min - x[i];
-                cur_error += weights[i] * err(diff);
+            for ((&a, &v), &w) in aux.iter().zip(x).zip(weights) {
+                let diff = this_scale * a as f32 + this_min - v;
+                cur_error += w * err(diff);
             }
             if cur_error < best_error {
-                l[..x.len()].copy_from_slice(&aux[..x.len()]);
+                l.copy_from_slice(aux);
                 best_error = cur_error;
                 scale = this_scale;
                 min = this_min;
