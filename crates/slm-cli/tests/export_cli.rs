@@ -40,6 +40,14 @@ fn trained_folders_go_to_gguf_and_back() {
             .args(["--format", "gguf", "-o"])
             .arg(&gguf));
         assert_eq!(greedy(&gguf), greedy(&folder), "{name}");
+        // The folder's lineage (slm.json) travels in the GGUF's metadata.
+        let g = slm_model::GgufFile::open(&gguf).unwrap();
+        let lineage: serde_json::Value =
+            serde_json::from_str(g.get_str("slm.lineage").unwrap().unwrap()).unwrap();
+        let slm_json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(folder.join("slm.json")).unwrap())
+                .unwrap();
+        assert_eq!(lineage, slm_json, "{name}");
         let back = d.join(format!("{name}-back"));
         ok(slm()
             .arg("export")

@@ -379,6 +379,30 @@ impl FloatType {
     }
 }
 
+/// The lineage of an slm-made folder (its slm.json) as GGUF metadata: the parent it was
+/// trained from as general.base_model (llama.cpp's converter's keys), and the whole record,
+/// data hashes and training figures included, as `slm.lineage` (JSON).
+fn lineage(dir: &Path) -> Result<Vec<(String, slm_model::gguf::Value)>, ExportError> {
+    use slm_model::gguf::Value;
+    let path = dir.join("slm.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(Vec::new());
+    };
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ExportError::Model {
+        path: path.clone(),
+        what: format!("not JSON: {e}"),
+    })?;
+    let mut m = vec![("slm.lineage".to_string(), Value::String(json.to_string()))];
+    if let Some(parent) = json.get("parent").and_then(|p| p.as_str()) {
+        m.push(("general.base_model.count".into(), Value::U32(1)));
+        m.push((
+            "general.base_model.0.name".into(),
+            Value::String(parent.to_string()),
+        ));
+    }
+    Ok(m)
+}
+
 /// The GGUF metadata llama.cpp's converter writes for `cfg`: the architecture's
 /// hyperparameters; the tokenizer and chat template are added by the caller.
 fn gguf_hparams(
@@ -457,6 +481,7 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
         "tokenizer.ggml.add_bos_token".into(),
         Value::Bool(tok.add_bos),
     );
+    meta.extend(lineage(dir)?);
     let tc = dir.join("tokenizer_config.json");
     if let Ok(text) = std::fs::read_to_string(&tc) {
         let v: serde_json::Value =
