@@ -24,8 +24,10 @@ echo "model: $model ($(git rev-parse --short HEAD))"
 same=0; total=0
 for ty in q8_0 q4_k_m; do
   "$slm" quantize "$model" --type "$ty" -o "$work/$ty.gguf" >/dev/null 2>&1
-  for prompt in "The whale" "Call me Ishmael." "It was a dark and stormy night, and"; do
+  for prompt in "The whale" "Call me Ishmael." "It was a dark and stormy night, and" "The President of the United States"; do
+    # slm prints the prompt before its continuation; llama-completion is told not to.
     ours="$("$slm" generate "$work/$ty.gguf" -p "$prompt" -n 24 --temp 0 2>/dev/null)"
+    ours="${ours#"$prompt"}"
     theirs="$("$LLAMA_COMPLETION" -m "$work/$ty.gguf" -p "$prompt" -n 24 --temp 0 --top-k 1 \
       -no-cnv --no-display-prompt --simple-io -t "$(nproc)" 2>/dev/null | sed 's/ \[end of text\]$//')"
     total=$((total + 1))

@@ -371,7 +371,7 @@ pub fn from_gguf_metadata(meta: &BTreeMap<String, Value>, file: &str) -> Result<
 
 /// The `tokenizer.ggml.pre` names whose pre-tokenizer is distinct, in the order they are
 /// tried when a tokenizer.json is written back to GGUF.
-const PRE_NAMES: [&str; 4] = ["gpt2", "smollm", "llama-bpe", "qwen2"];
+const PRE_NAMES: [&str; 4] = ["gpt-2", "smollm", "llama-bpe", "qwen2"];
 
 /// The `tokenizer.ggml.*` metadata of a byte-level BPE tokenizer.json (the inverse of
 /// `from_gguf_metadata`), for a model with `rows` embedding rows: tokens, their types

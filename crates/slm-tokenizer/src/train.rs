@@ -160,7 +160,7 @@ mod tests {
         let json = tok.to_string(false).unwrap();
         let rows = tok.get_vocab_size(true) + 5;
         let meta = crate::to_gguf_metadata(&json, rows, "t.json").unwrap();
-        assert_eq!(meta["tokenizer.ggml.pre"].as_str(), Some("gpt2"));
+        assert_eq!(meta["tokenizer.ggml.pre"].as_str(), Some("gpt-2"));
         let tokens = meta["tokenizer.ggml.tokens"].as_array().unwrap();
         assert_eq!(tokens.len(), rows);
         assert_eq!(
