@@ -209,37 +209,43 @@ fn qx_search(nmax: i32, x: &[f32], l: &mut [i8], w: &[f32]) -> f32 {
         return 0.0;
     }
     let level = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
-    let sums = |iscale: f32| {
-        let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for (&v, &w) in x.iter().zip(w) {
-            let q = level(iscale, v) as f32;
-            sumlx += w * v * q;
-            suml2 += w * q * q;
-        }
-        (sumlx, suml2)
-    };
     let fill = |iscale: f32, l: &mut [i8]| {
         for (o, &v) in l.iter_mut().zip(x) {
             *o = (nmax + level(iscale, v)) as i8;
         }
     };
-    let iscale = -(nmax as f32) / max;
-    fill(iscale, l);
-    let (sumlx, suml2) = sums(iscale);
-    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
-    let mut best = scale * sumlx;
-    for is in -9..=9 {
-        if is == 0 {
-            continue;
-        }
-        let iscale = -(nmax as f32 + 0.1 * is as f32) / max;
-        let (sumlx, suml2) = sums(iscale);
-        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            fill(iscale, l);
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+    // The first scale and the 18 candidates ggml tries after it. Each candidate's sums
+    // depend only on its own scale, so all 19 are accumulated side by side (each in ggml's
+    // order over the values, the same floats) and only the choice among them runs in
+    // ggml's order: one pass instead of 19 chains of dependent additions.
+    let mut iscales = [0f32; 19];
+    iscales[0] = -(nmax as f32) / max;
+    for (c, is) in (-9..=9).filter(|&is| is != 0).enumerate() {
+        iscales[c + 1] = -(nmax as f32 + 0.1 * is as f32) / max;
+    }
+    let (mut sumlx, mut suml2) = ([0f32; 19], [0f32; 19]);
+    for (&v, &w) in x.iter().zip(w) {
+        for c in 0..19 {
+            let q = level(iscales[c], v) as f32;
+            sumlx[c] += w * v * q;
+            suml2[c] += w * q * q;
         }
     }
+    let mut chosen = 0;
+    let mut scale = if suml2[0] != 0.0 {
+        sumlx[0] / suml2[0]
+    } else {
+        0.0
+    };
+    let mut best = scale * sumlx[0];
+    for c in 1..19 {
+        if suml2[c] > 0.0 && sumlx[c] * sumlx[c] > best * suml2[c] {
+            chosen = c;
+            scale = sumlx[c] / suml2[c];
+            best = scale * sumlx[c];
+        }
+    }
+    fill(iscales[chosen], l);
     scale
 }
 
