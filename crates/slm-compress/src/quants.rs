@@ -892,6 +892,24 @@ fn q6k(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
 mod tests {
     use super::*;
 
+    /// `x` quantized to `ty` and read back through candle's dequantizer (an independent reader
+    /// of the layout).
+    fn round_trip(ty: GgmlType, x: &[f32], qw: Option<&[f32]>) -> Vec<f32> {
+        let mut b = vec![0u8; x.len() / ty.block_size() * ty.type_size()];
+        quantize_row(ty, x, qw, &mut b);
+        let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+            slm_model::weights::candle_type(ty),
+            &b,
+            vec![x.len()],
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        q.dequantize(&candle_core::Device::Cpu)
+            .unwrap()
+            .to_vec1()
+            .unwrap()
+    }
+
     /// Each type's blocks read back through candle's dequantizer (an independent reader of
     /// the layout) within half a quantization step of the input.
     #[test]
@@ -911,21 +929,7 @@ mod tests {
             (GgmlType::Q5_1, |_, span| span / 31.0 * 0.5),
         ];
         for (ty, bound) in cases {
-            let mut b = vec![0u8; 256 / 32 * ty.type_size()];
-            quantize_row(ty, &x, None, &mut b);
-            assert_eq!(b.len(), 256 / 32 * ty.type_size(), "{}", ty.name());
-            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                slm_model::weights::candle_type(ty),
-                &b,
-                vec![256],
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            let y: Vec<f32> = q
-                .dequantize(&candle_core::Device::Cpu)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let y = round_trip(ty, &x, None);
             for (blk, (xs, ys)) in x.chunks(32).zip(y.chunks(32)).enumerate() {
                 let (lo, hi) = xs
                     .iter()
@@ -975,20 +979,7 @@ mod tests {
         ];
         for (ty, weighted, bound) in cases {
             let qw = weighted.then_some(imatrix.as_slice());
-            let mut b = vec![0u8; 512 / ty.block_size() * ty.type_size()];
-            quantize_row(ty, &x, qw, &mut b);
-            let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
-                slm_model::weights::candle_type(ty),
-                &b,
-                vec![512],
-                &candle_core::Device::Cpu,
-            )
-            .unwrap();
-            let y: Vec<f32> = q
-                .dequantize(&candle_core::Device::Cpu)
-                .unwrap()
-                .to_vec1()
-                .unwrap();
+            let y = round_trip(ty, &x, qw);
             let mut worst = 0f32;
             for (xs, ys) in x.chunks(32).zip(y.chunks(32)) {
                 let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));

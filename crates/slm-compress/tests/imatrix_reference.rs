@@ -5,20 +5,10 @@
 
 use std::path::Path;
 
-use slm_compress::export::{gguf_to_hf, hf_to_gguf, FloatType};
+mod common;
+use common::{f16_input, reference_dir};
+
 use slm_compress::imatrix::{compute, Imatrix};
-
-fn reference_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference")
-}
-
-fn f16_input(dir: &Path) -> std::path::PathBuf {
-    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    gguf_to_hf(&asset, &dir.join("hf16"), FloatType::F16).unwrap();
-    let input = dir.join("f16.gguf");
-    hf_to_gguf(&dir.join("hf16"), &input, FloatType::F16).unwrap();
-    input
-}
 
 fn tokens(model: &Path, text: &str) -> (slm_model::LoadedModel, Vec<u32>, Option<u32>) {
     let source = slm_model::source(model).unwrap();

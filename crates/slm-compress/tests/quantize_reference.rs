@@ -6,8 +6,10 @@
 
 use std::path::Path;
 
+mod common;
+use common::{f16_input, reference_dir};
+
 use sha2::Digest;
-use slm_compress::export::{gguf_to_hf, hf_to_gguf, FloatType};
 use slm_compress::imatrix::Imatrix;
 use slm_compress::quantize::{quantize_gguf, FileType, Options};
 
@@ -23,16 +25,6 @@ fn hashes(path: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
-}
-
-/// The F16 GGUF the reference was made from, made again by slm from the Q4_1 asset in `dir`:
-/// Q4_1 -> Hugging Face folder in f16 -> GGUF in f16, as bench/quantize-reference.sh does.
-fn f16_input(dir: &Path) -> std::path::PathBuf {
-    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
-    gguf_to_hf(&asset, &dir.join("hf16"), FloatType::F16).unwrap();
-    let input = dir.join("f16.gguf");
-    hf_to_gguf(&dir.join("hf16"), &input, FloatType::F16).unwrap();
-    input
 }
 
 fn reference(name: &str) -> Vec<String> {
@@ -52,10 +44,6 @@ fn differing(ours: &[String], theirs: &[String]) -> Vec<String> {
         .take(5)
         .cloned()
         .collect()
-}
-
-fn reference_dir() -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference")
 }
 
 fn opts(file_type: FileType, imatrix: Option<&Imatrix>) -> Options<'_> {
