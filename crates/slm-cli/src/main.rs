@@ -125,7 +125,9 @@ enum Cmd {
     /// file (F32/F16/BF16) or a Hugging Face folder.
     Quantize {
         model: PathBuf,
-        #[arg(long = "type", value_parser = slm_compress::quantize::FileType::NAMES)]
+        #[arg(long = "type", value_parser = clap::builder::PossibleValuesParser::new(
+            slm_compress::quantize::FileType::names()
+        ))]
         ty: String,
         #[arg(short, long)]
         output: PathBuf,

@@ -62,10 +62,9 @@ impl FileType {
         (F::Q6K, "q6_k", 18),
     ];
     /// The names llama-quantize takes, lower case.
-    pub const NAMES: [&'static str; 17] = [
-        "f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k_s", "q3_k_m",
-        "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-    ];
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        Self::ALL.iter().map(|e| e.1)
+    }
 
     pub fn parse(s: &str) -> Option<Self> {
         let s = s.to_ascii_lowercase();
@@ -127,11 +126,6 @@ fn quantizable(name: &str, dims: &[usize]) -> bool {
     dims.len() >= 2 && name.ends_with("weight") && !name.contains("_norm.weight")
 }
 
-/// ggml's block size of a type (1 for the float types).
-fn block(ty: GgmlType) -> usize {
-    ty.block_size()
-}
-
 /// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third
 /// layer between them.
 fn use_more_bits(i: usize, n: usize) -> bool {
@@ -180,17 +174,17 @@ fn choose_types(
                 &mut i_ffn_down,
             );
         }
-        if quantized && !cols.is_multiple_of(block(ty)) {
+        if quantized && !cols.is_multiple_of(ty.block_size()) {
             if opts.pure {
                 return Err(format!(
                     "tensor '{name}' has rows of {cols} values, not whole {} blocks of {}; \
                      without --pure such tensors fall back to a 32-value type",
                     ty.name(),
-                    block(ty)
+                    ty.block_size()
                 ));
             }
             ty = fallback(ty);
-            if !cols.is_multiple_of(block(ty)) {
+            if !cols.is_multiple_of(ty.block_size()) {
                 ty = GgmlType::F16;
             }
         }
@@ -224,7 +218,7 @@ fn mix_type(
     use GgmlType as T;
     let default = ft.default_type();
     if name == "output.weight" || (m.tied && name == "token_embd.weight") {
-        return if !cols.is_multiple_of(block(default)) {
+        return if !cols.is_multiple_of(default.block_size()) {
             T::Q8_0
         } else if default != T::Q8_0 {
             T::Q6K
@@ -509,7 +503,7 @@ mod tests {
 
     #[test]
     fn every_name_parses_to_its_type() {
-        for n in FileType::NAMES {
+        for n in FileType::names() {
             assert_eq!(FileType::parse(n).unwrap().name(), n);
         }
         assert_eq!(FileType::parse("Q4_K_M"), Some(FileType::Q4KM));

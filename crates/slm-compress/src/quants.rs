@@ -48,6 +48,19 @@ fn f16(x: f32) -> half::f16 {
     half::f16::from_f32(x)
 }
 
+/// The value of largest magnitude in `x` and that magnitude, the first on ties (as ggml's
+/// quantizers scan).
+fn largest_magnitude(x: &[f32]) -> (f32, f32) {
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    (max, amax)
+}
+
 /// ggml's `nearest_int`: round half to even through the float's mantissa (|x| < 2^22).
 fn nearest_int(x: f32) -> i32 {
     ((x + 12582912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
@@ -73,13 +86,7 @@ fn q4_0_ref(x: &[f32], out: &mut [u8], five: bool) {
         (-8.0, 8.5, 15u8, 18)
     };
     for (b, o) in x.chunks_exact(32).zip(out.chunks_exact_mut(size)) {
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in b {
-            if amax < v.abs() {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, _) = largest_magnitude(b);
         let d = max / div;
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         o[..2].copy_from_slice(&f16(d).to_le_bytes());
@@ -197,13 +204,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], l: &mut [i8], qw: Option<&[f32]>) -> f32
 /// `make_qx_quants`' search under weights `w` (one per value of `x`).
 fn qx_search(nmax: i32, x: &[f32], l: &mut [i8], w: &[f32]) -> f32 {
     let l = &mut l[..x.len()];
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = largest_magnitude(x);
     if amax < EPS {
         l.fill(0);
         return 0.0;
@@ -252,13 +253,7 @@ fn qx_search(nmax: i32, x: &[f32], l: &mut [i8], w: &[f32]) -> f32 {
 /// ggml's `make_q3_quants` with `do_rmse`: levels -nmax..nmax-1 (written offset by nmax)
 /// refined one value at a time, up to five passes, weights x^2.
 fn make_q3_quants(nmax: i32, x: &[f32], l: &mut [i8]) -> f32 {
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = largest_magnitude(x);
     if amax < EPS {
         l.fill(0);
         return 0.0;
@@ -616,15 +611,11 @@ fn q3k(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
         };
         let d = match qw {
             None => {
-                let (mut max_scale, mut amax) = (0f32, 0f32);
                 for j in 0..16 {
-                    let s = make_q3_quants(4, &b[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
-                    scales[j] = s;
-                    if s.abs() > amax {
-                        amax = s.abs();
-                        max_scale = s;
-                    }
+                    scales[j] =
+                        make_q3_quants(4, &b[16 * j..16 * j + 16], &mut l[16 * j..16 * j + 16]);
                 }
+                let (max_scale, _) = largest_magnitude(&scales);
                 if max_scale != 0.0 {
                     let iscale = -32.0 / max_scale;
                     for (j, &s) in scales.iter().enumerate() {
@@ -835,21 +826,16 @@ fn q6k(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
     {
         let mut l = [0i8; QK_K];
         let mut scales = [0f32; 16];
-        let (mut max_scale, mut max_abs) = (0f32, 0f32);
         for ib in 0..16 {
             let w = qw.map(|q| &q[QK_K * i + 16 * ib..QK_K * i + 16 * ib + 16]);
-            let s = make_qx_quants(
+            scales[ib] = make_qx_quants(
                 32,
                 &b[16 * ib..16 * ib + 16],
                 &mut l[16 * ib..16 * ib + 16],
                 w,
             );
-            scales[ib] = s;
-            if s.abs() > max_abs {
-                max_abs = s.abs();
-                max_scale = s;
-            }
         }
+        let (max_scale, max_abs) = largest_magnitude(&scales);
         o.fill(0);
         if max_abs < EPS {
             continue;

@@ -28,10 +28,7 @@ fn hashes(path: &Path) -> Vec<String> {
 }
 
 fn reference(name: &str) -> Vec<String> {
-    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/reference")
-        .join(name);
-    std::fs::read_to_string(p)
+    std::fs::read_to_string(reference_dir().join(name))
         .unwrap()
         .lines()
         .map(str::to_string)

@@ -118,16 +118,21 @@ mod tests {
             .collect()
     }
 
-    #[test]
-    fn learns_merges_and_round_trips_any_text() {
-        let tok = train_bpe(
+    /// A 400-token BPE of `corpus`.
+    fn trained() -> tokenizers::Tokenizer {
+        train_bpe(
             corpus().into_iter(),
             &TrainOptions {
                 vocab_size: 400,
                 min_frequency: 2,
             },
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn learns_merges_and_round_trips_any_text() {
+        let tok = trained();
         assert_eq!(tok.get_vocab_size(true), 400);
         assert_eq!(tok.token_to_id(END_OF_TEXT), Some(0));
         assert_eq!(tok.token_to_id(IM_END), Some(2));
@@ -149,14 +154,7 @@ mod tests {
     /// included, and padding rows past the vocabulary named as llama.cpp names them.
     #[test]
     fn a_trained_tokenizer_survives_the_trip_through_gguf_metadata() {
-        let tok = train_bpe(
-            corpus().into_iter(),
-            &TrainOptions {
-                vocab_size: 400,
-                min_frequency: 2,
-            },
-        )
-        .unwrap();
+        let tok = trained();
         let json = tok.to_string(false).unwrap();
         let rows = tok.get_vocab_size(true) + 5;
         let meta = crate::to_gguf_metadata(&json, rows, "t.json").unwrap();
