@@ -182,4 +182,52 @@ fn trained_models_take_every_k_quant_mix() {
             .arg(d.join("x.gguf")),
     );
     assert!(e.contains("q4_k_m") && e.contains("q6_k"), "{e}");
+
+    // An importance matrix needs windows of at least 16 tokens (llama-imatrix skips shorter
+    // batches) and at least two of them.
+    let before = files_in(d);
+    let e = fails(
+        slm()
+            .arg("imatrix")
+            .arg(&folder)
+            .arg("--calib")
+            .arg(d.join("corpus/00.txt"))
+            .args(["--ctx", "8", "-o"])
+            .arg(d.join("x.gguf")),
+    );
+    assert!(e.contains("--ctx 8 must be at least 16"), "{e}");
+    std::fs::write(d.join("short.txt"), "the whale.").unwrap();
+    let e = fails(
+        slm()
+            .arg("imatrix")
+            .arg(&folder)
+            .arg("--calib")
+            .arg(d.join("short.txt"))
+            .args(["--ctx", "32", "-o"])
+            .arg(d.join("x.gguf")),
+    );
+    assert!(
+        e.contains("needs at least two windows of --ctx 32 (64 tokens)"),
+        "{e}"
+    );
+    let mut expected = [before, vec!["short.txt".to_string()]].concat();
+    expected.sort();
+    assert_eq!(files_in(d), expected);
+
+    // A folder whose lineage file is not JSON is refused by name, not exported without it.
+    let copy = d.join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for e in std::fs::read_dir(&folder).unwrap().flatten() {
+        std::fs::copy(e.path(), copy.join(e.file_name())).unwrap();
+    }
+    std::fs::write(copy.join("slm.json"), "{").unwrap();
+    let e = fails(
+        slm()
+            .arg("export")
+            .arg(&copy)
+            .args(["--format", "gguf", "-o"])
+            .arg(d.join("x.gguf")),
+    );
+    assert!(e.contains("slm.json: not JSON"), "{e}");
+    assert!(!d.join("x.gguf").exists());
 }

@@ -333,3 +333,122 @@ pub fn compute(
         file: String::new(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An importance-matrix-shaped GGUF in `dir` with `tensors` (name, dtype, f32 values).
+    fn file(dir: &Path, name: &str, tensors: &[(&str, GgmlType, Vec<f32>)]) -> std::path::PathBuf {
+        let path = dir.join(name);
+        let data: Vec<(Vec<u8>, [usize; 1])> = tensors
+            .iter()
+            .map(|(_, ty, v)| {
+                let bytes: Vec<u8> = match ty {
+                    GgmlType::F32 => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                    _ => v
+                        .iter()
+                        .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+                        .collect(),
+                };
+                (bytes, [v.len()])
+            })
+            .collect();
+        let outs: Vec<TensorOut> = tensors
+            .iter()
+            .zip(&data)
+            .map(|((n, ty, _), (b, dims))| TensorOut {
+                name: n,
+                dims: dims.as_slice(),
+                dtype: *ty,
+                data: b,
+            })
+            .collect();
+        write_gguf(&path, &BTreeMap::new(), &outs).unwrap();
+        path
+    }
+
+    fn load_err(path: &Path) -> String {
+        Imatrix::load(path).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn files_that_are_not_importance_matrices_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let f32 = GgmlType::F32;
+        std::fs::write(d.join("legacy.dat"), [1u8, 0, 0, 0, 5, 0]).unwrap();
+        let e = load_err(&d.join("legacy.dat"));
+        assert!(
+            e.contains("legacy.dat") && e.contains("llama-imatrix --in-file"),
+            "{e}"
+        );
+        let p = file(
+            d,
+            "model.gguf",
+            &[("blk.0.attn_q.weight", f32, vec![1.0; 4])],
+        );
+        assert!(load_err(&p).contains("not an importance matrix"));
+        let p = file(
+            d,
+            "half.gguf",
+            &[
+                ("a.in_sum2", GgmlType::F16, vec![1.0; 4]),
+                ("a.counts", f32, vec![2.0]),
+            ],
+        );
+        assert!(load_err(&p).contains("'a.in_sum2' is F16, expected F32"));
+        let p = file(d, "lonely.gguf", &[("a.in_sum2", f32, vec![1.0; 4])]);
+        assert!(load_err(&p).contains("'a' has sums without counts"));
+        let p = file(
+            d,
+            "moe.gguf",
+            &[
+                ("a.in_sum2", f32, vec![1.0; 4]),
+                ("a.counts", f32, vec![2.0, 2.0]),
+            ],
+        );
+        assert!(load_err(&p).contains("2 counts: importance matrices of expert (MoE) layers"));
+        let p = file(
+            d,
+            "nan.gguf",
+            &[
+                ("a.in_sum2", f32, vec![1.0, f32::NAN]),
+                ("a.counts", f32, vec![2.0]),
+            ],
+        );
+        assert!(load_err(&p).contains("'a' holds the non-finite value NaN"));
+    }
+
+    #[test]
+    fn a_matrix_must_fit_the_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let f32 = GgmlType::F32;
+        let p = file(
+            dir.path(),
+            "m.gguf",
+            &[
+                ("blk.0.ffn_up.weight.in_sum2", f32, vec![4.0; 8]),
+                ("blk.0.ffn_up.weight.counts", f32, vec![2.0]),
+            ],
+        );
+        let im = Imatrix::load(&p).unwrap();
+        assert_eq!(im.weights("blk.0.ffn_up.weight", 8), Some(&[2.0f32; 8][..]));
+        assert_eq!(im.weights("blk.0.ffn_up.weight", 16), None);
+        im.check_fits(&[("blk.0.ffn_up.weight", &[32, 8])]).unwrap();
+        let e = im
+            .check_fits(&[("blk.0.ffn_up.weight", &[32, 16])])
+            .unwrap_err();
+        assert!(
+            e.contains("has 8 values for 'blk.0.ffn_up.weight', whose rows hold 16"),
+            "{e}"
+        );
+        let e = im
+            .check_fits(&[("blk.0.attn_q.weight", &[8, 8])])
+            .unwrap_err();
+        assert!(
+            e.contains("none of the 1 entries") && e.contains("(first: 'blk.0.ffn_up.weight')"),
+            "{e}"
+        );
+    }
+}
