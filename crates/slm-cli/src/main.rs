@@ -292,6 +292,7 @@ impl GenArgs {
                 repeat_penalty: self.repeat_penalty,
                 repeat_last_n: self.repeat_last_n,
                 seed: self.seed,
+                ..SamplingParams::default()
             },
             stop: self.stop.clone(),
             truncate: self.truncate,
@@ -600,6 +601,7 @@ fn quickstart(minutes: f64, seed: u64, out: &Path, corpus: Vec<PathBuf>) -> Resu
                 repeat_penalty: 1.1,
                 repeat_last_n: 64,
                 seed: seed + i as u64,
+                ..SamplingParams::default()
             },
             stop: Vec::new(),
             truncate: true,

@@ -33,6 +33,15 @@ impl LayerCache {
             self.len = n;
         }
     }
+    /// The first `n` positions in a new cache with room for `capacity`.
+    pub fn prefix(&self, n: usize, capacity: usize, row: usize) -> LayerCache {
+        let n = n.min(self.len);
+        let mut k = Vec::with_capacity(capacity * row);
+        let mut v = Vec::with_capacity(capacity * row);
+        k.extend_from_slice(&self.k[..n * row]);
+        v.extend_from_slice(&self.v[..n * row]);
+        LayerCache { k, v, len: n }
+    }
     pub fn bytes(&self) -> usize {
         (self.k.capacity() + self.v.capacity()) * 2
     }

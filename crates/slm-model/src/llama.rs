@@ -353,9 +353,19 @@ impl Rope {
     /// x: (1, seq, heads * head_dim) at positions pos..pos+seq, with the ggml-exact rotation
     /// on the kernel pool; the rotated values in the same layout.
     fn rotate_rows(&self, x: &Tensor, pos: usize, heads: usize) -> candle_core::Result<Vec<f32>> {
+        self.rotate_rows_by(x, &self.span(pos, x.dim(1)?)?, heads)
+    }
+
+    /// As `rotate_rows`, each row by its own row of `tables` (seq, head_dim / 2).
+    fn rotate_rows_by(
+        &self,
+        x: &Tensor,
+        (cos, sin): &(Tensor, Tensor),
+        heads: usize,
+    ) -> candle_core::Result<Vec<f32>> {
         let (_, t, width) = x.dims3()?;
         let d = width / heads.max(1);
-        let (cos, sin) = self.span(pos, t)?;
+        let (cos, sin) = (cos.contiguous()?, sin.contiguous()?);
         with_f32(x, "rope", |x| {
             with_f32(&cos, "rope", |c| {
                 with_f32(&sin, "rope", |s| {
@@ -523,6 +533,49 @@ impl Attention {
         self.o.forward(&y.unsqueeze(0)?)
     }
 
+    /// Several sequences' new tokens in one pass: x (1, rows, hidden) holds `spans[i].0` rows
+    /// for the sequence whose layer cache is `spans[i].1`, in order; `angles` are the rows'
+    /// rotations (`Rope::at_rows` of their positions). The projections run once over all rows;
+    /// attention runs per sequence against its own cache, exactly as `forward_cached` would
+    /// for that sequence alone.
+    fn forward_spans(
+        &self,
+        x: &Tensor,
+        rope: &Rope,
+        angles: &(Tensor, Tensor),
+        spans: &mut [(usize, &mut LayerCache)],
+    ) -> candle_core::Result<Tensor> {
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let [q, k, v] = Linear::forward_group([&self.q, &self.k, &self.v], x)?;
+        let q = rope.rotate_rows_by(&q, angles, nh)?;
+        let k = rope.rotate_rows_by(&k, angles, nkv)?;
+        let (qw, kw) = (nh * hd, nkv * hd);
+        let mut out = Vec::with_capacity(q.len());
+        with_f32(&v, "attention", |v| -> candle_core::Result<()> {
+            let mut row = 0;
+            for (t, cache) in spans.iter_mut() {
+                let t = *t;
+                let y = attention::attend(
+                    cache,
+                    &q[row * qw..(row + t) * qw],
+                    &k[row * kw..(row + t) * kw],
+                    &v[row * kw..(row + t) * kw],
+                    t,
+                    nh,
+                    nkv,
+                    hd,
+                    x.device(),
+                )?;
+                out.extend(y.flatten_all()?.to_vec1::<f32>()?);
+                row += t;
+            }
+            Ok(())
+        })??;
+        let rows = out.len() / qw;
+        self.o
+            .forward(&Tensor::from_vec(out, (1, rows, qw), x.device())?)
+    }
+
     /// x: (1, rows, hidden) of a pack; see `packed`.
     fn forward_packed(
         &self,
@@ -632,6 +685,23 @@ impl Cache {
     }
     pub fn bytes(&self) -> usize {
         self.layers.iter().map(LayerCache::bytes).sum()
+    }
+    /// Bytes one position takes over all layers (keys and values in f16).
+    pub fn bytes_per_position(cfg: &Config) -> usize {
+        cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * 2 * 2
+    }
+    /// A new cache holding this one's first `n` positions (a shared prompt prefix), with room
+    /// reserved for `capacity` positions so that growing to it never reallocates.
+    pub fn prefix(&self, n: usize, capacity: usize) -> Cache {
+        let row = self.row;
+        Cache {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| l.prefix(n.min(l.len()), capacity.max(n), row))
+                .collect(),
+            row,
+        }
     }
 }
 
@@ -886,6 +956,69 @@ impl Llama {
             }
         }
         (m, taps)
+    }
+
+    /// Continues several sequences at once: `spans[i]` appends its tokens (one while
+    /// decoding, a prompt's chunk while prefilling) to its own cache. Every projection runs
+    /// once over all the rows, so a decode step for many sequences reads each weight once;
+    /// each sequence's logits equal, bit for bit, those of `next_logits` on it alone (the
+    /// block kernels compute each activation row independently). Returns each span's last
+    /// logits, in order.
+    pub fn next_logits_batch(
+        &self,
+        spans: &mut [(&[u32], &mut Cache)],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        let max = self.config.max_position_embeddings;
+        let mut ids = Vec::new();
+        let mut positions = Vec::new();
+        for (tokens, cache) in spans.iter() {
+            if tokens.is_empty() {
+                candle_core::bail!("a sequence in a batch has no new tokens");
+            }
+            let pos = cache.len();
+            if pos + tokens.len() > max {
+                candle_core::bail!(
+                    "sequence of {} tokens exceeds the model's context length {max}",
+                    pos + tokens.len()
+                );
+            }
+            ids.extend_from_slice(tokens);
+            positions.extend((pos..pos + tokens.len()).map(|p| p as u32));
+        }
+        if spans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let x = self
+            .embed
+            .forward(&Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?)?;
+        if !(self.ggml && exact_path(&[&x])) {
+            // Other float types and devices run each sequence alone, through the same forward
+            // a single sequence takes.
+            return spans
+                .iter_mut()
+                .map(|(tokens, cache)| self.next_logits(tokens, cache))
+                .collect();
+        }
+        let angles = self.rope.at_rows(&positions)?;
+        let x = self.blocks(x, |i, attn, h| {
+            let mut layer: Vec<(usize, &mut LayerCache)> = spans
+                .iter_mut()
+                .map(|(tokens, cache)| (tokens.len(), &mut cache.layers[i]))
+                .collect();
+            attn.forward_spans(h, &self.rope, &angles, &mut layer)
+        })?;
+        let mut last = Vec::with_capacity(spans.len());
+        let mut row = 0u32;
+        for (tokens, _) in spans.iter() {
+            row += tokens.len() as u32;
+            last.push(row - 1);
+        }
+        let x = x
+            .squeeze(0)?
+            .index_select(&Tensor::new(last.as_slice(), &self.device)?, 0)?
+            .unsqueeze(0)?;
+        let logits = self.logits(&x)?.squeeze(0)?;
+        (0..spans.len()).map(|i| logits.get(i)?.to_vec1()).collect()
     }
 
     /// Logits of the last position for a token sequence appended to `cache`.

@@ -2,14 +2,17 @@
 //! streaming.
 
 pub mod bench;
+pub mod engine;
 pub mod sampler;
+pub mod stops;
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 pub use sampler::{argmax, Sampler, SamplingParams};
 use slm_model::{Cache, Llama};
-use slm_tokenizer::{StreamDecoder, Tokenizer};
+use slm_tokenizer::Tokenizer;
+pub use stops::StopText;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GenerateError {
@@ -213,31 +216,11 @@ pub fn generate(
     let t1 = Instant::now();
     let mut history = prompt.clone();
     let mut out = Vec::new();
-    let mut decoder = StreamDecoder::new(tok);
-    let mut text = String::new();
+    let mut text = StopText::new(tok, opts.stop.clone());
     let mut logits = logits;
     let mut finish = FinishReason::Length;
-    // Text is held back while it could still be the start of a stop string.
-    let mut shown = 0;
-    // Rows of the embedding past the tokenizer's ids (padding, as Qwen2 ships) have no text:
-    // they are never sampled.
-    let speakable = tok.vocab_size();
     while out.len() < opts.max_tokens {
-        if let Some(padding) = logits.get_mut(speakable..) {
-            padding.fill(f32::NEG_INFINITY);
-        }
-        if logits.iter().any(|x| x.is_nan()) {
-            return Err(GenerateError::NonFinite {
-                what: "NaN",
-                at: out.len(),
-            });
-        }
-        if !logits.iter().any(|x| x.is_finite()) {
-            return Err(GenerateError::NonFinite {
-                what: "no finite",
-                at: out.len(),
-            });
-        }
+        check_logits(&mut logits, tok.vocab_size(), out.len())?;
         let next = sampler.sample(&logits, &history);
         if tok.is_stop(next) {
             finish = FinishReason::Eos;
@@ -245,39 +228,30 @@ pub fn generate(
         }
         out.push(next);
         history.push(next);
-        text.push_str(&decoder.push(next)?);
-        if let Some(pos) = opts.stop.iter().filter_map(|s| text.find(s.as_str())).min() {
-            text.truncate(pos);
-            if text.len() > shown {
-                let _ = on_text(&text[shown..]);
+        let (piece, stopped) = text.push(next)?;
+        if stopped {
+            if !piece.is_empty() {
+                let _ = on_text(&piece);
             }
-            shown = text.len();
             finish = FinishReason::Stop;
             break;
         }
-        let hold = opts
-            .stop
-            .iter()
-            .map(|s| partial_suffix(&text, s))
-            .max()
-            .unwrap_or(0);
-        let safe = text.len() - hold;
-        if safe > shown {
-            if on_text(&text[shown..safe]).is_break() {
-                shown = safe;
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            shown = safe;
+        if !piece.is_empty() && on_text(&piece).is_break() {
+            finish = FinishReason::Cancelled;
+            break;
         }
         if out.len() == opts.max_tokens {
             break;
         }
         logits = session.step(model, next)?;
     }
-    if finish != FinishReason::Stop && finish != FinishReason::Cancelled && text.len() > shown {
-        let _ = on_text(&text[shown..]);
+    if finish != FinishReason::Stop && finish != FinishReason::Cancelled {
+        let rest = text.flush();
+        if !rest.is_empty() {
+            let _ = on_text(&rest);
+        }
     }
+    let text = text.text().to_string();
     Ok(Generation {
         prompt_tokens: prompt.len(),
         tokens: out,
@@ -288,12 +262,23 @@ pub fn generate(
     })
 }
 
-/// Length of the longest suffix of `text` that is a proper prefix of `stop`.
-fn partial_suffix(text: &str, stop: &str) -> usize {
-    (1..stop.len().min(text.len() + 1))
-        .rev()
-        .find(|&n| stop.is_char_boundary(n) && text.ends_with(&stop[..n]))
-        .unwrap_or(0)
+/// Readies a step's logits for sampling: rows of the embedding past the tokenizer's ids
+/// (padding, as Qwen2 ships) have no text and are never sampled; NaN or no finite logit at
+/// all means the model is broken, which is an error rather than a token.
+pub fn check_logits(logits: &mut [f32], speakable: usize, at: usize) -> Result<(), GenerateError> {
+    if let Some(padding) = logits.get_mut(speakable..) {
+        padding.fill(f32::NEG_INFINITY);
+    }
+    if logits.iter().any(|x| x.is_nan()) {
+        return Err(GenerateError::NonFinite { what: "NaN", at });
+    }
+    if !logits.iter().any(|x| x.is_finite()) {
+        return Err(GenerateError::NonFinite {
+            what: "no finite",
+            at,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -327,12 +312,5 @@ mod tests {
             fit_prompt(&[], 1, 8, false),
             Err(GenerateError::EmptyPrompt)
         ));
-    }
-
-    #[test]
-    fn partial_stop_suffix() {
-        assert_eq!(partial_suffix("hello wor", "world"), 3);
-        assert_eq!(partial_suffix("hello", "world"), 0);
-        assert_eq!(partial_suffix("x<|im", "<|im_end|>"), 4);
     }
 }

@@ -13,6 +13,10 @@ pub struct SamplingParams {
     /// 1.0 is off. Divides positive logits (multiplies negative ones) of recent tokens.
     pub repeat_penalty: f32,
     pub repeat_last_n: usize,
+    /// OpenAI's penalties over the same window: subtracted once from a token that appears
+    /// (presence), and once per appearance (frequency); 0 is off.
+    pub presence_penalty: f32,
+    pub frequency_penalty: f32,
     pub seed: u64,
 }
 
@@ -26,6 +30,8 @@ impl Default for SamplingParams {
             min_p: 0.05,
             repeat_penalty: 1.0,
             repeat_last_n: 64,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
             seed: 0,
         }
     }
@@ -55,7 +61,22 @@ impl SamplingParams {
                 self.repeat_penalty
             ));
         }
+        for (name, v) in [
+            ("presence penalty", self.presence_penalty),
+            ("frequency penalty", self.frequency_penalty),
+        ] {
+            if !(-2.0..=2.0).contains(&v) {
+                return Err(format!("{name} {v} must be in [-2, 2]"));
+            }
+        }
         Ok(())
+    }
+
+    fn penalises(&self) -> bool {
+        self.repeat_last_n > 0
+            && (self.repeat_penalty != 1.0
+                || self.presence_penalty != 0.0
+                || self.frequency_penalty != 0.0)
     }
 }
 
@@ -84,19 +105,23 @@ impl Sampler {
     pub fn sample(&mut self, logits: &[f32], history: &[u32]) -> u32 {
         let p = &self.params;
         let mut logits_pen;
-        let logits = if p.repeat_penalty != 1.0 && p.repeat_last_n > 0 {
+        let logits = if p.penalises() {
+            // llama.cpp's penalties sampler: each distinct token of the window is penalised
+            // once by the repeat penalty, then by count * frequency + presence.
             logits_pen = logits.to_vec();
             let start = history.len().saturating_sub(p.repeat_last_n);
-            let mut seen = std::collections::HashSet::new();
+            let mut counts = std::collections::HashMap::new();
             for &t in &history[start..] {
+                *counts.entry(t).or_insert(0u32) += 1;
+            }
+            for (&t, &n) in &counts {
                 if let Some(l) = logits_pen.get_mut(t as usize) {
-                    if seen.insert(t) {
-                        *l = if *l > 0.0 {
-                            *l / p.repeat_penalty
-                        } else {
-                            *l * p.repeat_penalty
-                        };
-                    }
+                    *l = if *l > 0.0 {
+                        *l / p.repeat_penalty
+                    } else {
+                        *l * p.repeat_penalty
+                    };
+                    *l -= n as f32 * p.frequency_penalty + p.presence_penalty;
                 }
             }
             &logits_pen[..]
@@ -170,6 +195,29 @@ pub fn argmax(logits: &[f32]) -> u32 {
     best as u32
 }
 
+/// Log-probabilities of `id` and of the `top` most likely tokens under `logits` (softmax at
+/// temperature 1, the model's own distribution), most likely first.
+pub fn logprobs(logits: &[f32], id: u32, top: usize) -> (f32, Vec<(u32, f32)>) {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| ((l - max) as f64).exp()).sum();
+    let log_z = max as f64 + sum.ln();
+    let lp = |l: f32| (l as f64 - log_z) as f32;
+    let mut best: Vec<(u32, f32)> = Vec::with_capacity(top + 1);
+    if top > 0 {
+        for (i, &l) in logits.iter().enumerate() {
+            if best.len() < top || l > best[best.len() - 1].1 {
+                let at = best.partition_point(|b| b.1 >= l);
+                best.insert(at, (i as u32, l));
+                best.truncate(top);
+            }
+        }
+    }
+    let chosen = logits
+        .get(id as usize)
+        .map_or(f32::NEG_INFINITY, |&l| lp(l));
+    (chosen, best.into_iter().map(|(i, l)| (i, lp(l))).collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +267,33 @@ mod tests {
         let mut again = Sampler::new(params);
         let redraw: Vec<u32> = (0..4000).map(|_| again.sample(&logits, &[])).collect();
         assert_eq!(draws, redraw, "same seed, same draws");
+    }
+
+    #[test]
+    fn presence_and_frequency_penalties_follow_llama_cpp() {
+        let mut s = Sampler::new(SamplingParams {
+            presence_penalty: 0.5,
+            frequency_penalty: 0.3,
+            ..SamplingParams::greedy()
+        });
+        // token 1: 3.0 - (2 * 0.3 + 0.5) = 1.9 < 2.0 (token 3, seen once: 2.9 - 0.8 = 2.1)
+        assert_eq!(s.sample(&[0.1, 3.0, -1.0, 2.9, 2.0], &[1, 1, 3]), 3);
+        let bad = SamplingParams {
+            presence_penalty: 2.5,
+            ..SamplingParams::default()
+        };
+        assert!(bad.validate().unwrap_err().contains("presence penalty 2.5"));
+    }
+
+    #[test]
+    fn logprobs_are_the_log_softmax() {
+        let logits = [1.0f32, 3.0, 2.0, -1.0];
+        let z: f64 = logits.iter().map(|&l| (l as f64).exp()).sum();
+        let (lp, top) = logprobs(&logits, 2, 2);
+        assert!((lp as f64 - (2.0 - z.ln())).abs() < 1e-6);
+        assert_eq!(top.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((top[0].1 as f64 - (3.0 - z.ln())).abs() < 1e-6);
+        assert!(logprobs(&logits, 0, 0).1.is_empty());
     }
 
     #[test]
