@@ -46,6 +46,51 @@ enum Cmd {
         #[command(flatten)]
         gen: GenArgs,
     },
+    /// Serve models over HTTP: OpenAI's API (/v1/chat/completions, /v1/completions,
+    /// /v1/embeddings, /v1/models), /tokenize, /detokenize, /health, /metrics and a chat page
+    /// at /. Binds 127.0.0.1 unless told otherwise.
+    Serve {
+        /// Generative models (GGUF files or model folders), chosen by the request's `model`
+        /// (the file or folder name without .gguf).
+        #[arg(required_unless_present = "embed")]
+        models: Vec<PathBuf>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Require `Authorization: Bearer KEY` on the API.
+        #[arg(long, conflicts_with = "api_key_file")]
+        api_key: Option<String>,
+        /// Read the API key from a file (keeps it out of the process list).
+        #[arg(long)]
+        api_key_file: Option<PathBuf>,
+        /// Sequences generated at once per model (continuous batching).
+        #[arg(long, default_value_t = 4, value_parser = parallel_arg)]
+        parallel: usize,
+        /// Context (positions) per sequence; at most the model's own.
+        #[arg(long, default_value_t = 4096, value_parser = ctx_arg)]
+        ctx: usize,
+        /// Requests that may wait for a place in the batch, per model; more get 429.
+        #[arg(long, default_value_t = 256)]
+        queue: usize,
+        /// Serve Prometheus metrics at /metrics.
+        #[arg(long)]
+        metrics: bool,
+        /// Allow browser pages of this origin (e.g. http://localhost:3000) to call the API.
+        #[arg(long)]
+        cors: Option<String>,
+        /// Sentence-embedding models (sentence-transformers folders) for /v1/embeddings.
+        #[arg(long)]
+        embed: Vec<PathBuf>,
+        /// Largest request body in bytes.
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body: usize,
+        /// Seconds one request may generate before it ends with finish_reason "length".
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
+        #[arg(long, value_parser = threads_arg)]
+        threads: Option<usize>,
+    },
     /// Evaluate a model: --task choice:FILE.jsonl (multiple choice by log-likelihood, as
     /// lm-evaluation-harness), classify:FILE.jsonl (zero-shot through label choices),
     /// perplexity:FILE (llama-perplexity's method), or --suite core.
@@ -317,6 +362,7 @@ impl Cmd {
             | Cmd::Data { .. }
             | Cmd::Train { .. }
             | Cmd::Report { .. }
+            | Cmd::Serve { .. }
             | Cmd::Quickstart { .. } => None,
         }
     }
@@ -357,6 +403,18 @@ fn check_writable(out: &Path, inputs: &[&Path]) -> Result<()> {
         .with_context(|| format!("{}: cannot write there", out.display()))?;
     let _ = std::fs::remove_file(&probe);
     Ok(())
+}
+
+/// `--parallel`: 1 to 1024 sequences.
+fn parallel_arg(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    slm_model::limits::check("--parallel", n, 1024)
+}
+
+/// `--ctx`: 1 to `limits::MAX_CONTEXT`.
+fn ctx_arg(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s.parse().map_err(|e| format!("{e}"))?;
+    slm_model::limits::check("--ctx", n, slm_model::limits::MAX_CONTEXT)
 }
 
 /// `--threads`: 1 to `limits::MAX_THREADS`.
@@ -803,6 +861,69 @@ fn run(mut cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Chat { model, system, gen } => chat(&model, system, &gen),
+        Cmd::Serve {
+            models,
+            host,
+            port,
+            api_key,
+            api_key_file,
+            parallel,
+            ctx,
+            queue,
+            metrics,
+            cors,
+            embed,
+            max_body,
+            timeout,
+            threads,
+        } => {
+            slm_kernels::process::init_threads(threads);
+            let api_key = match api_key_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(&f)
+                        .with_context(|| format!("--api-key-file {}", f.display()))?
+                        .trim()
+                        .to_string(),
+                ),
+                None => api_key,
+            };
+            if api_key.as_deref() == Some("") {
+                bail!("the API key is empty");
+            }
+            let models = models
+                .iter()
+                .map(|m| resolve_model(m))
+                .collect::<Result<Vec<_>>>()?;
+            for p in models.iter().chain(&embed) {
+                if !p.exists() {
+                    bail!("{}: no such file or folder", p.display());
+                }
+            }
+            let loopback = matches!(host.as_str(), "127.0.0.1" | "localhost" | "::1");
+            if !loopback && api_key.is_none() {
+                eprintln!(
+                    "WARNING: serving on {host} without --api-key: anyone who can reach this \
+                     machine can use the models. Pass --api-key or --api-key-file."
+                );
+                tracing::warn!("serving on {host} without an API key");
+            }
+            let config = slm_serve::ServeConfig {
+                host,
+                port,
+                api_key,
+                cors,
+                metrics,
+                parallel,
+                ctx,
+                queue,
+                max_body,
+                timeout: std::time::Duration::from_secs(timeout),
+            };
+            slm_serve::run(config, models, embed, |addr| {
+                eprintln!("listening on http://{addr}/ (models load now; /health says when ready)");
+            })
+            .map_err(anyhow::Error::msg)
+        }
         Cmd::Eval {
             model,
             task,

@@ -2,6 +2,7 @@
 //! streaming.
 
 pub mod bench;
+pub mod embed;
 pub mod engine;
 pub mod sampler;
 pub mod stops;
