@@ -111,3 +111,133 @@ warmup = 5
     ok(slm().arg("train").arg(&recipe).current_dir(dir));
     dir.join(name).join("model")
 }
+
+/// `slm serve` running on a free loopback port, killed when dropped.
+pub struct Server {
+    child: std::process::Child,
+    pub base: String,
+}
+
+impl Server {
+    /// Starts `slm serve ARGS --port 0` and waits until /health answers 200.
+    pub fn start(args: &[&str]) -> Server {
+        use std::io::BufRead;
+        let mut child = slm()
+            .arg("serve")
+            .args(args)
+            .args(["--port", "0"])
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut sent = false;
+            for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+                if !sent {
+                    if let Some(rest) = line.strip_prefix("listening on http://") {
+                        let addr = rest.split('/').next().unwrap_or("").to_string();
+                        let _ = tx.send(addr);
+                        sent = true;
+                        continue;
+                    }
+                }
+                eprintln!("[slm serve] {line}");
+            }
+        });
+        let addr = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("slm serve printed no address");
+        let server = Server {
+            child,
+            base: format!("http://{addr}"),
+        };
+        let t = std::time::Instant::now();
+        loop {
+            if let Ok((200, _)) = server.request("GET", "/health", &[], b"") {
+                return server;
+            }
+            assert!(
+                t.elapsed() < std::time::Duration::from_secs(120),
+                "slm serve never became healthy"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+    }
+
+    pub fn addr(&self) -> &str {
+        self.base.strip_prefix("http://").unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// One HTTP/1.1 request on a fresh connection: (status, body). Written by hand so that
+    /// tests can send what no client library would (broken bodies, lying lengths).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> std::io::Result<(u16, String)> {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Length: {}\r\n",
+            self.addr(),
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.raw(&[head.as_bytes(), body].concat())
+    }
+
+    /// Sends `bytes` as they are and reads the answer until the server closes.
+    pub fn raw(&self, bytes: &[u8]) -> std::io::Result<(u16, String)> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.addr())?;
+        s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+        // The server may answer (413) and close before it has read everything.
+        let _ = s.write_all(bytes);
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        let text = String::from_utf8_lossy(&out).to_string();
+        let status = text
+            .split(' ')
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map_or(String::new(), |(_, b)| b.to_string());
+        Ok((status, body))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `$SLM_PYTHON`, else `python3`, checked to import `modules`.
+pub fn python_with(modules: &str) -> String {
+    let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
+    let found = Command::new(&py)
+        .args(["-c", &format!("import {modules}")])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found,
+        "{py} cannot import {modules} (set SLM_PYTHON; .ci/run installs requirements-dev.txt)"
+    );
+    py
+}
