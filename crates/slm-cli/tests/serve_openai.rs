@@ -17,7 +17,10 @@ fn the_openai_client_works_unchanged() {
     let models = slm_model::assets::dir().join("models");
     let chat = models.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let embed = models.join("all-MiniLM-L6-v2");
-    assert!(chat.is_file() && embed.is_dir(), "run ../shared/fetch-assets.sh models");
+    assert!(
+        chat.is_file() && embed.is_dir(),
+        "run ../shared/fetch-assets.sh models"
+    );
     let server = Server::start(&[
         chat.to_str().unwrap(),
         "--embed",
@@ -27,7 +30,10 @@ fn the_openai_client_works_unchanged() {
         "--parallel",
         "2",
     ]);
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/openai_client.py");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/support/openai_client.py"
+    );
     let out = std::process::Command::new(&py)
         .arg(script)
         .args([

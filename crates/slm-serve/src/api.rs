@@ -103,7 +103,7 @@ pub fn parse(body: &[u8]) -> Result<GenRequest, ApiError> {
 
 pub fn parse_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_syntax() || inner.is_eof() {
@@ -113,7 +113,10 @@ pub fn parse_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiErr
         } else {
             ApiError::field(&path, format!("{path}: {inner}"))
         }
-    })
+    })?;
+    de.end()
+        .map_err(|e| ApiError::bad(format!("the body is not valid JSON: {e}")))?;
+    Ok(value)
 }
 
 /// The text of a chat message's content (text parts joined; other parts refused).

@@ -225,9 +225,15 @@ async fn list_models(State(state): State<Arc<AppState>>) -> Result<Response, Api
 /// The request body, bounded.
 async fn body_bytes(state: &AppState, body: Body) -> Result<Bytes, ApiError> {
     let limit = state.config.max_body;
-    axum::body::to_bytes(body, limit)
-        .await
-        .map_err(|_| ApiError::too_large(limit))
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let over = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        if over {
+            ApiError::too_large(limit)
+        } else {
+            ApiError::bad(format!("could not read the request body: {e}"))
+        }
+    })
 }
 
 /// Engine events into a channel the HTTP side reads; a dropped receiver (the client went

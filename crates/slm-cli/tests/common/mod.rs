@@ -114,7 +114,7 @@ warmup = 5
 
 /// `slm serve` running on a free loopback port, killed when dropped.
 pub struct Server {
-    child: std::process::Child,
+    child: Option<std::process::Child>,
     pub base: String,
 }
 
@@ -133,7 +133,10 @@ impl Server {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut sent = false;
-            for line in std::io::BufReader::new(stderr).lines().map_while(|l| l.ok()) {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(|l| l.ok())
+            {
                 if !sent {
                     if let Some(rest) = line.strip_prefix("listening on http://") {
                         let addr = rest.split('/').next().unwrap_or("").to_string();
@@ -149,7 +152,7 @@ impl Server {
             .recv_timeout(std::time::Duration::from_secs(60))
             .expect("slm serve printed no address");
         let server = Server {
-            child,
+            child: Some(child),
             base: format!("http://{addr}"),
         };
         let t = std::time::Instant::now();
@@ -165,17 +168,35 @@ impl Server {
         }
     }
 
+    /// A handle on a server another `Server` started (for requests from other threads); it
+    /// does not own the process.
+    pub fn attach(base: &str) -> Server {
+        Server {
+            child: None,
+            base: base.to_string(),
+        }
+    }
+
     pub fn addr(&self) -> &str {
         self.base.strip_prefix("http://").unwrap()
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child.as_ref().expect("a started server").id()
     }
 
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
-        self.child.try_wait().unwrap().is_none()
+        let child = self.child.as_mut().expect("a started server");
+        child.try_wait().unwrap().is_none()
+    }
+
+    /// Sends `bytes`, then closes the connection without reading.
+    pub fn raw_then_close(&self, bytes: &[u8]) -> std::io::Result<()> {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.addr())?;
+        s.write_all(bytes)?;
+        s.shutdown(std::net::Shutdown::Both)
     }
 
     /// One HTTP/1.1 request on a fresh connection: (status, body). Written by hand so that
@@ -223,8 +244,10 @@ impl Server {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(child) = &mut self.child {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
