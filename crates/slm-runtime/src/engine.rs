@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use slm_model::{Cache, Llama};
 use slm_tokenizer::Tokenizer;
 
+use crate::json_constraint::{JsonGrammar, JsonState};
 use crate::sampler::{logprobs, Sampler, SamplingParams};
 use crate::{check_logits, FinishReason, GenerateError, StopText};
 
@@ -64,6 +65,8 @@ pub struct Job {
     pub logprobs: Option<usize>,
     /// Generation ends (finish "length") when this passes.
     pub deadline: Option<Instant>,
+    /// Output restricted to JSON documents of this grammar (constrained decoding).
+    pub json: Option<Arc<JsonGrammar>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -225,6 +228,7 @@ struct Seq<'t> {
     text: StopText<'t>,
     reserved: usize,
     first_token: Option<Duration>,
+    json: Option<JsonState>,
 }
 
 impl Seq<'_> {
@@ -276,6 +280,8 @@ fn run(
     rx: mpsc::Receiver<Waiting>,
 ) {
     let per_position = Cache::bytes_per_position(&model.config);
+    // Each token's text, for constrained decoding; built when the first such request comes.
+    let mut texts: Option<TokenTexts> = None;
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
     // Finished sequences kept for their prefixes: (tokens, cache, bytes).
@@ -330,6 +336,7 @@ fn run(
             stats.requests.fetch_add(1, Ordering::Relaxed);
             stats.kv_used.fetch_add(need, Ordering::Relaxed);
             active.push(Seq {
+                json: w.job.json.as_deref().map(JsonState::new),
                 tokens: w.job.prompt.clone(),
                 sampler: Sampler::new(w.job.sampling.clone()),
                 text: StopText::new(tok, w.job.stop.clone()),
@@ -410,7 +417,10 @@ fn run(
             if s.cache.len() < s.job.prompt.len() {
                 continue; // still prefilling: these logits are not a prediction anyone needs
             }
-            match sample_one(s, &mut logits, tok) {
+            if s.json.is_some() && texts.is_none() {
+                texts = Some(TokenTexts::new(tok));
+            }
+            match sample_one(s, &mut logits, tok, texts.as_ref()) {
                 Ok(Some(f)) => done.push((i, f)),
                 Ok(None) => {}
                 Err(e) => {
@@ -507,14 +517,29 @@ fn sample_one(
     s: &mut Seq,
     logits: &mut [f32],
     tok: &Tokenizer,
+    texts: Option<&TokenTexts>,
 ) -> Result<Option<FinishReason>, GenerateError> {
     check_logits(logits, tok.vocab_size(), s.generated)?;
+    if let (Some(state), Some(g), Some(texts)) = (&s.json, &s.job.json, texts) {
+        let p = s.sampler.params();
+        let want = if p.temperature == 0.0 {
+            1
+        } else if p.top_k > 0 {
+            p.top_k
+        } else {
+            usize::MAX
+        };
+        mask_to_json(logits, state, g, texts, tok, want, s.generated)?;
+    }
     let next = s.sampler.sample(logits, &s.tokens);
     if s.first_token.is_none() {
         s.first_token = Some(s.arrived.elapsed());
     }
     if tok.is_stop(next) {
         return Ok(Some(FinishReason::Eos));
+    }
+    if let (Some(state), Some(g), Some(texts)) = (&mut s.json, &s.job.json, texts) {
+        state.feed(g, texts.0[next as usize].as_deref().unwrap_or(""));
     }
     s.generated += 1;
     s.tokens.push(next);
@@ -547,4 +572,77 @@ impl Seq<'_> {
     fn deadline_passed(&self) -> bool {
         self.job.deadline.is_some_and(|d| Instant::now() >= d)
     }
+}
+
+/// Each token's text as constrained decoding checks it; None for tokens that may never appear
+/// in JSON output: special tokens, and pieces of a multi-byte character (their text alone is
+/// not UTF-8, so they are not checked piece by piece).
+struct TokenTexts(Vec<Option<String>>);
+
+impl TokenTexts {
+    fn new(tok: &Tokenizer) -> Self {
+        let special: std::collections::HashSet<u32> = tok
+            .inner
+            .get_added_tokens_decoder()
+            .iter()
+            .filter(|(_, t)| t.special)
+            .map(|(&id, _)| id)
+            .collect();
+        let texts = (0..tok.vocab_size() as u32)
+            .map(|id| {
+                if special.contains(&id) {
+                    return None;
+                }
+                tok.decode(&[id], false)
+                    .ok()
+                    .filter(|t| !t.is_empty() && !t.contains('\u{FFFD}'))
+            })
+            .collect();
+        TokenTexts(texts)
+    }
+}
+
+/// Leaves finite only the tokens that keep the output a prefix of a valid document (and the
+/// end-of-sequence tokens once it is complete): the `want` most likely of them, since the
+/// sampler keeps no more (1 when greedy, top-k).
+fn mask_to_json(
+    logits: &mut [f32],
+    state: &JsonState,
+    g: &JsonGrammar,
+    texts: &TokenTexts,
+    tok: &Tokenizer,
+    want: usize,
+    at: usize,
+) -> Result<(), GenerateError> {
+    let mut order: Vec<u32> = (0..logits.len() as u32)
+        .filter(|&i| logits[i as usize].is_finite())
+        .collect();
+    order.sort_unstable_by(|&a, &b| logits[b as usize].total_cmp(&logits[a as usize]));
+    let complete = state.accepting();
+    let mut keep = Vec::new();
+    for id in order {
+        let ok = if tok.is_stop(id) {
+            complete
+        } else {
+            match texts.0.get(id as usize).and_then(|t| t.as_deref()) {
+                Some(t) => state.clone().feed(g, t),
+                None => false,
+            }
+        };
+        if ok {
+            keep.push(id);
+            if keep.len() >= want {
+                break;
+            }
+        }
+    }
+    if keep.is_empty() {
+        return Err(GenerateError::NoValidToken { at });
+    }
+    let kept: Vec<f32> = keep.iter().map(|&i| logits[i as usize]).collect();
+    logits.fill(f32::NEG_INFINITY);
+    for (&i, l) in keep.iter().zip(kept) {
+        logits[i as usize] = l;
+    }
+    Ok(())
 }

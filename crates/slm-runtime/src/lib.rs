@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod embed;
 pub mod engine;
+pub mod json_constraint;
 pub mod sampler;
 pub mod stops;
 
@@ -38,6 +39,10 @@ pub enum GenerateError {
     NonFinite { what: &'static str, at: usize },
     #[error("empty prompt: there is nothing to continue")]
     EmptyPrompt,
+    #[error(
+        "constrained output: no token of the vocabulary continues the JSON at generated token {at}"
+    )]
+    NoValidToken { at: usize },
     #[error("invalid sampling settings: {0}")]
     Sampling(String),
     #[error("model: {0}")]

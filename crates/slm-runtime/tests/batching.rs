@@ -134,6 +134,7 @@ fn job(prompt: Vec<u32>, max_tokens: usize) -> Job {
         stop: Vec::new(),
         logprobs: None,
         deadline: None,
+        json: None,
     }
 }
 
@@ -227,4 +228,88 @@ fn the_engine_generates_what_generate_does_and_reuses_a_shared_prefix() {
     assert_eq!(spent, 3, "tokens generated for a client that left after 3");
     assert_eq!(engine.stats().running.load(Ordering::SeqCst), 0);
     assert_eq!(rx.try_iter().count(), 3, "events sent before it closed");
+}
+
+#[test]
+#[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
+fn constrained_output_always_parses_and_follows_the_schema() {
+    let (model, tok) = smollm2();
+    let template = tok.chat_template.as_ref().unwrap();
+    let prompt = tok
+        .encode(
+            &template
+                .render(
+                    &[slm_tokenizer::chat::Message::new(
+                        "user",
+                        "Describe a ship as JSON: its name, crew size, whether it has sails, and ports.",
+                    )],
+                    true,
+                )
+                .unwrap(),
+            false,
+        )
+        .unwrap();
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "crew": {"type": "integer"},
+            "sails": {"type": "boolean"},
+            "ports": {"type": "array", "items": {"type": "string"}, "maxItems": 3},
+            "class": {"enum": ["whaler", "frigate", null]}
+        },
+        "required": ["name", "crew", "sails", "ports", "class"],
+        "additionalProperties": false
+    });
+    let grammar =
+        Arc::new(slm_runtime::json_constraint::JsonGrammar::from_schema(&schema).unwrap());
+    let engine = Engine::start(
+        Arc::new(model.clone()),
+        Arc::new(tok),
+        EngineConfig::new(&model, 4, 1024),
+    );
+    // Hot sampling, many seeds: the model would wander off JSON on its own.
+    let receivers: Vec<_> = (0..8u64)
+        .map(|seed| {
+            let (s, rx) = sink(None);
+            let mut j = job(prompt.clone(), 300);
+            j.sampling = SamplingParams {
+                temperature: 1.3,
+                top_k: 100,
+                top_p: 1.0,
+                min_p: 0.0,
+                seed,
+                ..SamplingParams::default()
+            };
+            j.json = Some(grammar.clone());
+            engine.submit(j, s).unwrap();
+            rx
+        })
+        .collect();
+    let mut ended = 0;
+    for rx in &receivers {
+        let (text, usage) = collect(rx);
+        if usage.finish == FinishReason::Length {
+            continue; // cut by max_tokens: the one way a constrained output may be partial
+        }
+        ended += 1;
+        assert_eq!(usage.finish, FinishReason::Eos, "{text}");
+        let v: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+        let o = v.as_object().unwrap();
+        let keys: Vec<&str> = o.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["name", "crew", "sails", "ports", "class"], "{text}");
+        assert!(o["name"].is_string() && o["sails"].is_boolean(), "{text}");
+        assert!(o["crew"].is_i64() || o["crew"].is_u64(), "{text}");
+        let ports = o["ports"].as_array().unwrap();
+        assert!(
+            ports.len() <= 3 && ports.iter().all(|p| p.is_string()),
+            "{text}"
+        );
+        assert!(
+            ["\"whaler\"", "\"frigate\"", "null"].contains(&o["class"].to_string().as_str()),
+            "{text}"
+        );
+    }
+    assert!(ended >= 4, "only {ended} of 8 outputs ended by themselves");
 }

@@ -3,7 +3,10 @@
 
 use serde::Deserialize;
 use serde_json::{json, Value};
+use std::sync::Arc;
+
 use slm_runtime::engine::{Job, TokenLogprob, Usage};
+use slm_runtime::json_constraint::JsonGrammar;
 use slm_runtime::SamplingParams;
 use slm_tokenizer::{Message, Tokenizer};
 
@@ -342,7 +345,39 @@ pub fn job(
         stop,
         logprobs,
         deadline: None,
+        json: response_format(r)?.map(Arc::new),
     })
+}
+
+/// The grammar `response_format` asks the output to follow: any JSON object (`json_object`)
+/// or the documents of a JSON Schema (`json_schema`).
+fn response_format(r: &GenRequest) -> Result<Option<JsonGrammar>, ApiError> {
+    let Some(f) = &r.response_format else {
+        return Ok(None);
+    };
+    match f.kind.as_str() {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(JsonGrammar::object())),
+        "json_schema" => {
+            let schema = f
+                .json_schema
+                .as_ref()
+                .and_then(|j| j.schema.as_ref())
+                .ok_or_else(|| {
+                    ApiError::field(
+                        "response_format.json_schema.schema",
+                        "json_schema needs {\"json_schema\": {\"name\": ..., \"schema\": {...}}}",
+                    )
+                })?;
+            JsonGrammar::from_schema(schema)
+                .map(Some)
+                .map_err(|e| ApiError::field("response_format.json_schema.schema", e))
+        }
+        other => Err(ApiError::field(
+            "response_format.type",
+            format!("response_format type '{other}' is not text, json_object or json_schema"),
+        )),
+    }
 }
 
 fn top_logprobs(n: Option<i64>, name: &str) -> Result<usize, ApiError> {

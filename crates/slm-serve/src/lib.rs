@@ -305,16 +305,6 @@ async fn generate(
     let default_max = (!chat).then_some(16);
     let ctx = model.engine.config().ctx;
     let job = api::job(&req, prompt, ctx, chat, default_max)?;
-    if req
-        .response_format
-        .as_ref()
-        .is_some_and(|f| f.kind != "text")
-    {
-        return Err(ApiError::field(
-            "response_format",
-            "structured output (json_object, json_schema) is not supported yet",
-        ));
-    }
     let rx = submit(model, job, state.config.timeout)?;
     let reply = Reply {
         id: format!(
