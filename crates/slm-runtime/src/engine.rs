@@ -67,6 +67,9 @@ pub struct Job {
     pub deadline: Option<Instant>,
     /// Output restricted to JSON documents of this grammar (constrained decoding).
     pub json: Option<Arc<JsonGrammar>>,
+    /// Keep generating past end-of-sequence tokens until max_tokens (llama-server's
+    /// `ignore_eos`, for benchmarks of a fixed length).
+    pub ignore_eos: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -440,6 +443,7 @@ fn run(
         }
         stats.steps.fetch_add(1, Ordering::Relaxed);
         done.sort_by_key(|d| std::cmp::Reverse(d.0));
+        let finished = done.len();
         for (i, finish) in done {
             let s = active.swap_remove(i);
             let (tokens, cache) = s.finish(finish, stats);
@@ -452,6 +456,9 @@ fn run(
                     stats.kv_used.fetch_sub(k.2, Ordering::Relaxed);
                 }
             }
+        }
+        if finished > 0 {
+            stats.running.store(active.len(), Ordering::Relaxed);
         }
     }
 }
@@ -535,7 +542,7 @@ fn sample_one(
     if s.first_token.is_none() {
         s.first_token = Some(s.arrived.elapsed());
     }
-    if tok.is_stop(next) {
+    if tok.is_stop(next) && !s.job.ignore_eos {
         return Ok(Some(FinishReason::Eos));
     }
     if let (Some(state), Some(g), Some(texts)) = (&mut s.json, &s.job.json, texts) {

@@ -142,10 +142,14 @@ impl Sampler {
         if self.cand.is_empty() {
             return argmax(logits);
         }
-        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
-        if p.top_k > 0 {
-            self.cand.truncate(p.top_k.max(1));
+        // Only the top k need ordering: select them first (a full sort of a 50k vocabulary
+        // per token was most of the sampler's time).
+        if p.top_k > 0 && self.cand.len() > p.top_k {
+            self.cand
+                .select_nth_unstable_by(p.top_k - 1, |a, b| b.1.total_cmp(&a.1));
+            self.cand.truncate(p.top_k);
         }
+        self.cand.sort_unstable_by(|a, b| b.1.total_cmp(&a.1));
         // Probabilities at temperature 1 for the top-p and min-p cuts, as llama.cpp does.
         let max = self.cand[0].1;
         let probs: Vec<f32> = self.cand.iter().map(|c| (c.1 - max).exp()).collect();

@@ -135,6 +135,7 @@ fn job(prompt: Vec<u32>, max_tokens: usize) -> Job {
         logprobs: None,
         deadline: None,
         json: None,
+        ignore_eos: false,
     }
 }
 

@@ -43,6 +43,8 @@ pub struct GenRequest {
     pub stream: Option<bool>,
     pub stream_options: Option<StreamOptions>,
     pub response_format: Option<ResponseFormat>,
+    /// llama-server's extension: generate max_tokens tokens whatever the model says.
+    pub ignore_eos: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -346,6 +348,7 @@ pub fn job(
         logprobs,
         deadline: None,
         json: response_format(r)?.map(Arc::new),
+        ignore_eos: r.ignore_eos.unwrap_or(false),
     })
 }
 

@@ -34,6 +34,9 @@ pub struct Tokenizer {
     pub stop_ids: Vec<u32>,
     pub add_bos: bool,
     pub chat_template: Option<ChatTemplate>,
+    /// tokenizers computes the vocabulary size by building the whole vocabulary map; asked
+    /// once per generated token, that was most of a decode step's time outside the model.
+    vocab_size: std::sync::OnceLock<usize>,
 }
 
 impl Tokenizer {
@@ -71,6 +74,7 @@ impl Tokenizer {
                     add_bos: spec.add_bos,
                     inner: spec.tokenizer,
                     chat_template: template,
+                    vocab_size: Default::default(),
                 })
             }
             ModelSource::HfFolder { dir } => Self::from_folder(dir),
@@ -151,6 +155,7 @@ impl Tokenizer {
                 .unwrap_or(false),
             inner,
             chat_template: template,
+            vocab_size: Default::default(),
         })
     }
 
@@ -177,7 +182,9 @@ impl Tokenizer {
     }
 
     pub fn vocab_size(&self) -> usize {
-        self.inner.get_vocab_size(true)
+        *self
+            .vocab_size
+            .get_or_init(|| self.inner.get_vocab_size(true))
     }
 
     /// Refuses a tokenizer that does not fit the model's embedding rows: an id past the rows
@@ -216,37 +223,33 @@ impl Tokenizer {
 }
 
 /// Turns a stream of token ids into text as soon as it is valid UTF-8: a multi-byte character
-/// split over tokens is held back until complete.
+/// split over tokens is held back until complete. Each step decodes only the last few tokens
+/// (tokenizers' `DecodeStream`): decoding the whole sequence again per token made the text,
+/// not the model, the cost of long generations.
 pub struct StreamDecoder<'a> {
-    tok: &'a Tokenizer,
-    ids: Vec<u32>,
-    emitted: usize,
+    stream: tokenizers::tokenizer::DecodeStream<
+        'a,
+        tokenizers::ModelWrapper,
+        tokenizers::NormalizerWrapper,
+        tokenizers::PreTokenizerWrapper,
+        tokenizers::PostProcessorWrapper,
+        tokenizers::DecoderWrapper,
+    >,
 }
 
 impl<'a> StreamDecoder<'a> {
     pub fn new(tok: &'a Tokenizer) -> Self {
         Self {
-            tok,
-            ids: Vec::new(),
-            emitted: 0,
+            stream: tok.inner.decode_stream(true),
         }
     }
 
     /// The new text that `id` completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let text = self.tok.decode(&self.ids, true)?;
-        if text.ends_with('\u{FFFD}') {
-            return Ok(String::new());
-        }
-        let new = text.get(self.emitted..).unwrap_or("").to_string();
-        self.emitted = text.len();
-        Ok(new)
-    }
-
-    /// All text so far.
-    pub fn text(&self) -> Result<String> {
-        self.tok.decode(&self.ids, true)
+        self.stream
+            .step(id)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))
     }
 }
 
