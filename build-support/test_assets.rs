@@ -56,3 +56,20 @@ fn python_cfg(name: &str, modules: &str) {
         println!("cargo::rustc-cfg={name}");
     }
 }
+
+/// Sets `cfg(name)` when `program --version` runs, or under CI.
+#[allow(dead_code)]
+fn program_cfg(name: &str, program: &str) {
+    println!("cargo::rustc-check-cfg=cfg({name})");
+    println!("cargo::rerun-if-env-changed=PATH");
+    println!("cargo::rerun-if-env-changed=CI");
+    let ok = std::process::Command::new(program)
+        .arg("--version")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if ok || std::env::var_os("CI").is_some() {
+        println!("cargo::rustc-cfg={name}");
+    }
+}

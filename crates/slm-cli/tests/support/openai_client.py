@@ -101,6 +101,48 @@ for fmt in (None, "float"):
 assert worst <= 1e-5, worst
 print(f"embeddings: worst 1 - cosine {worst:.3g}")
 
+import json
+
+schema = {
+    "type": "object",
+    "properties": {
+        "ocean": {"type": "string"},
+        "deep": {"type": "boolean"},
+        "depth_m": {"type": "integer"},
+    },
+    "required": ["ocean", "deep", "depth_m"],
+    "additionalProperties": False,
+}
+for seed in range(3):
+    out = client.chat.completions.create(
+        model=chat_model,
+        messages=messages,
+        temperature=1.0,
+        seed=seed,
+        max_tokens=120,
+        response_format={"type": "json_schema", "json_schema": {"name": "ocean", "schema": schema, "strict": True}},
+    )
+    if out.choices[0].finish_reason == "length":
+        continue
+    doc = json.loads(out.choices[0].message.content)
+    assert list(doc) == ["ocean", "deep", "depth_m"], doc
+    assert isinstance(doc["ocean"], str) and isinstance(doc["deep"], bool), doc
+    assert isinstance(doc["depth_m"], int) and not isinstance(doc["depth_m"], bool), doc
+obj = client.chat.completions.create(
+    model=chat_model, messages=messages, max_tokens=120, temperature=0,
+    response_format={"type": "json_object"},
+)
+if obj.choices[0].finish_reason == "stop":
+    assert isinstance(json.loads(obj.choices[0].message.content), dict)
+try:
+    client.chat.completions.create(
+        model=chat_model, messages=messages,
+        response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a+"}}},
+    )
+    raise AssertionError("an unsupported schema keyword was accepted")
+except openai.BadRequestError as e:
+    assert "pattern" in str(e)
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise AssertionError("an unknown model was served")
