@@ -39,14 +39,10 @@ fn tokenizer() -> Tokenizer {
                   "ignore_merges": false}
     });
     let inner = tokenizers::Tokenizer::from_bytes(json.to_string().as_bytes()).unwrap();
-    Tokenizer {
-        inner,
-        bos: None,
-        eos: Some(11),
-        stop_ids: vec![11],
-        add_bos: false,
-        chat_template: None,
-    }
+    let mut tok = Tokenizer::new(inner);
+    tok.eos = Some(11);
+    tok.stop_ids = vec![11];
+    tok
 }
 
 fn model(vocab: usize) -> Llama {

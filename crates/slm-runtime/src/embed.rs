@@ -93,7 +93,10 @@ impl SentenceEncoder {
         ] {
             limits::check(field, v, max).map_err(|e| bad(&cfg_path, e))?;
         }
-        if config.hidden_size % config.num_attention_heads != 0 {
+        if !config
+            .hidden_size
+            .is_multiple_of(config.num_attention_heads)
+        {
             return Err(bad(
                 &cfg_path,
                 format!(

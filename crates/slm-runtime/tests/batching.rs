@@ -153,7 +153,7 @@ fn the_engine_generates_what_generate_does_and_reuses_a_shared_prefix() {
         tok.encode(&template.render(&m, true).unwrap(), false)
             .unwrap()
     };
-    let prompts = vec![
+    let prompts = [
         chat("What is the capital of France?"),
         chat("Name three colours."),
         tok.encode("The whale swam", false).unwrap(),

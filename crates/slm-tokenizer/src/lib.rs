@@ -40,6 +40,19 @@ pub struct Tokenizer {
 }
 
 impl Tokenizer {
+    /// A tokenizer without special ids or chat template (set the public fields as needed).
+    pub fn new(inner: tokenizers::Tokenizer) -> Self {
+        Self {
+            inner,
+            bos: None,
+            eos: None,
+            stop_ids: Vec::new(),
+            add_bos: false,
+            chat_template: None,
+            vocab_size: Default::default(),
+        }
+    }
+
     /// The tokenizer of a loaded model: from GGUF metadata or the folder's tokenizer.json.
     pub fn for_model(source: &ModelSource) -> Result<Self> {
         match source {
