@@ -46,12 +46,7 @@ fn python_cfg(name: &str, modules: &str) {
     println!("cargo::rerun-if-env-changed=SLM_PYTHON");
     println!("cargo::rerun-if-env-changed=CI");
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = std::process::Command::new(&py)
-        .args(["-c", &format!("import {modules}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let ok = runs(&py, &["-c", &format!("import {modules}")]);
     if ok || std::env::var_os("CI").is_some() {
         println!("cargo::rustc-cfg={name}");
     }
@@ -63,13 +58,18 @@ fn program_cfg(name: &str, program: &str) {
     println!("cargo::rustc-check-cfg=cfg({name})");
     println!("cargo::rerun-if-env-changed=PATH");
     println!("cargo::rerun-if-env-changed=CI");
-    let ok = std::process::Command::new(program)
-        .arg("--version")
+    if runs(program, &["--version"]) || std::env::var_os("CI").is_some() {
+        println!("cargo::rustc-cfg={name}");
+    }
+}
+
+/// Whether `program args` runs and succeeds.
+#[allow(dead_code)]
+fn runs(program: &str, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .status()
-        .is_ok_and(|s| s.success());
-    if ok || std::env::var_os("CI").is_some() {
-        println!("cargo::rustc-cfg={name}");
-    }
+        .is_ok_and(|s| s.success())
 }

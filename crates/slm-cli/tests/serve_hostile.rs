@@ -346,3 +346,62 @@ fn hostile_requests_get_openai_errors_and_the_server_keeps_serving() {
     assert_eq!(status, 200, "{text}");
     assert!(server.alive());
 }
+
+/// A preflight (OPTIONS) from `origin` and the head of the answer.
+fn preflight(server: &Server, origin: &str) -> String {
+    let req = format!(
+        "OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nOrigin: {origin}\r\n\
+         Access-Control-Request-Method: POST\r\nAccess-Control-Request-Headers: authorization\r\n\r\n"
+    );
+    server.raw_with_head(req.as_bytes()).unwrap().1
+}
+
+#[test]
+#[cfg_attr(not(smollm2_q4_1), ignore = "needs ../shared/fetch-assets.sh models")]
+fn cross_origin_use_is_off_unless_asked_and_a_public_host_without_a_key_warns() {
+    let m = model();
+    let closed = Server::start(&[&m]);
+    assert!(
+        !preflight(&closed, "http://app.test").contains("access-control-allow-origin"),
+        "CORS answered without --cors"
+    );
+    drop(closed);
+    let open = Server::start(&[&m, "--cors", "http://app.test"]);
+    let head = preflight(&open, "http://app.test");
+    assert!(
+        head.contains("access-control-allow-origin: http://app.test"),
+        "{head}"
+    );
+    // Another site is not allowed: the one allowed origin is named, never it or "*" (the
+    // browser refuses a page whose origin is not the one named).
+    let other = preflight(&open, "http://evil.test");
+    assert!(
+        !other.contains("access-control-allow-origin: http://evil.test")
+            && !other.contains("access-control-allow-origin: *"),
+        "{other}"
+    );
+    drop(open);
+
+    // Another host without a key: a loud warning before it listens.
+    use std::io::BufRead;
+    let mut child = common::slm()
+        .args(["serve", &m, "--host", "0.0.0.0", "--port", "0"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut before = Vec::new();
+    for line in std::io::BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        if line.starts_with("listening on") {
+            break;
+        }
+        before.push(line);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let warned = before.join("\n");
+    assert!(
+        warned.contains("WARNING") && warned.contains("--api-key"),
+        "{warned}"
+    );
+}

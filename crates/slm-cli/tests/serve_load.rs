@@ -13,19 +13,24 @@ fn concurrent_streams_with_departures_finish_cleanly() {
     let server = Server::start(&[model.to_str().unwrap(), "--metrics", "--parallel", "8"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../bench/serve_load.py");
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .args(["load", &server.base, "--clients", "20", "--seconds", "20"])
-        .args(["--max-rss-mb", "600", "--pid", &server.pid().to_string()])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}");
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let pid = server.pid().to_string();
+    let stdout = common::run_python(
+        &py,
+        script,
+        &[
+            "load",
+            &server.base,
+            "--clients",
+            "20",
+            "--seconds",
+            "20",
+            "--max-rss-mb",
+            "600",
+            "--pid",
+            &pid,
+        ],
     );
+    eprintln!("{stdout}");
     let summary: serde_json::Value = serde_json::from_str(&stdout).unwrap();
     assert!(summary["streams_left_midway"].as_u64().unwrap() > 0);
     assert_eq!(summary["error_count"], 0);

@@ -34,21 +34,15 @@ fn the_openai_client_works_unchanged() {
         env!("CARGO_MANIFEST_DIR"),
         "/tests/support/openai_client.py"
     );
-    let out = std::process::Command::new(&py)
-        .arg(script)
-        .args([
+    let stdout = common::run_python(
+        &py,
+        script,
+        &[
             server.base.as_str(),
             "test-key",
             "SmolLM2-135M-Instruct.Q4_1",
             embed.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        ],
     );
     eprintln!("{stdout}");
     assert!(stdout.contains("openai client: ok"));

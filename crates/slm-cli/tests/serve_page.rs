@@ -16,16 +16,6 @@ fn the_chat_page_streams_stops_and_shows_markup_as_text() {
     let server = Server::start(&[model.to_str().unwrap(), "--metrics"]);
     let py = std::env::var("SLM_PYTHON").unwrap_or_else(|_| "python3".into());
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/support/page_test.py");
-    let out = std::process::Command::new(py)
-        .arg(script)
-        .arg(&server.base)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::run_python(&py, script, &[server.base.as_str()]);
     assert!(stdout.contains("page: ok"), "{stdout}");
 }

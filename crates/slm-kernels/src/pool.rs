@@ -129,11 +129,18 @@ impl Pool {
         // SAFETY: a fat pointer is two words; workers rebuild it only for a task of this
         // section, and `run` returns (so `f` outlives them) only once all tasks are done.
         let words: [usize; 2] = unsafe { std::mem::transmute(job) };
+        // Close the previous section before touching its job, count and done: a worker still
+        // in `claim` for it could otherwise read the new (larger) count while the old epoch
+        // stands, take a task of this section under the old epoch, and add to the new `done`,
+        // so that this `run` returned before its last task had finished. Closing moves to an
+        // epoch that has no tasks; opening moves to the next one.
+        let closed = (s.state.load(Ordering::Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
+        s.state.store(closed << 32 | CLOSED, Ordering::SeqCst);
         s.job[0].store(words[0], Ordering::Relaxed);
         s.job[1].store(words[1], Ordering::Relaxed);
         s.tasks.store(n, Ordering::Relaxed);
         s.done.store(0, Ordering::Relaxed);
-        let epoch = (s.state.load(Ordering::Relaxed) >> 32).wrapping_add(1) & 0xFFFF_FFFF;
+        let epoch = closed.wrapping_add(1) & 0xFFFF_FFFF;
         s.state.store(epoch << 32, Ordering::Release);
         if *s.sleepers.lock().unwrap_or_else(|e| e.into_inner()) > 0 {
             s.wake.notify_all();
@@ -152,6 +159,9 @@ impl Pool {
         }
     }
 }
+
+/// The task index of a closed section: above any count `run` accepts.
+const CLOSED: u64 = 0xFFFF_FFFF;
 
 /// The next task of section `epoch`, if any is left.
 fn claim(s: &Shared, epoch: u64) -> Option<usize> {
@@ -295,6 +305,31 @@ mod tests {
                 hits.iter().all(|h| h.load(Ordering::Relaxed) == 50),
                 "n={n}"
             );
+        }
+    }
+
+    /// Back-to-back sections whose task counts grow: a worker that was still claiming in the
+    /// previous section must not take a task of the next one (which it once could, between the
+    /// caller's writes of the new count and the new epoch, running a task twice and letting
+    /// `run` return before its last task had finished).
+    #[test]
+    fn a_section_returns_only_after_each_of_its_tasks_ran_once() {
+        // More threads than this machine's cores, so the caller is often preempted between
+        // its writes.
+        let pool = Pool::new(4);
+        let hits: Vec<AtomicUsize> = (0..64).map(|_| AtomicUsize::new(0)).collect();
+        for round in 0..400_000usize {
+            let n = 2 + round % 63;
+            pool.run(n, |i| {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            });
+            for (i, h) in hits[..n].iter().enumerate() {
+                assert_eq!(
+                    h.swap(0, Ordering::Relaxed),
+                    1,
+                    "round {round}, task {i} of {n}"
+                );
+            }
         }
     }
 

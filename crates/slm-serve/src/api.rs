@@ -293,7 +293,7 @@ pub fn job(
         frequency_penalty: r.frequency_penalty.unwrap_or(0.0),
         seed: match r.seed {
             Some(s) => s as u64,
-            None => fresh_seed(),
+            None => unique_u64(),
         },
         ..d
     };
@@ -394,16 +394,18 @@ fn top_logprobs(n: Option<i64>, name: &str) -> Result<usize, ApiError> {
     }
 }
 
-/// A seed for a request that names none: different per request, as OpenAI's sampling is.
-fn fresh_seed() -> u64 {
+/// A number different per call (a seed for a request that names none, as OpenAI's sampling
+/// differs per request; a response id).
+pub fn unique_u64() -> u64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
-    t ^ COUNTER
+    (t ^ COUNTER
         .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15))
+    .wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 pub fn usage_json(u: &Usage) -> Value {

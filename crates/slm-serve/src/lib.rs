@@ -310,7 +310,7 @@ async fn generate(
         id: format!(
             "{}-{:016x}",
             if chat { "chatcmpl" } else { "cmpl" },
-            rand_id()
+            api::unique_u64()
         ),
         model: model.name.clone(),
         created: unix_now(),
@@ -327,18 +327,6 @@ async fn generate(
     } else {
         reply.whole(rx).await
     }
-}
-
-fn rand_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let t = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    (t ^ N
-        .fetch_add(1, Ordering::Relaxed)
-        .wrapping_mul(0x9E37_79B9_7F4A_7C15))
-    .wrapping_mul(0xBF58_476D_1CE4_E5B9)
 }
 
 /// What one answer needs to shape its JSON.

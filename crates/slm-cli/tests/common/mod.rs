@@ -222,6 +222,12 @@ impl Server {
 
     /// Sends `bytes` as they are and reads the answer until the server closes.
     pub fn raw(&self, bytes: &[u8]) -> std::io::Result<(u16, String)> {
+        self.raw_with_head(bytes)
+            .map(|(status, _, body)| (status, body))
+    }
+
+    /// As `raw`, with the response's head (status line and headers, lower-cased).
+    pub fn raw_with_head(&self, bytes: &[u8]) -> std::io::Result<(u16, String, String)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.addr())?;
         s.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
@@ -235,10 +241,8 @@ impl Server {
             .nth(1)
             .and_then(|c| c.parse().ok())
             .ok_or_else(|| std::io::Error::other(format!("no HTTP status in {text:?}")))?;
-        let body = text
-            .split_once("\r\n\r\n")
-            .map_or(String::new(), |(_, b)| b.to_string());
-        Ok((status, body))
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        Ok((status, head.to_lowercase(), body.to_string()))
     }
 }
 
@@ -263,4 +267,17 @@ pub fn python_with(modules: &str) -> String {
         "{py} cannot import {modules} (set SLM_PYTHON; .ci/run installs requirements-dev.txt)"
     );
     py
+}
+
+/// Runs a Python test script with `args`; fails the test with its output unless it succeeds,
+/// and returns its stdout.
+pub fn run_python(py: &str, script: &str, args: &[&str]) -> String {
+    let out = Command::new(py).arg(script).args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
 }
