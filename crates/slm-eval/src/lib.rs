@@ -3,6 +3,7 @@
 //! results files and HTML reports that compare models.
 
 pub mod choice;
+pub mod entities;
 pub mod metrics;
 pub mod perplexity;
 pub mod report;
