@@ -3,6 +3,7 @@
 pub mod corpus;
 pub mod prepare;
 pub mod shard;
+pub mod tasks;
 
 use std::path::PathBuf;
 

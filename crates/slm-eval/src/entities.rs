@@ -1,8 +1,8 @@
 //! Named-entity scoring as seqeval computes it (its default, conlleval-compatible mode):
 //! entities are read from tag sequences with seqeval's chunk rules, and a predicted entity
 //! counts only when its type, start and end all match a gold one. Sequences are joined with an
-//! `O` between them, as seqeval joins a list of sentences. Also the strict check that a
-//! training file's tags are valid BIO.
+//! `O` between them, as seqeval joins a list of sentences. (Training files' tags are checked
+//! to be strict BIO when read: slm_data::tasks::check_bio.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -119,35 +119,6 @@ pub fn score<S: AsRef<str>>(gold: &[Vec<S>], pred: &[Vec<S>]) -> EntityScores {
     }
 }
 
-/// Checks that `tags` are strict BIO: each is `O`, `B-TYPE` or `I-TYPE`, and an `I-TYPE`
-/// continues a `B-TYPE` or `I-TYPE` of the same type. The error names the position and tag.
-pub fn check_bio<S: AsRef<str>>(tags: &[S]) -> Result<(), String> {
-    let mut prev: Option<&str> = None; // the type of the entity the previous tag is in
-    for (i, t) in tags.iter().enumerate() {
-        let t = t.as_ref();
-        if t == "O" {
-            prev = None;
-            continue;
-        }
-        let (kind, begins) = match (t.strip_prefix("B-"), t.strip_prefix("I-")) {
-            (Some(k), _) if !k.is_empty() => (k, true),
-            (_, Some(k)) if !k.is_empty() => (k, false),
-            _ => return Err(format!("tag {i} is '{t}': expected O, B-TYPE or I-TYPE")),
-        };
-        if !begins && prev != Some(kind) {
-            return Err(format!(
-                "tag {i} is '{t}' but follows {}: an I- tag must continue a B-{kind} or I-{kind}",
-                match i {
-                    0 => "nothing".to_string(),
-                    _ => format!("'{}'", tags[i - 1].as_ref()),
-                }
-            ));
-        }
-        prev = Some(kind);
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,20 +158,5 @@ mod tests {
         let none = score(&[seq("O O")], &[seq("O O")]);
         assert_eq!(none.micro.f1, 0.0);
         assert!(none.per_type.is_empty());
-    }
-
-    #[test]
-    fn bio_is_checked_strictly_with_the_position_named() {
-        assert!(check_bio(&seq("O B-PER I-PER O B-LOC")).is_ok());
-        for (tags, want) in [
-            ("O I-PER", "tag 1 is 'I-PER' but follows 'O'"),
-            ("I-PER", "follows nothing"),
-            ("B-PER I-LOC", "tag 1 is 'I-LOC'"),
-            ("B-PER X", "tag 1 is 'X': expected O, B-TYPE or I-TYPE"),
-            ("B-", "tag 0 is 'B-'"),
-        ] {
-            let e = check_bio(&seq(tags)).unwrap_err();
-            assert!(e.contains(want), "{tags}: {e}");
-        }
     }
 }
