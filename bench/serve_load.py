@@ -120,6 +120,10 @@ def load(a):
                 "stream": True,
                 "stream_options": {"include_usage": True},
             }
+            if leaves:
+                # It cannot finish before it leaves, so that every departure is one the server
+                # must notice (a reply shorter than the leave point would not be).
+                body["ignore_eos"] = True
             usage = {}
             leave_after = 3 + (i + n) % 5
 
