@@ -120,12 +120,16 @@ fn q4_1_ref(x: &[f32], out: &mut [u8], five: bool) {
     }
 }
 
-/// The per-value weights of the importance-weighted legacy quantizers:
-/// `imatrix * sqrt(sigma2 + x^2)`, sigma2 the row's mean square.
-fn row_weights(x: &[f32], sigma2: f32, qw: &[f32], w: &mut [f32]) {
+/// The per-value weights of the importance-weighted quantizers,
+/// `imatrix * sqrt(sigma2 + x^2)` (sigma2 the row's or block's mean square), into `w`;
+/// returns their sum in order (the K-quants weigh each sub-block's scale by it).
+fn row_weights(x: &[f32], sigma2: f32, qw: &[f32], w: &mut [f32]) -> f32 {
+    let mut sum = 0f32;
     for ((w, &q), &v) in w.iter_mut().zip(qw).zip(x) {
         *w = q * (sigma2 + v * v).sqrt();
+        sum += *w;
     }
+    sum
 }
 
 fn mean_square(x: &[f32]) -> f32 {
@@ -547,10 +551,7 @@ fn q2k_weighted(x: &[f32], qw: &[f32], out: &mut [u8]) {
         for j in 0..16 {
             let xs = &b[16 * j..16 * j + 16];
             let mut w = [0f32; 16];
-            row_weights(xs, sigma2, &q[16 * j..16 * j + 16], &mut w);
-            for &v in &w {
-                sw[j] += v;
-            }
+            sw[j] = row_weights(xs, sigma2, &q[16 * j..16 * j + 16], &mut w);
             let (s, m) = make_qkx_quants(3, xs, &w, &mut l[16 * j..16 * j + 16], SEARCH_WEIGHTED);
             scales[j] = s;
             mins[j] = m;
@@ -634,10 +635,7 @@ fn q3k(x: &[f32], qw: Option<&[f32]>, out: &mut [u8]) {
                 for j in 0..16 {
                     let xs = &b[16 * j..16 * j + 16];
                     let mut w = [0f32; 16];
-                    row_weights(xs, sigma2, &qw[16 * j..16 * j + 16], &mut w);
-                    for &v in &w {
-                        sw[j] += v;
-                    }
+                    sw[j] = row_weights(xs, sigma2, &qw[16 * j..16 * j + 16], &mut w);
                     scales[j] = make_qx_quants(4, xs, &mut l[16 * j..16 * j + 16], Some(&w));
                 }
                 let mut ls = [0i8; 16];
@@ -734,10 +732,7 @@ fn q45k(x: &[f32], qw: Option<&[f32]>, out: &mut [u8], five: bool) {
                 for j in 0..8 {
                     let xs = &b[32 * j..32 * j + 32];
                     let mut w = [0f32; 32];
-                    row_weights(xs, sigma2, &qw[32 * j..32 * j + 32], &mut w);
-                    for &v in &w {
-                        sw[j] += v;
-                    }
+                    sw[j] = row_weights(xs, sigma2, &qw[32 * j..32 * j + 32], &mut w);
                     let (s, m) =
                         make_qkx_quants(nmax, xs, &w, &mut l[32 * j..32 * j + 32], SEARCH_WEIGHTED);
                     scales[j] = s;
