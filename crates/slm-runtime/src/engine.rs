@@ -287,8 +287,14 @@ fn run(
     let mut texts: Option<TokenTexts> = None;
     let mut waiting: VecDeque<Waiting> = VecDeque::new();
     let mut active: Vec<Seq> = Vec::new();
-    // Finished sequences kept for their prefixes: (tokens, cache, bytes).
-    let mut kept: VecDeque<(Vec<u32>, Cache, usize)> = VecDeque::new();
+    // Finished sequences kept for their prefixes: (tokens, cache); each holds
+    // cache.len() * per_position bytes of the budget.
+    let mut kept: VecDeque<(Vec<u32>, Cache)> = VecDeque::new();
+    let release = |k: (Vec<u32>, Cache)| {
+        stats
+            .kv_used
+            .fetch_sub(k.1.len() * per_position, Ordering::Relaxed);
+    };
     loop {
         if active.is_empty() && waiting.is_empty() {
             match rx.recv() {
@@ -323,10 +329,8 @@ fn run(
             let need = positions * per_position;
             let used = stats.kv_used.load(Ordering::Relaxed);
             if used + need > cfg.kv_budget {
-                if kept.pop_front().is_some_and(|k| {
-                    stats.kv_used.fetch_sub(k.2, Ordering::Relaxed);
-                    true
-                }) {
+                if let Some(k) = kept.pop_front() {
+                    release(k);
                     continue;
                 }
                 if !active.is_empty() {
@@ -448,12 +452,12 @@ fn run(
             let s = active.swap_remove(i);
             let (tokens, cache) = s.finish(finish, stats);
             if cfg.keep_prefixes > 0 && finish != FinishReason::Cancelled {
-                let bytes = cache.len() * per_position;
-                stats.kv_used.fetch_add(bytes, Ordering::Relaxed);
-                kept.push_back((tokens, cache, bytes));
+                stats
+                    .kv_used
+                    .fetch_add(cache.len() * per_position, Ordering::Relaxed);
+                kept.push_back((tokens, cache));
                 while kept.len() > cfg.keep_prefixes {
-                    let k = kept.pop_front().expect("non-empty");
-                    stats.kv_used.fetch_sub(k.2, Ordering::Relaxed);
+                    release(kept.pop_front().expect("non-empty"));
                 }
             }
         }
@@ -487,12 +491,7 @@ fn waits_for_prefix(active: &[Seq], i: usize) -> bool {
 
 /// Gives sequence `i` the longest prefix of its prompt that another running or kept sequence
 /// has computed, if longer than what it holds.
-fn adopt_prefix(
-    active: &mut [Seq],
-    i: usize,
-    kept: &VecDeque<(Vec<u32>, Cache, usize)>,
-    stats: &Stats,
-) {
+fn adopt_prefix(active: &mut [Seq], i: usize, kept: &VecDeque<(Vec<u32>, Cache)>, stats: &Stats) {
     let prompt = &active[i].job.prompt;
     let mut best: Option<(&Cache, usize)> = None;
     let others = active

@@ -458,11 +458,6 @@ impl JsonState {
         })
     }
 
-    /// Whether the text so far is complete and can take nothing more.
-    pub fn finished(&self) -> bool {
-        self.stacks.iter().all(|(s, _)| s.is_empty())
-    }
-
     /// Feeds `text`; false (and the state is then dead) when no valid document starts so.
     pub fn feed(&mut self, g: &JsonGrammar, text: &str) -> bool {
         for c in text.chars() {

@@ -102,10 +102,6 @@ pub struct JsonSchemaFormat {
 }
 
 /// Parses a body, naming the field that is wrong.
-pub fn parse(body: &[u8]) -> Result<GenRequest, ApiError> {
-    parse_as(body)
-}
-
 pub fn parse_as<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
@@ -208,18 +204,24 @@ pub fn completion_prompt(r: &GenRequest, tok: &Tokenizer) -> Result<Vec<u32>, Ap
             ))
         }
         Some(Prompt::Tokens(ids)) => {
-            let vocab = tok.vocab_size();
-            if let Some(bad) = ids.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ApiError::field(
-                    "prompt",
-                    format!("token id {bad} is not below the vocabulary size {vocab}"),
-                ));
-            }
+            check_token_ids(ids, tok, "prompt")?;
             return Ok(ids.clone());
         }
     };
     tok.encode(&text, true)
         .map_err(|e| ApiError::internal(format!("tokenizer: {e}")))
+}
+
+/// Refuses token ids (in field `param`) that the tokenizer does not have.
+pub fn check_token_ids(ids: &[u32], tok: &Tokenizer, param: &str) -> Result<(), ApiError> {
+    let vocab = tok.vocab_size();
+    match ids.iter().find(|&&t| t as usize >= vocab) {
+        Some(bad) => Err(ApiError::field(
+            param,
+            format!("token id {bad} is not below the vocabulary size {vocab}"),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The job a request asks for, with its prompt, checked against the context `ctx`.

@@ -291,7 +291,7 @@ async fn generate(
     endpoint: Endpoint,
 ) -> Result<Response, ApiError> {
     let bytes = body_bytes(&state, body).await?;
-    let req = api::parse(&bytes)?;
+    let req: api::GenRequest = api::parse_as(&bytes)?;
     let models = state.models()?;
     let model = models.chat(req.model.as_deref())?;
     let tok = model.tok.clone();
@@ -495,13 +495,7 @@ async fn detokenize(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     let bytes = body_bytes(&state, body).await?;
     let r: DetokenizeRequest = api::parse_as(&bytes)?;
     let m = state.models()?.chat(r.model.as_deref())?;
-    let vocab = m.tok.vocab_size();
-    if let Some(bad) = r.tokens.iter().find(|&&t| t as usize >= vocab) {
-        return Err(ApiError::field(
-            "tokens",
-            format!("token id {bad} is not below the vocabulary size {vocab}"),
-        ));
-    }
+    api::check_token_ids(&r.tokens, &m.tok, "tokens")?;
     let content = m
         .tok
         .decode(&r.tokens, false)
