@@ -26,7 +26,7 @@ use axum::routing::{get, post};
 use axum::Router;
 use serde_json::{json, Value};
 use slm_runtime::embed::SentenceEncoder;
-use slm_runtime::engine::{Engine, EngineConfig, Event, Sink};
+use slm_runtime::engine::{Engine, EngineConfig, Event, Sink, TokenLogprob};
 use slm_tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 
@@ -101,6 +101,21 @@ impl Models {
                 .iter()
                 .find(|m| m.name == n)
                 .ok_or_else(|| ApiError::unknown_model(n, &self.names())),
+        }
+    }
+
+    /// The embedding model a request names (the first one when it names none).
+    fn embedder(&self, name: Option<&str>) -> Result<Arc<SentenceEncoder>, ApiError> {
+        let found = match name {
+            None | Some("") => self.embed.first(),
+            Some(n) => self.embed.iter().find(|e| e.name == n),
+        };
+        match (found, name) {
+            (Some(e), _) => Ok(e.clone()),
+            (None, Some(n)) if !n.is_empty() => Err(ApiError::unknown_model(n, &self.names())),
+            (None, _) => Err(ApiError::not_found(
+                "this server has no embedding model (start it with --embed)",
+            )),
         }
     }
 }
@@ -358,6 +373,44 @@ impl Reply {
         })
     }
 
+    /// Log-probabilities in the endpoint's shape (completions count text offsets from
+    /// `offset`), or null when none were asked for.
+    fn logprobs(&self, lps: &[TokenLogprob], offset: usize) -> Option<Value> {
+        (!lps.is_empty()).then(|| match self.endpoint {
+            Endpoint::Chat => api::chat_logprobs(&self.tok, lps),
+            Endpoint::Completion => api::completion_logprobs(&self.tok, lps, offset),
+        })
+    }
+
+    /// The one choice of an answer: the whole message (`chunk` None), or a stream chunk's
+    /// delta (`Some(first)`: the first names the role; the last, with `finish`, is empty).
+    fn choice(
+        &self,
+        text: &str,
+        logprobs: Option<Value>,
+        finish: Option<&str>,
+        chunk: Option<bool>,
+    ) -> Value {
+        let mut c = json!({"index": 0, "logprobs": logprobs, "finish_reason": finish});
+        match (self.endpoint, chunk) {
+            (Endpoint::Completion, _) => c["text"] = json!(text),
+            (Endpoint::Chat, None) => {
+                c["message"] = json!({"role": "assistant", "content": text});
+            }
+            (Endpoint::Chat, Some(first)) => {
+                let mut delta = match finish {
+                    Some(_) => json!({}),
+                    None => json!({ "content": text }),
+                };
+                if first {
+                    delta["role"] = json!("assistant");
+                }
+                c["delta"] = delta;
+            }
+        }
+        c
+    }
+
     async fn whole(self, mut rx: mpsc::UnboundedReceiver<Event>) -> Result<Response, ApiError> {
         let mut text = String::new();
         let mut lps = Vec::new();
@@ -368,23 +421,8 @@ impl Reply {
                     lps.extend(logprobs);
                 }
                 Some(Event::Done(u)) => {
-                    let finish = u.finish.as_str();
-                    let logprobs = (!lps.is_empty()).then(|| match self.endpoint {
-                        Endpoint::Chat => api::chat_logprobs(&self.tok, &lps),
-                        Endpoint::Completion => api::completion_logprobs(&self.tok, &lps, 0),
-                    });
-                    let choice = match self.endpoint {
-                        Endpoint::Chat => json!({
-                            "index": 0,
-                            "message": {"role": "assistant", "content": text},
-                            "logprobs": logprobs,
-                            "finish_reason": finish,
-                        }),
-                        Endpoint::Completion => json!({
-                            "index": 0, "text": text, "logprobs": logprobs,
-                            "finish_reason": finish,
-                        }),
-                    };
+                    let logprobs = self.logprobs(&lps, 0);
+                    let choice = self.choice(&text, logprobs, Some(u.finish.as_str()), None);
                     let mut body = self.envelope(false, json!([choice]));
                     body["usage"] = api::usage_json(&u);
                     return Ok(axum::Json(body).into_response());
@@ -408,40 +446,15 @@ impl Reply {
                     if text.is_empty() && logprobs.is_empty() && !first {
                         String::new()
                     } else {
-                        let lp = (!logprobs.is_empty()).then(|| match self.endpoint {
-                            Endpoint::Chat => api::chat_logprobs(&self.tok, &logprobs),
-                            Endpoint::Completion => {
-                                api::completion_logprobs(&self.tok, &logprobs, sent)
-                            }
-                        });
+                        let lp = self.logprobs(&logprobs, sent);
                         sent += text.len();
-                        let choice = match self.endpoint {
-                            Endpoint::Chat => {
-                                let mut delta = json!({"content": text});
-                                if first {
-                                    delta["role"] = json!("assistant");
-                                }
-                                json!({"index": 0, "delta": delta, "logprobs": lp, "finish_reason": null})
-                            }
-                            Endpoint::Completion => json!({
-                                "index": 0, "text": text, "logprobs": lp, "finish_reason": null,
-                            }),
-                        };
+                        let choice = self.choice(&text, lp, None, Some(first));
                         first = false;
                         frame(&self.envelope(true, json!([choice])))
                     }
                 }
                 Event::Done(u) => {
-                    let choice = match self.endpoint {
-                        Endpoint::Chat => json!({
-                            "index": 0, "delta": {}, "logprobs": null,
-                            "finish_reason": u.finish.as_str(),
-                        }),
-                        Endpoint::Completion => json!({
-                            "index": 0, "text": "", "logprobs": null,
-                            "finish_reason": u.finish.as_str(),
-                        }),
-                    };
+                    let choice = self.choice("", None, Some(u.finish.as_str()), Some(false));
                     let mut out = frame(&self.envelope(true, json!([choice])));
                     if include_usage {
                         let mut last = self.envelope(true, json!([]));
@@ -507,16 +520,7 @@ async fn embeddings(State(state): State<Arc<AppState>>, body: Body) -> Result<Re
     let bytes = body_bytes(&state, body).await?;
     let r: embed::EmbeddingRequest = api::parse_as(&bytes)?;
     let models = state.models()?;
-    let model = match r.model.as_deref() {
-        None | Some("") => models.embed.first().cloned(),
-        Some(n) => models.embed.iter().find(|e| e.name == n).cloned(),
-    };
-    let Some(model) = model else {
-        return Err(match r.model.as_deref() {
-            Some(n) if !n.is_empty() => ApiError::unknown_model(n, &models.names()),
-            _ => ApiError::not_found("this server has no embedding model (start it with --embed)"),
-        });
-    };
+    let model = models.embedder(r.model.as_deref())?;
     let out = embed::respond(model, r).await?;
     Ok(axum::Json(out).into_response())
 }
