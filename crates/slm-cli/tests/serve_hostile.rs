@@ -405,3 +405,23 @@ fn cross_origin_use_is_off_unless_asked_and_a_public_host_without_a_key_warns() 
         "{warned}"
     );
 }
+
+#[test]
+fn serve_refuses_missing_models_and_empty_keys_before_listening() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = common::fails(common::slm().args(["serve", "/no/such/model.gguf"]));
+    assert!(
+        e.contains("/no/such/model.gguf: no such file or folder"),
+        "{e}"
+    );
+    let empty = dir.path().join("key");
+    std::fs::write(&empty, "\n").unwrap();
+    let e = common::fails(
+        common::slm()
+            .args(["serve", "/no/such/model.gguf", "--api-key-file"])
+            .arg(&empty),
+    );
+    assert!(e.contains("the API key is empty"), "{e}");
+    let e = common::fails(common::slm().args(["serve", "m.gguf", "--parallel", "0"]));
+    assert!(e.contains("--parallel is 0"), "{e}");
+}

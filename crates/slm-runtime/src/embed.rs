@@ -238,3 +238,58 @@ impl SentenceEncoder {
         Ok(pooled.to_vec2()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn folder(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let d = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            let p = d.path().join(name);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, text).unwrap();
+        }
+        d
+    }
+
+    const BERT: &str = r#"{"model_type": "bert", "vocab_size": 10, "hidden_size": 8,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 16,
+        "hidden_act": "gelu", "max_position_embeddings": 16, "type_vocab_size": 2,
+        "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "initializer_range": 0.02,
+        "pad_token_id": 0, "position_embedding_type": "absolute", "use_cache": false,
+        "classifier_dropout": null}"#;
+
+    #[test]
+    fn folders_that_are_not_sentence_encoders_are_refused_by_name() {
+        let err = |d: &tempfile::TempDir| match SentenceEncoder::load(d.path()) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => e.to_string(),
+        };
+        let e = err(&folder(&[]));
+        assert!(
+            e.contains("config.json") && e.contains("cannot read"),
+            "{e}"
+        );
+        let e = err(&folder(&[("config.json", r#"{"model_type": "llama"}"#)]));
+        assert!(e.contains("only BERT sentence encoders"), "{e}");
+        let e = err(&folder(&[("config.json", r#"{"model_type": "bert"}"#)]));
+        assert!(e.contains("not a BERT config"), "{e}");
+        let huge = BERT.replace("\"hidden_size\": 8", "\"hidden_size\": 99999999");
+        let e = err(&folder(&[("config.json", &huge)]));
+        assert!(e.contains("hidden_size") && e.contains("limit"), "{e}");
+        let odd = BERT.replace("\"num_attention_heads\": 2", "\"num_attention_heads\": 3");
+        let e = err(&folder(&[("config.json", &odd)]));
+        assert!(e.contains("not a multiple of num_attention_heads 3"), "{e}");
+        let e = err(&folder(&[
+            ("config.json", BERT),
+            (
+                "1_Pooling/config.json",
+                r#"{"pooling_mode_weightedmean_tokens": true}"#,
+            ),
+        ]));
+        assert!(e.contains("no pooling mode slm supports"), "{e}");
+        let e = err(&folder(&[("config.json", BERT)]));
+        assert!(e.contains("tokenizer.json"), "{e}");
+    }
+}

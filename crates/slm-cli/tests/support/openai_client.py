@@ -143,6 +143,17 @@ try:
 except openai.BadRequestError as e:
     assert "pattern" in str(e)
 
+for bad, field in (
+    ({"input": [101, 102]}, "token ids"),
+    ({"input": "x", "dimensions": 7}, "dimensions"),
+    ({"input": ["x"] * 2049}, "2049 inputs"),
+):
+    try:
+        client.embeddings.create(model=embed_model, **bad)
+        raise AssertionError(f"embeddings accepted {field}")
+    except openai.BadRequestError as e:
+        assert field in str(e), e
+
 try:
     client.chat.completions.create(model="no-such-model", messages=messages)
     raise AssertionError("an unknown model was served")
