@@ -701,6 +701,13 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     Ok((loaded, tok))
 }
 
+/// `load` for a command that predicts tokens (a classifier is refused by name).
+fn load_lm(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
+    let (m, tok) = load(path)?;
+    m.model.config.require_lm(&path.display().to_string())?;
+    Ok((m, tok))
+}
+
 /// An error reads as one message with its causes ("error: loading m.gguf: ..."), whatever
 /// RUST_BACKTRACE says: a bad input is the user's to fix, not a crash to debug.
 fn main() -> std::process::ExitCode {
@@ -835,7 +842,7 @@ fn run(mut cli: Cli) -> Result<()> {
             data_prepare(&docs, &tokenizer, &output, valid_fraction, seed, &eos)
         }
         Cmd::Generate { model, prompt, gen } => {
-            let (m, tok) = load(&model)?;
+            let (m, tok) = load_lm(&model)?;
             let ids = tok.encode(&prompt, true)?;
             let mut session = Session::new(&m.model);
             let stop = interrupt_flag();
@@ -1016,7 +1023,15 @@ fn info(path: &Path) -> Result<()> {
     let (m, tok) = load(path)?;
     let c = &m.model.config;
     println!("model        {}", path.display());
-    println!("architecture {:?} ({})", c.arch, c.arch.hf_class());
+    println!(
+        "architecture {:?} ({}{})",
+        c.arch,
+        c.arch.hf_prefix(),
+        c.to_hf_json()["architectures"][0]
+            .as_str()
+            .and_then(|s| s.strip_prefix(c.arch.hf_prefix()))
+            .unwrap_or("")
+    );
     println!("parameters   {:.1}M", c.num_params() as f64 / 1e6);
     println!(
         "shape        {} layers, hidden {}, ffn {}, heads {} (kv {}), head dim {}",
@@ -1104,7 +1119,7 @@ fn info(path: &Path) -> Result<()> {
 }
 
 fn chat(path: &Path, system: Option<String>, gen: &GenArgs) -> Result<()> {
-    let (m, tok) = load(path)?;
+    let (m, tok) = load_lm(path)?;
     let Some(template) = &tok.chat_template else {
         bail!(
             "{} has no chat template; use `slm generate` for plain completion",
@@ -1289,7 +1304,7 @@ fn imatrix(
     let t = Instant::now();
     let text =
         std::fs::read_to_string(calib).with_context(|| format!("reading {}", calib.display()))?;
-    let (m, tok) = load(model)?;
+    let (m, tok) = load_lm(model)?;
     let ids = tok.encode(&text, false)?;
     let bos = if tok.add_bos { tok.bos } else { None };
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -1387,7 +1402,7 @@ fn bench_train(
 }
 
 fn bench(path: &Path, threads: usize, json: bool, reps: usize) -> Result<()> {
-    let (m, _tok) = load(path)?;
+    let (m, _tok) = load_lm(path)?;
     let speed = slm_runtime::bench::run(&m.model, reps)?;
     let rss = slm_kernels::process::peak_rss_mb();
     let kernels = slm_kernels::process::kernel_set();

@@ -84,6 +84,54 @@ fn strings(
         .collect()
 }
 
+/// A classification row: the text (a pair's premise and hypothesis joined by a newline)
+/// and its label.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabelRow {
+    pub text: String,
+    pub label: String,
+}
+
+/// A classification file: `{"text", "label"}` or `{"premise", "hypothesis", "label"}`, the
+/// label a string (or an integer, as some datasets give them, read as its digits). Other
+/// fields (a source, a confidence) are left alone.
+pub fn read_labeled(path: &Path) -> Result<Vec<LabelRow>> {
+    rows(path)?
+        .into_iter()
+        .map(|(line, o)| {
+            let bad = |what: String| format_err(path, line, what);
+            let field = |k: &str| -> std::result::Result<Option<String>, String> {
+                match o.get(k) {
+                    None => Ok(None),
+                    Some(Value::String(s)) => Ok(Some(s.clone())),
+                    Some(other) => Err(format!("\"{k}\" is {other}, not a string")),
+                }
+            };
+            let text = match (field("text"), field("premise"), field("hypothesis")) {
+                (Ok(Some(t)), _, _) => t,
+                (Ok(None), Ok(Some(p)), Ok(Some(h))) => format!("{p}\n{h}"),
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Err(bad(e)),
+                _ => {
+                    return Err(bad(
+                        "expected a \"text\" field, or \"premise\" and \"hypothesis\"".into(),
+                    ))
+                }
+            };
+            let label = match o.get("label") {
+                Some(Value::String(s)) if !s.is_empty() => s.clone(),
+                Some(Value::Number(n)) if n.is_u64() => n.to_string(),
+                Some(other) => {
+                    return Err(bad(format!(
+                        "\"label\" is {other}: expected a non-empty string or an integer"
+                    )))
+                }
+                None => return Err(bad("no \"label\" field".into())),
+            };
+            Ok(LabelRow { text, label })
+        })
+        .collect()
+}
+
 /// A tagging file: words and their BIO tags, one row per sentence.
 pub fn read_tagging(path: &Path) -> Result<Vec<TagRow>> {
     rows(path)?
@@ -241,6 +289,33 @@ mod tests {
             ("", "no rows"),
         ] {
             let e = read_tagging(file(text).path()).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn labeled_rows_take_text_or_pairs_and_name_bad_lines() {
+        let f = file(
+            "{\"text\": \"fine\", \"label\": \"positive\", \"source\": \"x\"}\n\
+             {\"premise\": \"A\", \"hypothesis\": \"B\", \"label\": 1}\n",
+        );
+        let rows = read_labeled(f.path()).unwrap();
+        assert_eq!(rows[0].label, "positive");
+        assert_eq!(
+            (rows[1].text.as_str(), rows[1].label.as_str()),
+            ("A\nB", "1")
+        );
+        for (text, want) in [
+            ("{\"text\": \"x\"}", ":1: no \"label\""),
+            ("{\"text\": \"x\", \"label\": 1.5}", "\"label\" is 1.5"),
+            ("{\"text\": \"x\", \"label\": \"\"}", "non-empty"),
+            ("{\"text\": 3, \"label\": \"a\"}", "\"text\" is 3"),
+            (
+                "{\"premise\": \"x\", \"label\": \"a\"}",
+                "\"premise\" and \"hypothesis\"",
+            ),
+        ] {
+            let e = read_labeled(file(text).path()).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
     }

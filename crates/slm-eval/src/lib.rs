@@ -4,6 +4,7 @@
 
 pub mod choice;
 pub mod entities;
+pub mod heads;
 pub mod metrics;
 pub mod perplexity;
 pub mod report;
@@ -33,6 +34,12 @@ pub enum EvalError {
     EmptyContext,
     #[error("token id {token} is outside the model's vocabulary of {vocab}")]
     TokenOutOfRange { token: u32, vocab: usize },
+    #[error(transparent)]
+    Data(#[from] slm_data::DataError),
+    #[error("{0}")]
+    Head(String),
+    #[error(transparent)]
+    Config(#[from] slm_model::config::ConfigError),
 }
 
 /// SplitMix64: the few-shot draws and bootstrap resamples must be the same on every platform

@@ -39,7 +39,7 @@ pub struct ModelInfo {
 pub struct TaskResult {
     /// The task's name (the file's stem, or the suite's name for it).
     pub name: String,
-    /// "choice", "classify" or "perplexity".
+    /// "choice", "classify", "tag" or "perplexity".
     pub kind: String,
     pub file: String,
     pub file_sha256: String,
@@ -58,6 +58,9 @@ pub struct TaskResult {
     /// Labels of a classification task, in option order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub labels: Vec<String>,
+    /// A classifier head's counts: rows the gold label, columns the predicted one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub confusion: Vec<Vec<u64>>,
 }
 
 impl Results {

@@ -18,6 +18,7 @@ use crate::EvalError;
 pub enum Kind {
     Choice,
     Classify,
+    Tag,
     Perplexity,
 }
 
@@ -26,6 +27,7 @@ impl Kind {
         match self {
             Kind::Choice => "choice",
             Kind::Classify => "classify",
+            Kind::Tag => "tag",
             Kind::Perplexity => "perplexity",
         }
     }
@@ -45,16 +47,17 @@ impl TaskSpec {
     pub fn parse(spec: &str) -> Result<Self, String> {
         let Some((kind, file)) = spec.split_once(':') else {
             return Err(format!(
-                "--task {spec:?}: expected KIND:FILE with KIND one of choice, classify, perplexity"
+                "--task {spec:?}: expected KIND:FILE with KIND one of choice, classify, tag, perplexity"
             ));
         };
         let (kind, primary) = match kind {
             "choice" => (Kind::Choice, "acc"),
             "classify" => (Kind::Classify, "acc"),
+            "tag" => (Kind::Tag, "f1"),
             "perplexity" => (Kind::Perplexity, "ppl"),
             other => {
                 return Err(format!(
-                "--task {spec:?}: unknown kind {other:?} (expected choice, classify or perplexity)"
+                "--task {spec:?}: unknown kind {other:?} (expected choice, classify, tag or perplexity)"
             ))
             }
         };
@@ -149,7 +152,31 @@ pub fn run(
         file: file.clone(),
         source,
     })?;
+    let mut confusion = Vec::new();
+    let head = &model.config.head;
     let (n, metrics, tokens, labels) = match spec.kind {
+        Kind::Classify | Kind::Tag if *head != slm_model::Head::Lm => {
+            let s = match spec.kind {
+                Kind::Classify => crate::heads::eval_classify(model, tok, &spec.file, opts.limit)?,
+                _ => crate::heads::eval_tag(model, tok, &spec.file, opts.limit)?,
+            };
+            confusion = s.confusion;
+            (s.n, s.metrics, s.tokens, head.labels().to_vec())
+        }
+        Kind::Tag => {
+            return Err(EvalError::Head(
+                "tag: the model has a language-model head; tagging needs a token-classification \
+                 head (train one with objective.kind = \"tag\")"
+                    .into(),
+            ))
+        }
+        _ if *head != slm_model::Head::Lm => {
+            return Err(EvalError::Head(format!(
+                "{}: the model has a {}; it scores only classify: and tag: tasks",
+                spec.kind.as_str(),
+                head.describe()
+            )))
+        }
         Kind::Perplexity => {
             let text = std::fs::read_to_string(&spec.file).map_err(|source| TaskError::Io {
                 file: file.clone(),
@@ -210,6 +237,7 @@ pub fn run(
         seconds: t0.elapsed().as_secs_f64(),
         arithmetic: opts.arithmetic.clone(),
         labels,
+        confusion,
     })
 }
 

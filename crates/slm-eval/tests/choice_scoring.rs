@@ -63,6 +63,7 @@ fn model(vocab: usize) -> Llama {
         attention_bias: false,
         bos_token_id: None,
         eos_token_id: Some(11),
+        head: Default::default(),
     };
     let dev = Device::Cpu;
     // Fixed weights (a deterministic pattern, not an RNG) so the model is the same everywhere.

@@ -15,11 +15,12 @@ pub enum Arch {
 }
 
 impl Arch {
-    pub fn hf_class(self) -> &'static str {
+    /// The transformers class prefix ("Llama" of "LlamaForCausalLM").
+    pub fn hf_prefix(self) -> &'static str {
         match self {
-            Arch::Llama => "LlamaForCausalLM",
-            Arch::Qwen2 => "Qwen2ForCausalLM",
-            Arch::Mistral => "MistralForCausalLM",
+            Arch::Llama => "Llama",
+            Arch::Qwen2 => "Qwen2",
+            Arch::Mistral => "Mistral",
         }
     }
     pub fn gguf_name(self) -> &'static str {
@@ -41,6 +42,52 @@ pub struct Llama3Scaling {
     pub original_max_position_embeddings: usize,
 }
 
+/// What reads the final hidden states. Each is a transformers class over the same base model
+/// (`model.*` tensors): `Lm` is `...ForCausalLM`, the others label text with a `score` layer.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub enum Head {
+    /// Next-token logits: `lm_head`, or the embedding when tied.
+    #[default]
+    Lm,
+    /// One label per sequence, from its last token's state (`...ForSequenceClassification`:
+    /// `score.weight`, no bias). `pad_token_id` marks padding, which transformers skips to
+    /// find each row's last token.
+    Sequence {
+        labels: Vec<String>,
+        pad_token_id: Option<u32>,
+    },
+    /// One label per token (`...ForTokenClassification`: `score.weight` and `score.bias`).
+    Token { labels: Vec<String> },
+}
+
+impl Head {
+    /// The labels of a classification head, in id order (none for `Lm`).
+    pub fn labels(&self) -> &[String] {
+        match self {
+            Head::Lm => &[],
+            Head::Sequence { labels, .. } | Head::Token { labels } => labels,
+        }
+    }
+
+    /// The transformers class suffix (`ForCausalLM`, ...).
+    fn class_suffix(&self) -> &'static str {
+        match self {
+            Head::Lm => "ForCausalLM",
+            Head::Sequence { .. } => "ForSequenceClassification",
+            Head::Token { .. } => "ForTokenClassification",
+        }
+    }
+
+    /// How a user names it: "language-model", "sequence classification", ...
+    pub fn describe(&self) -> &'static str {
+        match self {
+            Head::Lm => "language-model head",
+            Head::Sequence { .. } => "sequence-classification head",
+            Head::Token { .. } => "token-classification head",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Config {
     pub arch: Arch,
@@ -60,6 +107,7 @@ pub struct Config {
     pub attention_bias: bool,
     pub bos_token_id: Option<u32>,
     pub eos_token_id: Option<u32>,
+    pub head: Head,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -98,6 +146,8 @@ struct HfConfig {
     bos_token_id: Option<serde_json::Value>,
     eos_token_id: Option<serde_json::Value>,
     hidden_act: Option<String>,
+    id2label: Option<std::collections::BTreeMap<String, String>>,
+    pad_token_id: Option<serde_json::Value>,
 }
 
 /// An id too large for u32 becomes u32::MAX, which `validate` then refuses as out of range.
@@ -113,6 +163,54 @@ fn first_id(v: &Option<serde_json::Value>) -> Option<u32> {
     }
 }
 
+/// The head an `architectures` class names, its labels from `id2label` (ids 0..n, each once).
+fn head_from_hf(
+    class: &str,
+    id2label: Option<&std::collections::BTreeMap<String, String>>,
+    pad_token_id: Option<u32>,
+) -> Result<Head, String> {
+    let sequence = class.ends_with("ForSequenceClassification");
+    if !sequence && !class.ends_with("ForTokenClassification") {
+        return Ok(Head::Lm);
+    }
+    let map = id2label.ok_or_else(|| format!("{class} needs id2label (its labels)"))?;
+    crate::limits::check(
+        "the number of labels (id2label)",
+        map.len(),
+        crate::limits::MAX_LABELS,
+    )?;
+    let mut labels = vec![None; map.len()];
+    for (id, label) in map {
+        let i = id
+            .parse::<usize>()
+            .ok()
+            .filter(|&i| i < labels.len())
+            .ok_or_else(|| {
+                format!(
+                    "id2label has key {id:?}; expected the ids 0 to {}",
+                    labels.len() - 1
+                )
+            })?;
+        labels[i] = Some(label.clone());
+    }
+    let labels: Vec<String> = labels
+        .into_iter()
+        .map(|l| l.expect("each id once"))
+        .collect();
+    let mut seen = std::collections::HashSet::new();
+    if let Some(dup) = labels.iter().find(|l| !seen.insert(l.as_str())) {
+        return Err(format!("id2label names {dup:?} twice"));
+    }
+    Ok(if sequence {
+        Head::Sequence {
+            labels,
+            pad_token_id,
+        }
+    } else {
+        Head::Token { labels }
+    })
+}
+
 impl Config {
     pub fn from_hf_json(text: &str, file: &str) -> Result<Self, ConfigError> {
         let hf: HfConfig = serde_json::from_str(text).map_err(|e| invalid(file, e.to_string()))?;
@@ -121,10 +219,23 @@ impl Config {
             .clone()
             .or_else(|| hf.architectures.as_ref().and_then(|a| a.first().cloned()))
             .unwrap_or_default();
-        let arch = match ty.as_str() {
-            "llama" | "LlamaForCausalLM" => Arch::Llama,
-            "qwen2" | "Qwen2ForCausalLM" => Arch::Qwen2,
-            "mistral" | "MistralForCausalLM" => Arch::Mistral,
+        let class = hf
+            .architectures
+            .as_ref()
+            .and_then(|a| a.first().cloned())
+            .unwrap_or_default();
+        let base = [
+            "ForCausalLM",
+            "ForSequenceClassification",
+            "ForTokenClassification",
+        ]
+        .iter()
+        .find_map(|s| ty.strip_suffix(s))
+        .unwrap_or(&ty);
+        let arch = match base {
+            "llama" | "Llama" => Arch::Llama,
+            "qwen2" | "Qwen2" => Arch::Qwen2,
+            "mistral" | "Mistral" => Arch::Mistral,
             other => {
                 return Err(invalid(
                     file,
@@ -194,6 +305,8 @@ impl Config {
             attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
             bos_token_id: first_id(&hf.bos_token_id),
             eos_token_id: first_id(&hf.eos_token_id),
+            head: head_from_hf(&class, hf.id2label.as_ref(), first_id(&hf.pad_token_id))
+                .map_err(|what| invalid(file, what))?,
         };
         cfg.validate(file)?;
         Ok(cfg)
@@ -317,6 +430,7 @@ impl Config {
             attention_bias: g.tensor_info("blk.0.attn_q.bias").is_some(),
             bos_token_id: g.get_u64("tokenizer.ggml.bos_token_id")?.map(saturate_u32),
             eos_token_id: g.get_u64("tokenizer.ggml.eos_token_id")?.map(saturate_u32),
+            head: Head::Lm,
         };
         cfg.validate(&file)?;
         Ok(cfg)
@@ -343,11 +457,24 @@ impl Config {
         for (field, value, max) in sizes {
             check(field, value, max).map_err(|what| invalid(file, what))?;
         }
+        let pad = match self.head {
+            Head::Sequence { pad_token_id, .. } => pad_token_id,
+            _ => None,
+        };
         let ids = [
             ("bos_token_id", self.bos_token_id),
             ("eos_token_id", self.eos_token_id),
+            ("pad_token_id", pad),
         ];
-        let checks: [(bool, String); 5] = [
+        let n_labels = self.head.labels().len();
+        let checks: [(bool, String); 6] = [
+            (
+                self.head == Head::Lm || (2..=MAX_LABELS).contains(&n_labels),
+                format!(
+                    "a {} with {n_labels} labels; expected 2 to {MAX_LABELS}",
+                    self.head.describe()
+                ),
+            ),
             (
                 self.num_attention_heads
                     .is_multiple_of(self.num_key_value_heads),
@@ -414,10 +541,27 @@ impl Config {
         Ok(())
     }
 
+    /// An error unless the model predicts tokens: a classifier labels text (`slm predict`,
+    /// `slm eval --task classify:` or `tag:`) and cannot generate or score continuations.
+    pub fn require_lm(&self, file: &str) -> Result<(), ConfigError> {
+        match self.head {
+            Head::Lm => Ok(()),
+            _ => Err(invalid(
+                file,
+                format!(
+                    "the model has a {} (labels {:?}); it labels text (slm predict, slm eval \
+                     --task classify: or tag:) rather than predicting tokens",
+                    self.head.describe(),
+                    self.head.labels()
+                ),
+            )),
+        }
+    }
+
     /// The Hugging Face config.json for this configuration.
     pub fn to_hf_json(&self) -> serde_json::Value {
         let mut v = serde_json::json!({
-            "architectures": [self.arch.hf_class()],
+            "architectures": [format!("{}{}", self.arch.hf_prefix(), self.head.class_suffix())],
             "model_type": match self.arch { Arch::Llama => "llama", Arch::Qwen2 => "qwen2", Arch::Mistral => "mistral" },
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
@@ -444,6 +588,29 @@ impl Config {
         }
         if let Some(e) = self.eos_token_id {
             v["eos_token_id"] = e.into();
+        }
+        let labels = self.head.labels();
+        if !labels.is_empty() {
+            let id2label: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (i.to_string(), l.clone().into()))
+                .collect();
+            let label2id: serde_json::Map<String, serde_json::Value> = labels
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (l.clone(), i.into()))
+                .collect();
+            v["id2label"] = id2label.into();
+            v["label2id"] = label2id.into();
+            v["num_labels"] = labels.len().into();
+        }
+        if let Head::Sequence {
+            pad_token_id: Some(p),
+            ..
+        } = self.head
+        {
+            v["pad_token_id"] = p.into();
         }
         v
     }

@@ -13,7 +13,7 @@ pub mod limits;
 pub mod params;
 pub mod source;
 
-pub use config::{Arch, Config, ConfigError};
+pub use config::{Arch, Config, ConfigError, Head};
 pub use gguf::{GgmlType, GgufError, GgufFile};
 pub use params::{Param, Role};
 pub use source::{files_err, safetensors_files, source, FileError, ModelSource, SourceError};

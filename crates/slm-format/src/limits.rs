@@ -19,6 +19,9 @@ pub const MAX_FFN: usize = 1 << 18;
 pub const MAX_HEADS: usize = 1024;
 /// Width of one attention head. Published models use 64 to 256.
 pub const MAX_HEAD_DIM: usize = 1024;
+/// Labels of a classification head: far more than any task has (WNUT-17 has 13 BIO tags),
+/// few enough that a hostile config.json cannot size a large head.
+pub const MAX_LABELS: usize = 1 << 16;
 /// Instructions a chat template may execute per rendering (minijinja's fuel). A real template
 /// renders a long conversation in a few thousand; a runaway loop stops here within a second.
 pub const TEMPLATE_FUEL: u64 = 5_000_000;

@@ -3,7 +3,7 @@
 //! Loaders, the trainer's flat layout, initialisation, checkpoints and writers all derive
 //! from `Config::params`; nothing else lists the tensors.
 
-use crate::config::Config;
+use crate::config::{Config, Head};
 
 /// What a tensor is in the model. Layer tensors carry their layer in `Param::layer`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -24,6 +24,10 @@ pub enum Role {
     FinalNorm,
     /// The output projection when it is not tied to the embedding.
     Head,
+    /// A classification head's weight (labels x hidden), in place of the output projection.
+    Score,
+    /// A token-classification head's bias (one per label).
+    ScoreBias,
 }
 
 /// A layer's roles, in the order `Config::params` lists them (q, k and v adjacent, then
@@ -63,6 +67,9 @@ impl Role {
             Role::Embedding => ("model.embed_tokens.weight", "token_embd.weight"),
             Role::FinalNorm => ("model.norm.weight", "output_norm.weight"),
             Role::Head => ("lm_head.weight", "output.weight"),
+            // llama.cpp's classifier output (rerankers), LLM_TENSOR_CLS_OUT.
+            Role::Score => ("score.weight", "cls.output.weight"),
+            Role::ScoreBias => ("score.bias", "cls.output.bias"),
         }
     }
 
@@ -85,7 +92,10 @@ impl Role {
     }
 
     fn in_layer(self) -> bool {
-        !matches!(self, Role::Embedding | Role::FinalNorm | Role::Head)
+        !matches!(
+            self,
+            Role::Embedding | Role::FinalNorm | Role::Head | Role::Score | Role::ScoreBias
+        )
     }
 
     pub fn is_norm(self) -> bool {
@@ -93,14 +103,25 @@ impl Role {
     }
 
     pub fn is_bias(self) -> bool {
-        matches!(self, Role::QBias | Role::KBias | Role::VBias)
+        matches!(
+            self,
+            Role::QBias | Role::KBias | Role::VBias | Role::ScoreBias
+        )
     }
 
     /// A weight matrix of a linear layer (not the embedding, a norm or a bias).
     pub fn is_linear(self) -> bool {
         matches!(
             self,
-            Role::Q | Role::K | Role::V | Role::O | Role::Gate | Role::Up | Role::Down | Role::Head
+            Role::Q
+                | Role::K
+                | Role::V
+                | Role::O
+                | Role::Gate
+                | Role::Up
+                | Role::Down
+                | Role::Head
+                | Role::Score
         )
     }
 
@@ -146,7 +167,13 @@ impl Param {
 
 /// The role and layer a Hugging Face name stands for, if it is one of the model's tensors.
 pub fn parse_hf_name(name: &str) -> Option<(Role, Option<usize>)> {
-    let all = [Role::Embedding, Role::FinalNorm, Role::Head];
+    let all = [
+        Role::Embedding,
+        Role::FinalNorm,
+        Role::Head,
+        Role::Score,
+        Role::ScoreBias,
+    ];
     if let Some(r) = all.into_iter().find(|r| r.names().0 == name) {
         return Some((r, None));
     }
@@ -168,7 +195,8 @@ pub fn hf_to_gguf_name(hf: &str) -> Option<String> {
 
 impl Config {
     /// Every tensor of the model: each layer's (in `LAYER_ROLES` order, biases only with
-    /// `attention_bias`), then the embedding, the final norm and, unless tied, the head.
+    /// `attention_bias`), then the embedding, the final norm and the head: the output
+    /// projection unless tied, or a classifier's score weight (and, per token, its bias).
     pub fn params(&self) -> Vec<Param> {
         let (h, f, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
         let (q, kv) = (self.num_attention_heads * hd, self.num_key_value_heads * hd);
@@ -184,8 +212,13 @@ impl Config {
                 Role::Gate | Role::Up => vec![f, h],
                 Role::Down => vec![h, f],
                 Role::Embedding => vec![self.vocab_size, h],
-                Role::Head if self.tie_word_embeddings => return None,
+                Role::Head if self.tie_word_embeddings || self.head != Head::Lm => return None,
                 Role::Head => vec![self.vocab_size, h],
+                Role::Score if self.head != Head::Lm => vec![self.head.labels().len(), h],
+                Role::ScoreBias if matches!(self.head, Head::Token { .. }) => {
+                    vec![self.head.labels().len()]
+                }
+                Role::Score | Role::ScoreBias => return None,
             })
         };
         let mut v = Vec::new();
@@ -200,7 +233,13 @@ impl Config {
                 }
             }
         }
-        for role in [Role::Embedding, Role::FinalNorm, Role::Head] {
+        for role in [
+            Role::Embedding,
+            Role::FinalNorm,
+            Role::Head,
+            Role::Score,
+            Role::ScoreBias,
+        ] {
             if let Some(shape) = shape(role) {
                 v.push(Param {
                     role,

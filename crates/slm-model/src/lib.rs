@@ -15,7 +15,7 @@ pub use slm_format::{Param, Role};
 use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
-pub use config::{Arch, Config};
+pub use config::{Arch, Config, Head};
 pub use gguf::GgufFile;
 pub use llama::{Cache, Llama};
 pub use slm_kernels::packed::{self, Pack};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::weights::{Embedding, InputStats, Linear, Result, Tap, Weights};
 use candle_core::{DType, Device, Tensor};
-use slm_format::config::Config;
+use slm_format::config::{Config, Head};
 use slm_format::params::Role;
 use slm_kernels::ggml_math::{exact_path, f32_slice};
 use slm_kernels::packed::{self, Pack};
@@ -760,10 +760,13 @@ impl Llama {
         // Some checkpoints say tie_word_embeddings=false yet ship no lm_head; tying is the only
         // sensible reading of that.
         let head = name(Role::Head, None);
-        let lm_head = if c.tie_word_embeddings || !w.contains(&head) {
-            embed.as_linear()?
-        } else {
-            w.linear(head.trim_end_matches(".weight"), c.vocab_size, h, false)?
+        let score = name(Role::Score, None);
+        let score = score.trim_end_matches(".weight");
+        let lm_head = match &c.head {
+            Head::Lm if c.tie_word_embeddings || !w.contains(&head) => embed.as_linear()?,
+            Head::Lm => w.linear(head.trim_end_matches(".weight"), c.vocab_size, h, false)?,
+            Head::Sequence { labels, .. } => w.linear(score, labels.len(), h, false)?,
+            Head::Token { labels } => w.linear(score, labels.len(), h, true)?,
         };
         let freq_factors = w.rope_freq_factors()?;
         let rope = Rope::new(
@@ -797,7 +800,8 @@ impl Llama {
     }
 
     /// Runs `ids` (batch, seq) through the model after what `cache` holds (positions continue
-    /// from there). Returns logits (batch, seq, vocab), or (batch, 1, vocab) with `last_only`.
+    /// from there). Returns logits (batch, seq, vocab), or (batch, 1, vocab) with `last_only`;
+    /// a classifier's (`Config::head`) are per label rather than per token.
     pub fn forward(
         &self,
         ids: &Tensor,

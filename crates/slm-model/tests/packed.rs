@@ -25,6 +25,7 @@ fn tiny() -> Config {
         attention_bias: true,
         bos_token_id: None,
         eos_token_id: None,
+        head: Default::default(),
     }
 }
 

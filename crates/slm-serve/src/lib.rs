@@ -542,6 +542,10 @@ pub fn model_name(path: &Path) -> String {
 pub fn load_chat(path: &Path, config: &ServeConfig) -> Result<ChatModel, String> {
     let m = slm_model::load(path, &candle_core::Device::Cpu)
         .map_err(|e| format!("{}: {e}", path.display()))?;
+    m.model
+        .config
+        .require_lm(&path.display().to_string())
+        .map_err(|e| e.to_string())?;
     let tok = Tokenizer::for_model(&m.source).map_err(|e| format!("{}: {e}", path.display()))?;
     tok.check_fits(m.model.config.vocab_size, &m.source)
         .map_err(|e| e.to_string())?;

@@ -188,6 +188,46 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `words` joined by single spaces (as a tagging row's sentence reads), and
+    /// for each word the index of its first token: the token a word's tag is learnt and read
+    /// at. A token belongs to the word its last byte lies in (a byte-level token carries the
+    /// space before its word); BOS is prepended as `encode` does.
+    pub fn encode_words<S: AsRef<str>>(&self, words: &[S]) -> Result<(Vec<u32>, Vec<usize>)> {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(words.len());
+        for (i, w) in words.iter().enumerate() {
+            if i > 0 {
+                text.push(' ');
+            }
+            text.push_str(w.as_ref());
+            ends.push(text.len());
+        }
+        let enc = self
+            .inner
+            .encode(text.as_str(), false)
+            .map_err(|e| TokenizerError::Tokenizers(e.to_string()))?;
+        let mut ids = Vec::with_capacity(enc.len() + 1);
+        if self.add_bos {
+            ids.extend(self.bos);
+        }
+        let mut first = vec![usize::MAX; words.len()];
+        for (&id, &(start, end)) in enc.get_ids().iter().zip(enc.get_offsets()) {
+            let last = end.max(start + 1) - 1;
+            let word = ends.partition_point(|&e| e <= last);
+            if let Some(f) = first.get_mut(word).filter(|f| **f == usize::MAX) {
+                *f = ids.len();
+            }
+            ids.push(id);
+        }
+        if let Some(i) = first.iter().position(|&f| f == usize::MAX) {
+            return Err(TokenizerError::Tokenizers(format!(
+                "word {i} ({:?}) gives no token of its own",
+                words[i].as_ref()
+            )));
+        }
+        Ok((ids, first))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)

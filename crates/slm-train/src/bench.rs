@@ -63,6 +63,7 @@ impl Shape {
             attention_bias: false,
             bos_token_id: None,
             eos_token_id: Some(0),
+            head: Default::default(),
         };
         (cfg, batch)
     }

@@ -15,4 +15,5 @@ pub mod report;
 pub mod run;
 pub mod samples;
 pub mod schedule;
+pub mod task;
 pub mod trainer;

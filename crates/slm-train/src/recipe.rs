@@ -67,11 +67,26 @@ pub struct Run {
     pub seed: u64,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+/// Pretraining reads token shards (`shards`, made with `tokenizer`); fine-tuning reads a
+/// task file (`train`, and `valid` or a held-out `valid_fraction` of it) with the parent
+/// model's tokenizer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Data {
-    pub shards: PathBuf,
-    pub tokenizer: PathBuf,
+    pub shards: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub train: Option<PathBuf>,
+    pub valid: Option<PathBuf>,
+    pub valid_fraction: Option<f64>,
+}
+
+impl Data {
+    /// The shards of a pretraining run (`validate` made sure it has them).
+    pub fn shards(&self) -> &Path {
+        self.shards
+            .as_deref()
+            .expect("validated: lm runs have data.shards")
+    }
 }
 
 /// Either a new model's shape, or `parent`: a model folder (Hugging Face layout, as `slm train`
@@ -91,13 +106,47 @@ pub struct ModelShape {
     pub rope_theta: Option<f64>,
 }
 
-/// What the model is trained to do. Only next-token prediction so far; distillation,
-/// classification, tagging and chat fine-tuning are added as variants.
+/// What the model is trained to do: next-token prediction, or a label per text (`classify`,
+/// a sequence-classification head) or per word (`tag`, a token-classification head over
+/// BIO tags), both fine-tuning `model.parent`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, tag = "kind", rename_all = "lowercase")]
 pub enum Objective {
     #[default]
     Lm,
+    Classify(Labels),
+    Tag(Labels),
+}
+
+/// A head's labels and how the training rows are weighed.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Labels {
+    /// The labels in id order; by default those of the training file, sorted.
+    pub labels: Option<Vec<String>>,
+    /// Rows with these labels are left out (three-way sentiment data trained as two-way:
+    /// `skip_labels = ["neutral"]`); any other label outside `labels` is an error.
+    pub skip_labels: Vec<String>,
+    /// "balanced" weighs each label by n / (labels x its count), as scikit-learn's
+    /// class_weight does; or one weight per label.
+    pub class_weights: Option<ClassWeights>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum ClassWeights {
+    Named(String),
+    Each(Vec<f64>),
+}
+
+impl Objective {
+    /// The head's settings of a classify or tag run.
+    pub fn labels(&self) -> Option<&Labels> {
+        match self {
+            Objective::Lm => None,
+            Objective::Classify(l) | Objective::Tag(l) => Some(l),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -105,6 +154,8 @@ pub enum Objective {
 pub struct Budget {
     pub tokens: Option<u64>,
     pub minutes: Option<f64>,
+    /// Passes over a task file (fine-tuning).
+    pub epochs: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -186,6 +237,8 @@ const MAX_EVAL_BATCHES: usize = 1 << 16;
 const MAX_KEEP: usize = 1 << 16;
 /// A year: a time budget is turned into a number of updates, which must stay finite.
 const MAX_MINUTES: f64 = 525_600.0;
+/// Passes over a task file: fine-tuning takes a few; the bound keeps the update count finite.
+const MAX_EPOCHS: f64 = 10_000.0;
 
 impl Recipe {
     /// Reads, resolves relative paths against the recipe's folder, and validates.
@@ -196,11 +249,15 @@ impl Recipe {
         })?;
         let mut r = Self::parse(&text, path)?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let parent = r.model.parent.as_mut();
-        for p in [&mut r.run.out, &mut r.data.shards, &mut r.data.tokenizer]
-            .into_iter()
-            .chain(parent)
-        {
+        let d = &mut r.data;
+        let optional = [
+            d.shards.as_mut(),
+            d.tokenizer.as_mut(),
+            d.train.as_mut(),
+            d.valid.as_mut(),
+            r.model.parent.as_mut(),
+        ];
+        for p in std::iter::once(&mut r.run.out).chain(optional.into_iter().flatten()) {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
@@ -226,6 +283,7 @@ impl Recipe {
                 expected: expected.into(),
             })
         };
+        self.validate_task(path)?;
         let m = &self.model;
         let shape = [
             ("model.d_model", m.d_model),
@@ -321,6 +379,35 @@ impl Recipe {
                 );
             }
         }
+        let b = &self.budget;
+        if [b.tokens.is_some(), b.minutes.is_some(), b.epochs.is_some()]
+            .iter()
+            .filter(|x| **x)
+            .count()
+            != 1
+        {
+            return bad(
+                "budget",
+                "{..}".into(),
+                "expected exactly one of tokens, minutes or epochs",
+            );
+        }
+        if let Some(e) = b.epochs {
+            if self.objective == Objective::Lm {
+                return bad(
+                    "budget.epochs",
+                    e.to_string(),
+                    "pretraining samples windows from shards; give tokens or minutes",
+                );
+            }
+            if !(e > 0.0 && e <= MAX_EPOCHS) {
+                return bad(
+                    "budget.epochs",
+                    e.to_string(),
+                    &format!("expected a number of passes in (0, {MAX_EPOCHS}]"),
+                );
+            }
+        }
         match (self.budget.tokens, self.budget.minutes) {
             (Some(0), _) => return bad("budget.tokens", "0".into(), "expected > 0"),
             (_, Some(x)) if !(x > 0.0 && x <= MAX_MINUTES) => {
@@ -345,13 +432,6 @@ impl Recipe {
                     }
                 }
             }
-            (None, None) | (Some(_), Some(_)) => {
-                return bad(
-                    "budget",
-                    "{..}".into(),
-                    "expected exactly one of tokens or minutes",
-                )
-            }
             _ => {}
         }
         let o = &self.optim;
@@ -373,6 +453,114 @@ impl Recipe {
         }
         if o.grad_clip.is_nan() || o.grad_clip < 0.0 {
             return bad("optim.grad_clip", o.grad_clip.to_string(), "expected >= 0");
+        }
+        Ok(())
+    }
+
+    /// Which data keys the objective reads, and a fine-tuning run's parent and head settings.
+    fn validate_task(&self, path: &Path) -> Result<(), RecipeError> {
+        let bad = |key: &'static str, value: &str, expected: &str| {
+            Err(RecipeError::Value {
+                path: path.to_path_buf(),
+                key,
+                value: value.to_string(),
+                expected: expected.into(),
+            })
+        };
+        let d = &self.data;
+        let set = |x: bool| if x { "(set)" } else { "(missing)" };
+        let Some(labels) = self.objective.labels() else {
+            if d.shards.is_none() || d.tokenizer.is_none() {
+                let key = if d.shards.is_none() {
+                    "data.shards"
+                } else {
+                    "data.tokenizer"
+                };
+                return bad(
+                    key,
+                    "(missing)",
+                    "pretraining reads token shards and their tokenizer",
+                );
+            }
+            if let Some((key, _)) = [("data.train", &d.train), ("data.valid", &d.valid)]
+                .into_iter()
+                .find(|(_, v)| v.is_some())
+            {
+                return bad(
+                    key,
+                    "(set)",
+                    "task files are for objective.kind classify or tag",
+                );
+            }
+            return Ok(());
+        };
+        if d.train.is_none() {
+            return bad(
+                "data.train",
+                "(missing)",
+                "fine-tuning reads a task file (JSON Lines)",
+            );
+        }
+        if d.shards.is_some() {
+            return bad(
+                "data.shards",
+                set(true),
+                "fine-tuning reads data.train, not shards",
+            );
+        }
+        if self.model.parent.is_none() {
+            return bad(
+                "model.parent",
+                "(missing)",
+                "fine-tuning starts from a model folder (slm export MODEL.gguf --format hf)",
+            );
+        }
+        match (d.valid.is_some(), d.valid_fraction) {
+            (true, Some(f)) => {
+                return bad(
+                    "data.valid_fraction",
+                    &f.to_string(),
+                    "give data.valid or data.valid_fraction, not both",
+                )
+            }
+            (_, Some(f)) if !(f > 0.0 && f < 1.0) => {
+                return bad(
+                    "data.valid_fraction",
+                    &f.to_string(),
+                    "expected 0 < fraction < 1",
+                )
+            }
+            _ => {}
+        }
+        if let Some(l) = &labels.labels {
+            let mut seen = std::collections::HashSet::new();
+            if let Some(dup) = l.iter().find(|x| !seen.insert(*x)) {
+                return bad("objective.labels", dup, "each label once");
+            }
+            if l.len() < 2 || l.len() > slm_model::limits::MAX_LABELS {
+                return bad(
+                    "objective.labels",
+                    &l.len().to_string(),
+                    "expected 2 or more labels",
+                );
+            }
+        }
+        match &labels.class_weights {
+            Some(ClassWeights::Named(n)) if n != "balanced" => {
+                return bad(
+                    "objective.class_weights",
+                    n,
+                    "expected \"balanced\" or a list",
+                )
+            }
+            Some(ClassWeights::Each(w)) if !w.iter().all(|x| x.is_finite() && *x >= 0.0) => {
+                return bad(
+                    "objective.class_weights",
+                    &format!("{w:?}"),
+                    "expected finite weights >= 0",
+                )
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -436,6 +624,7 @@ impl Recipe {
             attention_bias: false,
             bos_token_id: None,
             eos_token_id: Some(eos),
+            head: Default::default(),
         })
     }
 }
@@ -487,7 +676,10 @@ tokens = 10000
         let e = err(&GOOD.replace("heads = 4", "heads = 4\nkv_heads = 3"));
         assert!(e.contains("model.kv_heads = 3"), "{e}");
         let e = err(&GOOD.replace("tokens = 10000", "tokens = 10000\nminutes = 2"));
-        assert!(e.contains("exactly one of tokens or minutes"), "{e}");
+        assert!(
+            e.contains("exactly one of tokens, minutes or epochs"),
+            "{e}"
+        );
         let e = err(&GOOD.replace("context = 32", "context = \"long\""));
         assert!(e.contains("context"), "{e}");
         let e = err(&format!("{GOOD}\n[objective]\nkind = \"telepathy\"\n"));

@@ -14,7 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use slm_data::Dataset;
-use slm_model::{Config, Llama, Weights};
+use slm_model::{Config, Llama, Role, Weights};
 
 use crate::init::{init_params, Rng};
 use crate::optim::AdamWConfig;
@@ -271,18 +271,123 @@ pub struct RunOptions<'a> {
     pub on_step: &'a mut dyn FnMut(&StepReport),
 }
 
+/// What the run trains on: token shards (pretraining) or a task file (a classifier head).
+enum Feed {
+    Lm {
+        data: Dataset,
+        valid: Vec<Vec<u32>>,
+    },
+    Task {
+        data: crate::task::TaskData,
+        order: crate::task::Order,
+    },
+}
+
+/// The tokenizer, the configuration and the data of a pretraining run.
+fn open_lm(recipe: &Recipe, tok_json: &[u8]) -> Result<(Config, Feed)> {
+    let shards = recipe.data.shards();
+    let data = Dataset::open(shards, &slm_data::tokenizer_sha256(tok_json))?;
+    let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
+    let cfg: Config = recipe.config(vocab, eos)?;
+    cfg.validate(&shards.display().to_string())
+        .map_err(|e| TrainError::Setup(e.to_string()))?;
+    let ctx = cfg.max_position_embeddings;
+    let longest = data.train.iter().map(|s| s.len()).max().unwrap_or(0);
+    if longest < ctx + 1 {
+        return Err(TrainError::Setup(format!(
+            "{}: the longest training shard has {longest} tokens; model.context {ctx} needs at least {}",
+            shards.display(),
+            ctx + 1
+        )));
+    }
+    let valid = valid_batches(&data, recipe.eval.batches, recipe.optim.batch, ctx);
+    if valid.is_empty() {
+        let longest = data.valid.iter().map(|s| s.len()).max().unwrap_or(0);
+        if data.manifest.valid.tokens > 0 {
+            return Err(TrainError::Setup(format!(
+                "{}: the longest validation shard has {longest} tokens, model.context {ctx} needs \
+                 {}: prepare the shards with a larger --valid-fraction or lower model.context",
+                shards.display(),
+                ctx + 1
+            )));
+        }
+        tracing::warn!(
+            "{} has no validation tokens: the run reports no validation loss",
+            shards.display()
+        );
+    }
+    Ok((cfg, Feed::Lm { data, valid }))
+}
+
+/// The parent's configuration with the task's head, and the task's examples. The
+/// configuration trains over the examples' positions; the parent's own context is what the
+/// model folder keeps.
+fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config, Feed, usize)> {
+    let parent = recipe.model.parent.as_deref().expect("validated");
+    let path = parent.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+    let name = path.display().to_string();
+    let mut cfg =
+        Config::from_hf_json(&text, &name).map_err(|e| TrainError::Setup(e.to_string()))?;
+    if cfg.head != slm_model::Head::Lm {
+        return Err(TrainError::Setup(format!(
+            "{name}: the parent already has a {}; fine-tune the language model it was made from",
+            cfg.head.describe()
+        )));
+    }
+    let pad = cfg
+        .eos_token_id
+        .or(tok.eos)
+        .ok_or_else(|| TrainError::Setup(format!("{name}: no eos_token_id to pad with")))?;
+    let data = crate::task::load(recipe, tok, pad, cfg.max_position_embeddings)?;
+    if data.positions > cfg.max_position_embeddings {
+        return Err(TrainError::Setup(format!(
+            "model.context {} is longer than the parent's context {}",
+            data.positions, cfg.max_position_embeddings
+        )));
+    }
+    if data.skipped > 0 {
+        tracing::info!(
+            "left out {} rows with a label in objective.skip_labels",
+            data.skipped
+        );
+    }
+    if data.truncated_rows > 0 {
+        tracing::warn!(
+            "{} rows are longer than {} tokens and were cut to their first {} (model.context); {} tagged words lost their target",
+            data.truncated_rows, data.positions, data.positions, data.truncated_words
+        );
+    }
+    let parent_ctx = cfg.max_position_embeddings;
+    cfg.head = data.head.clone();
+    cfg.max_position_embeddings = data.positions;
+    cfg.validate(&name)
+        .map_err(|e| TrainError::Setup(e.to_string()))?;
+    let order = crate::task::Order::new(recipe.run.seed, data.train.len());
+    Ok((cfg, Feed::Task { data, order }, parent_ctx))
+}
+
 pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
-    let tok_path = &recipe.data.tokenizer;
-    let tok_json = std::fs::read(tok_path).map_err(io(tok_path))?;
+    let (tok_path, fine_tune) = match (&recipe.data.tokenizer, &recipe.model.parent) {
+        (Some(t), _) => (t.clone(), recipe.objective.labels().is_some()),
+        (None, Some(p)) => (p.join("tokenizer.json"), true),
+        (None, None) => unreachable!("validated: pretraining names its tokenizer"),
+    };
+    let tok_json = std::fs::read(&tok_path).map_err(io(&tok_path))?;
     let tokenizer = tokenizers::Tokenizer::from_bytes(&tok_json)
         .map_err(|e| TrainError::Setup(format!("{}: {e}", tok_path.display())))?;
-    let data = Dataset::open(&recipe.data.shards, &slm_data::tokenizer_sha256(&tok_json))?;
-    let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
-    let cfg: Config = recipe.config(vocab, eos)?;
-    cfg.validate(&recipe.data.shards.display().to_string())
-        .map_err(|e| TrainError::Setup(e.to_string()))?;
+    let (cfg, mut feed, saved_ctx) = if fine_tune {
+        let parent = recipe.model.parent.as_deref().expect("validated");
+        let tok = slm_tokenizer::Tokenizer::from_folder(parent)
+            .map_err(|e| TrainError::Setup(format!("{}: {e}", parent.display())))?;
+        open_task(recipe, &tok)?
+    } else {
+        let (cfg, feed) = open_lm(recipe, &tok_json)?;
+        let ctx = cfg.max_position_embeddings;
+        (cfg, feed, ctx)
+    };
     let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
     let need = crate::trainer::memory_bytes(&cfg, batch);
     if let Some(have) = slm_kernels::process::physical_memory_bytes() {
@@ -296,14 +401,6 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 have as f64 / 1e9
             )));
         }
-    }
-    let longest = data.train.iter().map(|s| s.len()).max().unwrap_or(0);
-    if longest < ctx + 1 {
-        return Err(TrainError::Setup(format!(
-            "{}: the longest training shard has {longest} tokens; model.context {ctx} needs at least {}",
-            recipe.data.shards.display(),
-            ctx + 1
-        )));
     }
     let out = &recipe.run.out;
     let ckpt_dir = out.join("checkpoints");
@@ -326,11 +423,15 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     if let Some(parent) = &recipe.model.parent {
         load_parent(parent, &vars, &tok_json)?;
     }
-    let model = Llama::load(
-        &cfg,
-        &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
-        &dev,
-    )?;
+    // The candle model over the same variables writes the samples of a pretraining run.
+    let model = match feed {
+        Feed::Lm { .. } => Some(Llama::load(
+            &cfg,
+            &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
+            &dev,
+        )?),
+        Feed::Task { .. } => None,
+    };
     let o = &recipe.optim;
     let adam = AdamWConfig {
         beta1: o.beta1,
@@ -339,16 +440,23 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         weight_decay: o.weight_decay,
     };
     let mut trainer = Trainer::new(&cfg, batch, adam, &vars)?;
+    if let Feed::Task { data, .. } = &feed {
+        trainer.set_class_weights(data.class_weights.clone())?;
+    }
     let tokens_per_step = (batch * o.grad_accum * ctx) as u64;
+    let per_update = (batch * o.grad_accum) as f64;
+    let total_steps = match (&feed, recipe.budget.tokens, recipe.budget.epochs) {
+        (_, Some(t), _) => t.div_ceil(tokens_per_step).max(1),
+        (Feed::Task { data, .. }, _, Some(e)) => {
+            ((e * data.train.len() as f64 / per_update).ceil() as u64).max(1)
+        }
+        _ => 0,
+    };
     let mut state = RunState {
         step: 0,
         tokens: 0,
         rng: recipe.run.seed ^ 0x5eed_da7a,
-        total_steps: recipe
-            .budget
-            .tokens
-            .map(|t| t.div_ceil(tokens_per_step).max(1))
-            .unwrap_or(0),
+        total_steps,
         elapsed_s: 0.0,
     };
     if opts.resume {
@@ -403,23 +511,11 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         .append(true)
         .open(&metrics_path)
         .map_err(io(&metrics_path))?;
-    let valid = valid_batches(&data, recipe.eval.batches, batch, ctx);
-    if valid.is_empty() {
-        let longest = data.valid.iter().map(|s| s.len()).max().unwrap_or(0);
-        if data.manifest.valid.tokens > 0 {
-            return Err(TrainError::Setup(format!(
-                "{}: the longest validation shard has {longest} tokens, model.context {ctx} needs \
-                 {}: prepare the shards with a larger --valid-fraction or lower model.context",
-                recipe.data.shards.display(),
-                ctx + 1
-            )));
-        }
-        tracing::warn!(
-            "{} has no validation tokens: the run reports no validation loss",
-            recipe.data.shards.display()
-        );
-    }
-    let prompts = sample_prompts(&valid, ctx);
+    let prompts = match &feed {
+        Feed::Lm { valid, .. } => sample_prompts(valid, ctx),
+        Feed::Task { .. } => Vec::new(),
+    };
+    let mut last_validation = None;
     let mut rng = Rng(state.rng);
     let mut last_loss = f32::NAN;
     let mut last_valid = None;
@@ -432,9 +528,24 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         let step_start = Instant::now();
         let mut loss_sum = 0f32;
         trainer.zero_grads();
-        for _ in 0..o.grad_accum {
-            let toks = sample_batch(&data, &mut rng, batch, ctx);
-            loss_sum += trainer.accumulate(&toks, 1.0 / o.grad_accum as f32)?;
+        for micro in 0..o.grad_accum as u64 {
+            let scale = 1.0 / o.grad_accum as f32;
+            loss_sum += match &mut feed {
+                Feed::Lm { data, .. } => {
+                    let toks = sample_batch(data, &mut rng, batch, ctx);
+                    trainer.accumulate(&toks, scale)?
+                }
+                Feed::Task { data, order } => {
+                    let first = (state.step * o.grad_accum as u64 + micro) * batch as u64;
+                    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+                    for i in 0..batch as u64 {
+                        let e = &data.train[order.at(first + i)];
+                        inputs.extend_from_slice(&e.inputs);
+                        targets.extend_from_slice(&e.targets);
+                    }
+                    trainer.accumulate_targets(&inputs, &targets, scale)?
+                }
+            };
         }
         let loss = loss_sum / o.grad_accum as f32;
         if !loss.is_finite() {
@@ -491,10 +602,22 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         if eval_now {
             trainer.write_params(&vars)?;
         }
-        let vl = if eval_now {
-            valid_loss(&mut trainer, &valid)?
-        } else {
-            None
+        let mut accuracy = None;
+        let vl = match &feed {
+            _ if !eval_now => None,
+            Feed::Lm { valid, .. } => valid_loss(&mut trainer, valid)?,
+            Feed::Task { data, .. } => {
+                let v = crate::task::validate(
+                    &mut trainer,
+                    &data.valid,
+                    batch,
+                    data.head.labels().len(),
+                )?;
+                accuracy = Some(v.accuracy);
+                let loss = v.loss;
+                last_validation = Some(v);
+                Some(loss)
+            }
         };
         if vl.is_some() {
             last_valid = vl;
@@ -504,9 +627,16 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             "step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr,
             "grad_norm": norm, "tokens_per_s": tps, "elapsed_s": state.elapsed_s,
         });
-        if let Some(v) = vl {
-            line["valid_loss"] = v.into();
-            line["valid_ppl"] = (v as f64).exp().into();
+        match (vl, accuracy) {
+            (Some(v), Some(a)) => {
+                line["valid_loss"] = v.into();
+                line["valid_accuracy"] = a.into();
+            }
+            (Some(v), None) => {
+                line["valid_loss"] = v.into();
+                line["valid_ppl"] = (v as f64).exp().into();
+            }
+            _ => {}
         }
         // One write per line, so a kill cannot leave half a line for the next one to join.
         metrics
@@ -514,7 +644,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             .map_err(io(&metrics_path))?;
         if report_now {
             metrics.sync_data().map_err(io(&metrics_path))?;
-            write_samples(&samples_path, &model, &tokenizer, &prompts, eos, &state)?;
+            if let Some(model) = &model {
+                let eos = cfg.eos_token_id.unwrap_or(0);
+                write_samples(&samples_path, model, &tokenizer, &prompts, eos, &state)?;
+            }
             crate::report::write_report(out)?;
         }
         (opts.on_step)(&StepReport {
@@ -552,8 +685,45 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let model_dir = if interrupted {
         None
     } else {
+        let mut saved = cfg.clone();
+        saved.max_position_embeddings = saved_ctx;
+        let lineage = match &feed {
+            Feed::Lm { data, .. } => serde_json::json!({
+                "shards": recipe.data.shards,
+                "corpus_sha256": data.manifest.corpus_sha256,
+                "tokenizer_sha256": data.manifest.tokenizer_sha256,
+                "train_tokens": data.manifest.train.tokens,
+                "valid_tokens": data.manifest.valid.tokens,
+            }),
+            Feed::Task { data, .. } => {
+                let sha = |p: &Option<PathBuf>| -> Result<Option<String>> {
+                    p.as_ref()
+                        .map(|p| {
+                            let bytes = std::fs::read(p).map_err(io(p))?;
+                            Ok(hex::encode(slm_data::tokenizer_sha256(&bytes)))
+                        })
+                        .transpose()
+                };
+                serde_json::json!({
+                    "train": recipe.data.train,
+                    "train_sha256": sha(&recipe.data.train)?,
+                    "valid": recipe.data.valid,
+                    "valid_sha256": sha(&recipe.data.valid)?,
+                    "train_rows": data.train.len(),
+                    "valid_rows": data.valid.len(),
+                    "skipped_rows": data.skipped,
+                    "positions": data.positions,
+                    "truncated_rows": data.truncated_rows,
+                    "class_weights": data.class_weights,
+                    "labels": data.head.labels(),
+                    "final_valid_accuracy": last_validation.as_ref().map(|v| v.accuracy),
+                    "final_valid_confusion": last_validation.as_ref().map(|v| &v.confusion),
+                })
+            }
+        };
         Some(write_model_folder(
-            recipe, &cfg, &vars, &tok_json, &tokenizer, &data, &state, last_loss, last_valid, t0,
+            recipe, &saved, &vars, &tok_json, &tokenizer, lineage, &state, last_loss, last_valid,
+            t0,
         )?)
     };
     Ok(Outcome {
@@ -648,9 +818,22 @@ fn load_parent(parent: &Path, vars: &VarMap, tok_json: &[u8]) -> Result<()> {
     }
     let data = vars.data().lock().expect("var map lock");
     for (name, var) in data.iter() {
-        let t = tensors
-            .get(name)
-            .ok_or_else(|| TrainError::Setup(format!("{}: no tensor {name}", parent.display())))?;
+        // A new head starts from its initialisation; the parent's output projection, if it
+        // has one, is not part of the run's model.
+        let new_head = matches!(
+            slm_model::params::parse_hf_name(name),
+            Some((Role::Score | Role::ScoreBias, _))
+        );
+        let t = match tensors.get(name) {
+            Some(t) => t,
+            None if new_head => continue,
+            None => {
+                return Err(TrainError::Setup(format!(
+                    "{}: no tensor {name}",
+                    parent.display()
+                )))
+            }
+        };
         if t.shape() != var.shape() {
             return Err(TrainError::Setup(format!(
                 "{}: {name} has shape {:?}, its config.json implies {:?}",
@@ -672,7 +855,7 @@ fn write_model_folder(
     vars: &VarMap,
     tok_json: &[u8],
     tokenizer: &tokenizers::Tokenizer,
-    data: &Dataset,
+    data: serde_json::Value,
     state: &RunState,
     train_loss: f32,
     valid_loss: Option<f32>,
@@ -692,13 +875,7 @@ fn write_model_folder(
     tcfg["pad_token"] = eos_text.into();
     let slm = serde_json::json!({
         "recipe": recipe,
-        "data": {
-            "shards": recipe.data.shards,
-            "corpus_sha256": data.manifest.corpus_sha256,
-            "tokenizer_sha256": data.manifest.tokenizer_sha256,
-            "train_tokens": data.manifest.train.tokens,
-            "valid_tokens": data.manifest.valid.tokens,
-        },
+        "data": data,
         "parent": recipe.model.parent,
         "tokens_seen": state.tokens,
         "updates": state.step,

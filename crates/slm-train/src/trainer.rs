@@ -30,10 +30,10 @@ use candle_nn::VarMap;
 use rayon::prelude::*;
 use slm_kernels::gemm::linear;
 pub use slm_kernels::head::IGNORE;
-use slm_kernels::head::{head_loss_into, HeadShape};
+use slm_kernels::head::{head_loss_into, HeadGrads, HeadShape, HeadWeights};
 use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
 use slm_model::params::{self, Role};
-use slm_model::Config;
+use slm_model::{Config, Head};
 
 use crate::optim::{AdamW, AdamWConfig, Group};
 
@@ -112,7 +112,15 @@ pub struct Trainer {
     layers: Vec<LayerParams>,
     embed: Range<usize>,
     norm: Range<usize>,
+    /// The output projection: the language model's (the embedding's values when tied) or a
+    /// classifier's score weight, `outputs` rows.
     head: Range<usize>,
+    /// A token classifier's bias.
+    head_bias: Option<Range<usize>>,
+    /// Rows of the head: the vocabulary, or a classifier's labels.
+    outputs: usize,
+    /// A weight per output for the loss (`set_class_weights`).
+    class_weights: Option<Vec<f64>>,
     params: Vec<f32>,
     grads: Vec<f32>,
     opt: AdamW,
@@ -286,7 +294,14 @@ impl Trainer {
         }
         let embed = get(Role::Embedding, None);
         let norm = get(Role::FinalNorm, None);
-        let head = find(Role::Head, None).unwrap_or_else(|| embed.clone());
+        let (head, head_bias, outputs) = match find(Role::Score, None) {
+            Some(score) => (score, find(Role::ScoreBias, None), cfg.head.labels().len()),
+            None => (
+                find(Role::Head, None).unwrap_or_else(|| embed.clone()),
+                None,
+                cfg.vocab_size,
+            ),
+        };
 
         let rope = slm_model::llama::Rope::new(cfg, None, false, &Device::Cpu)
             .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
@@ -320,6 +335,9 @@ impl Trainer {
             embed,
             norm,
             head,
+            head_bias,
+            outputs,
+            class_weights: None,
             params: zeros(total),
             grads: zeros(total),
             opt: AdamW::new(adam, total),
@@ -425,21 +443,110 @@ impl Trainer {
     pub fn loss(&mut self, tokens: &[u32]) -> candle_core::Result<f32> {
         self.load_batch(tokens)?;
         self.forward();
+        Ok(self.head_loss(1.0, false))
+    }
+
+    /// `loss` with targets of its own, as `accumulate_targets` takes them.
+    pub fn loss_targets(&mut self, inputs: &[u32], targets: &[u32]) -> candle_core::Result<f32> {
+        self.set_batch(inputs, targets)?;
+        self.forward();
+        Ok(self.head_loss(1.0, false))
+    }
+
+    /// Weighs each output's targets in the loss (a classifier's rarer labels), as torch's
+    /// `CrossEntropyLoss(weight=)`: one finite non-negative weight per output.
+    pub fn set_class_weights(&mut self, weights: Option<Vec<f64>>) -> candle_core::Result<()> {
+        if let Some(w) = &weights {
+            if w.len() != self.outputs || !w.iter().all(|x| x.is_finite() && *x >= 0.0) {
+                candle_core::bail!(
+                    "class weights {w:?}: expected {} finite weights >= 0",
+                    self.outputs
+                );
+            }
+        }
+        self.class_weights = weights;
+        Ok(())
+    }
+
+    /// The head's outputs (logits over the vocabulary or a classifier's labels) at `rows`
+    /// (indices into `batch * positions`) of `inputs`, row after row: a classifier's
+    /// predictions on validation data, without a second model.
+    pub fn head_logits(&mut self, inputs: &[u32], rows: &[usize]) -> candle_core::Result<Vec<f32>> {
+        self.forward_hidden(inputs)?;
+        let (d, v) = (self.cfg.hidden_size, self.outputs);
+        let n = self.batch * self.positions;
+        if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
+            candle_core::bail!("row {bad} of a batch of {n}");
+        }
+        let w = &self.params[self.head.clone()];
+        let b = self.head_bias.clone().map(|r| &self.params[r]);
+        let mut out = Vec::with_capacity(rows.len() * v);
+        for &r in rows {
+            let h = &self.final_h[r * d..(r + 1) * d];
+            for (o, wr) in w.chunks_exact(d).enumerate() {
+                let dot: f32 = h.iter().zip(wr).map(|(a, b)| a * b).sum();
+                out.push(dot + b.map_or(0.0, |b| b[o]));
+            }
+        }
+        Ok(out)
+    }
+
+    /// The mean loss of the head over the current targets; with `grads`, `scale` times its
+    /// gradient goes into `work.dh` and the head's own gradients.
+    fn head_loss(&mut self, scale: f32, grads: bool) -> f32 {
         let cfg = &self.cfg;
-        let (total, counted) = head_loss_into(
-            HeadShape {
-                n: self.batch * self.positions,
-                d: cfg.hidden_size,
-                v: cfg.vocab_size,
-            },
+        let shape = HeadShape {
+            n: self.batch * self.positions,
+            d: cfg.hidden_size,
+            v: self.outputs,
+        };
+        let head = HeadWeights {
+            w: &self.params[self.head.clone()],
+            b: self.head_bias.clone().map(|r| &self.params[r]),
+            class_weights: self.class_weights.as_deref(),
+        };
+        let grads = if grads {
+            // A frozen head's gradients are formed in scratch and dropped (a tied head frozen
+            // with the embedding); its bias's, when it has one, alike.
+            let (lo, hi) = self.grads.split_at_mut(self.head.end);
+            let trains_w = trains(&self.groups, &self.head);
+            let dw: &mut [f32] = if trains_w {
+                &mut lo[self.head.clone()]
+            } else {
+                self.discard.clear();
+                self.discard.resize(self.head.len(), 0.0);
+                &mut self.discard
+            };
+            let db = self
+                .head_bias
+                .as_ref()
+                .filter(|b| trains(&self.groups, b))
+                .map(|b| {
+                    assert!(b.start >= self.head.end, "score.bias follows score.weight");
+                    &mut hi[b.start - self.head.end..b.end - self.head.end]
+                });
+            Some(HeadGrads {
+                dh: &mut self.work.dh,
+                dw,
+                db,
+            })
+        } else {
+            None
+        };
+        let (total, weight) = head_loss_into(
+            shape,
             &self.final_h,
-            &self.params[self.head.clone()],
+            head,
             &self.targets,
-            1.0,
-            None,
+            scale,
+            grads,
             &mut self.work.head,
         );
-        Ok((total / counted.max(1) as f64) as f32)
+        if weight > 0.0 {
+            (total / weight) as f32
+        } else {
+            0.0
+        }
     }
 
     /// `accumulate`, and the seconds its forward pass took (up to the output projection).
@@ -503,14 +610,17 @@ impl Trainer {
     }
 
     fn check_ids(&self, ids: &[u32], what: &str) -> candle_core::Result<()> {
+        let (limit, of) = match what {
+            "target" if self.outputs != self.cfg.vocab_size || self.cfg.head != Head::Lm => {
+                (self.outputs, "the head's labels")
+            }
+            _ => (self.cfg.vocab_size, "the vocabulary"),
+        };
         if let Some(bad) = ids
             .iter()
-            .find(|&&x| x as usize >= self.cfg.vocab_size && !(what == "target" && x == IGNORE))
+            .find(|&&x| x as usize >= limit && !(what == "target" && x == IGNORE))
         {
-            candle_core::bail!(
-                "{what} id {bad} is outside the vocabulary of {}",
-                self.cfg.vocab_size
-            );
+            candle_core::bail!("{what} id {bad} is outside {of} of {limit}");
         }
         Ok(())
     }
@@ -618,24 +728,11 @@ impl Trainer {
 
     /// The loss of the output projection, then every gradient back to the embedding.
     fn head_and_backward(&mut self, scale: f32) -> f32 {
-        let cfg = &self.cfg;
-        let (d, v) = (cfg.hidden_size, cfg.vocab_size);
-        let n = self.batch * self.positions;
         self.laps.start();
-        let w = &mut self.work;
-        let dw = grad_or_discard(&mut self.grads, &self.head, &self.groups, &mut self.discard);
-        let (total, counted) = head_loss_into(
-            HeadShape { n, d, v },
-            &self.final_h,
-            &self.params[self.head.clone()],
-            &self.targets,
-            scale,
-            Some((&mut w.dh, dw)),
-            &mut w.head,
-        );
+        let loss = self.head_loss(scale, true);
         self.laps.lap("output projection + loss");
         self.backward();
-        (total / counted.max(1) as f64) as f32
+        loss
     }
 
     /// Every gradient from `work.dh` (of the final hidden states) back to the embedding.
@@ -917,6 +1014,7 @@ mod tests {
             attention_bias: false,
             bos_token_id: None,
             eos_token_id: Some(0),
+            head: Default::default(),
         }
     }
 
@@ -977,7 +1075,7 @@ mod tests {
         let logits = model
             .forward(&x, None, false)
             .unwrap()
-            .reshape((batch * t, cfg.vocab_size))
+            .reshape((batch * t, outputs(cfg)))
             .unwrap();
         let keep: Vec<u32> = (0..targets.len() as u32)
             .filter(|&i| targets[i as usize] != IGNORE)
@@ -997,6 +1095,138 @@ mod tests {
             .map(|(name, var)| (name.clone(), store.get(var.as_tensor()).unwrap().clone()))
             .collect();
         (loss.to_scalar::<f32>().unwrap(), grads)
+    }
+
+    fn outputs(cfg: &Config) -> usize {
+        match cfg.head {
+            Head::Lm => cfg.vocab_size,
+            _ => cfg.head.labels().len(),
+        }
+    }
+
+    fn labels(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("L{i}")).collect()
+    }
+
+    /// A classifier's head trains through the same backward as the language model's: a
+    /// sequence head scored at each row's last real token (the rows after it padding), a
+    /// token head with its bias at some tokens, against candle's autograd through
+    /// `slm_model::Llama` with the same head; class weights as torch weighs them.
+    #[test]
+    fn classifier_heads_equal_candle_autograd() {
+        let heads = [
+            (
+                "sequence",
+                Head::Sequence {
+                    labels: labels(3),
+                    pad_token_id: Some(0),
+                },
+            ),
+            ("token", Head::Token { labels: labels(5) }),
+        ];
+        for (what, head) in heads {
+            let cfg = Config {
+                head,
+                ..odd_config(true)
+            };
+            let v = outputs(&cfg);
+            let batch = 3;
+            let vars = params(&cfg, 9);
+            let inputs = random_tokens(batch * 150, cfg.vocab_size, 5);
+            let targets: Vec<u32> = (0..batch * 150)
+                .map(|i| {
+                    let (row, pos) = (i / 150, i % 150);
+                    let counts = match cfg.head {
+                        Head::Sequence { .. } => pos == 149 - 40 * row,
+                        _ => pos % 3 != row,
+                    };
+                    if counts {
+                        (i % v) as u32
+                    } else {
+                        IGNORE
+                    }
+                })
+                .collect();
+            let (ref_loss, ref_grads) = reference(&cfg, &vars, &inputs, &targets, batch);
+            let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+            tr.zero_grads();
+            let loss = tr.accumulate_targets(&inputs, &targets, 1.0).unwrap();
+            assert!(
+                (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
+                "{what}: loss {loss} vs reference {ref_loss}"
+            );
+            assert_grads_close(what, &tr.grads_by_name().unwrap(), &ref_grads);
+            let eval = tr.loss_targets(&inputs, &targets).unwrap();
+            assert_eq!(eval.to_bits(), loss.to_bits(), "{what}");
+            // The logits at the scored rows are the reference model's.
+            let rows: Vec<usize> = (0..targets.len())
+                .filter(|&i| targets[i] != IGNORE)
+                .collect();
+            let got = tr.head_logits(&inputs, &rows).unwrap();
+            let dev = Device::Cpu;
+            let model = Llama::load(
+                &cfg,
+                &Weights::Vars(VarBuilder::from_varmap(&vars, DType::F32, &dev)),
+                &dev,
+            )
+            .unwrap();
+            let want: Vec<f32> = model
+                .forward(
+                    &Tensor::from_slice(&inputs, (batch, 150), &dev).unwrap(),
+                    None,
+                    false,
+                )
+                .unwrap()
+                .reshape((batch * 150, v))
+                .unwrap()
+                .index_select(
+                    &Tensor::new(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), &dev).unwrap(),
+                    0,
+                )
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let err = got
+                .iter()
+                .zip(&want)
+                .fold(0f32, |m, (a, b)| m.max((a - b).abs()));
+            assert!(err < 1e-4, "{what}: logits differ by {err}");
+            // Class weights: the loss is the weighted mean of the per-target losses.
+            let weights: Vec<f64> = (0..v).map(|i| 1.0 + i as f64).collect();
+            tr.set_class_weights(Some(weights.clone())).unwrap();
+            let weighted = tr.loss_targets(&inputs, &targets).unwrap();
+            let mut per_label = vec![(0f64, 0usize); v];
+            tr.set_class_weights(None).unwrap();
+            for (l, acc) in per_label.iter_mut().enumerate() {
+                let only: Vec<u32> = targets
+                    .iter()
+                    .map(|&t| if t == l as u32 { t } else { IGNORE })
+                    .collect();
+                acc.1 = only.iter().filter(|&&t| t != IGNORE).count();
+                if acc.1 > 0 {
+                    acc.0 = tr.loss_targets(&inputs, &only).unwrap() as f64 * acc.1 as f64;
+                }
+            }
+            let num: f64 = per_label.iter().zip(&weights).map(|(a, w)| a.0 * w).sum();
+            let den: f64 = per_label
+                .iter()
+                .zip(&weights)
+                .map(|(a, w)| a.1 as f64 * w)
+                .sum();
+            assert!(
+                ((num / den) as f32 - weighted).abs() < 1e-5 * weighted,
+                "{what}: weighted loss {weighted} vs {}",
+                num / den
+            );
+            let e = tr.set_class_weights(Some(vec![1.0; v + 1])).unwrap_err();
+            assert!(e.to_string().contains("class weights"), "{e}");
+            let mut bad = targets.clone();
+            bad[149] = v as u32;
+            let e = tr.accumulate_targets(&inputs, &bad, 1.0).unwrap_err();
+            assert!(e.to_string().contains("outside the head's labels"), "{e}");
+        }
     }
 
     /// Inputs and next-token targets of `batch` rows of a token sequence.
@@ -1174,17 +1404,18 @@ mod tests {
         let (total, counted) = head_loss_into(
             HeadShape { n, d, v },
             &h,
-            w,
+            HeadWeights::matrix(w),
             &targets,
             1.0,
-            Some((&mut dh, dw)),
+            Some(HeadGrads {
+                dh: &mut dh,
+                dw,
+                db: None,
+            }),
             &mut Vec::new(),
         );
         tr.backward_hidden(&dh).unwrap();
-        assert_eq!(
-            ((total / counted as f64) as f32).to_bits(),
-            want_loss.to_bits()
-        );
+        assert_eq!(((total / counted) as f32).to_bits(), want_loss.to_bits());
         assert_eq!(
             tr.grads.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
             whole.grads.iter().map(|x| x.to_bits()).collect::<Vec<_>>()

@@ -27,6 +27,7 @@ fn tiny(vocab: usize) -> Config {
         attention_bias: false,
         bos_token_id: None,
         eos_token_id: None,
+        head: Default::default(),
     }
 }
 

@@ -1,0 +1,445 @@
+//! Fine-tuning data for a classifier head: a task file (slm_data::tasks) read, its labels
+//! fixed, a validation part set aside, and every row encoded as one fixed-length example:
+//! the inputs padded on the right, and targets that are `IGNORE` except where the head
+//! learns (a text's last token for `classify`, each word's first token for `tag`).
+//!
+//! Truncation: a row longer than the run's positions keeps its first tokens. A classified
+//! text is then labelled at its last kept token; a tagged word whose first token was cut off
+//! carries no target (and `truncated_words` counts it).
+
+use std::collections::{BTreeSet, HashMap};
+use std::path::Path;
+
+use slm_data::tasks;
+use slm_kernels::head::IGNORE;
+use slm_model::Head;
+use slm_tokenizer::Tokenizer;
+
+use crate::init::Rng;
+use crate::recipe::{ClassWeights, Labels, Objective, Recipe};
+use crate::run::{Result, TrainError};
+
+/// One row, `positions` tokens long.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Example {
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+}
+
+impl Example {
+    /// The positions whose targets count, in order.
+    pub fn scored(&self) -> impl Iterator<Item = (usize, u32)> + '_ {
+        self.targets
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t != IGNORE)
+            .map(|(i, &t)| (i, t))
+    }
+}
+
+pub struct TaskData {
+    pub head: Head,
+    pub train: Vec<Example>,
+    pub valid: Vec<Example>,
+    pub positions: usize,
+    /// Rows left out for a label in `skip_labels`.
+    pub skipped: usize,
+    /// Rows longer than `positions` (cut to it).
+    pub truncated_rows: usize,
+    /// Tagged words whose first token lay past `positions` (no target).
+    pub truncated_words: usize,
+    pub class_weights: Option<Vec<f64>>,
+}
+
+/// A text or a sentence's words with its label ids, before encoding.
+enum Row {
+    Text(String, usize),
+    Words(Vec<String>, Vec<usize>),
+}
+
+fn setup(msg: String) -> TrainError {
+    TrainError::Setup(msg)
+}
+
+/// Label ids of `found` (in file order): the recipe's `labels` or the sorted labels seen,
+/// less `skip_labels`; a label outside them names the file.
+fn label_ids(
+    cfg: &Labels,
+    found: &BTreeSet<String>,
+    what: &str,
+    file: &Path,
+) -> Result<Vec<String>> {
+    let labels: Vec<String> = match &cfg.labels {
+        Some(l) => l.clone(),
+        None => found
+            .iter()
+            .filter(|l| !cfg.skip_labels.contains(l))
+            .cloned()
+            .collect(),
+    };
+    if let Some(other) = found
+        .iter()
+        .find(|l| !labels.contains(l) && !cfg.skip_labels.contains(l))
+    {
+        return Err(setup(format!(
+            "{}: {what} '{other}' is not among objective.labels {labels:?}; add it there or to \
+             objective.skip_labels",
+            file.display()
+        )));
+    }
+    if labels.len() < 2 {
+        return Err(setup(format!(
+            "{}: {} label(s) {labels:?}; a classifier needs at least 2",
+            file.display(),
+            labels.len()
+        )));
+    }
+    Ok(labels)
+}
+
+/// Reads a task file's rows; `None` ids are rows to skip.
+fn read_rows(objective: &Objective, path: &Path) -> Result<(Vec<RawRow>, BTreeSet<String>)> {
+    let mut found = BTreeSet::new();
+    let rows = match objective {
+        Objective::Classify(_) => tasks::read_labeled(path)?
+            .into_iter()
+            .map(|r| {
+                found.insert(r.label.clone());
+                RawRow::Text(r.text, r.label)
+            })
+            .collect(),
+        _ => tasks::read_tagging(path)?
+            .into_iter()
+            .map(|r| {
+                found.extend(r.tags.iter().cloned());
+                RawRow::Words(r.tokens, r.tags)
+            })
+            .collect(),
+    };
+    Ok((rows, found))
+}
+
+enum RawRow {
+    Text(String, String),
+    Words(Vec<String>, Vec<String>),
+}
+
+/// The rows whose labels are kept, as label ids.
+fn to_ids(rows: Vec<RawRow>, labels: &[String], skip: &[String]) -> (Vec<Row>, usize) {
+    let id: HashMap<&str, usize> = labels
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (l.as_str(), i))
+        .collect();
+    let mut skipped = 0;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        match r {
+            RawRow::Text(text, label) => match id.get(label.as_str()) {
+                Some(&i) => out.push(Row::Text(text, i)),
+                None => {
+                    debug_assert!(skip.contains(&label));
+                    skipped += 1;
+                }
+            },
+            RawRow::Words(words, tags) => {
+                if tags.iter().any(|t| !id.contains_key(t.as_str())) {
+                    skipped += 1;
+                    continue;
+                }
+                let ids = tags.iter().map(|t| id[t.as_str()]).collect();
+                out.push(Row::Words(words, ids));
+            }
+        }
+    }
+    (out, skipped)
+}
+
+/// A row's token ids and, per target, its position and label id (before truncation).
+type Encoded = (Vec<u32>, Vec<(usize, u32)>);
+
+fn encode(tok: &Tokenizer, row: &Row) -> Result<Encoded> {
+    let err = |e: slm_tokenizer::TokenizerError| setup(format!("cannot tokenize a row: {e}"));
+    Ok(match row {
+        Row::Text(text, label) => {
+            let ids = tok.encode(text, true).map_err(err)?;
+            let at = ids.len().saturating_sub(1);
+            (ids, vec![(at, *label as u32)])
+        }
+        Row::Words(words, tags) => {
+            let (ids, first) = tok.encode_words(words).map_err(err)?;
+            let t = first
+                .into_iter()
+                .zip(tags)
+                .map(|(p, &t)| (p, t as u32))
+                .collect();
+            (ids, t)
+        }
+    })
+}
+
+/// The run's fine-tuning data: labels fixed, a validation part, each row an example of
+/// `positions` tokens (model.context, else the longest row's length within `max_positions`).
+pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) -> Result<TaskData> {
+    let obj = &recipe.objective;
+    let cfg = obj.labels().expect("a fine-tuning objective");
+    let train_path = recipe.data.train.as_deref().expect("validated");
+    let (train_raw, found) = read_rows(obj, train_path)?;
+    let (valid_raw, valid_found) = match &recipe.data.valid {
+        Some(p) => {
+            let (r, f) = read_rows(obj, p)?;
+            (Some(r), f)
+        }
+        None => (None, BTreeSet::new()),
+    };
+    let what = match obj {
+        Objective::Classify(_) => "label",
+        _ => "tag",
+    };
+    let labels = label_ids(cfg, &found, what, train_path)?;
+    if let Some(p) = &recipe.data.valid {
+        label_ids(
+            &Labels {
+                labels: Some(labels.clone()),
+                ..cfg.clone()
+            },
+            &valid_found,
+            what,
+            p,
+        )?;
+    }
+    if let Objective::Tag(_) = obj {
+        // Labels are a set, not a sequence: each must be a tag BIO allows.
+        if let Some(l) = labels
+            .iter()
+            .find(|l| tasks::check_bio(&[l.replace("I-", "B-")]).is_err())
+        {
+            return Err(setup(format!("tag label '{l}' is not O, B-TYPE or I-TYPE")));
+        }
+    }
+    let (train_rows, skipped_t) = to_ids(train_raw, &labels, &cfg.skip_labels);
+    let (train_rows, valid_rows, skipped_v) = match valid_raw {
+        Some(v) => {
+            let (v, s) = to_ids(v, &labels, &cfg.skip_labels);
+            (train_rows, v, s)
+        }
+        None => {
+            // A held-out part chosen by the run's seed: a shuffle of the row indices.
+            let fraction = recipe.data.valid_fraction.unwrap_or(0.1);
+            let n = train_rows.len();
+            let mut order: Vec<usize> = (0..n).collect();
+            let mut rng = Rng(recipe.run.seed ^ 0x7a11_da7a);
+            for i in (1..n).rev() {
+                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+            }
+            let held = ((n as f64 * fraction).round() as usize).clamp(1, n.saturating_sub(1));
+            let held: BTreeSet<usize> = order[..held].iter().copied().collect();
+            let mut train = Vec::new();
+            let mut valid = Vec::new();
+            for (i, r) in train_rows.into_iter().enumerate() {
+                if held.contains(&i) {
+                    valid.push(r);
+                } else {
+                    train.push(r);
+                }
+            }
+            (train, valid, 0)
+        }
+    };
+    if train_rows.is_empty() || valid_rows.is_empty() {
+        return Err(setup(format!(
+            "{}: {} training and {} validation rows remain; both need at least one",
+            train_path.display(),
+            train_rows.len(),
+            valid_rows.len()
+        )));
+    }
+    let train_enc: Vec<_> = train_rows
+        .iter()
+        .map(|r| encode(tok, r))
+        .collect::<Result<_>>()?;
+    let valid_enc: Vec<_> = valid_rows
+        .iter()
+        .map(|r| encode(tok, r))
+        .collect::<Result<_>>()?;
+    let longest = train_enc
+        .iter()
+        .chain(&valid_enc)
+        .map(|(ids, _)| ids.len())
+        .max()
+        .unwrap_or(1);
+    let positions = recipe
+        .model
+        .context
+        .unwrap_or_else(|| longest.min(max_positions))
+        .max(1);
+    let mut truncated_rows = 0;
+    let mut truncated_words = 0;
+    let mut build = |encoded: Vec<Encoded>| -> Vec<Example> {
+        encoded
+            .into_iter()
+            .map(|(mut ids, targets)| {
+                if ids.len() > positions {
+                    truncated_rows += 1;
+                    ids.truncate(positions);
+                }
+                let mut t = vec![IGNORE; positions];
+                for (p, label) in targets {
+                    match matches!(obj, Objective::Classify(_)) {
+                        true => t[p.min(ids.len() - 1)] = label,
+                        false if p < positions => t[p] = label,
+                        false => truncated_words += 1,
+                    }
+                }
+                ids.resize(positions, pad);
+                Example {
+                    inputs: ids,
+                    targets: t,
+                }
+            })
+            .collect()
+    };
+    let train = build(train_enc);
+    let valid = build(valid_enc);
+    let class_weights = match &cfg.class_weights {
+        None => None,
+        Some(ClassWeights::Each(w)) if w.len() != labels.len() => {
+            return Err(setup(format!(
+                "objective.class_weights has {} weights for the {} labels {labels:?}",
+                w.len(),
+                labels.len()
+            )))
+        }
+        Some(ClassWeights::Each(w)) => Some(w.clone()),
+        Some(ClassWeights::Named(_)) => {
+            // "balanced": n / (labels x count), over the training targets.
+            let mut count = vec![0usize; labels.len()];
+            for e in &train {
+                for (_, t) in e.scored() {
+                    count[t as usize] += 1;
+                }
+            }
+            let n: usize = count.iter().sum();
+            Some(
+                count
+                    .iter()
+                    .map(|&c| match c {
+                        0 => 0.0,
+                        c => n as f64 / (labels.len() * c) as f64,
+                    })
+                    .collect(),
+            )
+        }
+    };
+    let head = match obj {
+        Objective::Classify(_) => Head::Sequence {
+            labels,
+            pad_token_id: Some(pad),
+        },
+        _ => Head::Token { labels },
+    };
+    Ok(TaskData {
+        head,
+        train,
+        valid,
+        positions,
+        skipped: skipped_t + skipped_v,
+        truncated_rows,
+        truncated_words,
+        class_weights,
+    })
+}
+
+/// The examples of micro-batch `k` (counted from the run's start): one pass after another
+/// over the training rows, each pass in its own order drawn from the seed and the pass, so
+/// a resumed run sees what an unbroken one would.
+pub struct Order {
+    seed: u64,
+    n: usize,
+    pass: Option<(u64, Vec<usize>)>,
+}
+
+impl Order {
+    pub fn new(seed: u64, n: usize) -> Self {
+        Self {
+            seed,
+            n,
+            pass: None,
+        }
+    }
+
+    /// The index of the `i`-th example drawn in the run.
+    pub fn at(&mut self, i: u64) -> usize {
+        let n = self.n as u64;
+        let pass = i / n;
+        if self.pass.as_ref().is_none_or(|(p, _)| *p != pass) {
+            let mut order: Vec<usize> = (0..self.n).collect();
+            let mut rng = Rng(self.seed ^ pass.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            for j in (1..self.n).rev() {
+                order.swap(j, (rng.next_u64() % (j as u64 + 1)) as usize);
+            }
+            self.pass = Some((pass, order));
+        }
+        self.pass.as_ref().expect("set above").1[(i % n) as usize]
+    }
+}
+
+/// Validation: the mean loss over the scored positions and the share predicted right
+/// (texts for `classify`, words for `tag`), with a count per (gold, predicted) label pair.
+pub struct Validation {
+    pub loss: f32,
+    pub accuracy: f64,
+    pub confusion: Vec<Vec<u64>>,
+}
+
+/// Runs the validation examples through the trainer, `batch` at a time (the last batch
+/// filled up with copies of its first example, whose results are dropped).
+pub fn validate(
+    trainer: &mut crate::trainer::Trainer,
+    valid: &[Example],
+    batch: usize,
+    labels: usize,
+) -> Result<Validation> {
+    let mut confusion = vec![vec![0u64; labels]; labels];
+    let (mut loss, mut right, mut n) = (0f64, 0u64, 0u64);
+    for chunk in valid.chunks(batch) {
+        let positions = chunk[0].inputs.len();
+        let mut inputs = Vec::with_capacity(batch * positions);
+        let mut rows = Vec::new();
+        let mut gold = Vec::new();
+        for b in 0..batch {
+            let e = chunk.get(b).unwrap_or(&chunk[0]);
+            inputs.extend_from_slice(&e.inputs);
+            if b < chunk.len() {
+                for (p, t) in e.scored() {
+                    rows.push(b * positions + p);
+                    gold.push(t as usize);
+                }
+            }
+        }
+        let logits = trainer.head_logits(&inputs, &rows)?;
+        for (row, &g) in logits.chunks_exact(labels).zip(&gold) {
+            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            let lse = max as f64
+                + row
+                    .iter()
+                    .map(|&x| ((x - max) as f64).exp())
+                    .sum::<f64>()
+                    .ln();
+            loss += lse - row[g] as f64;
+            // The first of equal logits, as argmax does everywhere in slm.
+            let pred = row
+                .iter()
+                .enumerate()
+                .fold(0, |best, (i, &x)| if x > row[best] { i } else { best });
+            confusion[g][pred] += 1;
+            right += u64::from(pred == g);
+            n += 1;
+        }
+    }
+    Ok(Validation {
+        loss: (loss / n.max(1) as f64) as f32,
+        accuracy: right as f64 / n.max(1) as f64,
+        confusion,
+    })
+}
