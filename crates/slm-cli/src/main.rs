@@ -92,8 +92,10 @@ enum Cmd {
         threads: Option<usize>,
     },
     /// Evaluate a model: --task choice:FILE.jsonl (multiple choice by log-likelihood, as
-    /// lm-evaluation-harness), classify:FILE.jsonl (zero-shot through label choices),
-    /// perplexity:FILE (llama-perplexity's method), or --suite core.
+    /// lm-evaluation-harness), classify:FILE.jsonl (with the model's classification head:
+    /// accuracy, macro-F1, confusion matrix; zero-shot through label choices for a language
+    /// model), tag:FILE.jsonl (entity precision/recall/F1 by seqeval's rules, with a
+    /// token-classification head), perplexity:FILE (llama-perplexity's method), or --suite core.
     Eval {
         model: PathBuf,
         /// KIND:FILE (repeatable).
@@ -130,6 +132,16 @@ enum Cmd {
         batch_tokens: usize,
         #[arg(long, value_parser = threads_arg)]
         threads: Option<usize>,
+    },
+    /// Label a file with a model's classification head: each {"text"} (or premise and
+    /// hypothesis) row gets its label and the probabilities of all labels, each {"tokens"}
+    /// row its tags, written as JSON Lines.
+    Predict {
+        model: PathBuf,
+        #[arg(long)]
+        input: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
     },
     /// An HTML report comparing results files: tables, bar and line charts.
     Report {
@@ -353,6 +365,7 @@ impl Cmd {
             | Cmd::Generate { model, .. }
             | Cmd::Chat { model, .. }
             | Cmd::Eval { model, .. }
+            | Cmd::Predict { model, .. }
             | Cmd::Export { model, .. }
             | Cmd::Quantize { model, .. }
             | Cmd::Imatrix { model, .. } => Some(model),
@@ -551,9 +564,11 @@ fn run_training(
             bar.set_length(r.total_steps);
         }
         bar.set_position(r.step);
-        if let Some(v) = r.valid_loss {
-            valid = format!(", valid {v:.3} (ppl {:.1})", (v as f64).exp());
-        }
+        valid = match (r.valid_loss, r.valid_accuracy) {
+            (Some(v), Some(a)) => format!(", valid {v:.3} (acc {a:.3})"),
+            (Some(v), None) => format!(", valid {v:.3} (ppl {:.1})", (v as f64).exp()),
+            _ => std::mem::take(&mut valid),
+        };
         bar.set_message(format!(
             "loss {:.3}{valid}, {:.0} tok/s, lr {:.2e}",
             r.loss, r.tokens_per_s, r.lr
@@ -575,10 +590,11 @@ fn run_training(
         s.tokens,
         s.elapsed_s,
         outcome.train_loss,
-        outcome
-            .valid_loss
-            .map(|v| format!(", valid loss {v:.3} (ppl {:.2})", (v as f64).exp()))
-            .unwrap_or_default()
+        match (outcome.valid_loss, outcome.valid_accuracy) {
+            (Some(v), Some(a)) => format!(", valid loss {v:.3}, accuracy {a:.4}"),
+            (Some(v), None) => format!(", valid loss {v:.3} (ppl {:.2})", (v as f64).exp()),
+            _ => String::new(),
+        }
     );
     Ok(outcome)
 }
@@ -931,6 +947,11 @@ fn run(mut cli: Cli) -> Result<()> {
             })
             .map_err(anyhow::Error::msg)
         }
+        Cmd::Predict {
+            model,
+            input,
+            output,
+        } => predict(&model, &input, &output),
         Cmd::Eval {
             model,
             task,
@@ -1235,6 +1256,113 @@ fn eval(
         }
     }
     Ok(())
+}
+
+/// `slm predict`: the head decides the row kind (a sequence head reads texts, a token head
+/// reads words); rows are read by slm_data's task readers, labels ignored if present.
+fn predict(path: &Path, input: &Path, output: &Path) -> Result<()> {
+    use slm_model::Head;
+    check_writable(output, &[input])?;
+    let (m, tok) = load(path)?;
+    let model = &m.model;
+    let labels = model.config.head.labels().to_vec();
+    let mut lines = String::new();
+    let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template(
+        "labelling [{bar:30}] {pos}/{len} rows, {per_sec}, eta {eta}",
+    )?);
+    match &model.config.head {
+        Head::Lm => bail!(
+            "{}: the model has a language-model head; slm predict needs a classification head \
+             (train one with objective.kind = \"classify\" or \"tag\")",
+            path.display()
+        ),
+        Head::Sequence { .. } => {
+            let text = std::fs::read_to_string(input)
+                .with_context(|| format!("reading {}", input.display()))?;
+            let rows = read_texts(input, &text)?;
+            bar.set_length(rows.len() as u64);
+            for t in rows {
+                let (logits, _) = slm_eval::heads::classify_text(model, &tok, &t)?;
+                let p = slm_eval::heads::probabilities(&logits);
+                let best = slm_eval::metrics::argmax(&p);
+                let probs: serde_json::Map<String, serde_json::Value> = labels
+                    .iter()
+                    .zip(&p)
+                    .map(|(l, &x)| (l.clone(), x.into()))
+                    .collect();
+                let line =
+                    serde_json::json!({"text": t, "label": labels[best], "probabilities": probs});
+                lines.push_str(&format!("{line}\n"));
+                bar.inc(1);
+            }
+        }
+        Head::Token { .. } => {
+            let rows = read_words(input)?;
+            bar.set_length(rows.len() as u64);
+            for words in rows {
+                let (tags, _) = slm_eval::heads::predict_tags(model, &tok, &words)?;
+                let line = serde_json::json!({"tokens": words, "tags": tags});
+                lines.push_str(&format!("{line}\n"));
+                bar.inc(1);
+            }
+        }
+    }
+    bar.finish_and_clear();
+    slm_data::shard::write_atomic(output, |f| f.write_all(lines.as_bytes()))?;
+    eprintln!("wrote {}", output.display());
+    Ok(())
+}
+
+/// The texts of a JSON Lines file: "text", or "premise" and "hypothesis" joined by a newline
+/// (as fine-tuning joins them); other fields are ignored.
+fn read_texts(path: &Path, text: &str) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let get = |k: &str| v.get(k).and_then(|x| x.as_str());
+        match (get("text"), get("premise"), get("hypothesis")) {
+            (Some(t), _, _) => out.push(t.to_string()),
+            (None, Some(p), Some(h)) => out.push(format!("{p}\n{h}")),
+            _ => bail!(
+                "{}:{}: expected a \"text\" string, or \"premise\" and \"hypothesis\"",
+                path.display(),
+                i + 1
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// The word lists ("tokens") of a JSON Lines file.
+fn read_words(path: &Path) -> Result<Vec<Vec<String>>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(line)
+            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
+        let words: Option<Vec<String>> = v
+            .get("tokens")
+            .and_then(|t| t.as_array())
+            .and_then(|a| a.iter().map(|w| w.as_str().map(str::to_string)).collect());
+        match words {
+            Some(w) if !w.is_empty() && w.len() <= slm_data::tasks::MAX_WORDS => out.push(w),
+            _ => bail!(
+                "{}:{}: expected \"tokens\": a list of 1 to {} word strings",
+                path.display(),
+                i + 1,
+                slm_data::tasks::MAX_WORDS
+            ),
+        }
+    }
+    Ok(out)
 }
 
 fn quantize(

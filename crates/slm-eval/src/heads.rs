@@ -23,6 +23,26 @@ fn wrong_head(model: &Llama, want: &str) -> EvalError {
     ))
 }
 
+fn need_sequence_head(model: &Llama) -> Result<(), EvalError> {
+    match model.config.head {
+        Head::Sequence { .. } => Ok(()),
+        _ => Err(wrong_head(
+            model,
+            "labelling a text needs a sequence-classification head",
+        )),
+    }
+}
+
+fn need_token_head(model: &Llama) -> Result<(), EvalError> {
+    match model.config.head {
+        Head::Token { .. } => Ok(()),
+        _ => Err(wrong_head(
+            model,
+            "tagging words needs a token-classification head",
+        )),
+    }
+}
+
 /// The head's logits at every position of `ids` (cut to the model's context).
 fn logits(model: &Llama, ids: &[u32]) -> Result<Vec<Vec<f32>>, EvalError> {
     let ids = &ids[..ids.len().min(model.config.max_position_embeddings)];
@@ -49,12 +69,7 @@ pub fn classify_text(
     tok: &Tokenizer,
     text: &str,
 ) -> Result<(Vec<f32>, usize), EvalError> {
-    if !matches!(model.config.head, Head::Sequence { .. }) {
-        return Err(wrong_head(
-            model,
-            "labelling a text needs a sequence-classification head",
-        ));
-    }
+    need_sequence_head(model)?;
     let ids = tok.encode(text, true)?;
     let mut rows = logits(model, &ids)?;
     let n = rows.len();
@@ -71,12 +86,7 @@ pub fn tag_words<S: AsRef<str>>(
     tok: &Tokenizer,
     words: &[S],
 ) -> Result<(WordLogits, usize), EvalError> {
-    if !matches!(model.config.head, Head::Token { .. }) {
-        return Err(wrong_head(
-            model,
-            "tagging words needs a token-classification head",
-        ));
-    }
+    need_token_head(model)?;
     let (ids, first) = tok.encode_words(words)?;
     let rows = logits(model, &ids)?;
     let n = rows.len();
@@ -129,6 +139,7 @@ pub fn eval_classify(
     file: &Path,
     limit: Option<usize>,
 ) -> Result<HeadScores, EvalError> {
+    need_sequence_head(model)?;
     let mut rows = slm_data::tasks::read_labeled(file)?;
     if let Some(l) = limit {
         rows.truncate(l);
@@ -196,6 +207,7 @@ pub fn eval_tag(
     file: &Path,
     limit: Option<usize>,
 ) -> Result<HeadScores, EvalError> {
+    need_token_head(model)?;
     let mut rows = slm_data::tasks::read_tagging(file)?;
     if let Some(l) = limit {
         rows.truncate(l);

@@ -69,12 +69,15 @@ pub struct StepReport {
     pub lr: f64,
     pub tokens_per_s: f64,
     pub valid_loss: Option<f32>,
+    /// A classifier's share of validation targets predicted right.
+    pub valid_accuracy: Option<f64>,
 }
 
 pub struct Outcome {
     pub state: RunState,
     pub train_loss: f32,
     pub valid_loss: Option<f32>,
+    pub valid_accuracy: Option<f64>,
     /// The model folder, written when the run finished its budget.
     pub model_dir: Option<PathBuf>,
     pub interrupted: bool,
@@ -363,7 +366,8 @@ fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config,
     cfg.max_position_embeddings = data.positions;
     cfg.validate(&name)
         .map_err(|e| TrainError::Setup(e.to_string()))?;
-    let order = crate::task::Order::new(recipe.run.seed, data.train.len());
+    let lens = data.train.iter().map(|e| e.len).collect();
+    let order = crate::task::Order::new(recipe.run.seed, lens, recipe.optim.batch);
     Ok((cfg, Feed::Task { data, order }, parent_ctx))
 }
 
@@ -527,22 +531,25 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     while state.total_steps == 0 || state.step < state.total_steps {
         let step_start = Instant::now();
         let mut loss_sum = 0f32;
+        // Positions computed: a task's batches run over their longest row only.
+        let mut computed = 0u64;
         trainer.zero_grads();
         for micro in 0..o.grad_accum as u64 {
             let scale = 1.0 / o.grad_accum as f32;
             loss_sum += match &mut feed {
                 Feed::Lm { data, .. } => {
                     let toks = sample_batch(data, &mut rng, batch, ctx);
+                    computed += (batch * ctx) as u64;
                     trainer.accumulate(&toks, scale)?
                 }
                 Feed::Task { data, order } => {
                     let first = (state.step * o.grad_accum as u64 + micro) * batch as u64;
-                    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
-                    for i in 0..batch as u64 {
-                        let e = &data.train[order.at(first + i)];
-                        inputs.extend_from_slice(&e.inputs);
-                        targets.extend_from_slice(&e.targets);
-                    }
+                    let picked: Vec<usize> =
+                        (0..batch as u64).map(|i| order.at(first + i)).collect();
+                    let (inputs, targets, t) =
+                        crate::task::batch_of(picked.iter().map(|&i| &data.train[i]));
+                    trainer.set_positions(t)?;
+                    computed += inputs.len() as u64;
                     trainer.accumulate_targets(&inputs, &targets, scale)?
                 }
             };
@@ -595,7 +602,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         state.rng = rng.0;
         state.elapsed_s = elapsed_before + run_start.elapsed().as_secs_f64();
         last_loss = loss;
-        let tps = tokens_per_step as f64 / step_start.elapsed().as_secs_f64();
+        let tps = computed as f64 / step_start.elapsed().as_secs_f64();
         let finished = state.total_steps != 0 && state.step >= state.total_steps;
         let eval_now = finished
             || (recipe.eval.interval > 0 && state.step.is_multiple_of(recipe.eval.interval));
@@ -658,6 +665,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             lr,
             tokens_per_s: tps,
             valid_loss: vl,
+            valid_accuracy: accuracy,
         });
         let stop = opts.stop.load(Ordering::SeqCst);
         let ckpt_now = finished
@@ -730,6 +738,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         state,
         train_loss: last_loss,
         valid_loss: last_valid,
+        valid_accuracy: last_validation.as_ref().map(|v| v.accuracy),
         model_dir,
         interrupted,
     })

@@ -19,11 +19,12 @@ use crate::init::Rng;
 use crate::recipe::{ClassWeights, Labels, Objective, Recipe};
 use crate::run::{Result, TrainError};
 
-/// One row, `positions` tokens long.
+/// One row, `positions` tokens long, of which the first `len` are the row's own.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Example {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
+    pub len: usize,
 }
 
 impl Example {
@@ -291,16 +292,20 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
                         false => truncated_words += 1,
                     }
                 }
+                let len = ids.len();
                 ids.resize(positions, pad);
                 Example {
                     inputs: ids,
                     targets: t,
+                    len,
                 }
             })
             .collect()
     };
     let train = build(train_enc);
-    let valid = build(valid_enc);
+    let mut valid = build(valid_enc);
+    // Validation in order of length: each batch runs over its own longest row only.
+    valid.sort_by_key(|e| e.len);
     let class_weights = match &cfg.class_weights {
         None => None,
         Some(ClassWeights::Each(w)) if w.len() != labels.len() => {
@@ -350,38 +355,73 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
     })
 }
 
-/// The examples of micro-batch `k` (counted from the run's start): one pass after another
-/// over the training rows, each pass in its own order drawn from the seed and the pass, so
-/// a resumed run sees what an unbroken one would.
+/// The order examples are drawn in: one pass after another over the training rows, each
+/// pass in its own order drawn from the seed and the pass (so a resumed run sees what an
+/// unbroken one would), with rows of like length brought together into batches: within each
+/// stretch of `GROUP` batches the rows are sorted by length, and the batches then shuffled,
+/// so a batch's positions are those of its own longest row rather than of the longest row
+/// in the file (as transformers' group_by_length does).
 pub struct Order {
     seed: u64,
-    n: usize,
+    lens: Vec<usize>,
+    batch: usize,
     pass: Option<(u64, Vec<usize>)>,
 }
 
+/// Batches per stretch whose rows are sorted by length.
+const GROUP: usize = 32;
+
 impl Order {
-    pub fn new(seed: u64, n: usize) -> Self {
+    pub fn new(seed: u64, lens: Vec<usize>, batch: usize) -> Self {
         Self {
             seed,
-            n,
+            lens,
+            batch: batch.max(1),
             pass: None,
+        }
+    }
+
+    fn shuffle(v: &mut [usize], rng: &mut Rng) {
+        for j in (1..v.len()).rev() {
+            v.swap(j, (rng.next_u64() % (j as u64 + 1)) as usize);
         }
     }
 
     /// The index of the `i`-th example drawn in the run.
     pub fn at(&mut self, i: u64) -> usize {
-        let n = self.n as u64;
+        let n = self.lens.len() as u64;
         let pass = i / n;
         if self.pass.as_ref().is_none_or(|(p, _)| *p != pass) {
-            let mut order: Vec<usize> = (0..self.n).collect();
+            let mut order: Vec<usize> = (0..self.lens.len()).collect();
             let mut rng = Rng(self.seed ^ pass.wrapping_mul(0x9e37_79b9_7f4a_7c15));
-            for j in (1..self.n).rev() {
-                order.swap(j, (rng.next_u64() % (j as u64 + 1)) as usize);
+            Self::shuffle(&mut order, &mut rng);
+            let mut grouped = Vec::with_capacity(order.len());
+            for stretch in order.chunks_mut(GROUP * self.batch) {
+                stretch.sort_by_key(|&e| self.lens[e]);
+                let mut batches: Vec<usize> = (0..stretch.len().div_ceil(self.batch)).collect();
+                Self::shuffle(&mut batches, &mut rng);
+                for b in batches {
+                    let end = ((b + 1) * self.batch).min(stretch.len());
+                    grouped.extend_from_slice(&stretch[b * self.batch..end]);
+                }
             }
-            self.pass = Some((pass, order));
+            self.pass = Some((pass, grouped));
         }
         self.pass.as_ref().expect("set above").1[(i % n) as usize]
     }
+}
+
+/// The inputs and targets of `rows` cut to the longest row's length, and that length.
+pub fn batch_of<'a>(
+    rows: impl Iterator<Item = &'a Example> + Clone,
+) -> (Vec<u32>, Vec<u32>, usize) {
+    let t = rows.clone().map(|e| e.len).max().unwrap_or(1).max(1);
+    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    for e in rows {
+        inputs.extend_from_slice(&e.inputs[..t]);
+        targets.extend_from_slice(&e.targets[..t]);
+    }
+    (inputs, targets, t)
 }
 
 /// Validation: the mean loss over the scored positions and the share predicted right
@@ -403,20 +443,17 @@ pub fn validate(
     let mut confusion = vec![vec![0u64; labels]; labels];
     let (mut loss, mut right, mut n) = (0f64, 0u64, 0u64);
     for chunk in valid.chunks(batch) {
-        let positions = chunk[0].inputs.len();
-        let mut inputs = Vec::with_capacity(batch * positions);
+        let filled = (0..batch).map(|b| chunk.get(b).unwrap_or(&chunk[0]));
+        let (inputs, _, positions) = batch_of(filled);
         let mut rows = Vec::new();
         let mut gold = Vec::new();
-        for b in 0..batch {
-            let e = chunk.get(b).unwrap_or(&chunk[0]);
-            inputs.extend_from_slice(&e.inputs);
-            if b < chunk.len() {
-                for (p, t) in e.scored() {
-                    rows.push(b * positions + p);
-                    gold.push(t as usize);
-                }
+        for (b, e) in chunk.iter().enumerate() {
+            for (p, t) in e.scored() {
+                rows.push(b * positions + p);
+                gold.push(t as usize);
             }
         }
+        trainer.set_positions(positions)?;
         let logits = trainer.head_logits(&inputs, &rows)?;
         for (row, &g) in logits.chunks_exact(labels).zip(&gold) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));

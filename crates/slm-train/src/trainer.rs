@@ -107,7 +107,10 @@ struct Work {
 pub struct Trainer {
     cfg: Config,
     batch: usize,
+    /// Positions per sequence of the current micro-batches (`set_positions`), at most
+    /// `capacity`, the model's context the buffers were sized for.
     positions: usize,
+    capacity: usize,
     params_by_name: Vec<Param>,
     layers: Vec<LayerParams>,
     embed: Range<usize>,
@@ -330,6 +333,7 @@ impl Trainer {
             cfg: cfg.clone(),
             batch,
             positions,
+            capacity: positions,
             params_by_name,
             layers,
             embed,
@@ -396,6 +400,23 @@ impl Trainer {
             }
         }
         groups
+    }
+
+    /// Runs the next micro-batches over `positions` per sequence (at most the context the
+    /// trainer was made for): a batch of short rows computes only what they hold.
+    pub fn set_positions(&mut self, positions: usize) -> candle_core::Result<()> {
+        if positions == 0 || positions > self.capacity {
+            candle_core::bail!(
+                "{positions} positions per sequence; expected 1 to {}",
+                self.capacity
+            );
+        }
+        self.positions = positions;
+        Ok(())
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
     }
 
     /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
@@ -576,23 +597,23 @@ impl Trainer {
             );
         }
         self.check_ids(inputs, "token")?;
-        self.inputs.copy_from_slice(inputs);
+        self.inputs[..n].copy_from_slice(inputs);
         self.forward();
-        Ok(&self.final_h)
+        Ok(&self.final_h[..n * self.cfg.hidden_size])
     }
 
     /// Backward from `dh`, the gradient of a loss with respect to the hidden states the last
     /// `forward_hidden` returned: adds every parameter's gradient (the output projection's
     /// excepted: that head was not used).
     pub fn backward_hidden(&mut self, dh: &[f32]) -> candle_core::Result<()> {
-        if dh.len() != self.final_h.len() {
+        let len = self.batch * self.positions * self.cfg.hidden_size;
+        if dh.len() != len {
             candle_core::bail!(
-                "a hidden-state gradient of {} values, {} expected",
-                dh.len(),
-                self.final_h.len()
+                "a hidden-state gradient of {} values, {len} expected",
+                dh.len()
             );
         }
-        self.work.dh.copy_from_slice(dh);
+        self.work.dh[..len].copy_from_slice(dh);
         self.laps.start();
         self.backward();
         Ok(())
@@ -638,8 +659,8 @@ impl Trainer {
         }
         self.check_ids(inputs, "token")?;
         self.check_ids(targets, "target")?;
-        self.inputs.copy_from_slice(inputs);
-        self.targets.copy_from_slice(targets);
+        self.inputs[..n].copy_from_slice(inputs);
+        self.targets[..n].copy_from_slice(targets);
         Ok(())
     }
 
@@ -675,50 +696,85 @@ impl Trainer {
         let p = &self.params;
         let laps = &mut self.laps;
         laps.start();
+        let heads = shape.heads;
         kernels::embed(
-            &mut self.streams[0],
+            &mut self.streams[0][..n * d],
             &p[self.embed.clone()],
-            &self.inputs,
+            &self.inputs[..n],
             d,
         );
         laps.lap("embedding");
         for (l, (lp, s)) in self.layers.iter().zip(&mut self.saved).enumerate() {
             let (before, after) = self.streams.split_at_mut(l + 1);
-            let (x, out) = (&before[l], &mut after[0]);
-            kernels::rms_norm(&mut s.h1, &mut s.r1, x, &p[lp.attn_norm.clone()], eps);
-            laps.lap("rms_norm");
-            linear::forward(&mut s.qkv, &s.h1, &p[lp.qkv.clone()], (n, d, qkv_w), false);
-            if let Some(b) = &lp.qkv_bias {
-                kernels::add_bias(&mut s.qkv, &p[b.clone()]);
-            }
-            laps.lap("linear");
-            kernels::rope(&mut s.qkv, rope, false);
-            laps.lap("rope");
-            kernels::attention(&mut s.att, &mut s.lse, &s.qkv, shape);
-            laps.lap("attention");
-            s.mid.copy_from_slice(x);
-            linear::forward(&mut s.mid, &s.att, &p[lp.o.clone()], (n, qw, d), true);
-            laps.lap("linear");
-            kernels::rms_norm(&mut s.h2, &mut s.r2, &s.mid, &p[lp.mlp_norm.clone()], eps);
+            let (x, out) = (&before[l][..n * d], &mut after[0][..n * d]);
+            kernels::rms_norm(
+                &mut s.h1[..n * d],
+                &mut s.r1[..n],
+                x,
+                &p[lp.attn_norm.clone()],
+                eps,
+            );
             laps.lap("rms_norm");
             linear::forward(
-                &mut s.gu,
-                &s.h2,
+                &mut s.qkv[..n * qkv_w],
+                &s.h1[..n * d],
+                &p[lp.qkv.clone()],
+                (n, d, qkv_w),
+                false,
+            );
+            if let Some(b) = &lp.qkv_bias {
+                kernels::add_bias(&mut s.qkv[..n * qkv_w], &p[b.clone()]);
+            }
+            laps.lap("linear");
+            kernels::rope(&mut s.qkv[..n * qkv_w], rope, false);
+            laps.lap("rope");
+            kernels::attention(
+                &mut s.att[..n * qw],
+                &mut s.lse[..n * heads],
+                &s.qkv[..n * qkv_w],
+                shape,
+            );
+            laps.lap("attention");
+            s.mid[..n * d].copy_from_slice(x);
+            linear::forward(
+                &mut s.mid[..n * d],
+                &s.att[..n * qw],
+                &p[lp.o.clone()],
+                (n, qw, d),
+                true,
+            );
+            laps.lap("linear");
+            kernels::rms_norm(
+                &mut s.h2[..n * d],
+                &mut s.r2[..n],
+                &s.mid[..n * d],
+                &p[lp.mlp_norm.clone()],
+                eps,
+            );
+            laps.lap("rms_norm");
+            linear::forward(
+                &mut s.gu[..n * 2 * f],
+                &s.h2[..n * d],
                 &p[lp.gate_up.clone()],
                 (n, d, 2 * f),
                 false,
             );
             laps.lap("linear");
-            kernels::swiglu(&mut s.act, &mut s.sig, &s.gu, f);
+            kernels::swiglu(
+                &mut s.act[..n * f],
+                &mut s.sig[..n * f],
+                &s.gu[..n * 2 * f],
+                f,
+            );
             laps.lap("swiglu");
-            out.copy_from_slice(&s.mid);
-            linear::forward(out, &s.act, &p[lp.down.clone()], (n, f, d), true);
+            out.copy_from_slice(&s.mid[..n * d]);
+            linear::forward(out, &s.act[..n * f], &p[lp.down.clone()], (n, f, d), true);
             laps.lap("linear");
         }
-        let last = &self.streams[self.cfg.num_hidden_layers];
+        let last = &self.streams[self.cfg.num_hidden_layers][..n * d];
         kernels::rms_norm(
-            &mut self.final_h,
-            &mut self.final_r,
+            &mut self.final_h[..n * d],
+            &mut self.final_r[..n],
             last,
             &p[self.norm.clone()],
             eps,
@@ -745,6 +801,7 @@ impl Trainer {
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
         let rope = rope_spec(shape, &self.cos, &self.sin);
+        let heads = shape.heads;
         let (p, g, w, groups) = (&self.params, &mut self.grads, &mut self.work, &self.groups);
         let discard = &mut self.discard;
         let laps = &mut self.laps;
@@ -770,90 +827,110 @@ impl Trainer {
                 linear::input_grad(dx, dy, &p[wr.clone()], dims, false);
             }
         };
-        w.dres.par_chunks_mut(1 << 14).for_each(|c| c.fill(0.0));
+        w.dres[..n * d]
+            .par_chunks_mut(1 << 14)
+            .for_each(|c| c.fill(0.0));
         kernels::rms_norm_bwd(
-            &mut w.dres,
+            &mut w.dres[..n * d],
             grad_or_discard(g, &self.norm, groups, discard),
-            &w.dh,
-            &self.streams[cfg.num_hidden_layers],
-            &self.final_r,
+            &w.dh[..n * d],
+            &self.streams[cfg.num_hidden_layers][..n * d],
+            &self.final_r[..n],
             &p[self.norm.clone()],
         );
         laps.lap("rms_norm (backward)");
         for (l, (lp, s)) in self.layers.iter().zip(&self.saved).enumerate().rev() {
-            let x = &self.streams[l];
+            let x = &self.streams[l][..n * d];
             // MLP: out = mid + down(silu(gate) * up)
             linear_bwd(
-                &mut w.dact,
+                &mut w.dact[..n * f],
                 g,
-                &w.dres,
-                &s.act,
+                &w.dres[..n * d],
+                &s.act[..n * f],
                 &lp.down,
                 (n, f, d),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
-            kernels::swiglu_bwd(&mut w.dgu, &w.dact, &s.gu, &s.sig, f);
+            kernels::swiglu_bwd(
+                &mut w.dgu[..n * 2 * f],
+                &w.dact[..n * f],
+                &s.gu[..n * 2 * f],
+                &s.sig[..n * f],
+                f,
+            );
             laps.lap("swiglu (backward)");
             linear_bwd(
-                &mut w.dh,
+                &mut w.dh[..n * d],
                 g,
-                &w.dgu,
-                &s.h2,
+                &w.dgu[..n * 2 * f],
+                &s.h2[..n * d],
                 &lp.gate_up,
                 (n, d, 2 * f),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
-                &mut w.dres,
+                &mut w.dres[..n * d],
                 grad_or_discard(g, &lp.mlp_norm, groups, discard),
-                &w.dh,
-                &s.mid,
-                &s.r2,
+                &w.dh[..n * d],
+                &s.mid[..n * d],
+                &s.r2[..n],
                 &p[lp.mlp_norm.clone()],
             );
             laps.lap("rms_norm (backward)");
             // Attention: mid = x + o(attention(rope(q), rope(k), v))
             linear_bwd(
-                &mut w.datt,
+                &mut w.datt[..n * qw],
                 g,
-                &w.dres,
-                &s.att,
+                &w.dres[..n * d],
+                &s.att[..n * qw],
                 &lp.o,
                 (n, qw, d),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
-            kernels::attention_bwd(&mut w.dqkv, &w.datt, &s.att, &s.lse, &s.qkv, shape);
+            kernels::attention_bwd(
+                &mut w.dqkv[..n * qkv_w],
+                &w.datt[..n * qw],
+                &s.att[..n * qw],
+                &s.lse[..n * heads],
+                &s.qkv[..n * qkv_w],
+                shape,
+            );
             laps.lap("attention (backward)");
-            kernels::rope(&mut w.dqkv, rope, true);
+            kernels::rope(&mut w.dqkv[..n * qkv_w], rope, true);
             laps.lap("rope (backward)");
             if let Some(b) = lp.qkv_bias.as_ref().filter(|b| trains(groups, b)) {
-                kernels::bias_bwd(&mut g[b.clone()], &w.dqkv);
+                kernels::bias_bwd(&mut g[b.clone()], &w.dqkv[..n * qkv_w]);
             }
             linear_bwd(
-                &mut w.dh,
+                &mut w.dh[..n * d],
                 g,
-                &w.dqkv,
-                &s.h1,
+                &w.dqkv[..n * qkv_w],
+                &s.h1[..n * d],
                 &lp.qkv,
                 (n, d, qkv_w),
                 &mut w.partials,
             );
             laps.lap("linear (backward)");
             kernels::rms_norm_bwd(
-                &mut w.dres,
+                &mut w.dres[..n * d],
                 grad_or_discard(g, &lp.attn_norm, groups, discard),
-                &w.dh,
+                &w.dh[..n * d],
                 x,
-                &s.r1,
+                &s.r1[..n],
                 &p[lp.attn_norm.clone()],
             );
             laps.lap("rms_norm (backward)");
         }
         if trains(groups, &self.embed) {
-            kernels::embed_bwd(&mut g[self.embed.clone()], &w.dres, &self.inputs, d);
+            kernels::embed_bwd(
+                &mut g[self.embed.clone()],
+                &w.dres[..n * d],
+                &self.inputs[..n],
+                d,
+            );
         }
         laps.lap("embedding (backward)");
     }
@@ -1227,6 +1304,39 @@ mod tests {
             let e = tr.accumulate_targets(&inputs, &bad, 1.0).unwrap_err();
             assert!(e.to_string().contains("outside the head's labels"), "{e}");
         }
+    }
+
+    /// Micro-batches shorter than the context the trainer was made for compute what the
+    /// reference computes at that length, and the full length still does afterwards.
+    #[test]
+    fn shorter_micro_batches_equal_the_reference_at_their_length() {
+        let cfg = odd_config(false);
+        let batch = 2;
+        let vars = params(&cfg, 10);
+        let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars).unwrap();
+        // (Not 1: one key gets all the attention, so k's true gradient is 0 and ours is rounding.)
+        for t in [37, 150, 2, 129] {
+            let short = Config {
+                max_position_embeddings: t,
+                ..cfg.clone()
+            };
+            let tokens = random_tokens(batch * (t + 1), cfg.vocab_size, t as u64);
+            let (inputs, targets) = split(&tokens, t);
+            let (ref_loss, ref_grads) = reference(&short, &vars, &inputs, &targets, batch);
+            tr.set_positions(t).unwrap();
+            tr.zero_grads();
+            let loss = tr.accumulate(&tokens, 1.0).unwrap();
+            assert!(
+                (loss - ref_loss).abs() <= 1e-5 * ref_loss.abs(),
+                "{t} positions: loss {loss} vs reference {ref_loss}"
+            );
+            assert_grads_close(
+                &format!("{t} positions"),
+                &tr.grads_by_name().unwrap(),
+                &ref_grads,
+            );
+        }
+        assert!(tr.set_positions(151).is_err() && tr.set_positions(0).is_err());
     }
 
     /// Inputs and next-token targets of `batch` rows of a token sequence.
