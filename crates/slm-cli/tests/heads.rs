@@ -188,7 +188,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     // Held-out rows of the same rule: the heads learnt it.
     ok(slm()
         .args(["eval"])
-        .arg(&cls)
+        .arg(cls)
         .args(["--task", "classify:cls_test.jsonl", "--out", "cls.json"])
         .current_dir(d));
     let acc = metric(&d.join("cls.json"), 0, "acc");
@@ -209,7 +209,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     );
     ok(slm()
         .args(["eval"])
-        .arg(&tag)
+        .arg(tag)
         .args(["--task", "tag:tag_test.jsonl", "--out", "tag.json"])
         .current_dir(d));
     let f1 = metric(&d.join("tag.json"), 0, "f1");
@@ -220,7 +220,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     // slm predict: a label and the probabilities of all labels, or a tag per word.
     ok(slm()
         .args(["predict"])
-        .arg(&cls)
+        .arg(cls)
         .args(["--input", "cls_test.jsonl", "-o", "cls_pred.jsonl"])
         .current_dir(d));
     let preds = std::fs::read_to_string(d.join("cls_pred.jsonl")).unwrap();
@@ -239,7 +239,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     }
     ok(slm()
         .args(["predict"])
-        .arg(&tag)
+        .arg(tag)
         .args(["--input", "tag_test.jsonl", "-o", "tag_pred.jsonl"])
         .current_dir(d));
     let preds = std::fs::read_to_string(d.join("tag_pred.jsonl")).unwrap();
@@ -265,7 +265,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("eval")
-            .arg(&cls)
+            .arg(cls)
             .args(["--task", "classify:unknown.jsonl"])
             .current_dir(d),
     );
@@ -281,7 +281,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("eval")
-            .arg(&tag)
+            .arg(tag)
             .args(["--task", "tag:bad_bio.jsonl"])
             .current_dir(d),
     );
@@ -292,7 +292,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("eval")
-            .arg(&tag)
+            .arg(tag)
             .args(["--task", "classify:cls_test.jsonl"])
             .current_dir(d),
     );
@@ -300,7 +300,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("eval")
-            .arg(&base)
+            .arg(base)
             .args(["--task", "tag:tag_test.jsonl"])
             .current_dir(d),
     );
@@ -311,7 +311,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("predict")
-            .arg(&base)
+            .arg(base)
             .args(["--input", "cls_test.jsonl", "-o", "x.jsonl"])
             .current_dir(d),
     );
@@ -319,7 +319,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
     let e = fails(
         slm()
             .arg("generate")
-            .arg(&cls)
+            .arg(cls)
             .args(["--prompt", "the"])
             .current_dir(d),
     );
