@@ -28,6 +28,10 @@ pub enum Role {
     Score,
     /// A token-classification head's bias (one per label).
     ScoreBias,
+    /// A low-rank adapter's down projection A (rank x input) beside the projection named by
+    /// `Param::target`, and its up projection B (output x rank).
+    LoraA,
+    LoraB,
 }
 
 /// A layer's roles, in the order `Config::params` lists them (q, k and v adjacent, then
@@ -70,6 +74,8 @@ impl Role {
             // llama.cpp's classifier output (rerankers), LLM_TENSOR_CLS_OUT.
             Role::Score => ("score.weight", "cls.output.weight"),
             Role::ScoreBias => ("score.bias", "cls.output.bias"),
+            // Named after their target (`Param::name`).
+            Role::LoraA | Role::LoraB => ("", ""),
         }
     }
 
@@ -125,11 +131,22 @@ impl Role {
         )
     }
 
-    /// Whether AdamW decays it: the linear layers' matrices; not norms, biases or the
-    /// embedding (as nanoGPT and most recipes do).
+    /// Whether AdamW decays it: the linear layers' matrices and adapters; not norms, biases
+    /// or the embedding (as nanoGPT and most recipes do).
     pub fn decays(self) -> bool {
-        self.is_linear()
+        self.is_linear() || matches!(self, Role::LoraA | Role::LoraB)
     }
+
+    /// The projections a LoRA adapter may adapt, by PEFT's module names.
+    pub const LORA_TARGETS: [(Role, &'static str); 7] = [
+        (Role::Q, "q_proj"),
+        (Role::K, "k_proj"),
+        (Role::V, "v_proj"),
+        (Role::O, "o_proj"),
+        (Role::Gate, "gate_proj"),
+        (Role::Up, "up_proj"),
+        (Role::Down, "down_proj"),
+    ];
 
     /// The projections that write into the residual stream (scaled down at initialisation).
     pub fn writes_residual(self) -> bool {
@@ -143,17 +160,36 @@ pub struct Param {
     pub role: Role,
     pub layer: Option<usize>,
     pub shape: Vec<usize>,
+    /// The projection a LoRA tensor (`Role::LoraA`, `Role::LoraB`) adapts.
+    pub target: Option<Role>,
 }
 
 impl Param {
-    /// The Hugging Face (safetensors, checkpoint) name.
+    /// The Hugging Face (safetensors, checkpoint) name; an adapter's is PEFT's
+    /// (`base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`).
     pub fn name(&self) -> String {
-        self.role.hf_name(self.layer)
+        match (self.role, self.target) {
+            (Role::LoraA | Role::LoraB, Some(t)) => {
+                let base = t.hf_name(self.layer);
+                let ab = if self.role == Role::LoraA { "A" } else { "B" };
+                format!(
+                    "base_model.model.{}.lora_{ab}.weight",
+                    base.trim_end_matches(".weight")
+                )
+            }
+            _ => self.role.hf_name(self.layer),
+        }
     }
 
-    /// llama.cpp's GGUF name.
+    /// llama.cpp's GGUF name; an adapter's is its LoRA GGUF's (`blk.N.attn_q.weight.lora_a`).
     pub fn gguf_name(&self) -> String {
-        self.role.gguf_name(self.layer)
+        match (self.role, self.target) {
+            (Role::LoraA | Role::LoraB, Some(t)) => {
+                let ab = if self.role == Role::LoraA { "a" } else { "b" };
+                format!("{}.lora_{ab}", t.gguf_name(self.layer))
+            }
+            _ => self.role.gguf_name(self.layer),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -218,7 +254,7 @@ impl Config {
                 Role::ScoreBias if matches!(self.head, Head::Token { .. }) => {
                     vec![self.head.labels().len()]
                 }
-                Role::Score | Role::ScoreBias => return None,
+                Role::Score | Role::ScoreBias | Role::LoraA | Role::LoraB => return None,
             })
         };
         let mut v = Vec::new();
@@ -229,6 +265,7 @@ impl Config {
                         role,
                         layer: Some(l),
                         shape,
+                        target: None,
                     });
                 }
             }
@@ -245,10 +282,35 @@ impl Config {
                     role,
                     layer: None,
                     shape,
+                    target: None,
                 });
             }
         }
         debug_assert!(v.iter().all(|p| p.layer.is_some() == p.role.in_layer()));
+        v
+    }
+
+    /// A LoRA adapter's tensors over this model: per layer, for each target in layer order,
+    /// A (rank x the projection's input) then B (its output x rank).
+    pub fn lora_params(&self, rank: usize, targets: &[Role]) -> Vec<Param> {
+        let mut v = Vec::new();
+        for p in self.params() {
+            if p.layer.is_none() || !targets.contains(&p.role) {
+                continue;
+            }
+            let (out, inp) = (p.shape[0], p.shape[1]);
+            for (role, shape) in [
+                (Role::LoraA, vec![rank, inp]),
+                (Role::LoraB, vec![out, rank]),
+            ] {
+                v.push(Param {
+                    role,
+                    layer: p.layer,
+                    shape,
+                    target: Some(p.role),
+                });
+            }
+        }
         v
     }
 

@@ -22,6 +22,7 @@ pub mod ggml_math;
 pub mod half_matmul;
 pub mod head;
 pub mod kquant;
+pub mod lora;
 pub mod packed;
 pub mod pool;
 pub mod process;

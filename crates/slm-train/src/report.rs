@@ -16,6 +16,7 @@ struct Series {
     lr: Vec<f64>,
     tps: Vec<f64>,
     valid: Vec<(f64, f64)>,
+    accuracy: Vec<(f64, f64)>,
 }
 
 fn read_metrics(path: &Path) -> Series {
@@ -34,6 +35,9 @@ fn read_metrics(path: &Path) -> Series {
         s.tps.push(v["tokens_per_s"].as_f64().unwrap_or(0.0));
         if let Some(vl) = v["valid_loss"].as_f64() {
             s.valid.push((t, vl));
+        }
+        if let Some(a) = v["valid_accuracy"].as_f64() {
+            s.accuracy.push((t, a));
         }
     }
     s
@@ -125,6 +129,67 @@ fn escape(s: &str) -> String {
         .replace('>', "&gt;")
 }
 
+/// A classifier's last validation (validation.json, written by the run): the confusion
+/// matrix, and precision, recall and F1 per label (per tag, for a tagger: entity scores by
+/// seqeval's rules come from `slm eval --task tag:`).
+fn confusion_html(path: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return String::new();
+    };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return String::new();
+    };
+    let labels: Vec<String> = v["labels"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|l| l.as_str().map(escape)).collect())
+        .unwrap_or_default();
+    let rows: Vec<Vec<u64>> = v["confusion"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|r| {
+                    r.as_array()
+                        .map(|r| r.iter().filter_map(|x| x.as_u64()).collect())
+                        .unwrap_or_default()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if labels.is_empty()
+        || rows.len() != labels.len()
+        || rows.iter().any(|r| r.len() != labels.len())
+    {
+        return String::new();
+    }
+    let mut html = String::from(
+        "<h2>last validation</h2><p>rows: the true label, columns: the predicted one</p><table><tr><td></td>",
+    );
+    for l in &labels {
+        html.push_str(&format!("<td><b>{l}</b></td>"));
+    }
+    html.push_str("<td>precision</td><td>recall</td><td>F1</td></tr>");
+    for (i, (l, r)) in labels.iter().zip(&rows).enumerate() {
+        html.push_str(&format!("<tr><td><b>{l}</b></td>"));
+        for x in r {
+            html.push_str(&format!("<td>{x}</td>"));
+        }
+        let tp = r[i] as f64;
+        let predicted: f64 = rows.iter().map(|row| row[i] as f64).sum();
+        let gold: f64 = r.iter().map(|&x| x as f64).sum();
+        let (p, rc) = (tp / predicted.max(1.0), tp / gold.max(1.0));
+        let f1 = if p + rc > 0.0 {
+            2.0 * p * rc / (p + rc)
+        } else {
+            0.0
+        };
+        html.push_str(&format!(
+            "<td>{p:.3}</td><td>{rc:.3}</td><td>{f1:.3}</td></tr>"
+        ));
+    }
+    html.push_str("</table>");
+    html
+}
+
 /// Writes `run_dir/report.html` from `run_dir/metrics.jsonl` and `run_dir/recipe.toml`.
 pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
     let s = read_metrics(&run_dir.join("metrics.jsonl"));
@@ -148,6 +213,17 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
         &[("tokens/s", MAGENTA, zip(&s.tps))],
     )
     .map_err(fail)?;
+    let accuracy = if s.accuracy.is_empty() {
+        String::new()
+    } else {
+        chart(
+            "validation accuracy",
+            "tokens",
+            &[("accuracy", RED, s.accuracy.clone())],
+        )
+        .map_err(fail)?
+    };
+    let confusion = confusion_html(&run_dir.join("validation.json"));
     let recipe = std::fs::read_to_string(run_dir.join("recipe.toml")).unwrap_or_default();
     let samples = samples_html(&run_dir.join("samples.jsonl"));
     let last = |v: &[f64]| {
@@ -155,18 +231,18 @@ pub fn write_report(run_dir: &Path) -> Result<PathBuf> {
             .map(|x| format!("{x:.4}"))
             .unwrap_or_else(|| "-".into())
     };
-    let valid = s
-        .valid
-        .last()
-        .map(|(_, v)| format!("{v:.4} (perplexity {:.2})", v.exp()))
-        .unwrap_or_else(|| "-".into());
+    let valid = match (s.valid.last(), s.accuracy.last()) {
+        (Some((_, v)), Some((_, a))) => format!("{v:.4} (accuracy {a:.4})"),
+        (Some((_, v)), None) => format!("{v:.4} (perplexity {:.2})", v.exp()),
+        _ => "-".into(),
+    };
     let html = format!(
         r#"<!doctype html><html><head><meta charset="utf-8"><title>slm run {name}</title>
 <style>body{{font-family:sans-serif;max-width:800px;margin:2em auto}}td{{padding:0 1em 0 0}}pre{{background:#f4f4f4;padding:1em}}.sample{{white-space:pre-wrap;border-left:3px solid #ccc;padding-left:.6em}}.prompt{{color:#888}}</style>
 </head><body><h1>slm run {name}</h1>
 <table><tr><td>updates</td><td>{steps}</td></tr><tr><td>tokens</td><td>{tokens}</td></tr>
 <tr><td>train loss</td><td>{train}</td></tr><tr><td>valid loss</td><td>{valid}</td></tr></table>
-{loss}{lr}{tps}{samples}<h2>recipe</h2><pre>{recipe}</pre></body></html>
+{loss}{accuracy}{confusion}{lr}{tps}{samples}<h2>recipe</h2><pre>{recipe}</pre></body></html>
 "#,
         name = escape(&run_dir.display().to_string()),
         steps = s.loss.len(),

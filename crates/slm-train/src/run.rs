@@ -621,6 +621,17 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                     data.head.labels().len(),
                 )?;
                 accuracy = Some(v.accuracy);
+                let json = serde_json::json!({
+                    "step": state.step,
+                    "labels": data.head.labels(),
+                    "accuracy": v.accuracy,
+                    "loss": v.loss,
+                    "confusion": v.confusion,
+                });
+                let path = out.join("validation.json");
+                slm_data::shard::write_atomic(&path, |f| {
+                    f.write_all(&serde_json::to_vec_pretty(&json).expect("json"))
+                })?;
                 let loss = v.loss;
                 last_validation = Some(v);
                 Some(loss)
