@@ -143,6 +143,12 @@ enum Cmd {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// LoRA adapters: `slm lora merge BASE ADAPTER -o DIR` folds an adapter (PEFT's layout, as
+    /// a `[lora]` training run writes it) into its base model folder.
+    Lora {
+        #[command(subcommand)]
+        cmd: LoraCmd,
+    },
     /// An HTML report comparing results files: tables, bar and line charts.
     Report {
         #[arg(required = true)]
@@ -269,6 +275,17 @@ enum Cmd {
 }
 
 #[derive(Subcommand)]
+enum LoraCmd {
+    /// Write BASE's weights with the adapter folded in (W + alpha/r B A) as a new model folder.
+    Merge {
+        base: PathBuf,
+        adapter: PathBuf,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenizerCmd {
     /// Learn a byte-level BPE tokenizer. CORPUS: text files, folders of .txt/.md, or .jsonl
     /// with a "text" field.
@@ -372,6 +389,7 @@ impl Cmd {
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
+            | Cmd::Lora { .. }
             | Cmd::Data { .. }
             | Cmd::Train { .. }
             | Cmd::Report { .. }
@@ -952,6 +970,18 @@ fn run(mut cli: Cli) -> Result<()> {
             input,
             output,
         } => predict(&model, &input, &output),
+        Cmd::Lora {
+            cmd:
+                LoraCmd::Merge {
+                    base,
+                    adapter,
+                    output,
+                },
+        } => {
+            slm_train::adapter::merge(&base, &adapter, &output)?;
+            eprintln!("wrote {}", output.display());
+            Ok(())
+        }
         Cmd::Eval {
             model,
             task,

@@ -5,6 +5,7 @@
 //! Distillation, pruning recovery and fine-tuning reuse them with their own objectives
 //! (see the trainer's seams).
 
+pub mod adapter;
 pub mod bench;
 pub mod init;
 pub mod optim;

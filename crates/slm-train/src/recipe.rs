@@ -50,6 +50,8 @@ pub struct Recipe {
     pub model: ModelShape,
     #[serde(default)]
     pub objective: Objective,
+    /// Train low-rank adapters over the frozen parent instead of every weight.
+    pub lora: Option<Lora>,
     pub budget: Budget,
     #[serde(default)]
     pub optim: Optim,
@@ -130,6 +132,50 @@ pub struct Labels {
     /// "balanced" weighs each label by n / (labels x its count), as scikit-learn's
     /// class_weight does; or one weight per label.
     pub class_weights: Option<ClassWeights>,
+}
+
+/// `[lora]`: rank, alpha (the adapters' output is scaled by alpha / rank, as PEFT does),
+/// dropout (0 only, so far) and the projections adapted (PEFT's names, q_proj ... down_proj,
+/// or short: q, k, v, o, gate, up, down; default all seven).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Lora {
+    pub r: usize,
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default = "all_targets")]
+    pub targets: Vec<String>,
+}
+
+fn all_targets() -> Vec<String> {
+    slm_model::Role::LORA_TARGETS
+        .iter()
+        .map(|t| t.1.to_string())
+        .collect()
+}
+
+/// Adapters wider than this rank are no longer low-rank for any model slm trains.
+const MAX_LORA_RANK: usize = 4096;
+
+impl Lora {
+    /// The trainer's settings: the targets as roles (validated names).
+    pub fn config(&self) -> crate::trainer::LoraConfig {
+        let targets = slm_model::Role::LORA_TARGETS
+            .iter()
+            .filter(|(_, name)| {
+                self.targets
+                    .iter()
+                    .any(|t| t == name || format!("{t}_proj") == *name)
+            })
+            .map(|t| t.0)
+            .collect();
+        crate::trainer::LoraConfig {
+            rank: self.r,
+            alpha: self.alpha,
+            targets,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -284,6 +330,65 @@ impl Recipe {
             })
         };
         self.validate_task(path)?;
+        if let Some(l) = &self.lora {
+            let bad = |key: &'static str, value: String, expected: String| {
+                Err(RecipeError::Value {
+                    path: path.to_path_buf(),
+                    key,
+                    value,
+                    expected,
+                })
+            };
+            if self.model.parent.is_none() {
+                return bad(
+                    "lora",
+                    "{..}".into(),
+                    "adapters train over a model: give model.parent".into(),
+                );
+            }
+            if l.r == 0 || l.r > MAX_LORA_RANK {
+                return bad(
+                    "lora.r",
+                    l.r.to_string(),
+                    format!("expected 1 to {MAX_LORA_RANK}"),
+                );
+            }
+            if !(l.alpha.is_finite() && l.alpha > 0.0) {
+                return bad(
+                    "lora.alpha",
+                    l.alpha.to_string(),
+                    "expected a positive number".into(),
+                );
+            }
+            if l.dropout != 0.0 {
+                return bad(
+                    "lora.dropout",
+                    l.dropout.to_string(),
+                    "slm trains adapters without dropout so far: set 0".into(),
+                );
+            }
+            let known = all_targets();
+            if l.targets.is_empty() {
+                return bad(
+                    "lora.targets",
+                    "[]".into(),
+                    format!("expected some of {known:?}"),
+                );
+            }
+            if let Some(t) = l
+                .targets
+                .iter()
+                .find(|t| !known.iter().any(|k| k == *t || *k == format!("{t}_proj")))
+            {
+                return bad(
+                    "lora.targets",
+                    format!("{t:?}"),
+                    format!(
+                        "the model has no projection {t:?}; LoRA adapts {known:?} (or q, k, v, o, gate, up, down)"
+                    ),
+                );
+            }
+        }
         let m = &self.model;
         let shape = [
             ("model.d_model", m.d_model),

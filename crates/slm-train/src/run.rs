@@ -427,6 +427,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     if let Some(parent) = &recipe.model.parent {
         load_parent(parent, &vars, &tok_json)?;
     }
+    let lora = recipe.lora.as_ref().map(|l| l.config());
+    if let Some(l) = &lora {
+        crate::adapter::init(&vars, &cfg, l, recipe.run.seed)?;
+    }
     // The candle model over the same variables writes the samples of a pretraining run.
     let model = match feed {
         Feed::Lm { .. } => Some(Llama::load(
@@ -443,7 +447,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         eps: 1e-8,
         weight_decay: o.weight_decay,
     };
-    let mut trainer = Trainer::new(&cfg, batch, adam, &vars)?;
+    let mut trainer = match &lora {
+        Some(l) => Trainer::with_lora(&cfg, batch, adam, &vars, l)?,
+        None => Trainer::new(&cfg, batch, adam, &vars)?,
+    };
     if let Feed::Task { data, .. } = &feed {
         trainer.set_class_weights(data.class_weights.clone())?;
     }
@@ -740,10 +747,26 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 })
             }
         };
-        Some(write_model_folder(
-            recipe, &saved, &vars, &tok_json, &tokenizer, lineage, &state, last_loss, last_valid,
-            t0,
-        )?)
+        match (&lora, &recipe.model.parent) {
+            (Some(l), Some(parent)) => {
+                let slm = serde_json::json!({
+                    "recipe": recipe,
+                    "data": lineage,
+                    "parent": parent,
+                    "tokens_seen": state.tokens,
+                    "updates": state.step,
+                    "wall_time_s": state.elapsed_s.max(t0.elapsed().as_secs_f64()),
+                    "final_train_loss": last_loss,
+                    "final_valid_loss": last_valid,
+                });
+                let dir = recipe.run.out.join("adapter");
+                Some(crate::adapter::write(&dir, &saved, l, &vars, parent, slm)?)
+            }
+            _ => Some(write_model_folder(
+                recipe, &saved, &vars, &tok_json, &tokenizer, lineage, &state, last_loss,
+                last_valid, t0,
+            )?),
+        }
     };
     Ok(Outcome {
         state,
