@@ -3,17 +3,19 @@
 # two tasks with classifier heads, full fine-tuning on this machine's cores, and evaluates
 # each on data training never sees:
 #   sentiment: a sequence-classification head on the fetched sentiment sentences (UCI's 3,000
-#     review sentences, positive/negative), scored on SST-2 validation (872 movie-review
-#     sentences, ../shared/fixtures/evals/sst2.jsonl: evaluation only), beside the base model's
-#     zero-shot `--task classify` score on the same file;
+#     review sentences, and the first 3,000 positive and 3,000 negative tweets in file order;
+#     neutral tweets are left out, as SST-2 has two classes), scored on SST-2 validation (872
+#     movie-review sentences, ../shared/fixtures/evals/sst2.jsonl: evaluation only), beside
+#     the base model's zero-shot `--task classify` score on the same file;
 #   WNUT-16: a token-classification head on four fifths of the fetched WNUT-16 tweets (every
 #     fifth row held out, in file order), entity F1 per type on the held-out fifth.
 # Prints each run's wall time and peak RSS (GNU time) and the scores; leaves everything in OUT.
 #
-#   bench/finetune-tasks.sh [OUT] [EPOCHS_SENTIMENT] [EPOCHS_WNUT]   # default: runs/finetune 3 3
+#   bench/finetune-tasks.sh [OUT] [EPOCHS_SENTIMENT] [EPOCHS_WNUT]   # default: runs/finetune 2 3
+# LORA=1 adds a LoRA run of the sentiment task (r 16, alpha 32, all seven projections).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
-out="${1:-runs/finetune}"; ep_s="${2:-3}"; ep_w="${3:-3}"
+out="${1:-runs/finetune}"; ep_s="${2:-2}"; ep_w="${3:-3}"
 assets="${SLM_ASSETS:-$HOME/.cache/slm/assets}"
 evals="${SLM_EVALS:-$root/../shared/fixtures/evals}"
 SLM="${SLM:-$root/target/release/slm}"
@@ -23,12 +25,18 @@ gguf="$assets/models/SmolLM2-135M-Instruct.Q4_1.gguf"
 mkdir -p "$out"; out="$(cd "$out" && pwd)"
 [ -d "$out/base" ] || "$SLM" export "$gguf" --format hf -o "$out/base"
 
+# Two-way sentiment: UCI's sentences and a balanced share of the tweets.
+{ cat "$assets/tasks/sentiment/uci.jsonl"
+  grep '"label": "positive"' "$assets/tasks/sentiment/tweets.jsonl" | head -3000
+  grep '"label": "negative"' "$assets/tasks/sentiment/tweets.jsonl" | head -3000
+} > "$out/sentiment_train.jsonl"
 # The held-out fifth of WNUT-16.
 awk 'NR % 5 != 0' "$assets/tasks/ner/wnut16.jsonl" > "$out/wnut_train.jsonl"
 awk 'NR % 5 == 0' "$assets/tasks/ner/wnut16.jsonl" > "$out/wnut_test.jsonl"
 
 recipe() { # name kind train epochs
   cat > "$out/$1.toml" <<EOF
+
 [run]
 out = "$1"
 [data]
@@ -56,10 +64,19 @@ timed() { # name: runs slm train on OUT/name.toml, prints wall time and peak RSS
   rm -rf "$out/$1"
   /usr/bin/time -f "$1: %e s wall, peak RSS %M KB" "$SLM" train "$out/$1.toml" 2>&1 | grep -v '^\s*$' | tail -2
 }
-recipe sentiment classify "$assets/tasks/sentiment/uci.jsonl" "$ep_s"
+recipe sentiment classify "$out/sentiment_train.jsonl" "$ep_s"
+recipe sentiment_lora classify "$out/sentiment_train.jsonl" "$ep_s"
 recipe wnut tag "$out/wnut_train.jsonl" "$ep_w"
 timed sentiment
 "$SLM" eval "$out/sentiment/model" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_finetuned.json"
 "$SLM" eval "$gguf" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_zero_shot.json"
 timed wnut
 "$SLM" eval "$out/wnut/model" --task "tag:$out/wnut_test.jsonl" --out "$out/wnut_test.json"
+if [ "${LORA:-0}" = 1 ]; then
+  sed -i 's/^lr = 3e-5/lr = 3e-4/' "$out/sentiment_lora.toml"
+  printf '[lora]\nr = 16\nalpha = 32\n' >> "$out/sentiment_lora.toml"
+  timed sentiment_lora
+  rm -rf "$out/sentiment_lora_merged"
+  "$SLM" lora merge "$out/base" "$out/sentiment_lora/adapter" -o "$out/sentiment_lora_merged"
+  "$SLM" eval "$out/sentiment_lora_merged" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_lora.json"
+fi

@@ -170,7 +170,8 @@ enum Cmd {
     },
     /// Rewrite a model for other tools: a GGUF file as a Hugging Face folder (config.json,
     /// model.safetensors, tokenizer.json, tokenizer_config.json with the chat template) that
-    /// transformers loads, or a Hugging Face folder as a GGUF file that llama.cpp runs.
+    /// transformers loads, a Hugging Face folder as a GGUF file that llama.cpp runs, or a LoRA
+    /// adapter folder as the LoRA GGUF llama.cpp's --lora loads.
     Export {
         model: PathBuf,
         /// hf (from a GGUF file) or gguf (from a Hugging Face folder).
@@ -182,6 +183,10 @@ enum Cmd {
         /// The folder (hf, must not exist) or file (gguf) to write.
         #[arg(short, long)]
         output: PathBuf,
+        /// For a LoRA adapter folder: its base model folder (default: the adapter's
+        /// base_model_name_or_path).
+        #[arg(long)]
+        base: Option<PathBuf>,
     },
     /// Quantize a model's weight matrices as llama-quantize does (the same types per tensor,
     /// the same bytes): a float type, a legacy block type, or a K-quant mix. MODEL is a GGUF
@@ -735,6 +740,25 @@ fn load(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     Ok((loaded, tok))
 }
 
+/// The base model folder of a LoRA adapter: `--base`, else the adapter config's
+/// base_model_name_or_path when that is a folder here.
+fn lora_base(adapter: &Path, base: Option<&Path>) -> Result<PathBuf> {
+    if let Some(b) = base {
+        return Ok(b.to_path_buf());
+    }
+    let cfg = adapter.join("adapter_config.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
+        .with_context(|| format!("reading {}", cfg.display()))?;
+    match v["base_model_name_or_path"].as_str().map(PathBuf::from) {
+        Some(p) if p.join("config.json").is_file() => Ok(p),
+        other => bail!(
+            "{}: base_model_name_or_path {:?} is not a model folder here; give --base DIR",
+            cfg.display(),
+            other
+        ),
+    }
+}
+
 /// `load` for a command that predicts tokens (a classifier is refused by name).
 fn load_lm(path: &Path) -> Result<(LoadedModel, Tokenizer)> {
     let (m, tok) = load(path)?;
@@ -810,10 +834,16 @@ fn run(mut cli: Cli) -> Result<()> {
             format,
             ty,
             output,
+            base,
         } => {
             let ty = slm_compress::export::FloatType::parse(&ty).context("--type")?;
             let t = Instant::now();
             match (format.as_str(), model.is_dir()) {
+                ("gguf", true) if model.join("adapter_config.json").is_file() => {
+                    check_writable(&output, &[])?;
+                    let base = lora_base(&model, base.as_deref())?;
+                    slm_compress::export::lora_to_gguf(&model, &base, &output, ty)?
+                }
                 ("hf", false) => slm_compress::export::gguf_to_hf(&model, &output, ty)?,
                 ("gguf", true) => {
                     check_writable(&output, &[])?;

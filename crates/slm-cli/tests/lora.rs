@@ -144,6 +144,82 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
         serde_json::from_str(&std::fs::read_to_string(d.join("cls.json")).unwrap()).unwrap();
     assert_eq!(r["tasks"][0]["metrics"]["acc"]["value"], 1.0);
 
+    // The LM adapter as llama.cpp's LoRA GGUF: its keys, and A and B under llama.cpp's
+    // names (B's q and k rows in GGUF's rotary order, as the base's q and k are).
+    ok(slm()
+        .args([
+            "export",
+            "lm_lora/adapter",
+            "--format",
+            "gguf",
+            "-o",
+            "lora.gguf",
+        ])
+        .current_dir(d));
+    let g = slm_model::GgufFile::open(&d.join("lora.gguf")).unwrap();
+    assert_eq!(g.get_str("general.type").unwrap(), Some("adapter"));
+    assert_eq!(g.get_str("adapter.type").unwrap(), Some("lora"));
+    assert_eq!(g.get_f64("adapter.lora.alpha").unwrap(), Some(8.0));
+    assert_eq!(g.get_str("general.architecture").unwrap(), Some("llama"));
+    let st = candle_core::safetensors::load(
+        d.join("lm_lora/adapter/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    assert_eq!(g.tensors.len(), st.len());
+    let values = |name: &str| -> Vec<f32> {
+        let info = g.tensor_info(name).unwrap();
+        g.tensor_bytes(info)
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect()
+    };
+    let peft = |name: &str| -> Vec<f32> { st[name].flatten_all().unwrap().to_vec1().unwrap() };
+    assert_eq!(
+        g.tensor_info("blk.1.ffn_down.weight.lora_a").unwrap().dims,
+        [4, 96]
+    );
+    assert_eq!(
+        values("blk.1.ffn_down.weight.lora_a"),
+        peft("base_model.model.model.layers.1.mlp.down_proj.lora_A.weight")
+    );
+    assert_eq!(
+        values("blk.0.attn_v.weight.lora_b"),
+        peft("base_model.model.model.layers.0.self_attn.v_proj.lora_B.weight")
+    );
+    // q's B: 4 heads of 16 rows, each head's halves interleaved (row 2j + s from s*8 + j).
+    let (ours, theirs) = (
+        values("blk.0.attn_q.weight.lora_b"),
+        peft("base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"),
+    );
+    for h in 0..4 {
+        for j in 0..8 {
+            for s in 0..2 {
+                let (g_row, hf_row) = (h * 16 + 2 * j + s, h * 16 + s * 8 + j);
+                assert_eq!(
+                    ours[g_row * 4..g_row * 4 + 4],
+                    theirs[hf_row * 4..hf_row * 4 + 4]
+                );
+            }
+        }
+    }
+    let e = fails(
+        slm()
+            .args([
+                "export",
+                "cls_lora/adapter",
+                "--format",
+                "gguf",
+                "-o",
+                "cls.gguf",
+            ])
+            .current_dir(d),
+    );
+    assert!(
+        e.contains("sequence-classification head") && e.contains("slm lora merge"),
+        "{e}"
+    );
+
     // Bad input.
     let recipe = std::fs::read_to_string(d.join("cls_lora.toml")).unwrap();
     std::fs::write(

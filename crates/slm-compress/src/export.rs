@@ -612,3 +612,78 @@ impl Safetensors {
         Ok(v)
     }
 }
+
+/// Writes a LoRA adapter folder (PEFT's layout) over the Hugging Face base folder `base` as
+/// the LoRA GGUF llama.cpp's `--lora` loads (convert_lora_to_gguf.py's file): general.type
+/// "adapter", adapter.type "lora", adapter.lora.alpha, the base's hyperparameters, and per
+/// adapted tensor `NAME.lora_a` (rank x inputs) and `NAME.lora_b` (outputs x rank), B's rows
+/// of q and k permuted as the base's are. Only a language model's adapters: llama.cpp has no
+/// classifier head to carry.
+pub fn lora_to_gguf(
+    adapter_dir: &Path,
+    base: &Path,
+    out: &Path,
+    ty: FloatType,
+) -> Result<(), ExportError> {
+    use slm_model::gguf::Value;
+    let model_err = |path: &Path, what: String| ExportError::Model {
+        path: path.to_path_buf(),
+        what,
+    };
+    let adapter = slm_train::adapter::read(adapter_dir, base)
+        .map_err(|e| model_err(adapter_dir, e.to_string()))?;
+    let cfg = &adapter.config;
+    if cfg.head != slm_model::Head::Lm {
+        return Err(model_err(
+            adapter_dir,
+            format!(
+                "the adapter trains a {}, which llama.cpp's --lora cannot carry; merge it \
+                 (slm lora merge) and use the model folder",
+                cfg.head.describe()
+            ),
+        ));
+    }
+    let name = adapter_dir
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "adapter".into());
+    let mut meta = gguf_hparams(cfg, &name, ty);
+    meta.insert("general.type".into(), Value::String("adapter".into()));
+    meta.insert("adapter.type".into(), Value::String("lora".into()));
+    meta.insert(
+        "adapter.lora.alpha".into(),
+        Value::F32(adapter.lora.alpha as f32),
+    );
+    let params = cfg.lora_params(adapter.lora.rank, &adapter.lora.targets);
+    let names: Vec<String> = params.iter().map(|p| p.gguf_name()).collect();
+    let specs: Vec<slm_model::gguf_write::TensorSpec> = params
+        .iter()
+        .zip(&names)
+        .map(|(p, n)| slm_model::gguf_write::TensorSpec {
+            name: n,
+            dims: &p.shape,
+            dtype: ty.ggml(),
+        })
+        .collect();
+    let interleave = cfg.arch != Arch::Qwen2;
+    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
+        let p = &params[i];
+        let v: Vec<f32> = adapter.tensors[&p.name()]
+            .flatten_all()
+            .and_then(|t| t.to_vec1())
+            .map_err(|e| e.to_string())?;
+        let rank = adapter.lora.rank;
+        let v = match (p.role, p.target) {
+            (Role::LoraB, Some(Role::Q)) if interleave => {
+                permute_rows(&v, cfg.num_attention_heads, rank)
+            }
+            (Role::LoraB, Some(Role::K)) if interleave => {
+                permute_rows(&v, cfg.num_key_value_heads, rank)
+            }
+            _ => v,
+        };
+        Ok(ty.bytes(&v))
+    });
+    write.map_err(|e| model_err(out, e.to_string()))
+}

@@ -117,7 +117,7 @@ pub fn write(
         "use_rslora": false,
         "use_dora": false,
         "modules_to_save": if cfg.head == Head::Lm { serde_json::Value::Null } else { serde_json::json!(["score"]) },
-        "base_model_name_or_path": parent.display().to_string(),
+        "base_model_name_or_path": parent.canonicalize().unwrap_or(parent.to_path_buf()).display().to_string(),
     });
     let mut slm = slm;
     slm["config"] = cfg.to_hf_json();
