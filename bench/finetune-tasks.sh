@@ -27,8 +27,8 @@ mkdir -p "$out"; out="$(cd "$out" && pwd)"
 
 # Two-way sentiment: UCI's sentences and a balanced share of the tweets.
 { cat "$assets/tasks/sentiment/uci.jsonl"
-  grep '"label": "positive"' "$assets/tasks/sentiment/tweets.jsonl" | head -3000
-  grep '"label": "negative"' "$assets/tasks/sentiment/tweets.jsonl" | head -3000
+  awk '/"label": "positive"/ && n++ < 3000' "$assets/tasks/sentiment/tweets.jsonl"
+  awk '/"label": "negative"/ && n++ < 3000' "$assets/tasks/sentiment/tweets.jsonl"
 } > "$out/sentiment_train.jsonl"
 # The held-out fifth of WNUT-16.
 awk 'NR % 5 != 0' "$assets/tasks/ner/wnut16.jsonl" > "$out/wnut_train.jsonl"

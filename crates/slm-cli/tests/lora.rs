@@ -156,7 +156,7 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
             "lora.gguf",
         ])
         .current_dir(d));
-    let g = slm_model::GgufFile::open(&d.join("lora.gguf")).unwrap();
+    let g = slm_model::GgufFile::open(d.join("lora.gguf")).unwrap();
     assert_eq!(g.get_str("general.type").unwrap(), Some("adapter"));
     assert_eq!(g.get_str("adapter.type").unwrap(), Some("lora"));
     assert_eq!(g.get_f64("adapter.lora.alpha").unwrap(), Some(8.0));
