@@ -1337,9 +1337,7 @@ fn predict(path: &Path, input: &Path, output: &Path) -> Result<()> {
             path.display()
         ),
         Head::Sequence { .. } => {
-            let text = std::fs::read_to_string(input)
-                .with_context(|| format!("reading {}", input.display()))?;
-            let rows = read_texts(input, &text)?;
+            let rows = slm_data::tasks::read_texts(input)?;
             bar.set_length(rows.len() as u64);
             for t in rows {
                 let (logits, _) = slm_eval::heads::classify_text(model, &tok, &t)?;
@@ -1357,7 +1355,7 @@ fn predict(path: &Path, input: &Path, output: &Path) -> Result<()> {
             }
         }
         Head::Token { .. } => {
-            let rows = read_words(input)?;
+            let rows = slm_data::tasks::read_words(input)?;
             bar.set_length(rows.len() as u64);
             for words in rows {
                 let (tags, _) = slm_eval::heads::predict_tags(model, &tok, &words)?;
@@ -1371,58 +1369,6 @@ fn predict(path: &Path, input: &Path, output: &Path) -> Result<()> {
     slm_data::shard::write_atomic(output, |f| f.write_all(lines.as_bytes()))?;
     eprintln!("wrote {}", output.display());
     Ok(())
-}
-
-/// The texts of a JSON Lines file: "text", or "premise" and "hypothesis" joined by a newline
-/// (as fine-tuning joins them); other fields are ignored.
-fn read_texts(path: &Path, text: &str) -> Result<Vec<String>> {
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let get = |k: &str| v.get(k).and_then(|x| x.as_str());
-        match (get("text"), get("premise"), get("hypothesis")) {
-            (Some(t), _, _) => out.push(t.to_string()),
-            (None, Some(p), Some(h)) => out.push(format!("{p}\n{h}")),
-            _ => bail!(
-                "{}:{}: expected a \"text\" string, or \"premise\" and \"hypothesis\"",
-                path.display(),
-                i + 1
-            ),
-        }
-    }
-    Ok(out)
-}
-
-/// The word lists ("tokens") of a JSON Lines file.
-fn read_words(path: &Path) -> Result<Vec<Vec<String>>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(line)
-            .with_context(|| format!("{}:{}: not JSON", path.display(), i + 1))?;
-        let words: Option<Vec<String>> = v
-            .get("tokens")
-            .and_then(|t| t.as_array())
-            .and_then(|a| a.iter().map(|w| w.as_str().map(str::to_string)).collect());
-        match words {
-            Some(w) if !w.is_empty() && w.len() <= slm_data::tasks::MAX_WORDS => out.push(w),
-            _ => bail!(
-                "{}:{}: expected \"tokens\": a list of 1 to {} word strings",
-                path.display(),
-                i + 1,
-                slm_data::tasks::MAX_WORDS
-            ),
-        }
-    }
-    Ok(out)
 }
 
 fn quantize(

@@ -132,6 +132,41 @@ pub fn read_labeled(path: &Path) -> Result<Vec<LabelRow>> {
         .collect()
 }
 
+/// The texts of a file to label: "text", or "premise" and "hypothesis" joined by a newline
+/// (as `read_labeled` joins them); labels and other fields are ignored.
+pub fn read_texts(path: &Path) -> Result<Vec<String>> {
+    rows(path)?
+        .into_iter()
+        .map(|(line, o)| {
+            let get = |k: &str| o.get(k).and_then(Value::as_str);
+            match (get("text"), get("premise"), get("hypothesis")) {
+                (Some(t), _, _) => Ok(t.to_string()),
+                (None, Some(p), Some(h)) => Ok(format!("{p}\n{h}")),
+                _ => Err(format_err(
+                    path,
+                    line,
+                    "expected a \"text\" string, or \"premise\" and \"hypothesis\"".into(),
+                )),
+            }
+        })
+        .collect()
+}
+
+/// The sentences of a file to tag: each row's "tokens" (1 to `MAX_WORDS` words); tags and
+/// other fields are ignored.
+pub fn read_words(path: &Path) -> Result<Vec<Vec<String>>> {
+    rows(path)?
+        .into_iter()
+        .map(|(line, o)| {
+            let words = strings(&o, "tokens", MAX_WORDS).map_err(|e| format_err(path, line, e))?;
+            if words.is_empty() {
+                return Err(format_err(path, line, "\"tokens\" is empty".into()));
+            }
+            Ok(words)
+        })
+        .collect()
+}
+
 /// A tagging file: words and their BIO tags, one row per sentence.
 pub fn read_tagging(path: &Path) -> Result<Vec<TagRow>> {
     rows(path)?

@@ -233,8 +233,37 @@ fn grad_or_discard<'a>(
     }
 }
 
-/// The adapters of one fused projection (`group`: q|k|v, o, gate|up or down) add their
-/// `scale · B(A x)` into its output y (n rows of `stride` values), keeping each `A x` in `t`.
+/// The adapters of one fused projection (`group`: q|k|v, o, gate|up or down), each with its
+/// saved `A x` (from `t`) and its product's shape in rows of `stride` values.
+fn group_adapters<'a, T: IntoIterator>(
+    adapters: &'a [Adapter],
+    t: T,
+    group: &'a [Role],
+    n: usize,
+    rank: usize,
+    stride: usize,
+) -> impl Iterator<Item = (&'a Adapter, T::Item, slm_kernels::lora::LoraShape)> + 'a
+where
+    T::IntoIter: 'a,
+{
+    adapters
+        .iter()
+        .zip(t)
+        .filter(|(a, _)| group.contains(&a.target))
+        .map(move |(ad, t)| {
+            let shape = slm_kernels::lora::LoraShape {
+                n,
+                k: ad.k,
+                m: ad.m,
+                r: rank,
+                y_stride: stride,
+            };
+            (ad, t, shape)
+        })
+}
+
+/// The adapters of one fused projection add their `scale · B(A x)` into its output y (n
+/// rows of `stride` values), keeping each `A x`.
 #[allow(clippy::too_many_arguments)]
 fn adapters_forward(
     adapters: &[Adapter],
@@ -247,27 +276,10 @@ fn adapters_forward(
     n: usize,
     (rank, scale): (usize, f32),
 ) {
-    for (ad, t) in adapters
-        .iter()
-        .zip(t)
-        .filter(|(a, _)| group.contains(&a.target))
-    {
-        let shape = slm_kernels::lora::LoraShape {
-            n,
-            k: ad.k,
-            m: ad.m,
-            r: rank,
-            y_stride: stride,
-        };
-        slm_kernels::lora::forward(
-            &mut y[ad.col..],
-            &mut t[..n * rank],
-            &x[..n * ad.k],
-            &p[ad.a.clone()],
-            &p[ad.b.clone()],
-            shape,
-            scale,
-        );
+    for (ad, t, shape) in group_adapters(adapters, t, group, n, rank, stride) {
+        let (a, b) = (&p[ad.a.clone()], &p[ad.b.clone()]);
+        let (y, t, x) = (&mut y[ad.col..], &mut t[..n * rank], &x[..n * ad.k]);
+        slm_kernels::lora::forward(y, t, x, a, b, shape, scale);
     }
 }
 
@@ -289,32 +301,12 @@ fn adapters_backward(
     n: usize,
     (rank, scale): (usize, f32),
 ) {
-    for (ad, t) in adapters
-        .iter()
-        .zip(t)
-        .filter(|(a, _)| group.contains(&a.target))
-    {
-        let shape = slm_kernels::lora::LoraShape {
-            n,
-            k: ad.k,
-            m: ad.m,
-            r: rank,
-            y_stride: stride,
-        };
+    for (ad, t, shape) in group_adapters(adapters, t, group, n, rank, stride) {
         let (ga, gb) = g[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
-        slm_kernels::lora::backward(
-            &mut dx[..n * ad.k],
-            ga,
-            gb,
-            &mut dt[..n * rank],
-            &dy[ad.col..],
-            &x[..n * ad.k],
-            &t[..n * rank],
-            &p[ad.a.clone()],
-            &p[ad.b.clone()],
-            shape,
-            scale,
-        );
+        let (a, b) = (&p[ad.a.clone()], &p[ad.b.clone()]);
+        let (dx, dt, dy) = (&mut dx[..n * ad.k], &mut dt[..n * rank], &dy[ad.col..]);
+        let (x, t) = (&x[..n * ad.k], &t[..n * rank]);
+        slm_kernels::lora::backward(dx, ga, gb, dt, dy, x, t, a, b, shape, scale);
     }
 }
 
