@@ -125,3 +125,40 @@ fn chat_template_renders_the_reference_chat_prompt() {
     );
     assert!(tok.chat_template.is_some());
 }
+
+/// A tagged sentence's words map onto the tokens of the sentence as one text: each word's
+/// first token is where its own tokens start (they decode back to the word, its space
+/// included), including words of several tokens, punctuation and non-ASCII.
+#[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
+fn words_map_to_their_first_tokens() {
+    let path = slm_format::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
+    let tok = tokenizer(&path);
+    let words = [
+        "@paulwalk",
+        "It",
+        "'s",
+        "the",
+        "Empire",
+        "State",
+        "Building",
+        "=",
+        "ESB",
+        ".",
+        "Zürich",
+        "東京",
+        "#driverless",
+    ];
+    let (ids, first) = tok.encode_words(&words).unwrap();
+    assert_eq!(ids, tok.encode(&words.join(" "), true).unwrap());
+    assert_eq!(first.len(), words.len());
+    for (i, w) in words.iter().enumerate() {
+        let end = first.get(i + 1).copied().unwrap_or(ids.len());
+        assert!(first[i] < end, "word {i} {w:?} has no token");
+        let text = tok.decode(&ids[first[i]..end], false).unwrap();
+        assert_eq!(text.trim_start(), *w, "word {i}");
+    }
+}
