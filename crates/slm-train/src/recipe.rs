@@ -799,4 +799,102 @@ tokens = 10000
             "{e}"
         );
     }
+
+    const TASK: &str = r#"
+[run]
+out = "runs/t"
+[data]
+train = "train.jsonl"
+[model]
+parent = "base"
+[objective]
+kind = "classify"
+[budget]
+epochs = 2
+"#;
+
+    #[test]
+    fn fine_tuning_recipes_read_task_files_and_name_what_is_wrong() {
+        let r = Recipe::parse(TASK, Path::new("r.toml")).unwrap();
+        assert_eq!(r.objective.labels(), Some(&Labels::default()));
+        let r = Recipe::parse(
+            &TASK.replace(
+                "kind = \"classify\"",
+                "kind = \"tag\"\nclass_weights = \"balanced\"\nskip_labels = [\"x\"]",
+            ),
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        assert!(matches!(r.objective, Objective::Tag(_)));
+        let r = Recipe::parse(
+            &format!("{TASK}[lora]\nr = 8\nalpha = 16\ntargets = [\"q\", \"v_proj\"]\n"),
+            Path::new("r.toml"),
+        )
+        .unwrap();
+        let l = r.lora.unwrap().config();
+        assert_eq!(l.targets, vec![slm_model::Role::Q, slm_model::Role::V]);
+        for (text, want) in [
+            (
+                TASK.replace("train = \"train.jsonl\"", ""),
+                "data.train = (missing)",
+            ),
+            (
+                TASK.replace("train = ", "shards = \"s\"\ntrain = "),
+                "data.shards",
+            ),
+            (
+                TASK.replace("parent = \"base\"", "context = 8"),
+                "model.parent = (missing)",
+            ),
+            (
+                TASK.replace(
+                    "[data]",
+                    "[data]\nvalid = \"v.jsonl\"\nvalid_fraction = 0.2",
+                ),
+                "not both",
+            ),
+            (
+                TASK.replace("[data]", "[data]\nvalid_fraction = 1.5"),
+                "data.valid_fraction = 1.5",
+            ),
+            (
+                TASK.replace(
+                    "kind = \"classify\"",
+                    "kind = \"classify\"\nclass_weights = \"even\"",
+                ),
+                "objective.class_weights = even",
+            ),
+            (
+                TASK.replace(
+                    "kind = \"classify\"",
+                    "kind = \"classify\"\nlabels = [\"a\", \"a\"]",
+                ),
+                "objective.labels = a",
+            ),
+            (
+                TASK.replace("epochs = 2", "epochs = 0"),
+                "budget.epochs = 0",
+            ),
+            (
+                GOOD.replace("tokens = 10000", "epochs = 1"),
+                "budget.epochs = 1",
+            ),
+            (format!("{TASK}[lora]\nr = 0\nalpha = 16\n"), "lora.r = 0"),
+            (
+                format!("{TASK}[lora]\nr = 4\nalpha = 16\ntargets = [\"wq\"]\n"),
+                "no projection \"wq\"",
+            ),
+            (
+                format!("{TASK}[lora]\nr = 4\nalpha = 16\ndropout = 0.05\n"),
+                "lora.dropout",
+            ),
+            (
+                format!("{GOOD}[lora]\nr = 4\nalpha = 16\n"),
+                "give model.parent",
+            ),
+        ] {
+            let e = err(&text);
+            assert!(e.contains(want), "{want}: {e}");
+        }
+    }
 }
