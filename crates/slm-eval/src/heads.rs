@@ -226,8 +226,7 @@ pub fn eval_tag(
         tokens += n;
         pred.push(tags);
     }
-    let gold: Vec<&Vec<String>> = rows.iter().map(|r| &r.tags).collect();
-    let gold: Vec<Vec<String>> = gold.into_iter().cloned().collect();
+    let gold: Vec<Vec<String>> = rows.iter().map(|r| r.tags.clone()).collect();
     let s = crate::entities::score(&gold, &pred);
     let exact = |value| Metric { value, stderr: 0.0 };
     let mut metrics = BTreeMap::from([
