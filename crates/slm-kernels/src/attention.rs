@@ -303,7 +303,9 @@ fn tiled_task(
 }
 
 /// kq[b][j] = Σ_d qt[d][b] · kt[d][j] (kt: `qt.len()` rows of a tile's keys): one chain of
-/// fused multiply-adds per score, over the dimensions in order, from 0.
+/// fused multiply-adds per score, over the dimensions in order, from 0. Inlined so that it
+/// takes `tiled_task_fma`'s features: compiled alone, each `mul_add` was a call to libm's fmaf.
+#[inline(always)]
 fn scores(
     kq: &mut [[f32; TILE_KV]; ROW_BLOCK],
     qt: &[[f32; ROW_BLOCK]],
@@ -328,7 +330,8 @@ fn scores(
 
 /// block[b][x] += Σ_kk kq[b][kk] · vt[kk][x] for the block's first `nb` rows of `hd` (vt:
 /// whole rows of `hd`): one chain of fused multiply-adds per value, over the keys in order,
-/// onto what the row holds.
+/// onto what the row holds. Inlined for the reason `scores` is.
+#[inline(always)]
 fn values(
     block: &mut [f32],
     nb: usize,

@@ -108,6 +108,8 @@ pub struct RopeSpec<'a> {
     /// cos and sin of each position's angles (positions x head_dim / 2).
     pub cos: &'a [f32],
     pub sin: &'a [f32],
+    /// Packed rows (`attention`'s `starts`): row n is at position n % positions - starts[n].
+    pub starts: Option<&'a [u32]>,
 }
 
 /// Rotary embedding in place, pairs half a head apart (the Hugging Face layout);
@@ -118,7 +120,7 @@ pub fn rope(buf: &mut [f32], s: RopeSpec, inverse: bool) {
     buf.par_chunks_mut(s.width)
         .enumerate()
         .for_each(|(n, row)| {
-            let p = n % s.positions;
+            let p = n % s.positions - s.starts.map_or(0, |st| st[n] as usize);
             let (cos, sin) = (
                 &s.cos[p * half..(p + 1) * half],
                 &s.sin[p * half..(p + 1) * half],
@@ -299,10 +301,12 @@ impl AttnShape {
     }
 }
 
-/// Row `i` of a score tile `row` (valid entries `..valid`, the rest masked): softmax in
-/// place with the masked entries set to 0; returns the log of its normaliser.
-fn softmax_row(row: &mut [f32], valid: usize) -> f32 {
-    let (live, masked) = row.split_at_mut(valid);
+/// Row `i` of a score tile `row` (valid entries `first..valid`, the rest masked): softmax
+/// in place with the masked entries set to 0; returns the log of its normaliser.
+fn softmax_row(row: &mut [f32], first: usize, valid: usize) -> f32 {
+    let (before, row) = row.split_at_mut(first);
+    before.fill(0.0);
+    let (live, masked) = row.split_at_mut(valid - first);
     let max = live.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
     live.iter_mut().for_each(|x| *x -= max);
     f32::exp_in_place(live);
@@ -335,11 +339,40 @@ fn tile_scores(scores: &mut [f32], q: &[f32], k: &[f32], rows: usize, r1: usize,
     }
 }
 
+/// Where each query's sequence begins in its row: `starts[b * positions + i]` for packed
+/// rows (several sequences one after another, each attending only within itself), 0 for
+/// every query when `None`. Checked: a start lies at or before its query.
+fn first_key(starts: Option<&[u32]>, t: usize, b: usize, i: usize) -> usize {
+    starts.map_or(0, |st| st[b * t + i] as usize)
+}
+
+fn check_starts(starts: Option<&[u32]>, s: AttnShape) {
+    if let Some(st) = starts {
+        let t = s.positions;
+        assert!(st.len() >= s.batch * t, "a start per query");
+        assert!(
+            st[..s.batch * t]
+                .iter()
+                .enumerate()
+                .all(|(n, &x)| x as usize <= n % t),
+            "a sequence starts at or before each of its queries"
+        );
+    }
+}
+
 /// Forward: `out` (rows x heads*head_dim) and the log-sum-exp of every score row
 /// (`lse`, batch x heads x positions), from which backward rebuilds the probabilities.
-/// Scores live one tile of query rows at a time, never as a whole T x T matrix.
-pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
+/// Scores live one tile of query rows at a time, never as a whole T x T matrix. Query `i`
+/// sees keys `first_key(starts, ..)..=i`.
+pub fn attention(
+    out: &mut [f32],
+    lse: &mut [f32],
+    qkv: &[f32],
+    s: AttnShape,
+    starts: Option<&[u32]>,
+) {
     s.check(qkv.len(), out.len(), lse.len());
+    check_starts(starts, s);
     let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
     let rep = s.heads / s.kv_heads;
     let (o_ptr, l_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
@@ -356,7 +389,7 @@ pub fn attention(out: &mut [f32], lse: &mut [f32], qkv: &[f32], s: AttnShape) {
                     let sc = &mut scores[..rows * r1];
                     tile_scores(sc, q, k, rows, r1, s);
                     for (i, row) in sc.chunks_exact_mut(r1).enumerate() {
-                        let l = softmax_row(row, r0 + i + 1);
+                        let l = softmax_row(row, first_key(starts, t, b, r0 + i), r0 + i + 1);
                         // SAFETY: row (b, h, r0 + i) of lse belongs to this task.
                         unsafe { *l_ptr.at((b * s.heads + h) * t + r0 + i) = l };
                     }
@@ -389,8 +422,10 @@ pub fn attention_bwd(
     lse: &[f32],
     qkv: &[f32],
     s: AttnShape,
+    starts: Option<&[u32]>,
 ) {
     s.check(qkv.len(), out.len(), lse.len());
+    check_starts(starts, s);
     s.check(dqkv.len(), dout.len(), lse.len());
     let (t, hd, w, ow) = (s.positions, s.head_dim, s.qkv_width(), s.out_width());
     let rep = s.heads / s.kv_heads;
@@ -438,9 +473,11 @@ pub fn attention_bwd(
                         .zip(dp.chunks_exact_mut(r1))
                         .enumerate()
                     {
-                        let valid = r0 + i + 1;
+                        let (first, valid) = (first_key(starts, t, b, r0 + i), r0 + i + 1);
                         let l = lse[(b * s.heads + h) * t + r0 + i];
-                        let (live, masked) = pr.split_at_mut(valid);
+                        let (before, seen) = pr.split_at_mut(first);
+                        before.fill(0.0);
+                        let (live, masked) = seen.split_at_mut(valid - first);
                         live.iter_mut().for_each(|x| *x -= l);
                         f32::exp_in_place(live);
                         masked.fill(0.0);
@@ -609,6 +646,7 @@ mod tests {
             positions: t,
             cos: &cos,
             sin: &sin,
+            starts: None,
         };
         let x = random(batch * t * width, 4, 1.0);
         let r = random(batch * t * width, 5, 1.0);
@@ -732,12 +770,12 @@ mod tests {
         let r = random(n * ow, 12, 1.0);
         let run = |qkv: &[f32]| {
             let (mut out, mut lse) = (vec![0f32; n * ow], vec![0f32; n * s.heads]);
-            attention(&mut out, &mut lse, qkv, s);
+            attention(&mut out, &mut lse, qkv, s, None);
             (out, lse)
         };
         let (out, lse) = run(&qkv);
         let mut dqkv = vec![f32::NAN; n * w];
-        attention_bwd(&mut dqkv, &r, &out, &lse, &qkv, s);
+        attention_bwd(&mut dqkv, &r, &out, &lse, &qkv, s, None);
 
         // Reference: (batch, heads, t, hd) per part, explicit scores with a -inf mask.
         let qv = var(&qkv, &[s.batch, t, w]);
@@ -788,5 +826,71 @@ mod tests {
         let g = weighted_sum(&yr, &r).backward().unwrap();
         close("attention dqkv", &dqkv, g.get(&qv).unwrap());
         finite_difference("attention dqkv", &qkv, &dqkv, &r, |x| run(x).0);
+    }
+
+    /// Two sequences packed into one row (the first longer than a query tile) give, through
+    /// RoPE and attention, forward and backward, what each gives in a row of its own: the
+    /// second sees none of the first, and starts its positions at 0.
+    #[test]
+    fn packed_sequences_attend_only_within_themselves() {
+        let (a, b) = (QUERY_TILE + 9, 23);
+        let shape = |positions| AttnShape {
+            batch: 1,
+            positions,
+            heads: 4,
+            kv_heads: 2,
+            head_dim: 8,
+        };
+        let (hd, half) = (8, 4);
+        let angles: Vec<f32> = (0..(a + b) * half)
+            .map(|i| (i / half) as f32 * 0.1f32.powi((i % half) as i32))
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|x| x.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|x| x.sin()).collect();
+        // RoPE, attention and its backward over one row of `t` positions.
+        let run = |qkv: &[f32], dout: &[f32], t: usize, starts: Option<&[u32]>| {
+            let s = shape(t);
+            let (w, ow) = (s.qkv_width(), s.out_width());
+            let rope_s = RopeSpec {
+                width: w,
+                heads: s.heads + s.kv_heads,
+                head_dim: hd,
+                positions: t,
+                cos: &cos,
+                sin: &sin,
+                starts,
+            };
+            let mut x = qkv.to_vec();
+            rope(&mut x, rope_s, false);
+            let (mut out, mut lse) = (vec![0f32; t * ow], vec![0f32; t * s.heads]);
+            attention(&mut out, &mut lse, &x, s, starts);
+            let mut dx = vec![f32::NAN; t * w];
+            attention_bwd(&mut dx, dout, &out, &lse, &x, s, starts);
+            rope(&mut dx, rope_s, true);
+            (out, dx)
+        };
+        let s = shape(a + b);
+        let (w, ow) = (s.qkv_width(), s.out_width());
+        let qkv = random((a + b) * w, 21, 1.0);
+        let dout = random((a + b) * ow, 22, 1.0);
+        let starts: Vec<u32> = (0..a + b)
+            .map(|i| if i < a { 0 } else { a as u32 })
+            .collect();
+        let (out, dx) = run(&qkv, &dout, a + b, Some(&starts));
+        let (out1, dx1) = run(&qkv[..a * w], &dout[..a * ow], a, None);
+        let (out2, dx2) = run(&qkv[a * w..], &dout[a * ow..], b, None);
+        let near = |name: &str, got: &[f32], want: &[f32]| {
+            let err = got
+                .iter()
+                .zip(want)
+                .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            // The same sums, but over a tile that also holds the other sequence's (zero)
+            // probabilities: only the products' blocking differs.
+            assert!(err <= 1e-5, "{name}: max difference {err:e}");
+        };
+        near("first output", &out[..a * ow], &out1);
+        near("second output", &out[a * ow..], &out2);
+        near("first gradient", &dx[..a * w], &dx1);
+        near("second gradient", &dx[a * w..], &dx2);
     }
 }

@@ -16,5 +16,6 @@ pub mod report;
 pub mod run;
 pub mod samples;
 pub mod schedule;
+pub mod sft;
 pub mod task;
 pub mod trainer;

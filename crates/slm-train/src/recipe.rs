@@ -118,6 +118,24 @@ pub enum Objective {
     Lm,
     Classify(Labels),
     Tag(Labels),
+    /// Chat fine-tuning: conversations rendered with the parent's chat template, the loss on
+    /// what the assistant writes.
+    Sft(Sft),
+}
+
+/// `kind = "sft"`'s settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sft {
+    /// Several conversations per row, each attending only within itself (default); false:
+    /// one per row, padded.
+    pub pack: bool,
+}
+
+impl Default for Sft {
+    fn default() -> Self {
+        Self { pack: true }
+    }
 }
 
 /// A head's labels and how the training rows are weighed.
@@ -189,9 +207,15 @@ impl Objective {
     /// The head's settings of a classify or tag run.
     pub fn labels(&self) -> Option<&Labels> {
         match self {
-            Objective::Lm => None,
+            Objective::Lm | Objective::Sft(_) => None,
             Objective::Classify(l) | Objective::Tag(l) => Some(l),
         }
+    }
+
+    /// Whether the run fine-tunes `model.parent` on a task file (rather than pretraining on
+    /// token shards).
+    pub fn fine_tunes(&self) -> bool {
+        !matches!(self, Objective::Lm)
     }
 }
 
@@ -574,7 +598,7 @@ impl Recipe {
         };
         let d = &self.data;
         let set = |x: bool| if x { "(set)" } else { "(missing)" };
-        let Some(labels) = self.objective.labels() else {
+        if !self.objective.fine_tunes() {
             if d.shards.is_none() || d.tokenizer.is_none() {
                 let key = if d.shards.is_none() {
                     "data.shards"
@@ -594,11 +618,11 @@ impl Recipe {
                 return bad(
                     key,
                     "(set)",
-                    "task files are for objective.kind classify or tag",
+                    "task files are for objective.kind classify, tag or sft",
                 );
             }
             return Ok(());
-        };
+        }
         if d.train.is_none() {
             return bad(
                 "data.train",
@@ -637,6 +661,9 @@ impl Recipe {
             }
             _ => {}
         }
+        let Some(labels) = self.objective.labels() else {
+            return Ok(());
+        };
         if let Some(l) = &labels.labels {
             let mut seen = std::collections::HashSet::new();
             if let Some(dup) = l.iter().find(|x| !seen.insert(*x)) {

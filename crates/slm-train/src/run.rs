@@ -18,7 +18,7 @@ use slm_model::{Config, Llama, Role, Weights};
 
 use crate::init::{init_params, Rng};
 use crate::optim::AdamWConfig;
-use crate::recipe::Recipe;
+use crate::recipe::{Objective, Recipe};
 use crate::schedule::Schedule;
 use crate::trainer::Trainer;
 
@@ -342,7 +342,12 @@ fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config,
         .eos_token_id
         .or(tok.eos)
         .ok_or_else(|| TrainError::Setup(format!("{name}: no eos_token_id to pad with")))?;
-    let data = crate::task::load(recipe, tok, pad, cfg.max_position_embeddings)?;
+    let data = match &recipe.objective {
+        Objective::Sft(sft) => {
+            crate::sft::load(recipe, tok, pad, cfg.max_position_embeddings, sft.pack)?
+        }
+        _ => crate::task::load(recipe, tok, pad, cfg.max_position_embeddings)?,
+    };
     if data.positions > cfg.max_position_embeddings {
         return Err(TrainError::Setup(format!(
             "model.context {} is longer than the parent's context {}",
@@ -353,6 +358,13 @@ fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config,
         tracing::info!(
             "left out {} rows with a label in objective.skip_labels",
             data.skipped
+        );
+    }
+    if data.unscored > 0 {
+        tracing::warn!(
+            "left out {} conversations with no assistant token in their first {} (model.context)",
+            data.unscored,
+            data.positions
         );
     }
     if data.truncated_rows > 0 {
@@ -375,7 +387,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
     let (tok_path, fine_tune) = match (&recipe.data.tokenizer, &recipe.model.parent) {
-        (Some(t), _) => (t.clone(), recipe.objective.labels().is_some()),
+        (Some(t), _) => (t.clone(), recipe.objective.fine_tunes()),
         (None, Some(p)) => (p.join("tokenizer.json"), true),
         (None, None) => unreachable!("validated: pretraining names its tokenizer"),
     };
@@ -553,11 +565,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                     let first = (state.step * o.grad_accum as u64 + micro) * batch as u64;
                     let picked: Vec<usize> =
                         (0..batch as u64).map(|i| order.at(first + i)).collect();
-                    let (inputs, targets, t) =
-                        crate::task::batch_of(picked.iter().map(|&i| &data.train[i]));
-                    trainer.set_positions(t)?;
-                    computed += inputs.len() as u64;
-                    trainer.accumulate_targets(&inputs, &targets, scale)?
+                    let mb = crate::task::batch_of(picked.iter().map(|&i| &data.train[i]));
+                    mb.configure(&mut trainer)?;
+                    computed += mb.inputs.len() as u64;
+                    trainer.accumulate_targets(&mb.inputs, &mb.targets, scale)?
                 }
             };
         }
@@ -620,6 +631,9 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         let vl = match &feed {
             _ if !eval_now => None,
             Feed::Lm { valid, .. } => valid_loss(&mut trainer, valid)?,
+            Feed::Task { data, .. } if data.head == slm_model::Head::Lm => {
+                Some(crate::task::validate_lm(&mut trainer, &data.valid, batch)?)
+            }
             Feed::Task { data, .. } => {
                 let v = crate::task::validate(
                     &mut trainer,
@@ -890,6 +904,19 @@ fn load_parent(parent: &Path, vars: &VarMap, tok_json: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// The ids generation stops at: the end of text, and the end of a chat turn where the
+/// vocabulary has ChatML's (slm's own tokenizers and their chat template do), so that a
+/// model fine-tuned on conversations ends its reply.
+fn stop_ids(cfg: &Config, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
+    let mut ids: Vec<u32> = cfg.eos_token_id.into_iter().collect();
+    if let Some(end) = tokenizer.token_to_id(slm_tokenizer::train::IM_END) {
+        if !ids.contains(&end) {
+            ids.push(end);
+        }
+    }
+    ids
+}
+
 /// `run.out/model/`: a Hugging Face folder (transformers and slm load it) plus slm.json.
 #[allow(clippy::too_many_arguments)]
 fn write_model_folder(
@@ -913,9 +940,26 @@ fn write_model_folder(
     let eos_text = tokenizer.id_to_token(eos).unwrap_or_default();
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = "float32".into();
-    let mut tcfg = slm_tokenizer::train::tokenizer_config_json(cfg.max_position_embeddings);
-    tcfg["eos_token"] = eos_text.clone().into();
-    tcfg["pad_token"] = eos_text.into();
+    // A fine-tuned model keeps its parent's tokenizer settings, the chat template with them.
+    let parent_tcfg = recipe
+        .model
+        .parent
+        .as_ref()
+        .map(|p| p.join("tokenizer_config.json"))
+        .filter(|p| p.exists());
+    let tcfg = match parent_tcfg {
+        Some(p) => {
+            let text = std::fs::read(&p).map_err(io(&p))?;
+            serde_json::from_slice(&text)
+                .map_err(|e| TrainError::Setup(format!("{}: {e}", p.display())))?
+        }
+        None => {
+            let mut t = slm_tokenizer::train::tokenizer_config_json(cfg.max_position_embeddings);
+            t["eos_token"] = eos_text.clone().into();
+            t["pad_token"] = eos_text.into();
+            t
+        }
+    };
     let slm = serde_json::json!({
         "recipe": recipe,
         "data": data,
@@ -940,9 +984,10 @@ fn write_model_folder(
         ),
         (
             "generation_config.json",
-            serde_json::to_vec_pretty(
-                &serde_json::json!({"eos_token_id": eos, "pad_token_id": eos}),
-            )
+            serde_json::to_vec_pretty(&serde_json::json!({
+                "eos_token_id": stop_ids(cfg, tokenizer),
+                "pad_token_id": eos
+            }))
             .expect("json"),
         ),
         ("slm.json", serde_json::to_vec_pretty(&slm).expect("json")),

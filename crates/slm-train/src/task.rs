@@ -25,6 +25,9 @@ pub struct Example {
     pub inputs: Vec<u32>,
     pub targets: Vec<u32>,
     pub len: usize,
+    /// A packed row (several conversations): where each position's conversation begins
+    /// (`Trainer::set_starts`). `None`: the row is one sequence.
+    pub starts: Option<Vec<u32>>,
 }
 
 impl Example {
@@ -49,6 +52,8 @@ pub struct TaskData {
     pub truncated_rows: usize,
     /// Tagged words whose first token lay past `positions` (no target).
     pub truncated_words: usize,
+    /// Conversations left out because all their assistant tokens lay past `positions`.
+    pub unscored: usize,
     pub class_weights: Option<Vec<f64>>,
 }
 
@@ -60,6 +65,29 @@ enum Row {
 
 fn setup(msg: String) -> TrainError {
     TrainError::Setup(msg)
+}
+
+/// `rows` split into training and validation rows: `data.valid_fraction` of them (default
+/// 0.1, at least one each way) held out by the run's seed.
+pub(crate) fn hold_out<T>(rows: Vec<T>, recipe: &Recipe) -> (Vec<T>, Vec<T>) {
+    let fraction = recipe.data.valid_fraction.unwrap_or(0.1);
+    let n = rows.len();
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = Rng(recipe.run.seed ^ 0x7a11_da7a);
+    for i in (1..n).rev() {
+        order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let held = ((n as f64 * fraction).round() as usize).clamp(1, n.saturating_sub(1));
+    let held: BTreeSet<usize> = order[..held].iter().copied().collect();
+    let (mut train, mut valid) = (Vec::new(), Vec::new());
+    for (i, r) in rows.into_iter().enumerate() {
+        if held.contains(&i) {
+            valid.push(r);
+        } else {
+            train.push(r);
+        }
+    }
+    (train, valid)
 }
 
 /// Label ids of `found` (in file order): the recipe's `labels` or the sorted labels seen,
@@ -225,25 +253,7 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
             (train_rows, v, s)
         }
         None => {
-            // A held-out part chosen by the run's seed: a shuffle of the row indices.
-            let fraction = recipe.data.valid_fraction.unwrap_or(0.1);
-            let n = train_rows.len();
-            let mut order: Vec<usize> = (0..n).collect();
-            let mut rng = Rng(recipe.run.seed ^ 0x7a11_da7a);
-            for i in (1..n).rev() {
-                order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
-            }
-            let held = ((n as f64 * fraction).round() as usize).clamp(1, n.saturating_sub(1));
-            let held: BTreeSet<usize> = order[..held].iter().copied().collect();
-            let mut train = Vec::new();
-            let mut valid = Vec::new();
-            for (i, r) in train_rows.into_iter().enumerate() {
-                if held.contains(&i) {
-                    valid.push(r);
-                } else {
-                    train.push(r);
-                }
-            }
+            let (train, valid) = hold_out(train_rows, recipe);
             (train, valid, 0)
         }
     };
@@ -298,6 +308,7 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
                     inputs: ids,
                     targets: t,
                     len,
+                    starts: None,
                 }
             })
             .collect()
@@ -351,6 +362,7 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
         skipped: skipped_t + skipped_v,
         truncated_rows,
         truncated_words,
+        unscored: 0,
         class_weights,
     })
 }
@@ -411,17 +423,44 @@ impl Order {
     }
 }
 
-/// The inputs and targets of `rows` cut to the longest row's length, and that length.
-pub fn batch_of<'a>(
-    rows: impl Iterator<Item = &'a Example> + Clone,
-) -> (Vec<u32>, Vec<u32>, usize) {
+/// A micro-batch: `rows` cut to the longest row's length `positions`.
+pub struct Batch {
+    pub inputs: Vec<u32>,
+    pub targets: Vec<u32>,
+    pub positions: usize,
+    /// Where each position's sequence begins, when a row is packed.
+    pub starts: Option<Vec<u32>>,
+}
+
+impl Batch {
+    /// Sets the trainer's positions and packing for this batch.
+    pub fn configure(&self, trainer: &mut crate::trainer::Trainer) -> Result<()> {
+        trainer.set_positions(self.positions)?;
+        trainer.set_starts(self.starts.as_deref())?;
+        Ok(())
+    }
+}
+
+pub fn batch_of<'a>(rows: impl Iterator<Item = &'a Example> + Clone) -> Batch {
     let t = rows.clone().map(|e| e.len).max().unwrap_or(1).max(1);
-    let (mut inputs, mut targets) = (Vec::new(), Vec::new());
+    let packed = rows.clone().any(|e| e.starts.is_some());
+    let (mut inputs, mut targets, mut starts) = (Vec::new(), Vec::new(), Vec::new());
     for e in rows {
         inputs.extend_from_slice(&e.inputs[..t]);
         targets.extend_from_slice(&e.targets[..t]);
+        if packed {
+            match &e.starts {
+                Some(s) => starts.extend_from_slice(&s[..t]),
+                None => starts.extend(std::iter::repeat_n(0, t)),
+            }
+        }
     }
-    (inputs, targets, t)
+    Batch {
+        inputs,
+        targets,
+        positions: t,
+        starts: packed.then_some(starts),
+    }
 }
 
 /// Validation: the mean loss over the scored positions and the share predicted right
@@ -444,7 +483,8 @@ pub fn validate(
     let (mut loss, mut right, mut n) = (0f64, 0u64, 0u64);
     for chunk in valid.chunks(batch) {
         let filled = (0..batch).map(|b| chunk.get(b).unwrap_or(&chunk[0]));
-        let (inputs, _, positions) = batch_of(filled);
+        let mb = batch_of(filled);
+        let (inputs, positions) = (&mb.inputs, mb.positions);
         let mut rows = Vec::new();
         let mut gold = Vec::new();
         for (b, e) in chunk.iter().enumerate() {
@@ -453,8 +493,8 @@ pub fn validate(
                 gold.push(t as usize);
             }
         }
-        trainer.set_positions(positions)?;
-        let logits = trainer.head_logits(&inputs, &rows)?;
+        mb.configure(trainer)?;
+        let logits = trainer.head_logits(inputs, &rows)?;
         for (row, &g) in logits.chunks_exact(labels).zip(&gold) {
             let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
             let lse = max as f64
@@ -479,4 +519,26 @@ pub fn validate(
         accuracy: right as f64 / n.max(1) as f64,
         confusion,
     })
+}
+
+/// Validation of a language model's head (sft): the mean loss over the scored targets,
+/// `batch` rows at a time (the last batch filled up with rows that score nothing).
+pub fn validate_lm(
+    trainer: &mut crate::trainer::Trainer,
+    valid: &[Example],
+    batch: usize,
+) -> Result<f32> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for chunk in valid.chunks(batch) {
+        let filler = Example {
+            targets: vec![IGNORE; chunk[0].targets.len()],
+            ..chunk[0].clone()
+        };
+        let mb = batch_of((0..batch).map(|b| chunk.get(b).unwrap_or(&filler)));
+        let n = mb.targets.iter().filter(|&&t| t != IGNORE).count();
+        mb.configure(trainer)?;
+        total += trainer.loss_targets(&mb.inputs, &mb.targets)? as f64 * n as f64;
+        count += n;
+    }
+    Ok((total / count.max(1) as f64) as f32)
 }

@@ -138,6 +138,8 @@ pub struct Trainer {
     /// `capacity`, the model's context the buffers were sized for.
     positions: usize,
     capacity: usize,
+    /// Packed micro-batches (`set_starts`): where each position's sequence begins in its row.
+    starts: Option<Vec<u32>>,
     params_by_name: Vec<Param>,
     layers: Vec<LayerParams>,
     embed: Range<usize>,
@@ -198,7 +200,12 @@ impl Laps {
 }
 
 /// RoPE over the q and k heads of the fused q|k|v rows (they are adjacent, from column 0).
-fn rope_spec<'a>(s: AttnShape, cos: &'a [f32], sin: &'a [f32]) -> RopeSpec<'a> {
+fn rope_spec<'a>(
+    s: AttnShape,
+    cos: &'a [f32],
+    sin: &'a [f32],
+    starts: Option<&'a [u32]>,
+) -> RopeSpec<'a> {
     RopeSpec {
         width: s.qkv_width(),
         heads: s.heads + s.kv_heads,
@@ -206,6 +213,7 @@ fn rope_spec<'a>(s: AttnShape, cos: &'a [f32], sin: &'a [f32]) -> RopeSpec<'a> {
         positions: s.positions,
         cos,
         sin,
+        starts,
     }
 }
 
@@ -527,6 +535,7 @@ impl Trainer {
             batch,
             positions,
             capacity: positions,
+            starts: None,
             params_by_name,
             layers,
             embed,
@@ -598,7 +607,8 @@ impl Trainer {
     }
 
     /// Runs the next micro-batches over `positions` per sequence (at most the context the
-    /// trainer was made for): a batch of short rows computes only what they hold.
+    /// trainer was made for): a batch of short rows computes only what they hold. Clears
+    /// `set_starts`.
     pub fn set_positions(&mut self, positions: usize) -> candle_core::Result<()> {
         if positions == 0 || positions > self.capacity {
             candle_core::bail!(
@@ -607,11 +617,31 @@ impl Trainer {
             );
         }
         self.positions = positions;
+        // Starts belong to one shape of micro-batch.
+        self.starts = None;
         Ok(())
     }
 
     pub fn positions(&self) -> usize {
         self.positions
+    }
+
+    /// Packs several sequences into each row of the next micro-batches: `starts[n]` (one per
+    /// input, `batch * positions`) is the position in its row where input n's sequence
+    /// begins. Attention stays within a sequence and RoPE counts from its start, so a packed
+    /// row trains as its sequences would in rows of their own. `None`: one per row.
+    pub fn set_starts(&mut self, starts: Option<&[u32]>) -> candle_core::Result<()> {
+        if let Some(st) = starts {
+            let t = self.positions;
+            if st.len() != self.batch * t {
+                candle_core::bail!("{} starts, {} rows of {t} expected", st.len(), self.batch);
+            }
+            if let Some(n) = (0..st.len()).find(|&n| st[n] as usize > n % t) {
+                candle_core::bail!("position {} of its row starts at {}", n % t, st[n]);
+            }
+        }
+        self.starts = starts.map(<[u32]>::to_vec);
+        Ok(())
     }
 
     /// Tokens per micro-batch: `batch` rows of `positions + 1` (inputs and shifted targets).
@@ -893,7 +923,8 @@ impl Trainer {
         let n = self.batch * self.positions;
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
-        let rope = rope_spec(shape, &self.cos, &self.sin);
+        let starts = self.starts.as_deref();
+        let rope = rope_spec(shape, &self.cos, &self.sin, starts);
         let p = &self.params;
         let lora = self.lora;
         let laps = &mut self.laps;
@@ -939,6 +970,7 @@ impl Trainer {
                 &mut s.lse[..n * heads],
                 &s.qkv[..n * qkv_w],
                 shape,
+                starts,
             );
             laps.lap("attention");
             s.mid[..n * d].copy_from_slice(x);
@@ -1037,7 +1069,8 @@ impl Trainer {
         let n = self.batch * self.positions;
         let shape = self.attn_shape();
         let (qw, qkv_w) = (shape.out_width(), shape.qkv_width());
-        let rope = rope_spec(shape, &self.cos, &self.sin);
+        let starts = self.starts.as_deref();
+        let rope = rope_spec(shape, &self.cos, &self.sin, starts);
         let heads = shape.heads;
         let (p, g, w, groups) = (&self.params, &mut self.grads, &mut self.work, &self.groups);
         let discard = &mut self.discard;
@@ -1186,6 +1219,7 @@ impl Trainer {
                 &s.lse[..n * heads],
                 &s.qkv[..n * qkv_w],
                 shape,
+                starts,
             );
             laps.lap("attention (backward)");
             kernels::rope(&mut w.dqkv[..n * qkv_w], rope, true);
@@ -1774,6 +1808,57 @@ mod tests {
             );
         }
         assert!(tr.set_positions(151).is_err() && tr.set_positions(0).is_err());
+    }
+
+    /// Two sequences packed into one row train as they do in rows of their own: the same
+    /// loss and gradients.
+    #[test]
+    fn packed_sequences_train_as_separate_rows() {
+        let cfg = odd_config(false);
+        let vars = params(&cfg, 12);
+        let (a, b) = (70, 45);
+        let tokens = random_tokens(a + b + 2, cfg.vocab_size, 3);
+        let (seq_a, seq_b) = tokens.split_at(a + 1);
+        // Separate rows of `a` positions: the second padded, its padding's targets ignored.
+        let mut inputs = seq_a[..a].to_vec();
+        let mut targets = seq_a[1..].to_vec();
+        inputs.extend(&seq_b[..b]);
+        inputs.resize(2 * a, 0);
+        targets.extend(&seq_b[1..]);
+        targets.resize(2 * a, IGNORE);
+        let mut separate = Trainer::new(&cfg, 2, AdamWConfig::default(), &vars).unwrap();
+        separate.set_positions(a).unwrap();
+        separate.zero_grads();
+        let want = separate.accumulate_targets(&inputs, &targets, 1.0).unwrap();
+
+        let mut packed = Trainer::new(&cfg, 1, AdamWConfig::default(), &vars).unwrap();
+        packed.set_positions(a + b).unwrap();
+        let inputs: Vec<u32> = seq_a[..a].iter().chain(&seq_b[..b]).copied().collect();
+        // Each sequence brings its own next tokens (a + 1 and b + 1 tokens).
+        let targets: Vec<u32> = seq_a[1..].iter().chain(&seq_b[1..]).copied().collect();
+        let starts: Vec<u32> = (0..a + b)
+            .map(|i| if i < a { 0 } else { a as u32 })
+            .collect();
+        packed.set_starts(Some(&starts)).unwrap();
+        packed.zero_grads();
+        let got = packed.accumulate_targets(&inputs, &targets, 1.0).unwrap();
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "packed loss {got} against {want} in separate rows"
+        );
+        assert_grads_close(
+            "packed",
+            &packed.grads_by_name().unwrap(),
+            &separate.grads_by_name().unwrap(),
+        );
+        // Without the starts the second sequence sees the first: the loss moves.
+        packed.set_starts(None).unwrap();
+        let leaky = packed.loss_targets(&inputs, &targets).unwrap();
+        assert!((leaky - want).abs() > 1e-4, "{leaky} {want}");
+        assert!(packed.set_starts(Some(&starts[1..])).is_err());
+        let mut bad = starts.clone();
+        bad[3] = 5;
+        assert!(packed.set_starts(Some(&bad)).is_err());
     }
 
     /// Inputs and next-token targets of `batch` rows of a token sequence.
