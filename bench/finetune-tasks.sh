@@ -13,6 +13,7 @@
 #
 #   bench/finetune-tasks.sh [OUT] [EPOCHS_SENTIMENT] [EPOCHS_WNUT]   # default: runs/finetune 2 3
 # LORA=1 adds a LoRA run of the sentiment task (r 16, alpha 32, all seven projections).
+# TASKS picks the runs (default "sentiment wnut", plus "lora" with LORA=1).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-runs/finetune}"; ep_s="${2:-2}"; ep_w="${3:-3}"
@@ -67,12 +68,18 @@ timed() { # name: runs slm train on OUT/name.toml, prints wall time and peak RSS
 recipe sentiment classify "$out/sentiment_train.jsonl" "$ep_s"
 recipe sentiment_lora classify "$out/sentiment_train.jsonl" "$ep_s"
 recipe wnut tag "$out/wnut_train.jsonl" "$ep_w"
-timed sentiment
-"$SLM" eval "$out/sentiment/model" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_finetuned.json"
-"$SLM" eval "$gguf" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_zero_shot.json"
-timed wnut
-"$SLM" eval "$out/wnut/model" --task "tag:$out/wnut_test.jsonl" --out "$out/wnut_test.json"
-if [ "${LORA:-0}" = 1 ]; then
+tasks="${TASKS:-sentiment wnut$([ "${LORA:-0}" = 1 ] && echo ' lora')}"
+has() { [[ " $tasks " == *" $1 "* ]]; }
+if has sentiment; then
+  timed sentiment
+  "$SLM" eval "$out/sentiment/model" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_finetuned.json"
+  "$SLM" eval "$gguf" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_zero_shot.json"
+fi
+if has wnut; then
+  timed wnut
+  "$SLM" eval "$out/wnut/model" --task "tag:$out/wnut_test.jsonl" --out "$out/wnut_test.json"
+fi
+if has lora; then
   sed -i 's/^lr = 3e-5/lr = 3e-4/' "$out/sentiment_lora.toml"
   printf '[lora]\nr = 16\nalpha = 32\n' >> "$out/sentiment_lora.toml"
   timed sentiment_lora

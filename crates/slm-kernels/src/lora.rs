@@ -33,6 +33,79 @@ impl LoraShape {
     }
 }
 
+/// Inverted dropout of an adapter's input, as PEFT's `lora_dropout` applies it before A:
+/// each value kept with probability 1 - p and scaled by 1 / (1 - p), else 0. The mask is a
+/// function of `seed` and the value's index (counter-based), so backward rebuilds it instead
+/// of keeping it. p is rounded to a multiple of 1/65536 (each value draws 16 bits), and the
+/// scale is that of the rounded p, so the expectation is exactly x.
+#[derive(Clone, Copy, Debug)]
+pub struct Dropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+/// Values per task of the dropout loops (a multiple of the 4 values one hash serves).
+const DROP_CHUNK: usize = 1 << 14;
+
+impl Dropout {
+    fn threshold(&self) -> u32 {
+        assert!((0.0..1.0).contains(&self.p), "dropout {}", self.p);
+        (self.p as f64 * 65536.0).round().min(65535.0) as u32
+    }
+
+    /// Calls `f(chunk, first index, scales)` over `out` in chunks on the rayon pool, with
+    /// each value's scale: 1 / (1 - p) where it is kept, else 0.
+    fn each_chunk(&self, out: &mut [f32], f: impl Fn(&mut [f32], usize, &[f32]) + Sync) {
+        use rayon::prelude::*;
+        let thr = self.threshold();
+        let keep = (65536.0 / (65536 - thr) as f64) as f32;
+        out.par_chunks_mut(DROP_CHUNK)
+            .enumerate()
+            .for_each(|(c, chunk)| {
+                let mut scales = [0f32; DROP_CHUNK];
+                let first = c * DROP_CHUNK;
+                for (q, quad) in scales[..chunk.len()].chunks_mut(4).enumerate() {
+                    let h = splitmix64(self.seed ^ ((first / 4 + q) as u64).wrapping_mul(GOLDEN));
+                    for (j, s) in quad.iter_mut().enumerate() {
+                        let bits = (h >> (16 * j)) as u16 as u32;
+                        *s = if bits >= thr { keep } else { 0.0 };
+                    }
+                }
+                f(chunk, first, &scales[..chunk.len()]);
+            });
+    }
+
+    /// `out = dropout(x)`.
+    pub fn apply(&self, out: &mut [f32], x: &[f32]) {
+        assert!(out.len() <= x.len());
+        self.each_chunk(out, |o, first, scales| {
+            for ((o, &x), &s) in o.iter_mut().zip(&x[first..]).zip(scales) {
+                *o = x * s;
+            }
+        });
+    }
+
+    /// `dx += dropout'(dxt)`: the gradient through the same mask and scale.
+    pub fn backward_add(&self, dx: &mut [f32], dxt: &[f32]) {
+        assert!(dx.len() <= dxt.len());
+        self.each_chunk(dx, |d, first, scales| {
+            for ((d, &g), &s) in d.iter_mut().zip(&dxt[first..]).zip(scales) {
+                *d += g * s;
+            }
+        });
+    }
+}
+
+const GOLDEN: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// SplitMix64's output function: a well-mixed 64-bit hash of a counter.
+pub fn splitmix64(x: u64) -> u64 {
+    let mut z = x.wrapping_add(GOLDEN);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
 /// `t = x · Aᵀ` (n x r, kept for backward), then `y += s · t · Bᵀ`.
 pub fn forward(
     y: &mut [f32],
@@ -253,5 +326,41 @@ mod tests {
             close(&da, &want_da, "dA");
             close(&dx, &want_dx, "dx");
         }
+    }
+
+    /// The share dropped is p within five standard deviations, kept values are scaled by
+    /// 1 / (1 - p), the mask depends on the seed alone (not on the chunking or a second call),
+    /// and backward passes gradients through the same mask.
+    #[test]
+    fn dropout_keeps_one_minus_p_and_backward_uses_the_same_mask() {
+        let n = 3 * DROP_CHUNK + 7;
+        let x: Vec<f32> = (0..n).map(|i| 1.0 + (i % 13) as f32).collect();
+        for p in [0.0f32, 0.1, 0.5] {
+            let d = Dropout { p, seed: 42 };
+            let mut y = vec![f32::NAN; n];
+            d.apply(&mut y, &x);
+            let dropped = y.iter().filter(|&&v| v == 0.0).count() as f64;
+            let sd = (n as f64 * p as f64 * (1.0 - p as f64)).sqrt();
+            assert!(
+                (dropped - n as f64 * p as f64).abs() <= 5.0 * sd + 1e-9,
+                "p {p}: {dropped}"
+            );
+            let keep = 1.0 / (1.0 - p);
+            for (&v, &x) in y.iter().zip(&x) {
+                assert!(v == 0.0 || (v / x - keep).abs() <= 1e-3 * keep, "{v} {x}");
+            }
+            let mut again = vec![0f32; n];
+            d.apply(&mut again, &x);
+            assert_eq!(again, y);
+            let mut dx = vec![1f32; n];
+            d.backward_add(&mut dx, &x);
+            for ((&g, &v), &x) in dx.iter().zip(&y).zip(&x) {
+                assert!((g - 1.0 - v).abs() <= 1e-5 * (1.0 + v), "{g} {v} {x}");
+            }
+        }
+        let (mut a, mut b) = (vec![0f32; 64], vec![0f32; 64]);
+        Dropout { p: 0.5, seed: 1 }.apply(&mut a, &x);
+        Dropout { p: 0.5, seed: 2 }.apply(&mut b, &x);
+        assert_ne!(a, b);
     }
 }

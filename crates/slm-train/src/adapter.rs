@@ -108,7 +108,7 @@ pub fn write(
         "task_type": task_type(&cfg.head),
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "target_modules": modules,
         "bias": "none",
         "fan_in_fan_out": false,
@@ -282,6 +282,8 @@ pub fn read(dir: &Path, base: &Path) -> Result<Adapter> {
             rank,
             alpha,
             targets,
+            // Inference does not drop; the value is the training run's.
+            dropout: v["lora_dropout"].as_f64().unwrap_or(0.0),
         },
         tensors,
         config,

@@ -153,7 +153,7 @@ pub struct Labels {
 }
 
 /// `[lora]`: rank, alpha (the adapters' output is scaled by alpha / rank, as PEFT does),
-/// dropout (0 only, so far) and the projections adapted (PEFT's names, q_proj ... down_proj,
+/// dropout (of the adapters' input in training, as PEFT's lora_dropout) and the projections adapted (PEFT's names, q_proj ... down_proj,
 /// or short: q, k, v, o, gate, up, down; default all seven).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -192,6 +192,7 @@ impl Lora {
             rank: self.r,
             alpha: self.alpha,
             targets,
+            dropout: self.dropout,
         }
     }
 }
@@ -384,11 +385,11 @@ impl Recipe {
                     "expected a positive number".into(),
                 );
             }
-            if l.dropout != 0.0 {
+            if !(0.0..1.0).contains(&l.dropout) {
                 return bad(
                     "lora.dropout",
                     l.dropout.to_string(),
-                    "slm trains adapters without dropout so far: set 0".into(),
+                    "expected 0 <= dropout < 1".into(),
                 );
             }
             let known = all_targets();
@@ -912,8 +913,8 @@ epochs = 2
                 "no projection \"wq\"",
             ),
             (
-                format!("{TASK}[lora]\nr = 4\nalpha = 16\ndropout = 0.05\n"),
-                "lora.dropout",
+                format!("{TASK}[lora]\nr = 4\nalpha = 16\ndropout = 1.0\n"),
+                "lora.dropout = 1",
             ),
             (
                 format!("{GOOD}[lora]\nr = 4\nalpha = 16\n"),

@@ -555,6 +555,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         trainer.zero_grads();
         for micro in 0..o.grad_accum as u64 {
             let scale = 1.0 / o.grad_accum as f32;
+            trainer.set_dropout_round(state.step * o.grad_accum as u64 + micro);
             loss_sum += match &mut feed {
                 Feed::Lm { data, .. } => {
                     let toks = sample_batch(data, &mut rng, batch, ctx);

@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use slm_kernels::gemm::linear;
 pub use slm_kernels::head::IGNORE;
 use slm_kernels::head::{head_loss_into, HeadGrads, HeadShape, HeadWeights};
+use slm_kernels::lora::{splitmix64, Dropout};
 use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
 use slm_model::params::{self, Role};
 use slm_model::{Config, Head};
@@ -69,6 +70,27 @@ pub struct LoraConfig {
     pub rank: usize,
     pub alpha: f64,
     pub targets: Vec<Role>,
+    /// PEFT's lora_dropout: the adapters' input dropped with this probability in training
+    /// passes (`set_dropout_round` draws the masks), never in validation.
+    pub dropout: f64,
+}
+
+/// What the passes need of the LoRA settings.
+#[derive(Clone, Copy)]
+struct LoraRun {
+    rank: usize,
+    /// alpha / rank.
+    scale: f32,
+    dropout: f32,
+}
+
+/// Adapter `ad`'s dropout in a pass seeded by `seed` (training passes of a run with dropout).
+fn adapter_dropout(l: LoraRun, seed: Option<u64>, ad: &Adapter) -> Option<Dropout> {
+    let seed = seed.filter(|_| l.dropout > 0.0)?;
+    Some(Dropout {
+        p: l.dropout,
+        seed: splitmix64(seed ^ ad.a.start as u64),
+    })
 }
 
 /// One adapter of a layer: where A and B lie in the flat vector (adjacent, A first), and
@@ -153,8 +175,16 @@ pub struct Trainer {
     outputs: usize,
     /// A weight per output for the loss (`set_class_weights`).
     class_weights: Option<Vec<f64>>,
-    /// The adapters' rank and scale (alpha / rank), when training LoRA.
-    lora: Option<(usize, f32)>,
+    /// The adapters' rank, scale and dropout, when training LoRA.
+    lora: Option<LoraRun>,
+    /// The masks of the next training passes' adapter dropout (`set_dropout_round`).
+    dropout_round: u64,
+    /// The dropout seed of the last forward pass (None: a validation pass).
+    pass_seed: Option<u64>,
+    /// The adapters' dropped input and its gradient (n x the widest input; empty without
+    /// dropout).
+    drop_x: Vec<f32>,
+    drop_dx: Vec<f32>,
     params: Vec<f32>,
     grads: Vec<f32>,
     opt: AdamW,
@@ -282,12 +312,17 @@ fn adapters_forward(
     x: &[f32],
     p: &[f32],
     n: usize,
-    (rank, scale): (usize, f32),
+    l: LoraRun,
+    (seed, drop_x): (Option<u64>, &mut [f32]),
 ) {
-    for (ad, t, shape) in group_adapters(adapters, t, group, n, rank, stride) {
+    for (ad, t, shape) in group_adapters(adapters, t, group, n, l.rank, stride) {
         let (a, b) = (&p[ad.a.clone()], &p[ad.b.clone()]);
-        let (y, t, x) = (&mut y[ad.col..], &mut t[..n * rank], &x[..n * ad.k]);
-        slm_kernels::lora::forward(y, t, x, a, b, shape, scale);
+        let (y, t, mut x) = (&mut y[ad.col..], &mut t[..n * l.rank], &x[..n * ad.k]);
+        if let Some(d) = adapter_dropout(l, seed, ad) {
+            d.apply(&mut drop_x[..n * ad.k], x);
+            x = &drop_x[..n * ad.k];
+        }
+        slm_kernels::lora::forward(y, t, x, a, b, shape, l.scale);
     }
 }
 
@@ -307,14 +342,25 @@ fn adapters_backward(
     g: &mut [f32],
     dt: &mut [f32],
     n: usize,
-    (rank, scale): (usize, f32),
+    l: LoraRun,
+    (seed, drop_x, drop_dx): (Option<u64>, &mut [f32], &mut [f32]),
 ) {
-    for (ad, t, shape) in group_adapters(adapters, t, group, n, rank, stride) {
+    for (ad, t, shape) in group_adapters(adapters, t, group, n, l.rank, stride) {
         let (ga, gb) = g[ad.a.start..ad.b.end].split_at_mut(ad.a.len());
         let (a, b) = (&p[ad.a.clone()], &p[ad.b.clone()]);
-        let (dx, dt, dy) = (&mut dx[..n * ad.k], &mut dt[..n * rank], &dy[ad.col..]);
-        let (x, t) = (&x[..n * ad.k], &t[..n * rank]);
-        slm_kernels::lora::backward(dx, ga, gb, dt, dy, x, t, a, b, shape, scale);
+        let (dx, dt, dy) = (&mut dx[..n * ad.k], &mut dt[..n * l.rank], &dy[ad.col..]);
+        let (x, t) = (&x[..n * ad.k], &t[..n * l.rank]);
+        match adapter_dropout(l, seed, ad) {
+            // The forward's dropped input rebuilt; the input's gradient through the mask.
+            Some(d) => {
+                let (xd, dxd) = (&mut drop_x[..n * ad.k], &mut drop_dx[..n * ad.k]);
+                d.apply(xd, x);
+                dxd.fill(0.0);
+                slm_kernels::lora::backward(dxd, ga, gb, dt, dy, xd, t, a, b, shape, l.scale);
+                d.backward_add(dx, dxd);
+            }
+            None => slm_kernels::lora::backward(dx, ga, gb, dt, dy, x, t, a, b, shape, l.scale),
+        }
     }
 }
 
@@ -379,12 +425,17 @@ impl Trainer {
             candle_core::bail!("{why}");
         }
         if let Some(l) = lora {
-            if l.rank == 0 || !(l.alpha.is_finite() && l.alpha > 0.0) || l.targets.is_empty() {
+            if l.rank == 0
+                || !(l.alpha.is_finite() && l.alpha > 0.0)
+                || l.targets.is_empty()
+                || !(0.0..1.0).contains(&l.dropout)
+            {
                 candle_core::bail!(
-                    "LoRA rank {}, alpha {}, targets {:?}: expected a rank above 0, a positive \
-                     alpha and at least one target",
+                    "LoRA rank {}, alpha {}, dropout {}, targets {:?}: expected a rank above 0, \
+                     a positive alpha, a dropout in [0, 1) and at least one target",
                     l.rank,
                     l.alpha,
+                    l.dropout,
                     l.targets
                 );
             }
@@ -526,6 +577,10 @@ impl Trainer {
             })
             .collect::<Vec<Saved>>();
         let rank = lora.map_or(0, |l| l.rank);
+        let drop_len = match lora {
+            Some(l) if l.dropout > 0.0 => n * d.max(f),
+            _ => 0,
+        };
         let mut saved = saved;
         for (s, lp) in saved.iter_mut().zip(&layers) {
             s.lora = lp.adapters.iter().map(|_| zeros(n * rank)).collect();
@@ -544,7 +599,15 @@ impl Trainer {
             head_bias,
             outputs,
             class_weights: None,
-            lora: lora.map(|l| (l.rank, (l.alpha / l.rank as f64) as f32)),
+            lora: lora.map(|l| LoraRun {
+                rank: l.rank,
+                scale: (l.alpha / l.rank as f64) as f32,
+                dropout: l.dropout as f32,
+            }),
+            dropout_round: 0,
+            pass_seed: None,
+            drop_x: zeros(drop_len),
+            drop_dx: zeros(drop_len),
             params: zeros(total),
             grads: zeros(total),
             opt: AdamW::new(adam, total),
@@ -626,6 +689,12 @@ impl Trainer {
         self.positions
     }
 
+    /// Draws the adapters' dropout masks of the next training passes from `round` (the run
+    /// sets it per micro-batch, so a resumed run drops what an unbroken one would).
+    pub fn set_dropout_round(&mut self, round: u64) {
+        self.dropout_round = round;
+    }
+
     /// Packs several sequences into each row of the next micro-batches: `starts[n]` (one per
     /// input, `batch * positions`) is the position in its row where input n's sequence
     /// begins. Attention stays within a sequence and RoPE counts from its start, so a packed
@@ -686,7 +755,7 @@ impl Trainer {
         scale: f32,
     ) -> candle_core::Result<f32> {
         self.set_batch(inputs, targets)?;
-        self.forward();
+        self.forward(true);
         Ok(self.head_and_backward(scale))
     }
 
@@ -694,14 +763,14 @@ impl Trainer {
     /// buffers training uses rather than a second model's.
     pub fn loss(&mut self, tokens: &[u32]) -> candle_core::Result<f32> {
         self.load_batch(tokens)?;
-        self.forward();
+        self.forward(false);
         Ok(self.head_loss(1.0, false))
     }
 
     /// `loss` with targets of its own, as `accumulate_targets` takes them.
     pub fn loss_targets(&mut self, inputs: &[u32], targets: &[u32]) -> candle_core::Result<f32> {
         self.set_batch(inputs, targets)?;
-        self.forward();
+        self.forward(false);
         Ok(self.head_loss(1.0, false))
     }
 
@@ -724,7 +793,7 @@ impl Trainer {
     /// (indices into `batch * positions`) of `inputs`, row after row: a classifier's
     /// predictions on validation data, without a second model.
     pub fn head_logits(&mut self, inputs: &[u32], rows: &[usize]) -> candle_core::Result<Vec<f32>> {
-        self.forward_hidden(inputs)?;
+        self.hidden(inputs, false)?;
         let (d, v) = (self.cfg.hidden_size, self.outputs);
         let n = self.batch * self.positions;
         if let Some(&bad) = rows.iter().find(|&&r| r >= n) {
@@ -809,7 +878,7 @@ impl Trainer {
     ) -> candle_core::Result<(f32, f64)> {
         self.load_batch(tokens)?;
         let t0 = std::time::Instant::now();
-        self.forward();
+        self.forward(true);
         let forward_s = t0.elapsed().as_secs_f64();
         Ok((self.head_and_backward(scale), forward_s))
     }
@@ -818,6 +887,10 @@ impl Trainer {
     /// `batch * positions` rows of `hidden_size`, for a head or loss computed outside the
     /// trainer, whose gradient `backward_hidden` then takes.
     pub fn forward_hidden(&mut self, inputs: &[u32]) -> candle_core::Result<&[f32]> {
+        self.hidden(inputs, true)
+    }
+
+    fn hidden(&mut self, inputs: &[u32], train: bool) -> candle_core::Result<&[f32]> {
         let n = self.batch * self.positions;
         if inputs.len() != n {
             candle_core::bail!(
@@ -829,7 +902,7 @@ impl Trainer {
         }
         self.check_ids(inputs, "token")?;
         self.inputs[..n].copy_from_slice(inputs);
-        self.forward();
+        self.forward(train);
         Ok(&self.final_h[..n * self.cfg.hidden_size])
     }
 
@@ -913,7 +986,8 @@ impl Trainer {
         Ok(())
     }
 
-    fn forward(&mut self) {
+    /// `train`: a pass whose backward follows (the adapters' dropout applies).
+    fn forward(&mut self, train: bool) {
         let cfg = &self.cfg;
         let (d, f, eps) = (
             cfg.hidden_size,
@@ -927,6 +1001,9 @@ impl Trainer {
         let rope = rope_spec(shape, &self.cos, &self.sin, starts);
         let p = &self.params;
         let lora = self.lora;
+        self.pass_seed = train.then(|| splitmix64(self.dropout_round));
+        let seed = self.pass_seed;
+        let drop_x = &mut self.drop_x;
         let laps = &mut self.laps;
         laps.start();
         let heads = shape.heads;
@@ -957,7 +1034,18 @@ impl Trainer {
             );
             if let Some(l) = lora {
                 let y = &mut s.qkv[..n * qkv_w];
-                adapters_forward(&lp.adapters, &mut s.lora, &QKV, y, qkv_w, &s.h1, p, n, l);
+                adapters_forward(
+                    &lp.adapters,
+                    &mut s.lora,
+                    &QKV,
+                    y,
+                    qkv_w,
+                    &s.h1,
+                    p,
+                    n,
+                    l,
+                    (seed, &mut drop_x[..]),
+                );
             }
             if let Some(b) = &lp.qkv_bias {
                 kernels::add_bias(&mut s.qkv[..n * qkv_w], &p[b.clone()]);
@@ -983,7 +1071,18 @@ impl Trainer {
             );
             if let Some(l) = lora {
                 let y = &mut s.mid[..n * d];
-                adapters_forward(&lp.adapters, &mut s.lora, &[Role::O], y, d, &s.att, p, n, l);
+                adapters_forward(
+                    &lp.adapters,
+                    &mut s.lora,
+                    &[Role::O],
+                    y,
+                    d,
+                    &s.att,
+                    p,
+                    n,
+                    l,
+                    (seed, &mut drop_x[..]),
+                );
             }
             laps.lap("linear");
             kernels::rms_norm(
@@ -1013,6 +1112,7 @@ impl Trainer {
                     p,
                     n,
                     l,
+                    (seed, &mut drop_x[..]),
                 );
             }
             laps.lap("linear");
@@ -1036,6 +1136,7 @@ impl Trainer {
                     p,
                     n,
                     l,
+                    (seed, &mut drop_x[..]),
                 );
             }
             laps.lap("linear");
@@ -1076,6 +1177,7 @@ impl Trainer {
         let discard = &mut self.discard;
         let laps = &mut self.laps;
         let lora = self.lora;
+        let (seed, drop_x, drop_dx) = (self.pass_seed, &mut self.drop_x, &mut self.drop_dx);
         // A linear layer's backward: both gradients, or the input's alone when it is frozen.
         let linear_bwd = |dx: &mut [f32],
                           g: &mut [f32],
@@ -1137,6 +1239,7 @@ impl Trainer {
                     &mut w.lora_dt,
                     n,
                     l,
+                    (seed, &mut drop_x[..], &mut drop_dx[..]),
                 );
             }
             laps.lap("linear (backward)");
@@ -1172,6 +1275,7 @@ impl Trainer {
                     &mut w.lora_dt,
                     n,
                     l,
+                    (seed, &mut drop_x[..], &mut drop_dx[..]),
                 );
             }
             laps.lap("linear (backward)");
@@ -1209,6 +1313,7 @@ impl Trainer {
                     &mut w.lora_dt,
                     n,
                     l,
+                    (seed, &mut drop_x[..], &mut drop_dx[..]),
                 );
             }
             laps.lap("linear (backward)");
@@ -1251,6 +1356,7 @@ impl Trainer {
                     &mut w.lora_dt,
                     n,
                     l,
+                    (seed, &mut drop_x[..], &mut drop_dx[..]),
                 );
             }
             laps.lap("linear (backward)");
@@ -1671,6 +1777,7 @@ mod tests {
                 rank: 3,
                 alpha: 6.0,
                 targets: targets.clone(),
+                dropout: 0.0,
             };
             let s = (lora.alpha / lora.rank as f64) as f32;
             let batch = 2;
@@ -1775,6 +1882,102 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Adapter dropout: the gradient of the training loss under a round's masks agrees with
+    /// central finite differences of that loss (the masks fixed by the round); validation
+    /// passes do not drop; another round draws other masks.
+    #[test]
+    fn adapter_dropout_gradients_match_finite_differences() {
+        let cfg = odd_config(false);
+        let targets: Vec<Role> = Role::LORA_TARGETS.iter().map(|t| t.0).collect();
+        let lora = |dropout| LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: targets.clone(),
+            dropout,
+        };
+        let vars = params(&cfg, 11);
+        let lp = cfg.lora_params(2, &targets);
+        let set = |vars: &VarMap,
+                   along: &HashMap<String, Vec<f32>>,
+                   base: &HashMap<String, Vec<f32>>,
+                   eps: f32| {
+            for p in &lp {
+                let v: Vec<f32> = base[&p.name()]
+                    .iter()
+                    .zip(&along[&p.name()])
+                    .map(|(b, d)| b + eps * d)
+                    .collect();
+                let t = Tensor::from_vec(v, p.shape.as_slice(), &Device::Cpu).unwrap();
+                vars.data()
+                    .lock()
+                    .unwrap()
+                    .insert(p.name(), candle_core::Var::from_tensor(&t).unwrap());
+            }
+        };
+        let random = |p: &params::Param, seed: u64| -> Vec<f32> {
+            random_tokens(p.len(), 1000, seed)
+                .iter()
+                .map(|&x| (x as f32 / 1000.0 - 0.5) * 0.4)
+                .collect()
+        };
+        let base: HashMap<String, Vec<f32>> = lp
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name(), random(p, 30 + i as u64)))
+            .collect();
+        let along: HashMap<String, Vec<f32>> = lp
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.name(), random(p, 90 + i as u64)))
+            .collect();
+        set(&vars, &along, &base, 0.0);
+        let (batch, t) = (2, 40);
+        let inputs = random_tokens(batch * t, cfg.vocab_size, 12);
+        let labels = random_tokens(batch * t, cfg.vocab_size, 13);
+        let mut tr =
+            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(0.3)).unwrap();
+        tr.set_positions(t).unwrap();
+        let mut plain =
+            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(0.0)).unwrap();
+        plain.set_positions(t).unwrap();
+        let train_loss = |tr: &mut Trainer, round| {
+            tr.set_dropout_round(round);
+            tr.zero_grads();
+            tr.accumulate_targets(&inputs, &labels, 1.0).unwrap()
+        };
+        let loss = train_loss(&mut tr, 7);
+        let grads = tr.grads_by_name().unwrap();
+        let analytic: f64 = lp
+            .iter()
+            .map(|p| {
+                let g: Vec<f32> = grads[&p.name()].flatten_all().unwrap().to_vec1().unwrap();
+                g.iter()
+                    .zip(&along[&p.name()])
+                    .map(|(&a, &b)| a as f64 * b as f64)
+                    .sum::<f64>()
+            })
+            .sum();
+        let eps = 1e-2;
+        let mut at = |e: f32| {
+            set(&vars, &along, &base, e);
+            tr.read_params(&vars).unwrap();
+            train_loss(&mut tr, 7) as f64
+        };
+        let numeric = (at(eps) - at(-eps)) / (2.0 * eps as f64);
+        assert!(
+            (numeric - analytic).abs() <= 0.01 * analytic.abs(),
+            "directional derivative {analytic} against finite differences {numeric}"
+        );
+        set(&vars, &along, &base, 0.0);
+        tr.read_params(&vars).unwrap();
+        // Another round, other masks; validation drops nothing, as without dropout.
+        assert_eq!(train_loss(&mut tr, 7), loss);
+        assert_ne!(train_loss(&mut tr, 8), loss);
+        let eval = tr.loss_targets(&inputs, &labels).unwrap();
+        assert_eq!(eval, plain.loss_targets(&inputs, &labels).unwrap());
+        assert_ne!(eval, loss);
     }
 
     /// Micro-batches shorter than the context the trainer was made for compute what the
