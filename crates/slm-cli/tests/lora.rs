@@ -234,11 +234,14 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     );
     std::fs::write(
         d.join("bad_dropout.toml"),
-        recipe.replace("alpha = 8", "alpha = 8\ndropout = 0.1"),
+        recipe.replace("alpha = 8", "alpha = 8\ndropout = 1.0"),
     )
     .unwrap();
     let e = fails(slm().args(["train", "bad_dropout.toml"]).current_dir(d));
-    assert!(e.contains("lora.dropout"), "{e}");
+    assert!(
+        e.contains("lora.dropout = 1") && e.contains("0 <= dropout < 1"),
+        "{e}"
+    );
     let e = fails(
         slm()
             .args(["lora", "merge"])

@@ -6,7 +6,7 @@
 use std::path::Path;
 
 mod common;
-use common::{corpus_tokenizer_shards, fails, ok, slm};
+use common::{corpus_tokenizer_shards, fails, ok, slm, train_tiny_context};
 
 const WORDS: [&str; 10] = [
     "the", "whale", "ship", "sea", "captain", "white", "deep", "sailed", "under", "storm",
@@ -43,32 +43,7 @@ fn reply(question: &str) -> &'static str {
 
 /// A tiny base model with room for a conversation (64 positions).
 fn base(dir: &Path) -> std::path::PathBuf {
-    std::fs::write(
-        dir.join("base.toml"),
-        r#"[run]
-out = "base"
-seed = 5
-[data]
-shards = "shards"
-tokenizer = "tok.json"
-[model]
-d_model = 64
-layers = 2
-heads = 4
-kv_heads = 2
-ffn = 128
-context = 64
-[budget]
-tokens = 30000
-[optim]
-batch = 8
-lr = 1e-2
-warmup = 5
-"#,
-    )
-    .unwrap();
-    ok(slm().arg("train").arg("base.toml").current_dir(dir));
-    dir.join("base").join("model")
+    train_tiny_context(dir, "base", 2, true, 64)
 }
 
 fn sft_recipe(dir: &Path, name: &str, train: &str, parent: &Path) -> std::path::PathBuf {

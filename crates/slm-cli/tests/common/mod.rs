@@ -79,6 +79,17 @@ pub fn corpus_tokenizer_shards(dir: &Path) {
 /// Trains a tiny model on the shards in `dir` (see `corpus_tokenizer_shards`) and returns its
 /// model folder.
 pub fn train_tiny(dir: &Path, name: &str, kv_heads: usize, tied: bool) -> std::path::PathBuf {
+    train_tiny_context(dir, name, kv_heads, tied, 32)
+}
+
+/// `train_tiny` with `context` positions.
+pub fn train_tiny_context(
+    dir: &Path,
+    name: &str,
+    kv_heads: usize,
+    tied: bool,
+    context: usize,
+) -> std::path::PathBuf {
     let recipe = dir.join(format!("{name}.toml"));
     std::fs::write(
         &recipe,
@@ -95,7 +106,7 @@ layers = 2
 heads = 4
 kv_heads = {kv_heads}
 ffn = 96
-context = 32
+context = {context}
 tied_embeddings = {tied}
 rope_theta = 500.0
 [budget]
