@@ -62,12 +62,12 @@ impl ChatTemplate {
         };
         // Hugging Face's `{% generation %}` is an extension of its own Jinja: rendered as
         // nothing for prompts, and as sentinels around the assistant's text for training.
-        let plain = match_generation_tags(source, "", "");
+        let plain = replace_generation_tags(source, "", "");
         let marked = plain.is_some();
         match plain {
             Some(plain) => {
                 env.add_template_owned("chat", plain).map_err(bad)?;
-                let marks = match_generation_tags(source, "{{ '\u{e000}' }}", "{{ '\u{e001}' }}")
+                let marks = replace_generation_tags(source, "{{ '\u{e000}' }}", "{{ '\u{e001}' }}")
                     .expect("has markers");
                 env.add_template_owned("marked", marks).map_err(bad)?;
             }
@@ -189,12 +189,13 @@ impl ChatTemplate {
 /// `source` with each `{% generation %}` and `{% endgeneration %}` tag replaced by `open`
 /// and `close`, keeping the whitespace Jinja's block-tag rules (trim_blocks, lstrip_blocks,
 /// `-` markers) would have removed around them; `None` when it has no such tags.
-fn match_generation_tags(source: &str, open: &str, close: &str) -> Option<String> {
+fn replace_generation_tags(source: &str, open: &str, close: &str) -> Option<String> {
     let mut out = String::with_capacity(source.len());
     let mut rest = source;
     let mut found = false;
     while let Some(at) = rest.find("{%") {
-        let Some(len) = rest[at..].find("%}").map(|e| e + 2) else {
+        // The closing "%}" after the opening "{%" (not one overlapping it, as in "{%}").
+        let Some(len) = rest[at + 2..].find("%}").map(|e| e + 4) else {
             break;
         };
         let tag = &rest[at..at + len];
@@ -291,6 +292,17 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("first must be user"), "{err}");
+    }
+
+    /// Malformed tags are minijinja's to report, not the marker rewriting's to trip on.
+    #[test]
+    fn malformed_tags_are_syntax_errors() {
+        for source in ["{%}", "{%", "x {%-%} {% generation", "{%}{% generation %}"] {
+            let err = ChatTemplate::new(source, None, None, "model.gguf")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("model.gguf"), "{source}: {err}");
+        }
     }
 
     #[test]
