@@ -346,15 +346,18 @@ fn first_key(starts: Option<&[u32]>, t: usize, b: usize, i: usize) -> usize {
     starts.map_or(0, |st| st[b * t + i] as usize)
 }
 
+/// The first index of `starts` (rows of `positions`) whose sequence would start after the
+/// position itself: what `attention` and `rope` cannot take.
+pub fn misplaced_start(starts: &[u32], positions: usize) -> Option<usize> {
+    (0..starts.len()).find(|&n| starts[n] as usize > n % positions)
+}
+
 fn check_starts(starts: Option<&[u32]>, s: AttnShape) {
     if let Some(st) = starts {
-        let t = s.positions;
-        assert!(st.len() >= s.batch * t, "a start per query");
+        let n = s.batch * s.positions;
+        assert!(st.len() >= n, "a start per query");
         assert!(
-            st[..s.batch * t]
-                .iter()
-                .enumerate()
-                .all(|(n, &x)| x as usize <= n % t),
+            misplaced_start(&st[..n], s.positions).is_none(),
             "a sequence starts at or before each of its queries"
         );
     }

@@ -45,13 +45,14 @@ pub fn encode(tok: &Tokenizer, messages: &[Message]) -> Result<Encoded> {
         .assistant
         .iter()
         .flat_map(|s| [(s.start, false), (s.end, true)]);
+    // Each stretch once, in order, even if a template's spans were to overlap.
     for (end, assistant) in spans.chain([(chat.text.len(), false)]) {
         if end > at {
             let part = tok.encode(&chat.text[at..end], false).map_err(err)?;
             scored.extend(std::iter::repeat_n(assistant, part.len()));
             ids.extend(part);
+            at = end;
         }
-        at = end;
     }
     let targets = (0..ids.len())
         .map(|p| match ids.get(p + 1) {

@@ -441,6 +441,8 @@ impl Batch {
     }
 }
 
+/// The micro-batch of `rows`: each cut to the longest row's length, with the packed rows'
+/// starts (0 for a row that is one sequence) when any row is packed.
 pub fn batch_of<'a>(rows: impl Iterator<Item = &'a Example> + Clone) -> Batch {
     let t = rows.clone().map(|e| e.len).max().unwrap_or(1).max(1);
     let packed = rows.clone().any(|e| e.starts.is_some());

@@ -705,7 +705,7 @@ impl Trainer {
             if st.len() != self.batch * t {
                 candle_core::bail!("{} starts, {} rows of {t} expected", st.len(), self.batch);
             }
-            if let Some(n) = (0..st.len()).find(|&n| st[n] as usize > n % t) {
+            if let Some(n) = kernels::misplaced_start(st, t) {
                 candle_core::bail!("position {} of its row starts at {}", n % t, st[n]);
             }
         }
