@@ -176,4 +176,23 @@ fn bad_chat_data_is_refused_by_name() {
             .current_dir(d),
     );
     assert!(e.contains("chat template"), "{e}");
+
+    // Too little to hold any out, and a context too short to reach any reply.
+    std::fs::write(d.join("one.jsonl"), format!("{good}\n")).unwrap();
+    let e = fails(
+        slm()
+            .arg("train")
+            .arg(sft_recipe(d, "one", "one.jsonl", &base))
+            .current_dir(d),
+    );
+    assert!(e.contains("one.jsonl") && e.contains("at least 2"), "{e}");
+    let short = sft_recipe(d, "short", "good.jsonl", &base);
+    let text = std::fs::read_to_string(&short).unwrap();
+    std::fs::write(
+        &short,
+        text.replace("[objective]", "context = 4\n[objective]"),
+    )
+    .unwrap();
+    let e = fails(slm().arg("train").arg(&short).current_dir(d));
+    assert!(e.contains("assistant tokens within 4 positions"), "{e}");
 }
