@@ -1978,6 +1978,8 @@ mod tests {
         let eval = tr.loss_targets(&inputs, &labels).unwrap();
         assert_eq!(eval, plain.loss_targets(&inputs, &labels).unwrap());
         assert_ne!(eval, loss);
+        let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(1.0));
+        assert!(e.is_err_and(|e| e.to_string().contains("dropout 1")));
     }
 
     /// Micro-batches shorter than the context the trainer was made for compute what the
