@@ -13,9 +13,8 @@
 use std::borrow::Cow;
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
-use slm_model::config::Arch;
 use slm_model::gguf::GgufFile;
+use slm_model::hf_layout::{permute_rows, permuted_heads};
 use slm_model::{Config, ModelSource, Param, Role};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,42 +125,6 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
     }
 }
 
-/// llama.cpp's converter stores a Llama q or k projection with the rows of each head
-/// reordered from Hugging Face's halves (pair i with i + d/2) to adjacent pairs: row
-/// `h*d + 2j + s` of the GGUF tensor is row `h*d + s*d/2 + j` of Hugging Face's. The pairs
-/// (Hugging Face row, GGUF row) of a tensor of `rows` rows in `heads` heads.
-fn rope_rows(rows: usize, heads: usize) -> impl Iterator<Item = (usize, usize)> {
-    let d = rows / heads;
-    let half = d / 2;
-    (0..heads).flat_map(move |h| {
-        (0..half).flat_map(move |j| (0..2).map(move |s| (h * d + s * half + j, h * d + 2 * j + s)))
-    })
-}
-
-/// Rows of `from` (rows of `cols` values) moved so that row `a` lands at row `b` for each
-/// pair `(a, b)`.
-fn move_rows(from: &[f32], cols: usize, pairs: impl Iterator<Item = (usize, usize)>) -> Vec<f32> {
-    let mut to = vec![0f32; from.len()];
-    for (a, b) in pairs {
-        to[b * cols..(b + 1) * cols].copy_from_slice(&from[a * cols..(a + 1) * cols]);
-    }
-    to
-}
-
-/// A GGUF q or k tensor (or bias, `cols` 1) in Hugging Face's row order.
-fn unpermute_rows(gguf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    move_rows(
-        gguf,
-        cols,
-        rope_rows(gguf.len() / cols, heads).map(|(h, g)| (g, h)),
-    )
-}
-
-/// A Hugging Face q or k tensor in llama.cpp's converter's row order.
-fn permute_rows(hf: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    move_rows(hf, cols, rope_rows(hf.len() / cols, heads))
-}
-
 /// One parameter, read from the GGUF and converted when the safetensors writer asks for it.
 struct LazyTensor<'a> {
     file: &'a GgufFile,
@@ -173,40 +136,7 @@ struct LazyTensor<'a> {
 
 impl LazyTensor<'_> {
     fn values(&self) -> Result<Vec<f32>, String> {
-        let name = self.param.gguf_name();
-        let q = slm_model::weights::gguf_qtensor(self.file, &name, &Device::Cpu)
-            .map_err(|e| e.to_string())?;
-        // The copy is made; the file's pages of this tensor may go.
-        if let Some(info) = self.file.tensor_info(&name) {
-            self.file.release(info);
-        }
-        let t = q.dequantize(&Device::Cpu).map_err(|e| e.to_string())?;
-        let v: Vec<f32> = t
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(|e| e.to_string())?;
-        if v.len() != self.param.len() {
-            return Err(format!(
-                "tensor '{name}' has {} values, the configuration needs {:?}",
-                v.len(),
-                self.param.shape
-            ));
-        }
-        let cols = if self.param.role.is_bias() {
-            1
-        } else {
-            self.cfg.hidden_size
-        };
-        let interleaved = self.cfg.arch != Arch::Qwen2;
-        Ok(match self.param.role {
-            Role::Q | Role::QBias if interleaved => {
-                unpermute_rows(&v, self.cfg.num_attention_heads, cols)
-            }
-            Role::K | Role::KBias if interleaved => {
-                unpermute_rows(&v, self.cfg.num_key_value_heads, cols)
-            }
-            _ => v,
-        })
+        slm_model::hf_layout::hf_values(self.file, self.cfg, &self.param).map_err(|e| e.to_string())
     }
 }
 
@@ -287,20 +217,9 @@ fn write_folder(
     ty: FloatType,
     dir: &Path,
 ) -> Result<(), ExportError> {
-    let piece = |id: Option<u32>| id.and_then(|i| tok.inner.id_to_token(i));
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = ty.torch_name().into();
-    let mut tcfg = serde_json::json!({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": piece(tok.bos),
-        "eos_token": piece(tok.eos),
-        "add_bos_token": tok.add_bos,
-        "add_eos_token": false,
-        "model_max_length": cfg.max_position_embeddings,
-    });
-    if let Some(t) = file.get_str("tokenizer.chat_template")? {
-        tcfg["chat_template"] = t.into();
-    }
+    let tcfg = tok.config_json(cfg.max_position_embeddings);
     let generation =
         serde_json::json!({"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id});
     let tokenizer_json = tok.inner.to_string(false).map_err(|e| ExportError::Model {
@@ -511,16 +430,14 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
             dtype: types[i],
         })
         .collect();
-    let interleave = cfg.arch != Arch::Qwen2;
     let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
         let p = &params[i];
         let hf = p.role.hf_name(p.layer);
         let v = st.values(&hf, &p.shape)?;
         let cols = if p.role.is_bias() { 1 } else { cfg.hidden_size };
-        let v = match p.role {
-            Role::Q | Role::QBias if interleave => permute_rows(&v, cfg.num_attention_heads, cols),
-            Role::K | Role::KBias if interleave => permute_rows(&v, cfg.num_key_value_heads, cols),
-            _ => v,
+        let v = match permuted_heads(&cfg, p.role) {
+            Some(heads) => permute_rows(&v, heads, cols),
+            None => v,
         };
         Ok(match types[i] {
             slm_model::gguf::GgmlType::F32 => FloatType::F32.bytes(&v),
@@ -666,7 +583,6 @@ pub fn lora_to_gguf(
             dtype: ty.ggml(),
         })
         .collect();
-    let interleave = cfg.arch != Arch::Qwen2;
     let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
         let p = &params[i];
         let v: Vec<f32> = adapter.tensors[&p.name()]
@@ -674,13 +590,8 @@ pub fn lora_to_gguf(
             .and_then(|t| t.to_vec1())
             .map_err(|e| e.to_string())?;
         let rank = adapter.lora.rank;
-        let v = match (p.role, p.target) {
-            (Role::LoraB, Some(Role::Q)) if interleave => {
-                permute_rows(&v, cfg.num_attention_heads, rank)
-            }
-            (Role::LoraB, Some(Role::K)) if interleave => {
-                permute_rows(&v, cfg.num_key_value_heads, rank)
-            }
+        let v = match (p.role, p.target.and_then(|t| permuted_heads(&cfg, t))) {
+            (Role::LoraB, Some(heads)) => permute_rows(&v, heads, rank),
             _ => v,
         };
         Ok(ty.bytes(&v))

@@ -441,6 +441,22 @@ impl BlockMatrix {
         }
     }
 
+    /// Every row widened as `dequantize_row` widens it, into out (n x k), rows in parallel
+    /// on rayon's threads: a frozen matrix for an f32 product (training over a quantized
+    /// model).
+    pub fn dequantize(&self, out: &mut [f32]) {
+        use rayon::prelude::*;
+        const ROWS: usize = 16;
+        out[..self.n * self.k]
+            .par_chunks_mut(ROWS * self.k)
+            .enumerate()
+            .for_each(|(c, rows)| {
+                for (i, row) in rows.chunks_exact_mut(self.k).enumerate() {
+                    self.dequantize_row(c * ROWS + i, row);
+                }
+            });
+    }
+
     /// x (m, k) times the transpose of these weights into out (m, n).
     pub fn matmul(&self, x: &[f32], m: usize, out: &mut [f32]) -> Result<(), MapError> {
         // SAFETY: the kernels store computed values only.
@@ -515,6 +531,39 @@ mod tests {
             vec![None]
         } else {
             v
+        }
+    }
+
+    /// `dequantize` widens every row exactly as candle's dequantization does (the values a
+    /// Hugging Face export of a GGUF model holds), repacked rows included: 37 rows, more than
+    /// two of its parallel chunks and not a multiple of the repacking's groups of eight.
+    #[test]
+    fn dequantize_matches_candle_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (n, k) = (37, 96);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * (1.0 + (i % 5) as f32))
+            .collect();
+        let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
+        for (g, t) in [
+            (GgmlDType::Q4_0, BlockType::Q4_0),
+            (GgmlDType::Q4_1, BlockType::Q4_1),
+            (GgmlDType::Q5_0, BlockType::Q5_0),
+            (GgmlDType::Q5_1, BlockType::Q5_1),
+            (GgmlDType::Q8_0, BlockType::Q8_0),
+        ] {
+            let q = QTensor::quantize(&w, g).unwrap();
+            let want: Vec<f32> = q
+                .dequantize(&dev)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let mut got = vec![f32::NAN; n * k];
+            BlockMatrix::new(t, &q.data().unwrap(), n, k).dequantize(&mut got);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{t:?}");
         }
     }
 

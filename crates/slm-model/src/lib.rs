@@ -2,6 +2,7 @@
 //! Hugging Face safetensors folders (read through slm-format) onto slm-kernels' matrices.
 
 pub mod attention;
+pub mod hf_layout;
 pub mod llama;
 pub mod weights;
 

@@ -30,6 +30,7 @@ pub struct ChatTemplate {
     bos: Option<String>,
     eos: Option<String>,
     file: String,
+    source: String,
 }
 
 impl std::fmt::Debug for ChatTemplate {
@@ -81,7 +82,13 @@ impl ChatTemplate {
             bos,
             eos,
             file: file.into(),
+            source: source.into(),
         })
+    }
+
+    /// The template as written (markers included): what tokenizer_config.json keeps.
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// Length of the template's source text.

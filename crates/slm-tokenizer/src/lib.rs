@@ -94,6 +94,24 @@ impl Tokenizer {
         }
     }
 
+    /// tokenizer_config.json for this tokenizer (as transformers reads it): the special
+    /// tokens, whether bos is added, and the chat template.
+    pub fn config_json(&self, model_max_length: usize) -> serde_json::Value {
+        let piece = |id: Option<u32>| id.and_then(|i| self.inner.id_to_token(i));
+        let mut c = serde_json::json!({
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": piece(self.bos),
+            "eos_token": piece(self.eos),
+            "add_bos_token": self.add_bos,
+            "add_eos_token": false,
+            "model_max_length": model_max_length,
+        });
+        if let Some(t) = &self.chat_template {
+            c["chat_template"] = t.source().into();
+        }
+        c
+    }
+
     /// tokenizer.json + tokenizer_config.json (chat template, special tokens) of a folder.
     pub fn from_folder(dir: &Path) -> Result<Self> {
         let tj = dir.join("tokenizer.json");

@@ -37,6 +37,19 @@ pub fn init_params(
     seed: u64,
     device: &Device,
 ) -> candle_core::Result<VarMap> {
+    init_params_except(cfg, dtype, seed, device, |_| false)
+}
+
+/// `init_params` but for the tensors `skip` selects (a base's projections kept in blocks):
+/// they get no variable, their samples drawn all the same, so that the others' values do not
+/// depend on it.
+pub fn init_params_except(
+    cfg: &Config,
+    dtype: DType,
+    seed: u64,
+    device: &Device,
+    skip: impl Fn(&slm_model::Param) -> bool,
+) -> candle_core::Result<VarMap> {
     let map = VarMap::new();
     let mut rng = Rng(seed);
     let resid = 0.02 / (2.0 * cfg.num_hidden_layers as f64).sqrt();
@@ -52,6 +65,14 @@ pub fn init_params(
         });
         for p in params {
             let n = p.len();
+            if skip(&p) {
+                if !(p.role.is_norm() || p.role.is_bias()) {
+                    (0..n).for_each(|_| {
+                        rng.normal();
+                    });
+                }
+                continue;
+            }
             let values: Vec<f64> = if p.role.is_norm() {
                 vec![1.0; n]
             } else if p.role.is_bias() {

@@ -9,6 +9,7 @@ pub mod adapter;
 pub mod bench;
 pub mod init;
 pub mod optim;
+pub mod parent;
 pub mod prepare;
 pub mod quickstart;
 pub mod recipe;

@@ -92,7 +92,8 @@ impl Data {
 }
 
 /// Either a new model's shape, or `parent`: a model folder (Hugging Face layout, as `slm train`
-/// writes) whose shape and weights the run continues from. With a parent only `context` may
+/// writes) or a GGUF file, whose shape and weights the run continues from (a LoRA run keeps a
+/// GGUF parent's quantized projections in their blocks). With a parent only `context` may
 /// be given (at most the parent's).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -699,20 +700,16 @@ impl Recipe {
     }
 
     /// The model configuration this recipe describes, for a tokenizer of `vocab` tokens: the
-    /// new shape, or the parent's configuration (read from its config.json).
-    pub fn config(&self, vocab: usize, eos: u32) -> Result<slm_model::Config, RecipeError> {
+    /// new shape, or the parent's configuration (`parent`, read by `crate::parent`).
+    pub fn config(
+        &self,
+        vocab: usize,
+        eos: u32,
+        parent: Option<&slm_model::Config>,
+    ) -> Result<slm_model::Config, RecipeError> {
         let m = &self.model;
-        if let Some(parent) = &m.parent {
-            let path = parent.join("config.json");
-            let text = std::fs::read_to_string(&path).map_err(|err| RecipeError::Io {
-                path: path.clone(),
-                err,
-            })?;
-            let mut cfg = slm_model::Config::from_hf_json(&text, &path.display().to_string())
-                .map_err(|e| RecipeError::Parse {
-                    path: path.clone(),
-                    msg: e.to_string(),
-                })?;
+        if let (Some(path), Some(parent)) = (&m.parent, parent) {
+            let mut cfg = parent.clone();
             let bad = |key: &'static str, value: String, expected: String| RecipeError::Value {
                 path: path.clone(),
                 key,
@@ -793,7 +790,7 @@ tokens = 10000
         let r = Recipe::parse(GOOD, Path::new("r.toml")).unwrap();
         assert_eq!(r.optim, Optim::default());
         assert_eq!(r.objective, Objective::Lm);
-        assert_eq!(r.config(100, 0).unwrap().num_key_value_heads, 4);
+        assert_eq!(r.config(100, 0, None).unwrap().num_key_value_heads, 4);
     }
 
     #[test]

@@ -14,10 +14,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use serde::{Deserialize, Serialize};
 use slm_data::Dataset;
-use slm_model::{Config, Llama, Role, Weights};
+use slm_model::{Config, Llama, Weights};
 
-use crate::init::{init_params, Rng};
+use crate::init::{init_params_except, Rng};
 use crate::optim::AdamWConfig;
+use crate::parent::Parent;
 use crate::recipe::{Objective, Recipe};
 use crate::schedule::Schedule;
 use crate::trainer::Trainer;
@@ -287,11 +288,11 @@ enum Feed {
 }
 
 /// The tokenizer, the configuration and the data of a pretraining run.
-fn open_lm(recipe: &Recipe, tok_json: &[u8]) -> Result<(Config, Feed)> {
+fn open_lm(recipe: &Recipe, tok_json: &[u8], parent: Option<&Parent>) -> Result<(Config, Feed)> {
     let shards = recipe.data.shards();
     let data = Dataset::open(shards, &slm_data::tokenizer_sha256(tok_json))?;
     let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
-    let cfg: Config = recipe.config(vocab, eos)?;
+    let cfg: Config = recipe.config(vocab, eos, parent.map(|p| &p.cfg))?;
     cfg.validate(&shards.display().to_string())
         .map_err(|e| TrainError::Setup(e.to_string()))?;
     let ctx = cfg.max_position_embeddings;
@@ -325,13 +326,10 @@ fn open_lm(recipe: &Recipe, tok_json: &[u8]) -> Result<(Config, Feed)> {
 /// The parent's configuration with the task's head, and the task's examples. The
 /// configuration trains over the examples' positions; the parent's own context is what the
 /// model folder keeps.
-fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config, Feed, usize)> {
-    let parent = recipe.model.parent.as_deref().expect("validated");
-    let path = parent.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(io(&path))?;
-    let name = path.display().to_string();
-    let mut cfg =
-        Config::from_hf_json(&text, &name).map_err(|e| TrainError::Setup(e.to_string()))?;
+fn open_task(recipe: &Recipe, parent: &Parent) -> Result<(Config, Feed, usize)> {
+    let tok = &parent.tokenizer;
+    let name = parent.path.display().to_string();
+    let mut cfg = parent.cfg.clone();
     if cfg.head != slm_model::Head::Lm {
         return Err(TrainError::Setup(format!(
             "{name}: the parent already has a {}; fine-tune the language model it was made from",
@@ -386,23 +384,26 @@ fn open_task(recipe: &Recipe, tok: &slm_tokenizer::Tokenizer) -> Result<(Config,
 pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
-    let (tok_path, fine_tune) = match (&recipe.data.tokenizer, &recipe.model.parent) {
-        (Some(t), _) => (t.clone(), recipe.objective.fine_tunes()),
-        (None, Some(p)) => (p.join("tokenizer.json"), true),
+    let parent = recipe
+        .model
+        .parent
+        .as_deref()
+        .map(Parent::open)
+        .transpose()?;
+    let (tok_json, tok_name) = match (&recipe.data.tokenizer, &parent) {
+        (Some(t), _) => (std::fs::read(t).map_err(io(t))?, t.clone()),
+        (None, Some(p)) => (p.tokenizer_json.clone(), p.path.clone()),
         (None, None) => unreachable!("validated: pretraining names its tokenizer"),
     };
-    let tok_json = std::fs::read(&tok_path).map_err(io(&tok_path))?;
     let tokenizer = tokenizers::Tokenizer::from_bytes(&tok_json)
-        .map_err(|e| TrainError::Setup(format!("{}: {e}", tok_path.display())))?;
-    let (cfg, mut feed, saved_ctx) = if fine_tune {
-        let parent = recipe.model.parent.as_deref().expect("validated");
-        let tok = slm_tokenizer::Tokenizer::from_folder(parent)
-            .map_err(|e| TrainError::Setup(format!("{}: {e}", parent.display())))?;
-        open_task(recipe, &tok)?
-    } else {
-        let (cfg, feed) = open_lm(recipe, &tok_json)?;
-        let ctx = cfg.max_position_embeddings;
-        (cfg, feed, ctx)
+        .map_err(|e| TrainError::Setup(format!("{}: {e}", tok_name.display())))?;
+    let (cfg, mut feed, saved_ctx) = match &parent {
+        Some(p) if recipe.objective.fine_tunes() => open_task(recipe, p)?,
+        _ => {
+            let (cfg, feed) = open_lm(recipe, &tok_json, parent.as_ref())?;
+            let ctx = cfg.max_position_embeddings;
+            (cfg, feed, ctx)
+        }
     };
     let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
     let need = crate::trainer::memory_bytes(&cfg, batch);
@@ -435,11 +436,25 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         f.write_all(recipe_text.as_bytes())
     })?;
 
-    let vars = init_params(&cfg, DType::F32, recipe.run.seed, &dev)?;
-    if let Some(parent) = &recipe.model.parent {
-        load_parent(parent, &vars, &tok_json)?;
-    }
     let lora = recipe.lora.as_ref().map(|l| l.config());
+    // A LoRA run over a GGUF parent keeps its quantized projections in their blocks: they
+    // are no variables.
+    let blocks = match (&parent, &lora) {
+        (Some(p), Some(_)) => p.blocks(&cfg)?,
+        _ => Default::default(),
+    };
+    if !blocks.is_empty() {
+        tracing::info!(
+            "{} of the parent's projections stay in their GGUF blocks",
+            blocks.len()
+        );
+    }
+    let vars = init_params_except(&cfg, DType::F32, recipe.run.seed, &dev, |p| {
+        p.layer.is_some_and(|l| blocks.contains_key(&(l, p.role)))
+    })?;
+    if let Some(parent) = &parent {
+        parent.load(&vars, &tok_json)?;
+    }
     if let Some(l) = &lora {
         crate::adapter::init(&vars, &cfg, l, recipe.run.seed)?;
     }
@@ -460,7 +475,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         weight_decay: o.weight_decay,
     };
     let mut trainer = match &lora {
-        Some(l) => Trainer::with_lora(&cfg, batch, adam, &vars, l)?,
+        Some(l) => Trainer::with_lora(&cfg, batch, adam, &vars, l, blocks)?,
         None => Trainer::new(&cfg, batch, adam, &vars)?,
     };
     if let Feed::Task { data, .. } = &feed {
@@ -778,8 +793,17 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 Some(crate::adapter::write(&dir, &saved, l, &vars, parent, slm)?)
             }
             _ => Some(write_model_folder(
-                recipe, &saved, &vars, &tok_json, &tokenizer, lineage, &state, last_loss,
-                last_valid, t0,
+                recipe,
+                parent.as_ref(),
+                &saved,
+                &vars,
+                &tok_json,
+                &tokenizer,
+                lineage,
+                &state,
+                last_loss,
+                last_valid,
+                t0,
             )?),
         }
     };
@@ -856,55 +880,6 @@ fn resume_from(
     Ok(state)
 }
 
-/// Sets the fresh variables to a parent model's weights (any float type in its safetensors),
-/// after checking that the run's tokenizer is the parent's own.
-fn load_parent(parent: &Path, vars: &VarMap, tok_json: &[u8]) -> Result<()> {
-    let tok = parent.join("tokenizer.json");
-    if let Ok(theirs) = std::fs::read(&tok) {
-        if slm_data::tokenizer_sha256(&theirs) != slm_data::tokenizer_sha256(tok_json) {
-            return Err(TrainError::Setup(format!(
-                "{}: the parent's tokenizer differs from data.tokenizer; prepare the shards with the parent's tokenizer.json",
-                tok.display()
-            )));
-        }
-    }
-    let files =
-        slm_model::safetensors_files(parent).map_err(|e| TrainError::Setup(e.to_string()))?;
-    let mut tensors = HashMap::new();
-    for f in &files {
-        tensors.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
-    }
-    let data = vars.data().lock().expect("var map lock");
-    for (name, var) in data.iter() {
-        // A new head starts from its initialisation; the parent's output projection, if it
-        // has one, is not part of the run's model.
-        let new_head = matches!(
-            slm_model::params::parse_hf_name(name),
-            Some((Role::Score | Role::ScoreBias, _))
-        );
-        let t = match tensors.get(name) {
-            Some(t) => t,
-            None if new_head => continue,
-            None => {
-                return Err(TrainError::Setup(format!(
-                    "{}: no tensor {name}",
-                    parent.display()
-                )))
-            }
-        };
-        if t.shape() != var.shape() {
-            return Err(TrainError::Setup(format!(
-                "{}: {name} has shape {:?}, its config.json implies {:?}",
-                parent.display(),
-                t.dims(),
-                var.dims()
-            )));
-        }
-        var.set(&t.to_dtype(DType::F32)?)?;
-    }
-    Ok(())
-}
-
 /// The ids generation stops at: the end of text, and the end of a chat turn where the
 /// vocabulary has ChatML's (slm's own tokenizers and their chat template do), so that a
 /// model fine-tuned on conversations ends its reply.
@@ -922,6 +897,7 @@ fn stop_ids(cfg: &Config, tokenizer: &tokenizers::Tokenizer) -> Vec<u32> {
 #[allow(clippy::too_many_arguments)]
 fn write_model_folder(
     recipe: &Recipe,
+    parent: Option<&Parent>,
     cfg: &Config,
     vars: &VarMap,
     tok_json: &[u8],
@@ -942,18 +918,8 @@ fn write_model_folder(
     let mut config = cfg.to_hf_json();
     config["torch_dtype"] = "float32".into();
     // A fine-tuned model keeps its parent's tokenizer settings, the chat template with them.
-    let parent_tcfg = recipe
-        .model
-        .parent
-        .as_ref()
-        .map(|p| p.join("tokenizer_config.json"))
-        .filter(|p| p.exists());
-    let tcfg = match parent_tcfg {
-        Some(p) => {
-            let text = std::fs::read(&p).map_err(io(&p))?;
-            serde_json::from_slice(&text)
-                .map_err(|e| TrainError::Setup(format!("{}: {e}", p.display())))?
-        }
+    let tcfg = match parent {
+        Some(p) => p.tokenizer_config.clone(),
         None => {
             let mut t = slm_tokenizer::train::tokenizer_config_json(cfg.max_position_embeddings);
             t["eos_token"] = eos_text.clone().into();

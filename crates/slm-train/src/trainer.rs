@@ -32,6 +32,7 @@ use slm_kernels::gemm::linear;
 pub use slm_kernels::head::IGNORE;
 use slm_kernels::head::{head_loss_into, HeadGrads, HeadShape, HeadWeights};
 use slm_kernels::lora::{splitmix64, Dropout};
+use slm_kernels::quant::BlockMatrix;
 use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
 use slm_model::params::{self, Role};
 use slm_model::{Config, Head};
@@ -89,7 +90,7 @@ fn adapter_dropout(l: LoraRun, seed: Option<u64>, ad: &Adapter) -> Option<Dropou
     let seed = seed.filter(|_| l.dropout > 0.0)?;
     Some(Dropout {
         p: l.dropout,
-        seed: splitmix64(seed ^ ad.a.start as u64),
+        seed: splitmix64(seed ^ ad.ordinal),
     })
 }
 
@@ -97,6 +98,9 @@ fn adapter_dropout(l: LoraRun, seed: Option<u64>, ad: &Adapter) -> Option<Dropou
 /// where its projection's output lies: `col` columns into the rows of its (fused) output,
 /// `k` inputs, `m` outputs.
 struct Adapter {
+    /// Its place in `Config::lora_params` order (pairs), which keys its dropout masks: the
+    /// same whatever else the flat vector holds (a base in blocks or not).
+    ordinal: u64,
     target: Role,
     a: Range<usize>,
     b: Range<usize>,
@@ -105,18 +109,66 @@ struct Adapter {
     m: usize,
 }
 
+/// A frozen base's projection matrices kept in GGUF blocks (LoRA over a quantized model), by
+/// layer and role, rows in Hugging Face's order (`slm_model::hf_layout::hf_blocks`). The
+/// rest of the base (embedding, norms, biases, and any projection not listed) is in the
+/// variables, in f32.
+pub type BlockBase = HashMap<(usize, Role), BlockMatrix>;
+
+/// One fused projection's weights (q|k|v, o, gate|up or down): a stretch of the flat vector,
+/// or a frozen base's matrices in blocks, widened into f32 scratch each time they are used.
+/// Widening, then the f32 product, rather than the block kernels' 8-bit activations: the
+/// adapters then learn against the product PEFT computes over the model's f32 export, and
+/// the widening costs one pass over the weights beside a product over a whole micro-batch.
+enum Proj {
+    Flat(Range<usize>),
+    Blocks(Vec<BlockMatrix>),
+}
+
+impl Proj {
+    fn len(&self) -> usize {
+        match self {
+            Proj::Flat(r) => r.len(),
+            Proj::Blocks(ms) => ms.iter().map(|m| m.n * m.k).sum(),
+        }
+    }
+
+    /// The weights, from the flat vector `p` or widened into `wide`.
+    fn weights<'a>(&'a self, p: &'a [f32], wide: &'a mut [f32]) -> &'a [f32] {
+        match self {
+            Proj::Flat(r) => &p[r.clone()],
+            Proj::Blocks(ms) => {
+                let mut at = 0;
+                for m in ms {
+                    m.dequantize(&mut wide[at..at + m.n * m.k]);
+                    at += m.n * m.k;
+                }
+                &wide[..at]
+            }
+        }
+    }
+
+    /// Its weight gradient, where AdamW's `groups` train it.
+    fn trained(&self, groups: &[Group]) -> Option<&Range<usize>> {
+        match self {
+            Proj::Flat(r) if trains(groups, r) => Some(r),
+            _ => None,
+        }
+    }
+}
+
 /// Where one layer's parameters lie in the flat vector.
 struct LayerParams {
     attn_norm: Range<usize>,
     /// q, k and v projections, one after the other: ((heads + 2 kv_heads) head_dim) x hidden.
-    qkv: Range<usize>,
+    qkv: Proj,
     /// Their biases, one after the other, where the model has them.
     qkv_bias: Option<Range<usize>>,
-    o: Range<usize>,
+    o: Proj,
     mlp_norm: Range<usize>,
     /// gate then up projection: (2 ffn) x hidden.
-    gate_up: Range<usize>,
-    down: Range<usize>,
+    gate_up: Proj,
+    down: Proj,
     /// LoRA adapters, in `Config::lora_params` order.
     adapters: Vec<Adapter>,
 }
@@ -202,6 +254,8 @@ pub struct Trainer {
     work: Work,
     /// The weight gradient of a frozen norm or head, formed and dropped.
     discard: Vec<f32>,
+    /// A projection of a base in blocks, widened (the largest such projection's size).
+    wide: Vec<f32>,
     laps: Laps,
 }
 
@@ -398,20 +452,22 @@ impl Trainer {
         adam: AdamWConfig,
         vars: &VarMap,
     ) -> candle_core::Result<Self> {
-        Self::build(cfg, batch, adam, vars, None)
+        Self::build(cfg, batch, adam, vars, None, BlockBase::new())
     }
 
     /// A trainer of LoRA adapters over the frozen model: only the adapters (and a
     /// classifier's head, which PEFT saves whole as a module to save) train. `vars` holds
-    /// the adapters' tensors too (`Config::lora_params` names them).
+    /// the adapters' tensors too (`Config::lora_params` names them), and every tensor of the
+    /// base but the projections `blocks` holds.
     pub fn with_lora(
         cfg: &Config,
         batch: usize,
         adam: AdamWConfig,
         vars: &VarMap,
         lora: &LoraConfig,
+        blocks: BlockBase,
     ) -> candle_core::Result<Self> {
-        Self::build(cfg, batch, adam, vars, Some(lora))
+        Self::build(cfg, batch, adam, vars, Some(lora), blocks)
     }
 
     fn build(
@@ -420,6 +476,7 @@ impl Trainer {
         adam: AdamWConfig,
         vars: &VarMap,
         lora: Option<&LoraConfig>,
+        mut blocks: BlockBase,
     ) -> candle_core::Result<Self> {
         if let Some(why) = unsupported(cfg) {
             candle_core::bail!("{why}");
@@ -453,7 +510,67 @@ impl Trainer {
         let mut params_by_name = Vec::new();
         let mut at = 0usize;
         let adapters = lora.map_or(Vec::new(), |l| cfg.lora_params(l.rank, &l.targets));
-        for spec in cfg.params().into_iter().chain(adapters) {
+        // Projections in blocks have no place in the flat vector; a fused one is in blocks
+        // whole or not at all.
+        let fused: [&[Role]; 4] = [&QKV, &[Role::O], &GATE_UP, &[Role::Down]];
+        let mut block_projs = Vec::new();
+        for l in 0..cfg.num_hidden_layers {
+            for group in fused {
+                let held: Vec<BlockMatrix> = group
+                    .iter()
+                    .filter_map(|r| blocks.remove(&(l, *r)))
+                    .collect();
+                if !held.is_empty() && held.len() != group.len() {
+                    candle_core::bail!(
+                        "layer {l}: {group:?} multiply as one matrix; the base holds only \
+                         some of them in blocks"
+                    );
+                }
+                for (m, r) in held.iter().zip(group) {
+                    let spec = cfg
+                        .params()
+                        .into_iter()
+                        .find(|p| p.role == *r && p.layer == Some(l))
+                        .expect("Config::params lists every projection");
+                    if spec.shape != [m.n, m.k] {
+                        candle_core::bail!(
+                            "{}: blocks of {} x {}, the model has {:?}",
+                            spec.name(),
+                            m.n,
+                            m.k,
+                            spec.shape
+                        );
+                    }
+                }
+                if !held.is_empty() {
+                    if lora.is_none() {
+                        candle_core::bail!("a base in blocks trains only LoRA adapters");
+                    }
+                    block_projs.push(((l, group[0]), held));
+                }
+            }
+        }
+        if let Some((l, r)) = blocks.keys().next() {
+            candle_core::bail!(
+                "the base holds {r:?} of layer {l} in blocks: not a projection of this model"
+            );
+        }
+        let in_blocks = |spec: &params::Param| {
+            spec.layer.is_some_and(|l| {
+                block_projs.iter().any(|((bl, first), _)| {
+                    *bl == l
+                        && fused
+                            .iter()
+                            .any(|g| g[0] == *first && g.contains(&spec.role))
+                })
+            })
+        };
+        for spec in cfg
+            .params()
+            .into_iter()
+            .filter(|s| !in_blocks(s))
+            .chain(adapters)
+        {
             let range = at..at + spec.len();
             at += spec.len();
             // Under LoRA the model is frozen but for a classifier's head.
@@ -483,17 +600,47 @@ impl Trainer {
             assert!(a.end <= b.start, "{a:?} then {b:?}");
             a.start..b.end
         };
+        let mut block_projs: HashMap<(usize, Role), Vec<BlockMatrix>> =
+            block_projs.into_iter().collect();
+        let mut wide_len = 0;
+        let mut proj = |l: usize, flat: &dyn Fn() -> Range<usize>, first: Role| {
+            let p = match block_projs.remove(&(l, first)) {
+                Some(ms) => Proj::Blocks(ms),
+                None => Proj::Flat(flat()),
+            };
+            if let Proj::Blocks(_) = p {
+                wide_len = wide_len.max(p.len());
+            }
+            p
+        };
         let mut layers = Vec::new();
         for l in 0..cfg.num_hidden_layers {
+            let li = l;
             let l = Some(l);
-            let (q, v) = (get(Role::Q, l), get(Role::V, l));
-            assert_eq!(get(Role::K, l).end, v.start, "k then v");
+            let qkv = proj(
+                li,
+                &|| {
+                    let (q, v) = (get(Role::Q, l), get(Role::V, l));
+                    assert_eq!(get(Role::K, l).end, v.start, "k then v");
+                    span(q, v)
+                },
+                Role::Q,
+            );
             let qkv_bias = match (find(Role::QBias, l), find(Role::VBias, l)) {
                 (Some(qb), Some(vb)) => Some(span(qb, vb)),
                 _ => None,
             };
-            let (gate, up) = (get(Role::Gate, l), get(Role::Up, l));
-            assert_eq!(gate.end, up.start, "gate then up");
+            let gate_up = proj(
+                li,
+                &|| {
+                    let (gate, up) = (get(Role::Gate, l), get(Role::Up, l));
+                    assert_eq!(gate.end, up.start, "gate then up");
+                    span(gate, up)
+                },
+                Role::Gate,
+            );
+            let o = proj(li, &|| get(Role::O, l), Role::O);
+            let down = proj(li, &|| get(Role::Down, l), Role::Down);
             let mut adapters = Vec::new();
             for p in params_by_name
                 .iter()
@@ -521,7 +668,12 @@ impl Trainer {
                     Role::Down => (0, f, d),
                     other => candle_core::bail!("LoRA cannot adapt {other:?}"),
                 };
+                let ordinal = params_by_name
+                    .iter()
+                    .filter(|q| q.spec.role == Role::LoraA && q.range.start < p.range.start)
+                    .count() as u64;
                 adapters.push(Adapter {
+                    ordinal,
                     target,
                     a: p.range.clone(),
                     b,
@@ -532,12 +684,12 @@ impl Trainer {
             }
             layers.push(LayerParams {
                 attn_norm: get(Role::AttnNorm, l),
-                qkv: span(q, v),
+                qkv,
                 qkv_bias,
-                o: get(Role::O, l),
+                o,
                 mlp_norm: get(Role::MlpNorm, l),
-                gate_up: span(gate, up),
-                down: get(Role::Down, l),
+                gate_up,
+                down,
                 adapters,
             });
         }
@@ -632,6 +784,7 @@ impl Trainer {
                 lora_dt: zeros(n * rank),
             },
             discard: Vec::new(),
+            wide: zeros(wide_len),
             laps: Laps::default(),
         };
         t.groups = t.trainable_groups();
@@ -1004,6 +1157,7 @@ impl Trainer {
         self.pass_seed = train.then(|| splitmix64(self.dropout_round));
         let seed = self.pass_seed;
         let drop_x = &mut self.drop_x;
+        let wide = &mut self.wide;
         let laps = &mut self.laps;
         laps.start();
         let heads = shape.heads;
@@ -1028,7 +1182,7 @@ impl Trainer {
             linear::forward(
                 &mut s.qkv[..n * qkv_w],
                 &s.h1[..n * d],
-                &p[lp.qkv.clone()],
+                lp.qkv.weights(p, wide),
                 (n, d, qkv_w),
                 false,
             );
@@ -1065,7 +1219,7 @@ impl Trainer {
             linear::forward(
                 &mut s.mid[..n * d],
                 &s.att[..n * qw],
-                &p[lp.o.clone()],
+                lp.o.weights(p, wide),
                 (n, qw, d),
                 true,
             );
@@ -1096,7 +1250,7 @@ impl Trainer {
             linear::forward(
                 &mut s.gu[..n * 2 * f],
                 &s.h2[..n * d],
-                &p[lp.gate_up.clone()],
+                lp.gate_up.weights(p, wide),
                 (n, d, 2 * f),
                 false,
             );
@@ -1124,7 +1278,8 @@ impl Trainer {
             );
             laps.lap("swiglu");
             out.copy_from_slice(&s.mid[..n * d]);
-            linear::forward(out, &s.act[..n * f], &p[lp.down.clone()], (n, f, d), true);
+            let down = lp.down.weights(p, wide);
+            linear::forward(out, &s.act[..n * f], down, (n, f, d), true);
             if let Some(l) = lora {
                 adapters_forward(
                     &lp.adapters,
@@ -1178,26 +1333,19 @@ impl Trainer {
         let laps = &mut self.laps;
         let lora = self.lora;
         let (seed, drop_x, drop_dx) = (self.pass_seed, &mut self.drop_x, &mut self.drop_dx);
+        let wide = &mut self.wide;
         // A linear layer's backward: both gradients, or the input's alone when it is frozen.
-        let linear_bwd = |dx: &mut [f32],
-                          g: &mut [f32],
-                          dy: &[f32],
-                          x: &[f32],
-                          wr: &Range<usize>,
-                          dims: (usize, usize, usize),
-                          partials: &mut Vec<f32>| {
-            if trains(groups, wr) {
-                linear::backward(
-                    dx,
-                    &mut g[wr.clone()],
-                    dy,
-                    x,
-                    &p[wr.clone()],
-                    dims,
-                    partials,
-                );
-            } else {
-                linear::input_grad(dx, dy, &p[wr.clone()], dims, false);
+        let mut linear_bwd = |dx: &mut [f32],
+                              g: &mut [f32],
+                              dy: &[f32],
+                              x: &[f32],
+                              proj: &Proj,
+                              dims: (usize, usize, usize),
+                              partials: &mut Vec<f32>| {
+            let w = proj.weights(p, wide);
+            match proj.trained(groups) {
+                Some(r) => linear::backward(dx, &mut g[r.clone()], dy, x, w, dims, partials),
+                None => linear::input_grad(dx, dy, w, dims, false),
             }
         };
         w.dres[..n * d]
@@ -1831,8 +1979,15 @@ mod tests {
                     .collect(),
             };
             let (ref_loss, ref_grads) = reference(&cfg, &merged, &inputs, &targets_ids, batch);
-            let mut tr =
-                Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora).unwrap();
+            let mut tr = Trainer::with_lora(
+                &cfg,
+                batch,
+                AdamWConfig::default(),
+                &vars,
+                &lora,
+                BlockBase::new(),
+            )
+            .unwrap();
             tr.zero_grads();
             let loss = tr.accumulate_targets(&inputs, &targets_ids, 1.0).unwrap();
             assert!(
@@ -1882,6 +2037,131 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A base kept in GGUF blocks trains exactly as its widened f32 weights do: the same
+    /// losses and adapter gradients, bit for bit, over two updates with adapter dropout (each
+    /// layer in another block type; Llama's permuted rows are the loader's business, tested
+    /// with the real file).
+    #[test]
+    fn a_base_in_blocks_trains_as_its_widened_weights() {
+        use candle_core::quantized::{GgmlDType, QTensor};
+        use slm_kernels::quant::BlockType;
+        // Every projection's input a multiple of the 32-value block.
+        let cfg = Config {
+            vocab_size: 97,
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            max_position_embeddings: 40,
+            ..odd_config(false)
+        };
+        let targets: Vec<Role> = Role::LORA_TARGETS.iter().map(|t| t.0).collect();
+        let lora = LoraConfig {
+            rank: 3,
+            alpha: 6.0,
+            targets: targets.clone(),
+            dropout: 0.1,
+        };
+        let (flat, held) = (params(&cfg, 11), params(&cfg, 11));
+        crate::adapter::init(&flat, &cfg, &lora, 3).unwrap();
+        crate::adapter::init(&held, &cfg, &lora, 3).unwrap();
+        let mut blocks = BlockBase::new();
+        for p in cfg.params() {
+            let (Some(l), true) = (p.layer, targets.contains(&p.role)) else {
+                continue;
+            };
+            let (g, t) = [
+                (GgmlDType::Q4_1, BlockType::Q4_1),
+                (GgmlDType::Q8_0, BlockType::Q8_0),
+            ][l];
+            let name = p.name();
+            let w = flat.data().lock().unwrap()[&name].as_tensor().clone();
+            let q = QTensor::quantize(&w, g).unwrap();
+            flat.data().lock().unwrap()[&name]
+                .set(&q.dequantize(&Device::Cpu).unwrap())
+                .unwrap();
+            held.data().lock().unwrap().remove(&name);
+            let m = BlockMatrix::new(t, &q.data().unwrap(), p.shape[0], p.shape[1]);
+            blocks.insert((l, p.role), m);
+        }
+        // Adapters that move the output (B starts at zero).
+        for vars in [&flat, &held] {
+            for p in cfg.lora_params(lora.rank, &targets) {
+                if p.role == Role::LoraB {
+                    let v: Vec<f32> = random_tokens(p.len(), 1000, p.len() as u64)
+                        .iter()
+                        .map(|&x| (x as f32 / 1000.0 - 0.5) * 0.2)
+                        .collect();
+                    let t = Tensor::from_vec(v, p.shape.as_slice(), &Device::Cpu).unwrap();
+                    vars.data().lock().unwrap()[&p.name()].set(&t).unwrap();
+                }
+            }
+        }
+        let batch = 2;
+        let mut a = Trainer::with_lora(
+            &cfg,
+            batch,
+            AdamWConfig::default(),
+            &flat,
+            &lora,
+            BlockBase::new(),
+        )
+        .unwrap();
+        let mut b =
+            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &held, &lora, blocks).unwrap();
+        let t = cfg.max_position_embeddings;
+        for round in 0..2 {
+            let tokens = random_tokens(batch * (t + 1), cfg.vocab_size, 40 + round);
+            let mut losses = Vec::new();
+            let mut grads = Vec::new();
+            for tr in [&mut a, &mut b] {
+                tr.set_dropout_round(round);
+                tr.zero_grads();
+                losses.push(tr.accumulate(&tokens, 1.0).unwrap());
+                grads.push(tr.grads_by_name().unwrap());
+                tr.step(1e-2, 1.0);
+            }
+            assert_eq!(
+                losses[0].to_bits(),
+                losses[1].to_bits(),
+                "round {round}: {losses:?}"
+            );
+            let adapter_grads = cfg.lora_params(lora.rank, &targets);
+            for p in &adapter_grads {
+                let v = |g: &HashMap<String, Tensor>| -> Vec<u32> {
+                    let x: Vec<f32> = g[&p.name()].flatten_all().unwrap().to_vec1().unwrap();
+                    x.iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(v(&grads[0]), v(&grads[1]), "round {round}: {}", p.name());
+            }
+            assert!(grads[1].values().any(|g| max_abs(g) > 0.0));
+        }
+        // The blocks' memory is theirs alone: the flat vector holds no projection.
+        assert!(
+            b.params.len() < a.params.len() / 2,
+            "{} vs {}",
+            b.params.len(),
+            a.params.len()
+        );
+        // A fused projection half in blocks is refused.
+        let mut partial = BlockBase::new();
+        let q = cfg
+            .params()
+            .into_iter()
+            .find(|p| p.role == Role::Q)
+            .unwrap();
+        let w = flat.data().lock().unwrap()[&q.name()].as_tensor().clone();
+        let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+        partial.insert(
+            (0, Role::Q),
+            BlockMatrix::new(BlockType::Q8_0, &qt.data().unwrap(), q.shape[0], q.shape[1]),
+        );
+        let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &flat, &lora, partial);
+        let e = e.err().expect("refused").to_string();
+        assert!(e.contains("layer 0") && e.contains("only some"), "{e}");
     }
 
     /// Adapter dropout: the gradient of the training loss under a round's masks agrees with
@@ -1936,11 +2216,25 @@ mod tests {
         let (batch, t) = (2, 40);
         let inputs = random_tokens(batch * t, cfg.vocab_size, 12);
         let labels = random_tokens(batch * t, cfg.vocab_size, 13);
-        let mut tr =
-            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(0.3)).unwrap();
+        let mut tr = Trainer::with_lora(
+            &cfg,
+            batch,
+            AdamWConfig::default(),
+            &vars,
+            &lora(0.3),
+            BlockBase::new(),
+        )
+        .unwrap();
         tr.set_positions(t).unwrap();
-        let mut plain =
-            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(0.0)).unwrap();
+        let mut plain = Trainer::with_lora(
+            &cfg,
+            batch,
+            AdamWConfig::default(),
+            &vars,
+            &lora(0.0),
+            BlockBase::new(),
+        )
+        .unwrap();
         plain.set_positions(t).unwrap();
         let train_loss = |tr: &mut Trainer, round| {
             tr.set_dropout_round(round);
@@ -1978,7 +2272,14 @@ mod tests {
         let eval = tr.loss_targets(&inputs, &labels).unwrap();
         assert_eq!(eval, plain.loss_targets(&inputs, &labels).unwrap());
         assert_ne!(eval, loss);
-        let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &lora(1.0));
+        let e = Trainer::with_lora(
+            &cfg,
+            batch,
+            AdamWConfig::default(),
+            &vars,
+            &lora(1.0),
+            BlockBase::new(),
+        );
         assert!(e.is_err_and(|e| e.to_string().contains("dropout 1")));
     }
 
