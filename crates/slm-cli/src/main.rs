@@ -144,7 +144,8 @@ enum Cmd {
         output: PathBuf,
     },
     /// LoRA adapters: `slm lora merge BASE ADAPTER -o DIR` folds an adapter (PEFT's layout, as
-    /// a `[lora]` training run writes it) into its base model folder.
+    /// a `[lora]` training run writes it) into its base (a model folder, or the GGUF file it
+    /// was trained over, widened to f32), written as a model folder.
     Lora {
         #[command(subcommand)]
         cmd: LoraCmd,
@@ -750,9 +751,9 @@ fn lora_base(adapter: &Path, base: Option<&Path>) -> Result<PathBuf> {
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&cfg)?)
         .with_context(|| format!("reading {}", cfg.display()))?;
     match v["base_model_name_or_path"].as_str().map(PathBuf::from) {
-        Some(p) if p.join("config.json").is_file() => Ok(p),
+        Some(p) if p.join("config.json").is_file() || p.is_file() => Ok(p),
         other => bail!(
-            "{}: base_model_name_or_path {:?} is not a model folder here; give --base DIR",
+            "{}: base_model_name_or_path {:?} is not a model folder or file here; give --base MODEL",
             cfg.display(),
             other
         ),

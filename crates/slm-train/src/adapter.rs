@@ -205,10 +205,7 @@ pub fn read(dir: &Path, base: &Path) -> Result<Adapter> {
             }
         }
     }
-    let base_cfg_path = base.join("config.json");
-    let text = std::fs::read_to_string(&base_cfg_path).map_err(io(&base_cfg_path))?;
-    let mut config = Config::from_hf_json(&text, &base_cfg_path.display().to_string())
-        .map_err(|e| setup(e.to_string()))?;
+    let mut config = crate::parent::config_of(base)?;
     // The head: as slm wrote it (slm.json), or labels named by position for an adapter made
     // elsewhere with a score module.
     let st = dir.join("adapter_model.safetensors");
@@ -290,9 +287,9 @@ pub fn read(dir: &Path, base: &Path) -> Result<Adapter> {
     })
 }
 
-/// `slm lora merge`: the base folder's weights with every adapter folded in
-/// (W + alpha/r · B·A, in f32) and the adapter's head, written as a model folder `out` (a
-/// new folder, renamed into place whole) with the base's tokenizer files.
+/// `slm lora merge`: the base's weights (a folder, or a GGUF file widened to f32) with every
+/// adapter folded in (W + alpha/r · B·A, in f32) and the adapter's head, written as a model
+/// folder `out` (a new folder, renamed into place whole) with the base's tokenizer files.
 pub fn merge(base: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
     if out.exists() {
         return Err(setup(format!(
@@ -301,13 +298,8 @@ pub fn merge(base: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
         )));
     }
     let adapter = read(adapter_dir, base)?;
-    let files = slm_model::safetensors_files(base).map_err(|e| setup(e.to_string()))?;
-    let mut weights: HashMap<String, Tensor> = HashMap::new();
-    for f in &files {
-        for (k, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
-            weights.insert(k, t.to_dtype(DType::F32)?);
-        }
-    }
+    let parent = crate::parent::Parent::open(base)?;
+    let mut weights = parent.weights(|_| true)?;
     let cfg = &adapter.config;
     let scale = adapter.lora.alpha / adapter.lora.rank as f64;
     let lp = cfg.lora_params(adapter.lora.rank, &adapter.lora.targets);
@@ -350,15 +342,12 @@ pub fn merge(base: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
         serde_json::to_vec_pretty(&config).expect("json"),
     )
     .map_err(io(&tmp))?;
-    for f in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "special_tokens_map.json",
-        "generation_config.json",
-    ] {
-        if base.join(f).is_file() {
-            std::fs::copy(base.join(f), tmp.join(f)).map_err(io(&base.join(f)))?;
-        }
+    for (f, bytes) in parent.tokenizer_files() {
+        std::fs::write(tmp.join(f), bytes).map_err(io(&tmp.join(f)))?;
+    }
+    if base.join("special_tokens_map.json").is_file() {
+        let f = "special_tokens_map.json";
+        std::fs::copy(base.join(f), tmp.join(f)).map_err(io(&base.join(f)))?;
     }
     candle_core::safetensors::save(&kept, tmp.join("model.safetensors"))?;
     for e in std::fs::read_dir(&tmp).map_err(io(&tmp))?.flatten() {

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use slm_model::params::Role;
 use slm_model::{Config, GgufFile, ModelSource};
@@ -29,6 +29,22 @@ pub struct Parent {
 
 fn setup(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Setup(format!("{}: {e}", path.display()))
+}
+
+/// The configuration of the model at `path` (a folder's config.json, or a GGUF's metadata).
+pub fn config_of(path: &Path) -> Result<Config> {
+    if path.is_dir() {
+        let cfg_path = path.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path).map_err(|err| TrainError::Io {
+            path: cfg_path.clone(),
+            err,
+        })?;
+        Config::from_hf_json(&text, &cfg_path.display().to_string())
+            .map_err(|e| TrainError::Setup(e.to_string()))
+    } else {
+        let file = GgufFile::open(path).map_err(|e| setup(path, e))?;
+        Config::from_gguf(&file).map_err(|e| setup(path, e))
+    }
 }
 
 impl Parent {
@@ -61,10 +77,7 @@ impl Parent {
                     let p = path.join(name);
                     std::fs::read(&p).map_err(|err| TrainError::Io { path: p, err })
                 };
-                let cfg_path = path.join("config.json");
-                let text = String::from_utf8_lossy(&read("config.json")?).into_owned();
-                let cfg = Config::from_hf_json(&text, &cfg_path.display().to_string())
-                    .map_err(|e| TrainError::Setup(e.to_string()))?;
+                let cfg = config_of(path)?;
                 let tokenizer_config = match read("tokenizer_config.json") {
                     Ok(bytes) => serde_json::from_slice(&bytes)
                         .map_err(|e| setup(&path.join("tokenizer_config.json"), e))?,
@@ -117,9 +130,39 @@ impl Parent {
         Ok(base)
     }
 
+    /// The parent's tensors whose Hugging Face names `wanted` selects, in f32 (the GGUF's
+    /// widened and in Hugging Face's layout).
+    pub fn weights(&self, wanted: impl Fn(&str) -> bool) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        match &self.gguf {
+            Some(file) => {
+                for spec in self.cfg.params().iter().filter(|p| wanted(&p.name())) {
+                    let v = slm_model::hf_layout::hf_values(file, &self.cfg, spec)?;
+                    out.insert(
+                        spec.name(),
+                        Tensor::from_vec(v, spec.shape.as_slice(), &Device::Cpu)?,
+                    );
+                }
+            }
+            None => {
+                let files = slm_model::safetensors_files(&self.path)
+                    .map_err(|e| TrainError::Setup(e.to_string()))?;
+                for f in &files {
+                    for (name, t) in candle_core::safetensors::load(f, &Device::Cpu)? {
+                        if wanted(&name) {
+                            out.insert(name, t.to_dtype(DType::F32)?);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Sets `vars` to the parent's weights, after checking that the run's tokenizer
     /// (`tok_json`) is the parent's own. Every variable is read but a new head's, which
-    /// keeps its initialisation.
+    /// keeps its initialisation; the parent's output projection, if it has one, is not part
+    /// of a classifier's model.
     pub fn load(&self, vars: &VarMap, tok_json: &[u8]) -> Result<()> {
         if slm_data::tokenizer_sha256(&self.tokenizer_json) != slm_data::tokenizer_sha256(tok_json)
         {
@@ -129,41 +172,17 @@ impl Parent {
                 self.path.display()
             )));
         }
-        let mut folder = HashMap::new();
-        if self.gguf.is_none() {
-            let files = slm_model::safetensors_files(&self.path)
-                .map_err(|e| TrainError::Setup(e.to_string()))?;
-            for f in &files {
-                folder.extend(candle_core::safetensors::load(f, &Device::Cpu)?);
-            }
-        }
-        let specs = self.cfg.params();
         let data = vars.data().lock().expect("var map lock");
+        let mut weights = self.weights(|name| data.contains_key(name))?;
         for (name, var) in data.iter() {
-            // A new head starts from its initialisation; the parent's output projection, if
-            // it has one, is not part of the run's model.
-            let role = slm_model::params::parse_hf_name(name);
-            let new_head = matches!(role, Some((Role::Score | Role::ScoreBias, _)));
-            let t = match &self.gguf {
-                Some(file) => {
-                    let spec =
-                        role.and_then(|(r, l)| specs.iter().find(|p| p.role == r && p.layer == l));
-                    match spec {
-                        Some(spec) => {
-                            let v = slm_model::hf_layout::hf_values(file, &self.cfg, spec)?;
-                            candle_core::Tensor::from_vec(v, spec.shape.as_slice(), &Device::Cpu)?
-                        }
-                        None if new_head => continue,
-                        None => {
-                            return Err(setup(&self.path, format!("no tensor for {name}")));
-                        }
-                    }
-                }
-                None => match folder.remove(name) {
-                    Some(t) => t,
-                    None if new_head => continue,
-                    None => return Err(setup(&self.path, format!("no tensor {name}"))),
-                },
+            let new_head = matches!(
+                slm_model::params::parse_hf_name(name),
+                Some((Role::Score | Role::ScoreBias, _))
+            );
+            let t = match weights.remove(name) {
+                Some(t) => t,
+                None if new_head => continue,
+                None => return Err(setup(&self.path, format!("no tensor {name}"))),
             };
             if t.shape() != var.shape() {
                 return Err(setup(
@@ -175,8 +194,26 @@ impl Parent {
                     ),
                 ));
             }
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&t)?;
         }
         Ok(())
+    }
+
+    /// The files beside the weights that a model folder made from this parent keeps:
+    /// tokenizer.json, tokenizer_config.json and generation_config.json.
+    pub fn tokenizer_files(&self) -> Vec<(&'static str, Vec<u8>)> {
+        let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
+        let generation =
+            std::fs::read(self.path.join("generation_config.json")).unwrap_or_else(|_| {
+                json(&serde_json::json!({
+                    "bos_token_id": self.cfg.bos_token_id,
+                    "eos_token_id": self.cfg.eos_token_id
+                }))
+            });
+        vec![
+            ("tokenizer.json", self.tokenizer_json.clone()),
+            ("tokenizer_config.json", json(&self.tokenizer_config)),
+            ("generation_config.json", generation),
+        ]
     }
 }

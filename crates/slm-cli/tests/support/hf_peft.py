@@ -3,7 +3,12 @@ transformers' Auto classes: a causal LM, or a classifier with as many labels as 
 saved score layer has rows) and prints, as JSON, PEFT's class and the logits of each row of
 token ids (every position for a causal LM or a token head; a sequence head's one row).
 
-    python hf_peft.py BASE_DIR ADAPTER_DIR '[[ids...], ...]'
+    python hf_peft.py BASE_DIR ADAPTER_DIR '[[ids...], ...]' [MERGED_DIR]
+
+With MERGED_DIR (slm's merge of the adapter into the base) it also prints `merge_diff`, the
+largest difference between PEFT's own merge (merge_and_unload) and that folder's weights, and
+`logits_f64`, the merged folder's logits computed by transformers in float64 (a reference
+both float32 forwards are measured against).
 """
 import json
 import sys
@@ -18,6 +23,7 @@ from transformers import (
 )
 
 base, adapter, rows = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+merged = sys.argv[4] if len(sys.argv) > 4 else None
 task = PeftConfig.from_pretrained(adapter).task_type
 kwargs = {"dtype": torch.float32, "attn_implementation": "eager"}
 if task == "CAUSAL_LM":
@@ -34,4 +40,12 @@ with torch.no_grad():
     for r in rows:
         # (labels) for a sequence head, (positions, outputs) otherwise.
         out["logits"].append(model(input_ids=torch.tensor([r])).logits[0].tolist())
+    if merged is not None:
+        ours = AutoModelForCausalLM.from_pretrained(merged, **kwargs).state_dict()
+        theirs = model.merge_and_unload().state_dict()
+        assert ours.keys() == theirs.keys(), (ours.keys() ^ theirs.keys())
+        out["merge_diff"] = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+        kwargs["dtype"] = torch.float64
+        exact = AutoModelForCausalLM.from_pretrained(merged, **kwargs)
+        out["logits_f64"] = [exact(input_ids=torch.tensor([r])).logits[0].tolist() for r in rows]
 print(json.dumps(out))
