@@ -5,6 +5,8 @@
 #
 #   bench/quantized-in-llamacpp.sh [MODEL_FOLDER]     # default: a fresh 1.5-minute quickstart
 #
+# TYPES: the quantization types (default "q8_0 q4_k_m").
+#
 # LLAMA_COMPLETION: llama-completion built outside the repository, from the same sources as
 # bench/quantize-reference.sh (`cmake --build build --target llama-completion`).
 set -euo pipefail
@@ -22,7 +24,7 @@ if [ -z "$model" ]; then
 fi
 echo "model: $model ($(git rev-parse --short HEAD))"
 same=0; total=0
-for ty in q8_0 q4_k_m; do
+for ty in ${TYPES:-q8_0 q4_k_m}; do
   "$slm" quantize "$model" --type "$ty" -o "$work/$ty.gguf" >/dev/null 2>&1
   for prompt in "The whale" "Call me Ishmael." "It was a dark and stormy night, and" "The President of the United States"; do
     # slm prints the prompt before its continuation; llama-completion is told not to.

@@ -590,7 +590,7 @@ pub fn lora_to_gguf(
             .and_then(|t| t.to_vec1())
             .map_err(|e| e.to_string())?;
         let rank = adapter.lora.rank;
-        let v = match (p.role, p.target.and_then(|t| permuted_heads(&cfg, t))) {
+        let v = match (p.role, p.target.and_then(|t| permuted_heads(cfg, t))) {
             (Role::LoraB, Some(heads)) => permute_rows(&v, heads, rank),
             _ => v,
         };
