@@ -5,6 +5,10 @@
 #
 #   bench/compare-train.sh [SHAPES] [THREADS] [PAIRS] [STEPS]      e.g. "tiny small" 2 3 4
 #
+# The shape smollm2 (SmolLM2-135M, sequence 128, batch 16) is compared with transformers'
+# LlamaForCausalLM (bench/finetune_torch.py); LORA=R trains rank-R adapters on every
+# projection instead, in slm and in PEFT.
+#
 # PyTorch comes from $SLM_PYTHON (default: the venv .ci/run makes, ~/.cache/slm/pyenv, from
 # requirements-dev.txt). SLM_TORCH_COMPILE=1 also runs torch.compile. SLM_BASELINE=path/to/an
 # older slm adds that build to every round, as the row "slm-baseline".
@@ -23,14 +27,17 @@ out="$(mktemp -d)"
 engines="eager"; [ "${SLM_TORCH_COMPILE:-0}" = 1 ] && engines="eager compile"
 for shape in $shapes; do
   for i in $(seq "$pairs"); do
-    "$slm" bench --train "$shape" --threads "$threads" --steps "$steps" --json >> "$out/$shape.slm.jsonl"
+    lora=(); [ -n "${LORA:-}" ] && lora=(--lora "$LORA")
+    peer="$root/bench/train_torch.py"; peer_args=(--shape "$shape")
+    [ "$shape" = smollm2 ] && { peer="$root/bench/finetune_torch.py"; peer_args=("${lora[@]}"); }
+    "$slm" bench --train "$shape" "${lora[@]}" --threads "$threads" --steps "$steps" --json >> "$out/$shape.slm.jsonl"
     if [ -n "${SLM_BASELINE:-}" ]; then
       "$SLM_BASELINE" bench --train "$shape" --threads "$threads" --steps "$steps" --json \
         >> "$out/$shape.slm-baseline.jsonl"
     fi
     for e in $engines; do
       flag=""; [ "$e" = compile ] && flag="--compile"
-      "$py" "$root/bench/train_torch.py" --shape "$shape" --threads "$threads" --steps "$steps" $flag --json \
+      "$py" "$peer" "${peer_args[@]}" --threads "$threads" --steps "$steps" $flag --json \
         2>/dev/null >> "$out/$shape.torch-$e.jsonl"
     done
   done

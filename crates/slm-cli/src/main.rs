@@ -264,9 +264,14 @@ enum Cmd {
     Bench {
         #[arg(required_unless_present = "train")]
         model: Option<PathBuf>,
-        /// tiny (d256 L4 ctx256 batch16) or small (d512 L8 ctx512 batch8), vocab 8192.
+        /// tiny (d256 L4 ctx256 batch16) or small (d512 L8 ctx512 batch8), vocab 8192; or
+        /// smollm2 (SmolLM2-135M's shape, ctx128 batch16).
         #[arg(long, conflicts_with = "model")]
         train: Option<slm_train::bench::Shape>,
+        /// With --train: rank-R LoRA adapters (alpha 2R) on every projection of the frozen
+        /// model instead of full training.
+        #[arg(long, requires = "train", value_parser = positive)]
+        lora: Option<usize>,
         /// Timed training updates (after two untimed ones).
         #[arg(long, default_value_t = 5)]
         steps: usize,
@@ -1061,10 +1066,11 @@ fn run(mut cli: Cli) -> Result<()> {
             threads,
             json,
             reps,
+            lora,
         } => {
             let threads = slm_kernels::process::init_threads(threads);
             match (train, model) {
-                (Some(shape), _) => bench_train(shape, steps, threads, json),
+                (Some(shape), _) => bench_train(shape, steps, threads, json, lora),
                 (None, Some(model)) => bench(&model, threads, json, reps),
                 (None, None) => bail!("bench needs a MODEL or --train tiny|small"),
             }
@@ -1498,8 +1504,9 @@ fn bench_train(
     steps: usize,
     threads: usize,
     json: bool,
+    lora: Option<usize>,
 ) -> Result<()> {
-    let r = slm_train::bench::run(shape, steps, 2)?;
+    let r = slm_train::bench::run(shape, steps, 2, lora)?;
     let rss = slm_kernels::process::peak_rss_mb();
     if json {
         let mut v = serde_json::to_value(&r)?;

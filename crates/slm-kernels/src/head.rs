@@ -50,10 +50,11 @@ impl<'a, T> HeadWeights<'a, T> {
     }
 }
 
-/// Where the gradients of a head's loss go: dh is written, dw and db added into.
+/// Where the gradients of a head's loss go: dh is written, dw and db added into. A frozen head
+/// (LoRA's tied embedding) has no dw: that product is not computed.
 pub struct HeadGrads<'a, T> {
     pub dh: &'a mut [T],
-    pub dw: &'a mut [T],
+    pub dw: Option<&'a mut [T]>,
     pub db: Option<&'a mut [T]>,
 }
 
@@ -78,7 +79,7 @@ pub fn head_loss_into<T: WithDType + ExpInPlace>(
     assert!(head.class_weights.is_none_or(|c| c.len() == v));
     let mut grads = grads;
     if let Some(g) = &grads {
-        assert!(g.dh.len() >= n * d && g.dw.len() >= v * d);
+        assert!(g.dh.len() >= n * d && g.dw.as_ref().is_none_or(|dw| dw.len() >= v * d));
         assert!(g.db.as_ref().is_none_or(|db| db.len() == v));
     }
     let class = |t: u32| head.class_weights.map_or(1.0, |c| c[t as usize]);
@@ -165,16 +166,18 @@ pub fn head_loss_into<T: WithDType + ExpInPlace>(
                 T::one(),
                 true,
             );
-            gemm(
-                dw.as_mut_ptr(),
-                d,
-                true,
-                (v, d, rows),
-                View::transposed(g, v),
-                View::rows(hc, d),
-                T::one(),
-                true,
-            );
+            if let Some(dw) = dw {
+                gemm(
+                    dw.as_mut_ptr(),
+                    d,
+                    true,
+                    (v, d, rows),
+                    View::transposed(g, v),
+                    View::rows(hc, d),
+                    T::one(),
+                    true,
+                );
+            }
         }
     }
     (total, weight)
@@ -234,7 +237,7 @@ mod tests {
             T::from_f64(scale),
             Some(HeadGrads {
                 dh: &mut dh,
-                dw: &mut dw,
+                dw: Some(&mut dw),
                 db: classifier.then_some(db.as_mut_slice()),
             }),
             &mut Vec::new(),

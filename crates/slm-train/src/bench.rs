@@ -9,7 +9,7 @@ use slm_model::Config;
 
 use crate::init::{init_params, Rng};
 use crate::optim::AdamWConfig;
-use crate::trainer::Trainer;
+use crate::trainer::{BlockBase, LoraConfig, Trainer};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Shape {
@@ -17,6 +17,9 @@ pub enum Shape {
     Tiny,
     /// d512 L8 H8 ffn1376 ctx512 batch8 vocab8192 (29M parameters)
     Small,
+    /// SmolLM2-135M's shape (d576 L30 H9 KV3 ffn1536 vocab49152, tied) at ctx128 batch16:
+    /// the fine-tuning comparison with transformers (+ PEFT) of bench/finetune_torch.py.
+    Smollm2,
 }
 
 impl std::str::FromStr for Shape {
@@ -25,8 +28,9 @@ impl std::str::FromStr for Shape {
         match s {
             "tiny" => Ok(Shape::Tiny),
             "small" => Ok(Shape::Small),
+            "smollm2" => Ok(Shape::Smollm2),
             _ => Err(format!(
-                "unknown training shape {s:?}: expected tiny or small"
+                "unknown training shape {s:?}: expected tiny, small or smollm2"
             )),
         }
     }
@@ -37,26 +41,28 @@ impl Shape {
         match self {
             Shape::Tiny => "tiny",
             Shape::Small => "small",
+            Shape::Smollm2 => "smollm2",
         }
     }
 
     /// The model and the batch size. Embeddings are tied, as in the recipes' default.
     pub fn config(self) -> (Config, usize) {
-        let (d, layers, heads, ffn, ctx, batch) = match self {
-            Shape::Tiny => (256, 4, 4, 688, 256, 16),
-            Shape::Small => (512, 8, 8, 1376, 512, 8),
+        let (d, layers, heads, kv, ffn, ctx, batch, vocab, theta) = match self {
+            Shape::Tiny => (256, 4, 4, 4, 688, 256, 16, 8192, 10_000.0),
+            Shape::Small => (512, 8, 8, 8, 1376, 512, 8, 8192, 10_000.0),
+            Shape::Smollm2 => (576, 30, 9, 3, 1536, 128, 16, 49152, 100_000.0),
         };
         let cfg = Config {
             arch: slm_model::Arch::Llama,
-            vocab_size: 8192,
+            vocab_size: vocab,
             hidden_size: d,
             intermediate_size: ffn,
             num_hidden_layers: layers,
             num_attention_heads: heads,
-            num_key_value_heads: heads,
+            num_key_value_heads: kv,
             head_dim: d / heads,
             rms_norm_eps: 1e-5,
-            rope_theta: 10_000.0,
+            rope_theta: theta,
             rope_scaling: None,
             max_position_embeddings: ctx,
             tie_word_embeddings: true,
@@ -74,6 +80,8 @@ impl Shape {
 pub struct TrainBench {
     pub shape: &'static str,
     pub parameters: usize,
+    /// The LoRA rank, when adapters train over the frozen model.
+    pub lora: Option<usize>,
     pub tokens_per_step: usize,
     pub steps: usize,
     pub tokens_per_s: f64,
@@ -91,13 +99,33 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones.
-pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<TrainBench> {
+/// `warmup` untimed updates (allocator and caches settle), then `steps` timed ones: of every
+/// weight, or, with `lora` = r, of rank-r adapters (alpha 2r) on all seven projections of
+/// every layer over the frozen model.
+pub fn run(
+    shape: Shape,
+    steps: usize,
+    warmup: usize,
+    lora: Option<usize>,
+) -> candle_core::Result<TrainBench> {
     let dev = Device::Cpu;
     let (cfg, batch) = shape.config();
     let ctx = cfg.max_position_embeddings;
     let vars = init_params(&cfg, DType::F32, 0, &dev)?;
-    let mut tr = Trainer::new(&cfg, batch, AdamWConfig::default(), &vars)?;
+    let mut tr = match lora {
+        Some(rank) => {
+            let l = LoraConfig {
+                rank,
+                alpha: 2.0 * rank as f64,
+                targets: slm_model::Role::LORA_TARGETS.iter().map(|t| t.0).collect(),
+                dropout: 0.0,
+            };
+            crate::adapter::init(&vars, &cfg, &l, 0)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &l, BlockBase::new())?
+        }
+        None => Trainer::new(&cfg, batch, AdamWConfig::default(), &vars)?,
+    };
     let mut rng = Rng(1);
     let vocab = cfg.vocab_size as u64;
     let (mut fwd, mut bwd, mut upd, mut all) = (vec![], vec![], vec![], vec![]);
@@ -138,6 +166,7 @@ pub fn run(shape: Shape, steps: usize, warmup: usize) -> candle_core::Result<Tra
     Ok(TrainBench {
         shape: shape.name(),
         parameters: cfg.num_params(),
+        lora,
         tokens_per_step,
         steps: steps.max(1),
         tokens_per_s: tokens_per_step as f64 / step_s,

@@ -980,17 +980,10 @@ impl Trainer {
             class_weights: self.class_weights.as_deref(),
         };
         let grads = if grads {
-            // A frozen head's gradients are formed in scratch and dropped (a tied head frozen
-            // with the embedding); its bias's, when it has one, alike.
+            // A frozen head (a tied head frozen with the embedding) gets no weight gradient;
+            // nor does its bias, when it has one.
             let (lo, hi) = self.grads.split_at_mut(self.head.end);
-            let trains_w = trains(&self.groups, &self.head);
-            let dw: &mut [f32] = if trains_w {
-                &mut lo[self.head.clone()]
-            } else {
-                self.discard.clear();
-                self.discard.resize(self.head.len(), 0.0);
-                &mut self.discard
-            };
+            let dw = trains(&self.groups, &self.head).then(|| &mut lo[self.head.clone()]);
             let db = self
                 .head_bias
                 .as_ref()
@@ -2547,7 +2540,7 @@ mod tests {
             1.0,
             Some(HeadGrads {
                 dh: &mut dh,
-                dw,
+                dw: Some(dw),
                 db: None,
             }),
             &mut Vec::new(),
