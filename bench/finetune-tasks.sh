@@ -12,7 +12,8 @@
 # Prints each run's wall time and peak RSS (GNU time) and the scores; leaves everything in OUT.
 #
 #   bench/finetune-tasks.sh [OUT] [EPOCHS_SENTIMENT] [EPOCHS_WNUT]   # default: runs/finetune 2 3
-# LORA=1 adds a LoRA run of the sentiment task (r 16, alpha 32, all seven projections).
+# LORA=1 adds a LoRA run of the sentiment task (r 16, alpha 32, all seven projections) over
+# the Q4_1 GGUF itself, its projections kept in their blocks.
 # TASKS picks the runs (default "sentiment wnut", plus "lora" with LORA=1).
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -80,10 +81,10 @@ if has wnut; then
   "$SLM" eval "$out/wnut/model" --task "tag:$out/wnut_test.jsonl" --out "$out/wnut_test.json"
 fi
 if has lora; then
-  sed -i 's/^lr = 3e-5/lr = 3e-4/' "$out/sentiment_lora.toml"
-  printf '[lora]\nr = 16\nalpha = 32\n' >> "$out/sentiment_lora.toml"
+  sed -i "s/^lr = 3e-5/lr = 3e-4/; s#^parent = \"base\"#parent = \"$gguf\"#" "$out/sentiment_lora.toml"
+  printf '[lora]\nr = 16\nalpha = 32\ntargets = ["q", "k", "v", "o", "gate", "up", "down"]\n' >> "$out/sentiment_lora.toml"
   timed sentiment_lora
   rm -rf "$out/sentiment_lora_merged"
-  "$SLM" lora merge "$out/base" "$out/sentiment_lora/adapter" -o "$out/sentiment_lora_merged"
+  "$SLM" lora merge "$gguf" "$out/sentiment_lora/adapter" -o "$out/sentiment_lora_merged"
   "$SLM" eval "$out/sentiment_lora_merged" --task "classify:$evals/sst2.jsonl" --out "$out/sst2_lora.json"
 fi

@@ -265,6 +265,60 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     assert!(!d.join("mismatch").exists());
 }
 
+/// A LoRA run with adapter dropout, stopped after a checkpoint and resumed, computes the
+/// losses of the unbroken run, to the bit: the checkpoint holds the adapters and their moments
+/// (not the frozen base, which is the parent's), and the dropout masks follow the update count.
+#[test]
+fn a_resumed_lora_run_with_dropout_matches_the_unbroken_one() {
+    let f = fixture();
+    let d = f.dir.path();
+    let recipe = std::fs::read_to_string(d.join("lm_lora.toml"))
+        .unwrap()
+        .replace("out = \"lm_lora\"", "out = \"resumed\"")
+        .replace("alpha = 8", "alpha = 8\ndropout = 0.2")
+        .replace("[lora]", "[checkpoint]\ninterval = 8\nkeep = 10\n[lora]");
+    std::fs::write(d.join("resumed.toml"), recipe).unwrap();
+    ok(slm().args(["train", "resumed.toml"]).current_dir(d));
+    let run = d.join("resumed");
+    let losses = || -> Vec<(u64, u64)> {
+        std::fs::read_to_string(run.join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
+            })
+            .collect()
+    };
+    let want = losses();
+    assert_eq!(want.len(), 32);
+    // What a checkpoint of a LoRA run holds: the adapters, not the base.
+    let ck = run.join("checkpoints/step-00000016");
+    let st = candle_core::safetensors::load(ck.join("model.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(st.len(), 2 * 7 * 2, "{:?}", st.keys());
+    assert!(st.keys().all(|k| k.contains(".lora_")), "{:?}", st.keys());
+    for late in ["step-00000024", "step-00000032"] {
+        std::fs::remove_dir_all(run.join("checkpoints").join(late)).unwrap();
+    }
+    std::fs::remove_dir_all(run.join("adapter")).unwrap();
+    ok(slm()
+        .args(["train", "resumed.toml", "--resume"])
+        .current_dir(d));
+    assert_eq!(losses(), want);
+    // Without dropout the losses differ: the masks did drop.
+    assert_ne!(
+        want,
+        std::fs::read_to_string(d.join("lm_lora/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
+            })
+            .collect::<Vec<_>>()
+    );
+}
+
 #[test]
 #[cfg_attr(
     not(python_peft),

@@ -9,11 +9,12 @@ use rayon::prelude::*;
 use crate::exp::ExpInPlace;
 use crate::gemm::{gemm, View};
 
-/// Logits per chunk (512 rows of an 8192-token vocabulary). Each chunk adds its share into
-/// w's gradient, which is read and written once per chunk, so much smaller chunks cost more
-/// in that traffic than they save; much larger ones add to the peak (`slm bench --train`
-/// measures the head's seconds).
-pub const HEAD_CHUNK_VALUES: usize = 1 << 22;
+/// Logits per chunk (2048 rows of an 8192-token vocabulary, 341 of a 49152-token one: 64 MB
+/// in f32). Each chunk reads w twice (logits, then h's gradient) and reads and writes w's
+/// gradient once, so smaller chunks cost more in that traffic than they save once w outgrows
+/// the caches (a 49152 x 576 head is 113 MB); much larger ones add to the peak
+/// (`slm bench --train` measures the head's seconds).
+pub const HEAD_CHUNK_VALUES: usize = 1 << 24;
 
 /// A target that counts for nothing, no loss and no gradient: prompt tokens in chat
 /// fine-tuning, padding.

@@ -122,7 +122,14 @@ pub fn run(
             };
             crate::adapter::init(&vars, &cfg, &l, 0)
                 .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
-            Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &vars, &l, BlockBase::new())?
+            Trainer::with_lora(
+                &cfg,
+                batch,
+                AdamWConfig::default(),
+                &vars,
+                &l,
+                BlockBase::new(),
+            )?
         }
         None => Trainer::new(&cfg, batch, AdamWConfig::default(), &vars)?,
     };

@@ -104,14 +104,8 @@ impl Parent {
         };
         let params = cfg.params();
         let mut base = HashMap::new();
-        let fused: [&[Role]; 4] = [
-            &[Role::Q, Role::K, Role::V],
-            &[Role::O],
-            &[Role::Gate, Role::Up],
-            &[Role::Down],
-        ];
         for l in 0..cfg.num_hidden_layers {
-            for group in fused {
+            for group in crate::trainer::FUSED {
                 let mut held = Vec::new();
                 for &role in group {
                     let p = params

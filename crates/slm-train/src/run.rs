@@ -210,9 +210,12 @@ fn sync_file(path: &Path) -> Result<()> {
 
 /// Writes a checkpoint folder under a temporary name, syncs it, then renames it into place:
 /// a crash leaves either the whole checkpoint or none of it.
+/// A checkpoint holds what trains (`trained`: every weight, or a LoRA run's adapters and
+/// head) and its AdamW moments; a frozen base is the parent's, read again on resume.
 fn save_checkpoint(
     dir: &Path,
     vars: &VarMap,
+    trained: &[String],
     optim_state: &HashMap<String, Tensor>,
     state: &RunState,
     keep: usize,
@@ -222,7 +225,14 @@ fn save_checkpoint(
     let tmp = dir.join(format!(".{name}.tmp"));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
-    vars.save(tmp.join("model.safetensors"))?;
+    let weights: HashMap<String, Tensor> = {
+        let data = vars.data().lock().expect("var map lock");
+        trained
+            .iter()
+            .map(|n| (n.clone(), data[n].as_tensor().clone()))
+            .collect()
+    };
+    candle_core::safetensors::save(&weights, tmp.join("model.safetensors"))?;
     candle_core::safetensors::save(optim_state, tmp.join("optim.safetensors"))?;
     let json = serde_json::to_vec_pretty(state).expect("state serializes");
     std::fs::write(tmp.join("state.json"), json).map_err(io(&tmp))?;
@@ -728,6 +738,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             save_checkpoint(
                 &ckpt_dir,
                 &vars,
+                &trainer.trainable_names(),
                 &trainer.state()?,
                 &state,
                 recipe.checkpoint.keep,
@@ -865,9 +876,10 @@ fn resume_from(
     let optim = read("optim.safetensors")?;
     {
         let data = vars.data().lock().expect("var map lock");
-        for (name, var) in data.iter() {
+        for name in trainer.trainable_names() {
+            let var = &data[&name];
             let t = weights
-                .get(name)
+                .get(&name)
                 .ok_or_else(|| TrainError::Setup(format!("{}: no tensor {name}", dir.display())))?;
             var.set(t)
                 .map_err(|e| TrainError::Setup(format!("{}: {name}: {e}", dir.display())))?;

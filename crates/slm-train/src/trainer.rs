@@ -420,6 +420,59 @@ fn adapters_backward(
 
 const QKV: [Role; 3] = [Role::Q, Role::K, Role::V];
 const GATE_UP: [Role; 2] = [Role::Gate, Role::Up];
+/// The projections of a layer that multiply as one matrix (each group named by its first).
+pub const FUSED: [&[Role]; 4] = [&QKV, &[Role::O], &GATE_UP, &[Role::Down]];
+
+/// `blocks`' matrices by layer and fused group (`FUSED`, named by its first role), in the
+/// group's order, checked against `cfg`'s shapes: a group is in blocks whole or not at all,
+/// and every matrix must belong to one.
+fn take_fused_blocks(
+    cfg: &Config,
+    blocks: &mut BlockBase,
+) -> candle_core::Result<HashMap<(usize, Role), Vec<BlockMatrix>>> {
+    let mut held = HashMap::new();
+    for p in cfg.params() {
+        let (Some(l), Some(group)) = (p.layer, FUSED.iter().find(|g| g[0] == p.role)) else {
+            continue;
+        };
+        let ms: Vec<BlockMatrix> = group
+            .iter()
+            .filter_map(|r| blocks.remove(&(l, *r)))
+            .collect();
+        if ms.is_empty() {
+            continue;
+        }
+        if ms.len() != group.len() {
+            candle_core::bail!(
+                "layer {l}: {group:?} multiply as one matrix; the base holds only some of them \
+                 in blocks"
+            );
+        }
+        for (m, r) in ms.iter().zip(group.iter()) {
+            let spec = cfg
+                .params()
+                .into_iter()
+                .find(|q| q.role == *r && q.layer == Some(l));
+            let spec = spec.expect("Config::params lists every projection");
+            if spec.shape != [m.n, m.k] {
+                candle_core::bail!(
+                    "{}: blocks of {} x {}, the model has {:?}",
+                    spec.name(),
+                    m.n,
+                    m.k,
+                    spec.shape
+                );
+            }
+        }
+        held.insert((l, p.role), ms);
+    }
+    if let Some((l, r)) = blocks.keys().next() {
+        candle_core::bail!(
+            "the base holds {r:?} of layer {l} in blocks: not a projection of this model"
+        );
+    }
+    Ok(held)
+}
 
 fn zeros(n: usize) -> Vec<f32> {
     vec![0f32; n]
@@ -510,60 +563,14 @@ impl Trainer {
         let mut params_by_name = Vec::new();
         let mut at = 0usize;
         let adapters = lora.map_or(Vec::new(), |l| cfg.lora_params(l.rank, &l.targets));
-        // Projections in blocks have no place in the flat vector; a fused one is in blocks
-        // whole or not at all.
-        let fused: [&[Role]; 4] = [&QKV, &[Role::O], &GATE_UP, &[Role::Down]];
-        let mut block_projs = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            for group in fused {
-                let held: Vec<BlockMatrix> = group
-                    .iter()
-                    .filter_map(|r| blocks.remove(&(l, *r)))
-                    .collect();
-                if !held.is_empty() && held.len() != group.len() {
-                    candle_core::bail!(
-                        "layer {l}: {group:?} multiply as one matrix; the base holds only \
-                         some of them in blocks"
-                    );
-                }
-                for (m, r) in held.iter().zip(group) {
-                    let spec = cfg
-                        .params()
-                        .into_iter()
-                        .find(|p| p.role == *r && p.layer == Some(l))
-                        .expect("Config::params lists every projection");
-                    if spec.shape != [m.n, m.k] {
-                        candle_core::bail!(
-                            "{}: blocks of {} x {}, the model has {:?}",
-                            spec.name(),
-                            m.n,
-                            m.k,
-                            spec.shape
-                        );
-                    }
-                }
-                if !held.is_empty() {
-                    if lora.is_none() {
-                        candle_core::bail!("a base in blocks trains only LoRA adapters");
-                    }
-                    block_projs.push(((l, group[0]), held));
-                }
-            }
-        }
-        if let Some((l, r)) = blocks.keys().next() {
-            candle_core::bail!(
-                "the base holds {r:?} of layer {l} in blocks: not a projection of this model"
-            );
+        // Projections in blocks have no place in the flat vector.
+        let mut held = take_fused_blocks(cfg, &mut blocks)?;
+        if !held.is_empty() && lora.is_none() {
+            candle_core::bail!("a base in blocks trains only LoRA adapters");
         }
         let in_blocks = |spec: &params::Param| {
-            spec.layer.is_some_and(|l| {
-                block_projs.iter().any(|((bl, first), _)| {
-                    *bl == l
-                        && fused
-                            .iter()
-                            .any(|g| g[0] == *first && g.contains(&spec.role))
-                })
-            })
+            let first = FUSED.iter().find(|g| g.contains(&spec.role)).map(|g| g[0]);
+            matches!((spec.layer, first), (Some(l), Some(r)) if held.contains_key(&(l, r)))
         };
         for spec in cfg
             .params()
@@ -600,47 +607,37 @@ impl Trainer {
             assert!(a.end <= b.start, "{a:?} then {b:?}");
             a.start..b.end
         };
-        let mut block_projs: HashMap<(usize, Role), Vec<BlockMatrix>> =
-            block_projs.into_iter().collect();
         let mut wide_len = 0;
-        let mut proj = |l: usize, flat: &dyn Fn() -> Range<usize>, first: Role| {
-            let p = match block_projs.remove(&(l, first)) {
-                Some(ms) => Proj::Blocks(ms),
-                None => Proj::Flat(flat()),
-            };
-            if let Proj::Blocks(_) = p {
+        // Layer l's projection fused from `FUSED` group `first`: in blocks, or its stretch.
+        let mut proj = |l: usize, first: Role, flat: &dyn Fn() -> Range<usize>| match held
+            .remove(&(l, first))
+        {
+            Some(ms) => {
+                let p = Proj::Blocks(ms);
                 wide_len = wide_len.max(p.len());
+                p
             }
-            p
+            None => Proj::Flat(flat()),
         };
         let mut layers = Vec::new();
-        for l in 0..cfg.num_hidden_layers {
-            let li = l;
-            let l = Some(l);
-            let qkv = proj(
-                li,
-                &|| {
-                    let (q, v) = (get(Role::Q, l), get(Role::V, l));
-                    assert_eq!(get(Role::K, l).end, v.start, "k then v");
-                    span(q, v)
-                },
-                Role::Q,
-            );
+        for li in 0..cfg.num_hidden_layers {
+            let l = Some(li);
+            let qkv = proj(li, Role::Q, &|| {
+                let (q, v) = (get(Role::Q, l), get(Role::V, l));
+                assert_eq!(get(Role::K, l).end, v.start, "k then v");
+                span(q, v)
+            });
             let qkv_bias = match (find(Role::QBias, l), find(Role::VBias, l)) {
                 (Some(qb), Some(vb)) => Some(span(qb, vb)),
                 _ => None,
             };
-            let gate_up = proj(
-                li,
-                &|| {
-                    let (gate, up) = (get(Role::Gate, l), get(Role::Up, l));
-                    assert_eq!(gate.end, up.start, "gate then up");
-                    span(gate, up)
-                },
-                Role::Gate,
-            );
-            let o = proj(li, &|| get(Role::O, l), Role::O);
-            let down = proj(li, &|| get(Role::Down, l), Role::Down);
+            let o = proj(li, Role::O, &|| get(Role::O, l));
+            let gate_up = proj(li, Role::Gate, &|| {
+                let (gate, up) = (get(Role::Gate, l), get(Role::Up, l));
+                assert_eq!(gate.end, up.start, "gate then up");
+                span(gate, up)
+            });
+            let down = proj(li, Role::Down, &|| get(Role::Down, l));
             let mut adapters = Vec::new();
             for p in params_by_name
                 .iter()
@@ -1612,12 +1609,27 @@ impl Trainer {
             .collect()
     }
 
-    /// The moments by name (`m.NAME`, `v.NAME`), as `optim::AdamW::state` saves them.
+    /// The names of the parameters that train (AdamW updates them).
+    pub fn trainable_names(&self) -> Vec<String> {
+        self.params_by_name
+            .iter()
+            .filter(|p| p.trainable)
+            .map(|p| p.spec.name())
+            .collect()
+    }
+
+    /// The moments of the parameters that train, by name (`m.NAME`, `v.NAME`), as
+    /// `optim::AdamW::state` saves them (a frozen parameter's stay zero).
     pub fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut s = HashMap::new();
         for (prefix, values) in [("m", &self.opt.m), ("v", &self.opt.v)] {
-            for (name, t) in self.by_name(values)? {
-                s.insert(format!("{prefix}.{name}"), t);
+            for p in self.params_by_name.iter().filter(|p| p.trainable) {
+                let t = Tensor::from_slice(
+                    &values[p.range.clone()],
+                    p.spec.shape.as_slice(),
+                    &Device::Cpu,
+                )?;
+                s.insert(format!("{prefix}.{}", p.spec.name()), t);
             }
         }
         Ok(s)
@@ -1629,7 +1641,7 @@ impl Trainer {
         state: &HashMap<String, Tensor>,
         steps: u64,
     ) -> candle_core::Result<()> {
-        for prm in &self.params_by_name {
+        for prm in self.params_by_name.iter().filter(|p| p.trainable) {
             for (prefix, values) in [("m", &mut self.opt.m), ("v", &mut self.opt.v)] {
                 let key = format!("{prefix}.{}", prm.spec.name());
                 let t = state.get(&key).ok_or_else(|| {
