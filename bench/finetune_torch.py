@@ -5,17 +5,16 @@ transformers' LlamaForCausalLM (its default attention, eager mode: no torch.comp
 CPU, random weights and tokens (the speed does not depend on them), sequence 128, batch 16,
 AdamW (betas 0.9/0.95, weight decay 0.1 on matrices), gradient clipping at 1.0: of every
 weight, or with --lora R of PEFT's LoRA adapters (alpha 2R, no dropout) on all seven
-projections of every layer, the base frozen. The same JSON fields as bench/train_torch.py.
+projections of every layer, the base frozen. Timed and reported by bench/train_torch.py's
+functions (the same JSON fields).
 
     python bench/finetune_torch.py --threads 2 --steps 3 [--lora 16] [--json]
 """
 import argparse
-import json
-import resource
-import time
 
 import torch
 import torch.nn.functional as F
+from train_torch import report, time_updates
 from transformers import LlamaConfig, LlamaForCausalLM
 
 VOCAB, CTX, BATCH = 49152, 128, 16
@@ -54,53 +53,25 @@ def main():
         [{"params": decay, "weight_decay": 0.1}, {"params": other, "weight_decay": 0.0}],
         lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
     )
-    params = [p for _, p in trainable]
-    fwd, bwd, upd, total = [], [], [], []
-    loss = None
-    for i in range(args.warmup + args.steps):
+
+    def batch():
         toks = torch.randint(0, VOCAB, (BATCH, CTX + 1))
-        x, y = toks[:, :-1], toks[:, 1:]
-        t0 = time.perf_counter()
+        return toks[:, :-1], toks[:, 1:]
+
+    def loss_fn(x, y):
         logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
-        t1 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        t3 = time.perf_counter()
-        del logits
-        if i >= args.warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            upd.append(t3 - t2)
-            total.append(t3 - t0)
-    med = lambda v: sorted(v)[len(v) // 2]
-    step_s = med(total)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), y.reshape(-1))
+
+    r = time_updates(loss_fn, [p for _, p in trainable], opt, batch, args)
     r = {
         "engine": engine,
-        "torch": torch.__version__,
         "shape": "smollm2",
         "lora": args.lora or None,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable": sum(p.numel() for p in params),
-        "tokens_per_step": BATCH * CTX,
-        "steps": args.steps,
-        "tokens_per_s": BATCH * CTX / step_s,
-        "step_s": step_s,
-        "forward_s": med(fwd),
-        "backward_s": med(bwd),
-        "optimizer_s": med(upd),
-        "final_loss": float(loss.detach()),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "threads": args.threads,
+        "trainable": sum(p.numel() for _, p in trainable),
+        **r,
     }
-    if args.json:
-        print(json.dumps(r))
-    else:
-        for k, v in r.items():
-            print(f"{k:15} {v}")
+    report(r, BATCH * CTX, args)
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    d, layers, heads, ffn, ctx, batch = SHAPES[args.shape]
+    d, layers, heads, ffn, ctx, batch_size = SHAPES[args.shape]
     model = Llama(d, layers, heads, ffn, ctx)
     decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
     other = [p for n, p in model.named_parameters() if not (p.dim() == 2 and "embed" not in n)]
@@ -125,18 +125,36 @@ def main():
         lr=3e-4, betas=(0.9, 0.95), eps=1e-8,
     )
     step_fn = torch.compile(model) if args.compile else model
+
+    def batch():
+        toks = torch.randint(0, VOCAB, (batch_size, ctx + 1))
+        return toks[:, :-1], toks[:, 1:]
+
+    r = time_updates(lambda x, y: step_fn(x, y), model.parameters(), opt, batch, args)
+    r = {
+        "engine": "pytorch-compile" if args.compile else "pytorch-eager",
+        "shape": args.shape,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        **r,
+    }
+    report(r, batch_size * ctx, args)
+
+
+def time_updates(loss_fn, params, opt, batch, args):
+    """`args.warmup` untimed updates, then `args.steps` timed ones: the median seconds of each
+    phase (forward, backward, clipping and AdamW) and of the whole update."""
+    params = list(params)
     fwd, bwd, upd, total = [], [], [], []
     loss = None
     for i in range(args.warmup + args.steps):
-        toks = torch.randint(0, VOCAB, (batch, ctx + 1))
-        x, y = toks[:, :-1], toks[:, 1:]
+        x, y = batch()
         t0 = time.perf_counter()
-        loss = step_fn(x, y)
+        loss = loss_fn(x, y)
         t1 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         t2 = time.perf_counter()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         t3 = time.perf_counter()
         if i >= args.warmup:
@@ -145,20 +163,23 @@ def main():
             upd.append(t3 - t2)
             total.append(t3 - t0)
     med = lambda v: sorted(v)[len(v) // 2]
-    step_s = med(total)
-    r = {
-        "engine": "pytorch-compile" if args.compile else "pytorch-eager",
-        "torch": torch.__version__,
-        "shape": args.shape,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "tokens_per_step": batch * ctx,
-        "steps": args.steps,
-        "tokens_per_s": batch * ctx / step_s,
-        "step_s": step_s,
+    return {
+        "step_s": med(total),
         "forward_s": med(fwd),
         "backward_s": med(bwd),
         "optimizer_s": med(upd),
         "final_loss": float(loss.detach()),
+    }
+
+
+def report(r, tokens_per_step, args):
+    """Prints `r` with the fields every peer script reports, as JSON or as a table."""
+    r = {
+        **r,
+        "torch": torch.__version__,
+        "tokens_per_step": tokens_per_step,
+        "steps": args.steps,
+        "tokens_per_s": tokens_per_step / r["step_s"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "threads": args.threads,
     }

@@ -10,8 +10,6 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
-
 mod common;
 use common::{corpus_tokenizer_shards, fails, ok, slm, train_tiny};
 
@@ -120,20 +118,8 @@ fn metric(results: &Path, task: usize, name: &str) -> f64 {
 /// Our logits for `ids` rows: a sequence head's at each row's last token, a token head's at
 /// every token.
 fn slm_logits(model_dir: &Path, rows: &[Vec<u32>], per_token: bool) -> Vec<f32> {
-    let m = slm_model::load(model_dir, &Device::Cpu).unwrap().model;
     let mut out = Vec::new();
-    for r in rows {
-        let x = Tensor::new(r.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let l: Vec<Vec<f32>> = m
-            .forward(&x, None, false)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
+    for l in common::model_logits(model_dir, rows) {
         if per_token {
             out.extend(l.into_iter().flatten());
         } else {

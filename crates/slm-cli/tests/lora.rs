@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 mod common;
 use common::{corpus_tokenizer_shards, fails, ok, slm, train_tiny};
@@ -77,25 +77,6 @@ fn fixture() -> &'static Fixture {
     })
 }
 
-/// The logits slm's model gives each row (every position), as one list.
-fn logits(model_dir: &Path, rows: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
-    let m = slm_model::load(model_dir, &Device::Cpu).unwrap().model;
-    rows.iter()
-        .map(|r| {
-            let x = Tensor::new(r.as_slice(), &Device::Cpu)
-                .unwrap()
-                .unsqueeze(0)
-                .unwrap();
-            m.forward(&x, None, false)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                .to_vec2()
-                .unwrap()
-        })
-        .collect()
-}
-
 #[test]
 fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     let f = fixture();
@@ -122,7 +103,10 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     // classifier classifies.
     let tok = slm_tokenizer::Tokenizer::from_folder(&f.base).unwrap();
     let ids = vec![tok.encode("the white whale sailed", true).unwrap()];
-    let (base, lm) = (logits(&f.base, &ids), logits(&f.lm, &ids));
+    let (base, lm) = (
+        common::model_logits(&f.base, &ids),
+        common::model_logits(&f.lm, &ids),
+    );
     let moved = base[0]
         .iter()
         .flatten()
@@ -265,6 +249,18 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     assert!(!d.join("mismatch").exists());
 }
 
+/// A run's training losses by update, as bits.
+fn losses(run: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
+        })
+        .collect()
+}
+
 /// A LoRA run with adapter dropout, stopped after a checkpoint and resumed, computes the
 /// losses of the unbroken run, to the bit: the checkpoint holds the adapters and their moments
 /// (not the frozen base, which is the parent's), and the dropout masks follow the update count.
@@ -280,17 +276,7 @@ fn a_resumed_lora_run_with_dropout_matches_the_unbroken_one() {
     std::fs::write(d.join("resumed.toml"), recipe).unwrap();
     ok(slm().args(["train", "resumed.toml"]).current_dir(d));
     let run = d.join("resumed");
-    let losses = || -> Vec<(u64, u64)> {
-        std::fs::read_to_string(run.join("metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
-            })
-            .collect()
-    };
-    let want = losses();
+    let want = losses(&run);
     assert_eq!(want.len(), 32);
     // What a checkpoint of a LoRA run holds: the adapters, not the base.
     let ck = run.join("checkpoints/step-00000016");
@@ -304,19 +290,9 @@ fn a_resumed_lora_run_with_dropout_matches_the_unbroken_one() {
     ok(slm()
         .args(["train", "resumed.toml", "--resume"])
         .current_dir(d));
-    assert_eq!(losses(), want);
+    assert_eq!(losses(&run), want);
     // Without dropout the losses differ: the masks did drop.
-    assert_ne!(
-        want,
-        std::fs::read_to_string(d.join("lm_lora/metrics.jsonl"))
-            .unwrap()
-            .lines()
-            .filter_map(|l| {
-                let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
-            })
-            .collect::<Vec<_>>()
-    );
+    assert_ne!(want, losses(&d.join("lm_lora")));
 }
 
 #[test]
@@ -362,7 +338,7 @@ fn peft_loads_the_adapters_with_the_merged_models_logits() {
             })
             .map(|v| v.as_f64().unwrap() as f32)
             .collect();
-        let ours: Vec<f32> = logits(merged, &rows)
+        let ours: Vec<f32> = common::model_logits(merged, &rows)
             .into_iter()
             .flat_map(|r| {
                 if per_row {

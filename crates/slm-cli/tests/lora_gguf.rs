@@ -192,24 +192,12 @@ fn peft_over_the_export_gives_the_logits_of_the_merge_over_the_gguf() {
             .collect()
     };
     let (theirs, exact) = (flat(&peft["logits"]), flat(&peft["logits_f64"]));
-    let m = slm_model::load(&d.join("merged"), &candle_core::Device::Cpu)
-        .unwrap()
-        .model;
-    let mut ours = Vec::new();
-    for r in &rows {
-        let x = candle_core::Tensor::new(r.as_slice(), &candle_core::Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let l: Vec<Vec<f32>> = m
-            .forward(&x, None, false)
-            .unwrap()
-            .squeeze(0)
-            .unwrap()
-            .to_vec2()
-            .unwrap();
-        ours.extend(l.into_iter().flatten().map(f64::from));
-    }
+    let ours: Vec<f64> = common::model_logits(&d.join("merged"), &rows)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(f64::from)
+        .collect();
     assert_eq!(ours.len(), theirs.len());
     let worst = |a: &[f64], b: &[f64]| a.iter().zip(b).fold(0f64, |m, (x, y)| m.max((x - y).abs()));
     let spread = exact.iter().fold(0f64, |m, v| m.max(v.abs()));

@@ -524,6 +524,15 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
+    /// Every block type, with candle's name for it.
+    const TYPES: [(GgmlDType, BlockType); 5] = [
+        (GgmlDType::Q4_0, BlockType::Q4_0),
+        (GgmlDType::Q4_1, BlockType::Q4_1),
+        (GgmlDType::Q5_0, BlockType::Q5_0),
+        (GgmlDType::Q5_1, BlockType::Q5_1),
+        (GgmlDType::Q8_0, BlockType::Q8_0),
+    ];
+
     /// Every kernel set this CPU runs (the portable kernels where it has none).
     fn isas() -> Vec<Option<Isa>> {
         let v: Vec<Option<Isa>> = Isa::available().into_iter().map(Some).collect();
@@ -545,13 +554,7 @@ mod tests {
             .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * (1.0 + (i % 5) as f32))
             .collect();
         let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        for (g, t) in [
-            (GgmlDType::Q4_0, BlockType::Q4_0),
-            (GgmlDType::Q4_1, BlockType::Q4_1),
-            (GgmlDType::Q5_0, BlockType::Q5_0),
-            (GgmlDType::Q5_1, BlockType::Q5_1),
-            (GgmlDType::Q8_0, BlockType::Q8_0),
-        ] {
+        for (g, t) in TYPES {
             let q = QTensor::quantize(&w, g).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&dev)
@@ -582,13 +585,7 @@ mod tests {
         };
         let w = Tensor::from_vec(normal(n * k), (n, k), &dev).unwrap();
         let x = normal(m * k);
-        for (g, t) in [
-            (GgmlDType::Q4_0, BlockType::Q4_0),
-            (GgmlDType::Q4_1, BlockType::Q4_1),
-            (GgmlDType::Q5_0, BlockType::Q5_0),
-            (GgmlDType::Q5_1, BlockType::Q5_1),
-            (GgmlDType::Q8_0, BlockType::Q8_0),
-        ] {
+        for (g, t) in TYPES {
             let q = QTensor::quantize(&w, g).unwrap();
             let bytes = q.data().unwrap().to_vec();
             let wd: Vec<f32> = q

@@ -55,6 +55,15 @@ impl Parent {
             ModelSource::Gguf { .. } => {
                 let file = GgufFile::open(path).map_err(|e| setup(path, e))?;
                 let cfg = Config::from_gguf(&file).map_err(|e| setup(path, e))?;
+                // llama3 scaling arrives as per-pair divisors the trainer's RoPE does not
+                // take (nor config.json, so `slm export` refuses it too).
+                if file.tensor_info("rope_freqs.weight").is_some() {
+                    return Err(setup(
+                        path,
+                        "rope scaling stored as rope_freqs.weight: training does not apply it \
+                         yet; fine-tune the model's Hugging Face folder instead",
+                    ));
+                }
                 tokenizer
                     .check_fits(cfg.vocab_size, &source)
                     .map_err(|e| setup(path, e))?;

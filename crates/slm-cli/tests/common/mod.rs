@@ -292,3 +292,23 @@ pub fn run_python(py: &str, script: &str, args: &[&str]) -> String {
     );
     stdout
 }
+
+/// The logits slm's model in `model_dir` gives each row of token ids, at every position.
+pub fn model_logits(model_dir: &Path, rows: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
+    use candle_core::{Device, Tensor};
+    let m = slm_model::load(model_dir, &Device::Cpu).unwrap().model;
+    rows.iter()
+        .map(|r| {
+            let x = Tensor::new(r.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            m.forward(&x, None, false)
+                .unwrap()
+                .squeeze(0)
+                .unwrap()
+                .to_vec2()
+                .unwrap()
+        })
+        .collect()
+}
