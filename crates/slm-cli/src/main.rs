@@ -1072,7 +1072,7 @@ fn run(mut cli: Cli) -> Result<()> {
             match (train, model) {
                 (Some(shape), _) => bench_train(shape, steps, threads, json, lora),
                 (None, Some(model)) => bench(&model, threads, json, reps),
-                (None, None) => bail!("bench needs a MODEL or --train tiny|small"),
+                (None, None) => bail!("bench needs a MODEL or --train tiny|small|smollm2"),
             }
         }
     }

@@ -247,6 +247,49 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
     );
     assert!(e.contains("has shape") && e.contains("lora_"), "{e}");
     assert!(!d.join("mismatch").exists());
+    // A GGUF parent that is not there, and one whose RoPE scaling (llama3's rope_freqs
+    // tensor) training does not apply.
+    std::fs::write(
+        d.join("missing_parent.toml"),
+        recipe.replace("parent = \"base/model\"", "parent = \"nowhere.gguf\""),
+    )
+    .unwrap();
+    let e = fails(slm().args(["train", "missing_parent.toml"]).current_dir(d));
+    assert!(e.contains("nowhere.gguf"), "{e}");
+    ok(slm()
+        .arg("export")
+        .arg(&f.base)
+        .args(["--format", "gguf", "-o", "base.gguf"])
+        .current_dir(d));
+    let g = slm_model::GgufFile::open(d.join("base.gguf")).unwrap();
+    let freqs = vec![0u8; 4 * 8];
+    let tensors: Vec<slm_model::gguf_write::TensorOut> = g
+        .tensors
+        .iter()
+        .map(|t| slm_model::gguf_write::TensorOut {
+            name: &t.name,
+            dims: &t.dims,
+            dtype: t.dtype,
+            data: g.tensor_bytes(t),
+        })
+        .chain([slm_model::gguf_write::TensorOut {
+            name: "rope_freqs.weight",
+            dims: &[8],
+            dtype: slm_model::gguf::GgmlType::F32,
+            data: &freqs,
+        }])
+        .collect();
+    slm_model::gguf_write::write_gguf(&d.join("scaled.gguf"), &g.metadata, &tensors).unwrap();
+    std::fs::write(
+        d.join("scaled_parent.toml"),
+        recipe.replace("parent = \"base/model\"", "parent = \"scaled.gguf\""),
+    )
+    .unwrap();
+    let e = fails(slm().args(["train", "scaled_parent.toml"]).current_dir(d));
+    assert!(
+        e.contains("scaled.gguf") && e.contains("rope_freqs.weight"),
+        "{e}"
+    );
 }
 
 /// A run's training losses by update, as bits.

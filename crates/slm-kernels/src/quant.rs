@@ -417,13 +417,19 @@ impl BlockMatrix {
     /// Row j widened to f32, as candle's dequantization computes it (`q * d`, `+ m`
     /// unfused): the embedding lookup of a tied matrix.
     pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        self.widen_row(j, out, &mut Vec::new())
+    }
+
+    /// `dequantize_row` with `grouped_row` as the scratch a repacked row is unpacked into
+    /// (zeroed first: unpacking ORs the nibbles in).
+    fn widen_row(&self, j: usize, out: &mut [f32], grouped_row: &mut Vec<u8>) {
         let nb = self.k / QK;
         let bb = self.t.block_bytes();
-        let mut grouped_row = Vec::new();
         let row: &[u8] = if self.grouped {
+            grouped_row.clear();
             grouped_row.resize(nb * bb, 0);
-            rows8::unpack_row(self.t, &self.bytes, j, self.k, &mut grouped_row);
-            &grouped_row
+            rows8::unpack_row(self.t, &self.bytes, j, self.k, grouped_row);
+            grouped_row
         } else {
             &self.bytes[j * nb * bb..][..nb * bb]
         };
@@ -451,8 +457,9 @@ impl BlockMatrix {
             .par_chunks_mut(ROWS * self.k)
             .enumerate()
             .for_each(|(c, rows)| {
+                let mut scratch = Vec::new();
                 for (i, row) in rows.chunks_exact_mut(self.k).enumerate() {
-                    self.dequantize_row(c * ROWS + i, row);
+                    self.widen_row(c * ROWS + i, row, &mut scratch);
                 }
             });
     }
@@ -521,16 +528,16 @@ impl CustomOp1 for BlockMatrix {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::quantized::QTensor;
     use candle_core::{Device, Tensor};
 
-    /// Every block type, with candle's name for it.
-    const TYPES: [(GgmlDType, BlockType); 5] = [
-        (GgmlDType::Q4_0, BlockType::Q4_0),
-        (GgmlDType::Q4_1, BlockType::Q4_1),
-        (GgmlDType::Q5_0, BlockType::Q5_0),
-        (GgmlDType::Q5_1, BlockType::Q5_1),
-        (GgmlDType::Q8_0, BlockType::Q8_0),
+    /// Every block type.
+    const TYPES: [BlockType; 5] = [
+        BlockType::Q4_0,
+        BlockType::Q4_1,
+        BlockType::Q5_0,
+        BlockType::Q5_1,
+        BlockType::Q8_0,
     ];
 
     /// Every kernel set this CPU runs (the portable kernels where it has none).
@@ -554,7 +561,8 @@ mod tests {
             .map(|i| ((i * 7919 % 1000) as f32 / 250.0 - 2.0) * (1.0 + (i % 5) as f32))
             .collect();
         let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-        for (g, t) in TYPES {
+        for t in TYPES {
+            let g = t.to_ggml();
             let q = QTensor::quantize(&w, g).unwrap();
             let want: Vec<f32> = q
                 .dequantize(&dev)
@@ -585,7 +593,8 @@ mod tests {
         };
         let w = Tensor::from_vec(normal(n * k), (n, k), &dev).unwrap();
         let x = normal(m * k);
-        for (g, t) in TYPES {
+        for t in TYPES {
+            let g = t.to_ggml();
             let q = QTensor::quantize(&w, g).unwrap();
             let bytes = q.data().unwrap().to_vec();
             let wd: Vec<f32> = q

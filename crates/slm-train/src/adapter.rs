@@ -151,9 +151,15 @@ pub struct Adapter {
     pub config: Config,
 }
 
-/// Reads `dir` (PEFT's layout) for the base model folder `base`: the config's rank, alpha
-/// and target modules, every tensor they imply at the shape the base implies, and no other.
+/// Reads `dir` (PEFT's layout) for the base model `base` (a folder or a GGUF file): the
+/// config's rank, alpha and target modules, every tensor they imply at the shape the base
+/// implies, and no other.
 pub fn read(dir: &Path, base: &Path) -> Result<Adapter> {
+    read_over(dir, crate::parent::config_of(base)?)
+}
+
+/// `read` for a base whose configuration is `config`.
+fn read_over(dir: &Path, mut config: Config) -> Result<Adapter> {
     let cfg_path = dir.join("adapter_config.json");
     let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
     let name = cfg_path.display().to_string();
@@ -205,7 +211,6 @@ pub fn read(dir: &Path, base: &Path) -> Result<Adapter> {
             }
         }
     }
-    let mut config = crate::parent::config_of(base)?;
     // The head: as slm wrote it (slm.json), or labels named by position for an adapter made
     // elsewhere with a score module.
     let st = dir.join("adapter_model.safetensors");
@@ -297,8 +302,8 @@ pub fn merge(base: &Path, adapter_dir: &Path, out: &Path) -> Result<()> {
             out.display()
         )));
     }
-    let adapter = read(adapter_dir, base)?;
     let parent = crate::parent::Parent::open(base)?;
+    let adapter = read_over(adapter_dir, parent.cfg.clone())?;
     let mut weights = parent.weights(|_| true)?;
     let cfg = &adapter.config;
     let scale = adapter.lora.alpha / adapter.lora.rank as f64;

@@ -31,6 +31,12 @@ fn setup(path: &Path, e: impl std::fmt::Display) -> TrainError {
     TrainError::Setup(format!("{}: {e}", path.display()))
 }
 
+/// An error that names its file already (the GGUF reader's, the configuration's, the
+/// tokenizer's).
+fn named(e: impl std::fmt::Display) -> TrainError {
+    TrainError::Setup(e.to_string())
+}
+
 /// The configuration of the model at `path` (a folder's config.json, or a GGUF's metadata).
 pub fn config_of(path: &Path) -> Result<Config> {
     if path.is_dir() {
@@ -39,69 +45,74 @@ pub fn config_of(path: &Path) -> Result<Config> {
             path: cfg_path.clone(),
             err,
         })?;
-        Config::from_hf_json(&text, &cfg_path.display().to_string())
-            .map_err(|e| TrainError::Setup(e.to_string()))
+        Config::from_hf_json(&text, &cfg_path.display().to_string()).map_err(named)
     } else {
-        let file = GgufFile::open(path).map_err(|e| setup(path, e))?;
-        Config::from_gguf(&file).map_err(|e| setup(path, e))
+        let file = GgufFile::open(path).map_err(named)?;
+        Config::from_gguf(&file).map_err(named)
     }
 }
 
 impl Parent {
     pub fn open(path: &Path) -> Result<Self> {
-        let source = slm_model::source(path).map_err(|e| setup(path, e))?;
-        let tokenizer = slm_tokenizer::Tokenizer::for_model(&source).map_err(|e| setup(path, e))?;
-        match source {
-            ModelSource::Gguf { .. } => {
-                let file = GgufFile::open(path).map_err(|e| setup(path, e))?;
-                let cfg = Config::from_gguf(&file).map_err(|e| setup(path, e))?;
-                // llama3 scaling arrives as per-pair divisors the trainer's RoPE does not
-                // take (nor config.json, so `slm export` refuses it too).
-                if file.tensor_info("rope_freqs.weight").is_some() {
-                    return Err(setup(
-                        path,
-                        "rope scaling stored as rope_freqs.weight: training does not apply it \
-                         yet; fine-tune the model's Hugging Face folder instead",
-                    ));
-                }
-                tokenizer
-                    .check_fits(cfg.vocab_size, &source)
-                    .map_err(|e| setup(path, e))?;
-                let tokenizer_json = tokenizer
-                    .inner
-                    .to_string(false)
-                    .map_err(|e| setup(path, format!("serializing the tokenizer: {e}")))?
-                    .into_bytes();
-                Ok(Self {
-                    path: path.to_path_buf(),
-                    tokenizer_config: tokenizer.config_json(cfg.max_position_embeddings),
-                    cfg,
-                    tokenizer,
-                    tokenizer_json,
-                    gguf: Some(file),
-                })
-            }
-            ModelSource::HfFolder { .. } => {
-                let read = |name: &str| {
-                    let p = path.join(name);
-                    std::fs::read(&p).map_err(|err| TrainError::Io { path: p, err })
-                };
-                let cfg = config_of(path)?;
-                let tokenizer_config = match read("tokenizer_config.json") {
-                    Ok(bytes) => serde_json::from_slice(&bytes)
-                        .map_err(|e| setup(&path.join("tokenizer_config.json"), e))?,
-                    Err(_) => tokenizer.config_json(cfg.max_position_embeddings),
-                };
-                Ok(Self {
-                    path: path.to_path_buf(),
-                    tokenizer_json: read("tokenizer.json")?,
-                    tokenizer_config,
-                    cfg,
-                    tokenizer,
-                    gguf: None,
-                })
-            }
+        // A GGUF file is parsed once: its source (tokenizer metadata) is made from the open file.
+        let gguf = if path.is_dir() {
+            None
+        } else {
+            Some(GgufFile::open(path).map_err(named)?)
+        };
+        let source = match &gguf {
+            Some(file) => ModelSource::of_gguf(file),
+            None => ModelSource::HfFolder {
+                dir: path.to_path_buf(),
+            },
+        };
+        let tokenizer = slm_tokenizer::Tokenizer::for_model(&source).map_err(named)?;
+        let Some(file) = gguf else {
+            let read = |name: &str| {
+                let p = path.join(name);
+                std::fs::read(&p).map_err(|err| TrainError::Io { path: p, err })
+            };
+            let cfg = config_of(path)?;
+            let tokenizer_config = match read("tokenizer_config.json") {
+                Ok(bytes) => serde_json::from_slice(&bytes)
+                    .map_err(|e| setup(&path.join("tokenizer_config.json"), e))?,
+                Err(_) => tokenizer.config_json(cfg.max_position_embeddings),
+            };
+            return Ok(Self {
+                path: path.to_path_buf(),
+                tokenizer_json: read("tokenizer.json")?,
+                tokenizer_config,
+                cfg,
+                tokenizer,
+                gguf: None,
+            });
+        };
+        let cfg = Config::from_gguf(&file).map_err(named)?;
+        // llama3 scaling arrives as per-pair divisors the trainer's RoPE does not take (nor
+        // config.json, so `slm export` refuses it too).
+        if file.tensor_info("rope_freqs.weight").is_some() {
+            return Err(setup(
+                path,
+                "rope scaling stored as rope_freqs.weight: training does not apply it yet; \
+                 fine-tune the model's Hugging Face folder instead",
+            ));
         }
+        tokenizer
+            .check_fits(cfg.vocab_size, &source)
+            .map_err(named)?;
+        let tokenizer_json = tokenizer
+            .inner
+            .to_string(false)
+            .map_err(|e| setup(path, format!("serializing the tokenizer: {e}")))?
+            .into_bytes();
+        Ok(Self {
+            path: path.to_path_buf(),
+            tokenizer_config: tokenizer.config_json(cfg.max_position_embeddings),
+            cfg,
+            tokenizer,
+            tokenizer_json,
+            gguf: Some(file),
+        })
     }
 
     /// The projections of `cfg` (the run's configuration: the parent's layers) a LoRA run
@@ -206,13 +217,17 @@ impl Parent {
     /// tokenizer.json, tokenizer_config.json and generation_config.json.
     pub fn tokenizer_files(&self) -> Vec<(&'static str, Vec<u8>)> {
         let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).expect("json");
-        let generation =
-            std::fs::read(self.path.join("generation_config.json")).unwrap_or_else(|_| {
-                json(&serde_json::json!({
-                    "bos_token_id": self.cfg.bos_token_id,
-                    "eos_token_id": self.cfg.eos_token_id
-                }))
-            });
+        let folder_file = self
+            .gguf
+            .is_none()
+            .then(|| std::fs::read(self.path.join("generation_config.json")).ok())
+            .flatten();
+        let generation = folder_file.unwrap_or_else(|| {
+            json(&serde_json::json!({
+                "bos_token_id": self.cfg.bos_token_id,
+                "eos_token_id": self.cfg.eos_token_id
+            }))
+        });
         vec![
             ("tokenizer.json", self.tokenizer_json.clone()),
             ("tokenizer_config.json", json(&self.tokenizer_config)),

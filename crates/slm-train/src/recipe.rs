@@ -154,8 +154,9 @@ pub struct Labels {
 }
 
 /// `[lora]`: rank, alpha (the adapters' output is scaled by alpha / rank, as PEFT does),
-/// dropout (of the adapters' input in training, as PEFT's lora_dropout) and the projections adapted (PEFT's names, q_proj ... down_proj,
-/// or short: q, k, v, o, gate, up, down; default all seven).
+/// dropout (of the adapters' input in training, as PEFT's lora_dropout) and the projections
+/// adapted (PEFT's names, q_proj ... down_proj, or short: q, k, v, o, gate, up, down; default
+/// all seven).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Lora {
@@ -700,18 +701,19 @@ impl Recipe {
     }
 
     /// The model configuration this recipe describes, for a tokenizer of `vocab` tokens: the
-    /// new shape, or the parent's configuration (`parent`, read by `crate::parent`).
+    /// new shape, or the configuration of the parent at `parent`'s path (read by
+    /// `crate::parent`).
     pub fn config(
         &self,
         vocab: usize,
         eos: u32,
-        parent: Option<&slm_model::Config>,
+        parent: Option<(&Path, &slm_model::Config)>,
     ) -> Result<slm_model::Config, RecipeError> {
         let m = &self.model;
-        if let (Some(path), Some(parent)) = (&m.parent, parent) {
+        if let Some((path, parent)) = parent {
             let mut cfg = parent.clone();
             let bad = |key: &'static str, value: String, expected: String| RecipeError::Value {
-                path: path.clone(),
+                path: path.to_path_buf(),
                 key,
                 value,
                 expected,

@@ -302,7 +302,7 @@ fn open_lm(recipe: &Recipe, tok_json: &[u8], parent: Option<&Parent>) -> Result<
     let shards = recipe.data.shards();
     let data = Dataset::open(shards, &slm_data::tokenizer_sha256(tok_json))?;
     let (vocab, eos) = (data.manifest.vocab_size as usize, data.manifest.eos_id);
-    let cfg: Config = recipe.config(vocab, eos, parent.map(|p| &p.cfg))?;
+    let cfg: Config = recipe.config(vocab, eos, parent.map(|p| (p.path.as_path(), &p.cfg)))?;
     cfg.validate(&shards.display().to_string())
         .map_err(|e| TrainError::Setup(e.to_string()))?;
     let ctx = cfg.max_position_embeddings;

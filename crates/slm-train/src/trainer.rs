@@ -252,7 +252,7 @@ pub struct Trainer {
     final_r: Vec<f32>,
     final_h: Vec<f32>,
     work: Work,
-    /// The weight gradient of a frozen norm or head, formed and dropped.
+    /// The weight gradient of a frozen norm, formed and dropped.
     discard: Vec<f32>,
     /// A projection of a base in blocks, widened (the largest such projection's size).
     wide: Vec<f32>,
@@ -430,8 +430,9 @@ fn take_fused_blocks(
     cfg: &Config,
     blocks: &mut BlockBase,
 ) -> candle_core::Result<HashMap<(usize, Role), Vec<BlockMatrix>>> {
+    let params = cfg.params();
     let mut held = HashMap::new();
-    for p in cfg.params() {
+    for p in &params {
         let (Some(l), Some(group)) = (p.layer, FUSED.iter().find(|g| g[0] == p.role)) else {
             continue;
         };
@@ -449,10 +450,7 @@ fn take_fused_blocks(
             );
         }
         for (m, r) in ms.iter().zip(group.iter()) {
-            let spec = cfg
-                .params()
-                .into_iter()
-                .find(|q| q.role == *r && q.layer == Some(l));
+            let spec = params.iter().find(|q| q.role == *r && q.layer == Some(l));
             let spec = spec.expect("Config::params lists every projection");
             if spec.shape != [m.n, m.k] {
                 candle_core::bail!(
@@ -563,11 +561,9 @@ impl Trainer {
         let mut params_by_name = Vec::new();
         let mut at = 0usize;
         let adapters = lora.map_or(Vec::new(), |l| cfg.lora_params(l.rank, &l.targets));
-        // Projections in blocks have no place in the flat vector.
+        // Projections in blocks have no place in the flat vector (only `with_lora` passes
+        // any).
         let mut held = take_fused_blocks(cfg, &mut blocks)?;
-        if !held.is_empty() && lora.is_none() {
-            candle_core::bail!("a base in blocks trains only LoRA adapters");
-        }
         let in_blocks = |spec: &params::Param| {
             let first = FUSED.iter().find(|g| g.contains(&spec.role)).map(|g| g[0]);
             matches!((spec.layer, first), (Some(l), Some(r)) if held.contains_key(&(l, r)))
@@ -620,6 +616,8 @@ impl Trainer {
             None => Proj::Flat(flat()),
         };
         let mut layers = Vec::new();
+        // Adapters are met in `Config::lora_params` order: layer by layer, A before its B.
+        let mut ordinal = 0u64;
         for li in 0..cfg.num_hidden_layers {
             let l = Some(li);
             let qkv = proj(li, Role::Q, &|| {
@@ -665,10 +663,6 @@ impl Trainer {
                     Role::Down => (0, f, d),
                     other => candle_core::bail!("LoRA cannot adapt {other:?}"),
                 };
-                let ordinal = params_by_name
-                    .iter()
-                    .filter(|q| q.spec.role == Role::LoraA && q.range.start < p.range.start)
-                    .count() as u64;
                 adapters.push(Adapter {
                     ordinal,
                     target,
@@ -678,6 +672,7 @@ impl Trainer {
                     k,
                     m,
                 });
+                ordinal += 1;
             }
             layers.push(LayerParams {
                 attn_norm: get(Role::AttnNorm, l),
@@ -1590,12 +1585,18 @@ impl Trainer {
 
     /// The gradients by parameter name (for tests and diagnostics).
     pub fn grads_by_name(&self) -> candle_core::Result<HashMap<String, Tensor>> {
-        self.by_name(&self.grads)
+        self.by_name(&self.grads, |_| true)
     }
 
-    fn by_name(&self, values: &[f32]) -> candle_core::Result<HashMap<String, Tensor>> {
+    /// `values`' stretches of the parameters `which` selects, as tensors by name.
+    fn by_name(
+        &self,
+        values: &[f32],
+        which: impl Fn(&Param) -> bool,
+    ) -> candle_core::Result<HashMap<String, Tensor>> {
         self.params_by_name
             .iter()
+            .filter(|p| which(p))
             .map(|p| {
                 Ok((
                     p.spec.name(),
@@ -1623,13 +1624,8 @@ impl Trainer {
     pub fn state(&self) -> candle_core::Result<HashMap<String, Tensor>> {
         let mut s = HashMap::new();
         for (prefix, values) in [("m", &self.opt.m), ("v", &self.opt.v)] {
-            for p in self.params_by_name.iter().filter(|p| p.trainable) {
-                let t = Tensor::from_slice(
-                    &values[p.range.clone()],
-                    p.spec.shape.as_slice(),
-                    &Device::Cpu,
-                )?;
-                s.insert(format!("{prefix}.{}", p.spec.name()), t);
+            for (name, t) in self.by_name(values, |p| p.trainable)? {
+                s.insert(format!("{prefix}.{name}"), t);
             }
         }
         Ok(s)
@@ -2167,6 +2163,31 @@ mod tests {
         let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &flat, &lora, partial);
         let e = e.err().expect("refused").to_string();
         assert!(e.contains("layer 0") && e.contains("only some"), "{e}");
+        // Blocks of the wrong shape, and blocks of something that is not a projection.
+        let q8 = |n: usize, k: usize| {
+            let w = Tensor::zeros((n, k), DType::F32, &Device::Cpu).unwrap();
+            let qt = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
+            BlockMatrix::new(BlockType::Q8_0, &qt.data().unwrap(), n, k)
+        };
+        let down = cfg
+            .params()
+            .into_iter()
+            .find(|p| p.role == Role::Down)
+            .unwrap();
+        let wrong = BlockBase::from([((1, Role::Down), q8(down.shape[0], 2 * down.shape[1]))]);
+        let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &flat, &lora, wrong);
+        let e = e.err().expect("refused").to_string();
+        assert!(
+            e.contains("down_proj") && e.contains("blocks of 64 x 192"),
+            "{e}"
+        );
+        let norm = BlockBase::from([((0, Role::AttnNorm), q8(1, 64))]);
+        let e = Trainer::with_lora(&cfg, batch, AdamWConfig::default(), &flat, &lora, norm);
+        let e = e.err().expect("refused").to_string();
+        assert!(
+            e.contains("AttnNorm") && e.contains("not a projection"),
+            "{e}"
+        );
     }
 
     /// Adapter dropout: the gradient of the training loss under a round's masks agrees with
