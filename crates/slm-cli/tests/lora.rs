@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use candle_core::Device;
 
 mod common;
-use common::{corpus_tokenizer_shards, fails, ok, slm, train_tiny};
+use common::{corpus_tokenizer_shards, fails, losses, ok, slm, train_tiny};
 
 struct Fixture {
     dir: tempfile::TempDir,
@@ -290,18 +290,6 @@ fn adapters_are_written_in_peft_layout_merged_and_bad_ones_refused() {
         e.contains("scaled.gguf") && e.contains("rope_freqs.weight"),
         "{e}"
     );
-}
-
-/// A run's training losses by update, as bits.
-fn losses(run: &Path) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            Some((v["step"].as_u64()?, v["loss"].as_f64()?.to_bits()))
-        })
-        .collect()
 }
 
 /// A LoRA run with adapter dropout, stopped after a checkpoint and resumed, computes the

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod common;
-use common::{corpus_tokenizer_shards as setup, fails, ok, slm};
+use common::{corpus_tokenizer_shards as setup, fails, losses, ok, slm};
 
 fn recipe(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
@@ -42,17 +42,6 @@ keep = 2
     )
     .unwrap();
     p
-}
-
-fn losses(run: &Path) -> Vec<(u64, f64)> {
-    std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let v: serde_json::Value = serde_json::from_str(l).unwrap();
-            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
-        })
-        .collect()
 }
 
 fn checkpoints_are_whole(run: &Path) {

@@ -312,3 +312,15 @@ pub fn model_logits(model_dir: &Path, rows: &[Vec<u32>]) -> Vec<Vec<Vec<f32>>> {
         })
         .collect()
 }
+
+/// A run's training loss at each update, from its metrics.jsonl.
+pub fn losses(run: &Path) -> Vec<(u64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_u64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
