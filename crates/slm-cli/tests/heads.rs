@@ -57,18 +57,44 @@ fn classify_file(path: &Path, n: usize, seed: u64) {
     std::fs::write(path, rows).unwrap();
 }
 
-/// `{"tokens","tags"}` rows: "captain" is a person, "white whale" an animal.
+/// `{"tokens","tags"}` rows of corpus words (see `write_tagged`).
 fn tag_file(path: &Path, n: usize, seed: u64) {
-    let rows: String = sentences(n, seed)
+    write_tagged(path, &sentences(n, seed));
+}
+
+/// The rows of `tag_file`, each with "white whale" or "white ship" (alternately) put in at
+/// a varying place: "white" begins an animal or a vessel, which only the next word tells.
+fn white_pair_file(path: &Path, n: usize, seed: u64) {
+    let rows: Vec<Vec<&str>> = sentences(n, seed)
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut s)| {
+            let at = (i / 2) % (s.len() + 1);
+            let second = if i % 2 == 0 { "whale" } else { "ship" };
+            s.splice(at..at, ["white", second]);
+            s
+        })
+        .collect();
+    write_tagged(path, &rows);
+}
+
+/// Writes `{"tokens","tags"}` rows: "captain" is a person, "white whale" an animal, "white
+/// ship" a vessel.
+fn write_tagged(path: &Path, sentences: &[Vec<&str>]) {
+    let rows: String = sentences
         .iter()
         .map(|s| {
             let tags: Vec<&str> = (0..s.len())
-                .map(|i| match (s[i], i.checked_sub(1).map(|j| s[j])) {
-                    ("captain", _) => "B-person",
-                    ("white", _) if s.get(i + 1) == Some(&"whale") => "B-animal",
-                    ("whale", Some("white")) => "I-animal",
-                    _ => "O",
-                })
+                .map(
+                    |i| match (s[i], i.checked_sub(1).map(|j| s[j]), s.get(i + 1)) {
+                        ("captain", _, _) => "B-person",
+                        ("white", _, Some(&"whale")) => "B-animal",
+                        ("whale", Some("white"), _) => "I-animal",
+                        ("white", _, Some(&"ship")) => "B-vessel",
+                        ("ship", Some("white"), _) => "I-vessel",
+                        _ => "O",
+                    },
+                )
                 .collect();
             format!("{}\n", serde_json::json!({"tokens": s, "tags": tags}))
         })
@@ -76,7 +102,15 @@ fn tag_file(path: &Path, n: usize, seed: u64) {
     std::fs::write(path, rows).unwrap();
 }
 
-fn fine_tune(dir: &Path, name: &str, kind: &str, parent: &Path, train: &str) -> PathBuf {
+/// Fine-tunes `parent` on `train` for `epochs`; `objective` is the `[objective]` table's body.
+fn fine_tune(
+    dir: &Path,
+    name: &str,
+    objective: &str,
+    epochs: usize,
+    parent: &Path,
+    train: &str,
+) -> PathBuf {
     let recipe = dir.join(format!("{name}.toml"));
     std::fs::write(
         &recipe,
@@ -90,9 +124,9 @@ valid_fraction = 0.2
 [model]
 parent = "{}"
 [objective]
-kind = "{kind}"
+{objective}
 [budget]
-epochs = 4
+epochs = {epochs}
 [optim]
 batch = 8
 lr = 3e-3
@@ -101,7 +135,7 @@ weight_decay = 0.0
 [eval]
 interval = 20
 "#,
-            parent.display()
+            parent.display(),
         ),
     )
     .unwrap();
@@ -136,6 +170,9 @@ struct Fixture {
     base: PathBuf,
     cls: PathBuf,
     tag: PathBuf,
+    /// Taggers of `white_pair_file`, without and with `echo`.
+    pair: PathBuf,
+    pair_echo: PathBuf,
 }
 
 fn fixture() -> &'static Fixture {
@@ -150,13 +187,26 @@ fn fixture() -> &'static Fixture {
         classify_file(&d.join("cls_test.jsonl"), 200, 2);
         tag_file(&d.join("tag.jsonl"), 600, 3);
         tag_file(&d.join("tag_test.jsonl"), 200, 4);
-        let cls = fine_tune(d, "cls", "classify", &base, "cls.jsonl");
-        let tag = fine_tune(d, "tag", "tag", &untied, "tag.jsonl");
+        let cls = fine_tune(d, "cls", "kind = \"classify\"", 4, &base, "cls.jsonl");
+        let tag = fine_tune(d, "tag", "kind = \"tag\"", 4, &untied, "tag.jsonl");
+        white_pair_file(&d.join("pair.jsonl"), 600, 5);
+        white_pair_file(&d.join("pair_test.jsonl"), 200, 6);
+        let pair = fine_tune(d, "pair", "kind = \"tag\"", 4, &untied, "pair.jsonl");
+        let pair_echo = fine_tune(
+            d,
+            "pair_echo",
+            "kind = \"tag\"\necho = true",
+            4,
+            &untied,
+            "pair.jsonl",
+        );
         Fixture {
             dir,
             base,
             cls,
             tag,
+            pair,
+            pair_echo,
         }
     })
 }
@@ -168,6 +218,7 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
         base,
         cls,
         tag,
+        ..
     } = fixture();
     let (d, base, cls, tag) = (dir.path(), base.as_path(), cls.as_path(), tag.as_path());
 
@@ -364,12 +415,14 @@ fn classifier_heads_train_evaluate_predict_and_refuse_bad_input() {
 )]
 fn transformers_loads_the_heads_with_the_same_logits() {
     let f = fixture();
-    let (cls, tag) = (f.cls.as_path(), f.tag.as_path());
+    let (cls, tag, tag_echo) = (f.cls.as_path(), f.tag.as_path(), f.pair_echo.as_path());
     let py = common::python_with("torch, transformers");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/hf_heads.py");
     for (model, per_token, class) in [
         (cls, false, "LlamaForSequenceClassification"),
         (tag, true, "LlamaForTokenClassification"),
+        // config.json's slm_echo is a key transformers keeps and ignores: the same network.
+        (tag_echo, true, "LlamaForTokenClassification"),
     ] {
         let tok = slm_tokenizer::Tokenizer::from_folder(model).unwrap();
         // Rows of different lengths: the sequence head's batch is right-padded.
@@ -420,4 +473,78 @@ fn transformers_loads_the_heads_with_the_same_logits() {
         // f32 on both sides; only summation order differs (as hf_transformers.rs bounds it).
         assert!(worst < 1e-4, "{class}: logits differ by {worst}");
     }
+}
+
+/// "white" begins an animal or a vessel as the next word says: a causal tagger cannot see
+/// that from "white" itself, an echoed one can read it in the second copy. The echo is kept
+/// in the model folder, so `slm eval` and `slm predict` feed the input as training did.
+///
+/// Reading the next word of the first copy is a lookup (find this word before, take what
+/// followed) that a 2-layer model trained for seconds learns only in part: the test asks for
+/// a clear gain over the causal tagger (measured: entity F1 0.54 to 0.81), not for perfection.
+#[test]
+fn an_echoed_tagger_sees_the_words_after_each_word() {
+    let f = fixture();
+    let d = f.dir.path();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.pair_echo.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["slm_echo"], true);
+    let gold = std::fs::read_to_string(d.join("pair_test.jsonl")).unwrap();
+    // Entity F1 by `slm eval`, and the share of "white"s `slm predict` tags right.
+    let scores = |model: &Path, name: &str| {
+        let out = format!("{name}.json");
+        ok(slm()
+            .arg("eval")
+            .arg(model)
+            .args(["--task", "tag:pair_test.jsonl", "--out", &out])
+            .current_dir(d));
+        let pred = format!("{name}_pred.jsonl");
+        ok(slm()
+            .arg("predict")
+            .arg(model)
+            .args(["--input", "pair_test.jsonl", "-o", &pred])
+            .current_dir(d));
+        let preds = std::fs::read_to_string(d.join(&pred)).unwrap();
+        let (mut right, mut whites) = (0, 0);
+        for (p, g) in preds.lines().zip(gold.lines()) {
+            let (p, g): (serde_json::Value, serde_json::Value) = (
+                serde_json::from_str(p).unwrap(),
+                serde_json::from_str(g).unwrap(),
+            );
+            for (i, w) in g["tokens"].as_array().unwrap().iter().enumerate() {
+                if w == "white" {
+                    whites += 1;
+                    right += usize::from(p["tags"][i] == g["tags"][i]);
+                }
+            }
+        }
+        assert!(whites >= 200, "{whites} whites");
+        (metric(&d.join(out), 0, "f1"), right as f64 / whites as f64)
+    };
+    let (causal_f1, causal_white) = scores(&f.pair, "pair_causal");
+    let (echoed_f1, echoed_white) = scores(&f.pair_echo, "pair_echoed");
+    eprintln!(
+        "entity F1: causal {causal_f1:.3}, echoed {echoed_f1:.3}; whites right: causal {causal_white:.3}, echoed {echoed_white:.3}"
+    );
+    assert!(
+        echoed_f1 >= causal_f1 + 0.15,
+        "entity F1: echoed {echoed_f1}, causal {causal_f1}"
+    );
+    assert!(
+        echoed_white >= causal_white + 0.15,
+        "whites right: echoed {echoed_white}, causal {causal_white}"
+    );
+
+    // Echo is a tagger's setting.
+    let recipe = std::fs::read_to_string(d.join("cls.toml")).unwrap();
+    std::fs::write(
+        d.join("cls_echo.toml"),
+        recipe
+            .replace("out = \"cls\"", "out = \"cls_echo\"")
+            .replace("kind = \"classify\"", "kind = \"classify\"\necho = true"),
+    )
+    .unwrap();
+    let e = fails(slm().args(["train", "cls_echo.toml"]).current_dir(d));
+    assert!(e.contains("objective.echo") && e.contains("tag"), "{e}");
 }

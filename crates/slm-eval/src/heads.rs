@@ -4,7 +4,8 @@
 //! Used by `slm eval --task classify:` / `tag:` and `slm predict`.
 //!
 //! A text longer than the model's context keeps its first tokens (as training cuts it); a
-//! word whose first token lies past the context is tagged `O`.
+//! word whose first token lies past the context is tagged `O`. A tagger trained with `echo`
+//! reads each sentence twice, as it was trained.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -33,9 +34,10 @@ fn need_sequence_head(model: &Llama) -> Result<(), EvalError> {
     }
 }
 
-fn need_token_head(model: &Llama) -> Result<(), EvalError> {
+/// Whether the model's token-classification head reads an echoed input.
+fn need_token_head(model: &Llama) -> Result<bool, EvalError> {
     match model.config.head {
-        Head::Token { .. } => Ok(()),
+        Head::Token { echo, .. } => Ok(echo),
         _ => Err(wrong_head(
             model,
             "tagging words needs a token-classification head",
@@ -86,8 +88,10 @@ pub fn tag_words<S: AsRef<str>>(
     tok: &Tokenizer,
     words: &[S],
 ) -> Result<(WordLogits, usize), EvalError> {
-    need_token_head(model)?;
-    let (ids, first) = tok.encode_words(words)?;
+    let (ids, first) = match need_token_head(model)? {
+        false => tok.encode_words(words)?,
+        true => tok.encode_words_echoed(words)?,
+    };
     let rows = logits(model, &ids)?;
     let n = rows.len();
     Ok((first.iter().map(|&p| rows.get(p).cloned()).collect(), n))

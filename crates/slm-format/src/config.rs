@@ -57,7 +57,11 @@ pub enum Head {
         pad_token_id: Option<u32>,
     },
     /// One label per token (`...ForTokenClassification`: `score.weight` and `score.bias`).
-    Token { labels: Vec<String> },
+    /// `echo` (config.json's `slm_echo`): the words are fed twice and each word's label read
+    /// at its first token in the second copy, which has seen the whole sentence through
+    /// causal attention ("echo embeddings", Springer et al. 2024). transformers runs the same
+    /// network; only the input is doubled.
+    Token { labels: Vec<String>, echo: bool },
 }
 
 impl Head {
@@ -65,7 +69,7 @@ impl Head {
     pub fn labels(&self) -> &[String] {
         match self {
             Head::Lm => &[],
-            Head::Sequence { labels, .. } | Head::Token { labels } => labels,
+            Head::Sequence { labels, .. } | Head::Token { labels, .. } => labels,
         }
     }
 
@@ -148,6 +152,7 @@ struct HfConfig {
     hidden_act: Option<String>,
     id2label: Option<std::collections::BTreeMap<String, String>>,
     pad_token_id: Option<serde_json::Value>,
+    slm_echo: Option<bool>,
 }
 
 /// An id too large for u32 becomes u32::MAX, which `validate` then refuses as out of range.
@@ -168,9 +173,17 @@ fn head_from_hf(
     class: &str,
     id2label: Option<&std::collections::BTreeMap<String, String>>,
     pad_token_id: Option<u32>,
+    echo: Option<bool>,
 ) -> Result<Head, String> {
     let sequence = class.ends_with("ForSequenceClassification");
-    if !sequence && !class.ends_with("ForTokenClassification") {
+    let token = class.ends_with("ForTokenClassification");
+    let echo = echo.unwrap_or(false);
+    if echo && !token {
+        return Err(format!(
+            "slm_echo is true, but only a token-classification head reads an echoed input ({class})"
+        ));
+    }
+    if !sequence && !token {
         return Ok(Head::Lm);
     }
     let map = id2label.ok_or_else(|| format!("{class} needs id2label (its labels)"))?;
@@ -207,7 +220,7 @@ fn head_from_hf(
             pad_token_id,
         }
     } else {
-        Head::Token { labels }
+        Head::Token { labels, echo }
     })
 }
 
@@ -305,8 +318,13 @@ impl Config {
             attention_bias: hf.attention_bias.unwrap_or(arch == Arch::Qwen2),
             bos_token_id: first_id(&hf.bos_token_id),
             eos_token_id: first_id(&hf.eos_token_id),
-            head: head_from_hf(&class, hf.id2label.as_ref(), first_id(&hf.pad_token_id))
-                .map_err(|what| invalid(file, what))?,
+            head: head_from_hf(
+                &class,
+                hf.id2label.as_ref(),
+                first_id(&hf.pad_token_id),
+                hf.slm_echo,
+            )
+            .map_err(|what| invalid(file, what))?,
         };
         cfg.validate(file)?;
         Ok(cfg)
@@ -605,12 +623,13 @@ impl Config {
             v["label2id"] = label2id.into();
             v["num_labels"] = labels.len().into();
         }
-        if let Head::Sequence {
-            pad_token_id: Some(p),
-            ..
-        } = self.head
-        {
-            v["pad_token_id"] = p.into();
+        match self.head {
+            Head::Sequence {
+                pad_token_id: Some(p),
+                ..
+            } => v["pad_token_id"] = p.into(),
+            Head::Token { echo: true, .. } => v["slm_echo"] = true.into(),
+            _ => {}
         }
         v
     }
@@ -632,6 +651,27 @@ mod tests {
         assert_eq!(c.num_params(), 134_515_008);
         let back = Config::from_hf_json(&c.to_hf_json().to_string(), "x").unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn an_echoed_token_head_round_trips_and_only_a_token_head_echoes() {
+        let mut c = Config::from_hf_json(SMOLLM, "config.json").unwrap();
+        c.head = Head::Token {
+            labels: vec!["O".into(), "B-x".into()],
+            echo: true,
+        };
+        let json = c.to_hf_json();
+        assert_eq!(json["slm_echo"], true);
+        assert_eq!(Config::from_hf_json(&json.to_string(), "x").unwrap(), c);
+        let mut seq = json.clone();
+        seq["architectures"] = serde_json::json!(["LlamaForSequenceClassification"]);
+        let err = Config::from_hf_json(&seq.to_string(), "config.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("slm_echo") && err.contains("config.json"),
+            "{err}"
+        );
     }
 
     #[test]

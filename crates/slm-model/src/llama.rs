@@ -766,7 +766,7 @@ impl Llama {
             Head::Lm if c.tie_word_embeddings || !w.contains(&head) => embed.as_linear()?,
             Head::Lm => w.linear(head.trim_end_matches(".weight"), c.vocab_size, h, false)?,
             Head::Sequence { labels, .. } => w.linear(score, labels.len(), h, false)?,
-            Head::Token { labels } => w.linear(score, labels.len(), h, true)?,
+            Head::Token { labels, .. } => w.linear(score, labels.len(), h, true)?,
         };
         let freq_factors = w.rope_freq_factors()?;
         let rope = Rope::new(

@@ -246,6 +246,23 @@ impl Tokenizer {
         Ok((ids, first))
     }
 
+    /// `encode_words` with the sentence's tokens repeated (BOS once, before the first copy),
+    /// each word's first token taken from the second copy: under causal attention it has
+    /// seen the whole sentence. How a token-classification head with `echo` reads its input.
+    pub fn encode_words_echoed<S: AsRef<str>>(
+        &self,
+        words: &[S],
+    ) -> Result<(Vec<u32>, Vec<usize>)> {
+        let (mut ids, mut first) = self.encode_words(words)?;
+        let bos = usize::from(self.add_bos && self.bos.is_some());
+        let copy = ids.len() - bos;
+        ids.extend_from_within(bos..);
+        for f in &mut first {
+            *f += copy;
+        }
+        Ok((ids, first))
+    }
+
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
         self.inner
             .decode(ids, skip_special)

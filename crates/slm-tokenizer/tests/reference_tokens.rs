@@ -161,4 +161,13 @@ fn words_map_to_their_first_tokens() {
         let text = tok.decode(&ids[first[i]..end], false).unwrap();
         assert_eq!(text.trim_start(), *w, "word {i}");
     }
+    // Echoed: BOS, the sentence, the sentence again; each word read in the second copy.
+    let (echoed, second) = tok.encode_words_echoed(&words).unwrap();
+    let bos = usize::from(tok.add_bos && tok.bos.is_some());
+    let body = &ids[bos..];
+    assert_eq!(echoed, [&ids[..bos], body, body].concat());
+    for (f, s) in first.iter().zip(&second) {
+        assert_eq!(*s, f + body.len());
+        assert_eq!(echoed[*s], ids[*f]);
+    }
 }

@@ -244,7 +244,10 @@ fn read_over(dir: &Path, mut config: Config) -> Result<Adapter> {
                     pad_token_id: config.eos_token_id,
                 }
             } else {
-                Head::Token { labels }
+                Head::Token {
+                    labels,
+                    echo: false,
+                }
             }
         }
         (other, _) => return Err(setup(format!("{name}: task_type {other} is not supported"))),

@@ -151,6 +151,10 @@ pub struct Labels {
     /// "balanced" weighs each label by n / (labels x its count), as scikit-learn's
     /// class_weight does; or one weight per label.
     pub class_weights: Option<ClassWeights>,
+    /// Tagging only: feed each sentence twice and read the tags in the second copy, where
+    /// every word has seen the whole sentence (a causal model's tokens otherwise see only
+    /// the words before them). The model folder records it, so eval and predict echo too.
+    pub echo: bool,
 }
 
 /// `[lora]`: rank, alpha (the adapters' output is scaled by alpha / rank, as PEFT does),
@@ -522,6 +526,13 @@ impl Recipe {
                 "budget",
                 "{..}".into(),
                 "expected exactly one of tokens, minutes or epochs",
+            );
+        }
+        if let Objective::Classify(Labels { echo: true, .. }) = self.objective {
+            return bad(
+                "objective.echo",
+                "true".into(),
+                "echo applies to kind = \"tag\" (a classify head already reads the last token, which has seen the whole text)",
             );
         }
         if let Some(e) = b.epochs {

@@ -187,7 +187,7 @@ fn to_ids(rows: Vec<RawRow>, labels: &[String], skip: &[String]) -> (Vec<Row>, u
 /// A row's token ids and, per target, its position and label id (before truncation).
 type Encoded = (Vec<u32>, Vec<(usize, u32)>);
 
-fn encode(tok: &Tokenizer, row: &Row) -> Result<Encoded> {
+fn encode(tok: &Tokenizer, row: &Row, echo: bool) -> Result<Encoded> {
     let err = |e: slm_tokenizer::TokenizerError| setup(format!("cannot tokenize a row: {e}"));
     Ok(match row {
         Row::Text(text, label) => {
@@ -196,7 +196,11 @@ fn encode(tok: &Tokenizer, row: &Row) -> Result<Encoded> {
             (ids, vec![(at, *label as u32)])
         }
         Row::Words(words, tags) => {
-            let (ids, first) = tok.encode_words(words).map_err(err)?;
+            let (ids, first) = match echo {
+                false => tok.encode_words(words),
+                true => tok.encode_words_echoed(words),
+            }
+            .map_err(err)?;
             let t = first
                 .into_iter()
                 .zip(tags)
@@ -267,11 +271,11 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
     }
     let train_enc: Vec<_> = train_rows
         .iter()
-        .map(|r| encode(tok, r))
+        .map(|r| encode(tok, r, cfg.echo))
         .collect::<Result<_>>()?;
     let valid_enc: Vec<_> = valid_rows
         .iter()
-        .map(|r| encode(tok, r))
+        .map(|r| encode(tok, r, cfg.echo))
         .collect::<Result<_>>()?;
     let longest = train_enc
         .iter()
@@ -352,7 +356,10 @@ pub fn load(recipe: &Recipe, tok: &Tokenizer, pad: u32, max_positions: usize) ->
             labels,
             pad_token_id: Some(pad),
         },
-        _ => Head::Token { labels },
+        _ => Head::Token {
+            labels,
+            echo: cfg.echo,
+        },
     };
     Ok(TaskData {
         head,

@@ -1794,7 +1794,13 @@ mod tests {
                     pad_token_id: Some(0),
                 },
             ),
-            ("token", Head::Token { labels: labels(5) }),
+            (
+                "token",
+                Head::Token {
+                    labels: labels(5),
+                    echo: false,
+                },
+            ),
         ];
         for (what, head) in heads {
             let cfg = Config {
