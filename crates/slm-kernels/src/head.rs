@@ -8,6 +8,7 @@ use rayon::prelude::*;
 
 use crate::exp::ExpInPlace;
 use crate::gemm::{gemm, View};
+use crate::kd::{self, RowScratch, Teacher, TeacherRow, TeacherSource};
 
 /// Logits per chunk (2048 rows of an 8192-token vocabulary, 341 of a 49152-token one: 64 MB
 /// in f32). Each chunk reads w twice (logits, then h's gradient) and reads and writes w's
@@ -64,7 +65,9 @@ pub struct HeadGrads<'a, T> {
 /// counted (the number of counted targets when every class weighs 1); with `grads`, writes
 /// `scale / weight` times its gradient with respect to h into dh (zero for ignored rows)
 /// and adds those of w and b: the gradient of `scale` times the mean loss. `buf` holds one
-/// chunk's logits between calls.
+/// chunk's logits between calls. With a `teacher`, each counted row's loss is the
+/// distillation loss (`kd::row_loss`) instead of the cross-entropy alone.
+#[allow(clippy::too_many_arguments)]
 pub fn head_loss_into<T: WithDType + ExpInPlace>(
     HeadShape { n, d, v }: HeadShape,
     h: &[T],
@@ -73,6 +76,7 @@ pub fn head_loss_into<T: WithDType + ExpInPlace>(
     scale: T,
     grads: Option<HeadGrads<T>>,
     buf: &mut Vec<T>,
+    teacher: Option<Teacher<T>>,
 ) -> (f64, f64) {
     let w = head.w;
     assert!(h.len() >= n * d && w.len() >= v * d && targets.len() >= n);
@@ -95,6 +99,22 @@ pub fn head_loss_into<T: WithDType + ExpInPlace>(
         WithDType::to_f64(scale) / weight
     } else {
         0.0
+    };
+    let mut teacher = teacher;
+    if let Some(Teacher {
+        source: TeacherSource::TopK { k, ids, logp, rest },
+        ..
+    }) = &teacher
+    {
+        assert!(ids.len() >= n * k && logp.len() >= n * k && rest.len() >= n);
+        assert!(ids[..n * k].iter().all(|&i| (i as usize) < v));
+    }
+    let mut teacher_logits = match &teacher {
+        Some(Teacher {
+            source: TeacherSource::Logits(_),
+            ..
+        }) => vec![T::zero(); chunk * v],
+        _ => Vec::new(),
     };
     let mut total = 0f64;
     for c0 in (0..n).step_by(chunk) {
@@ -124,28 +144,59 @@ pub fn head_loss_into<T: WithDType + ExpInPlace>(
         let targets = &targets[c0..c0 + rows];
         // Per-row losses collected and added in order, so the total does not depend on how
         // rayon split the rows.
-        let losses: Vec<f64> = logits
-            .par_chunks_mut(v)
-            .zip(targets.par_iter())
-            .map(|(row, &t)| {
-                if t == IGNORE {
-                    row.fill(T::zero());
-                    return 0.0;
-                }
-                let c = class(t);
-                let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
-                let at_target = WithDType::to_f64(row[t as usize]);
-                row.iter_mut().for_each(|x| *x -= max);
-                T::exp_in_place(row);
-                let sum: f64 = row.iter().map(|&e| WithDType::to_f64(e)).sum();
-                let lse = WithDType::to_f64(max) + sum.ln();
-                // d(loss)/d(logit) = (softmax - one-hot) * c * scale / weight.
-                let s = <T as WithDType>::from_f64(c * inv_n / sum);
-                row.iter_mut().for_each(|x| *x *= s);
-                row[t as usize] -= <T as WithDType>::from_f64(c * inv_n);
-                c * (lse - at_target)
-            })
-            .collect();
+        let losses: Vec<f64> = if let Some(t) = &mut teacher {
+            if let TeacherSource::Logits(fill) = &mut t.source {
+                fill(c0, rows, &mut teacher_logits[..rows * v]);
+            }
+            let top = match t.source {
+                TeacherSource::TopK { k, ids, logp, rest } => Some((k, ids, logp, rest)),
+                TeacherSource::Logits(_) => None,
+            };
+            let (kd, teacher_logits) = (&t.kd, &teacher_logits);
+            logits
+                .par_chunks_mut(v)
+                .zip(targets.par_iter())
+                .enumerate()
+                .map_init(RowScratch::default, |s, (i, (row, &t))| {
+                    let teacher = match top {
+                        None => TeacherRow::Logits(&teacher_logits[i * v..(i + 1) * v]),
+                        Some((k, ids, logp, rest)) => {
+                            let r = c0 + i;
+                            TeacherRow::TopK {
+                                ids: &ids[r * k..(r + 1) * k],
+                                logp: &logp[r * k..(r + 1) * k],
+                                rest: rest[r],
+                            }
+                        }
+                    };
+                    let target = (t != IGNORE).then(|| (t, class(t)));
+                    kd::row_loss(kd, row, target, teacher, inv_n, s)
+                })
+                .collect()
+        } else {
+            logits
+                .par_chunks_mut(v)
+                .zip(targets.par_iter())
+                .map(|(row, &t)| {
+                    if t == IGNORE {
+                        row.fill(T::zero());
+                        return 0.0;
+                    }
+                    let c = class(t);
+                    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+                    let at_target = WithDType::to_f64(row[t as usize]);
+                    row.iter_mut().for_each(|x| *x -= max);
+                    T::exp_in_place(row);
+                    let sum: f64 = row.iter().map(|&e| WithDType::to_f64(e)).sum();
+                    let lse = WithDType::to_f64(max) + sum.ln();
+                    // d(loss)/d(logit) = (softmax - one-hot) * c * scale / weight.
+                    let s = <T as WithDType>::from_f64(c * inv_n / sum);
+                    row.iter_mut().for_each(|x| *x *= s);
+                    row[t as usize] -= <T as WithDType>::from_f64(c * inv_n);
+                    c * (lse - at_target)
+                })
+                .collect()
+        };
         total += losses.iter().sum::<f64>();
         let Some(HeadGrads { dh, dw, db }) = grads.as_mut() else {
             continue;
@@ -242,6 +293,7 @@ mod tests {
                 db: classifier.then_some(db.as_mut_slice()),
             }),
             &mut Vec::new(),
+            None,
         );
 
         let hv = Var::from_vec(h, (n, d), &dev).unwrap();

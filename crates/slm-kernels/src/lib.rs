@@ -21,6 +21,7 @@ pub mod gemm;
 pub mod ggml_math;
 pub mod half_matmul;
 pub mod head;
+pub mod kd;
 pub mod kquant;
 pub mod lora;
 pub mod packed;

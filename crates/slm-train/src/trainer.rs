@@ -1000,6 +1000,7 @@ impl Trainer {
             scale,
             grads,
             &mut self.work.head,
+            None,
         );
         if weight > 0.0 {
             (total / weight) as f32
@@ -2583,6 +2584,7 @@ mod tests {
                 db: None,
             }),
             &mut Vec::new(),
+            None,
         );
         tr.backward_hidden(&dh).unwrap();
         assert_eq!(((total / counted) as f32).to_bits(), want_loss.to_bits());
