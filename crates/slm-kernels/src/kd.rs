@@ -187,12 +187,12 @@ pub fn row_loss<T: WithDType + ExpInPlace>(
             assert_eq!(zt.len(), v, "teacher and student vocabularies");
             let (max_t, sum_t) = soften(zt, temp, &mut s.teacher);
             let ln_t = sum_t.ln();
-            for j in 0..v {
-                let lt = (WithDType::to_f64(zt[j]) - max_t) / temp - ln_t;
+            for (j, (&x, out)) in zt.iter().zip(s.teacher.iter_mut()).enumerate() {
+                let lt = (WithDType::to_f64(x) - max_t) / temp - ln_t;
                 let (term, h) = bucket(kd.divergence, lt, log_ps(j));
                 div += term;
                 h_sum += h;
-                s.teacher[j] = T::from_f64(h);
+                *out = T::from_f64(h);
             }
             per_rest = 0.0;
         }
