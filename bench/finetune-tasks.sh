@@ -8,7 +8,8 @@
 #     movie-review sentences, ../shared/fixtures/evals/sst2.jsonl: evaluation only), beside
 #     the base model's zero-shot `--task classify` score on the same file;
 #   WNUT-16: a token-classification head on four fifths of the fetched WNUT-16 tweets (every
-#     fifth row held out, in file order), entity F1 per type on the held-out fifth.
+#     fifth row held out, in file order), each tweet read twice (echo), entity F1 per type on
+#     the held-out fifth.
 # Prints each run's wall time and peak RSS (GNU time) and the scores; leaves everything in OUT.
 #
 #   bench/finetune-tasks.sh [OUT] [EPOCHS_SENTIMENT] [EPOCHS_WNUT]   # default: runs/finetune 2 3
@@ -69,6 +70,8 @@ timed() { # name: runs slm train on OUT/name.toml, prints wall time and peak RSS
 recipe sentiment classify "$out/sentiment_train.jsonl" "$ep_s"
 recipe sentiment_lora classify "$out/sentiment_train.jsonl" "$ep_s"
 recipe wnut tag "$out/wnut_train.jsonl" "$ep_w"
+# The tagger reads each tweet twice (echo; rows up to 128 tokens) at lr 1e-4.
+sed -i 's/^lr = 3e-5/lr = 1e-4/; s/^context = 64/context = 128/; s/^kind = "tag"/kind = "tag"\necho = true/' "$out/wnut.toml"
 tasks="${TASKS:-sentiment wnut$([ "${LORA:-0}" = 1 ] && echo ' lora')}"
 has() { [[ " $tasks " == *" $1 "* ]]; }
 if has sentiment; then

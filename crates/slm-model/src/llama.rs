@@ -876,8 +876,13 @@ impl Llama {
 
     /// Final norm and output projection.
     fn logits(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.final_norm(x)?;
-        let logits = self.lm_head.forward(&x)?;
+        self.project(&self.final_norm(x)?)
+    }
+
+    /// The output projection of final-norm hidden states (`hidden`'s rows): logits, in f32
+    /// (f64 in f64 runs), by the model's own kernels (a quantized head's included).
+    pub fn project(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let logits = self.lm_head.forward(x)?;
         // f32 for callers, except in f64 runs (gradient checks) where precision is the point.
         match logits.dtype() {
             DType::F64 | DType::F32 => Ok(logits),

@@ -19,4 +19,5 @@ pub mod samples;
 pub mod schedule;
 pub mod sft;
 pub mod task;
+pub mod teacher;
 pub mod trainer;

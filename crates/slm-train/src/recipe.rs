@@ -52,6 +52,8 @@ pub struct Recipe {
     pub objective: Objective,
     /// Train low-rank adapters over the frozen parent instead of every weight.
     pub lora: Option<Lora>,
+    /// The teacher of a distillation run (`objective.kind = "kd"`).
+    pub teacher: Option<TeacherSpec>,
     pub budget: Budget,
     #[serde(default)]
     pub optim: Optim,
@@ -117,6 +119,9 @@ pub struct ModelShape {
 pub enum Objective {
     #[default]
     Lm,
+    /// Pretraining on token shards taught by `[teacher]`: each position's loss is the
+    /// divergence from the teacher's distribution, mixed with the next-token cross-entropy.
+    Kd,
     Classify(Labels),
     Tag(Labels),
     /// Chat fine-tuning: conversations rendered with the parent's chat template, the loss on
@@ -136,6 +141,70 @@ pub struct Sft {
 impl Default for Sft {
     fn default() -> Self {
         Self { pack: true }
+    }
+}
+
+/// `[teacher]`: the model a distillation run learns from, and the loss's settings.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TeacherSpec {
+    /// Any model slm loads (a folder or a GGUF file, quantized or not) with the student's
+    /// tokenizer.
+    pub model: PathBuf,
+    /// Softens both distributions (logits / T); the divergence is scaled by T².
+    #[serde(default = "one")]
+    pub temperature: f64,
+    /// The distillation term's weight; the next-token cross-entropy gets 1 - alpha.
+    #[serde(default = "half")]
+    pub alpha: f64,
+    /// Compare the teacher's top k tokens and the mass of the rest (0: the whole vocabulary).
+    #[serde(default)]
+    pub top_k: usize,
+    /// "forward" (KL(teacher ‖ student)), "reverse" (KL(student ‖ teacher)) or "jsd" (TRL's
+    /// generalised Jensen-Shannon divergence with `beta`).
+    #[serde(default)]
+    pub loss: KdLoss,
+    /// The teacher's share of the "jsd" mixture, strictly between 0 and 1.
+    #[serde(default = "half")]
+    pub beta: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn half() -> f64 {
+    0.5
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "lowercase")]
+pub enum KdLoss {
+    #[default]
+    Forward,
+    Reverse,
+    Jsd,
+}
+
+/// A temperature past this flattens any distribution slm trains to uniform.
+const MAX_TEMPERATURE: f64 = 1000.0;
+
+/// A top-k larger than this is no longer a sparse target (the whole vocabulary: 0).
+pub const MAX_TOP_K: usize = 4096;
+
+impl TeacherSpec {
+    /// The kernels' settings of the loss.
+    pub fn distill(&self) -> slm_kernels::kd::Distill {
+        use slm_kernels::kd::Divergence;
+        slm_kernels::kd::Distill {
+            temperature: self.temperature,
+            alpha: self.alpha,
+            divergence: match self.loss {
+                KdLoss::Forward => Divergence::Forward,
+                KdLoss::Reverse => Divergence::Reverse,
+                KdLoss::Jsd => Divergence::Jsd { beta: self.beta },
+            },
+        }
     }
 }
 
@@ -214,7 +283,7 @@ impl Objective {
     /// The head's settings of a classify or tag run.
     pub fn labels(&self) -> Option<&Labels> {
         match self {
-            Objective::Lm | Objective::Sft(_) => None,
+            Objective::Lm | Objective::Kd | Objective::Sft(_) => None,
             Objective::Classify(l) | Objective::Tag(l) => Some(l),
         }
     }
@@ -222,7 +291,7 @@ impl Objective {
     /// Whether the run fine-tunes `model.parent` on a task file (rather than pretraining on
     /// token shards).
     pub fn fine_tunes(&self) -> bool {
-        !matches!(self, Objective::Lm)
+        !matches!(self, Objective::Lm | Objective::Kd)
     }
 }
 
@@ -333,6 +402,7 @@ impl Recipe {
             d.train.as_mut(),
             d.valid.as_mut(),
             r.model.parent.as_mut(),
+            r.teacher.as_mut().map(|t| &mut t.model),
         ];
         for p in std::iter::once(&mut r.run.out).chain(optional.into_iter().flatten()) {
             if p.is_relative() {
@@ -361,6 +431,53 @@ impl Recipe {
             })
         };
         self.validate_task(path)?;
+        match (&self.objective, &self.teacher) {
+            (Objective::Kd, None) => {
+                return bad(
+                    "teacher",
+                    "(missing)".into(),
+                    "objective.kind = \"kd\" learns from a [teacher] (model = ...)",
+                )
+            }
+            (Objective::Kd, Some(t)) => {
+                if !(t.temperature > 0.0 && t.temperature <= MAX_TEMPERATURE) {
+                    return bad(
+                        "teacher.temperature",
+                        t.temperature.to_string(),
+                        &format!("expected 0 < temperature <= {MAX_TEMPERATURE}"),
+                    );
+                }
+                if !(0.0..=1.0).contains(&t.alpha) {
+                    return bad(
+                        "teacher.alpha",
+                        t.alpha.to_string(),
+                        "expected 0 <= alpha <= 1 (the distillation term's weight)",
+                    );
+                }
+                if t.top_k > MAX_TOP_K {
+                    return bad(
+                        "teacher.top_k",
+                        t.top_k.to_string(),
+                        &format!("expected at most {MAX_TOP_K} (0: the whole vocabulary)"),
+                    );
+                }
+                if t.loss == KdLoss::Jsd && !(t.beta > 0.0 && t.beta < 1.0) {
+                    return bad(
+                        "teacher.beta",
+                        t.beta.to_string(),
+                        "expected 0 < beta < 1 (its limits are loss = \"forward\" and \"reverse\")",
+                    );
+                }
+            }
+            (_, Some(_)) => {
+                return bad(
+                    "teacher",
+                    "(set)".into(),
+                    "a teacher is for objective.kind = \"kd\"",
+                )
+            }
+            _ => {}
+        }
         if let Some(l) = &self.lora {
             let bad = |key: &'static str, value: String, expected: String| {
                 Err(RecipeError::Value {
@@ -536,7 +653,7 @@ impl Recipe {
             );
         }
         if let Some(e) = b.epochs {
-            if self.objective == Objective::Lm {
+            if !self.objective.fine_tunes() {
                 return bad(
                     "budget.epochs",
                     e.to_string(),

@@ -19,9 +19,11 @@ use slm_model::{Config, Llama, Weights};
 use crate::init::{init_params_except, Rng};
 use crate::optim::AdamWConfig;
 use crate::parent::Parent;
-use crate::recipe::{Objective, Recipe};
+use crate::recipe::{Objective, Recipe, TeacherSpec};
 use crate::schedule::Schedule;
+use crate::teacher::TeacherModel;
 use crate::trainer::Trainer;
+use slm_kernels::kd::{Teacher, TeacherSource};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -391,6 +393,41 @@ fn open_task(recipe: &Recipe, parent: &Parent) -> Result<(Config, Feed, usize)> 
     Ok((cfg, Feed::Task { data, order }, parent_ctx))
 }
 
+/// One micro-batch of a distillation run: the teacher's forward on the inputs, then the
+/// student's update against its logits (made chunk by chunk in the fused head) or its top k.
+fn distilled(
+    trainer: &mut Trainer,
+    teacher: &TeacherModel,
+    spec: &TeacherSpec,
+    tokens: &[u32],
+    scale: f32,
+) -> Result<f32> {
+    let t = trainer.positions();
+    let inputs: Vec<u32> = tokens
+        .chunks_exact(t + 1)
+        .flat_map(|row| &row[..t])
+        .copied()
+        .collect();
+    let hidden = teacher.hidden(&inputs, inputs.len() / t)?;
+    let kd = spec.distill();
+    if spec.top_k > 0 {
+        let top = teacher.top_k(&hidden, spec.top_k, spec.temperature)?;
+        return Ok(trainer.accumulate_distilled(tokens, scale, Teacher { kd, source: top.source() })?);
+    }
+    let mut failed = None;
+    let mut fill = |first: usize, rows: usize, out: &mut [f32]| {
+        if let Err(e) = teacher.logits(&hidden, first, rows, out) {
+            failed.get_or_insert(e);
+        }
+    };
+    let source = TeacherSource::Logits(&mut fill);
+    let loss = trainer.accumulate_distilled(tokens, scale, Teacher { kd, source })?;
+    match failed {
+        Some(e) => Err(e),
+        None => Ok(loss),
+    }
+}
+
 pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
     let t0 = Instant::now();
     let dev = Device::Cpu;
@@ -416,6 +453,21 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         }
     };
     let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
+    let teacher = match &recipe.teacher {
+        Some(spec) => {
+            let t = TeacherModel::open(&spec.model, &tokenizer, &tok_name, cfg.vocab_size)?;
+            if t.context() < ctx {
+                return Err(TrainError::Setup(format!(
+                    "teacher.model {}: its context of {} positions is shorter than model.context {ctx}",
+                    spec.model.display(),
+                    t.context()
+                )));
+            }
+            tracing::info!("teacher {} (sha256 {})", spec.model.display(), t.sha256);
+            Some(t)
+        }
+        None => None,
+    };
     let need = crate::trainer::memory_bytes(&cfg, batch);
     if let Some(have) = slm_kernels::process::physical_memory_bytes() {
         if need > have as u128 {
@@ -585,7 +637,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 Feed::Lm { data, .. } => {
                     let toks = sample_batch(data, &mut rng, batch, ctx);
                     computed += (batch * ctx) as u64;
-                    trainer.accumulate(&toks, scale)?
+                    match (&teacher, &recipe.teacher) {
+                        (Some(t), Some(spec)) => distilled(&mut trainer, t, spec, &toks, scale)?,
+                        _ => trainer.accumulate(&toks, scale)?,
+                    }
                 }
                 Feed::Task { data, order } => {
                     let first = (state.step * o.grad_accum as u64 + micro) * batch as u64;
@@ -761,6 +816,11 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 "tokenizer_sha256": data.manifest.tokenizer_sha256,
                 "train_tokens": data.manifest.train.tokens,
                 "valid_tokens": data.manifest.valid.tokens,
+                // The loss and its settings are the recipe's [teacher].
+                "teacher": teacher.as_ref().map(|t| serde_json::json!({
+                    "model": t.path,
+                    "sha256": t.sha256,
+                })),
             }),
             Feed::Task { data, .. } => {
                 let sha = |p: &Option<PathBuf>| -> Result<Option<String>> {

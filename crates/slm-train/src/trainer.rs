@@ -31,6 +31,7 @@ use rayon::prelude::*;
 use slm_kernels::gemm::linear;
 pub use slm_kernels::head::IGNORE;
 use slm_kernels::head::{head_loss_into, HeadGrads, HeadShape, HeadWeights};
+use slm_kernels::kd::Teacher;
 use slm_kernels::lora::{splitmix64, Dropout};
 use slm_kernels::quant::BlockMatrix;
 use slm_kernels::train::{self as kernels, AttnShape, RopeSpec};
@@ -891,6 +892,20 @@ impl Trainer {
         Ok(self.accumulate_timed(tokens, scale)?.0)
     }
 
+    /// `accumulate` with a teacher: each position's loss is the distillation loss against
+    /// what the teacher says of it (`kd::row_loss`; its rows are the batch's positions, row
+    /// after row), and the one returned is their mean.
+    pub fn accumulate_distilled(
+        &mut self,
+        tokens: &[u32],
+        scale: f32,
+        teacher: Teacher<f32>,
+    ) -> candle_core::Result<f32> {
+        self.load_batch(tokens)?;
+        self.forward(true);
+        Ok(self.head_and_backward(scale, Some(teacher)))
+    }
+
     /// `accumulate` with targets of its own (`batch` x `positions` each, row-major): a
     /// target may be `IGNORE`, and the loss is the mean over the targets that count.
     pub fn accumulate_targets(
@@ -901,7 +916,7 @@ impl Trainer {
     ) -> candle_core::Result<f32> {
         self.set_batch(inputs, targets)?;
         self.forward(true);
-        Ok(self.head_and_backward(scale))
+        Ok(self.head_and_backward(scale, None))
     }
 
     /// The mean next-token loss of one micro-batch, without gradients (validation), in the
@@ -909,14 +924,14 @@ impl Trainer {
     pub fn loss(&mut self, tokens: &[u32]) -> candle_core::Result<f32> {
         self.load_batch(tokens)?;
         self.forward(false);
-        Ok(self.head_loss(1.0, false))
+        Ok(self.head_loss(1.0, false, None))
     }
 
     /// `loss` with targets of its own, as `accumulate_targets` takes them.
     pub fn loss_targets(&mut self, inputs: &[u32], targets: &[u32]) -> candle_core::Result<f32> {
         self.set_batch(inputs, targets)?;
         self.forward(false);
-        Ok(self.head_loss(1.0, false))
+        Ok(self.head_loss(1.0, false, None))
     }
 
     /// Weighs each output's targets in the loss (a classifier's rarer labels), as torch's
@@ -957,9 +972,10 @@ impl Trainer {
         Ok(out)
     }
 
-    /// The mean loss of the head over the current targets; with `grads`, `scale` times its
-    /// gradient goes into `work.dh` and the head's own gradients.
-    fn head_loss(&mut self, scale: f32, grads: bool) -> f32 {
+    /// The mean loss of the head over the current targets (against a teacher, when one is
+    /// given); with `grads`, `scale` times its gradient goes into `work.dh` and the head's
+    /// own gradients.
+    fn head_loss(&mut self, scale: f32, grads: bool, teacher: Option<Teacher<f32>>) -> f32 {
         let cfg = &self.cfg;
         let shape = HeadShape {
             n: self.batch * self.positions,
@@ -1000,7 +1016,7 @@ impl Trainer {
             scale,
             grads,
             &mut self.work.head,
-            None,
+            teacher,
         );
         if weight > 0.0 {
             (total / weight) as f32
@@ -1019,7 +1035,7 @@ impl Trainer {
         let t0 = std::time::Instant::now();
         self.forward(true);
         let forward_s = t0.elapsed().as_secs_f64();
-        Ok((self.head_and_backward(scale), forward_s))
+        Ok((self.head_and_backward(scale, None), forward_s))
     }
 
     /// The final (normed) hidden states of `inputs` (`batch` x `positions` tokens):
@@ -1294,9 +1310,9 @@ impl Trainer {
     }
 
     /// The loss of the output projection, then every gradient back to the embedding.
-    fn head_and_backward(&mut self, scale: f32) -> f32 {
+    fn head_and_backward(&mut self, scale: f32, teacher: Option<Teacher<f32>>) -> f32 {
         self.laps.start();
-        let loss = self.head_loss(scale, true);
+        let loss = self.head_loss(scale, true, teacher);
         self.laps.lap("output projection + loss");
         self.backward();
         loss
