@@ -2,10 +2,9 @@
 //! checkpoint on disk stays loadable and the loss curve equals an unbroken run's.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 mod common;
-use common::{corpus_tokenizer_shards as setup, fails, losses, ok, slm};
+use common::{corpus_tokenizer_shards as setup, fails, kill_and_resume, losses, ok, slm};
 
 fn recipe(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
@@ -78,36 +77,8 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
     assert!(want[299].1 < want[0].1 - 0.5, "the tiny model learns");
 
     let r = recipe(d, "killed");
-    let mut seed = 12345u64;
-    let mut kills = 0;
-    for attempt in 0..40 {
-        let mut cmd = slm();
-        cmd.arg("train").arg(&r).current_dir(d);
-        if attempt > 0 {
-            cmd.arg("--resume");
-        }
-        let mut child = cmd
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
-        let wait_ms = run_ms / 20 + (seed >> 33) % (run_ms * 3 / 10).max(1);
-        std::thread::sleep(Duration::from_millis(wait_ms));
-        if child.try_wait().unwrap().is_none() {
-            child.kill().unwrap(); // SIGKILL
-            child.wait().unwrap();
-            kills += 1;
-            checkpoints_are_whole(&d.join("killed"));
-            continue;
-        }
-        assert!(child.wait().unwrap().success(), "resumed run failed");
-        break;
-    }
-    // Finish whatever the last kill left.
-    if !d.join("killed/model").exists() {
-        ok(slm().arg("train").arg(&r).arg("--resume").current_dir(d));
-    }
+    let run = d.join("killed");
+    let kills = kill_and_resume(d, &r, &run, run_ms, || checkpoints_are_whole(&run));
     eprintln!("killed {kills} times");
     assert!(
         kills >= 2,

@@ -412,7 +412,14 @@ fn distilled(
     let kd = spec.distill();
     if spec.top_k > 0 {
         let top = teacher.top_k(&hidden, spec.top_k, spec.temperature)?;
-        return Ok(trainer.accumulate_distilled(tokens, scale, Teacher { kd, source: top.source() })?);
+        return Ok(trainer.accumulate_distilled(
+            tokens,
+            scale,
+            Teacher {
+                kd,
+                source: top.source(),
+            },
+        )?);
     }
     let mut failed = None;
     let mut fill = |first: usize, rows: usize, out: &mut [f32]| {

@@ -137,9 +137,18 @@ impl TeacherModel {
 
     /// The logits of rows `first..first + rows` of `hidden` over the student's vocabulary,
     /// into `out` (rows x vocabulary).
-    pub fn logits(&self, hidden: &Tensor, first: usize, rows: usize, out: &mut [f32]) -> Result<()> {
+    pub fn logits(
+        &self,
+        hidden: &Tensor,
+        first: usize,
+        rows: usize,
+        out: &mut [f32],
+    ) -> Result<()> {
         let z = self.model.project(&hidden.narrow(0, first, rows)?)?;
-        let z = z.narrow(1, 0, self.vocab)?.flatten_all()?.to_vec1::<f32>()?;
+        let z = z
+            .narrow(1, 0, self.vocab)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
         out[..rows * self.vocab].copy_from_slice(&z);
         Ok(())
     }

@@ -324,3 +324,51 @@ pub fn losses(run: &Path) -> Vec<(u64, f64)> {
         })
         .collect()
 }
+
+/// Runs `slm train RECIPE` in `dir`, killing it (SIGKILL) at seeded random moments within
+/// the first 35% of `run_ms` (how long an unbroken run took) and resuming it, until a run
+/// ends by itself (at most 40 tries), then finishes it if the last kill left it unfinished
+/// (no model folder in `run`). `after_kill` checks the run folder after each kill. Returns
+/// the number of kills.
+pub fn kill_and_resume(
+    dir: &Path,
+    recipe: &Path,
+    run: &Path,
+    run_ms: u64,
+    after_kill: impl Fn(),
+) -> usize {
+    let mut seed = 12345u64;
+    let mut kills = 0;
+    for attempt in 0..40 {
+        let mut cmd = slm();
+        cmd.arg("train").arg(recipe).current_dir(dir);
+        if attempt > 0 {
+            cmd.arg("--resume");
+        }
+        let mut child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
+        let wait_ms = run_ms / 20 + (seed >> 33) % (run_ms * 3 / 10).max(1);
+        std::thread::sleep(std::time::Duration::from_millis(wait_ms));
+        if child.try_wait().unwrap().is_none() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            kills += 1;
+            after_kill();
+            continue;
+        }
+        assert!(child.wait().unwrap().success(), "resumed run failed");
+        break;
+    }
+    if !run.join("model").exists() {
+        ok(slm()
+            .arg("train")
+            .arg(recipe)
+            .arg("--resume")
+            .current_dir(dir));
+    }
+    kills
+}

@@ -1,0 +1,222 @@
+//! Distillation end to end through the `slm` binary: a tiny student taught by a tiny teacher
+//! (`objective.kind = "kd"`, online), killed and resumed with the unbroken run's losses, its
+//! lineage naming the teacher; a top k of the whole vocabulary computing what the full
+//! logits do; and bad settings and a teacher with another tokenizer refused by name.
+
+use std::path::{Path, PathBuf};
+
+mod common;
+use common::{corpus_tokenizer_shards, fails, kill_and_resume, losses, ok, slm, train_tiny};
+
+/// A student recipe taught by `teacher/model`; `teacher` is the `[teacher]` table's body
+/// after its model.
+fn recipe(dir: &Path, name: &str, teacher: &str, tokens: usize) -> PathBuf {
+    let p = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &p,
+        format!(
+            r#"[run]
+out = "{name}"
+seed = 3
+[data]
+shards = "shards"
+tokenizer = "tok.json"
+[model]
+d_model = 32
+layers = 2
+heads = 2
+ffn = 64
+context = 16
+[objective]
+kind = "kd"
+[teacher]
+model = "teacher/model"
+{teacher}
+[budget]
+tokens = {tokens}
+[optim]
+batch = 4
+grad_accum = 2
+lr = 3e-3
+warmup = 10
+[eval]
+interval = 40
+batches = 2
+[checkpoint]
+interval = 7
+keep = 2
+"#
+        ),
+    )
+    .unwrap();
+    p
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+/// The shards and a teacher trained on them, made once for this file's tests.
+fn fixture() -> &'static Fixture {
+    static F: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    F.get_or_init(|| {
+        let dir = tempfile::tempdir().unwrap();
+        corpus_tokenizer_shards(dir.path());
+        train_tiny(dir.path(), "teacher", 4, false);
+        Fixture { dir }
+    })
+}
+
+#[test]
+fn a_distilled_student_learns_and_resumes_with_the_same_losses() {
+    let d = fixture().dir.path();
+    let settings = "temperature = 2.0\nalpha = 0.5";
+    let started = std::time::Instant::now();
+    ok(slm()
+        .arg("train")
+        .arg(recipe(d, "unbroken", settings, 19200))
+        .current_dir(d));
+    let run_ms = started.elapsed().as_millis() as u64;
+    let want = losses(&d.join("unbroken"));
+    assert_eq!(want.len(), 150);
+    assert!(
+        want[149].1 < want[0].1 - 0.5,
+        "the student learns: {} to {}",
+        want[0].1,
+        want[149].1
+    );
+
+    let r = recipe(d, "killed", settings, 19200);
+    let run = d.join("killed");
+    let kills = kill_and_resume(d, &r, &run, run_ms, || {});
+    eprintln!("killed {kills} times");
+    assert!(kills >= 2, "killed {kills} times; the test needs two");
+    let got = losses(&run);
+    assert_eq!(got.len(), want.len());
+    for ((s1, a), (s2, b)) in want.iter().zip(&got) {
+        assert_eq!(s1, s2);
+        // The teacher's forward is as deterministic as the student's.
+        assert_eq!(
+            a.to_bits(),
+            b.to_bits(),
+            "step {s1}: unbroken {a}, resumed {b}"
+        );
+    }
+
+    // Lineage: the teacher's file and hash, and the loss's settings in the recipe.
+    let slm_json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("unbroken/model/slm.json")).unwrap())
+            .unwrap();
+    let teacher = &slm_json["data"]["teacher"];
+    assert!(teacher["model"]
+        .as_str()
+        .unwrap()
+        .ends_with("teacher/model"));
+    let sha = teacher["sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{sha}");
+    assert_eq!(slm_json["recipe"]["teacher"]["temperature"], 2.0);
+    assert_eq!(slm_json["recipe"]["objective"]["kind"], "kd");
+}
+
+/// The first update's loss (same initial student, same batch) with the teacher as full
+/// logits and as a top k of its whole vocabulary: the same buckets, the top k's
+/// log-probabilities rounded to f32 (measured: equal in the f32 the log keeps).
+#[test]
+fn a_top_k_of_the_whole_vocabulary_computes_what_the_full_logits_do() {
+    let d = fixture().dir.path();
+    let vocab: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(d.join("teacher/model/config.json")).unwrap(),
+    )
+    .unwrap();
+    let v = vocab["vocab_size"].as_u64().unwrap();
+    for loss in ["forward", "reverse", "jsd"] {
+        let common = format!("temperature = 1.5\nalpha = 0.7\nloss = \"{loss}\"");
+        let full = format!("full_{loss}");
+        let top = format!("top_{loss}");
+        ok(slm()
+            .arg("train")
+            .arg(recipe(d, &full, &common, 128))
+            .current_dir(d));
+        ok(slm()
+            .arg("train")
+            .arg(recipe(d, &top, &format!("{common}\ntop_k = {v}"), 128))
+            .current_dir(d));
+        let (a, b) = (losses(&d.join(full))[0].1, losses(&d.join(top))[0].1);
+        eprintln!("{loss}: full {a}, top-k {b}");
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{loss}: {a} vs {b}");
+    }
+}
+
+#[test]
+fn bad_teachers_and_settings_are_refused_by_name() {
+    let d = fixture().dir.path();
+    let refused = |name: &str, settings: &str, want: &[&str]| {
+        let r = recipe(d, name, settings, 128);
+        let e = fails(slm().arg("train").arg(&r).current_dir(d));
+        for w in want {
+            assert!(e.contains(w), "{name}: wants {w:?} in: {e}");
+        }
+    };
+    refused("t0", "temperature = 0.0", &["teacher.temperature", "0"]);
+    refused("tneg", "temperature = -1.0", &["teacher.temperature"]);
+    refused(
+        "a15",
+        "alpha = 1.5",
+        &["teacher.alpha", "1.5", "0 <= alpha <= 1"],
+    );
+    refused("aneg", "alpha = -0.1", &["teacher.alpha"]);
+    refused("b1", "loss = \"jsd\"\nbeta = 1.0", &["teacher.beta"]);
+    refused("k", "top_k = 100000", &["teacher.top_k", "100000"]);
+    refused("loss", "loss = \"kl\"", &["loss", "kl"]);
+
+    // A teacher with another tokenizer: one token's id swapped with another's.
+    let other = d.join("other_teacher");
+    std::fs::create_dir_all(&other).unwrap();
+    for e in std::fs::read_dir(d.join("teacher/model"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
+    }
+    let mut tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(other.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = tok["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = {
+        let mut keys = vocab.keys().skip(10);
+        (keys.next().unwrap().clone(), keys.next().unwrap().clone())
+    };
+    let (ia, ib) = (vocab[&a].clone(), vocab[&b].clone());
+    vocab.insert(a, ib);
+    vocab.insert(b, ia);
+    std::fs::write(other.join("tokenizer.json"), tok.to_string()).unwrap();
+    let r = recipe(d, "other", "", 128);
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("teacher/model", "other_teacher")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(
+        e.contains("other_teacher") && e.contains("tokenizer differs") && e.contains("2 of"),
+        "{e}"
+    );
+
+    // A teacher needs the kd objective, and kd a teacher.
+    let r = recipe(d, "lm_teacher", "", 128);
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("kind = \"kd\"", "kind = \"lm\"")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(e.contains("teacher") && e.contains("kd"), "{e}");
+    let r = recipe(d, "no_teacher", "", 128);
+    let text = std::fs::read_to_string(&r).unwrap();
+    let start = text.find("[teacher]").unwrap();
+    let end = text.find("[budget]").unwrap();
+    std::fs::write(&r, format!("{}{}", &text[..start], &text[end..])).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(e.contains("teacher") && e.contains("(missing)"), "{e}");
+
+    // A teacher that is no model.
+    let r = recipe(d, "nothing", "", 128);
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("teacher/model", "no_such_model")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(e.contains("no_such_model"), "{e}");
+}
