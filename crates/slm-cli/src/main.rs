@@ -150,6 +150,12 @@ enum Cmd {
         #[command(subcommand)]
         cmd: LoraCmd,
     },
+    /// Knowledge distillation: `slm distill cache TEACHER --data SHARDS --top-k 64 -o DIR`
+    /// computes the teacher's targets once for a recipe's `[teacher] cache = DIR`.
+    Distill {
+        #[command(subcommand)]
+        cmd: DistillCmd,
+    },
     /// An HTML report comparing results files: tables, bar and line charts.
     Report {
         #[arg(required = true)]
@@ -297,6 +303,35 @@ enum LoraCmd {
 }
 
 #[derive(Subcommand)]
+enum DistillCmd {
+    /// The teacher's top k per position of every training window of SHARDS (windows of
+    /// --context positions, as a distillation run of that model.context draws them), with
+    /// the remaining mass, at --temperature. Rerun the same command to continue an
+    /// interrupted build.
+    Cache {
+        teacher: PathBuf,
+        #[arg(long)]
+        data: PathBuf,
+        /// The shards' tokenizer.json (default: the teacher's, which must be the one the
+        /// shards were made with).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        #[arg(long, default_value_t = 64)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// The student's model.context.
+        #[arg(long)]
+        context: usize,
+        /// Windows per forward pass of the teacher.
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum TokenizerCmd {
     /// Learn a byte-level BPE tokenizer. CORPUS: text files, folders of .txt/.md, or .jsonl
     /// with a "text" field.
@@ -397,6 +432,9 @@ impl Cmd {
             | Cmd::Export { model, .. }
             | Cmd::Quantize { model, .. }
             | Cmd::Imatrix { model, .. } => Some(model),
+            Cmd::Distill {
+                cmd: DistillCmd::Cache { teacher, .. },
+            } => Some(teacher),
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
@@ -570,6 +608,73 @@ fn data_prepare(
         m.train.documents,
         m.valid.tokens,
         m.valid.documents
+    );
+    Ok(())
+}
+
+/// `slm distill cache`: settings checked as a recipe's `[teacher]` checks them.
+#[allow(clippy::too_many_arguments)]
+fn distill_cache(
+    teacher: &Path,
+    shards: &Path,
+    tokenizer: Option<&Path>,
+    top_k: usize,
+    temperature: f64,
+    context: usize,
+    batch: usize,
+    output: &Path,
+) -> Result<()> {
+    use slm_train::recipe::MAX_TOP_K;
+    if top_k == 0 || top_k > MAX_TOP_K {
+        anyhow::bail!("--top-k {top_k}: expected 1 to {MAX_TOP_K}");
+    }
+    if !(temperature > 0.0 && temperature <= 1000.0) {
+        anyhow::bail!("--temperature {temperature}: expected 0 < temperature <= 1000");
+    }
+    if context == 0 || context > slm_model::limits::MAX_CONTEXT {
+        anyhow::bail!(
+            "--context {context}: expected 1 to {}",
+            slm_model::limits::MAX_CONTEXT
+        );
+    }
+    if batch == 0 || batch > 4096 {
+        anyhow::bail!("--batch {batch}: expected 1 to 4096 windows");
+    }
+    let (model, data) = slm_train::kd_cache::open_inputs(teacher, shards, tokenizer)?;
+    if model.context() < context {
+        anyhow::bail!(
+            "--context {context}: the teacher's context is {} positions",
+            model.context()
+        );
+    }
+    let bar = indicatif::ProgressBar::new(0).with_style(
+        indicatif::ProgressStyle::with_template(
+            "teacher targets [{bar:30}] {pos}/{len} windows, {per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    let started = std::time::Instant::now();
+    let meta = slm_train::kd_cache::build(
+        &model,
+        &data,
+        top_k,
+        temperature,
+        context,
+        batch,
+        output,
+        &mut |done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        },
+    )?;
+    bar.finish_and_clear();
+    let tokens = meta.windows as f64 * context as f64;
+    eprintln!(
+        "{}: {} windows of {context} positions, top {top_k}, {} bytes a position ({:.0} tokens/s)",
+        output.display(),
+        meta.windows,
+        meta.record_bytes(),
+        tokens / started.elapsed().as_secs_f64()
     );
     Ok(())
 }
@@ -1006,6 +1111,28 @@ fn run(mut cli: Cli) -> Result<()> {
             input,
             output,
         } => predict(&model, &input, &output),
+        Cmd::Distill {
+            cmd:
+                DistillCmd::Cache {
+                    teacher,
+                    data,
+                    tokenizer,
+                    top_k,
+                    temperature,
+                    context,
+                    batch,
+                    output,
+                },
+        } => distill_cache(
+            &teacher,
+            &data,
+            tokenizer.as_deref(),
+            top_k,
+            temperature,
+            context,
+            batch,
+            &output,
+        ),
         Cmd::Lora {
             cmd:
                 LoraCmd::Merge {

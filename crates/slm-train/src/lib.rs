@@ -8,6 +8,7 @@
 pub mod adapter;
 pub mod bench;
 pub mod init;
+pub mod kd_cache;
 pub mod optim;
 pub mod parent;
 pub mod prepare;

@@ -164,6 +164,10 @@ pub struct TeacherSpec {
     /// generalised Jensen-Shannon divergence with `beta`).
     #[serde(default)]
     pub loss: KdLoss,
+    /// A cache of the teacher's targets (`slm distill cache`) to read instead of running
+    /// the teacher: made from the run's shards by `model` at `temperature` and model.context
+    /// (its top k is the run's).
+    pub cache: Option<PathBuf>,
     /// The teacher's share of the "jsd" mixture, strictly between 0 and 1.
     #[serde(default = "half")]
     pub beta: f64,
@@ -402,9 +406,15 @@ impl Recipe {
             d.train.as_mut(),
             d.valid.as_mut(),
             r.model.parent.as_mut(),
-            r.teacher.as_mut().map(|t| &mut t.model),
         ];
-        for p in std::iter::once(&mut r.run.out).chain(optional.into_iter().flatten()) {
+        let teacher = r
+            .teacher
+            .as_mut()
+            .map(|t| std::iter::once(&mut t.model).chain(t.cache.as_mut()));
+        let all = std::iter::once(&mut r.run.out)
+            .chain(optional.into_iter().flatten())
+            .chain(teacher.into_iter().flatten());
+        for p in all {
             if p.is_relative() {
                 *p = base.join(&*p);
             }

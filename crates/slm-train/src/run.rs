@@ -17,6 +17,7 @@ use slm_data::Dataset;
 use slm_model::{Config, Llama, Weights};
 
 use crate::init::{init_params_except, Rng};
+use crate::kd_cache::Cache;
 use crate::optim::AdamWConfig;
 use crate::parent::Parent;
 use crate::recipe::{Objective, Recipe, TeacherSpec};
@@ -393,45 +394,127 @@ fn open_task(recipe: &Recipe, parent: &Parent) -> Result<(Config, Feed, usize)> 
     Ok((cfg, Feed::Task { data, order }, parent_ctx))
 }
 
-/// One micro-batch of a distillation run: the teacher's forward on the inputs, then the
-/// student's update against its logits (made chunk by chunk in the fused head) or its top k.
-fn distilled(
-    trainer: &mut Trainer,
-    teacher: &TeacherModel,
-    spec: &TeacherSpec,
-    tokens: &[u32],
-    scale: f32,
-) -> Result<f32> {
-    let t = trainer.positions();
-    let inputs: Vec<u32> = tokens
-        .chunks_exact(t + 1)
-        .flat_map(|row| &row[..t])
-        .copied()
-        .collect();
-    let hidden = teacher.hidden(&inputs, inputs.len() / t)?;
-    let kd = spec.distill();
-    if spec.top_k > 0 {
-        let top = teacher.top_k(&hidden, spec.top_k, spec.temperature)?;
-        return Ok(trainer.accumulate_distilled(
-            tokens,
-            scale,
-            Teacher {
-                kd,
-                source: top.source(),
-            },
-        )?);
+/// Where a distillation run's teacher targets come from.
+enum Targets {
+    Online(Box<TeacherModel>),
+    Cached(Cache),
+}
+
+/// A distillation run's teacher and the windows it draws (see `kd_cache`).
+struct Distillation {
+    spec: TeacherSpec,
+    targets: Targets,
+    sha256: String,
+    windows: Vec<(usize, usize)>,
+}
+
+impl Distillation {
+    fn open(
+        spec: &TeacherSpec,
+        data: &Dataset,
+        tokenizer: &tokenizers::Tokenizer,
+        tok_name: &Path,
+        cfg: &Config,
+    ) -> Result<Self> {
+        let ctx = cfg.max_position_embeddings;
+        let windows = crate::kd_cache::windows(data, ctx);
+        let (targets, sha256) = match &spec.cache {
+            Some(dir) => {
+                let sha = crate::teacher::weights_sha256(&spec.model)?;
+                let c = Cache::open(dir, data, &sha, ctx, spec.top_k, spec.temperature)?;
+                tracing::info!(
+                    "teacher targets from {} (top {}, made by {})",
+                    dir.display(),
+                    c.meta.top_k,
+                    c.meta.teacher.display()
+                );
+                (Targets::Cached(c), sha)
+            }
+            None => {
+                let t = TeacherModel::open(&spec.model, tokenizer, tok_name, cfg.vocab_size)?;
+                if t.context() < ctx {
+                    return Err(TrainError::Setup(format!(
+                        "teacher.model {}: its context of {} positions is shorter than model.context {ctx}",
+                        spec.model.display(),
+                        t.context()
+                    )));
+                }
+                tracing::info!("teacher {} (sha256 {})", spec.model.display(), t.sha256);
+                let sha = t.sha256.clone();
+                (Targets::Online(Box::new(t)), sha)
+            }
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            targets,
+            sha256,
+            windows,
+        })
     }
-    let mut failed = None;
-    let mut fill = |first: usize, rows: usize, out: &mut [f32]| {
-        if let Err(e) = teacher.logits(&hidden, first, rows, out) {
-            failed.get_or_insert(e);
+
+    /// One micro-batch: `batch` windows drawn with `rng`, the student's update against the
+    /// teacher's targets (its logits made chunk by chunk in the fused head, or a top k).
+    fn accumulate(
+        &self,
+        trainer: &mut Trainer,
+        data: &Dataset,
+        rng: &mut Rng,
+        scale: f32,
+    ) -> Result<f32> {
+        let t = trainer.positions();
+        let batch = trainer.tokens_per_batch() / (t + 1);
+        let picked: Vec<usize> = (0..batch)
+            .map(|_| (rng.next_u64() % self.windows.len() as u64) as usize)
+            .collect();
+        let mut tokens = Vec::with_capacity(batch * (t + 1));
+        for &w in &picked {
+            let (s, start) = self.windows[w];
+            tokens.extend(data.train[s].slice(start, t + 1));
         }
-    };
-    let source = TeacherSource::Logits(&mut fill);
-    let loss = trainer.accumulate_distilled(tokens, scale, Teacher { kd, source })?;
-    match failed {
-        Some(e) => Err(e),
-        None => Ok(loss),
+        let kd = self.spec.distill();
+        let teacher = match &self.targets {
+            Targets::Cached(c) => {
+                let top = c.targets(&picked)?;
+                return Ok(trainer.accumulate_distilled(
+                    &tokens,
+                    scale,
+                    Teacher {
+                        kd,
+                        source: top.source(),
+                    },
+                )?);
+            }
+            Targets::Online(teacher) => teacher,
+        };
+        let inputs: Vec<u32> = tokens
+            .chunks_exact(t + 1)
+            .flat_map(|row| &row[..t])
+            .copied()
+            .collect();
+        let hidden = teacher.hidden(&inputs, batch)?;
+        if self.spec.top_k > 0 {
+            let top = teacher.top_k(&hidden, self.spec.top_k, self.spec.temperature)?;
+            return Ok(trainer.accumulate_distilled(
+                &tokens,
+                scale,
+                Teacher {
+                    kd,
+                    source: top.source(),
+                },
+            )?);
+        }
+        let mut failed = None;
+        let mut fill = |first: usize, rows: usize, out: &mut [f32]| {
+            if let Err(e) = teacher.logits(&hidden, first, rows, out) {
+                failed.get_or_insert(e);
+            }
+        };
+        let source = TeacherSource::Logits(&mut fill);
+        let loss = trainer.accumulate_distilled(&tokens, scale, Teacher { kd, source })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(loss),
+        }
     }
 }
 
@@ -460,20 +543,11 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
         }
     };
     let (batch, ctx) = (recipe.optim.batch, cfg.max_position_embeddings);
-    let teacher = match &recipe.teacher {
-        Some(spec) => {
-            let t = TeacherModel::open(&spec.model, &tokenizer, &tok_name, cfg.vocab_size)?;
-            if t.context() < ctx {
-                return Err(TrainError::Setup(format!(
-                    "teacher.model {}: its context of {} positions is shorter than model.context {ctx}",
-                    spec.model.display(),
-                    t.context()
-                )));
-            }
-            tracing::info!("teacher {} (sha256 {})", spec.model.display(), t.sha256);
-            Some(t)
+    let distill = match (&recipe.teacher, &feed) {
+        (Some(spec), Feed::Lm { data, .. }) => {
+            Some(Distillation::open(spec, data, &tokenizer, &tok_name, &cfg)?)
         }
-        None => None,
+        _ => None,
     };
     let need = crate::trainer::memory_bytes(&cfg, batch);
     if let Some(have) = slm_kernels::process::physical_memory_bytes() {
@@ -642,11 +716,13 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             trainer.set_dropout_round(state.step * o.grad_accum as u64 + micro);
             loss_sum += match &mut feed {
                 Feed::Lm { data, .. } => {
-                    let toks = sample_batch(data, &mut rng, batch, ctx);
                     computed += (batch * ctx) as u64;
-                    match (&teacher, &recipe.teacher) {
-                        (Some(t), Some(spec)) => distilled(&mut trainer, t, spec, &toks, scale)?,
-                        _ => trainer.accumulate(&toks, scale)?,
+                    match &distill {
+                        Some(kd) => kd.accumulate(&mut trainer, data, &mut rng, scale)?,
+                        None => {
+                            let toks = sample_batch(data, &mut rng, batch, ctx);
+                            trainer.accumulate(&toks, scale)?
+                        }
                     }
                 }
                 Feed::Task { data, order } => {
@@ -824,9 +900,10 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 "train_tokens": data.manifest.train.tokens,
                 "valid_tokens": data.manifest.valid.tokens,
                 // The loss and its settings are the recipe's [teacher].
-                "teacher": teacher.as_ref().map(|t| serde_json::json!({
-                    "model": t.path,
+                "teacher": distill.as_ref().map(|t| serde_json::json!({
+                    "model": t.spec.model,
                     "sha256": t.sha256,
+                    "cache": t.spec.cache,
                 })),
             }),
             Feed::Task { data, .. } => {

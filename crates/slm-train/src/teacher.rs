@@ -44,6 +44,20 @@ fn setup(msg: String) -> TrainError {
     TrainError::Setup(msg)
 }
 
+/// sha256 of a model's weights: a GGUF file, or a folder's model.safetensors (its index,
+/// when sharded).
+pub fn weights_sha256(path: &Path) -> Result<String> {
+    let weights = if path.is_dir() {
+        path.join("model.safetensors")
+    } else {
+        path.to_path_buf()
+    };
+    match weights.is_file() || !path.is_dir() {
+        true => file_sha256(&weights),
+        false => file_sha256(&path.join("model.safetensors.index.json")),
+    }
+}
+
 fn file_sha256(path: &Path) -> Result<String> {
     use sha2::Digest;
     let mut f = std::fs::File::open(path).map_err(|err| TrainError::Io {
@@ -103,16 +117,7 @@ impl TeacherModel {
                 cfg.vocab_size
             )));
         }
-        let weights = if path.is_dir() {
-            path.join("model.safetensors")
-        } else {
-            path.to_path_buf()
-        };
-        let sha256 = match weights.is_file() {
-            true => file_sha256(&weights)?,
-            // A sharded folder: its index names the shards.
-            false => file_sha256(&path.join("model.safetensors.index.json"))?,
-        };
+        let sha256 = weights_sha256(path)?;
         Ok(Self {
             model: loaded.model,
             path: path.to_path_buf(),
@@ -187,6 +192,8 @@ impl TeacherModel {
                 top.rest.push(rest);
             }
         }
+        // As a cache stores them, so online and cached runs compute alike.
+        crate::kd_cache::round_log_probs(&mut top.logp);
         Ok(top)
     }
 }
