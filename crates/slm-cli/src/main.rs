@@ -156,6 +156,36 @@ enum Cmd {
         #[command(subcommand)]
         cmd: DistillCmd,
     },
+    /// Synthetic training text: N distinct documents sampled from TEACHER, continuing the
+    /// prompts of a JSON Lines file ({"prompt": ...}) in turn, several at once; written as
+    /// {"text", "index", "prompt"} lines that `slm data prepare` reads, with the settings and
+    /// the teacher's sha256 in OUT.synth.json. Rerun the same command to continue.
+    Synth {
+        teacher: PathBuf,
+        #[arg(long)]
+        prompts: PathBuf,
+        #[arg(short)]
+        n: usize,
+        #[arg(long, default_value_t = 0.8)]
+        temp: f32,
+        #[arg(long, default_value_t = 0.95)]
+        top_p: f32,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Render each prompt as a user turn with the teacher's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// Keep the prompt in front of each document (openings); default: the reply alone.
+        #[arg(long)]
+        keep_prompt: bool,
+        /// Documents generated at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// An HTML report comparing results files: tables, bar and line charts.
     Report {
         #[arg(required = true)]
@@ -434,7 +464,8 @@ impl Cmd {
             | Cmd::Imatrix { model, .. } => Some(model),
             Cmd::Distill {
                 cmd: DistillCmd::Cache { teacher, .. },
-            } => Some(teacher),
+            }
+            | Cmd::Synth { teacher, .. } => Some(teacher),
             Cmd::Bench { model, .. } => model.as_mut(),
             Cmd::Pull { .. }
             | Cmd::Tokenizer { .. }
@@ -1111,6 +1142,69 @@ fn run(mut cli: Cli) -> Result<()> {
             input,
             output,
         } => predict(&model, &input, &output),
+        Cmd::Synth {
+            teacher,
+            prompts,
+            n,
+            temp,
+            top_p,
+            max_tokens,
+            seed,
+            chat,
+            keep_prompt,
+            parallel,
+            output,
+        } => {
+            if n == 0 || n > 100_000_000 {
+                bail!("-n {n}: expected 1 to 100000000 documents");
+            }
+            if !(temp.is_finite() && temp >= 0.0 && top_p > 0.0 && top_p <= 1.0) {
+                bail!("--temp {temp} / --top-p {top_p}: expected temp >= 0 and 0 < top-p <= 1");
+            }
+            if max_tokens == 0 || parallel == 0 || parallel > 256 {
+                bail!("--max-tokens {max_tokens} / --parallel {parallel}: expected positive, parallel at most 256");
+            }
+            let list = slm_runtime::synth::read_prompts(&prompts)?;
+            let bytes = std::fs::read(&prompts)?;
+            let settings = slm_runtime::synth::SynthSettings {
+                teacher: teacher.clone(),
+                teacher_sha256: slm_train::teacher::weights_sha256(&teacher)?,
+                prompts: prompts.clone(),
+                prompts_sha256: hex::encode(slm_data::tokenizer_sha256(&bytes)),
+                n,
+                max_tokens,
+                temperature: temp,
+                top_p,
+                seed,
+                chat,
+                keep_prompt,
+            };
+            let (m, tok) = load_lm(&teacher)?;
+            let bar = indicatif::ProgressBar::new(n as u64).with_style(
+                indicatif::ProgressStyle::with_template(
+                    "synth [{bar:30}] {pos}/{len} documents, {per_sec} eta {eta}",
+                )?
+                .progress_chars("=> "),
+            );
+            let (written, dropped) = slm_runtime::synth::synth(
+                m.model,
+                tok,
+                &list,
+                &settings,
+                parallel,
+                &output,
+                &mut |done, _| bar.set_position(done as u64),
+            )?;
+            bar.finish_and_clear();
+            eprintln!(
+                "{}: {written} documents ({dropped} duplicates or empty dropped this run)",
+                output.display()
+            );
+            if written < n {
+                bail!("only {written} distinct documents of {n} in {} tries: raise --temp or add prompts", 4 * n);
+            }
+            Ok(())
+        }
         Cmd::Distill {
             cmd:
                 DistillCmd::Cache {

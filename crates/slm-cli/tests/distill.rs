@@ -348,3 +348,113 @@ fn a_cached_run_follows_the_online_one_and_one_cache_serves_two_students() {
     );
     assert!(e.contains("targets") && e.contains("exists"), "{e}");
 }
+
+/// `slm synth`: distinct documents from the teacher in the prompts' turn, a corpus
+/// `slm data prepare` reads; an interrupted file (a line cut short) continued by the same
+/// command into what an unbroken run writes; other settings and bad prompts refused.
+#[test]
+fn synth_writes_distinct_documents_and_continues_an_interrupted_file() {
+    let d = fixture().dir.path();
+    std::fs::write(
+        d.join("prompts.jsonl"),
+        "{\"prompt\": \"the whale\"}\n{\"prompt\": \"the captain\"}\n{\"text\": \"deep sea\"}\n",
+    )
+    .unwrap();
+    let synth = |out: &str, n: &str| {
+        let mut c = slm();
+        c.args([
+            "synth",
+            "teacher/model",
+            "--prompts",
+            "prompts.jsonl",
+            "-n",
+            n,
+        ])
+        .args([
+            "--max-tokens",
+            "12",
+            "--parallel",
+            "3",
+            "--keep-prompt",
+            "--seed",
+            "7",
+        ])
+        .args(["-o", out])
+        .current_dir(d);
+        c
+    };
+    ok(&mut synth("syn.jsonl", "12"));
+    let text = std::fs::read_to_string(d.join("syn.jsonl")).unwrap();
+    let docs: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(docs.len(), 12);
+    let distinct: std::collections::HashSet<&str> =
+        docs.iter().map(|d| d["text"].as_str().unwrap()).collect();
+    assert_eq!(distinct.len(), 12);
+    for doc in &docs {
+        let (t, p) = (
+            doc["text"].as_str().unwrap(),
+            doc["prompt"].as_str().unwrap(),
+        );
+        assert!(t.starts_with(p) && t.len() > p.len(), "{doc}");
+    }
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("syn.jsonl.synth.json")).unwrap())
+            .unwrap();
+    assert_eq!(meta["teacher_sha256"].as_str().unwrap().len(), 64);
+    ok(slm()
+        .args([
+            "data",
+            "prepare",
+            "syn.jsonl",
+            "--tokenizer",
+            "tok.json",
+            "-o",
+            "syn_shards",
+        ])
+        .current_dir(d));
+
+    // Interrupted after five documents and part of the sixth.
+    let cut: usize = text.lines().take(5).map(|l| l.len() + 1).sum::<usize>() + 10;
+    std::fs::write(d.join("again.jsonl"), &text[..cut]).unwrap();
+    std::fs::copy(
+        d.join("syn.jsonl.synth.json"),
+        d.join("again.jsonl.synth.json"),
+    )
+    .unwrap();
+    ok(&mut synth("again.jsonl", "12"));
+    assert_eq!(
+        std::fs::read_to_string(d.join("again.jsonl")).unwrap(),
+        text
+    );
+
+    let e = fails(&mut synth("syn.jsonl", "13"));
+    assert!(
+        e.contains("syn.jsonl") && e.contains("other settings"),
+        "{e}"
+    );
+    std::fs::write(
+        d.join("bad_prompts.jsonl"),
+        "{\"prompt\": \"a\"}\n{\"topic\": 3}\n",
+    )
+    .unwrap();
+    let e = fails(
+        slm()
+            .args([
+                "synth",
+                "teacher/model",
+                "--prompts",
+                "bad_prompts.jsonl",
+                "-n",
+                "2",
+            ])
+            .args(["-o", "bad.jsonl"])
+            .current_dir(d),
+    );
+    assert!(
+        e.contains("bad_prompts.jsonl") && e.contains("line 2"),
+        "{e}"
+    );
+}

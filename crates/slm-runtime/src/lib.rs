@@ -7,6 +7,7 @@ pub mod engine;
 pub mod json_constraint;
 pub mod sampler;
 pub mod stops;
+pub mod synth;
 
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};

@@ -13,18 +13,11 @@ use candle_nn::VarMap;
 use slm_model::{Config, Head, Role};
 
 use crate::init::Rng;
-use crate::run::{Result, TrainError};
+use crate::run::{io, Result, TrainError};
 use crate::trainer::LoraConfig;
 
 fn setup(msg: String) -> TrainError {
     TrainError::Setup(msg)
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |err| TrainError::Io {
-        path: path.to_path_buf(),
-        err,
-    }
 }
 
 /// Fresh adapters in `vars`, as PEFT starts them: A uniform in ±1/√(inputs) (its

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use slm_data::Dataset;
 
-use crate::run::{Result, TrainError};
+use crate::run::{io, Result, TrainError};
 use crate::teacher::{TeacherModel, TopK};
 
 const VERSION: u32 = 1;
@@ -74,13 +74,6 @@ impl CacheMeta {
 
 fn setup(msg: String) -> TrainError {
     TrainError::Setup(msg)
-}
-
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
-    move |err| TrainError::Io {
-        path: path.to_path_buf(),
-        err,
-    }
 }
 
 /// Rounds a top k's log-probabilities as a cache stores them (f16), so that online and

@@ -46,7 +46,7 @@ pub enum TrainError {
 
 pub type Result<T> = std::result::Result<T, TrainError>;
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
     move |err| TrainError::Io {
         path: path.to_path_buf(),
         err,
@@ -472,37 +472,29 @@ impl Distillation {
             tokens.extend(data.train[s].slice(start, t + 1));
         }
         let kd = self.spec.distill();
-        let teacher = match &self.targets {
-            Targets::Cached(c) => {
-                let top = c.targets(&picked)?;
-                return Ok(trainer.accumulate_distilled(
-                    &tokens,
-                    scale,
-                    Teacher {
-                        kd,
-                        source: top.source(),
-                    },
-                )?);
+        let online = match &self.targets {
+            Targets::Online(teacher) => {
+                let inputs: Vec<u32> = tokens
+                    .chunks_exact(t + 1)
+                    .flat_map(|row| &row[..t])
+                    .copied()
+                    .collect();
+                Some((teacher, teacher.hidden(&inputs, batch)?))
             }
-            Targets::Online(teacher) => teacher,
+            Targets::Cached(_) => None,
         };
-        let inputs: Vec<u32> = tokens
-            .chunks_exact(t + 1)
-            .flat_map(|row| &row[..t])
-            .copied()
-            .collect();
-        let hidden = teacher.hidden(&inputs, batch)?;
-        if self.spec.top_k > 0 {
-            let top = teacher.top_k(&hidden, self.spec.top_k, self.spec.temperature)?;
-            return Ok(trainer.accumulate_distilled(
-                &tokens,
-                scale,
-                Teacher {
-                    kd,
-                    source: top.source(),
-                },
-            )?);
+        let top = match (&self.targets, &online) {
+            (Targets::Cached(c), _) => Some(c.targets(&picked)?),
+            (_, Some((teacher, hidden))) if self.spec.top_k > 0 => {
+                Some(teacher.top_k(hidden, self.spec.top_k, self.spec.temperature)?)
+            }
+            _ => None,
+        };
+        if let Some(top) = top {
+            let source = top.source();
+            return Ok(trainer.accumulate_distilled(&tokens, scale, Teacher { kd, source })?);
         }
+        let (teacher, hidden) = online.expect("a run without a cache has its teacher");
         let mut failed = None;
         let mut fill = |first: usize, rows: usize, out: &mut [f32]| {
             if let Err(e) = teacher.logits(&hidden, first, rows, out) {
