@@ -458,3 +458,55 @@ fn synth_writes_distinct_documents_and_continues_an_interrupted_file() {
         "{e}"
     );
 }
+
+/// A teacher whose embedding and output have rows past the tokenizer's vocabulary (as
+/// Qwen's are padded) teaches as the same teacher without them: their logits are dropped.
+#[test]
+fn a_teacher_with_padding_rows_teaches_as_without_them() {
+    let d = fixture().dir.path();
+    let padded = d.join("padded_teacher");
+    std::fs::create_dir_all(&padded).unwrap();
+    for e in std::fs::read_dir(d.join("teacher/model"))
+        .unwrap()
+        .flatten()
+    {
+        std::fs::copy(e.path(), padded.join(e.file_name())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(padded.join("config.json")).unwrap())
+            .unwrap();
+    let v = config["vocab_size"].as_u64().unwrap() as usize;
+    config["vocab_size"] = (v + 20).into();
+    std::fs::write(padded.join("config.json"), config.to_string()).unwrap();
+    let dev = candle_core::Device::Cpu;
+    let mut tensors =
+        candle_core::safetensors::load(padded.join("model.safetensors"), &dev).unwrap();
+    let mut grown = 0;
+    for t in tensors.values_mut() {
+        if t.dims().len() == 2 && t.dim(0).unwrap() == v {
+            // Large rows: were they not dropped, they would take the distribution.
+            let pad = (candle_core::Tensor::ones((20, t.dim(1).unwrap()), t.dtype(), &dev)
+                .unwrap()
+                * 3.0)
+                .unwrap();
+            *t = candle_core::Tensor::cat(&[&*t, &pad], 0).unwrap();
+            grown += 1;
+        }
+    }
+    assert!(grown >= 1, "the teacher has an embedding of {v} rows");
+    candle_core::safetensors::save(&tensors, padded.join("model.safetensors")).unwrap();
+    let settings = "temperature = 1.0\nalpha = 0.5";
+    ok(slm()
+        .arg("train")
+        .arg(recipe(d, "plain_teacher", settings, 640))
+        .current_dir(d));
+    let r = recipe(d, "padded", settings, 640);
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("teacher/model", "padded_teacher")).unwrap();
+    ok(slm().arg("train").arg(&r).current_dir(d));
+    let (a, b) = (losses(&d.join("plain_teacher")), losses(&d.join("padded")));
+    assert_eq!(a.len(), 5);
+    for ((s, x), (_, y)) in a.iter().zip(&b) {
+        assert_eq!(x.to_bits(), y.to_bits(), "update {s}: {x} vs {y}");
+    }
+}
