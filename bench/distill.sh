@@ -73,5 +73,5 @@ for r in scratch distilled; do
   rm -rf "$r"; timed "$r" "$SLM" train "$r.toml" 2>&1 | tail -1
 done
 for m in scratch/model distilled/model "$teacher"; do
-  "$SLM" eval "$m" --task "perplexity:$heldout" 2>&1 | tail -1
+  "$SLM" eval "$m" --task "perplexity:$heldout" --ctx 256 2>&1 | tail -1
 done
