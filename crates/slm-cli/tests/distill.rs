@@ -6,7 +6,9 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{corpus_tokenizer_shards, fails, kill_and_resume, losses, ok, slm, train_tiny};
+use common::{
+    copy_dir, corpus_tokenizer_shards, fails, kill_and_resume, losses, ok, slm, train_tiny,
+};
 
 /// A student recipe taught by `teacher/model`; `teacher` is the `[teacher]` table's body
 /// after its model.
@@ -171,13 +173,7 @@ fn bad_teachers_and_settings_are_refused_by_name() {
 
     // A teacher with another tokenizer: one token's id swapped with another's.
     let other = d.join("other_teacher");
-    std::fs::create_dir_all(&other).unwrap();
-    for e in std::fs::read_dir(d.join("teacher/model"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(e.path(), other.join(e.file_name())).unwrap();
-    }
+    copy_dir(&d.join("teacher/model"), &other);
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(other.join("tokenizer.json")).unwrap())
             .unwrap();
@@ -465,13 +461,7 @@ fn synth_writes_distinct_documents_and_continues_an_interrupted_file() {
 fn a_teacher_with_padding_rows_teaches_as_without_them() {
     let d = fixture().dir.path();
     let padded = d.join("padded_teacher");
-    std::fs::create_dir_all(&padded).unwrap();
-    for e in std::fs::read_dir(d.join("teacher/model"))
-        .unwrap()
-        .flatten()
-    {
-        std::fs::copy(e.path(), padded.join(e.file_name())).unwrap();
-    }
+    copy_dir(&d.join("teacher/model"), &padded);
     let mut config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(padded.join("config.json")).unwrap())
             .unwrap();

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 mod common;
-use common::{corpus_tokenizer_shards as setup, fails, kill_and_resume, losses, ok, slm};
+use common::{copy_dir, corpus_tokenizer_shards as setup, fails, kill_and_resume, losses, ok, slm};
 
 fn recipe(dir: &Path, name: &str) -> PathBuf {
     let p = dir.join(format!("{name}.toml"));
@@ -149,13 +149,6 @@ fn killed_and_resumed_training_matches_an_unbroken_run() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]

@@ -372,3 +372,11 @@ pub fn kill_and_resume(
     }
     kills
 }
+
+/// Copies the files of folder `from` (not its subfolders) into `to`, made if missing.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
