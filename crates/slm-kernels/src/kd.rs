@@ -129,6 +129,8 @@ pub struct RowScratch<T> {
     student: Vec<T>,
     hard: Vec<T>,
     teacher: Vec<T>,
+    /// A top k's h per top token.
+    top_h: Vec<f64>,
 }
 
 impl<T> Default for RowScratch<T> {
@@ -138,6 +140,7 @@ impl<T> Default for RowScratch<T> {
             student: Vec::new(),
             hard: Vec::new(),
             teacher: Vec::new(),
+            top_h: Vec::new(),
         }
     }
 }
@@ -164,22 +167,27 @@ pub fn row_loss<T: WithDType + ExpInPlace>(
     let (max_s, sum_s) = soften(&s.z, temp, &mut s.student);
     let ln_s = sum_s.ln();
     let log_ps = |j: usize| (WithDType::to_f64(s.z[j]) - max_s) / temp - ln_s;
-    // The hard cross-entropy at temperature 1 (its softmax shared when T is 1).
-    let (hard_loss, hard_sum) = if kd.alpha < 1.0 {
+    // The hard cross-entropy at temperature 1 (its softmax shared when T is 1), when it
+    // weighs anything: its loss, and its unnormalised softmax with the inverse of its sum.
+    let (hard_loss, hard) = if kd.alpha < 1.0 {
         let (max1, sum1) = if temp == 1.0 {
             (max_s, sum_s)
         } else {
             soften(&s.z, 1.0, &mut s.hard)
         };
         let lse = max1 + sum1.ln();
-        (c * (lse - WithDType::to_f64(s.z[y as usize])), sum1)
+        let e1 = if temp == 1.0 { &s.student } else { &s.hard };
+        (
+            c * (lse - WithDType::to_f64(s.z[y as usize])),
+            Some((e1, 1.0 / sum1)),
+        )
     } else {
-        (0.0, 1.0)
+        (0.0, None)
     };
-    let hard = if temp == 1.0 { &s.student } else { &s.hard };
 
-    // Divergence over the buckets; per token j, `hj[j]` is its bucket's h spread over the
-    // bucket in proportion to p_s (a token alone in its bucket: h itself).
+    // Divergence over the buckets, keeping each bucket's h: per token of the vocabulary in
+    // `s.teacher` (whole logits), or per top token in `s.top_h` (a top k, whose other
+    // tokens share the rest's h in proportion to p_s).
     let (mut div, mut h_sum) = (0.0, 0.0);
     let per_rest: f64;
     match teacher {
@@ -199,12 +207,14 @@ pub fn row_loss<T: WithDType + ExpInPlace>(
         TeacherRow::TopK { ids, logp, rest } => {
             assert_eq!(ids.len(), logp.len());
             let mut top_mass = 0.0;
+            s.top_h.clear();
             for (&id, &lt) in ids.iter().zip(logp) {
                 let j = id as usize;
                 top_mass += WithDType::to_f64(s.student[j]);
                 let (term, h) = bucket(kd.divergence, f64::from(lt), log_ps(j));
                 div += term;
                 h_sum += h;
+                s.top_h.push(h);
             }
             let rest_s = ((sum_s - top_mass) / sum_s).max(FLOOR);
             let (term, h) = bucket(kd.divergence, f64::from(rest).max(FLOOR.ln()), rest_s.ln());
@@ -217,32 +227,29 @@ pub fn row_loss<T: WithDType + ExpInPlace>(
     // dL/dz_j = scale · [alpha · T · (hj - p_s(j) Σh) + (1 - alpha) · c · (p_1(j) - [j = y])].
     let (a, b) = (scale * kd.alpha * temp, scale * (1.0 - kd.alpha) * c);
     let inv_s = 1.0 / sum_s;
-    let inv_1 = 1.0 / hard_sum;
-    let grad = |ps: f64, hj: f64, p1: f64| a * (hj - ps * h_sum) + b * p1;
+    let p_s = |j: usize| WithDType::to_f64(s.student[j]) * inv_s;
+    let grad = |j: usize, ps: f64, hj: f64| {
+        let p1 = hard.map_or(0.0, |(e1, inv_1)| WithDType::to_f64(e1[j]) * inv_1);
+        a * (hj - ps * h_sum) + b * p1
+    };
     match teacher {
         TeacherRow::Logits(_) => {
-            for j in 0..v {
-                let ps = WithDType::to_f64(s.student[j]) * inv_s;
-                let p1 = WithDType::to_f64(hard[j]) * inv_1;
-                row[j] = T::from_f64(grad(ps, WithDType::to_f64(s.teacher[j]), p1));
+            for (j, out) in row.iter_mut().enumerate() {
+                *out = T::from_f64(grad(j, p_s(j), WithDType::to_f64(s.teacher[j])));
             }
         }
-        TeacherRow::TopK { ids, logp, .. } => {
-            for j in 0..v {
-                let ps = WithDType::to_f64(s.student[j]) * inv_s;
-                let p1 = WithDType::to_f64(hard[j]) * inv_1;
-                row[j] = T::from_f64(grad(ps, ps * per_rest, p1));
+        TeacherRow::TopK { ids, .. } => {
+            for (j, out) in row.iter_mut().enumerate() {
+                let ps = p_s(j);
+                *out = T::from_f64(grad(j, ps, ps * per_rest));
             }
-            for (&id, &lt) in ids.iter().zip(logp) {
+            for (&id, &h) in ids.iter().zip(&s.top_h) {
                 let j = id as usize;
-                let ps = WithDType::to_f64(s.student[j]) * inv_s;
-                let p1 = WithDType::to_f64(hard[j]) * inv_1;
-                let (_, h) = bucket(kd.divergence, f64::from(lt), log_ps(j));
-                row[j] = T::from_f64(grad(ps, h, p1));
+                row[j] = T::from_f64(grad(j, p_s(j), h));
             }
         }
     }
-    if kd.alpha < 1.0 {
+    if hard.is_some() {
         let y = y as usize;
         row[y] = T::from_f64(WithDType::to_f64(row[y]) - b);
     }
@@ -368,9 +375,13 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let v = 23;
         for divergence in DIVERGENCES {
-            for (temperature, alpha, k) in
-                [(1.0, 1.0, v), (2.0, 0.5, v), (0.7, 0.25, 5), (1.0, 0.8, 1)]
-            {
+            for (temperature, alpha, k) in [
+                (1.0, 1.0, v),
+                (2.0, 0.5, v),
+                (0.7, 0.25, 5),
+                (1.0, 0.8, 1),
+                (2.0, 1.0, 5),
+            ] {
                 let kd = Distill {
                     temperature,
                     alpha,
