@@ -1165,12 +1165,12 @@ fn run(mut cli: Cli) -> Result<()> {
                 bail!("--max-tokens {max_tokens} / --parallel {parallel}: expected positive, parallel at most 256");
             }
             let list = slm_runtime::synth::read_prompts(&prompts)?;
-            let bytes = std::fs::read(&prompts)?;
             let settings = slm_runtime::synth::SynthSettings {
                 teacher: teacher.clone(),
                 teacher_sha256: slm_train::teacher::weights_sha256(&teacher)?,
                 prompts: prompts.clone(),
-                prompts_sha256: hex::encode(slm_data::tokenizer_sha256(&bytes)),
+                prompts_sha256: slm_data::file_sha256(&prompts)
+                    .with_context(|| format!("reading {}", prompts.display()))?,
                 n,
                 max_tokens,
                 temperature: temp,

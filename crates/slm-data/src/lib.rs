@@ -39,6 +39,23 @@ pub enum DataError {
 
 pub type Result<T> = std::result::Result<T, DataError>;
 
+/// sha256 of a file, hex: the identity of a model's weights, a task file, a prompts file.
+pub fn file_sha256(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
 /// The fingerprint that ties shards to a tokenizer: sha256 of its tokenizer.json bytes.
 pub fn tokenizer_sha256(tokenizer_json: &[u8]) -> [u8; 32] {
     use sha2::Digest;

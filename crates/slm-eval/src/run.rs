@@ -10,9 +10,10 @@ use slm_tokenizer::Tokenizer;
 
 use crate::choice::{self, ChoiceOptions};
 use crate::metrics::{self, Metric};
-use crate::results::{file_sha256, TaskResult};
+use crate::results::TaskResult;
 use crate::task::{self, TaskError};
 use crate::EvalError;
+use slm_data::file_sha256;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {

@@ -901,10 +901,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
             Feed::Task { data, .. } => {
                 let sha = |p: &Option<PathBuf>| -> Result<Option<String>> {
                     p.as_ref()
-                        .map(|p| {
-                            let bytes = std::fs::read(p).map_err(io(p))?;
-                            Ok(hex::encode(slm_data::tokenizer_sha256(&bytes)))
-                        })
+                        .map(|p| slm_data::file_sha256(p).map_err(io(p)))
                         .transpose()
                 };
                 serde_json::json!({

@@ -59,17 +59,7 @@ pub fn weights_sha256(path: &Path) -> Result<String> {
 }
 
 fn file_sha256(path: &Path) -> Result<String> {
-    use sha2::Digest;
-    let mut f = std::fs::File::open(path).map_err(|err| TrainError::Io {
-        path: path.to_path_buf(),
-        err,
-    })?;
-    let mut h = sha2::Sha256::new();
-    std::io::copy(&mut f, &mut h).map_err(|err| TrainError::Io {
-        path: path.to_path_buf(),
-        err,
-    })?;
-    Ok(hex::encode(h.finalize()))
+    slm_data::file_sha256(path).map_err(crate::run::io(path))
 }
 
 impl TeacherModel {
