@@ -655,12 +655,12 @@ fn distill_cache(
     batch: usize,
     output: &Path,
 ) -> Result<()> {
-    use slm_train::recipe::MAX_TOP_K;
+    use slm_train::recipe::{MAX_TEMPERATURE, MAX_TOP_K};
     if top_k == 0 || top_k > MAX_TOP_K {
         anyhow::bail!("--top-k {top_k}: expected 1 to {MAX_TOP_K}");
     }
-    if !(temperature > 0.0 && temperature <= 1000.0) {
-        anyhow::bail!("--temperature {temperature}: expected 0 < temperature <= 1000");
+    if !(temperature > 0.0 && temperature <= MAX_TEMPERATURE) {
+        anyhow::bail!("--temperature {temperature}: expected 0 < temperature <= {MAX_TEMPERATURE}");
     }
     if context == 0 || context > slm_model::limits::MAX_CONTEXT {
         anyhow::bail!(
@@ -671,13 +671,7 @@ fn distill_cache(
     if batch == 0 || batch > 4096 {
         anyhow::bail!("--batch {batch}: expected 1 to 4096 windows");
     }
-    let (model, data) = slm_train::kd_cache::open_inputs(teacher, shards, tokenizer)?;
-    if model.context() < context {
-        anyhow::bail!(
-            "--context {context}: the teacher's context is {} positions",
-            model.context()
-        );
-    }
+    let (model, data) = slm_train::kd_cache::open_inputs(teacher, shards, tokenizer, context)?;
     let bar = indicatif::ProgressBar::new(0).with_style(
         indicatif::ProgressStyle::with_template(
             "teacher targets [{bar:30}] {pos}/{len} windows, {per_sec} eta {eta}",

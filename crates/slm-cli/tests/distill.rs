@@ -215,6 +215,23 @@ fn bad_teachers_and_settings_are_refused_by_name() {
     std::fs::write(&r, text.replace("teacher/model", "no_such_model")).unwrap();
     let e = fails(slm().arg("train").arg(&r).current_dir(d));
     assert!(e.contains("no_such_model"), "{e}");
+
+    // A student of a longer context than the teacher's 32 positions, online and cached.
+    let r = recipe(d, "long", "", 1280);
+    let text = std::fs::read_to_string(&r).unwrap();
+    std::fs::write(&r, text.replace("context = 16", "context = 64")).unwrap();
+    let e = fails(slm().arg("train").arg(&r).current_dir(d));
+    assert!(
+        e.contains("teacher/model") && e.contains("context of 32") && e.contains("64"),
+        "{e}"
+    );
+    let e = fails(
+        slm()
+            .args(["distill", "cache", "teacher/model", "--data", "shards"])
+            .args(["--context", "64", "-o", "long_targets"])
+            .current_dir(d),
+    );
+    assert!(e.contains("context of 32") && e.contains("64"), "{e}");
 }
 
 /// Windows of 16 positions of the fixture's shards with the teacher's top 8 at T = 2.
@@ -343,6 +360,61 @@ fn a_cached_run_follows_the_online_one_and_one_cache_serves_two_students() {
             .current_dir(d),
     );
     assert!(e.contains("targets") && e.contains("exists"), "{e}");
+
+    // Bad settings of `slm distill cache`, by name.
+    let cache_fails = |args: &[&str]| {
+        fails(
+            slm()
+                .args(["distill", "cache", "teacher/model", "--data", "shards"])
+                .args(args)
+                .args(["-o", "bad_targets"])
+                .current_dir(d),
+        )
+    };
+    let e = cache_fails(&["--context", "16", "--top-k", "0"]);
+    assert!(e.contains("--top-k 0"), "{e}");
+    let e = cache_fails(&["--context", "16", "--temperature", "0"]);
+    assert!(e.contains("--temperature 0"), "{e}");
+    let e = cache_fails(&["--context", "0"]);
+    assert!(e.contains("--context 0"), "{e}");
+    let e = cache_fails(&["--context", "16", "--batch", "0"]);
+    assert!(e.contains("--batch 0"), "{e}");
+    // Without --tokenizer, the teacher's own tokenizer.json must be the file the shards were
+    // made with: here the same vocabulary in other bytes (pretty-printed).
+    let respaced = d.join("respaced_teacher");
+    copy_dir(&d.join("teacher/model"), &respaced);
+    let tok: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(respaced.join("tokenizer.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        respaced.join("tokenizer.json"),
+        serde_json::to_string_pretty(&tok).unwrap(),
+    )
+    .unwrap();
+    let e = fails(
+        slm()
+            .args(["distill", "cache", "respaced_teacher", "--data", "shards"])
+            .args(["--context", "16", "-o", "bad_targets"])
+            .current_dir(d),
+    );
+    assert!(e.contains("--tokenizer"), "{e}");
+
+    // A damaged cache: cut short, or holding a token id past the vocabulary.
+    let damaged = d.join("damaged");
+    copy_dir(&targets, &damaged);
+    let bin = damaged.join("targets.bin");
+    let mut bytes = std::fs::read(&bin).unwrap();
+    std::fs::write(&bin, &bytes[..bytes.len() - 10]).unwrap();
+    let e = with("c_short", &cached.replace("targets", "damaged"), &|t| t);
+    assert!(e.contains("damaged") && e.contains("bytes"), "{e}");
+    for w in 0..windows as usize {
+        // The first id of every window, so whichever the run draws first is damaged.
+        let at = w * 16 * (8 * 4 + 4);
+        bytes[at..at + 2].copy_from_slice(&u16::MAX.to_le_bytes());
+    }
+    std::fs::write(&bin, &bytes).unwrap();
+    let e = with("c_id", &cached.replace("targets", "damaged"), &|t| t);
+    assert!(e.contains("65535") && e.contains("vocabulary"), "{e}");
 }
 
 /// `slm synth`: distinct documents from the teacher in the prompts' turn, a corpus
@@ -431,6 +503,31 @@ fn synth_writes_distinct_documents_and_continues_an_interrupted_file() {
         e.contains("syn.jsonl") && e.contains("other settings"),
         "{e}"
     );
+    // A file synth did not write, a prompt and reply past the teacher's context, no documents.
+    let e = fails(&mut synth("prompts.jsonl", "12"));
+    assert!(
+        e.contains("prompts.jsonl") && e.contains("no slm synth output"),
+        "{e}"
+    );
+    let e = fails(
+        slm()
+            .args([
+                "synth",
+                "teacher/model",
+                "--prompts",
+                "prompts.jsonl",
+                "-n",
+                "2",
+            ])
+            .args(["--max-tokens", "100", "-o", "long.jsonl"])
+            .current_dir(d),
+    );
+    assert!(
+        e.contains("--max-tokens 100") && e.contains("context 32"),
+        "{e}"
+    );
+    let e = fails(&mut synth("none.jsonl", "0"));
+    assert!(e.contains("-n 0"), "{e}");
     std::fs::write(
         d.join("bad_prompts.jsonl"),
         "{\"prompt\": \"a\"}\n{\"topic\": 3}\n",

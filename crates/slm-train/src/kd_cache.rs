@@ -105,13 +105,14 @@ fn encode(meta: &CacheMeta, top: &TopK, out: &mut Vec<u8>) {
     }
 }
 
-/// The teacher and the shards of `slm distill cache`: the shards must have been made with
-/// `tokenizer` (default: the teacher's own tokenizer.json), whose vocabulary the teacher's
-/// must be.
+/// The teacher and the shards of `slm distill cache` for windows of `context`: the shards
+/// must have been made with `tokenizer` (default: the teacher's own tokenizer.json), whose
+/// vocabulary the teacher's must be.
 pub fn open_inputs(
     teacher: &Path,
     shards: &Path,
     tokenizer: Option<&Path>,
+    context: usize,
 ) -> Result<(TeacherModel, Dataset)> {
     let (tok_json, tok_name) = match tokenizer {
         Some(t) => (std::fs::read(t).map_err(io(t))?, t.to_path_buf()),
@@ -132,7 +133,8 @@ pub fn open_inputs(
         )?;
     let tok = tokenizers::Tokenizer::from_bytes(&tok_json)
         .map_err(|e| setup(format!("{}: {e}", tok_name.display())))?;
-    let model = TeacherModel::open(teacher, &tok, &tok_name, data.manifest.vocab_size as usize)?;
+    let vocab = data.manifest.vocab_size as usize;
+    let model = TeacherModel::open(teacher, &tok, &tok_name, vocab, context)?;
     Ok((model, data))
 }
 

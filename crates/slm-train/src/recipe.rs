@@ -191,7 +191,7 @@ pub enum KdLoss {
 }
 
 /// A temperature past this flattens any distribution slm trains to uniform.
-const MAX_TEMPERATURE: f64 = 1000.0;
+pub const MAX_TEMPERATURE: f64 = 1000.0;
 
 /// A top-k larger than this is no longer a sparse target (the whole vocabulary: 0).
 pub const MAX_TOP_K: usize = 4096;

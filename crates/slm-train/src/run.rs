@@ -404,7 +404,6 @@ enum Targets {
 struct Distillation {
     spec: TeacherSpec,
     targets: Targets,
-    sha256: String,
     windows: Vec<(usize, usize)>,
 }
 
@@ -418,7 +417,7 @@ impl Distillation {
     ) -> Result<Self> {
         let ctx = cfg.max_position_embeddings;
         let windows = crate::kd_cache::windows(data, ctx);
-        let (targets, sha256) = match &spec.cache {
+        let targets = match &spec.cache {
             Some(dir) => {
                 let sha = crate::teacher::weights_sha256(&spec.model)?;
                 let c = Cache::open(dir, data, &sha, ctx, spec.top_k, spec.temperature)?;
@@ -428,28 +427,27 @@ impl Distillation {
                     c.meta.top_k,
                     c.meta.teacher.display()
                 );
-                (Targets::Cached(c), sha)
+                Targets::Cached(c)
             }
             None => {
-                let t = TeacherModel::open(&spec.model, tokenizer, tok_name, cfg.vocab_size)?;
-                if t.context() < ctx {
-                    return Err(TrainError::Setup(format!(
-                        "teacher.model {}: its context of {} positions is shorter than model.context {ctx}",
-                        spec.model.display(),
-                        t.context()
-                    )));
-                }
+                let t = TeacherModel::open(&spec.model, tokenizer, tok_name, cfg.vocab_size, ctx)?;
                 tracing::info!("teacher {} (sha256 {})", spec.model.display(), t.sha256);
-                let sha = t.sha256.clone();
-                (Targets::Online(Box::new(t)), sha)
+                Targets::Online(Box::new(t))
             }
         };
         Ok(Self {
             spec: spec.clone(),
             targets,
-            sha256,
             windows,
         })
+    }
+
+    /// The teacher's sha256 (a cache is opened only for the teacher it was made by).
+    fn sha256(&self) -> &str {
+        match &self.targets {
+            Targets::Online(t) => &t.sha256,
+            Targets::Cached(c) => &c.meta.teacher_sha256,
+        }
     }
 
     /// One micro-batch: `batch` windows drawn with `rng`, the student's update against the
@@ -894,7 +892,7 @@ pub fn train(recipe: &Recipe, opts: RunOptions) -> Result<Outcome> {
                 // The loss and its settings are the recipe's [teacher].
                 "teacher": distill.as_ref().map(|t| serde_json::json!({
                     "model": t.spec.model,
-                    "sha256": t.sha256,
+                    "sha256": t.sha256(),
                     "cache": t.spec.cache,
                 })),
             }),

@@ -63,13 +63,15 @@ fn file_sha256(path: &Path) -> Result<String> {
 }
 
 impl TeacherModel {
-    /// Loads the teacher at `path` for a student of `vocab` tokens whose tokenizer is
-    /// `student` (named `student_name` in errors): both must be the same tokenizer.
+    /// Loads the teacher at `path` for a student of `vocab` tokens and `context` positions
+    /// whose tokenizer is `student` (named `student_name` in errors): both must be the same
+    /// tokenizer, and the teacher's context at least the student's.
     pub fn open(
         path: &Path,
         student: &tokenizers::Tokenizer,
         student_name: &Path,
         vocab: usize,
+        context: usize,
     ) -> Result<Self> {
         let name = path.display();
         let loaded = slm_model::load(path, &Device::Cpu)
@@ -107,6 +109,13 @@ impl TeacherModel {
                 cfg.vocab_size
             )));
         }
+        if cfg.max_position_embeddings < context {
+            return Err(setup(format!(
+                "teacher.model {name}: its context of {} positions is shorter than the \
+                 student's {context}",
+                cfg.max_position_embeddings
+            )));
+        }
         let sha256 = weights_sha256(path)?;
         Ok(Self {
             model: loaded.model,
@@ -114,10 +123,6 @@ impl TeacherModel {
             sha256,
             vocab,
         })
-    }
-
-    pub fn context(&self) -> usize {
-        self.model.config().max_position_embeddings
     }
 
     /// The teacher's final-norm hidden states of `inputs` (`batch` rows of equal length,
@@ -147,9 +152,7 @@ impl TeacherModel {
         out[..rows * self.vocab].copy_from_slice(&z);
         Ok(())
     }
-}
 
-impl TeacherModel {
     /// The top `k` of every row of `hidden` at `temperature` (`kd::top_k`), its logits made
     /// a chunk of rows at a time.
     pub fn top_k(&self, hidden: &Tensor, k: usize, temperature: f64) -> Result<TopK> {
