@@ -528,6 +528,24 @@ fn synth_writes_distinct_documents_and_continues_an_interrupted_file() {
     );
     let e = fails(&mut synth("none.jsonl", "0"));
     assert!(e.contains("-n 0"), "{e}");
+    // Greedy decoding gives at most one document per prompt: fewer than the 5 asked for.
+    let e = fails(
+        slm()
+            .args([
+                "synth",
+                "teacher/model",
+                "--prompts",
+                "prompts.jsonl",
+                "-n",
+                "5",
+            ])
+            .args(["--temp", "0", "--max-tokens", "8", "-o", "greedy.jsonl"])
+            .current_dir(d),
+    );
+    assert!(
+        e.contains("distinct documents of 5 in 20 tries") && e.contains("--temp"),
+        "{e}"
+    );
     std::fs::write(
         d.join("bad_prompts.jsonl"),
         "{\"prompt\": \"a\"}\n{\"topic\": 3}\n",
