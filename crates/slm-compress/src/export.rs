@@ -430,20 +430,25 @@ pub fn hf_to_gguf(dir: &Path, out: &Path, ty: FloatType) -> Result<(), ExportErr
             dtype: types[i],
         })
         .collect();
-    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
-        let p = &params[i];
-        let hf = p.role.hf_name(p.layer);
-        let v = st.values(&hf, &p.shape)?;
-        let cols = if p.role.is_bias() { 1 } else { cfg.hidden_size };
-        let v = match permuted_heads(&cfg, p.role) {
-            Some(heads) => permute_rows(&v, heads, cols),
-            None => v,
-        };
-        Ok(match types[i] {
-            slm_model::gguf::GgmlType::F32 => FloatType::F32.bytes(&v),
-            _ => ty.bytes(&v),
-        })
-    });
+    let write = slm_model::gguf_write::write_gguf_streamed(
+        out,
+        &meta.into_iter().collect::<Vec<_>>(),
+        &specs,
+        |i| {
+            let p = &params[i];
+            let hf = p.role.hf_name(p.layer);
+            let v = st.values(&hf, &p.shape)?;
+            let cols = if p.role.is_bias() { 1 } else { cfg.hidden_size };
+            let v = match permuted_heads(&cfg, p.role) {
+                Some(heads) => permute_rows(&v, heads, cols),
+                None => v,
+            };
+            Ok(match types[i] {
+                slm_model::gguf::GgmlType::F32 => FloatType::F32.bytes(&v),
+                _ => ty.bytes(&v),
+            })
+        },
+    );
     write.map_err(|e| model_err(out, e.to_string()))
 }
 
@@ -583,18 +588,23 @@ pub fn lora_to_gguf(
             dtype: ty.ggml(),
         })
         .collect();
-    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
-        let p = &params[i];
-        let v: Vec<f32> = adapter.tensors[&p.name()]
-            .flatten_all()
-            .and_then(|t| t.to_vec1())
-            .map_err(|e| e.to_string())?;
-        let rank = adapter.lora.rank;
-        let v = match (p.role, p.target.and_then(|t| permuted_heads(cfg, t))) {
-            (Role::LoraB, Some(heads)) => permute_rows(&v, heads, rank),
-            _ => v,
-        };
-        Ok(ty.bytes(&v))
-    });
+    let write = slm_model::gguf_write::write_gguf_streamed(
+        out,
+        &meta.into_iter().collect::<Vec<_>>(),
+        &specs,
+        |i| {
+            let p = &params[i];
+            let v: Vec<f32> = adapter.tensors[&p.name()]
+                .flatten_all()
+                .and_then(|t| t.to_vec1())
+                .map_err(|e| e.to_string())?;
+            let rank = adapter.lora.rank;
+            let v = match (p.role, p.target.and_then(|t| permuted_heads(cfg, t))) {
+                (Role::LoraB, Some(heads)) => permute_rows(&v, heads, rank),
+                _ => v,
+            };
+            Ok(ty.bytes(&v))
+        },
+    );
     write.map_err(|e| model_err(out, e.to_string()))
 }

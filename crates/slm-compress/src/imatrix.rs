@@ -242,21 +242,19 @@ impl Imatrix {
         Ok(())
     }
 
-    /// The metadata llama-quantize records about the matrix it used.
+    /// The metadata llama-quantize records about the matrix it used, in its order.
     pub fn provenance(&self) -> Vec<(String, Value)> {
-        let mut v = vec![
-            (
-                "quantize.imatrix.file".to_string(),
-                Value::String(self.file.clone()),
-            ),
-            (
-                "quantize.imatrix.entries_count".to_string(),
-                Value::U32(self.entries.len() as u32),
-            ),
-        ];
+        let mut v = vec![(
+            "quantize.imatrix.file".to_string(),
+            Value::String(self.file.clone()),
+        )];
         if let Some(d) = self.datasets.first() {
             v.push(("quantize.imatrix.dataset".into(), Value::String(d.clone())));
         }
+        v.push((
+            "quantize.imatrix.entries_count".to_string(),
+            Value::U32(self.entries.len() as u32),
+        ));
         if self.chunk_count > 0 {
             v.push((
                 "quantize.imatrix.chunks_count".into(),

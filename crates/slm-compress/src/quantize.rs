@@ -5,7 +5,6 @@
 //! rows that are not whole blocks) and, with an importance matrix (`imatrix`), the same
 //! importance-weighted searches.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use rayon::prelude::*;
@@ -270,6 +269,18 @@ fn mix_type(
     default
 }
 
+/// llama.cpp's loader order of tensor names (`weight_name_comparer`): those outside the
+/// blocks first, then block by block, by name within each.
+fn loader_order(a: &str, b: &str) -> std::cmp::Ordering {
+    let layer = |n: &str| -> i64 {
+        n.strip_prefix("blk.")
+            .and_then(|r| r.split('.').next())
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(-1)
+    };
+    layer(a).cmp(&layer(b)).then_with(|| a.cmp(b))
+}
+
 /// Quantizes the GGUF `model` into `out` as `opts` asks.
 pub fn quantize_gguf(
     model: &Path,
@@ -318,29 +329,41 @@ pub fn quantize_gguf(
         }
         plan.push(ty);
     }
-    let mut meta: BTreeMap<String, Value> = file.metadata.clone();
-    meta.insert("general.file_type".into(), Value::U32(opts.file_type.id()));
-    meta.insert("general.quantization_version".into(), Value::U32(2));
+    // llama-quantize's file: the input's metadata in its order, the quantization version
+    // and file type moved to the end, then the imatrix's provenance; tensors in its loader's
+    // order. Its bytes are then ours.
+    let mut extra = vec![
+        ("general.quantization_version".to_string(), Value::U32(2)),
+        (
+            "general.file_type".to_string(),
+            Value::U32(opts.file_type.id()),
+        ),
+    ];
     if let Some(im) = opts.imatrix {
-        for (k, v) in im.provenance() {
-            meta.insert(k, v);
-        }
+        extra.extend(im.provenance());
     }
-    let specs: Vec<slm_model::gguf_write::TensorSpec> = file
-        .tensors
+    let mut meta: Vec<(String, Value)> = file
+        .metadata_in_file_order()
+        .into_iter()
+        .filter(|(k, _)| !extra.iter().any(|(e, _)| e == k))
+        .collect();
+    meta.extend(extra);
+    let mut order: Vec<usize> = (0..file.tensors.len()).collect();
+    order.sort_by(|&a, &b| loader_order(&file.tensors[a].name, &file.tensors[b].name));
+    let specs: Vec<slm_model::gguf_write::TensorSpec> = order
         .iter()
-        .zip(&plan)
-        .map(|(t, &dtype)| slm_model::gguf_write::TensorSpec {
-            name: &t.name,
-            dims: &t.dims,
-            dtype,
+        .map(|&i| slm_model::gguf_write::TensorSpec {
+            name: &file.tensors[i].name,
+            dims: &file.tensors[i].dims,
+            dtype: plan[i],
         })
         .collect();
     let n = file.tensors.len();
-    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |i| {
+    let write = slm_model::gguf_write::write_gguf_streamed(out, &meta, &specs, |s| {
+        let i = order[s];
         let t = &file.tensors[i];
         let ty = plan[i];
-        progress(i, n);
+        progress(s, n);
         if ty == t.dtype {
             return Ok(file.tensor_bytes(t).to_vec());
         }
@@ -415,7 +438,7 @@ mod tests {
         ft: FileType,
         pure: bool,
         imatrix: bool,
-    ) -> Result<BTreeMap<String, GgmlType>, String> {
+    ) -> Result<std::collections::BTreeMap<String, GgmlType>, String> {
         let (t, m) = smollm2();
         let names: Vec<(&str, &[usize])> =
             t.iter().map(|(n, d)| (n.as_str(), d.as_slice())).collect();

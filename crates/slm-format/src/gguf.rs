@@ -161,6 +161,8 @@ pub struct GgufFile {
     mmap: Mmap,
     pub version: u32,
     pub metadata: BTreeMap<String, Value>,
+    /// The metadata keys in file order (a rewrite that keeps them keeps the file's bytes).
+    key_order: Vec<String>,
     /// Tensors in file order.
     pub tensors: Vec<TensorInfo>,
     index: BTreeMap<String, usize>,
@@ -190,7 +192,7 @@ impl GgufFile {
         // SAFETY: the map is read-only; a concurrent writer truncating the file could fault, as
         // with every mmap-based model loader (llama.cpp does the same).
         let mmap = unsafe { Mmap::map(&file) }.map_err(io)?;
-        let (version, metadata, tensors) = parse(&path, &mmap)?;
+        let (version, metadata, key_order, tensors) = parse(&path, &mmap)?;
         let index = tensors
             .iter()
             .enumerate()
@@ -201,6 +203,7 @@ impl GgufFile {
             mmap,
             version,
             metadata,
+            key_order,
             tensors,
             index,
         })
@@ -208,6 +211,14 @@ impl GgufFile {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The metadata entries in the order the file holds them.
+    pub fn metadata_in_file_order(&self) -> Vec<(String, Value)> {
+        self.key_order
+            .iter()
+            .map(|k| (k.clone(), self.metadata[k].clone()))
+            .collect()
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
@@ -572,7 +583,7 @@ impl<'a> Reader<'a> {
     }
 }
 
-type Parsed = (u32, BTreeMap<String, Value>, Vec<TensorInfo>);
+type Parsed = (u32, BTreeMap<String, Value>, Vec<String>, Vec<TensorInfo>);
 
 fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     let mut r = Reader { path, buf, pos: 0 };
@@ -599,6 +610,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
     let n_kv = r.count("metadata count", 13)?;
 
     let mut metadata = BTreeMap::new();
+    let mut key_order = Vec::new();
     for _ in 0..n_kv {
         let key = r.string("metadata key")?;
         let ty = r.u32(&key)?;
@@ -606,6 +618,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
         if metadata.insert(key.clone(), value).is_some() {
             return Err(r.corrupt(format!("metadata key '{key}' appears twice")));
         }
+        key_order.push(key);
     }
 
     let alignment = match metadata.get("general.alignment") {
@@ -739,7 +752,7 @@ fn parse(path: &Path, buf: &[u8]) -> Result<Parsed> {
             });
         }
     }
-    Ok((version, metadata, tensors))
+    Ok((version, metadata, key_order, tensors))
 }
 
 #[cfg(test)]

@@ -100,7 +100,11 @@ pub fn write_gguf(
             dtype: t.dtype,
         })
         .collect();
-    write_gguf_streamed(path, metadata, &specs, |i| Ok(tensors[i].data.to_vec()))
+    let entries: Vec<(String, Value)> = metadata
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    write_gguf_streamed(path, &entries, &specs, |i| Ok(tensors[i].data.to_vec()))
 }
 
 /// A tensor's entry in the table: its data comes later, from the caller.
@@ -134,15 +138,27 @@ impl TensorSpec<'_> {
 }
 
 /// Writes a GGUF version 3 file atomically, asking `data(i)` for tensor i's bytes only when
-/// they are written, so memory holds one tensor at a time. A failure anywhere leaves neither
-/// the file nor its temporary.
+/// they are written, so memory holds one tensor at a time. The metadata entries are written
+/// in the order given (keys must be distinct). A failure anywhere leaves neither the file nor
+/// its temporary.
 pub fn write_gguf_streamed(
     path: &Path,
-    metadata: &BTreeMap<String, Value>,
+    metadata: &[(String, Value)],
     tensors: &[TensorSpec],
     mut data: impl FnMut(usize) -> Result<Vec<u8>, String>,
 ) -> Result<(), WriteError> {
-    let alignment = match metadata.get("general.alignment") {
+    let mut seen = std::collections::BTreeSet::new();
+    if let Some((k, _)) = metadata.iter().find(|(k, _)| !seen.insert(k)) {
+        return Err(WriteError::Metadata {
+            key: k.clone(),
+            what: "given twice".into(),
+        });
+    }
+    let alignment = match metadata
+        .iter()
+        .find(|(k, _)| k == "general.alignment")
+        .map(|(_, v)| v)
+    {
         None => DEFAULT_ALIGNMENT,
         Some(v) => {
             v.as_u64()
