@@ -434,6 +434,30 @@ mod tests {
         (t, m)
     }
 
+    /// llama.cpp's loader order: tensors outside the blocks first, then by block number
+    /// (numerically), then by name.
+    #[test]
+    fn tensors_are_written_in_llama_cpps_loader_order() {
+        let mut names = vec![
+            "blk.10.attn_q.weight",
+            "blk.2.ffn_up.weight",
+            "token_embd.weight",
+            "blk.2.attn_q.weight",
+            "output_norm.weight",
+        ];
+        names.sort_by(|a, b| loader_order(a, b));
+        assert_eq!(
+            names,
+            [
+                "output_norm.weight",
+                "token_embd.weight",
+                "blk.2.attn_q.weight",
+                "blk.2.ffn_up.weight",
+                "blk.10.attn_q.weight",
+            ]
+        );
+    }
+
     fn types(
         ft: FileType,
         pure: bool,

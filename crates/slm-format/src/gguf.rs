@@ -798,8 +798,9 @@ pub(crate) mod tests {
     #[test]
     fn parses_a_hand_built_file() {
         let bytes = tiny_gguf();
-        let (v, meta, tensors) = parse(Path::new("t.gguf"), &bytes).unwrap();
+        let (v, meta, order, tensors) = parse(Path::new("t.gguf"), &bytes).unwrap();
         assert_eq!(v, 3);
+        assert_eq!(order, ["general.architecture", "list"]);
         assert_eq!(meta["general.architecture"].as_str(), Some("llama"));
         assert_eq!(meta["list"].as_array().unwrap().len(), 3);
         assert_eq!(tensors[0].dims, vec![2, 4]);

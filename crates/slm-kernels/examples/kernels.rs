@@ -6,6 +6,7 @@ use std::time::Instant;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use slm_kernels::half_matmul::{HalfMatrix, HalfType};
+use slm_kernels::kquant::{KMatrix, KType};
 use slm_kernels::quant::{BlockMatrix, BlockType};
 
 fn main() {
@@ -68,10 +69,10 @@ fn main() {
             }
         }
     }
-    // K-quants: candle's dot products on the kernel pool (k must be whole 256-blocks, so
-    // only the down projection's shape applies).
-    for g in [GgmlDType::Q4K, GgmlDType::Q6K] {
-        if !wanted(&format!("{g:?}")) {
+    // K-quants (k must be whole 256-blocks, so only the down projection's shape applies);
+    // KERNELS_CANDLE=1 adds candle's quantized matmul for comparison.
+    for t in [KType::Q4K, KType::Q5K, KType::Q6K] {
+        if !wanted(&format!("{t:?}")) {
             continue;
         }
         let (n, k) = (576, 1536);
@@ -79,18 +80,19 @@ fn main() {
             .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
             .collect();
         let w = Tensor::from_vec(w, (n, k), &Device::Cpu).unwrap();
-        let q = QTensor::quantize(&w, g).unwrap();
+        let q = QTensor::quantize(&w, t.to_ggml()).unwrap();
         let bytes = q.storage_size_in_bytes();
+        let km = KMatrix::new(t, &q.data().unwrap(), n, k);
         for &m in &ms {
             let run = |x: &[f32], out: &mut [f32]| {
                 // SAFETY: the kernel stores computed values only.
-                slm_kernels::kquant::matmul(&q, x, m, unsafe { slm_kernels::pool::as_uninit(out) })
+                km.matmul(x, m, unsafe { slm_kernels::pool::as_uninit(out) })
                     .unwrap();
             };
-            report(&format!("{g:?}"), n, k, m, bytes, run);
+            report(&format!("{t:?}"), n, k, m, bytes, run);
             if std::env::var("KERNELS_CANDLE").is_ok() {
                 let qm = candle_core::quantized::QMatMul::from_qtensor(
-                    QTensor::quantize(&w, g).unwrap(),
+                    QTensor::quantize(&w, t.to_ggml()).unwrap(),
                 )
                 .unwrap();
                 let run = |x: &[f32], out: &mut [f32]| {
@@ -105,7 +107,7 @@ fn main() {
                         .unwrap();
                     out.copy_from_slice(&y);
                 };
-                report(&format!("{g:?} candle"), n, k, m, bytes, run);
+                report(&format!("{t:?} candle"), n, k, m, bytes, run);
             }
         }
     }

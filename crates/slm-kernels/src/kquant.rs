@@ -1,243 +1,613 @@
-//! K-quant weights (Q2_K to Q6_K) multiplied on the kernel pool, for decode steps.
+//! Matrix multiplication with K-quant weights (Q2_K, Q3_K, Q4_K, Q5_K, Q6_K), computing
+//! llama.cpp's arithmetic bit for bit, as `quant` does for the 32-blocks.
 //!
-//! candle's quantized matmul runs on candle's own thread pool, whose workers then spin on
-//! the cores that the kernel pool's workers spin on. Measured on SmolLM2-135M Q4_K_M (its
-//! down projections are Q4_K and Q6_K), decode on 2 threads ran at 75 tok/s, slower than on
-//! 1 (83); with this module, 127-137 (llama.cpp: 125). Here candle's per-row dot products
-//! (`vec_dot`, so the same numbers) run on the kernel pool: activations quantized to Q8_K
-//! once per matmul, spans of weight rows per task, as for the other block matrices.
+//! Activations are quantized once per matmul to Q8_K (ggml's `quantize_row_q8_K_ref`: 256
+//! values, an f32 scale, sums of 16). The integer part of every dot product is exact; what
+//! has to match llama.cpp is where its floats round, and its x86 build rounds in three ways,
+//! chosen per matmul (`Sum::of`):
 //!
-//! Prompts still go to candle (`Linear::forward` decides): on x86 it repacks Q4_K/Q6_K into
-//! tiles that run ~3x the per-row dot products on many rows (`examples/kernels.rs` with
-//! KERNELS_CANDLE=1), at the price of a second copy of those weights. Kernels of our own for
-//! these types, in the interleaved layouts of `quant`, would remove both; not written yet.
+//! - `Sum::Lanes`, its dot products (`ggml_vec_dot_qN_K_q8_K`, AVX2), for batches of fewer
+//!   than 8 rows: per super-block, eight int32 lanes (lane p holds bytes 4p..4p+3 of every 32
+//!   values, times their scales), each converted to f32 and fused-multiply-added with the
+//!   block scale into eight float accumulators, reduced at the end as `hsum_float_8`. Mins,
+//!   where the type has them, take a path of their own (per type, below).
+//! - `Sum::Rows`, its repacked 8-row kernels (`ggml_gemv/gemm_qN_K_8x8_q8_K`), which it uses
+//!   for every batch of Q4_K (AVX2) and Q2_K (AVX-512) matrices with a multiple of 8 rows: per
+//!   chunk of values, the chunk's whole integer sum and whole min term, each fused into one
+//!   float accumulator with the scales multiplied first; the value is their difference. The
+//!   chunk is the super-block in the gemv (a batch's last m % 4 rows) and smaller in the gemm
+//!   (the rest: 64 values for Q4_K, 128 for Q2_K).
+//! - `Sum::Tiled`, its tiled K-quant matmul (`ggml-cpu/tiled`) for batches of 8 rows or more
+//!   of the other matrices: per super-block `d * isum - dmin * imin` (one fused rounding),
+//!   fused-multiply-added with the activation scale into the accumulator. (Its AVX-512 kernel
+//!   writes that last step as a product and a sum, which GCC contracts into one FMA: measured
+//!   against the built library, the unfused form differs in half the outputs.)
+//!
+//! The scalar functions here are the reference the SIMD kernels (`avx2`) must equal.
+//! The weights stay in GGUF's block layout (one copy, the file's bytes).
 
-use candle_core::quantized::k_quants::{
-    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K, BlockQ6K, GgmlType,
-};
-use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
+use half::f16;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
+use crate::ggml_math::Isa;
 use crate::pool::OutPtr;
+use crate::quant::hsum8;
+use crate::scratch::MapError;
 
-/// Whether `q` is a K-quant matrix this module multiplies.
-pub fn supports(q: &QTensor) -> bool {
-    use GgmlDType::*;
-    q.device().is_cpu()
-        && q.shape().dims().len() == 2
-        && matches!(q.dtype(), Q2K | Q3K | Q4K | Q5K | Q6K)
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+
+/// Values per K-quant super-block.
+pub const QK_K: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KType {
+    Q2K,
+    Q3K,
+    Q4K,
+    Q5K,
+    Q6K,
 }
 
-/// A K-quant weight matrix (n x k, stored as GGUF has it) as a candle op: `x W^T`.
-#[derive(Debug, Clone)]
-pub struct KQuantMatmul(pub Arc<QTensor>);
+impl KType {
+    pub fn from_ggml(t: GgmlDType) -> Option<Self> {
+        Some(match t {
+            GgmlDType::Q2K => Self::Q2K,
+            GgmlDType::Q3K => Self::Q3K,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q5K => Self::Q5K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+    pub fn to_ggml(self) -> GgmlDType {
+        match self {
+            Self::Q2K => GgmlDType::Q2K,
+            Self::Q3K => GgmlDType::Q3K,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q5K => GgmlDType::Q5K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+    /// Bytes per super-block of 256 weights.
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Self::Q2K => 84,
+            Self::Q3K => 110,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+        }
+    }
+}
 
-impl CustomOp1 for KQuantMatmul {
+/// How llama.cpp sums one row of a matmul (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Sum {
+    Lanes,
+    /// Chunks of this many values (64, 128 or 256).
+    Rows(usize),
+    Tiled,
+}
+
+impl Sum {
+    /// llama.cpp's choice for row i of an m-row batch times an n-row matrix of `t`
+    /// (`ggml_repack_get_optimal_repack_type`, the repacked matmul's split into groups of 4
+    /// rows and a remainder, and the tiled matmul's batch floor of 8, on x86).
+    pub(crate) fn of(t: KType, n: usize, m: usize, i: usize) -> Self {
+        let repacked = match t {
+            KType::Q4K => crate::ggml_math::has_avx2(),
+            KType::Q2K => crate::ggml_math::has_avx512(),
+            _ => false,
+        } && n.is_multiple_of(8);
+        if repacked {
+            if i < m - m % 4 {
+                Sum::Rows(if t == KType::Q4K { 64 } else { 128 })
+            } else {
+                Sum::Rows(QK_K)
+            }
+        } else if m >= 8 {
+            Sum::Tiled
+        } else {
+            Sum::Lanes
+        }
+    }
+}
+
+/// One super-block of activations as ggml's block_q8_K.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(crate) struct Q8K {
+    pub(crate) d: f32,
+    pub(crate) qs: [i8; QK_K],
+    /// Sums of each 16 consecutive `qs`.
+    pub(crate) bsums: [i16; 16],
+}
+
+// SAFETY: numbers only; any bits are a block.
+unsafe impl crate::scratch::Plain for Q8K {}
+
+/// ggml's `quantize_row_q8_K_ref` (which its x86 build runs, and whose values its repacked
+/// kernels' quantizer reproduces): the scale from the value of largest magnitude, first
+/// found, `-127/max`; round half to even.
+pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
+    for (xs, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
+        let (mut max, mut amax) = (0f32, 0f32);
+        for &v in xs {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax == 0.0 {
+            y.d = 0.0;
+            y.qs = [0; QK_K];
+            y.bsums = [0; 16];
+            continue;
+        }
+        let iscale = -127.0 / max;
+        for (q, &v) in y.qs.iter_mut().zip(xs) {
+            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+        }
+        for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+            *s = g.iter().map(|&q| q as i16).sum();
+        }
+        y.d = 1.0 / iscale;
+    }
+}
+
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
+}
+
+/// Q4_K's and Q5_K's eight 6-bit scales and mins (`get_scale_min_k4`).
+pub(crate) fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
+    for j in 0..8 {
+        if j < 4 {
+            sc[j] = s[j] & 63;
+            mn[j] = s[j + 4] & 63;
+        } else {
+            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+        }
+    }
+    (sc, mn)
+}
+
+/// Q3_K's sixteen 6-bit scales, offset to signed.
+pub(crate) fn scales_q3k(s: &[u8]) -> [i8; 16] {
+    let mut out = [0i8; 16];
+    for j in 0..16 {
+        let low = if j < 8 { s[j] & 0xF } else { s[j - 8] >> 4 };
+        let high = (s[8 + j % 4] >> (2 * (j / 4))) & 3;
+        out[j] = (low | high << 4) as i8 - 32;
+    }
+    out
+}
+
+/// A super-block's 256 weights as the integers the dot products multiply, and the scale
+/// of each group of 16 (Q4_K/Q5_K scales cover 32 values and are repeated).
+fn unpack(t: KType, b: &[u8], w: &mut [i8; QK_K], sc: &mut [i32; 16]) {
+    match t {
+        KType::Q2K => {
+            for (g, s) in sc.iter_mut().enumerate() {
+                *s = (b[g] & 0xF) as i32;
+            }
+            let qs = &b[16..80];
+            for (v, w) in w.iter_mut().enumerate() {
+                let (j, s, l) = (v / 128, (v % 128) / 32, v % 32);
+                *w = ((qs[32 * j + l] >> (2 * s)) & 3) as i8;
+            }
+        }
+        KType::Q3K => {
+            let scales = scales_q3k(&b[96..108]);
+            for (g, s) in sc.iter_mut().enumerate() {
+                *s = scales[g] as i32;
+            }
+            let (hmask, qs) = (&b[0..32], &b[32..96]);
+            for (v, w) in w.iter_mut().enumerate() {
+                let (j, s, l) = (v / 128, (v % 128) / 32, v % 32);
+                let low = ((qs[32 * j + l] >> (2 * s)) & 3) as i8;
+                let high = hmask[l] >> (4 * j + s) & 1;
+                *w = low - if high == 0 { 4 } else { 0 };
+            }
+        }
+        KType::Q4K | KType::Q5K => {
+            let (scales, _) = scales_mins_k4(&b[4..16]);
+            for (g, s) in sc.iter_mut().enumerate() {
+                *s = scales[g / 2] as i32;
+            }
+            let (qh, qs) = if t == KType::Q5K {
+                (Some(&b[16..48]), &b[48..176])
+            } else {
+                (None, &b[16..144])
+            };
+            for (v, w) in w.iter_mut().enumerate() {
+                let (j, half, l) = (v / 64, (v % 64) / 32, v % 32);
+                let nibble = (qs[32 * j + l] >> (4 * half)) & 0xF;
+                let high = qh.map_or(0, |h| (h[l] >> (2 * j + half)) & 1);
+                *w = (nibble | high << 4) as i8;
+            }
+        }
+        KType::Q6K => {
+            for (g, s) in sc.iter_mut().enumerate() {
+                *s = b[192 + g] as i8 as i32;
+            }
+            let (ql, qh) = (&b[0..128], &b[128..192]);
+            for (v, w) in w.iter_mut().enumerate() {
+                let (j, t, l) = (v / 128, (v % 128) / 32, v % 32);
+                let low = ql[64 * j + 32 * (t % 2) + l] >> (4 * (t / 2)) & 0xF;
+                let high = (qh[32 * j + l] >> (2 * t)) & 3;
+                // Unsigned here; the 32 is subtracted through the activation sums.
+                *w = (low | high << 4) as i8;
+            }
+        }
+    }
+}
+
+/// The eight int32 lanes of a super-block's dot product: lane p sums the values whose
+/// position within their 32 is 4p..4p+3, each times its group's scale.
+fn lanes(w: &[i8; QK_K], sc: &[i32; 16], q8: &[i8; QK_K]) -> [i32; 8] {
+    let mut l = [0i32; 8];
+    for v in 0..QK_K {
+        l[(v % 32) / 4] += sc[v / 16] * w[v] as i32 * q8[v] as i32;
+    }
+    l
+}
+
+/// A block's two scales as floats: (d, dmin) (dmin 0 for the types without mins).
+pub(crate) fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
+    match t {
+        KType::Q2K => (f16_at(b, 80), f16_at(b, 82)),
+        KType::Q3K => (f16_at(b, 108), 0.0),
+        KType::Q4K | KType::Q5K => (f16_at(b, 0), f16_at(b, 2)),
+        KType::Q6K => (f16_at(b, 208), 0.0),
+    }
+}
+
+/// The integers of the min term per group of 16 values: min * (sum of the activations it
+/// covers). Q4_K and Q5_K have one min per 32, put on the first group of its two; Q6_K's
+/// offset of 32 is a min of its own kind (`offset_term`); the others have none.
+pub(crate) fn group_mins(t: KType, b: &[u8], y: &Q8K) -> [i32; 16] {
+    let mut g = [0i32; 16];
+    match t {
+        KType::Q2K => {
+            for (i, g) in g.iter_mut().enumerate() {
+                *g = (b[i] >> 4) as i32 * y.bsums[i] as i32;
+            }
+        }
+        KType::Q4K | KType::Q5K => {
+            let (_, m) = scales_mins_k4(&b[4..16]);
+            for i in 0..8 {
+                g[2 * i] = m[i] as i32 * (y.bsums[2 * i] as i32 + y.bsums[2 * i + 1] as i32);
+            }
+        }
+        _ => {}
+    }
+    g
+}
+
+/// Q6_K's offset: 32 * sum over groups of scale * (sum of the group's activations), which its
+/// kernels subtract from the products of the unsigned values.
+pub(crate) fn offset_term(b: &[u8], y: &Q8K) -> i32 {
+    (0..16)
+        .map(|g| b[192 + g] as i8 as i32 * y.bsums[g] as i32)
+        .sum::<i32>()
+        << 5
+}
+
+/// The float state of one dot product (one cell) across super-blocks.
+#[derive(Clone, Copy)]
+pub(crate) struct Cell {
+    pub(crate) lanes: [f32; 8],
+    pub(crate) mins: [f32; 4],
+    pub(crate) row: f32,
+    pub(crate) row_min: f32,
+}
+
+impl Cell {
+    pub(crate) const ZERO: Cell = Cell {
+        lanes: [0.0; 8],
+        mins: [0.0; 4],
+        row: 0.0,
+        row_min: 0.0,
+    };
+
+    /// Adds one super-block as `sum` does, given its integers: `lanes` (after Q6_K's offset,
+    /// for `Sum::Lanes`), the exact totals of its chunks (`chunks`, 256 / chunk of them;
+    /// one for the other sums, the whole block, Q6_K's offset off), and its group mins.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn add(
+        &mut self,
+        t: KType,
+        sum: Sum,
+        (d, dmin): (f32, f32),
+        y: &Q8K,
+        lanes: &[i32; 8],
+        chunks: &[i32],
+        gm: &[i32; 16],
+    ) {
+        match sum {
+            Sum::Rows(chunk) => {
+                let per = QK_K / chunk;
+                for (c, &isum) in chunks.iter().enumerate() {
+                    let imin: i32 = gm[c * 16 / per..(c + 1) * 16 / per].iter().sum();
+                    self.row = (isum as f32).mul_add(d * y.d, self.row);
+                    self.row_min = (imin as f32).mul_add(dmin * y.d, self.row_min);
+                }
+            }
+            Sum::Tiled => {
+                let isum = chunks[0];
+                let imin: i32 = gm.iter().sum();
+                let mut r = d * isum as f32;
+                if matches!(t, KType::Q2K | KType::Q4K | KType::Q5K) {
+                    r = (-dmin).mul_add(imin as f32, r);
+                }
+                self.row = r.mul_add(y.d, self.row);
+            }
+            Sum::Lanes => {
+                let dy = y.d * d;
+                let dminy = -y.d * dmin;
+                match t {
+                    KType::Q2K => {
+                        // Mins first, into the same lanes: lane p takes groups 2p and 2p+1.
+                        for (p, acc) in self.lanes.iter_mut().enumerate() {
+                            let m = gm[2 * p] + gm[2 * p + 1];
+                            *acc = dminy.mul_add(m as f32, *acc);
+                        }
+                    }
+                    KType::Q4K => {
+                        // Four float lanes of their own: lane q takes sub-blocks 2q and 2q+1.
+                        for (q, a) in self.mins.iter_mut().enumerate() {
+                            let m = gm[4 * q] + gm[4 * q + 2];
+                            *a = dminy.mul_add(m as f32, *a);
+                        }
+                    }
+                    KType::Q5K => {
+                        let m: i32 = gm.iter().sum();
+                        self.mins[0] = dminy.mul_add(m as f32, self.mins[0]);
+                    }
+                    KType::Q3K | KType::Q6K => {}
+                }
+                for (acc, &l) in self.lanes.iter_mut().zip(lanes) {
+                    *acc = dy.mul_add(l as f32, *acc);
+                }
+            }
+        }
+    }
+
+    /// The dot product once every super-block is in.
+    pub(crate) fn value(&self, t: KType, sum: Sum) -> f32 {
+        let m = &self.mins;
+        match (sum, t) {
+            (Sum::Rows(_), _) => self.row - self.row_min,
+            (Sum::Tiled, _) => self.row,
+            (Sum::Lanes, KType::Q4K) => hsum8(&self.lanes) + ((m[0] + m[2]) + (m[1] + m[3])),
+            (Sum::Lanes, KType::Q5K) => hsum8(&self.lanes) + m[0],
+            (Sum::Lanes, _) => hsum8(&self.lanes),
+        }
+    }
+}
+
+/// The dot product of one weight row (GGUF blocks) with one row of activations: the
+/// reference every kernel equals bit for bit.
+pub(crate) fn dot_row(t: KType, sum: Sum, row: &[u8], a: &[Q8K]) -> f32 {
+    let (mut w, mut sc) = ([0i8; QK_K], [0i32; 16]);
+    let mut cell = Cell::ZERO;
+    for (b, y) in row.chunks_exact(t.block_bytes()).zip(a) {
+        unpack(t, b, &mut w, &mut sc);
+        let mut l = lanes(&w, &sc, &y.qs);
+        let offset = if t == KType::Q6K {
+            offset_term(b, y)
+        } else {
+            0
+        };
+        let chunk = match sum {
+            Sum::Rows(c) => c,
+            _ => QK_K,
+        };
+        let chunks: Vec<i32> = (0..QK_K / chunk)
+            .map(|c| {
+                (c * chunk..(c + 1) * chunk)
+                    .map(|v| sc[v / 16] * w[v] as i32 * y.qs[v] as i32)
+                    .sum::<i32>()
+            })
+            .collect();
+        let mut chunks = chunks;
+        if sum == Sum::Lanes && t == KType::Q6K {
+            for (p, l) in l.iter_mut().enumerate() {
+                let s =
+                    y.bsums[2 * p] as i32 * sc[2 * p] + y.bsums[2 * p + 1] as i32 * sc[2 * p + 1];
+                *l -= s << 5;
+            }
+        }
+        chunks[0] -= offset;
+        let gm = group_mins(t, b, y);
+        cell.add(t, sum, block_scales(t, b), y, &l, &chunks, &gm);
+    }
+    cell.value(t, sum)
+}
+
+/// A weight matrix in K-quant super-blocks (n rows of k, GGUF's bytes), applied as a candle
+/// op (inference only).
+#[derive(Debug, Clone)]
+pub struct KMatrix {
+    pub t: KType,
+    bytes: Arc<Vec<u8>>,
+    pub n: usize,
+    pub k: usize,
+}
+
+impl KMatrix {
+    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file.
+    pub fn new(t: KType, gguf: &[u8], n: usize, k: usize) -> Self {
+        assert!(k.is_multiple_of(QK_K) && gguf.len() == n * (k / QK_K) * t.block_bytes());
+        Self {
+            t,
+            bytes: Arc::new(gguf.to_vec()),
+            n,
+            k,
+        }
+    }
+
+    /// The weights in GGUF block order.
+    pub fn gguf_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    fn row(&self, j: usize) -> &[u8] {
+        let rb = self.k / QK_K * self.t.block_bytes();
+        &self.bytes[j * rb..(j + 1) * rb]
+    }
+
+    /// Row j widened to f32 by candle's dequantization (ggml's `dequantize_row_*`).
+    pub fn dequantize_row(&self, j: usize, out: &mut [f32]) {
+        use candle_core::quantized::k_quants::*;
+        fn widen<T: GgmlType>(bytes: &[u8], out: &mut [f32]) {
+            // The f16 fields of a block want 2-byte alignment that the file's bytes need not
+            // have: copied into blocks first.
+            let mut blocks = vec![T::zeros(); bytes.len() / std::mem::size_of::<T>()];
+            assert_eq!(blocks.len() * std::mem::size_of::<T>(), bytes.len());
+            // SAFETY: the block types are plain old data of block_bytes each (every bit
+            // pattern a value); lengths equal.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    blocks.as_mut_ptr().cast::<u8>(),
+                    bytes.len(),
+                )
+            };
+            T::to_float(&blocks, out);
+        }
+        let row = self.row(j);
+        let out = &mut out[..self.k];
+        match self.t {
+            KType::Q2K => widen::<BlockQ2K>(row, out),
+            KType::Q3K => widen::<BlockQ3K>(row, out),
+            KType::Q4K => widen::<BlockQ4K>(row, out),
+            KType::Q5K => widen::<BlockQ5K>(row, out),
+            KType::Q6K => widen::<BlockQ6K>(row, out),
+        }
+    }
+
+    /// x (m, k) times the transpose of these weights into out (m, n); every value written.
+    pub fn matmul(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [MaybeUninit<f32>],
+    ) -> Result<(), MapError> {
+        self.matmul_with(x, m, out, Isa::best(), None)
+    }
+
+    /// `matmul` with the kernels of `isa` and, if given, one way of summing for every row
+    /// (the tests run every combination).
+    fn matmul_with(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [MaybeUninit<f32>],
+        isa: Option<Isa>,
+        sum: Option<Sum>,
+    ) -> Result<(), MapError> {
+        let (n, k) = (self.n, self.k);
+        assert!(x.len() >= m * k && out.len() >= m * n);
+        let kb = k / QK_K;
+        if m == 0 || n == 0 {
+            return Ok(());
+        }
+        SCRATCH.with(|s| {
+            let mut owned;
+            let mut borrowed;
+            let s: &mut crate::scratch::Scratch = match s.try_borrow_mut() {
+                Ok(b) => {
+                    borrowed = b;
+                    &mut borrowed
+                }
+                Err(_) => {
+                    owned = crate::scratch::Scratch::default();
+                    &mut owned
+                }
+            };
+            let act: &mut [Q8K] = s.slice(m * kb)?;
+            crate::pool::for_chunks(act, kb, |start, row| {
+                let i = start / kb;
+                quantize_row_q8k(&x[i * k..(i + 1) * k], row)
+            });
+            let act = &*act;
+            let pool = crate::pool::global();
+            let spans: Vec<_> = pool.spans(n, 4).collect();
+            let o = OutPtr(out.as_mut_ptr().cast::<f32>());
+            pool.run(spans.len(), |s| {
+                // SAFETY: spans are disjoint output columns; out holds m * n values.
+                unsafe { self.span(act, m, spans[s].clone(), o.get(), isa, sum) }
+            });
+            Ok(())
+        })
+    }
+
+    /// Rows `rows` of the weights against all m activation rows, cell (i, j) to
+    /// out[i * n + j].
+    ///
+    /// # Safety
+    /// out holds m * n values and no other thread writes columns `rows`.
+    unsafe fn span(
+        &self,
+        act: &[Q8K],
+        m: usize,
+        rows: std::ops::Range<usize>,
+        out: *mut f32,
+        isa: Option<Isa>,
+        sum: Option<Sum>,
+    ) {
+        let kb = self.k / QK_K;
+        let n = self.n;
+        let sum_of = |i: usize| sum.unwrap_or_else(|| Sum::of(self.t, n, m, i));
+        #[cfg(target_arch = "x86_64")]
+        if isa.is_some() {
+            // SAFETY: the caller's contract; `isa` is one this CPU has.
+            return unsafe { avx2::span(self.t, &sum_of, &self.bytes, kb, act, m, rows, out, n) };
+        }
+        let _ = isa;
+        // Tiles of activation rows stay in L1 while the span's weight rows pass.
+        for i0 in (0..m).step_by(ROW_TILE) {
+            for j in rows.clone() {
+                let w = self.row(j);
+                for i in i0..(i0 + ROW_TILE).min(m) {
+                    let v = dot_row(self.t, sum_of(i), w, &act[i * kb..(i + 1) * kb]);
+                    // SAFETY: i < m, j < n, this task's column.
+                    unsafe { *out.add(i * n + j) = v };
+                }
+            }
+        }
+    }
+}
+
+/// Activation rows a task takes at a time (16 rows of Q8_K at k = 1536: 28 KB).
+pub(crate) const ROW_TILE: usize = 16;
+
+thread_local! {
+    /// The quantized activations, kept between the matmuls of a thread (see `scratch`).
+    static SCRATCH: std::cell::RefCell<crate::scratch::Scratch> = std::cell::RefCell::default();
+}
+
+impl CustomOp1 for KMatrix {
     fn name(&self) -> &'static str {
         "k-quant-matmul"
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (n, k) = self.0.shape().dims2()?;
-        crate::ggml_math::matmul_fwd(s, l, "k-quant matmul", n, k, |x, m, out| {
-            matmul(&self.0, x, m, out)
+        crate::ggml_math::matmul_fwd(s, l, "k-quant matmul", self.n, self.k, |x, m, out| {
+            self.matmul(x, m, out)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))
         })
     }
 }
 
-/// `out (m x n) = x (m x k) W^T` for a K-quant `q` of n x k; on Ok every output is written.
-pub fn matmul(
-    q: &QTensor,
-    x: &[f32],
-    m: usize,
-    out: &mut [MaybeUninit<f32>],
-) -> candle_core::Result<()> {
-    let (n, k) = q.shape().dims2()?;
-    let data = q.data()?;
-    match q.dtype() {
-        GgmlDType::Q2K => run::<BlockQ2K>(&data, n, k, x, m, out),
-        GgmlDType::Q3K => run::<BlockQ3K>(&data, n, k, x, m, out),
-        GgmlDType::Q4K => run::<BlockQ4K>(&data, n, k, x, m, out),
-        GgmlDType::Q5K => run::<BlockQ5K>(&data, n, k, x, m, out),
-        GgmlDType::Q6K => run::<BlockQ6K>(&data, n, k, x, m, out),
-        other => candle_core::bail!("k-quant matmul: {other:?} is not a K-quant type"),
-    }
-}
-
-/// The blocks of a CPU QTensor's bytes (candle stores them as a `Vec` of blocks, so they are
-/// aligned; checked all the same).
-fn blocks<T>(bytes: &[u8], n: usize, kb: usize) -> candle_core::Result<&[T]> {
-    let size = std::mem::size_of::<T>();
-    if bytes.len() != n * kb * size || bytes.as_ptr().align_offset(std::mem::align_of::<T>()) != 0 {
-        candle_core::bail!(
-            "k-quant matmul: {} bytes for {n} rows of {kb} blocks of {size} bytes",
-            bytes.len()
-        );
-    }
-    // SAFETY: length and alignment checked; the block types are plain old data (floats and
-    // byte arrays) for which every bit pattern is a value.
-    Ok(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), n * kb) })
-}
-
-/// Activation rows a task takes at a time.
-const ROW_TILE: usize = 16;
-
-fn run<T: GgmlType>(
-    bytes: &[u8],
-    n: usize,
-    k: usize,
-    x: &[f32],
-    m: usize,
-    out: &mut [MaybeUninit<f32>],
-) -> candle_core::Result<()> {
-    if !k.is_multiple_of(T::BLCK_SIZE) || x.len() < m * k || out.len() < m * n {
-        candle_core::bail!(
-            "k-quant matmul: k {k} (blocks of {}), {} inputs for {m} rows, {} outputs for {n}",
-            T::BLCK_SIZE,
-            x.len(),
-            out.len()
-        );
-    }
-    let kb = k / T::BLCK_SIZE;
-    let w: &[T] = blocks(bytes, n, kb)?;
-    if m == 0 || n == 0 {
-        return Ok(());
-    }
-    let mut act = vec![T::VecDotType::zeros(); m * kb];
-    crate::pool::for_chunks(&mut act, kb.max(1), |start, row| {
-        let i = start / kb.max(1);
-        T::VecDotType::from_float(&x[i * k..(i + 1) * k], row)
-    });
-    let act = &act[..];
-    let pool = crate::pool::global();
-    // Whole quads of rows per span, as candle forms them (vec_dot_4 shares the activation
-    // loads between four weight rows).
-    let spans: Vec<_> = pool.spans(n, 4).collect();
-    let o = OutPtr(out.as_mut_ptr().cast::<f32>());
-    pool.run(spans.len(), |s| {
-        let r = spans[s].clone();
-        let row = |j: usize| &w[j * kb..(j + 1) * kb];
-        let a = |i: usize| &act[i * kb..(i + 1) * kb];
-        // SAFETY (the writes below): the spans are disjoint columns j of out, which holds
-        // m * n values; only this task writes column j of any row i.
-        let put = |i: usize, j: usize, v: f32| unsafe { *o.get().add(i * n + j) = v };
-        // Sixteen activation rows (27 KB of Q8_K at k = 1536) stay in L1 while the span's
-        // weights pass; each quad of weight rows is then read once per sixteen rows, as
-        // ggml and candle block it.
-        for i0 in (0..m).step_by(ROW_TILE) {
-            let tile = i0..(i0 + ROW_TILE).min(m);
-            let mut j = r.start;
-            while j + 4 <= r.end {
-                for i in tile.clone() {
-                    let (d0, d1, d2, d3) =
-                        T::vec_dot_4(k, row(j), row(j + 1), row(j + 2), row(j + 3), a(i));
-                    put(i, j, d0);
-                    put(i, j + 1, d1);
-                    put(i, j + 2, d2);
-                    put(i, j + 3, d3);
-                }
-                j += 4;
-            }
-            for j in j..r.end {
-                for i in tile.clone() {
-                    put(i, j, T::vec_dot(k, row(j), a(i)));
-                }
-            }
-        }
-    });
-    Ok(())
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::quantized::QMatMul;
-    use candle_core::{Device, Module, Tensor};
-    use rand::{Rng, SeedableRng};
-
-    fn values(t: candle_core::Result<Tensor>) -> Vec<f32> {
-        t.unwrap().flatten_all().unwrap().to_vec1().unwrap()
-    }
-
-    /// The pool's schedule gives candle's own quantized matmul bit for bit: same dot products.
-    #[test]
-    fn equals_candles_quantized_matmul_on_odd_shapes() {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
-        let dev = Device::Cpu;
-        for t in [
-            GgmlDType::Q2K,
-            GgmlDType::Q3K,
-            GgmlDType::Q4K,
-            GgmlDType::Q5K,
-            GgmlDType::Q6K,
-        ] {
-            for &(n, k, m) in &[
-                (1, 256, 1),
-                (7, 512, 1),
-                (13, 256, 3),
-                (33, 768, 9),
-                (8, 1536, 17),
-            ] {
-                let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1f32..1.0)).collect();
-                let w = Tensor::from_vec(w, (n, k), &dev).unwrap();
-                let q = Arc::new(QTensor::quantize(&w, t).unwrap());
-                assert!(supports(&q));
-                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
-                let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
-                let theirs = values(QMatMul::from_arc(q.clone()).unwrap().forward(&xt));
-                let ours = values(xt.apply_op1_no_bwd(&KQuantMatmul(q.clone())));
-                assert_eq!(ours.len(), m * n);
-                for (c, (a, b)) in ours.iter().zip(&theirs).enumerate() {
-                    assert_eq!(a.to_bits(), b.to_bits(), "{t:?} n{n} k{k} m{m} cell {c}");
-                }
-                // And against the dequantized weights, so that the comparison above is not of
-                // two copies of one mistake.
-                let dense = q.dequantize(&dev).unwrap();
-                let exact = values(xt.matmul(&dense.t().unwrap()));
-                let scale = exact.iter().fold(0f32, |a, v| a.max(v.abs())).max(1.0);
-                for (c, (a, b)) in ours.iter().zip(&exact).enumerate() {
-                    // Activations go through 8 bits (Q8_K): about 1% of the largest output.
-                    assert!(
-                        (a - b).abs() <= 0.02 * scale,
-                        "{t:?} n{n} k{k} m{m} cell {c}: {a} vs {b}"
-                    );
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_k_not_made_of_whole_blocks_is_refused_by_name() {
-        let q = QTensor::quantize(
-            &Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            GgmlDType::Q4K,
-        )
-        .unwrap();
-        let mut out = [MaybeUninit::uninit(); 4];
-        let err = run::<BlockQ4K>(&q.data().unwrap(), 4, 200, &[0.0; 200], 1, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("k 200 (blocks of 256)"), "{err}");
-        // Bytes that are not n rows of whole blocks, and a type that is not a K-quant.
-        let bytes = q.data().unwrap();
-        let err = blocks::<BlockQ4K>(&bytes[..bytes.len() - 1], 4, 1)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains(&format!("{} bytes for 4 rows", bytes.len() - 1)),
-            "{err}"
-        );
-        let q8 = QTensor::quantize(
-            &Tensor::zeros((4, 256), candle_core::DType::F32, &Device::Cpu).unwrap(),
-            GgmlDType::Q8_0,
-        )
-        .unwrap();
-        assert!(!supports(&q8));
-        let err = matmul(&q8, &[0.0; 256], 1, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("Q8_0 is not a K-quant type"), "{err}");
-    }
-}
+mod tests;

@@ -10,6 +10,7 @@ use candle_nn::VarBuilder;
 
 use slm_format::gguf::{GgmlType, GgufError, GgufFile};
 use slm_kernels::half_matmul::{HalfMatrix, HalfType};
+use slm_kernels::kquant::{KMatrix, KType};
 use slm_kernels::quant::{BlockMatrix, BlockType};
 
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +45,11 @@ pub enum Linear {
     /// GGML 32-blocks computed with ggml's exact arithmetic (see `quant`).
     Blocks {
         w: BlockMatrix,
+        b: Option<Tensor>,
+    },
+    /// K-quant super-blocks computed with llama.cpp's exact arithmetic (see `kquant`).
+    KBlocks {
+        w: KMatrix,
         b: Option<Tensor>,
     },
     /// F16/BF16 weights kept at two bytes (see `half_matmul`).
@@ -105,24 +111,9 @@ impl Linear {
                 shape[last] = n;
                 (x.reshape(((), k))?.matmul(&w.t()?)?.reshape(shape)?, b)
             }
-            // K-quant decode steps on the kernel pool (see `kquant`). Prompts stay with
-            // candle: its repacked K-quant tiles are ~3x the per-row dot products there, and
-            // over a prompt-sized matmul its pool's spinning costs little.
-            Linear::Quantized {
-                w: QMatMul::QTensor(q),
-                b,
-            } if slm_kernels::kquant::supports(q)
-                && slm_kernels::ggml_math::exact_path(&[x])
-                && x.dims().last().is_some_and(|&k| x.elem_count() == k) =>
-            {
-                (
-                    x.contiguous()?
-                        .apply_op1_no_bwd(&slm_kernels::kquant::KQuantMatmul(q.clone()))?,
-                    b,
-                )
-            }
             Linear::Quantized { w, b } => (w.forward(x)?, b),
             Linear::Blocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
+            Linear::KBlocks { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
             Linear::Half { w, b } => (x.contiguous()?.apply_op1_no_bwd(w)?, b),
             Linear::Observed { inner, stats } => {
                 stats
@@ -262,6 +253,15 @@ impl Linear {
                 )?;
                 dense(q.dequantize(&Device::Cpu)?, b)
             }
+            Linear::KBlocks { w, b } => {
+                let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
+                    w.t.to_ggml(),
+                    w.gguf_bytes(),
+                    vec![w.n, w.k],
+                    &Device::Cpu,
+                )?;
+                dense(q.dequantize(&Device::Cpu)?, b)
+            }
             Linear::Half { w, b } => {
                 let mut all = vec![0f32; w.n * w.k];
                 for (j, row) in all.chunks_exact_mut(w.k).enumerate() {
@@ -286,6 +286,8 @@ pub enum Embedding {
     /// GGML 32-blocks shared with the output projection when embeddings are tied (one copy
     /// of the largest matrix of a small model, not two).
     Blocks(BlockMatrix),
+    /// K-quant super-blocks, shared with a tied output projection.
+    KBlocks(KMatrix),
     /// F16/BF16 rows, widened on lookup; shared with a tied output projection.
     Half(HalfMatrix),
 }
@@ -300,6 +302,7 @@ impl Embedding {
             }
             Embedding::Quantized(q) => q.embedding(ids),
             Embedding::Blocks(w) => lookup(ids, w.n, w.k, |j, row| w.dequantize_row(j, row)),
+            Embedding::KBlocks(w) => lookup(ids, w.n, w.k, |j, row| w.dequantize_row(j, row)),
             Embedding::Half(w) => lookup(ids, w.n, w.k, |j, row| w.row(j, row)),
         }
     }
@@ -316,6 +319,10 @@ impl Embedding {
                 b: None,
             },
             Embedding::Blocks(w) => Linear::Blocks {
+                w: w.clone(),
+                b: None,
+            },
+            Embedding::KBlocks(w) => Linear::KBlocks {
                 w: w.clone(),
                 b: None,
             },
@@ -435,6 +442,15 @@ impl Weights<'_> {
                         return Ok(Linear::Blocks { w, b });
                     }
                     if let (Some(t), true, true) = (
+                        KType::from_ggml(candle_type(info.dtype)),
+                        info.dims == [out_dim, in_dim],
+                        device.is_cpu(),
+                    ) {
+                        let w = KMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
+                        file.release(info);
+                        return Ok(Linear::KBlocks { w, b });
+                    }
+                    if let (Some(t), true, true) = (
                         HalfType::from_ggml(candle_type(info.dtype)),
                         info.dims == [out_dim, in_dim],
                         device.is_cpu(),
@@ -471,6 +487,15 @@ impl Weights<'_> {
                         let w = BlockMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
                         file.release(info);
                         return Ok(Embedding::Blocks(w));
+                    }
+                    if let (Some(t), true, true) = (
+                        KType::from_ggml(candle_type(info.dtype)),
+                        info.dims == [vocab, hidden],
+                        device.is_cpu(),
+                    ) {
+                        let w = KMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
+                        file.release(info);
+                        return Ok(Embedding::KBlocks(w));
                     }
                     if let (Some(t), true, true) = (
                         HalfType::from_ggml(candle_type(info.dtype)),

@@ -1,0 +1,210 @@
+use super::*;
+use candle_core::quantized::QTensor;
+use candle_core::{Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+const TYPES: [KType; 5] = [KType::Q2K, KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K];
+
+/// Every kernel set this CPU runs, and the portable (scalar) path.
+fn isas() -> Vec<Option<Isa>> {
+    let mut v: Vec<Option<Isa>> = Isa::available().into_iter().map(Some).collect();
+    v.push(None);
+    v
+}
+
+fn q8k_rows(x: &[f32], k: usize) -> Vec<Q8K> {
+    let kb = k / QK_K;
+    let mut a = vec![
+        Q8K {
+            d: 0.0,
+            qs: [0; QK_K],
+            bsums: [0; 16]
+        };
+        x.len() / k * kb
+    ];
+    for (xs, a) in x.chunks_exact(k).zip(a.chunks_exact_mut(kb)) {
+        quantize_row_q8k(xs, a);
+    }
+    a
+}
+
+/// Random super-blocks of a type: any packed values and scales, block scales finite f16 of
+/// moderate size (random bits would be NaN now and then, unequal to themselves).
+fn random_blocks(t: KType, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
+    let bb = t.block_bytes();
+    let mut w: Vec<u8> = (0..blocks * bb).map(|_| rng.random()).collect();
+    for b in w.chunks_exact_mut(bb) {
+        let d = f16::from_f32(rng.random_range(-0.02f32..0.02)).to_le_bytes();
+        let dmin = f16::from_f32(rng.random_range(-0.02f32..0.02)).to_le_bytes();
+        let (at_d, at_min) = match t {
+            KType::Q2K => (80, Some(82)),
+            KType::Q3K => (108, None),
+            KType::Q4K | KType::Q5K => (0, Some(2)),
+            KType::Q6K => (208, None),
+        };
+        b[at_d..at_d + 2].copy_from_slice(&d);
+        if let Some(at) = at_min {
+            b[at..at + 2].copy_from_slice(&dmin);
+        }
+    }
+    w
+}
+
+/// Every way of summing llama.cpp has for `t` (module docs), and its own choice per row
+/// (None).
+fn sums(t: KType) -> Vec<Option<Sum>> {
+    let mut v = vec![None, Some(Sum::Lanes), Some(Sum::Tiled)];
+    match t {
+        KType::Q4K => v.extend([Some(Sum::Rows(64)), Some(Sum::Rows(256))]),
+        KType::Q2K => v.extend([Some(Sum::Rows(128)), Some(Sum::Rows(256))]),
+        _ => {}
+    }
+    v
+}
+
+/// Every kernel set, every way of llama.cpp's of summing, against the scalar reference, bit
+/// for bit: one and many activation rows (past the four a kernel takes at once and past a
+/// tile), weight rows off the groups of four and eight, k of one and several super-blocks.
+#[test]
+fn kernels_equal_scalar_reference_on_odd_shapes() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(23);
+    for &(n, k, m) in &[
+        (1, 256, 1),
+        (3, 512, 2),
+        (8, 256, 5),
+        (9, 768, 3),
+        (17, 256, 17),
+        (33, 1536, 7),
+        (40, 512, 38),
+    ] {
+        let kb = k / QK_K;
+        let x: Vec<f32> = (0..m * k)
+            .map(|_| rng.random_range(-3f32..3.0) * rng.random_range(0f32..1.0).powi(3))
+            .collect();
+        let act = q8k_rows(&x, k);
+        for t in TYPES {
+            let w = random_blocks(t, n * kb, &mut rng);
+            let km = KMatrix::new(t, &w, n, k);
+            for sum in sums(t) {
+                for isa in isas() {
+                    let mut out = vec![f32::NAN; m * n];
+                    let o = unsafe { crate::pool::as_uninit(&mut out) };
+                    km.matmul_with(&x, m, o, isa, sum).unwrap();
+                    for j in 0..n {
+                        for i in 0..m {
+                            let s = sum.unwrap_or_else(|| Sum::of(t, n, m, i));
+                            let want = dot_row(t, s, km.row(j), &act[i * kb..(i + 1) * kb]);
+                            assert_eq!(
+                                out[i * n + j].to_bits(),
+                                want.to_bits(),
+                                "{t:?} {sum:?} {isa:?} n={n} k={k} m={m} cell ({i}, {j}): {} vs {want}",
+                                out[i * n + j]
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reference is the dot product: against the dequantized weights (candle's, as ggml's
+/// dequantize_row) times the Q8_K activations in f64, off only by f32 rounding. So the
+/// kernels' agreement above is not two copies of one mistake.
+#[test]
+fn reference_equals_dequantized_product() {
+    let dev = Device::Cpu;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+    let (n, k, m) = (16, 768, 3);
+    let kb = k / QK_K;
+    let w: Vec<f32> = (0..n * k).map(|_| rng.random_range(-1f32..1.0)).collect();
+    let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-3f32..3.0)).collect();
+    let act = q8k_rows(&x, k);
+    let wt = Tensor::from_vec(w, (n, k), &dev).unwrap();
+    for t in TYPES {
+        let q = QTensor::quantize(&wt, t.to_ggml()).unwrap();
+        let km = KMatrix::new(t, &q.data().unwrap(), n, k);
+        let mut row = vec![0f32; k];
+        for sum in sums(t).into_iter().flatten() {
+            for j in 0..n {
+                km.dequantize_row(j, &mut row);
+                for i in 0..m {
+                    let a = &act[i * kb..(i + 1) * kb];
+                    let exact: f64 = (0..k)
+                        .map(|c| {
+                            row[c] as f64 * (a[c / QK_K].qs[c % QK_K] as f64 * a[c / QK_K].d as f64)
+                        })
+                        .sum();
+                    let scale: f64 = (0..k)
+                        .map(|c| {
+                            (row[c] as f64 * a[c / QK_K].qs[c % QK_K] as f64 * a[c / QK_K].d as f64)
+                                .abs()
+                        })
+                        .sum();
+                    let got = dot_row(t, sum, km.row(j), a) as f64;
+                    // Q2_K/Q4_K/Q5_K take the min term apart from the rest, two sums of
+                    // about the row's magnitude each: a few f32 ulps of `scale`.
+                    assert!(
+                        (got - exact).abs() <= 1e-5 * (1.0 + scale),
+                        "{t:?} {sum:?} row {j} act {i}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// ggml's Q8_K: the scale from the first value of largest magnitude (-127/max), rounding half
+/// to even, sums of 16.
+#[test]
+fn q8k_is_ggmls() {
+    let mut x = vec![0f32; QK_K];
+    x[3] = -2.0; // the largest magnitude, first: scale -127/-2
+    x[4] = 2.0;
+    x[5] = 0.5 * 2.0 / 127.0 * 5.0; // 2.5 steps: to 2
+    x[6] = 1.5 * 2.0 / 127.0; // 1.5 steps: to 2
+    let mut a = [Q8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; 16],
+    }];
+    quantize_row_q8k(&x, &mut a);
+    assert_eq!(a[0].d, 1.0 / (127.0 / 2.0));
+    assert_eq!(&a[0].qs[3..7], &[-127, 127, 2, 2]);
+    assert_eq!(a[0].bsums[0], 4);
+    let zero = vec![0f32; QK_K];
+    quantize_row_q8k(&zero, &mut a);
+    assert_eq!((a[0].d, a[0].qs, a[0].bsums), (0.0, [0; QK_K], [0; 16]));
+}
+
+/// A tied embedding's lookup: the rows as candle dequantizes the whole matrix.
+#[test]
+fn dequantize_row_equals_candles() {
+    let dev = Device::Cpu;
+    let (n, k) = (5, 512);
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| (i * 7919 % 1000) as f32 / 500.0 - 1.0)
+        .collect();
+    let wt = Tensor::from_vec(w, (n, k), &dev).unwrap();
+    for t in TYPES {
+        let q = QTensor::quantize(&wt, t.to_ggml()).unwrap();
+        let want: Vec<f32> = q
+            .dequantize(&dev)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let km = KMatrix::new(t, &q.data().unwrap(), n, k);
+        let mut got = vec![f32::NAN; n * k];
+        for (j, row) in got.chunks_exact_mut(k).enumerate() {
+            km.dequantize_row(j, row);
+        }
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{t:?}"
+        );
+    }
+}
