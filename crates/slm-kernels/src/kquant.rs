@@ -134,6 +134,18 @@ unsafe impl crate::scratch::Plain for Q8K {}
 /// kernels' quantizer reproduces): the scale from the value of largest magnitude, first
 /// found, `-127/max`; round half to even.
 pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::ggml_math::has_avx2() {
+        // SAFETY: the CPU has the features.
+        return unsafe { avx2::quantize_row_q8k(x, out) };
+    }
+    quantize_row_q8k_portable(x, out)
+}
+
+/// `quantize_row_q8k` in plain Rust (also compiled with AVX2 enabled, by `avx2`, where the
+/// rounding is one instruction instead of a call).
+#[inline(always)]
+pub(crate) fn quantize_row_q8k_portable(x: &[f32], out: &mut [Q8K]) {
     for (xs, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
         let (mut max, mut amax) = (0f32, 0f32);
         for &v in xs {
@@ -163,19 +175,19 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
-/// Q4_K's and Q5_K's eight 6-bit scales and mins (`get_scale_min_k4`).
+/// Q4_K's and Q5_K's eight 6-bit scales and mins (`get_scale_min_k4`, computed as ggml's
+/// dot products unpack them: four words at a time).
+#[inline(always)]
 pub(crate) fn scales_mins_k4(s: &[u8]) -> ([u8; 8], [u8; 8]) {
-    let (mut sc, mut mn) = ([0u8; 8], [0u8; 8]);
-    for j in 0..8 {
-        if j < 4 {
-            sc[j] = s[j] & 63;
-            mn[j] = s[j + 4] & 63;
-        } else {
-            sc[j] = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
-            mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-        }
-    }
-    (sc, mn)
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let word = |i: usize| u32::from_le_bytes([s[4 * i], s[4 * i + 1], s[4 * i + 2], s[4 * i + 3]]);
+    let (u0, u1, u2) = (word(0), word(1), word(2));
+    let sc = (u0 & KMASK1) as u64 | ((((u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4)) as u64) << 32);
+    let mn = (u1 & KMASK1) as u64
+        | (((((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4)) as u64) << 32);
+    (sc.to_le_bytes(), mn.to_le_bytes())
 }
 
 /// Q3_K's sixteen 6-bit scales, offset to signed.

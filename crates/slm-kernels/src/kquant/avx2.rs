@@ -5,10 +5,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{
-    block_scales, group_mins, offset_term, scales_mins_k4, scales_q3k, Cell, KType, Sum, Q8K, QK_K,
-    ROW_TILE,
-};
+use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K, ROW_TILE};
+use crate::quant::hsum8;
 
 /// Activation rows one weight row is multiplied with at a time.
 const ROWS: usize = 4;
@@ -59,68 +57,201 @@ pub(super) unsafe fn span(
     }
 }
 
-/// One weight row (GGUF blocks) against R activation rows, all summed as `sum`.
+/// `super::quantize_row_q8k`, compiled for AVX2.
+///
+/// # Safety
+/// The CPU has AVX2.
 #[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
+    super::quantize_row_q8k_portable(x, out)
+}
+
+/// A block's (d, dmin) (dmin 0 for the types without mins), widened by F16C.
+#[target_feature(enable = "avx2,f16c")]
+fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
+    let at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as i32;
+    let (d, dmin) = match t {
+        KType::Q2K => (at(80), at(82)),
+        KType::Q3K => (at(108), 0),
+        KType::Q4K | KType::Q5K => (at(0), at(2)),
+        KType::Q6K => (at(208), 0),
+    };
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(d | dmin << 16));
+    (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
+}
+
+/// One weight row (GGUF blocks) against R activation rows, all summed as `sum`: the
+/// integers as `super::dot_row` forms them, the floats in its order (`super::Cell`), kept in
+/// registers.
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) -> [f32; R] {
     let bb = t.block_bytes();
-    let chunk = match sum {
-        Sum::Rows(c) => c,
-        _ => QK_K,
-    };
-    let mut cells = [Cell::ZERO; R];
+    let chunked = matches!(sum, Sum::Rows(c) if c < QK_K);
+    let has_min = matches!(t, KType::Q2K | KType::Q4K | KType::Q5K);
+    // Sum::Lanes: eight float lanes (and Q4_K's four of mins, Q5_K's one); the others: one
+    // value and one of mins.
+    let mut lanes = [_mm256_setzero_ps(); R];
+    let mut mins4 = [_mm_setzero_ps(); R];
+    let mut row = [0f32; R];
+    let mut row_min = [0f32; R];
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let y: [&Q8K; R] = std::array::from_fn(|r| &ys[r][b]);
+        let (sc, mn) = if matches!(t, KType::Q4K | KType::Q5K) {
+            scales_mins_k4(&blk[4..16])
+        } else {
+            ([0; 8], [0; 8])
+        };
         // SAFETY: blk is one whole block of t; the CPU has AVX2 (this function's features).
-        let (sumi, ch) = unsafe {
-            match (t, chunk < QK_K) {
-                (KType::Q2K, false) => q2k::<R, false>(blk, y, chunk),
-                (KType::Q2K, true) => q2k::<R, true>(blk, y, chunk),
+        let (sumi, parts) = unsafe {
+            match (t, chunked) {
+                (KType::Q2K, false) => q2k::<R, false>(blk, y),
+                (KType::Q2K, true) => q2k::<R, true>(blk, y),
                 (KType::Q3K, _) => q3k::<R>(blk, y),
-                (KType::Q4K, false) => q45k::<R, false, false>(blk, y, chunk),
-                (KType::Q4K, true) => q45k::<R, false, true>(blk, y, chunk),
-                (KType::Q5K, _) => q45k::<R, true, false>(blk, y, chunk),
+                (KType::Q4K, false) => q45k::<R, false, false>(blk, &sc, y),
+                (KType::Q4K, true) => q45k::<R, false, true>(blk, &sc, y),
+                (KType::Q5K, _) => q45k::<R, true, false>(blk, &sc, y),
                 (KType::Q6K, _) => q6k::<R>(blk, y),
             }
         };
-        let scales = block_scales(t, blk);
-        for r in 0..R {
-            let y = y[r];
-            let mut s = sumi[r];
-            if t == KType::Q6K && sum == Sum::Lanes {
-                let bs = _mm256_loadu_si256(y.bsums.as_ptr().cast());
-                let sc = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk[192..].as_ptr().cast()));
-                s = _mm256_sub_epi32(s, _mm256_slli_epi32(_mm256_madd_epi16(bs, sc), 5));
+        let (d, dmin) = block_scales(t, blk);
+        // The weights' side of the min term: a min per group of 16 (Q6_K: its scales, for
+        // the offset of 32).
+        let mins16 = match t {
+            KType::Q2K => {
+                // SAFETY: the 16 scale bytes.
+                let v = unsafe { _mm_loadu_si128(blk.as_ptr().cast()) };
+                _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0xF)))
             }
-            let mut lanes = [0i32; 8];
-            // SAFETY: 8 ints.
-            unsafe { _mm256_storeu_si256(lanes.as_mut_ptr().cast(), s) };
-            let offset = if t == KType::Q6K && sum != Sum::Lanes {
-                offset_term(blk, y)
-            } else {
-                0
-            };
-            let total = [lanes.iter().fold(0i32, |a, &b| a.wrapping_add(b)) - offset];
-            let chunks: &[i32] = if chunk < QK_K {
-                &ch[r][..QK_K / chunk]
-            } else {
-                &total
-            };
-            cells[r].add(t, sum, scales, y, &lanes, chunks, &group_mins(t, blk, y));
+            KType::Q4K | KType::Q5K => {
+                // Each min twice: for both groups of 16 of its 32.
+                let m = _mm_cvtsi64_si128(i64::from_le_bytes(mn));
+                _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m, m))
+            }
+            // SAFETY: the 16 scale bytes.
+            KType::Q6K => {
+                _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(blk[192..].as_ptr().cast()) })
+            }
+            KType::Q3K => _mm256_setzero_si256(),
+        };
+        for r in 0..R {
+            // SAFETY: 16 sums.
+            let bs = unsafe { _mm256_loadu_si256(y[r].bsums.as_ptr().cast()) };
+            // Lane p: groups 2p and 2p+1, min (or Q6_K's scale) times the activations' sum.
+            let gm = _mm256_madd_epi16(bs, mins16);
+            let mut s = sumi[r];
+            if t == KType::Q6K {
+                s = _mm256_sub_epi32(s, _mm256_slli_epi32(gm, 5));
+            }
+            let dy = y[r].d;
+            match sum {
+                Sum::Lanes => {
+                    let dyd = dy * d;
+                    let dminy = -dy * dmin;
+                    match t {
+                        KType::Q2K => {
+                            let m = _mm256_cvtepi32_ps(gm);
+                            lanes[r] = _mm256_fmadd_ps(_mm256_set1_ps(dminy), m, lanes[r]);
+                        }
+                        KType::Q4K => {
+                            // Lane q: sub-blocks 2q and 2q+1, i.e. lanes 2q and 2q+1 of gm.
+                            let h = _mm256_hadd_epi32(gm, gm);
+                            let q = _mm_unpacklo_epi64(
+                                _mm256_castsi256_si128(h),
+                                _mm256_extracti128_si256(h, 1),
+                            );
+                            mins4[r] =
+                                _mm_fmadd_ps(_mm_set1_ps(dminy), _mm_cvtepi32_ps(q), mins4[r]);
+                        }
+                        KType::Q5K => {
+                            let m = hsum_i32(gm) as f32;
+                            let a = _mm_cvtss_f32(mins4[r]);
+                            mins4[r] = _mm_set_ss(dminy.mul_add(m, a));
+                        }
+                        KType::Q3K | KType::Q6K => {}
+                    }
+                    lanes[r] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(dyd), _mm256_cvtepi32_ps(s), lanes[r]);
+                }
+                Sum::Tiled => {
+                    let isum = hsum_i32(s) as f32;
+                    let mut v = d * isum;
+                    if has_min {
+                        v = (-dmin).mul_add(hsum_i32(gm) as f32, v);
+                    }
+                    row[r] = v.mul_add(dy, row[r]);
+                }
+                Sum::Rows(chunk) => {
+                    let (dd, dm) = (d * dy, dmin * dy);
+                    if chunk == QK_K {
+                        row[r] = (hsum_i32(s) as f32).mul_add(dd, row[r]);
+                        row_min[r] = (hsum_i32(gm) as f32).mul_add(dm, row_min[r]);
+                    } else {
+                        // Chunks of 64 (Q4_K: two lanes of gm each) or 128 (Q2_K: four).
+                        let h = _mm256_hadd_epi32(gm, gm);
+                        let pairs = _mm_unpacklo_epi64(
+                            _mm256_castsi256_si128(h),
+                            _mm256_extracti128_si256(h, 1),
+                        );
+                        let m = if chunk == 64 {
+                            pairs
+                        } else {
+                            _mm_hadd_epi32(pairs, pairs)
+                        };
+                        let mut mi = [0i32; 4];
+                        // SAFETY: 4 ints.
+                        unsafe { _mm_storeu_si128(mi.as_mut_ptr().cast(), m) };
+                        for c in 0..QK_K / chunk {
+                            row[r] = (parts[r][c] as f32).mul_add(dd, row[r]);
+                            row_min[r] = (mi[c] as f32).mul_add(dm, row_min[r]);
+                        }
+                    }
+                }
+            }
         }
     }
-    std::array::from_fn(|r| cells[r].value(t, sum))
+    std::array::from_fn(|r| match sum {
+        Sum::Rows(_) => row[r] - row_min[r],
+        Sum::Tiled => row[r],
+        Sum::Lanes => {
+            let mut l = [0f32; 8];
+            let mut m = [0f32; 4];
+            // SAFETY: 8 and 4 floats.
+            unsafe {
+                _mm256_storeu_ps(l.as_mut_ptr(), lanes[r]);
+                _mm_storeu_ps(m.as_mut_ptr(), mins4[r]);
+            }
+            match t {
+                KType::Q4K => hsum8(&l) + ((m[0] + m[2]) + (m[1] + m[3])),
+                KType::Q5K => hsum8(&l) + m[0],
+                _ => hsum8(&l),
+            }
+        }
+    })
 }
 
 #[target_feature(enable = "avx2")]
 fn hsum_i32(v: __m256i) -> i32 {
-    let mut l = [0i32; 8];
-    // SAFETY: 8 ints.
-    unsafe { _mm256_storeu_si256(l.as_mut_ptr().cast(), v) };
-    l.iter().fold(0i32, |a, &b| a.wrapping_add(b))
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }
 
-/// 32 bytes of q8 values of row y from position `at`.
-#[inline(always)]
+/// The integer totals of four lane vectors.
+#[target_feature(enable = "avx2")]
+fn hsum4_i32(v: [__m256i; 4]) -> [i32; 4] {
+    let a = _mm256_hadd_epi32(v[0], v[1]);
+    let b = _mm256_hadd_epi32(v[2], v[3]);
+    let c = _mm256_hadd_epi32(a, b);
+    let s = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    let mut out = [0i32; 4];
+    // SAFETY: 4 ints.
+    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
+    out
+}
+
+#[target_feature(enable = "avx2")]
+#[inline]
 unsafe fn q8(y: &Q8K, at: usize) -> __m256i {
     debug_assert!(at + 32 <= QK_K);
     // SAFETY: within y.qs.
@@ -137,14 +268,13 @@ fn scale2(lo: i32, hi: i32) -> __m256i {
 type Chunks<const R: usize> = [[i32; 4]; R];
 
 /// Q4_K / Q5_K (with `HIGH`): unsigned 4- or 5-bit values, one scale per 32. With `CH`, each
-/// row's totals per `chunk` values too.
+/// row's totals per 64 values too.
 #[target_feature(enable = "avx2")]
 unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
     b: &[u8],
+    sc: &[u8; 8],
     y: [&Q8K; R],
-    chunk: usize,
 ) -> ([__m256i; R], Chunks<R>) {
-    let (sc, _) = scales_mins_k4(&b[4..16]);
     let (qh, qs) = if HIGH {
         (
             // SAFETY: Q5_K's 32 high-bit bytes.
@@ -157,7 +287,7 @@ unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
     let m4 = _mm256_set1_epi8(0xF);
     let one = _mm256_set1_epi8(1);
     let mut sumi = [_mm256_setzero_si256(); R];
-    let mut ch = [[0i32; 4]; R];
+    let mut parts = [[_mm256_setzero_si256(); 4]; R];
     for j in 0..4 {
         // SAFETY: 32 bytes of qs.
         let bits = unsafe { _mm256_loadu_si256(qs[32 * j..].as_ptr().cast()) };
@@ -180,11 +310,16 @@ unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
             let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(hi, c));
             let p = _mm256_add_epi32(pl, ph);
             if CH {
-                ch[r][64 * j / chunk] += hsum_i32(p);
+                parts[r][j] = p;
             }
             sumi[r] = _mm256_add_epi32(sumi[r], p);
         }
     }
+    let ch = if CH {
+        std::array::from_fn(|r| hsum4_i32(parts[r]))
+    } else {
+        [[0; 4]; R]
+    };
     (sumi, ch)
 }
 
@@ -228,13 +363,9 @@ unsafe fn q6k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R
 }
 
 /// Q2_K: unsigned 2-bit values, a 4-bit scale (and min) per 16. With `CH`, each row's
-/// totals per `chunk` values too.
+/// totals per 128 values too.
 #[target_feature(enable = "avx2")]
-unsafe fn q2k<const R: usize, const CH: bool>(
-    b: &[u8],
-    y: [&Q8K; R],
-    chunk: usize,
-) -> ([__m256i; R], Chunks<R>) {
+unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R>) {
     let m3 = _mm256_set1_epi8(3);
     let sc = |g: usize| (b[g] & 0xF) as i32;
     let mut sumi = [_mm256_setzero_si256(); R];
@@ -250,7 +381,7 @@ unsafe fn q2k<const R: usize, const CH: bool>(
                 let a = unsafe { q8(y[r], 128 * j + 32 * s) };
                 let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(w, a));
                 if CH {
-                    ch[r][(128 * j + 32 * s) / chunk] += hsum_i32(p);
+                    ch[r][j] += hsum_i32(p);
                 }
                 sumi[r] = _mm256_add_epi32(sumi[r], p);
             }
