@@ -92,8 +92,8 @@ unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) ->
     // value and one of mins.
     let mut lanes = [_mm256_setzero_ps(); R];
     let mut mins4 = [_mm_setzero_ps(); R];
-    let mut row = [0f32; R];
-    let mut row_min = [0f32; R];
+    // Sum::Rows: the value and the min term in lanes 0 and 1; Sum::Tiled: the value in 0.
+    let mut st = [_mm_setzero_ps(); R];
     for (b, blk) in w.chunks_exact(bb).enumerate() {
         let y: [&Q8K; R] = std::array::from_fn(|r| &ys[r][b]);
         let (sc, mn) = if matches!(t, KType::Q4K | KType::Q5K) {
@@ -178,15 +178,16 @@ unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) ->
                     if has_min {
                         v = (-dmin).mul_add(hsum_i32(gm) as f32, v);
                     }
-                    row[r] = v.mul_add(dy, row[r]);
+                    st[r] = _mm_fmadd_ss(_mm_set_ss(v), _mm_set_ss(dy), st[r]);
                 }
                 Sum::Rows(chunk) => {
-                    let (dd, dm) = (d * dy, dmin * dy);
+                    let ddm = _mm_setr_ps(d * dy, dmin * dy, 0.0, 0.0);
                     if chunk == QK_K {
-                        row[r] = (hsum_i32(s) as f32).mul_add(dd, row[r]);
-                        row_min[r] = (hsum_i32(gm) as f32).mul_add(dm, row_min[r]);
+                        let v = _mm_cvtepi32_ps(_mm_setr_epi32(hsum_i32(s), hsum_i32(gm), 0, 0));
+                        st[r] = _mm_fmadd_ps(v, ddm, st[r]);
                     } else {
-                        // Chunks of 64 (Q4_K: two lanes of gm each) or 128 (Q2_K: four).
+                        // Chunks of 64 (Q4_K: two lanes of gm each) or 128 (Q2_K: four);
+                        // each chunk's (sum, min) pair into lanes 0 and 1, in order.
                         let h = _mm256_hadd_epi32(gm, gm);
                         let pairs = _mm_unpacklo_epi64(
                             _mm256_castsi256_si128(h),
@@ -197,12 +198,14 @@ unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) ->
                         } else {
                             _mm_hadd_epi32(pairs, pairs)
                         };
-                        let mut mi = [0i32; 4];
-                        // SAFETY: 4 ints.
-                        unsafe { _mm_storeu_si128(mi.as_mut_ptr().cast(), m) };
-                        for c in 0..QK_K / chunk {
-                            row[r] = (parts[r][c] as f32).mul_add(dd, row[r]);
-                            row_min[r] = (mi[c] as f32).mul_add(dm, row_min[r]);
+                        let (is, im) = (_mm_cvtepi32_ps(parts[r]), _mm_cvtepi32_ps(m));
+                        let lo = _mm_unpacklo_ps(is, im);
+                        st[r] = _mm_fmadd_ps(lo, ddm, st[r]);
+                        st[r] = _mm_fmadd_ps(_mm_movehl_ps(lo, lo), ddm, st[r]);
+                        if chunk == 64 {
+                            let hi = _mm_unpackhi_ps(is, im);
+                            st[r] = _mm_fmadd_ps(hi, ddm, st[r]);
+                            st[r] = _mm_fmadd_ps(_mm_movehl_ps(hi, hi), ddm, st[r]);
                         }
                     }
                 }
@@ -210,8 +213,8 @@ unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) ->
         }
     }
     std::array::from_fn(|r| match sum {
-        Sum::Rows(_) => row[r] - row_min[r],
-        Sum::Tiled => row[r],
+        Sum::Rows(_) => _mm_cvtss_f32(st[r]) - _mm_cvtss_f32(_mm_shuffle_ps(st[r], st[r], 1)),
+        Sum::Tiled => _mm_cvtss_f32(st[r]),
         Sum::Lanes => {
             let mut l = [0f32; 8];
             let mut m = [0f32; 4];
@@ -237,17 +240,13 @@ fn hsum_i32(v: __m256i) -> i32 {
     _mm_cvtsi128_si32(s)
 }
 
-/// The integer totals of four lane vectors.
+/// The integer totals of four lane vectors, in order.
 #[target_feature(enable = "avx2")]
-fn hsum4_i32(v: [__m256i; 4]) -> [i32; 4] {
+fn hsum4_i32(v: [__m256i; 4]) -> __m128i {
     let a = _mm256_hadd_epi32(v[0], v[1]);
     let b = _mm256_hadd_epi32(v[2], v[3]);
     let c = _mm256_hadd_epi32(a, b);
-    let s = _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-    let mut out = [0i32; 4];
-    // SAFETY: 4 ints.
-    unsafe { _mm_storeu_si128(out.as_mut_ptr().cast(), s) };
-    out
+    _mm_add_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1))
 }
 
 #[target_feature(enable = "avx2")]
@@ -264,8 +263,9 @@ fn scale2(lo: i32, hi: i32) -> __m256i {
     _mm256_setr_m128i(_mm_set1_epi16(lo as i16), _mm_set1_epi16(hi as i16))
 }
 
-/// Per-row integer totals of each chunk of a block (`Sum::Rows`), where asked for.
-type Chunks<const R: usize> = [[i32; 4]; R];
+/// Per-row integer totals of each chunk of a block (`Sum::Rows`), where asked for, in
+/// order in the lanes.
+type Chunks<const R: usize> = [__m128i; R];
 
 /// Q4_K / Q5_K (with `HIGH`): unsigned 4- or 5-bit values, one scale per 32. With `CH`, each
 /// row's totals per 64 values too.
@@ -318,7 +318,7 @@ unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
     let ch = if CH {
         std::array::from_fn(|r| hsum4_i32(parts[r]))
     } else {
-        [[0; 4]; R]
+        [_mm_setzero_si128(); R]
     };
     (sumi, ch)
 }
@@ -359,7 +359,7 @@ unsafe fn q6k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R
             }
         }
     }
-    (sumi, [[0; 4]; R])
+    (sumi, [_mm_setzero_si128(); R])
 }
 
 /// Q2_K: unsigned 2-bit values, a 4-bit scale (and min) per 16. With `CH`, each row's
@@ -369,7 +369,7 @@ unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m25
     let m3 = _mm256_set1_epi8(3);
     let sc = |g: usize| (b[g] & 0xF) as i32;
     let mut sumi = [_mm256_setzero_si256(); R];
-    let mut ch = [[0i32; 4]; R];
+    let mut halves = [[_mm256_setzero_si256(); 4]; R];
     for j in 0..2 {
         // SAFETY: 32 bytes of qs.
         let bits = unsafe { _mm256_loadu_si256(b[16 + 32 * j..].as_ptr().cast()) };
@@ -381,12 +381,17 @@ unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m25
                 let a = unsafe { q8(y[r], 128 * j + 32 * s) };
                 let p = _mm256_madd_epi16(scale, _mm256_maddubs_epi16(w, a));
                 if CH {
-                    ch[r][j] += hsum_i32(p);
+                    halves[r][j] = _mm256_add_epi32(halves[r][j], p);
                 }
                 sumi[r] = _mm256_add_epi32(sumi[r], p);
             }
         }
     }
+    let ch = if CH {
+        std::array::from_fn(|r| hsum4_i32(halves[r]))
+    } else {
+        [_mm_setzero_si128(); R]
+    };
     (sumi, ch)
 }
 
@@ -425,5 +430,5 @@ unsafe fn q3k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R
             }
         }
     }
-    (sumi, [[0; 4]; R])
+    (sumi, [_mm_setzero_si128(); R])
 }
