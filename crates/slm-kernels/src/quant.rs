@@ -9,8 +9,8 @@
 //! are quantized exactly as ggml does, and each block dot is computed in the same order
 //! (exact integer sum, then `fma(d_w*d_a, sum, acc)`).
 //!
-//! Layout: one row of `k` values per output feature, in GGUF blocks, or, for Q4_0, Q4_1 and
-//! Q8_0 where the x86 kernels run, repacked in groups of eight rows (`rows8`).
+//! Layout: one row of `k` values per output feature, in GGUF blocks, or, where the x86 kernels
+//! run, repacked in groups of eight rows (`rows8`).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
 use half::f16;
@@ -335,11 +335,6 @@ fn matmul_with(
         }
         assert!(!j.grouped, "grouped layout without its kernel");
         let row_bytes = nb * j.t.block_bytes();
-        #[cfg(target_arch = "x86_64")]
-        if let Some(f) = avx2::kernel(j.t) {
-            // SAFETY: spans are disjoint, out holds m * n, the kernel was chosen for this CPU.
-            return unsafe { f(j.w, row_bytes, act, nb, m, r, j.out.get(), j.n) };
-        }
         // SAFETY: as above.
         unsafe { rows_scalar(j.t, j.w, row_bytes, act, nb, m, r, j.out.get(), j.n) }
     });
@@ -366,8 +361,9 @@ fn avx512_kernel(t: BlockType) -> Option<Avx512Fn> {
     match t {
         BlockType::Q4_0 => Some(avx512::groups::<avx2::G4_0>),
         BlockType::Q4_1 => Some(avx512::groups::<avx2::G4_1>),
+        BlockType::Q5_0 => Some(avx512::groups::<avx2::G5_0>),
+        BlockType::Q5_1 => Some(avx512::groups::<avx2::G5_1>),
         BlockType::Q8_0 => Some(avx512::groups::<avx2::G8_0>),
-        _ => None,
     }
 }
 

@@ -10,26 +10,6 @@ use super::rows8::{Geometry, ROWS};
 use super::{ActBlock, QK};
 use std::arch::x86_64::*;
 
-/// How one stored weight block becomes 32 bytes for `maddubs`.
-pub(super) trait Block {
-    const BYTES: usize;
-    /// Values are signed: multiply |w| by sign(w)·x, as ggml does.
-    const SIGNED: bool;
-    /// The block has an offset `m` (Q5_1), paired with the activation block's sum.
-    const OFFSET: bool;
-    /// # Safety
-    /// `p` points at `BYTES` readable bytes; the CPU has AVX2.
-    unsafe fn values(p: *const u8) -> __m256i;
-}
-
-/// ggml's bytes_from_nibbles_32: low nibbles are values 0..15, high nibbles 16..31.
-#[inline(always)]
-unsafe fn nibbles(p: *const u8) -> __m256i {
-    let tmp = _mm_loadu_si128(p as *const __m128i);
-    let both = _mm256_set_m128i(_mm_srli_epi16(tmp, 4), tmp);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-}
-
 /// ggml's bytes_from_bits_32: byte j is 0xFF where bit j of `qh` is set.
 #[inline(always)]
 unsafe fn bits(p: *const u8) -> __m256i {
@@ -43,39 +23,6 @@ unsafe fn bits(p: *const u8) -> __m256i {
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), shuf);
     let mask = _mm256_set1_epi64x(0x7fbf_dfef_f7fb_fdfe);
     _mm256_cmpeq_epi8(_mm256_or_si256(bytes, mask), _mm256_set1_epi64x(-1))
-}
-
-// Q4_0, Q4_1 and Q8_0 run in the grouped layout (`groups` below); the 5-bit types keep GGUF's.
-pub(super) struct Q5_0;
-pub(super) struct Q5_1;
-
-impl Block for Q5_0 {
-    const BYTES: usize = 22;
-    const SIGNED: bool = true;
-    const OFFSET: bool = false;
-    #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        // A clear fifth bit means value - 16: set the high nibble (two's complement).
-        let hi = _mm256_andnot_si256(bits(p.add(2)), _mm256_set1_epi8(0xF0u8 as i8));
-        _mm256_or_si256(nibbles(p.add(6)), hi)
-    }
-}
-
-impl Block for Q5_1 {
-    const BYTES: usize = 24;
-    const SIGNED: bool = false;
-    const OFFSET: bool = true;
-    #[inline(always)]
-    unsafe fn values(p: *const u8) -> __m256i {
-        let hi = _mm256_and_si256(bits(p.add(4)), _mm256_set1_epi8(0x10));
-        _mm256_or_si256(nibbles(p.add(8)), hi)
-    }
-}
-
-#[inline(always)]
-unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = u16::from_le_bytes([*p, *p.add(1)]);
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
 }
 
 /// `hsum_float_8`.
@@ -136,135 +83,8 @@ unsafe fn f16_round(x: f32) -> f32 {
     )))
 }
 
-/// One tile: weight rows `w + r * row_bytes` (r < R) against activation rows `act + c * nb`
-/// (c < C); cell (r, c) goes to `out[c * ldo + r]`.
-///
-/// # Safety
-/// The pointers cover R rows of `nb` blocks and C rows of `nb` activation blocks, `out` covers
-/// the cells; the CPU has AVX2, FMA and F16C.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline(never)]
-#[allow(clippy::too_many_arguments)]
-unsafe fn tile<B: Block, const R: usize, const C: usize>(
-    w: *const u8,
-    row_bytes: usize,
-    act: *const ActBlock,
-    nb: usize,
-    out: *mut f32,
-    ldo: usize,
-) {
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [[_mm256_setzero_ps(); C]; R];
-    let mut summs = [[0f32; C]; R];
-    for b in 0..nb {
-        let mut y = [_mm256_setzero_si256(); C];
-        let mut dy = [0f32; C];
-        let mut sy = [0f32; C];
-        for c in 0..C {
-            let ab = &*act.add(c * nb + b);
-            y[c] = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-            dy[c] = ab.d;
-            sy[c] = ab.s;
-        }
-        for r in 0..R {
-            let p = w.add(r * row_bytes + b * B::BYTES);
-            if PREFETCH > 0 {
-                _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PREFETCH * R * row_bytes) as *const i8);
-            }
-            let x = B::values(p);
-            let dx = f16_at(p);
-            let ux = if B::SIGNED { _mm256_sign_epi8(x, x) } else { x };
-            for c in 0..C {
-                let yc = if B::SIGNED {
-                    _mm256_sign_epi8(y[c], x)
-                } else {
-                    y[c]
-                };
-                let lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux, yc), ones);
-                let d = _mm256_set1_ps(dx * dy[c]);
-                acc[r][c] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(lanes), acc[r][c]);
-            }
-            if B::OFFSET {
-                let m = f16_at(p.add(2));
-                for c in 0..C {
-                    summs[r][c] = m.mul_add(sy[c], summs[r][c]);
-                }
-            }
-        }
-    }
-    for r in 0..R {
-        for c in 0..C {
-            let v = hsum8(acc[r][c]);
-            *out.add(c * ldo + r) = if B::OFFSET { v + summs[r][c] } else { v };
-        }
-    }
-}
-
-/// The GGUF-layout kernel's tiles (Q5_0, Q5_1). Activation rows per tile in a matrix product,
-/// weight rows per tile: two weight rows against four activation rows keeps the 8 accumulators, the unpacked weights and the activations in
-/// the 16 vector registers. A single activation row (decode) takes four weight rows a tile.
-const GEMM_R: usize = 2;
-const GEMM_C: usize = 4;
-const GEMV_R: usize = 4;
 /// Activation rows in panels that stay in L2 while the thread's weight rows stream past.
 pub(super) const PANEL: usize = 64;
-const PREFETCH: usize = 2;
-
-/// Weight rows `rows` of `w` against all `m` activation rows; cell (j, i) to `out[i * n + j]`.
-///
-/// # Safety
-/// As `tile`, for every cell of the range; `out` holds m * n values.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[allow(clippy::too_many_arguments)]
-unsafe fn rows<B: Block>(
-    w: &[u8],
-    row_bytes: usize,
-    act: &[ActBlock],
-    nb: usize,
-    m: usize,
-    rows: std::ops::Range<usize>,
-    out: *mut f32,
-    n: usize,
-) {
-    let wp = |j: usize| w.as_ptr().add(j * row_bytes);
-    let ap = |i: usize| act.as_ptr().add(i * nb);
-    let op = |i: usize, j: usize| out.add(i * n + j);
-    if m == 1 {
-        let mut j = rows.start;
-        while j + GEMV_R <= rows.end {
-            tile::<B, GEMV_R, 1>(wp(j), row_bytes, ap(0), nb, op(0, j), n);
-            j += GEMV_R;
-        }
-        for j in j..rows.end {
-            tile::<B, 1, 1>(wp(j), row_bytes, ap(0), nb, op(0, j), n);
-        }
-        return;
-    }
-    for i0 in (0..m).step_by(PANEL) {
-        let i1 = (i0 + PANEL).min(m);
-        let mut j = rows.start;
-        while j < rows.end {
-            let full_r = j + GEMM_R <= rows.end;
-            let mut i = i0;
-            while i + GEMM_C <= i1 {
-                if full_r {
-                    tile::<B, GEMM_R, GEMM_C>(wp(j), row_bytes, ap(i), nb, op(i, j), n);
-                } else {
-                    tile::<B, 1, GEMM_C>(wp(j), row_bytes, ap(i), nb, op(i, j), n);
-                }
-                i += GEMM_C;
-            }
-            for i in i..i1 {
-                if full_r {
-                    tile::<B, GEMM_R, 1>(wp(j), row_bytes, ap(i), nb, op(i, j), n);
-                } else {
-                    tile::<B, 1, 1>(wp(j), row_bytes, ap(i), nb, op(i, j), n);
-                }
-            }
-            j += if full_r { GEMM_R } else { 1 };
-        }
-    }
-}
 
 /// The grouped layout of `super::rows8`, per type.
 pub(super) trait Grouped {
@@ -272,10 +92,12 @@ pub(super) trait Grouped {
     const NIBBLES: bool;
     /// Signed values (Q8_0): |w| times sign(w)·x, as ggml does.
     const SIGNED: bool;
-    /// Q4_0: values are nibble - 8. The lane sums are taken as sum(q·x) - sum(8·x), the same
-    /// integers as ggml's sum((q-8)·x), without its two sign instructions per block.
-    const MINUS8: bool;
-    /// Q4_1: blocks carry an offset paired with the activation block's sum.
+    /// Q4_0, Q5_0: values are q - 8 (q - 16). The lane sums are taken as sum(q·x) - sum(8·x),
+    /// the same integers as ggml's sum((q-8)·x), without its two sign instructions per block.
+    const MINUS: i8;
+    /// Q5_0, Q5_1: a fifth bit per value, from the group's high bits.
+    const FIFTH: bool;
+    /// Q4_1, Q5_1: blocks carry an offset paired with the activation block's sum.
     const OFFSET: bool;
     /// Blocks per unit (`rows8::Geometry::per_unit`), known at compile time so that finding
     /// a block's unit is a shift, not a division.
@@ -284,26 +106,47 @@ pub(super) trait Grouped {
 
 pub(super) struct G4_0;
 pub(super) struct G4_1;
+pub(super) struct G5_0;
+pub(super) struct G5_1;
 pub(super) struct G8_0;
 
 impl Grouped for G4_0 {
     const NIBBLES: bool = true;
     const SIGNED: bool = false;
-    const MINUS8: bool = true;
+    const MINUS: i8 = 8;
+    const FIFTH: bool = false;
     const OFFSET: bool = false;
     const PER_UNIT: usize = 2;
 }
 impl Grouped for G4_1 {
     const NIBBLES: bool = true;
     const SIGNED: bool = false;
-    const MINUS8: bool = false;
+    const MINUS: i8 = 0;
+    const FIFTH: bool = false;
+    const OFFSET: bool = true;
+    const PER_UNIT: usize = 2;
+}
+impl Grouped for G5_0 {
+    const NIBBLES: bool = true;
+    const SIGNED: bool = false;
+    const MINUS: i8 = 16;
+    const FIFTH: bool = true;
+    const OFFSET: bool = false;
+    const PER_UNIT: usize = 2;
+}
+impl Grouped for G5_1 {
+    const NIBBLES: bool = true;
+    const SIGNED: bool = false;
+    const MINUS: i8 = 0;
+    const FIFTH: bool = true;
     const OFFSET: bool = true;
     const PER_UNIT: usize = 2;
 }
 impl Grouped for G8_0 {
     const NIBBLES: bool = false;
     const SIGNED: bool = true;
-    const MINUS8: bool = false;
+    const MINUS: i8 = 0;
+    const FIFTH: bool = false;
     const OFFSET: bool = false;
     const PER_UNIT: usize = 1;
 }
@@ -386,6 +229,11 @@ unsafe fn unit_values<B: Grouped, const R: usize>(
         } else {
             _mm256_and_si256(_mm256_srli_epi16(raw, 4), mask)
         };
+        if B::FIFTH {
+            let qh = unit.add(geo.h_off + (h * ROWS + r0 + r) * 4);
+            let high = _mm256_and_si256(bits(qh), _mm256_set1_epi8(0x10));
+            x[r] = _mm256_or_si256(x[r], high);
+        }
         ux[r] = if B::SIGNED {
             _mm256_sign_epi8(x[r], x[r])
         } else {
@@ -483,8 +331,8 @@ unsafe fn gemv8<B: Grouped>(
             decode_scales::<B>(unit, geo, h, ab, &mut sm),
         );
         let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
-        let sa8 = if B::MINUS8 {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y), ones)
+        let sa8 = if B::MINUS != 0 {
+            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(B::MINUS), y), ones)
         } else {
             _mm256_setzero_si256()
         };
@@ -496,7 +344,7 @@ unsafe fn gemv8<B: Grouped>(
                 y
             };
             let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux[r], yr), ones);
-            if B::MINUS8 {
+            if B::MINUS != 0 {
                 lanes = _mm256_sub_epi32(lanes, sa8);
             }
             let d = _mm256_set1_ps(dp[r]);
@@ -550,8 +398,8 @@ unsafe fn gemm8<B: Grouped, const R: usize, const C: usize>(
             let ab = &*act.add(c * nb + b);
             let y = _mm256_loadu_si256(ab.qs.as_ptr() as *const __m256i);
             let da = _mm256_set1_ps(ab.d);
-            let sa8 = if B::MINUS8 {
-                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(8), y), ones)
+            let sa8 = if B::MINUS != 0 {
+                _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(B::MINUS), y), ones)
             } else {
                 _mm256_setzero_si256()
             };
@@ -562,7 +410,7 @@ unsafe fn gemm8<B: Grouped, const R: usize, const C: usize>(
                     y
                 };
                 let mut lanes = _mm256_madd_epi16(_mm256_maddubs_epi16(ux[r], yr), ones);
-                if B::MINUS8 {
+                if B::MINUS != 0 {
                     lanes = _mm256_sub_epi32(lanes, sa8);
                 }
                 let d = _mm256_mul_ps(dw[r], da);
@@ -687,24 +535,9 @@ pub(super) fn grouped_kernel(t: super::BlockType) -> Option<GroupsFn> {
         // `sum(8·x)` per activation block pays off over two weight rows.
         T::Q4_0 => Some(groups::<G4_0, 2, 4>),
         T::Q4_1 => Some(groups::<G4_1, 1, 8>),
+        T::Q5_0 => Some(groups::<G5_0, 2, 4>),
+        T::Q5_1 => Some(groups::<G5_1, 1, 8>),
         T::Q8_0 => Some(groups::<G8_0, 1, 8>),
-        _ => None,
-    }
-}
-
-pub(super) type RowsFn =
-    unsafe fn(&[u8], usize, &[ActBlock], usize, usize, std::ops::Range<usize>, *mut f32, usize);
-
-/// The GGUF-layout kernel for a 5-bit block type, if this CPU has AVX2, FMA and F16C.
-pub(super) fn kernel(t: super::BlockType) -> Option<RowsFn> {
-    use super::BlockType as T;
-    if !crate::ggml_math::has_avx2() {
-        return None;
-    }
-    match t {
-        T::Q5_0 => Some(rows::<Q5_0>),
-        T::Q5_1 => Some(rows::<Q5_1>),
-        _ => None,
     }
 }
 

@@ -51,8 +51,12 @@ pub(super) fn pairs(act: &[ActBlock], nb: usize, m: usize, out: &mut [PairBlock]
 #[inline(always)]
 unsafe fn start<B: Grouped>(y: __m512i) -> __m512i {
     let zero = _mm512_setzero_si512();
-    if B::MINUS8 || B::SIGNED {
-        let shift = _mm512_set1_epi8(if B::MINUS8 { 8 } else { 0x80u8 as i8 });
+    if B::MINUS != 0 || B::SIGNED {
+        let shift = _mm512_set1_epi8(if B::MINUS != 0 {
+            B::MINUS
+        } else {
+            0x80u8 as i8
+        });
         _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, shift, y))
     } else {
         zero
@@ -60,15 +64,21 @@ unsafe fn start<B: Grouped>(y: __m512i) -> __m512i {
 }
 
 /// 32 bytes of weight values (the unit's block h of one row) as `vpdpbusd`'s unsigned
-/// operand, in both halves of a 512-bit register.
+/// operand, in both halves of a 512-bit register; `fifth`: the 5-bit types' high bits of the
+/// two halves' values (bit i for byte i).
 #[inline(always)]
-unsafe fn weights<B: Grouped>(raw: __m512i, h: usize) -> __m512i {
+unsafe fn weights<B: Grouped>(raw: __m512i, h: usize, fifth: u64) -> __m512i {
     if B::NIBBLES {
         let mask = _mm512_set1_epi8(0x0F);
-        if h == 0 {
+        let low = if h == 0 {
             _mm512_and_si512(raw, mask)
         } else {
             _mm512_and_si512(_mm512_srli_epi16::<4>(raw), mask)
+        };
+        if B::FIFTH {
+            _mm512_or_si512(low, _mm512_maskz_mov_epi8(fifth, _mm512_set1_epi8(0x10)))
+        } else {
+            low
         }
     } else if B::SIGNED {
         _mm512_xor_si512(raw, _mm512_set1_epi8(0x80u8 as i8))
@@ -130,7 +140,14 @@ unsafe fn gemm8<B: Grouped, const R: usize, const P: usize>(
             let raw = _mm512_broadcast_i64x4(_mm256_loadu_si256(
                 unit.add(geo.qs_off + (r0 + r) * 32) as *const __m256i,
             ));
-            let x = weights::<B>(raw, h);
+            let fifth = if B::FIFTH {
+                let q = (unit.add(geo.h_off + (h * ROWS + r0 + r) * 4) as *const u32)
+                    .read_unaligned() as u64;
+                q | q << 32
+            } else {
+                0
+            };
+            let x = weights::<B>(raw, h, fifth);
             let d = _mm512_set1_ps(dw[r0 + r]);
             for p in 0..P {
                 let lanes = _mm512_dpbusd_epi32(s0[p], x, y[p]);
@@ -190,7 +207,13 @@ unsafe fn gemv8<B: Grouped>(
         let s0 = start::<B>(y);
         for (q, a) in acc.iter_mut().enumerate() {
             let raw = _mm512_loadu_si512(unit.add(geo.qs_off + 2 * q * 32) as *const __m512i);
-            let x = weights::<B>(raw, h);
+            // Rows 2q and 2q + 1: their fifth bits lie side by side.
+            let fifth = if B::FIFTH {
+                (unit.add(geo.h_off + (h * ROWS + 2 * q) * 4) as *const u64).read_unaligned()
+            } else {
+                0
+            };
+            let x = weights::<B>(raw, h, fifth);
             let lanes = _mm512_dpbusd_epi32(s0, x, y);
             let d = _mm512_permutexvar_ps(pick[q], dp);
             *a = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(lanes), *a);
