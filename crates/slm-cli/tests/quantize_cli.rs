@@ -30,7 +30,7 @@ fn perplexity(model: &Path, text: &Path, windows: usize, out: &Path) -> f64 {
         .arg(model)
         .arg("--task")
         .arg(format!("perplexity:{}", text.display()))
-        .args(["--limit", &windows.to_string(), "--ggml", "--out"])
+        .args(["--limit", &windows.to_string(), "--out"])
         .arg(out));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap();

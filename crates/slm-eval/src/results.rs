@@ -50,7 +50,9 @@ pub struct TaskResult {
     /// Tokens run through the model.
     pub tokens: usize,
     pub seconds: f64,
-    /// "f32" (weights widened to f32) or "ggml" (llama.cpp's 8-bit activation arithmetic).
+    /// "ggml": the model's own kernels, llama.cpp's arithmetic (8-bit activations for
+    /// quantized weights). Files written before it was the only path may say "f32" (weights
+    /// widened to f32).
     pub arithmetic: String,
     /// Labels of a classification task, in option order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -136,7 +136,7 @@ pub struct RunOptions {
     pub ctx: usize,
     /// Zero-shot prompt for classify files (see `task::read_classify`).
     pub prompt: Option<String>,
-    /// Recorded in the results: "f32" or "ggml".
+    /// Recorded in the results ("ggml": see `results::TaskResult`).
     pub arithmetic: String,
 }
 

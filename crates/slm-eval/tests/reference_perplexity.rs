@@ -1,7 +1,8 @@
 //! Perplexity of SmolLM2-135M-Instruct on ../shared/fixtures/reference/eval.txt (ctx 512,
 //! 100 windows, second half of each scored) against llama-perplexity's printed figures, for
 //! the Q4_1 asset and the Q8_0 and F16 files made from it as the fixture's were
-//! (slm-model/tests/support/requantize.rs). Slow in debug builds: .ci/run runs tests with
+//! (slm-model/tests/support/requantize.rs), and the Q4_K_M file `slm quantize` makes from it
+//! as the Q4_K_M fixture's was (its bytes checked in slm-compress/tests/reference_q4_k_m.rs). Slow in debug builds: .ci/run runs tests with
 //! --release.
 //!
 //! Equal to the printed digits, perplexity and standard error: over 512-token windows the
@@ -88,4 +89,29 @@ fn q8_0_perplexity_equals_llama_cpp() {
 fn f16_perplexity_equals_llama_cpp() {
     let (_dir, path) = made_from_q4_1(GgmlDType::F16, "f16.gguf");
     assert_eq!(printed(&path), "23.7794 +/- 0.4222");
+}
+
+#[test]
+#[cfg_attr(
+    not(smollm2_q4_1),
+    ignore = "needs models/SmolLM2-135M-Instruct.Q4_1.gguf: run ../shared/fetch-assets.sh models"
+)]
+fn q4_k_m_perplexity_equals_llama_cpp() {
+    // Windows of 512 tokens run Q4_K through llama.cpp's repacked gemm and Q6_K through its
+    // tiled matmul (slm_kernels::kquant); the fixture's figure: 24.8845 +/- 0.44829.
+    use slm_compress::quantize::{quantize_gguf, FileType, Options};
+    let dir = tempfile::tempdir().unwrap();
+    let quantize = |input: &Path, out: &Path, file_type| {
+        let opts = Options {
+            file_type,
+            imatrix: None,
+            allow_requantize: true,
+            pure: false,
+        };
+        quantize_gguf(input, out, &opts, &|_, _| {}).unwrap();
+    };
+    let (f16, q4km) = (dir.path().join("f16.gguf"), dir.path().join("q4_k_m.gguf"));
+    quantize(&q4_1(), &f16, FileType::F16);
+    quantize(&f16, &q4km, FileType::Q4KM);
+    assert_eq!(printed(&q4km), "24.8845 +/- 0.4483");
 }
