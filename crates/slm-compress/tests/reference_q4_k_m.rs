@@ -5,18 +5,8 @@
 
 #[path = "../../slm-model/tests/support/fixture.rs"]
 mod fixture;
-
-use slm_compress::quantize::{quantize_gguf, FileType, Options};
-
-fn quantize(input: &std::path::Path, out: &std::path::Path, file_type: FileType) {
-    let opts = Options {
-        file_type,
-        imatrix: None,
-        allow_requantize: true,
-        pure: false,
-    };
-    quantize_gguf(input, out, &opts, &|_, _| {}).unwrap();
-}
+#[path = "support/q4_k_m.rs"]
+mod q4_k_m;
 
 #[test]
 #[cfg_attr(
@@ -34,12 +24,8 @@ fn q4_k_m_is_the_fixtures_file_and_its_logits_and_greedy_equal_llama_cpp() {
         .unwrap(),
     )
     .unwrap();
-    let asset = slm_model::assets::require("models/SmolLM2-135M-Instruct.Q4_1.gguf");
     let dir = tempfile::tempdir().unwrap();
-    let f16 = dir.path().join("F16.gguf");
-    quantize(&asset, &f16, FileType::F16);
-    let q4km = dir.path().join("SmolLM2-135M-Instruct.Q4_K_M.gguf");
-    quantize(&f16, &q4km, FileType::Q4KM);
+    let q4km = q4_k_m::q4_k_m(dir.path());
     assert_eq!(
         {
             use sha2::Digest;

@@ -199,15 +199,47 @@ fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(),
             }
         }
     }
-    let logits = model.forward_packed(&ids, &pack, &rows)?;
-    let vocab = logits.dim(1)?;
-    let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-    let lse = all_log_sum_exp(&logits, vocab);
-    for (r, t, doc, option) in targets {
-        // Token ids were checked against the vocabulary in `units_of`.
-        lls[doc][option] += logits[r * vocab + t as usize] as f64 - lse[r];
+    let hidden = model.hidden_packed(&ids, &pack, &rows)?;
+    // The logits a chunk of rows at a time, each reduced to its log-sum-exp and the targets'
+    // logits at once: a whole pack's rows x vocabulary was hundreds of megabytes (2,048 rows of
+    // SmolLM2's 49,152). Targets in row order (a stable sort: each option's own targets keep
+    // their order, so its sum adds up as before) serve the chunks in one pass.
+    targets.sort_by_key(|t| t.0);
+    let mut next = targets.iter().peekable();
+    for range in head_chunks(rows.len()) {
+        let logits = model.project(&hidden.narrow(0, range.start, range.len())?)?;
+        let vocab = logits.dim(1)?;
+        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
+        let lse = all_log_sum_exp(&logits, vocab);
+        while let Some(&&(r, t, doc, option)) = next.peek() {
+            if r >= range.end {
+                break;
+            }
+            let i = r - range.start;
+            // Token ids were checked against the vocabulary in `units_of`.
+            lls[doc][option] += logits[i * vocab + t as usize] as f64 - lse[i];
+            next.next();
+        }
     }
     Ok(())
+}
+
+/// Rows of logits made at a time.
+const HEAD_ROWS: usize = 64;
+
+/// `0..n` in chunks of `HEAD_ROWS`, the last one stretched rather than left under 8 rows: a
+/// K-quant head sums a batch of fewer than 8 rows in other roundings than a larger one
+/// (slm_kernels::kquant), and a row's logits should not depend on where a chunk ends.
+fn head_chunks(n: usize) -> Vec<std::ops::Range<usize>> {
+    let mut v: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(HEAD_ROWS)
+        .map(|s| s..(s + HEAD_ROWS).min(n))
+        .collect();
+    if v.len() > 1 && v.last().is_some_and(|r| r.len() < 8) {
+        let last = v.pop().expect("two or more");
+        v.last_mut().expect("one or more").end = last.end;
+    }
+    v
 }
 
 /// Scores every document: the log-likelihood of each option. Also returns the number of
@@ -303,4 +335,23 @@ pub fn metrics(docs: &[Doc], scores: &[DocScore]) -> BTreeMap<String, Metric> {
 /// Predicted option per document (argmax of the raw log-likelihood).
 pub fn predictions(scores: &[DocScore]) -> Vec<usize> {
     scores.iter().map(|s| metrics::argmax(&s.lls)).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row in exactly one chunk, in order, and no chunk but a lone one under 8 rows.
+    #[test]
+    fn head_chunks_cover_the_rows_without_a_short_tail() {
+        for n in [0, 1, 7, 8, 63, 64, 65, 71, 72, 130, 200] {
+            let c = head_chunks(n);
+            let flat: Vec<usize> = c.iter().flat_map(|r| r.clone()).collect();
+            assert_eq!(flat, (0..n).collect::<Vec<_>>(), "n = {n}");
+            if c.len() > 1 {
+                assert!(c.iter().all(|r| r.len() >= 8), "n = {n}: {c:?}");
+            }
+        }
+        assert_eq!(head_chunks(130), vec![0..64, 64..130]);
+    }
 }

@@ -11,6 +11,8 @@
 //! fourth digit (llama-perplexity `-fa off` on the same files gives 23.8593, 23.8891 and
 //! 23.7795 for Q4_1, Q8_0 and F16).
 
+#[path = "../../slm-compress/tests/support/q4_k_m.rs"]
+mod q4_k_m;
 #[path = "../../slm-model/tests/support/requantize.rs"]
 mod requantize;
 
@@ -99,19 +101,7 @@ fn f16_perplexity_equals_llama_cpp() {
 fn q4_k_m_perplexity_equals_llama_cpp() {
     // Windows of 512 tokens run Q4_K through llama.cpp's repacked gemm and Q6_K through its
     // tiled matmul (slm_kernels::kquant); the fixture's figure: 24.8845 +/- 0.44829.
-    use slm_compress::quantize::{quantize_gguf, FileType, Options};
     let dir = tempfile::tempdir().unwrap();
-    let quantize = |input: &Path, out: &Path, file_type| {
-        let opts = Options {
-            file_type,
-            imatrix: None,
-            allow_requantize: true,
-            pure: false,
-        };
-        quantize_gguf(input, out, &opts, &|_, _| {}).unwrap();
-    };
-    let (f16, q4km) = (dir.path().join("f16.gguf"), dir.path().join("q4_k_m.gguf"));
-    quantize(&q4_1(), &f16, FileType::F16);
-    quantize(&f16, &q4km, FileType::Q4KM);
+    let q4km = q4_k_m::q4_k_m(dir.path());
     assert_eq!(printed(&q4km), "24.8845 +/- 0.4483");
 }

@@ -899,6 +899,18 @@ impl Llama {
         pack: &Pack,
         rows: &[u32],
     ) -> candle_core::Result<Tensor> {
+        self.project(&self.hidden_packed(ids, pack, rows)?)
+    }
+
+    /// `forward_packed` before the output projection: the final-norm hidden states of the
+    /// rows in `rows`, (rows.len(), hidden), for callers that project a few rows at a time
+    /// (`project`) instead of holding rows x vocabulary logits at once.
+    pub fn hidden_packed(
+        &self,
+        ids: &[u32],
+        pack: &Pack,
+        rows: &[u32],
+    ) -> candle_core::Result<Tensor> {
         if ids.len() != pack.len() {
             candle_core::bail!("{} token ids for a pack of {} rows", ids.len(), pack.len());
         }
@@ -916,7 +928,7 @@ impl Llama {
         let x = x
             .squeeze(0)?
             .index_select(&Tensor::new(rows, &self.device)?, 0)?;
-        self.logits(&x)
+        self.final_norm(&x)
     }
 
     /// The same model with every weight matrix as dense f32 (see `Linear::dequantized`) and
