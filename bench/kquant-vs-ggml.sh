@@ -88,7 +88,7 @@ for spec in "Q2_K 10 1 576" "Q3_K 11 0 576" "Q4_K 12 1 576" "Q5_K 13 0 576" "Q6_
   suffix=""; [ "$4" = 575 ] && suffix=_575
   lower="$(echo "$1" | tr 'A-Z' 'a-z')"
   for m in 1 4 5 8 16 37; do
-    "$work/mm" "$2" "$4" 1536 "$m" "$work/$1$suffix.bin" "$work/x$m.bin" "$work/ggml.bin" "$3"
+    "$work/mm" "$2" "$4" 1536 "$m" "$work/$1$suffix.bin" "$work/x$m.bin" "$work/ggml.bin" "$3" 2>/dev/null
     "$kmatmul" "$lower" "$4" 1536 "$m" "$work/$1$suffix.bin" "$work/x$m.bin" "$work/slm.bin"
     eq="$("$py" -c "
 import numpy as np
