@@ -28,13 +28,12 @@
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
-use half::f16;
 use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use crate::ggml_math::Isa;
 use crate::pool::OutPtr;
-use crate::quant::hsum8;
+use crate::quant::{f16_at, hsum8};
 use crate::scratch::MapError;
 
 #[cfg(target_arch = "x86_64")]
@@ -80,6 +79,15 @@ impl KType {
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
+        }
+    }
+    /// Where a block keeps its f16 scale `d` and, for the types with mins, `dmin`.
+    pub(crate) fn scales_at(self) -> (usize, Option<usize>) {
+        match self {
+            Self::Q2K => (80, Some(82)),
+            Self::Q3K => (108, None),
+            Self::Q4K | Self::Q5K => (0, Some(2)),
+            Self::Q6K => (208, None),
         }
     }
 }
@@ -169,10 +177,6 @@ pub(crate) fn quantize_row_q8k_portable(x: &[f32], out: &mut [Q8K]) {
         }
         y.d = 1.0 / iscale;
     }
-}
-
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
 /// Q4_K's and Q5_K's eight 6-bit scales and mins (`get_scale_min_k4`, computed as ggml's
@@ -272,19 +276,15 @@ fn lanes(w: &[i8; QK_K], sc: &[i32; 16], q8: &[i8; QK_K]) -> [i32; 8] {
 }
 
 /// A block's two scales as floats: (d, dmin) (dmin 0 for the types without mins).
-pub(crate) fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
-    match t {
-        KType::Q2K => (f16_at(b, 80), f16_at(b, 82)),
-        KType::Q3K => (f16_at(b, 108), 0.0),
-        KType::Q4K | KType::Q5K => (f16_at(b, 0), f16_at(b, 2)),
-        KType::Q6K => (f16_at(b, 208), 0.0),
-    }
+fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
+    let (d, dmin) = t.scales_at();
+    (f16_at(b, d), dmin.map_or(0.0, |at| f16_at(b, at)))
 }
 
 /// The integers of the min term per group of 16 values: min * (sum of the activations it
 /// covers). Q4_K and Q5_K have one min per 32, put on the first group of its two; Q6_K's
 /// offset of 32 is a min of its own kind (`offset_term`); the others have none.
-pub(crate) fn group_mins(t: KType, b: &[u8], y: &Q8K) -> [i32; 16] {
+fn group_mins(t: KType, b: &[u8], y: &Q8K) -> [i32; 16] {
     let mut g = [0i32; 16];
     match t {
         KType::Q2K => {
@@ -305,7 +305,7 @@ pub(crate) fn group_mins(t: KType, b: &[u8], y: &Q8K) -> [i32; 16] {
 
 /// Q6_K's offset: 32 * sum over groups of scale * (sum of the group's activations), which its
 /// kernels subtract from the products of the unsigned values.
-pub(crate) fn offset_term(b: &[u8], y: &Q8K) -> i32 {
+fn offset_term(b: &[u8], y: &Q8K) -> i32 {
     (0..16)
         .map(|g| b[192 + g] as i8 as i32 * y.bsums[g] as i32)
         .sum::<i32>()
@@ -314,15 +314,15 @@ pub(crate) fn offset_term(b: &[u8], y: &Q8K) -> i32 {
 
 /// The float state of one dot product (one cell) across super-blocks.
 #[derive(Clone, Copy)]
-pub(crate) struct Cell {
-    pub(crate) lanes: [f32; 8],
-    pub(crate) mins: [f32; 4],
-    pub(crate) row: f32,
-    pub(crate) row_min: f32,
+struct Cell {
+    lanes: [f32; 8],
+    mins: [f32; 4],
+    row: f32,
+    row_min: f32,
 }
 
 impl Cell {
-    pub(crate) const ZERO: Cell = Cell {
+    const ZERO: Cell = Cell {
         lanes: [0.0; 8],
         mins: [0.0; 4],
         row: 0.0,
@@ -334,7 +334,7 @@ impl Cell {
     /// one for the other sums, the whole block, Q6_K's offset off), and its group mins.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    pub(crate) fn add(
+    fn add(
         &mut self,
         t: KType,
         sum: Sum,
@@ -394,7 +394,7 @@ impl Cell {
     }
 
     /// The dot product once every super-block is in.
-    pub(crate) fn value(&self, t: KType, sum: Sum) -> f32 {
+    fn value(&self, t: KType, sum: Sum) -> f32 {
         let m = &self.mins;
         match (sum, t) {
             (Sum::Rows(_), _) => self.row - self.row_min,
@@ -414,31 +414,27 @@ pub(crate) fn dot_row(t: KType, sum: Sum, row: &[u8], a: &[Q8K]) -> f32 {
     for (b, y) in row.chunks_exact(t.block_bytes()).zip(a) {
         unpack(t, b, &mut w, &mut sc);
         let mut l = lanes(&w, &sc, &y.qs);
-        let offset = if t == KType::Q6K {
-            offset_term(b, y)
-        } else {
-            0
-        };
         let chunk = match sum {
             Sum::Rows(c) => c,
             _ => QK_K,
         };
-        let chunks: Vec<i32> = (0..QK_K / chunk)
+        let mut chunks: Vec<i32> = (0..QK_K / chunk)
             .map(|c| {
                 (c * chunk..(c + 1) * chunk)
                     .map(|v| sc[v / 16] * w[v] as i32 * y.qs[v] as i32)
                     .sum::<i32>()
             })
             .collect();
-        let mut chunks = chunks;
-        if sum == Sum::Lanes && t == KType::Q6K {
+        if t == KType::Q6K {
+            // Q6_K's offset of 32: out of the whole block's sum, and, for its dot products,
+            // out of each lane as they take it.
+            chunks[0] -= offset_term(b, y);
             for (p, l) in l.iter_mut().enumerate() {
                 let s =
                     y.bsums[2 * p] as i32 * sc[2 * p] + y.bsums[2 * p + 1] as i32 * sc[2 * p + 1];
                 *l -= s << 5;
             }
         }
-        chunks[0] -= offset;
         let gm = group_mins(t, b, y);
         cell.add(t, sum, block_scales(t, b), y, &l, &chunks, &gm);
     }
@@ -529,38 +525,41 @@ impl KMatrix {
     ) -> Result<(), MapError> {
         let (n, k) = (self.n, self.k);
         assert!(x.len() >= m * k && out.len() >= m * n);
-        let kb = k / QK_K;
         if m == 0 || n == 0 {
             return Ok(());
         }
-        SCRATCH.with(|s| {
-            let mut owned;
-            let mut borrowed;
-            let s: &mut crate::scratch::Scratch = match s.try_borrow_mut() {
-                Ok(b) => {
-                    borrowed = b;
-                    &mut borrowed
-                }
-                Err(_) => {
-                    owned = crate::scratch::Scratch::default();
-                    &mut owned
-                }
-            };
-            let act: &mut [Q8K] = s.slice(m * kb)?;
-            crate::pool::for_chunks(act, kb, |start, row| {
-                let i = start / kb;
-                quantize_row_q8k(&x[i * k..(i + 1) * k], row)
-            });
-            let act = &*act;
-            let pool = crate::pool::global();
-            let spans: Vec<_> = pool.spans(n, 4).collect();
-            let o = OutPtr(out.as_mut_ptr().cast::<f32>());
-            pool.run(spans.len(), |s| {
-                // SAFETY: spans are disjoint output columns; out holds m * n values.
-                unsafe { self.span(act, m, spans[s].clone(), o.get(), isa, sum) }
-            });
-            Ok(())
+        SCRATCH.with(|s| match s.try_borrow_mut() {
+            Ok(mut s) => self.matmul_in(x, m, out, isa, sum, &mut s),
+            Err(_) => self.matmul_in(x, m, out, isa, sum, &mut Default::default()),
         })
+    }
+
+    /// `matmul_with`, the activations quantized into `scratch`.
+    fn matmul_in(
+        &self,
+        x: &[f32],
+        m: usize,
+        out: &mut [MaybeUninit<f32>],
+        isa: Option<Isa>,
+        sum: Option<Sum>,
+        scratch: &mut crate::scratch::Scratch,
+    ) -> Result<(), MapError> {
+        let (n, k) = (self.n, self.k);
+        let kb = k / QK_K;
+        let act: &mut [Q8K] = scratch.slice(m * kb)?;
+        crate::pool::for_chunks(act, kb, |start, row| {
+            let i = start / kb;
+            quantize_row_q8k(&x[i * k..(i + 1) * k], row)
+        });
+        let act = &*act;
+        let pool = crate::pool::global();
+        let spans: Vec<_> = pool.spans(n, 4).collect();
+        let o = OutPtr(out.as_mut_ptr().cast::<f32>());
+        pool.run(spans.len(), |s| {
+            // SAFETY: spans are disjoint output columns; out holds m * n values.
+            unsafe { self.span(act, m, spans[s].clone(), o.get(), isa, sum) }
+        });
+        Ok(())
     }
 
     /// Rows `rows` of the weights against all m activation rows, cell (i, j) to

@@ -99,7 +99,7 @@ impl ActBlock {
     };
 }
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -201,8 +201,7 @@ pub(crate) fn hsum8(a: &[f32; 8]) -> f32 {
     (r[0] + r[2]) + (r[1] + r[3])
 }
 
-/// The portable kernel (`avx2::rows`' contract): weight rows `rows` against all `m`
-/// activation rows, cell (j, i) to `out[i * n + j]`.
+/// The portable kernel: weight rows `rows` against all `m` activation rows, cell (j, i) to `out[i * n + j]`.
 ///
 /// # Safety
 /// `out` holds m * n values and no other thread writes the columns in `rows`.

@@ -354,6 +354,41 @@ fn lookup(
     Tensor::from_vec(x, (b, t, k), &device)
 }
 
+/// A GGUF weight matrix in one of slm-kernels' CPU layouts.
+enum CpuMatrix {
+    Blocks(BlockMatrix),
+    KBlocks(KMatrix),
+    Half(HalfMatrix),
+}
+
+/// The GGUF tensor of Hugging Face name `hf_name`, n x k, in the CPU kernels' layout for its
+/// type, if it is a CPU run, the tensor has that shape and a kernel has its type (the file's
+/// pages are then handed back: the kernel keeps its own bytes).
+fn cpu_matrix(
+    file: &GgufFile,
+    device: &Device,
+    hf_name: &str,
+    n: usize,
+    k: usize,
+) -> Option<CpuMatrix> {
+    let info = hf_to_gguf_name(hf_name).and_then(|g| file.tensor_info(&g))?;
+    if !device.is_cpu() || info.dims != [n, k] {
+        return None;
+    }
+    let (ty, bytes) = (candle_type(info.dtype), file.tensor_bytes(info));
+    let m = if let Some(t) = BlockType::from_ggml(ty) {
+        CpuMatrix::Blocks(BlockMatrix::new(t, bytes, n, k))
+    } else if let Some(t) = KType::from_ggml(ty) {
+        CpuMatrix::KBlocks(KMatrix::new(t, bytes, n, k))
+    } else if let Some(t) = HalfType::from_ggml(ty) {
+        CpuMatrix::Half(HalfMatrix::new(t, bytes, n, k))
+    } else {
+        return None;
+    };
+    file.release(info);
+    Some(m)
+}
+
 pub enum Weights<'a> {
     Gguf { file: &'a GgufFile, device: Device },
     Vars(VarBuilder<'a>),
@@ -430,35 +465,14 @@ impl Weights<'_> {
         };
         match self {
             Weights::Gguf { file, device } => {
-                if let Some(info) = hf_to_gguf_name(&wname).and_then(|g| file.tensor_info(&g)) {
-                    // The block kernels run on the CPU; another device takes candle's QMatMul.
-                    if let (Some(t), true, true) = (
-                        BlockType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [out_dim, in_dim],
-                        device.is_cpu(),
-                    ) {
-                        let w = BlockMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
-                        file.release(info);
-                        return Ok(Linear::Blocks { w, b });
-                    }
-                    if let (Some(t), true, true) = (
-                        KType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [out_dim, in_dim],
-                        device.is_cpu(),
-                    ) {
-                        let w = KMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
-                        file.release(info);
-                        return Ok(Linear::KBlocks { w, b });
-                    }
-                    if let (Some(t), true, true) = (
-                        HalfType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [out_dim, in_dim],
-                        device.is_cpu(),
-                    ) {
-                        let w = HalfMatrix::new(t, file.tensor_bytes(info), out_dim, in_dim);
-                        file.release(info);
-                        return Ok(Linear::Half { w, b });
-                    }
+                // The kernels of slm-kernels run on the CPU; another device (or a type they do
+                // not have) takes candle's QMatMul.
+                if let Some(m) = cpu_matrix(file, device, &wname, out_dim, in_dim) {
+                    return Ok(match m {
+                        CpuMatrix::Blocks(w) => Linear::Blocks { w, b },
+                        CpuMatrix::KBlocks(w) => Linear::KBlocks { w, b },
+                        CpuMatrix::Half(w) => Linear::Half { w, b },
+                    });
                 }
                 let q = self.qtensor(&wname, &[out_dim, in_dim])?;
                 Ok(Linear::Quantized {
@@ -478,34 +492,12 @@ impl Weights<'_> {
     pub fn embedding(&self, hf_name: &str, vocab: usize, hidden: usize) -> Result<Embedding> {
         match self {
             Weights::Gguf { file, device } => {
-                if let Some(info) = hf_to_gguf_name(hf_name).and_then(|g| file.tensor_info(&g)) {
-                    if let (Some(t), true, true) = (
-                        BlockType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [vocab, hidden],
-                        device.is_cpu(),
-                    ) {
-                        let w = BlockMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
-                        file.release(info);
-                        return Ok(Embedding::Blocks(w));
-                    }
-                    if let (Some(t), true, true) = (
-                        KType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [vocab, hidden],
-                        device.is_cpu(),
-                    ) {
-                        let w = KMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
-                        file.release(info);
-                        return Ok(Embedding::KBlocks(w));
-                    }
-                    if let (Some(t), true, true) = (
-                        HalfType::from_ggml(candle_type(info.dtype)),
-                        info.dims == [vocab, hidden],
-                        device.is_cpu(),
-                    ) {
-                        let w = HalfMatrix::new(t, file.tensor_bytes(info), vocab, hidden);
-                        file.release(info);
-                        return Ok(Embedding::Half(w));
-                    }
+                if let Some(m) = cpu_matrix(file, device, hf_name, vocab, hidden) {
+                    return Ok(match m {
+                        CpuMatrix::Blocks(w) => Embedding::Blocks(w),
+                        CpuMatrix::KBlocks(w) => Embedding::KBlocks(w),
+                        CpuMatrix::Half(w) => Embedding::Half(w),
+                    });
                 }
                 let q = self.qtensor(hf_name, &[vocab, hidden])?;
                 if matches!(q.dtype(), GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16) {

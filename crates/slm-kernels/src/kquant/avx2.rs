@@ -6,7 +6,7 @@
 use std::arch::x86_64::*;
 
 use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K, ROW_TILE};
-use crate::quant::hsum8;
+use crate::quant::hsum8_m256;
 
 /// Activation rows one weight row is multiplied with at a time.
 const ROWS: usize = 4;
@@ -70,13 +70,8 @@ pub(super) unsafe fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
 #[target_feature(enable = "avx2,f16c")]
 fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
     let at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as i32;
-    let (d, dmin) = match t {
-        KType::Q2K => (at(80), at(82)),
-        KType::Q3K => (at(108), 0),
-        KType::Q4K | KType::Q5K => (at(0), at(2)),
-        KType::Q6K => (at(208), 0),
-    };
-    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(d | dmin << 16));
+    let (d, dmin) = t.scales_at();
+    let v = _mm_cvtph_ps(_mm_cvtsi32_si128(at(d) | dmin.map_or(0, at) << 16));
     (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_shuffle_ps(v, v, 1)))
 }
 
@@ -216,17 +211,16 @@ unsafe fn dots<const R: usize>(t: KType, sum: Sum, w: &[u8], ys: [&[Q8K]; R]) ->
         Sum::Rows(_) => _mm_cvtss_f32(st[r]) - _mm_cvtss_f32(_mm_shuffle_ps(st[r], st[r], 1)),
         Sum::Tiled => _mm_cvtss_f32(st[r]),
         Sum::Lanes => {
-            let mut l = [0f32; 8];
             let mut m = [0f32; 4];
-            // SAFETY: 8 and 4 floats.
-            unsafe {
-                _mm256_storeu_ps(l.as_mut_ptr(), lanes[r]);
+            // SAFETY: 4 floats; the CPU has AVX2 (this function's features).
+            let l = unsafe {
                 _mm_storeu_ps(m.as_mut_ptr(), mins4[r]);
-            }
+                hsum8_m256(lanes[r])
+            };
             match t {
-                KType::Q4K => hsum8(&l) + ((m[0] + m[2]) + (m[1] + m[3])),
-                KType::Q5K => hsum8(&l) + m[0],
-                _ => hsum8(&l),
+                KType::Q4K => l + ((m[0] + m[2]) + (m[1] + m[3])),
+                KType::Q5K => l + m[0],
+                _ => l,
             }
         }
     })

@@ -1,6 +1,7 @@
 use super::*;
 use candle_core::quantized::QTensor;
 use candle_core::{Device, Tensor};
+use half::f16;
 use rand::{Rng, SeedableRng};
 
 const TYPES: [KType; 5] = [KType::Q2K, KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K];
@@ -36,12 +37,7 @@ fn random_blocks(t: KType, blocks: usize, rng: &mut impl Rng) -> Vec<u8> {
     for b in w.chunks_exact_mut(bb) {
         let d = f16::from_f32(rng.random_range(-0.02f32..0.02)).to_le_bytes();
         let dmin = f16::from_f32(rng.random_range(-0.02f32..0.02)).to_le_bytes();
-        let (at_d, at_min) = match t {
-            KType::Q2K => (80, Some(82)),
-            KType::Q3K => (108, None),
-            KType::Q4K | KType::Q5K => (0, Some(2)),
-            KType::Q6K => (208, None),
-        };
+        let (at_d, at_min) = t.scales_at();
         b[at_d..at_d + 2].copy_from_slice(&d);
         if let Some(at) = at_min {
             b[at..at + 2].copy_from_slice(&dmin);

@@ -302,7 +302,7 @@ pub(super) unsafe fn decode_group(out: *mut f32, n: usize, g: usize, gemv: impl 
 }
 
 /// The eight rows of one group against one activation row (decode); row r to `out[r]`.
-/// The arithmetic per row is `tile`'s (ggml's); only the loads differ.
+/// The arithmetic per row is `super::dot_row`'s (ggml's); only the loads differ.
 ///
 /// # Safety
 /// `grp` covers one group of `geo` for nb blocks, `act` nb blocks, `out` 8 values; AVX2,
@@ -360,7 +360,7 @@ unsafe fn gemv8<B: Grouped>(
 }
 
 /// Rows r0..r0+R of one group against C activation rows; cell (r, c) to `out[c * ldo + r]`.
-/// The arithmetic per cell is `tile`'s (ggml's). The loop runs activation row by activation
+/// The arithmetic per cell is `super::dot_row`'s (ggml's). The loop runs activation row by activation
 /// row within a block, so only one row's values are live beside the R x C accumulators and
 /// the R rows' weights (16 vector registers; spilled accumulators had cost a third).
 /// `summs[c]` holds `offsets8` of activation row c (Q4_1 only).
