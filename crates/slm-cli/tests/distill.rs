@@ -225,22 +225,23 @@ fn bad_teachers_and_settings_are_refused_by_name() {
         e.contains("teacher/model") && e.contains("context of 32") && e.contains("64"),
         "{e}"
     );
-    let e = fails(
-        slm()
-            .args(["distill", "cache", "teacher/model", "--data", "shards"])
-            .args(["--context", "64", "-o", "long_targets"])
-            .current_dir(d),
-    );
+    let e = fails(distill_cache(d).args(["--context", "64", "-o", "long_targets"]));
     assert!(e.contains("context of 32") && e.contains("64"), "{e}");
+}
+
+/// `slm distill cache` of the fixture's teacher over its shards, in `d`.
+fn distill_cache(d: &Path) -> std::process::Command {
+    let mut c = slm();
+    c.args(["distill", "cache", "teacher/model", "--data", "shards"])
+        .current_dir(d);
+    c
 }
 
 /// Windows of 16 positions of the fixture's shards with the teacher's top 8 at T = 2.
 fn cache(d: &Path, name: &str, context: usize) -> PathBuf {
-    ok(slm()
-        .args(["distill", "cache", "teacher/model", "--data", "shards"])
+    ok(distill_cache(d)
         .args(["--top-k", "8", "--temperature", "2.0", "--batch", "3"])
-        .args(["--context", &context.to_string(), "-o", name])
-        .current_dir(d));
+        .args(["--context", &context.to_string(), "-o", name]));
     d.join(name)
 }
 
@@ -353,24 +354,12 @@ fn a_cached_run_follows_the_online_one_and_one_cache_serves_two_students() {
     );
 
     // A cache is written once.
-    let e = fails(
-        slm()
-            .args(["distill", "cache", "teacher/model", "--data", "shards"])
-            .args(["--context", "16", "-o", "targets"])
-            .current_dir(d),
-    );
+    let e = fails(distill_cache(d).args(["--context", "16", "-o", "targets"]));
     assert!(e.contains("targets") && e.contains("exists"), "{e}");
 
     // Bad settings of `slm distill cache`, by name.
-    let cache_fails = |args: &[&str]| {
-        fails(
-            slm()
-                .args(["distill", "cache", "teacher/model", "--data", "shards"])
-                .args(args)
-                .args(["-o", "bad_targets"])
-                .current_dir(d),
-        )
-    };
+    let cache_fails =
+        |args: &[&str]| fails(distill_cache(d).args(args).args(["-o", "bad_targets"]));
     let e = cache_fails(&["--context", "16", "--top-k", "0"]);
     assert!(e.contains("--top-k 0"), "{e}");
     let e = cache_fails(&["--context", "16", "--temperature", "0"]);
