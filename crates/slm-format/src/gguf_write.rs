@@ -300,4 +300,32 @@ mod tests {
             .collect();
         assert_eq!(names.len(), 2, "{names:?}");
     }
+
+    /// Entries are written in the order given (and read back in it); a key given twice is
+    /// refused by name and leaves nothing behind.
+    #[test]
+    fn metadata_keeps_its_order_and_a_repeated_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let entries = vec![
+            ("z.last_in_sort".to_string(), Value::U32(1)),
+            ("a.first_in_sort".to_string(), Value::String("x".into())),
+        ];
+        let p = dir.path().join("o.gguf");
+        write_gguf_streamed(&p, &entries, &[], |_| Ok(Vec::new())).unwrap();
+        assert_eq!(
+            GgufFile::open(&p).unwrap().metadata_in_file_order(),
+            entries
+        );
+        let mut twice = entries.clone();
+        twice.push(("z.last_in_sort".to_string(), Value::U32(2)));
+        let q = dir.path().join("twice.gguf");
+        let e = write_gguf_streamed(&q, &twice, &[], |_| Ok(Vec::new()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("z.last_in_sort") && e.contains("given twice"),
+            "{e}"
+        );
+        assert!(!q.exists());
+    }
 }
