@@ -23,8 +23,12 @@
 //!   writes that last step as a product and a sum, which GCC contracts into one FMA: measured
 //!   against the built library, the unfused form differs in half the outputs.)
 //!
-//! The scalar functions here are the reference the SIMD kernels (`avx2`) must equal.
-//! The weights stay in GGUF's block layout (one copy, the file's bytes).
+//! The scalar functions here are the reference the SIMD kernels must equal: `avx2`'s dot
+//! products (one weight row against up to four activation rows, every sum), and, where the
+//! CPU has AVX-512 VNNI, `avx512`'s kernel for whole groups of eight activation rows summed
+//! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies eight rows' sums at
+//! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
+//! activations that are rearranged, once per matmul, into the groups' interleaved form.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -38,6 +42,8 @@ use crate::scratch::MapError;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -542,54 +548,92 @@ impl KMatrix {
         out: &mut [MaybeUninit<f32>],
         isa: Option<Isa>,
         sum: Option<Sum>,
-        scratch: &mut crate::scratch::Scratch,
+        scratch: &mut Scratch,
     ) -> Result<(), MapError> {
         let (n, k) = (self.n, self.k);
         let kb = k / QK_K;
-        let act: &mut [Q8K] = scratch.slice(m * kb)?;
+        let act: &mut [Q8K] = scratch.act.slice(m * kb)?;
         crate::pool::for_chunks(act, kb, |start, row| {
             let i = start / kb;
             quantize_row_q8k(&x[i * k..(i + 1) * k], row)
         });
         let act = &*act;
+        let sum_of = |i: usize| sum.unwrap_or_else(|| Sum::of(self.t, n, m, i));
+        // The AVX-512 kernels take whole groups of eight rows that share a sum they compute:
+        // a prefix of the batch (the rows whose sum differs are its last few).
+        #[cfg(target_arch = "x86_64")]
+        let groups = {
+            let s0 = sum_of(0);
+            let ng = if isa == Some(Isa::Avx512) && avx512::takes(self.t, s0) {
+                use avx512::GROUP;
+                (0..m / GROUP)
+                    .take_while(|g| (GROUP * g..GROUP * (g + 1)).all(|i| sum_of(i) == s0))
+                    .count()
+            } else {
+                0
+            };
+            let g = scratch.groups.slice(ng * kb)?;
+            avx512::interleave(act, kb, ng, g);
+            (s0, &*g)
+        };
         let pool = crate::pool::global();
         let spans: Vec<_> = pool.spans(n, 4).collect();
         let o = OutPtr(out.as_mut_ptr().cast::<f32>());
         pool.run(spans.len(), |s| {
-            // SAFETY: spans are disjoint output columns; out holds m * n values.
-            unsafe { self.span(act, m, spans[s].clone(), o.get(), isa, sum) }
+            let rows = spans[s].clone();
+            #[allow(unused_mut)]
+            let mut first = 0;
+            #[cfg(target_arch = "x86_64")]
+            if !groups.1.is_empty() {
+                // SAFETY: spans are disjoint output columns; out holds m * n values; the
+                // groups were formed only for AVX-512 and a sum the kernels take.
+                unsafe {
+                    avx512::span(
+                        self.t,
+                        groups.0,
+                        &self.bytes,
+                        kb,
+                        groups.1,
+                        rows.clone(),
+                        o.get(),
+                        n,
+                    )
+                };
+                first = groups.1.len() / kb * avx512::GROUP;
+            }
+            // SAFETY: as above.
+            unsafe { self.span(act, first..m, rows, o.get(), isa, &sum_of) }
         });
         Ok(())
     }
 
-    /// Rows `rows` of the weights against all m activation rows, cell (i, j) to
-    /// out[i * n + j].
+    /// Rows `rows` of the weights against activation rows `acts` by dot products, cell
+    /// (i, j) to out[i * n + j]; `sum_of(i)` is row i's way of summing.
     ///
     /// # Safety
-    /// out holds m * n values and no other thread writes columns `rows`.
+    /// out holds the batch's rows times n values and no other thread writes columns `rows`.
     unsafe fn span(
         &self,
         act: &[Q8K],
-        m: usize,
+        acts: std::ops::Range<usize>,
         rows: std::ops::Range<usize>,
         out: *mut f32,
         isa: Option<Isa>,
-        sum: Option<Sum>,
+        sum_of: &dyn Fn(usize) -> Sum,
     ) {
         let kb = self.k / QK_K;
         let n = self.n;
-        let sum_of = |i: usize| sum.unwrap_or_else(|| Sum::of(self.t, n, m, i));
         #[cfg(target_arch = "x86_64")]
         if isa.is_some() {
             // SAFETY: the caller's contract; `isa` is one this CPU has.
-            return unsafe { avx2::span(self.t, &sum_of, &self.bytes, kb, act, m, rows, out, n) };
+            return unsafe { avx2::span(self.t, sum_of, &self.bytes, kb, act, acts, rows, out, n) };
         }
         let _ = isa;
         // Tiles of activation rows stay in L1 while the span's weight rows pass.
-        for i0 in (0..m).step_by(ROW_TILE) {
+        for i0 in acts.clone().step_by(ROW_TILE) {
             for j in rows.clone() {
                 let w = self.row(j);
-                for i in i0..(i0 + ROW_TILE).min(m) {
+                for i in i0..(i0 + ROW_TILE).min(acts.end) {
                     let v = dot_row(self.t, sum_of(i), w, &act[i * kb..(i + 1) * kb]);
                     // SAFETY: i < m, j < n, this task's column.
                     unsafe { *out.add(i * n + j) = v };
@@ -602,9 +646,17 @@ impl KMatrix {
 /// Activation rows a task takes at a time (16 rows of Q8_K at k = 1536: 28 KB).
 pub(crate) const ROW_TILE: usize = 16;
 
+/// A matmul's quantized activations: by row, and (AVX-512) in groups of eight rows.
+#[derive(Default)]
+struct Scratch {
+    act: crate::scratch::Scratch,
+    #[cfg(target_arch = "x86_64")]
+    groups: crate::scratch::Scratch,
+}
+
 thread_local! {
-    /// The quantized activations, kept between the matmuls of a thread (see `scratch`).
-    static SCRATCH: std::cell::RefCell<crate::scratch::Scratch> = std::cell::RefCell::default();
+    /// Kept between the matmuls of a thread (see `scratch`).
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::default();
 }
 
 impl CustomOp1 for KMatrix {

@@ -11,11 +11,12 @@ use crate::quant::hsum8_m256;
 /// Activation rows one weight row is multiplied with at a time.
 const ROWS: usize = 4;
 
-/// `super::KMatrix::span` with these kernels; `sum_of(i)` is row i's way of summing.
+/// `super::KMatrix::span` with these kernels for activation rows `acts`; `sum_of(i)` is row
+/// i's way of summing.
 ///
 /// # Safety
-/// The CPU has AVX2 and FMA; out holds m * n values and no other thread writes the
-/// columns `rows`; `w` holds n rows of kb blocks, `act` m rows of kb.
+/// The CPU has AVX2 and FMA; out holds the batch's rows times n values and no other thread
+/// writes the columns `rows`; `w` holds n rows of kb blocks, `act` the batch's rows of kb.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn span(
     t: KType,
@@ -23,25 +24,26 @@ pub(super) unsafe fn span(
     w: &[u8],
     kb: usize,
     act: &[Q8K],
-    m: usize,
+    acts: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
     out: *mut f32,
     n: usize,
 ) {
     let rb = kb * t.block_bytes();
-    assert!(w.len() >= rows.end * rb && act.len() >= m * kb);
+    assert!(w.len() >= rows.end * rb && act.len() >= acts.end * kb);
     let a = |i: usize| &act[i * kb..(i + 1) * kb];
-    let sums: Vec<Sum> = (0..m).map(sum_of).collect();
-    for i0 in (0..m).step_by(ROW_TILE) {
-        let tile = i0..(i0 + ROW_TILE).min(m);
+    let sums: Vec<Sum> = acts.clone().map(sum_of).collect();
+    let sum = |i: usize| sums[i - acts.start];
+    for i0 in acts.clone().step_by(ROW_TILE) {
+        let tile = i0..(i0 + ROW_TILE).min(acts.end);
         for j in rows.clone() {
             let wr = &w[j * rb..(j + 1) * rb];
             let mut i = tile.start;
             // SAFETY (the kernels): the CPU has AVX2 and FMA. (The stores): i < m, j < n, and
             // column j is this task's.
             while i < tile.end {
-                let s = sums[i];
-                if i + ROWS <= tile.end && sums[i..i + ROWS].iter().all(|&x| x == s) {
+                let s = sum(i);
+                if i + ROWS <= tile.end && (i..i + ROWS).all(|x| sum(x) == s) {
                     let v = unsafe { dots::<ROWS>(t, s, wr, [a(i), a(i + 1), a(i + 2), a(i + 3)]) };
                     for (r, v) in v.into_iter().enumerate() {
                         unsafe { *out.add((i + r) * n + j) = v };
@@ -68,7 +70,7 @@ pub(super) unsafe fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
 
 /// A block's (d, dmin) (dmin 0 for the types without mins), widened by F16C.
 #[target_feature(enable = "avx2,f16c")]
-fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
+pub(super) fn block_scales(t: KType, b: &[u8]) -> (f32, f32) {
     let at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]) as i32;
     let (d, dmin) = t.scales_at();
     let v = _mm_cvtph_ps(_mm_cvtsi32_si128(at(d) | dmin.map_or(0, at) << 16));
@@ -261,6 +263,90 @@ fn scale2(lo: i32, hi: i32) -> __m256i {
 /// order in the lanes.
 type Chunks<const R: usize> = [__m128i; R];
 
+/// Q4_K / Q5_K (with `HIGH`, the fifth bits `qh`): values 64j..64j+32 and 64j+32..64j+64,
+/// unsigned, from the block's nibbles `qs`.
+///
+/// # Safety
+/// qs holds 128 bytes; j < 4.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn q45k_values<const HIGH: bool>(
+    qs: &[u8],
+    qh: __m256i,
+    j: usize,
+) -> (__m256i, __m256i) {
+    debug_assert!(qs.len() >= 128 && j < 4);
+    let m4 = _mm256_set1_epi8(0xF);
+    // SAFETY: 32 bytes of qs (the caller's contract).
+    let bits = unsafe { _mm256_loadu_si256(qs.as_ptr().add(32 * j).cast()) };
+    let mut lo = _mm256_and_si256(bits, m4);
+    let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
+    if HIGH {
+        let one = _mm256_set1_epi8(1);
+        let bit = |s: i32| {
+            let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s));
+            _mm256_slli_epi16(_mm256_and_si256(v, one), 4)
+        };
+        lo = _mm256_add_epi8(lo, bit(2 * j as i32));
+        hi = _mm256_add_epi8(hi, bit(2 * j as i32 + 1));
+    }
+    (lo, hi)
+}
+
+/// Q6_K: values 128j..128j+128 as four vectors of 32, unsigned (6 bits; the offset of 32 is
+/// the caller's).
+///
+/// # Safety
+/// b is a whole Q6_K block; j < 2.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) unsafe fn q6k_values(b: &[u8], j: usize) -> [__m256i; 4] {
+    debug_assert!(b.len() >= 210 && j < 2);
+    let m15 = _mm256_set1_epi8(15);
+    let m3 = _mm256_set1_epi8(3);
+    // SAFETY: 32-byte runs of ql and qh (the caller's contract).
+    let (l1, l2, h) = unsafe {
+        (
+            _mm256_loadu_si256(b.as_ptr().add(64 * j).cast()),
+            _mm256_loadu_si256(b.as_ptr().add(64 * j + 32).cast()),
+            _mm256_loadu_si256(b.as_ptr().add(128 + 32 * j).cast()),
+        )
+    };
+    let high = |s: i32| {
+        let v = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(s)), m3);
+        _mm256_slli_epi16(v, 4)
+    };
+    [
+        _mm256_or_si256(_mm256_and_si256(l1, m15), high(0)),
+        _mm256_or_si256(_mm256_and_si256(l2, m15), high(2)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15), high(4)),
+        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m15), high(6)),
+    ]
+}
+
+/// Q2_K: values 128j + 32s.. of the two bytes planes `bits` (the block's qs[32j..]), 2 bits each.
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn q2k_values(bits: __m256i, s: usize) -> __m256i {
+    _mm256_and_si256(
+        _mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s as i32)),
+        _mm256_set1_epi8(3),
+    )
+}
+
+/// Q3_K: the low two bits and the high bit of values 128j + 32s.. (`bits`: qs[32j..];
+/// `hbits`: the hmask).
+#[target_feature(enable = "avx2")]
+#[inline]
+pub(super) fn q3k_parts(bits: __m256i, hbits: __m256i, j: usize, s: usize) -> (__m256i, __m256i) {
+    let low = q2k_values(bits, s);
+    let bit = _mm256_and_si256(
+        _mm256_srl_epi16(hbits, _mm_cvtsi32_si128((4 * j + s) as i32)),
+        _mm256_set1_epi8(1),
+    );
+    (low, bit)
+}
+
 /// Q4_K / Q5_K (with `HIGH`): unsigned 4- or 5-bit values, one scale per 32. With `CH`, each
 /// row's totals per 64 values too.
 #[target_feature(enable = "avx2")]
@@ -278,23 +364,11 @@ unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
     } else {
         (_mm256_setzero_si256(), &b[16..144])
     };
-    let m4 = _mm256_set1_epi8(0xF);
-    let one = _mm256_set1_epi8(1);
     let mut sumi = [_mm256_setzero_si256(); R];
     let mut parts = [[_mm256_setzero_si256(); 4]; R];
     for j in 0..4 {
-        // SAFETY: 32 bytes of qs.
-        let bits = unsafe { _mm256_loadu_si256(qs[32 * j..].as_ptr().cast()) };
-        let mut lo = _mm256_and_si256(bits, m4);
-        let mut hi = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-        if HIGH {
-            let bit = |s: i32| {
-                let v = _mm256_srl_epi16(qh, _mm_cvtsi32_si128(s));
-                _mm256_slli_epi16(_mm256_and_si256(v, one), 4)
-            };
-            lo = _mm256_add_epi8(lo, bit(2 * j as i32));
-            hi = _mm256_add_epi8(hi, bit(2 * j as i32 + 1));
-        }
+        // SAFETY: qs is the block's 128 bytes of nibbles.
+        let (lo, hi) = unsafe { q45k_values::<HIGH>(qs, qh, j) };
         let sl = _mm256_set1_epi16(sc[2 * j] as i16);
         let sh = _mm256_set1_epi16(sc[2 * j + 1] as i16);
         for r in 0..R {
@@ -320,29 +394,11 @@ unsafe fn q45k<const R: usize, const HIGH: bool, const CH: bool>(
 /// Q6_K: unsigned 6-bit values (the 32 comes off through the sums), a signed scale per 16.
 #[target_feature(enable = "avx2")]
 unsafe fn q6k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R>) {
-    let m15 = _mm256_set1_epi8(15);
-    let m3 = _mm256_set1_epi8(3);
     let sc = |g: usize| b[192 + g] as i8 as i32;
     let mut sumi = [_mm256_setzero_si256(); R];
     for j in 0..2 {
-        // SAFETY: 32-byte runs of ql and qh.
-        let (l1, l2, h) = unsafe {
-            (
-                _mm256_loadu_si256(b[64 * j..].as_ptr().cast()),
-                _mm256_loadu_si256(b[64 * j + 32..].as_ptr().cast()),
-                _mm256_loadu_si256(b[128 + 32 * j..].as_ptr().cast()),
-            )
-        };
-        let high = |s: i32| {
-            let v = _mm256_and_si256(_mm256_srl_epi16(h, _mm_cvtsi32_si128(s)), m3);
-            _mm256_slli_epi16(v, 4)
-        };
-        let w = [
-            _mm256_or_si256(_mm256_and_si256(l1, m15), high(0)),
-            _mm256_or_si256(_mm256_and_si256(l2, m15), high(2)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m15), high(4)),
-            _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l2, 4), m15), high(6)),
-        ];
+        // SAFETY: b is a whole block (the caller's contract).
+        let w = unsafe { q6k_values(b, j) };
         for (t, w) in w.iter().enumerate() {
             let s = scale2(sc(8 * j + 2 * t), sc(8 * j + 2 * t + 1));
             for r in 0..R {
@@ -360,7 +416,6 @@ unsafe fn q6k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R
 /// totals per 128 values too.
 #[target_feature(enable = "avx2")]
 unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R>) {
-    let m3 = _mm256_set1_epi8(3);
     let sc = |g: usize| (b[g] & 0xF) as i32;
     let mut sumi = [_mm256_setzero_si256(); R];
     let mut halves = [[_mm256_setzero_si256(); 4]; R];
@@ -368,7 +423,7 @@ unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m25
         // SAFETY: 32 bytes of qs.
         let bits = unsafe { _mm256_loadu_si256(b[16 + 32 * j..].as_ptr().cast()) };
         for s in 0..4 {
-            let w = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s as i32)), m3);
+            let w = q2k_values(bits, s);
             let scale = scale2(sc(8 * j + 2 * s), sc(8 * j + 2 * s + 1));
             for r in 0..R {
                 // SAFETY: within the block.
@@ -393,7 +448,6 @@ unsafe fn q2k<const R: usize, const CH: bool>(b: &[u8], y: [&Q8K; R]) -> ([__m25
 /// unsigned operand: |w| times q8 with w's sign, the same pair sums.
 #[target_feature(enable = "avx2")]
 unsafe fn q3k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R>) {
-    let m3 = _mm256_set1_epi8(3);
     let one = _mm256_set1_epi8(1);
     let scales = scales_q3k(&b[96..108]);
     // SAFETY: the 32 hmask bytes.
@@ -403,11 +457,7 @@ unsafe fn q3k<const R: usize>(b: &[u8], y: [&Q8K; R]) -> ([__m256i; R], Chunks<R
         // SAFETY: 32 bytes of qs.
         let bits = unsafe { _mm256_loadu_si256(b[32 + 32 * j..].as_ptr().cast()) };
         for s in 0..4 {
-            let low = _mm256_and_si256(_mm256_srl_epi16(bits, _mm_cvtsi32_si128(2 * s as i32)), m3);
-            let bit = _mm256_and_si256(
-                _mm256_srl_epi16(hbits, _mm_cvtsi32_si128((4 * j + s) as i32)),
-                one,
-            );
+            let (low, bit) = q3k_parts(bits, hbits, j, s);
             // 4 where the high bit is clear.
             let four = _mm256_slli_epi16(_mm256_xor_si256(bit, one), 2);
             let w = _mm256_sub_epi8(low, four);

@@ -59,8 +59,9 @@ fn sums(t: KType) -> Vec<Option<Sum>> {
 }
 
 /// Every kernel set, every way of llama.cpp's of summing, against the scalar reference, bit
-/// for bit: one and many activation rows (past the four a kernel takes at once and past a
-/// tile), weight rows off the groups of four and eight, k of one and several super-blocks.
+/// for bit: one and many activation rows (past the four a kernel takes at once, one group of
+/// eight and groups with a remainder, past a tile of either), weight rows off the groups of
+/// four and eight, k of one and several super-blocks.
 #[test]
 fn kernels_equal_scalar_reference_on_odd_shapes() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(23);
@@ -72,6 +73,8 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (17, 256, 17),
         (33, 1536, 7),
         (40, 512, 38),
+        (16, 256, 8),
+        (20, 512, 70),
     ] {
         let kb = k / QK_K;
         let x: Vec<f32> = (0..m * k)

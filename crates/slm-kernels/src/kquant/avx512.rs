@@ -1,0 +1,330 @@
+//! The K-quant matmul for groups of eight activation rows, with AVX-512 (VL and VNNI, on
+//! 256-bit registers): `Sum::Tiled` and `Sum::Rows`, the sums of batches of 8 rows or more.
+//!
+//! Why a kernel of its own: a K-quant scale covers 16 or 32 values, so a dot product that
+//! keeps one weight row's values in the lanes (`avx2::dots`) multiplies every 32 products by
+//! a scale, which costs as much as the products. Here the eight rows of a group sit in the
+//! lanes instead (`Q8Kx8`, interleaved once per matmul): one `vpdpbusd` multiplies four
+//! weights, broadcast, by four values of each of the eight rows, and a scale multiplies a
+//! whole unit's sums of eight rows at once. The weights keep GGUF's layout; a pass unpacks a
+//! few weight rows to bytes once and runs them against a tile of groups.
+//!
+//! The cells are `super::dot_row`'s, bit for bit: the integers are exact whatever their
+//! order, and each cell's floats round as `super::Cell` does for these sums (the eight lanes
+//! are eight cells). `vpdpbusd` multiplies unsigned by signed bytes: every type's weights are
+//! unsigned here, Q3_K's as w + 4 (its offset of 4, like Q6_K's of 32, comes off through the
+//! activation sums, as do the mins).
+
+use std::arch::x86_64::*;
+use std::mem::MaybeUninit;
+
+use super::avx2::{block_scales, q2k_values, q3k_parts, q45k_values, q6k_values};
+use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K};
+
+/// Activation rows in a group (the lanes of a 256-bit register of i32 or f32).
+pub(super) const GROUP: usize = 8;
+
+/// One super-block of a group's eight activation rows, interleaved for `vpdpbusd`.
+#[derive(Clone, Copy)]
+#[repr(C)]
+pub(super) struct Q8Kx8 {
+    /// Step s holds values 4s..4s+3 of row r at bytes 4r..4r+3.
+    qs: [[i8; 32]; QK_K / 4],
+    /// Pair q holds row r's sums of 16 number 2q and 2q + 1 at 2r and 2r + 1.
+    bs: [[i16; 16]; 8],
+    d: [f32; GROUP],
+}
+
+// SAFETY: numbers only; any bits are a block.
+unsafe impl crate::scratch::Plain for Q8Kx8 {}
+
+/// Rows 8g..8g+8 of `act` (rows of kb blocks) as group g, block b at `g * kb + b`, for the
+/// first `groups` groups, into `out`.
+pub(super) fn interleave(act: &[Q8K], kb: usize, groups: usize, out: &mut [Q8Kx8]) {
+    assert!(out.len() == groups * kb && act.len() >= groups * GROUP * kb);
+    crate::pool::for_chunks(out, kb, |start, row| {
+        let g = start / kb;
+        for (b, o) in row.iter_mut().enumerate() {
+            for r in 0..GROUP {
+                let y = &act[(GROUP * g + r) * kb + b];
+                for (s, step) in o.qs.iter_mut().enumerate() {
+                    step[4 * r..4 * r + 4].copy_from_slice(&y.qs[4 * s..4 * s + 4]);
+                }
+                for (q, pair) in o.bs.iter_mut().enumerate() {
+                    pair[2 * r] = y.bsums[2 * q];
+                    pair[2 * r + 1] = y.bsums[2 * q + 1];
+                }
+                o.d[r] = y.d;
+            }
+        }
+    });
+}
+
+/// Whether these kernels compute `sum` for `t`: the tiled sum, and the repacked rows of the
+/// types llama.cpp repacks (which have mins).
+pub(super) fn takes(t: KType, sum: Sum) -> bool {
+    match sum {
+        Sum::Tiled => true,
+        Sum::Rows(_) => matches!(t, KType::Q2K | KType::Q4K),
+        Sum::Lanes => false,
+    }
+}
+
+/// One weight row's super-block, unpacked for the kernel.
+#[derive(Clone, Copy)]
+struct Unpacked {
+    /// The 256 values, unsigned.
+    u: [u8; QK_K],
+    /// The scale of each group of 16.
+    sc: [i32; 16],
+    /// The term the activations' sums carry (mins, or the offset that made the values
+    /// unsigned), per pair of groups of 16: the two i16 weights of sums 2q and 2q + 1.
+    pw: [i32; 8],
+    d: f32,
+    dmin: f32,
+}
+
+impl Unpacked {
+    const ZERO: Unpacked = Unpacked {
+        u: [0; QK_K],
+        sc: [0; 16],
+        pw: [0; 8],
+        d: 0.0,
+        dmin: 0.0,
+    };
+}
+
+/// Two i16 as one word, the first in the low half (`madd_epi16`'s pairs).
+fn pair(a: i32, b: i32) -> i32 {
+    (a as i16 as u16 as u32 | (b as i16 as u16 as u32) << 16) as i32
+}
+
+/// Block `b` of type `t` unpacked into `o`.
+///
+/// # Safety
+/// The CPU has AVX2 and F16C; b is one whole block of t.
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn unpack(t: KType, b: &[u8], o: &mut Unpacked) {
+    assert!(b.len() >= t.block_bytes());
+    let put = |u: &mut [u8; QK_K], at: usize, v: __m256i| {
+        // SAFETY: at + 32 <= 256.
+        unsafe { _mm256_storeu_si256(u.as_mut_ptr().add(at).cast(), v) }
+    };
+    let load = |at: usize| {
+        // SAFETY: within the block (asserted above).
+        unsafe { _mm256_loadu_si256(b.as_ptr().add(at).cast()) }
+    };
+    (o.d, o.dmin) = block_scales(t, b);
+    match t {
+        KType::Q4K | KType::Q5K => {
+            let (sc, mn) = scales_mins_k4(&b[4..16]);
+            o.sc = std::array::from_fn(|g| sc[g / 2] as i32);
+            o.pw = mn.map(|m| pair(m as i32, m as i32));
+            for j in 0..4 {
+                // SAFETY: the nibbles are 128 bytes.
+                let (lo, hi) = unsafe {
+                    if t == KType::Q5K {
+                        q45k_values::<true>(&b[48..176], load(16), j)
+                    } else {
+                        q45k_values::<false>(&b[16..144], _mm256_setzero_si256(), j)
+                    }
+                };
+                put(&mut o.u, 64 * j, lo);
+                put(&mut o.u, 64 * j + 32, hi);
+            }
+        }
+        KType::Q6K => {
+            let sc = |g: usize| b[192 + g] as i8 as i32;
+            o.sc = std::array::from_fn(sc);
+            o.pw = std::array::from_fn(|q| pair(32 * sc(2 * q), 32 * sc(2 * q + 1)));
+            for j in 0..2 {
+                // SAFETY: a whole block.
+                for (t, v) in unsafe { q6k_values(b, j) }.into_iter().enumerate() {
+                    put(&mut o.u, 128 * j + 32 * t, v);
+                }
+            }
+        }
+        KType::Q2K => {
+            o.sc = std::array::from_fn(|g| (b[g] & 0xF) as i32);
+            o.pw =
+                std::array::from_fn(|q| pair((b[2 * q] >> 4) as i32, (b[2 * q + 1] >> 4) as i32));
+            for j in 0..2 {
+                let bits = load(16 + 32 * j);
+                for s in 0..4 {
+                    put(&mut o.u, 128 * j + 32 * s, q2k_values(bits, s));
+                }
+            }
+        }
+        KType::Q3K => {
+            let sc = scales_q3k(&b[96..108]);
+            o.sc = sc.map(|s| s as i32);
+            o.pw = std::array::from_fn(|q| pair(4 * sc[2 * q] as i32, 4 * sc[2 * q + 1] as i32));
+            let hbits = load(0);
+            for j in 0..2 {
+                let bits = load(32 + 32 * j);
+                for s in 0..4 {
+                    let (low, high) = q3k_parts(bits, hbits, j, s);
+                    // w + 4: the low bits, plus 4 where the high bit is set.
+                    let u = _mm256_or_si256(low, _mm256_slli_epi16(high, 2));
+                    put(&mut o.u, 128 * j + 32 * s, u);
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows a pass unpacks and runs at once.
+const PASS: usize = 8;
+/// Groups a pass runs its unpacked rows against.
+const TILE: usize = 8;
+
+/// Weight rows `rows` against the groups (`groups.len() / kb` of them), every cell summed as
+/// `sum`; cell (row 8g + r, weight row j) to out[(8g + r) * n + j].
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `takes(t, sum)`; out holds the
+/// groups' rows times n values and no other thread writes the columns `rows`; `w` holds n
+/// rows of kb blocks.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn span(
+    t: KType,
+    sum: Sum,
+    w: &[u8],
+    kb: usize,
+    groups: &[Q8Kx8],
+    rows: std::ops::Range<usize>,
+    out: *mut f32,
+    n: usize,
+) {
+    debug_assert!(takes(t, sum));
+    let rb = kb * t.block_bytes();
+    assert!(w.len() >= rows.end * rb && rows.end <= n && groups.len().is_multiple_of(kb));
+    let ng = groups.len() / kb;
+    let mut unpacked = vec![Unpacked::ZERO; PASS * kb];
+    let mut j = rows.start;
+    while j < rows.end {
+        let c = (rows.end - j).min(PASS);
+        for b in 0..kb {
+            for r in 0..c {
+                let blk = &w[(j + r) * rb + b * t.block_bytes()..];
+                // SAFETY: the CPU has the features; a whole block.
+                unsafe { unpack(t, blk, &mut unpacked[b * PASS + r]) };
+            }
+        }
+        for g0 in (0..ng).step_by(TILE) {
+            for g in g0..(g0 + TILE).min(ng) {
+                let ys = &groups[g * kb..(g + 1) * kb];
+                let mut v = [[MaybeUninit::<f32>::uninit(); GROUP]; PASS];
+                // SAFETY: the CPU has the features.
+                unsafe {
+                    if c == PASS {
+                        cells::<PASS>(t, sum, &unpacked, ys, &mut v);
+                    } else {
+                        for (r, v) in v.iter_mut().enumerate().take(c) {
+                            cells::<1>(t, sum, &unpacked[r..], ys, std::array::from_mut(v));
+                        }
+                    }
+                }
+                for (r, col) in v.iter().enumerate().take(c) {
+                    for (i, x) in col.iter().enumerate() {
+                        // SAFETY: written by `cells` for r < c; row 8g + i of the groups'
+                        // and column j + r are within out and this task's.
+                        unsafe { *out.add((GROUP * g + i) * n + j + r) = x.assume_init() };
+                    }
+                }
+            }
+        }
+        j += c;
+    }
+}
+
+/// The cells of P weight rows (`u`: their blocks, block b of row r at `b * PASS + r`) and one
+/// group (`ys`: its kb blocks): out[r][i] for weight row r, group row i.
+#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
+unsafe fn cells<const P: usize>(
+    t: KType,
+    sum: Sum,
+    u: &[Unpacked],
+    ys: &[Q8Kx8],
+    out: &mut [[MaybeUninit<f32>; GROUP]; P],
+) {
+    let has_min = matches!(t, KType::Q2K | KType::Q4K | KType::Q5K);
+    let unit = if matches!(t, KType::Q4K | KType::Q5K) {
+        32
+    } else {
+        16
+    };
+    let chunk = match sum {
+        Sum::Rows(c) => c,
+        _ => QK_K,
+    };
+    // Per weight row: the value and (Sum::Rows) the min term, eight cells each.
+    let mut row = [_mm256_setzero_ps(); P];
+    let mut row_min = [_mm256_setzero_ps(); P];
+    for (b, y) in ys.iter().enumerate() {
+        let us: [&Unpacked; P] = std::array::from_fn(|r| &u[b * PASS + r]);
+        // SAFETY: 8 floats.
+        let dy = unsafe { _mm256_loadu_ps(y.d.as_ptr()) };
+        for ch in 0..QK_K / chunk {
+            let mut isum = [_mm256_setzero_si256(); P];
+            for un in ch * chunk / unit..(ch + 1) * chunk / unit {
+                let mut acc = [_mm256_setzero_si256(); P];
+                for s in un * unit / 4..(un + 1) * unit / 4 {
+                    // SAFETY: step s of the block.
+                    let a = unsafe { _mm256_loadu_si256(y.qs[s].as_ptr().cast()) };
+                    for r in 0..P {
+                        // SAFETY: values 4s..4s+3 of 256.
+                        let w =
+                            unsafe { us[r].u.as_ptr().add(4 * s).cast::<i32>().read_unaligned() };
+                        acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_set1_epi32(w), a);
+                    }
+                }
+                for r in 0..P {
+                    let sc = _mm256_set1_epi32(us[r].sc[un * unit / 16]);
+                    isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(acc[r], sc));
+                }
+            }
+            let mut term = [_mm256_setzero_si256(); P];
+            for q in ch * chunk / 32..(ch + 1) * chunk / 32 {
+                // SAFETY: pair q of the block's sums.
+                let bs = unsafe { _mm256_loadu_si256(y.bs[q].as_ptr().cast()) };
+                for r in 0..P {
+                    let p = _mm256_madd_epi16(bs, _mm256_set1_epi32(us[r].pw[q]));
+                    term[r] = _mm256_add_epi32(term[r], p);
+                }
+            }
+            for r in 0..P {
+                let (d, dmin) = (us[r].d, us[r].dmin);
+                match sum {
+                    Sum::Rows(_) => {
+                        let dd = _mm256_mul_ps(_mm256_set1_ps(d), dy);
+                        let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), dy);
+                        row[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), dd, row[r]);
+                        row_min[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(term[r]), dm, row_min[r]);
+                    }
+                    _ => {
+                        // d * isum - dmin * imin, one rounding each; or, with an offset,
+                        // d * (isum - offset).
+                        let v = if has_min {
+                            let v = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum[r]));
+                            let m = _mm256_cvtepi32_ps(term[r]);
+                            _mm256_fmadd_ps(_mm256_set1_ps(-dmin), m, v)
+                        } else {
+                            let is = _mm256_sub_epi32(isum[r], term[r]);
+                            _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is))
+                        };
+                        row[r] = _mm256_fmadd_ps(v, dy, row[r]);
+                    }
+                }
+            }
+        }
+    }
+    for r in 0..P {
+        let v = match sum {
+            Sum::Rows(_) => _mm256_sub_ps(row[r], row_min[r]),
+            _ => row[r],
+        };
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().cast(), v) };
+    }
+}
