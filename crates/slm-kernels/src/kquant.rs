@@ -25,8 +25,8 @@
 //!
 //! The scalar functions here are the reference the SIMD kernels must equal: `avx2`'s dot
 //! products (one weight row against up to four activation rows, every sum), and, where the
-//! CPU has AVX-512 VNNI, `avx512`'s kernel for whole groups of eight activation rows summed
-//! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies eight rows' sums at
+//! CPU has AVX-512 VNNI, `avx512`'s kernel for whole groups of sixteen activation rows summed
+//! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
 
@@ -559,7 +559,7 @@ impl KMatrix {
         });
         let act = &*act;
         let sum_of = |i: usize| sum.unwrap_or_else(|| Sum::of(self.t, n, m, i));
-        // The AVX-512 kernels take whole groups of eight rows that share a sum they compute:
+        // The AVX-512 kernels take whole groups of rows that share a sum they compute:
         // a prefix of the batch (the rows whose sum differs are its last few).
         #[cfg(target_arch = "x86_64")]
         let groups = {

@@ -1,19 +1,21 @@
-//! The K-quant matmul for groups of eight activation rows, with AVX-512 (VL and VNNI, on
-//! 256-bit registers): `Sum::Tiled` and `Sum::Rows`, the sums of batches of 8 rows or more.
+//! The K-quant matmul for groups of sixteen activation rows, with AVX-512 (F, BW and VNNI):
+//! `Sum::Tiled` and `Sum::Rows`, the sums of batches of 8 rows or more (a batch's last
+//! m % 16 rows take the dot products).
 //!
 //! Why a kernel of its own: a K-quant scale covers 16 or 32 values, so a dot product that
 //! keeps one weight row's values in the lanes (`avx2::dots`) multiplies every 32 products by
-//! a scale, which costs as much as the products. Here the eight rows of a group sit in the
-//! lanes instead (`Q8Kx8`, interleaved once per matmul): one `vpdpbusd` multiplies four
-//! weights, broadcast, by four values of each of the eight rows, and a scale multiplies a
-//! whole unit's sums of eight rows at once. The weights keep GGUF's layout; a pass unpacks a
-//! few weight rows to bytes once and runs them against a tile of groups.
+//! a scale, which costs as much as the products. Here the sixteen rows of a group sit in the
+//! lanes of a 512-bit register instead (`Q8Kx16`, interleaved once per matmul): one
+//! `vpdpbusd` multiplies four weights, broadcast, by four values of each of the sixteen rows,
+//! and a scale multiplies a whole unit's sums of sixteen rows at once. (Groups of eight in
+//! 256-bit registers were slower: twice the broadcasts per product.) The weights keep GGUF's
+//! layout; a pass unpacks a few weight rows to bytes once per tile of groups.
 //!
 //! The cells are `super::dot_row`'s, bit for bit: the integers are exact whatever their
-//! order, and each cell's floats round as `super::Cell` does for these sums (the eight lanes
-//! are eight cells). `vpdpbusd` multiplies unsigned by signed bytes: every type's weights are
-//! unsigned here, Q3_K's as w + 4 (its offset of 4, like Q6_K's of 32, comes off through the
-//! activation sums, as do the mins).
+//! order, and each cell's floats round as `super::Cell` does for these sums (the sixteen
+//! lanes are sixteen cells). `vpdpbusd` multiplies unsigned by signed bytes: every type's
+//! weights are unsigned here, Q3_K's as w + 4 (its offset of 4, like Q6_K's of 32, comes off
+//! through the activation sums, as do the mins).
 
 use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
@@ -21,26 +23,26 @@ use std::mem::MaybeUninit;
 use super::avx2::{block_scales, q2k_values, q3k_parts, q45k_values, q6k_values};
 use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K};
 
-/// Activation rows in a group (the lanes of a 256-bit register of i32 or f32).
-pub(super) const GROUP: usize = 8;
+/// Activation rows in a group (the lanes of a 512-bit register of i32 or f32).
+pub(super) const GROUP: usize = 16;
 
-/// One super-block of a group's eight activation rows, interleaved for `vpdpbusd`.
+/// One super-block of a group's sixteen activation rows, interleaved for `vpdpbusd`.
 #[derive(Clone, Copy)]
 #[repr(C)]
-pub(super) struct Q8Kx8 {
+pub(super) struct Q8Kx16 {
     /// Step s holds values 4s..4s+3 of row r at bytes 4r..4r+3.
-    qs: [[i8; 32]; QK_K / 4],
+    qs: [[i8; 4 * GROUP]; QK_K / 4],
     /// Pair q holds row r's sums of 16 number 2q and 2q + 1 at 2r and 2r + 1.
-    bs: [[i16; 16]; 8],
+    bs: [[i16; 2 * GROUP]; 8],
     d: [f32; GROUP],
 }
 
 // SAFETY: numbers only; any bits are a block.
-unsafe impl crate::scratch::Plain for Q8Kx8 {}
+unsafe impl crate::scratch::Plain for Q8Kx16 {}
 
-/// Rows 8g..8g+8 of `act` (rows of kb blocks) as group g, block b at `g * kb + b`, for the
+/// Rows 16g..16g+16 of `act` (rows of kb blocks) as group g, block b at `g * kb + b`, for the
 /// first `groups` groups, into `out`.
-pub(super) fn interleave(act: &[Q8K], kb: usize, groups: usize, out: &mut [Q8Kx8]) {
+pub(super) fn interleave(act: &[Q8K], kb: usize, groups: usize, out: &mut [Q8Kx16]) {
     assert!(out.len() == groups * kb && act.len() >= groups * GROUP * kb);
     crate::pool::for_chunks(out, kb, |start, row| {
         let g = start / kb;
@@ -175,11 +177,12 @@ unsafe fn unpack(t: KType, b: &[u8], o: &mut Unpacked) {
 
 /// Weight rows a pass unpacks and runs at once.
 const PASS: usize = 8;
-/// Groups a pass runs its unpacked rows against.
-const TILE: usize = 8;
+/// The activation bytes a tile of groups may span: what a pass's unpacked rows run
+/// against, kept in L2 while the passes go by.
+const TILE_BYTES: usize = 512 << 10;
 
 /// Weight rows `rows` against the groups (`groups.len() / kb` of them), every cell summed as
-/// `sum`; cell (row 8g + r, weight row j) to out[(8g + r) * n + j].
+/// `sum`; cell (row 16g + i, weight row j) to out[(16g + i) * n + j].
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `takes(t, sum)`; out holds the
@@ -191,7 +194,7 @@ pub(super) unsafe fn span(
     sum: Sum,
     w: &[u8],
     kb: usize,
-    groups: &[Q8Kx8],
+    groups: &[Q8Kx16],
     rows: std::ops::Range<usize>,
     out: *mut f32,
     n: usize,
@@ -201,119 +204,139 @@ pub(super) unsafe fn span(
     assert!(w.len() >= rows.end * rb && rows.end <= n && groups.len().is_multiple_of(kb));
     let ng = groups.len() / kb;
     let mut unpacked = vec![Unpacked::ZERO; PASS * kb];
-    let mut j = rows.start;
-    while j < rows.end {
-        let c = (rows.end - j).min(PASS);
-        for b in 0..kb {
-            for r in 0..c {
-                let blk = &w[(j + r) * rb + b * t.block_bytes()..];
-                // SAFETY: the CPU has the features; a whole block.
-                unsafe { unpack(t, blk, &mut unpacked[b * PASS + r]) };
+    let tile = (TILE_BYTES / (kb * std::mem::size_of::<Q8Kx16>())).max(1);
+    for g0 in (0..ng).step_by(tile) {
+        let mut j = rows.start;
+        while j < rows.end {
+            let c = (rows.end - j).min(PASS);
+            for b in 0..kb {
+                for r in 0..c {
+                    let blk = &w[(j + r) * rb + b * t.block_bytes()..];
+                    // SAFETY: the CPU has the features; a whole block.
+                    unsafe { unpack(t, blk, &mut unpacked[b * PASS + r]) };
+                }
             }
-        }
-        for g0 in (0..ng).step_by(TILE) {
-            for g in g0..(g0 + TILE).min(ng) {
+            for g in g0..(g0 + tile).min(ng) {
                 let ys = &groups[g * kb..(g + 1) * kb];
                 let mut v = [[MaybeUninit::<f32>::uninit(); GROUP]; PASS];
                 // SAFETY: the CPU has the features.
                 unsafe {
                     if c == PASS {
-                        cells::<PASS>(t, sum, &unpacked, ys, &mut v);
+                        cells_of::<PASS>(t, sum, &unpacked, ys, &mut v);
                     } else {
                         for (r, v) in v.iter_mut().enumerate().take(c) {
-                            cells::<1>(t, sum, &unpacked[r..], ys, std::array::from_mut(v));
+                            cells_of::<1>(t, sum, &unpacked[r..], ys, std::array::from_mut(v));
                         }
                     }
                 }
                 for (r, col) in v.iter().enumerate().take(c) {
                     for (i, x) in col.iter().enumerate() {
-                        // SAFETY: written by `cells` for r < c; row 8g + i of the groups'
+                        // SAFETY: written by `cells` for r < c; row 16g + i of the groups'
                         // and column j + r are within out and this task's.
                         unsafe { *out.add((GROUP * g + i) * n + j + r) = x.assume_init() };
                     }
                 }
             }
+            j += c;
         }
-        j += c;
+    }
+}
+
+/// `cells` with its unit (the values a scale covers) and chunk (the values summed in integers
+/// between float roundings) fixed for `t` and `sum`, so that its loops unroll.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and AVX-512 F, VL and VNNI; `takes(t, sum)`.
+#[inline(always)]
+unsafe fn cells_of<const P: usize>(
+    t: KType,
+    sum: Sum,
+    u: &[Unpacked],
+    ys: &[Q8Kx16],
+    out: &mut [[MaybeUninit<f32>; GROUP]; P],
+) {
+    let unit32 = matches!(t, KType::Q4K | KType::Q5K);
+    // SAFETY: the caller's contract.
+    unsafe {
+        match (unit32, sum) {
+            (true, Sum::Rows(64)) => cells::<P, 32, 64>(t, sum, u, ys, out),
+            (true, _) => cells::<P, 32, QK_K>(t, sum, u, ys, out),
+            (false, Sum::Rows(128)) => cells::<P, 16, 128>(t, sum, u, ys, out),
+            (false, _) => cells::<P, 16, QK_K>(t, sum, u, ys, out),
+        }
     }
 }
 
 /// The cells of P weight rows (`u`: their blocks, block b of row r at `b * PASS + r`) and one
-/// group (`ys`: its kb blocks): out[r][i] for weight row r, group row i.
-#[target_feature(enable = "avx2,fma,avx512f,avx512vl,avx512vnni")]
-unsafe fn cells<const P: usize>(
+/// group (`ys`: its kb blocks): out[r][i] for weight row r, group row i. A scale covers
+/// UNIT values; CHUNK values are summed in integers between float roundings.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vnni")]
+unsafe fn cells<const P: usize, const UNIT: usize, const CHUNK: usize>(
     t: KType,
     sum: Sum,
     u: &[Unpacked],
-    ys: &[Q8Kx8],
+    ys: &[Q8Kx16],
     out: &mut [[MaybeUninit<f32>; GROUP]; P],
 ) {
+    debug_assert!(CHUNK == QK_K || sum == Sum::Rows(CHUNK));
     let has_min = matches!(t, KType::Q2K | KType::Q4K | KType::Q5K);
-    let unit = if matches!(t, KType::Q4K | KType::Q5K) {
-        32
-    } else {
-        16
-    };
-    let chunk = match sum {
-        Sum::Rows(c) => c,
-        _ => QK_K,
-    };
-    // Per weight row: the value and (Sum::Rows) the min term, eight cells each.
-    let mut row = [_mm256_setzero_ps(); P];
-    let mut row_min = [_mm256_setzero_ps(); P];
+    let (unit, chunk) = (UNIT, CHUNK);
+    // Per weight row: the value and (Sum::Rows) the min term, sixteen cells each.
+    let mut row = [_mm512_setzero_ps(); P];
+    let mut row_min = [_mm512_setzero_ps(); P];
     for (b, y) in ys.iter().enumerate() {
         let us: [&Unpacked; P] = std::array::from_fn(|r| &u[b * PASS + r]);
         // SAFETY: 8 floats.
-        let dy = unsafe { _mm256_loadu_ps(y.d.as_ptr()) };
+        let dy = unsafe { _mm512_loadu_ps(y.d.as_ptr()) };
         for ch in 0..QK_K / chunk {
-            let mut isum = [_mm256_setzero_si256(); P];
+            let mut isum = [_mm512_setzero_si512(); P];
             for un in ch * chunk / unit..(ch + 1) * chunk / unit {
-                let mut acc = [_mm256_setzero_si256(); P];
+                let mut acc = [_mm512_setzero_si512(); P];
                 for s in un * unit / 4..(un + 1) * unit / 4 {
                     // SAFETY: step s of the block.
-                    let a = unsafe { _mm256_loadu_si256(y.qs[s].as_ptr().cast()) };
+                    let a = unsafe { _mm512_loadu_si512(y.qs[s].as_ptr().cast()) };
                     for r in 0..P {
                         // SAFETY: values 4s..4s+3 of 256.
                         let w =
                             unsafe { us[r].u.as_ptr().add(4 * s).cast::<i32>().read_unaligned() };
-                        acc[r] = _mm256_dpbusd_epi32(acc[r], _mm256_set1_epi32(w), a);
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(w), a);
                     }
                 }
                 for r in 0..P {
-                    let sc = _mm256_set1_epi32(us[r].sc[un * unit / 16]);
-                    isum[r] = _mm256_add_epi32(isum[r], _mm256_mullo_epi32(acc[r], sc));
+                    let sc = _mm512_set1_epi32(us[r].sc[un * unit / 16]);
+                    isum[r] = _mm512_add_epi32(isum[r], _mm512_mullo_epi32(acc[r], sc));
                 }
             }
-            let mut term = [_mm256_setzero_si256(); P];
+            let mut term = [_mm512_setzero_si512(); P];
             for q in ch * chunk / 32..(ch + 1) * chunk / 32 {
                 // SAFETY: pair q of the block's sums.
-                let bs = unsafe { _mm256_loadu_si256(y.bs[q].as_ptr().cast()) };
+                let bs = unsafe { _mm512_loadu_si512(y.bs[q].as_ptr().cast()) };
                 for r in 0..P {
-                    let p = _mm256_madd_epi16(bs, _mm256_set1_epi32(us[r].pw[q]));
-                    term[r] = _mm256_add_epi32(term[r], p);
+                    let p = _mm512_madd_epi16(bs, _mm512_set1_epi32(us[r].pw[q]));
+                    term[r] = _mm512_add_epi32(term[r], p);
                 }
             }
             for r in 0..P {
                 let (d, dmin) = (us[r].d, us[r].dmin);
                 match sum {
                     Sum::Rows(_) => {
-                        let dd = _mm256_mul_ps(_mm256_set1_ps(d), dy);
-                        let dm = _mm256_mul_ps(_mm256_set1_ps(dmin), dy);
-                        row[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), dd, row[r]);
-                        row_min[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(term[r]), dm, row_min[r]);
+                        let dd = _mm512_mul_ps(_mm512_set1_ps(d), dy);
+                        let dm = _mm512_mul_ps(_mm512_set1_ps(dmin), dy);
+                        row[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r]), dd, row[r]);
+                        row_min[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(term[r]), dm, row_min[r]);
                     }
                     _ => {
                         // d * isum - dmin * imin, one rounding each; or, with an offset,
                         // d * (isum - offset).
                         let v = if has_min {
-                            let v = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(isum[r]));
-                            let m = _mm256_cvtepi32_ps(term[r]);
-                            _mm256_fmadd_ps(_mm256_set1_ps(-dmin), m, v)
+                            let v = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(isum[r]));
+                            let m = _mm512_cvtepi32_ps(term[r]);
+                            _mm512_fmadd_ps(_mm512_set1_ps(-dmin), m, v)
                         } else {
-                            let is = _mm256_sub_epi32(isum[r], term[r]);
-                            _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(is))
+                            let is = _mm512_sub_epi32(isum[r], term[r]);
+                            _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(is))
                         };
-                        row[r] = _mm256_fmadd_ps(v, dy, row[r]);
+                        row[r] = _mm512_fmadd_ps(v, dy, row[r]);
                     }
                 }
             }
@@ -321,10 +344,10 @@ unsafe fn cells<const P: usize>(
     }
     for r in 0..P {
         let v = match sum {
-            Sum::Rows(_) => _mm256_sub_ps(row[r], row_min[r]),
+            Sum::Rows(_) => _mm512_sub_ps(row[r], row_min[r]),
             _ => row[r],
         };
         // SAFETY: 8 floats.
-        unsafe { _mm256_storeu_ps(out[r].as_mut_ptr().cast(), v) };
+        unsafe { _mm512_storeu_ps(out[r].as_mut_ptr().cast(), v) };
     }
 }

@@ -75,6 +75,8 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (40, 512, 38),
         (16, 256, 8),
         (20, 512, 70),
+        // Past a tile of groups (112 of them at k = 256: TILE_BYTES), two groups more.
+        (3, 256, 1824),
     ] {
         let kb = k / QK_K;
         let x: Vec<f32> = (0..m * k)
