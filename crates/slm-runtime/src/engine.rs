@@ -48,7 +48,7 @@ impl EngineConfig {
             queue: 64 * parallel,
             ctx,
             kv_budget: (parallel + 1) * ctx * Cache::bytes_per_position(&model.config),
-            prefill_chunk: 512,
+            prefill_chunk: crate::UBATCH,
             keep_prefixes: 1,
         }
     }

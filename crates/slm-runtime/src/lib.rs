@@ -147,6 +147,13 @@ pub fn fit_prompt(
     Ok(prompt[prompt.len() - (ctx - max_tokens)..].to_vec())
 }
 
+/// Prompt tokens a forward pass takes at most: llama.cpp's default micro-batch (`n_ubatch`).
+/// A longer prompt runs in pieces of this size, as in llama.cpp, because a K-quant matmul's
+/// rounding depends on how many rows it has (`slm_kernels::kquant`): a prompt of 515 tokens is
+/// 512 rows and then 3, and its last 3 rows round as llama.cpp's do only in a batch of 3. The
+/// pieces also bound a long prompt's activations.
+pub const UBATCH: usize = 512;
+
 /// A model's cache with the tokens it holds, so a chat's next turn only processes what is new.
 pub struct Session {
     pub cache: Cache,
@@ -185,8 +192,11 @@ impl Session {
         let keep = common.min(prompt.len() - 1);
         self.cache.truncate(keep);
         self.tokens.truncate(keep);
-        let logits = model.next_logits(&prompt[keep..], &mut self.cache)?;
-        self.tokens.extend_from_slice(&prompt[keep..]);
+        let mut logits = Vec::new();
+        for piece in prompt[keep..].chunks(UBATCH) {
+            logits = model.next_logits(piece, &mut self.cache)?;
+            self.tokens.extend_from_slice(piece);
+        }
         Ok(logits)
     }
     fn step(&mut self, model: &Llama, token: u32) -> Result<Vec<f32>, GenerateError> {
