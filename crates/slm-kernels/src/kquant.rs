@@ -29,6 +29,8 @@
 //! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
+//! Except Q4_K on AVX-512: its rows are interleaved sixteen at a time at load (`rows16`, the
+//! same bytes moved), and one kernel holding weight rows in the lanes takes every batch.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -44,6 +46,7 @@ use crate::scratch::MapError;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+mod rows16;
 
 /// Values per K-quant super-block.
 pub const QK_K: usize = 256;
@@ -452,31 +455,57 @@ pub(crate) fn dot_row(t: KType, sum: Sum, row: &[u8], a: &[Q8K]) -> f32 {
 #[derive(Debug, Clone)]
 pub struct KMatrix {
     pub t: KType,
+    /// GGUF's blocks, or (`interleaved`) the same bytes in `rows16`'s layout.
     bytes: Arc<Vec<u8>>,
+    interleaved: bool,
     pub n: usize,
     pub k: usize,
 }
 
 impl KMatrix {
-    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file.
+    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q4_K
+    /// matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has AVX-512.
     pub fn new(t: KType, gguf: &[u8], n: usize, k: usize) -> Self {
-        assert!(k.is_multiple_of(QK_K) && gguf.len() == n * (k / QK_K) * t.block_bytes());
+        let kb = k / QK_K;
+        assert!(k.is_multiple_of(QK_K) && gguf.len() == n * kb * t.block_bytes());
+        let interleaved = rows16::applies(t, n);
         Self {
             t,
-            bytes: Arc::new(gguf.to_vec()),
+            bytes: Arc::new(if interleaved {
+                rows16::interleave(gguf, n, kb)
+            } else {
+                gguf.to_vec()
+            }),
+            interleaved,
             n,
             k,
         }
     }
 
     /// The weights in GGUF block order.
-    pub fn gguf_bytes(&self) -> &[u8] {
-        &self.bytes
+    pub fn gguf_bytes(&self) -> std::borrow::Cow<'_, [u8]> {
+        if !self.interleaved {
+            return std::borrow::Cow::Borrowed(&self.bytes);
+        }
+        let mut all = Vec::with_capacity(self.bytes.len());
+        let mut row = Vec::new();
+        for j in 0..self.n {
+            all.extend_from_slice(self.gguf_row(j, &mut row));
+        }
+        std::borrow::Cow::Owned(all)
     }
 
-    fn row(&self, j: usize) -> &[u8] {
-        let rb = self.k / QK_K * self.t.block_bytes();
-        &self.bytes[j * rb..(j + 1) * rb]
+    /// Row j in GGUF's blocks: the stored bytes, or rebuilt into `buf` from the interleaved
+    /// layout.
+    pub(crate) fn gguf_row<'a>(&'a self, j: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
+        let kb = self.k / QK_K;
+        if self.interleaved {
+            rows16::gguf_row(&self.bytes, kb, j, buf);
+            buf
+        } else {
+            let rb = kb * self.t.block_bytes();
+            &self.bytes[j * rb..(j + 1) * rb]
+        }
     }
 
     /// Row j widened to f32 by candle's dequantization (ggml's `dequantize_row_*`).
@@ -498,7 +527,8 @@ impl KMatrix {
             };
             T::to_float(&blocks, out);
         }
-        let row = self.row(j);
+        let mut buf = Vec::new();
+        let row = self.gguf_row(j, &mut buf);
         let out = &mut out[..self.k];
         match self.t {
             KType::Q2K => widen::<BlockQ2K>(row, out),
@@ -564,7 +594,8 @@ impl KMatrix {
         #[cfg(target_arch = "x86_64")]
         let groups = {
             let s0 = sum_of(0);
-            let ng = if isa == Some(Isa::Avx512) && avx512::takes(self.t, s0) {
+            // Interleaved rows take their own kernel instead (`rows16_span`).
+            let ng = if isa == Some(Isa::Avx512) && avx512::takes(self.t, s0) && !self.interleaved {
                 use avx512::GROUP;
                 (0..m / GROUP)
                     .take_while(|g| (GROUP * g..GROUP * (g + 1)).all(|i| sum_of(i) == s0))
@@ -577,7 +608,8 @@ impl KMatrix {
             (s0, &*g)
         };
         let pool = crate::pool::global();
-        let spans: Vec<_> = pool.spans(n, 4).collect();
+        let align = if self.interleaved { rows16::ROWS } else { 4 };
+        let spans: Vec<_> = pool.spans(n, align).collect();
         let o = OutPtr(out.as_mut_ptr().cast::<f32>());
         pool.run(spans.len(), |s| {
             let rows = spans[s].clone();
@@ -587,19 +619,12 @@ impl KMatrix {
             if !groups.1.is_empty() {
                 // SAFETY: spans are disjoint output columns; out holds m * n values; the
                 // groups were formed only for AVX-512 and a sum the kernels take.
-                unsafe {
-                    avx512::span(
-                        self.t,
-                        groups.0,
-                        &self.bytes,
-                        kb,
-                        groups.1,
-                        rows.clone(),
-                        o.get(),
-                        n,
-                    )
-                };
+                unsafe { avx512::span(self, groups.0, groups.1, rows.clone(), o.get()) };
                 first = groups.1.len() / kb * avx512::GROUP;
+            }
+            #[cfg(target_arch = "x86_64")]
+            if self.interleaved && isa == Some(Isa::Avx512) {
+                return self.rows16_span(act, first..m, rows, o, &sum_of);
             }
             // SAFETY: as above.
             unsafe { self.span(act, first..m, rows, o.get(), isa, &sum_of) }
@@ -626,19 +651,84 @@ impl KMatrix {
         #[cfg(target_arch = "x86_64")]
         if isa.is_some() {
             // SAFETY: the caller's contract; `isa` is one this CPU has.
-            return unsafe { avx2::span(self.t, sum_of, &self.bytes, kb, act, acts, rows, out, n) };
+            return unsafe { avx2::span(self, sum_of, act, acts, rows, out) };
         }
         let _ = isa;
         // Tiles of activation rows stay in L1 while the span's weight rows pass.
+        let mut buf = Vec::new();
         for i0 in acts.clone().step_by(ROW_TILE) {
             for j in rows.clone() {
-                let w = self.row(j);
+                let w = self.gguf_row(j, &mut buf);
                 for i in i0..(i0 + ROW_TILE).min(acts.end) {
                     let v = dot_row(self.t, sum_of(i), w, &act[i * kb..(i + 1) * kb]);
                     // SAFETY: i < m, j < n, this task's column.
                     unsafe { *out.add(i * n + j) = v };
                 }
             }
+        }
+    }
+}
+
+impl KMatrix {
+    /// Rows `rows` (whole groups of 16) of an interleaved matrix against activation rows
+    /// `acts`: the rows summed as llama.cpp's repacked kernels sum them take
+    /// `avx512::rows16_q4k`, four at a time where they can; any other (a test's choice) the dot
+    /// products on rebuilt rows.
+    #[cfg(target_arch = "x86_64")]
+    fn rows16_span(
+        &self,
+        act: &[Q8K],
+        acts: std::ops::Range<usize>,
+        rows: std::ops::Range<usize>,
+        o: OutPtr<f32>,
+        sum_of: &dyn Fn(usize) -> Sum,
+    ) {
+        let (n, kb) = (self.n, self.k / QK_K);
+        let gb = kb * rows16::GROUP_BYTES;
+        let takes = |i: usize| matches!(sum_of(i), Sum::Rows(64) | Sum::Rows(QK_K));
+        let y = |i: usize| &act[i * kb..(i + 1) * kb];
+        let mut i = acts.start;
+        while i < acts.end {
+            if !takes(i) {
+                // SAFETY: the caller's (`matmul_in`'s) span of out.
+                unsafe {
+                    self.span(
+                        act,
+                        i..i + 1,
+                        rows.clone(),
+                        o.get(),
+                        Some(Isa::Avx512),
+                        sum_of,
+                    )
+                };
+                i += 1;
+                continue;
+            }
+            let four = i + 4 <= acts.end && (i..i + 4).all(takes);
+            let r = if four { 4 } else { 1 };
+            for g in rows.start / rows16::ROWS..rows.end / rows16::ROWS {
+                let grp = &self.bytes[g * gb..(g + 1) * gb];
+                let mut v = [[0f32; rows16::ROWS]; 4];
+                // SAFETY: the CPU has AVX-512 (the caller checked); Rows sums; whole blocks.
+                unsafe {
+                    if four {
+                        let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
+                        let sums = [sum_of(i), sum_of(i + 1), sum_of(i + 2), sum_of(i + 3)];
+                        avx512::rows16_q4k::<4>(grp, ys, sums, &mut v);
+                    } else {
+                        let one: &mut [[f32; 16]; 1] = (&mut v[..1]).try_into().unwrap();
+                        avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], one);
+                    }
+                }
+                for (di, v) in v.iter().enumerate().take(r) {
+                    // SAFETY: row i + di and this span's columns of out.
+                    unsafe {
+                        let at = o.get().add((i + di) * n + g * rows16::ROWS);
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), at, v.len())
+                    };
+                }
+            }
+            i += r;
         }
     }
 }

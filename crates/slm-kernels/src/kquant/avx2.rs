@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K, ROW_TILE};
+use super::{scales_mins_k4, scales_q3k, KMatrix, KType, Sum, Q8K, QK_K, ROW_TILE};
 use crate::quant::hsum8_m256;
 
 /// Activation rows one weight row is multiplied with at a time.
@@ -16,28 +16,26 @@ const ROWS: usize = 4;
 ///
 /// # Safety
 /// The CPU has AVX2 and FMA; out holds the batch's rows times n values and no other thread
-/// writes the columns `rows`; `w` holds n rows of kb blocks, `act` the batch's rows of kb.
+/// writes the columns `rows`; `act` holds the batch's rows of kb blocks.
 #[allow(clippy::too_many_arguments)]
 pub(super) unsafe fn span(
-    t: KType,
+    km: &KMatrix,
     sum_of: &dyn Fn(usize) -> Sum,
-    w: &[u8],
-    kb: usize,
     act: &[Q8K],
     acts: std::ops::Range<usize>,
     rows: std::ops::Range<usize>,
     out: *mut f32,
-    n: usize,
 ) {
-    let rb = kb * t.block_bytes();
-    assert!(w.len() >= rows.end * rb && act.len() >= acts.end * kb);
+    let (t, n, kb) = (km.t, km.n, km.k / QK_K);
+    assert!(rows.end <= n && act.len() >= acts.end * kb);
+    let mut buf = Vec::new();
     let a = |i: usize| &act[i * kb..(i + 1) * kb];
     let sums: Vec<Sum> = acts.clone().map(sum_of).collect();
     let sum = |i: usize| sums[i - acts.start];
     for i0 in acts.clone().step_by(ROW_TILE) {
         let tile = i0..(i0 + ROW_TILE).min(acts.end);
         for j in rows.clone() {
-            let wr = &w[j * rb..(j + 1) * rb];
+            let wr = km.gguf_row(j, &mut buf);
             let mut i = tile.start;
             // SAFETY (the kernels): the CPU has AVX2 and FMA. (The stores): i < m, j < n, and
             // column j is this task's.

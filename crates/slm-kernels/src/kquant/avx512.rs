@@ -21,7 +21,7 @@ use std::arch::x86_64::*;
 use std::mem::MaybeUninit;
 
 use super::avx2::{block_scales, q2k_values, q3k_parts, q45k_values, q6k_values};
-use super::{scales_mins_k4, scales_q3k, KType, Sum, Q8K, QK_K};
+use super::{scales_mins_k4, scales_q3k, KMatrix, KType, Sum, Q8K, QK_K};
 
 /// Activation rows in a group (the lanes of a 512-bit register of i32 or f32).
 pub(super) const GROUP: usize = 16;
@@ -181,37 +181,33 @@ const PASS: usize = 8;
 /// against, kept in L2 while the passes go by.
 const TILE_BYTES: usize = 512 << 10;
 
-/// Weight rows `rows` against the groups (`groups.len() / kb` of them), every cell summed as
-/// `sum`; cell (row 16g + i, weight row j) to out[(16g + i) * n + j].
+/// Weight rows `rows` of `km` against the groups (`groups.len() / kb` of them), every cell
+/// summed as `sum`; cell (row 16g + i, weight row j) to out[(16g + i) * n + j].
 ///
 /// # Safety
-/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `takes(t, sum)`; out holds the
-/// groups' rows times n values and no other thread writes the columns `rows`; `w` holds n
-/// rows of kb blocks.
-#[allow(clippy::too_many_arguments)]
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW, VL and VNNI; `takes(km.t, sum)`; out holds
+/// the groups' rows times n values and no other thread writes the columns `rows`.
 pub(super) unsafe fn span(
-    t: KType,
+    km: &KMatrix,
     sum: Sum,
-    w: &[u8],
-    kb: usize,
     groups: &[Q8Kx16],
     rows: std::ops::Range<usize>,
     out: *mut f32,
-    n: usize,
 ) {
+    let (t, n, kb) = (km.t, km.n, km.k / QK_K);
     debug_assert!(takes(t, sum));
-    let rb = kb * t.block_bytes();
-    assert!(w.len() >= rows.end * rb && rows.end <= n && groups.len().is_multiple_of(kb));
+    assert!(rows.end <= n && groups.len().is_multiple_of(kb));
     let ng = groups.len() / kb;
     let mut unpacked = vec![Unpacked::ZERO; PASS * kb];
+    let mut buf = Vec::new();
     let tile = (TILE_BYTES / (kb * std::mem::size_of::<Q8Kx16>())).max(1);
     for g0 in (0..ng).step_by(tile) {
         let mut j = rows.start;
         while j < rows.end {
             let c = (rows.end - j).min(PASS);
-            for b in 0..kb {
-                for r in 0..c {
-                    let blk = &w[(j + r) * rb + b * t.block_bytes()..];
+            for r in 0..c {
+                let w = km.gguf_row(j + r, &mut buf);
+                for (b, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
                     // SAFETY: the CPU has the features; a whole block.
                     unsafe { unpack(t, blk, &mut unpacked[b * PASS + r]) };
                 }
@@ -349,5 +345,128 @@ unsafe fn cells<const P: usize, const UNIT: usize, const CHUNK: usize>(
         };
         // SAFETY: 8 floats.
         unsafe { _mm512_storeu_ps(out[r].as_mut_ptr().cast(), v) };
+    }
+}
+
+/// `Sum::Rows` cells of one group of sixteen interleaved Q4_K rows (`grp`: its kb blocks, see
+/// `rows16`) against R activation rows `ys` (kb blocks each), row i summed as `sums[i]`:
+/// out[i][r] for weight row r. The integers are `super::dot_row`'s (exact), the floats round as
+/// `super::Cell` does, lane by lane. A group's quants are loaded and split into nibbles once
+/// for the R rows.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; every sum is `Rows(64)` or
+/// `Rows(256)`; grp holds kb groups' blocks and each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows16_q4k<const R: usize>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    sums: [Sum; R],
+    out: &mut [[f32; 16]; R],
+) {
+    use super::rows16::GROUP_BYTES;
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    debug_assert!(sums
+        .iter()
+        .all(|s| matches!(s, Sum::Rows(64) | Sum::Rows(QK_K))));
+    let per_chunk = sums.map(|s| s == Sum::Rows(64));
+    let (k1, k2, k3) = (
+        _mm512_set1_epi32(0x3f3f3f3f),
+        _mm512_set1_epi32(0x0f0f0f0f),
+        _mm512_set1_epi32(0x03030303),
+    );
+    let m4 = _mm512_set1_epi8(0xF);
+    let mut row = [_mm512_setzero_ps(); R];
+    let mut row_min = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY (the loads): within the group's super-block.
+        let (d, dmin, u0, u1, u2) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
+                _mm512_loadu_si512(g.add(64).cast()),
+                _mm512_loadu_si512(g.add(128).cast()),
+                _mm512_loadu_si512(g.add(192).cast()),
+            )
+        };
+        // `scales_mins_k4` for sixteen rows: scales and mins 0-3 and 4-7, a byte each.
+        let sc = [
+            _mm512_and_si512(u0, k1),
+            _mm512_or_si512(
+                _mm512_and_si512(u2, k2),
+                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4),
+            ),
+        ];
+        let mn = [
+            _mm512_and_si512(u1, k1),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4),
+            ),
+        ];
+        let byte = |v: &[__m512i; 2], u: usize| {
+            let s = _mm512_srl_epi32(v[u / 4], _mm_cvtsi32_si128(8 * (u % 4) as i32));
+            _mm512_and_si512(s, _mm512_set1_epi32(0xFF))
+        };
+        let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(ys[i][b].d)));
+        let dm: [__m512; R] =
+            std::array::from_fn(|i| _mm512_mul_ps(dmin, _mm512_set1_ps(ys[i][b].d)));
+        let mut isum = [_mm512_setzero_si512(); R];
+        let mut imin = [_mm512_setzero_si512(); R];
+        for j in 0..4 {
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for p in 0..8 {
+                // SAFETY: vector (j, p) of the group's quants.
+                let w = unsafe { _mm512_loadu_si512(g.add(256 + (8 * j + p) * 64).cast()) };
+                let wl = _mm512_and_si512(w, m4);
+                let wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+                for i in 0..R {
+                    let q = ys[i][b].qs.as_ptr();
+                    // SAFETY: values of the block.
+                    let (alo, ahi) = unsafe {
+                        (
+                            q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
+                            q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
+                        )
+                    };
+                    lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_set1_epi32(alo));
+                    hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_set1_epi32(ahi));
+                }
+            }
+            let (sl, sh) = (byte(&sc, 2 * j), byte(&sc, 2 * j + 1));
+            let (ml, mh) = (byte(&mn, 2 * j), byte(&mn, 2 * j + 1));
+            for i in 0..R {
+                let bs = |u: usize| {
+                    let s = &ys[i][b].bsums;
+                    _mm512_set1_epi32(s[2 * u] as i32 + s[2 * u + 1] as i32)
+                };
+                let is =
+                    _mm512_add_epi32(_mm512_mullo_epi32(lo[i], sl), _mm512_mullo_epi32(hi[i], sh));
+                let im = _mm512_add_epi32(
+                    _mm512_mullo_epi32(ml, bs(2 * j)),
+                    _mm512_mullo_epi32(mh, bs(2 * j + 1)),
+                );
+                if per_chunk[i] {
+                    row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), dd[i], row[i]);
+                    row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(im), dm[i], row_min[i]);
+                } else {
+                    isum[i] = _mm512_add_epi32(isum[i], is);
+                    imin[i] = _mm512_add_epi32(imin[i], im);
+                }
+            }
+        }
+        for i in 0..R {
+            if !per_chunk[i] {
+                row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i]), dd[i], row[i]);
+                row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[i]), dm[i], row_min[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), _mm512_sub_ps(row[i], row_min[i])) };
     }
 }

@@ -74,6 +74,8 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (33, 1536, 7),
         (40, 512, 38),
         (16, 256, 8),
+        (32, 512, 5),
+        (48, 768, 1),
         (20, 512, 70),
         // Past a tile of groups (112 of them at k = 256: TILE_BYTES), two groups more.
         (3, 256, 1824),
@@ -91,10 +93,12 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
                     let mut out = vec![f32::NAN; m * n];
                     let o = unsafe { crate::pool::as_uninit(&mut out) };
                     km.matmul_with(&x, m, o, isa, sum).unwrap();
+                    let mut buf = Vec::new();
                     for j in 0..n {
                         for i in 0..m {
                             let s = sum.unwrap_or_else(|| Sum::of(t, n, m, i));
-                            let want = dot_row(t, s, km.row(j), &act[i * kb..(i + 1) * kb]);
+                            let want =
+                                dot_row(t, s, km.gguf_row(j, &mut buf), &act[i * kb..(i + 1) * kb]);
                             assert_eq!(
                                 out[i * n + j].to_bits(),
                                 want.to_bits(),
@@ -127,6 +131,7 @@ fn reference_equals_dequantized_product() {
         let km = KMatrix::new(t, &q.data().unwrap(), n, k);
         let mut row = vec![0f32; k];
         for sum in sums(t).into_iter().flatten() {
+            let mut buf = Vec::new();
             for j in 0..n {
                 km.dequantize_row(j, &mut row);
                 for i in 0..m {
@@ -142,7 +147,7 @@ fn reference_equals_dequantized_product() {
                                 .abs()
                         })
                         .sum();
-                    let got = dot_row(t, sum, km.row(j), a) as f64;
+                    let got = dot_row(t, sum, km.gguf_row(j, &mut buf), a) as f64;
                     // Q2_K/Q4_K/Q5_K take the min term apart from the rest, two sums of
                     // about the row's magnitude each: a few f32 ulps of `scale`.
                     assert!(
