@@ -256,7 +256,7 @@ impl Linear {
             Linear::KBlocks { w, b } => {
                 let q = candle_core::quantized::ggml_file::qtensor_from_ggml(
                     w.t.to_ggml(),
-                    w.gguf_bytes(),
+                    &w.gguf_bytes(),
                     vec![w.n, w.k],
                     &Device::Cpu,
                 )?;
