@@ -29,8 +29,9 @@
 //! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
-//! Except Q4_K on AVX-512: its rows are interleaved sixteen at a time at load (`rows16`, the
-//! same bytes moved), and one kernel holding weight rows in the lanes takes every batch.
+//! Except Q4_K and Q6_K on AVX-512: their rows are interleaved sixteen at a time at load
+//! (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take every
+//! batch.
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -463,8 +464,9 @@ pub struct KMatrix {
 }
 
 impl KMatrix {
-    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q4_K
-    /// matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has AVX-512.
+    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q4_K and
+    /// Q6_K matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has
+    /// AVX-512.
     pub fn new(t: KType, gguf: &[u8], n: usize, k: usize) -> Self {
         let kb = k / QK_K;
         assert!(k.is_multiple_of(QK_K) && gguf.len() == n * kb * t.block_bytes());
@@ -472,7 +474,7 @@ impl KMatrix {
         Self {
             t,
             bytes: Arc::new(if interleaved {
-                rows16::interleave(gguf, n, kb)
+                rows16::interleave(t, gguf, n, kb)
             } else {
                 gguf.to_vec()
             }),
@@ -500,7 +502,7 @@ impl KMatrix {
     pub(crate) fn gguf_row<'a>(&'a self, j: usize, buf: &'a mut Vec<u8>) -> &'a [u8] {
         let kb = self.k / QK_K;
         if self.interleaved {
-            rows16::gguf_row(&self.bytes, kb, j, buf);
+            rows16::gguf_row(self.t, &self.bytes, kb, j, buf);
             buf
         } else {
             let rb = kb * self.t.block_bytes();
@@ -594,14 +596,21 @@ impl KMatrix {
         #[cfg(target_arch = "x86_64")]
         let groups = {
             let s0 = sum_of(0);
-            // Interleaved rows take their own kernel instead (`rows16_span`).
-            let ng = if isa == Some(Isa::Avx512) && avx512::takes(self.t, s0) && !self.interleaved {
+            let ng = if isa == Some(Isa::Avx512) && avx512::takes(self.t, s0) {
                 use avx512::GROUP;
                 (0..m / GROUP)
                     .take_while(|g| (GROUP * g..GROUP * (g + 1)).all(|i| sum_of(i) == s0))
                     .count()
             } else {
                 0
+            };
+            // Interleaved rows take their own kernel instead (`rows16_span`): always for Q4_K,
+            // which it runs faster than the groups do; for Q6_K, until there are enough groups
+            // to repay unpacking its rows out of the interleaved layout.
+            let ng = match (self.interleaved, self.t) {
+                (true, KType::Q4K) => 0,
+                (true, _) if ng < Q6K_MIN_GROUPS => 0,
+                _ => ng,
             };
             let g = scratch.groups.slice(ng * kb)?;
             avx512::interleave(act, kb, ng, g);
@@ -671,9 +680,9 @@ impl KMatrix {
 
 impl KMatrix {
     /// Rows `rows` (whole groups of 16) of an interleaved matrix against activation rows
-    /// `acts`: the rows summed as llama.cpp's repacked kernels sum them take
-    /// `avx512::rows16_q4k`, four at a time where they can; any other (a test's choice) the dot
-    /// products on rebuilt rows.
+    /// `acts` by `avx512::rows16_q4k` / `rows16_q6k`, four activation rows at a time where
+    /// they share a sum those take (Q4_K's repacked `Rows`; Q6_K's `Tiled`, and `Lanes` one
+    /// row at a time); any other sum (a test's choice) by the dot products on rebuilt rows.
     #[cfg(target_arch = "x86_64")]
     fn rows16_span(
         &self,
@@ -684,8 +693,13 @@ impl KMatrix {
         sum_of: &dyn Fn(usize) -> Sum,
     ) {
         let (n, kb) = (self.n, self.k / QK_K);
-        let gb = kb * rows16::GROUP_BYTES;
-        let takes = |i: usize| matches!(sum_of(i), Sum::Rows(64) | Sum::Rows(QK_K));
+        let gb = kb * rows16::group_bytes(self.t);
+        let q4k = self.t == KType::Q4K;
+        let takes = |i: usize| match sum_of(i) {
+            Sum::Rows(64) | Sum::Rows(QK_K) => q4k,
+            Sum::Tiled | Sum::Lanes => !q4k,
+            Sum::Rows(_) => false,
+        };
         let y = |i: usize| &act[i * kb..(i + 1) * kb];
         let mut i = acts.start;
         while i < acts.end {
@@ -704,20 +718,29 @@ impl KMatrix {
                 i += 1;
                 continue;
             }
-            let four = i + 4 <= acts.end && (i..i + 4).all(takes);
+            let lanes = sum_of(i) == Sum::Lanes;
+            let four = !lanes && i + 4 <= acts.end && (i..i + 4).all(|x| sum_of(x) == sum_of(i));
             let r = if four { 4 } else { 1 };
             for g in rows.start / rows16::ROWS..rows.end / rows16::ROWS {
                 let grp = &self.bytes[g * gb..(g + 1) * gb];
                 let mut v = [[0f32; rows16::ROWS]; 4];
-                // SAFETY: the CPU has AVX-512 (the caller checked); Rows sums; whole blocks.
+                let one: &mut [[f32; 16]; 1] = (&mut v[..1]).try_into().unwrap();
+                // SAFETY: the CPU has AVX-512 (the caller checked); sums these take; whole
+                // blocks.
                 unsafe {
-                    if four {
-                        let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
-                        let sums = [sum_of(i), sum_of(i + 1), sum_of(i + 2), sum_of(i + 3)];
-                        avx512::rows16_q4k::<4>(grp, ys, sums, &mut v);
-                    } else {
-                        let one: &mut [[f32; 16]; 1] = (&mut v[..1]).try_into().unwrap();
-                        avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], one);
+                    match (q4k, four, lanes) {
+                        (true, true, _) => {
+                            let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
+                            let sums = [sum_of(i), sum_of(i + 1), sum_of(i + 2), sum_of(i + 3)];
+                            avx512::rows16_q4k::<4>(grp, ys, sums, &mut v);
+                        }
+                        (true, false, _) => avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], one),
+                        (false, true, _) => {
+                            let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
+                            avx512::rows16_q6k::<4, false>(grp, ys, &mut v);
+                        }
+                        (false, false, true) => avx512::rows16_q6k::<1, true>(grp, [y(i)], one),
+                        (false, false, false) => avx512::rows16_q6k::<1, false>(grp, [y(i)], one),
                     }
                 }
                 for (di, v) in v.iter().enumerate().take(r) {
@@ -732,6 +755,9 @@ impl KMatrix {
         }
     }
 }
+
+/// Groups of activation rows from which an interleaved Q6_K matrix takes `avx512::span`.
+const Q6K_MIN_GROUPS: usize = 4;
 
 /// Activation rows a task takes at a time (16 rows of Q8_K at k = 1536: 28 KB).
 pub(crate) const ROW_TILE: usize = 16;

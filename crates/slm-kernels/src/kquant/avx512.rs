@@ -206,6 +206,20 @@ pub(super) unsafe fn span(
         while j < rows.end {
             let c = (rows.end - j).min(PASS);
             for r in 0..c {
+                if km.interleaved && t == KType::Q6K {
+                    let gb = super::rows16::group_bytes(t);
+                    let (g, rr) = ((j + r) / 16, (j + r) % 16);
+                    let mut blk = [0u8; 210];
+                    for b in 0..kb {
+                        let grp = &km.bytes[(g * kb + b) * gb..][..gb];
+                        // SAFETY: the CPU has the features; a whole group, rr < 16.
+                        unsafe {
+                            q6k_block_of(grp, rr, &mut blk);
+                            unpack(t, &blk, &mut unpacked[b * PASS + r]);
+                        }
+                    }
+                    continue;
+                }
                 let w = km.gguf_row(j + r, &mut buf);
                 for (b, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
                     // SAFETY: the CPU has the features; a whole block.
@@ -364,7 +378,7 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
     sums: [Sum; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::GROUP_BYTES;
+    const GROUP_BYTES: usize = 16 * 144;
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
     debug_assert!(sums
@@ -469,4 +483,166 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), _mm512_sub_ps(row[i], row_min[i])) };
     }
+}
+
+/// The cells of one group of sixteen interleaved Q6_K rows (`grp`: its kb blocks, see `rows16`)
+/// against R activation rows `ys`, all summed as `Sum::Lanes` (with `LANES`: eight position
+/// lanes per cell, as ggml's dot product keeps them) or `Sum::Tiled`: out[i][r] for weight row
+/// r. The integers are `super::dot_row`'s; the floats round as `super::Cell` does, lane by
+/// lane. A product of four 6-bit values and four of Q8_K fits in 16 bits, so a scale is
+/// applied by `madd_epi16` against the scale in the low half of each word.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and
+/// each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+// p is a position in the block as well as a lane's index.
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    out: &mut [[f32; 16]; R],
+) {
+    use super::rows16::{Q6K_QH, Q6K_QL, Q6K_SCALES};
+    const GROUP_BYTES: usize = 16 * 210;
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    let (m4, m3) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    // LANES: eight float lanes per cell; Tiled: one.
+    let mut lanes = [[_mm512_setzero_ps(); 8]; R];
+    let mut row = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY (the loads): within the group's super-block.
+        let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(g.cast()) });
+        // The sixteen rows' scale of group q (signed), in the low half of each word.
+        let scale = |q: usize| {
+            // SAFETY: the scales of group q.
+            let v = unsafe { _mm_loadu_si128(g.add(Q6K_SCALES + 16 * q).cast()) };
+            _mm512_and_si512(_mm512_cvtepi8_epi32(v), low16)
+        };
+        // The sixteen rows' scale of group q, sign-extended (for `mullo`).
+        let scale32 = |q: usize| {
+            // SAFETY: the scales of group q.
+            let v = unsafe { _mm_loadu_si128(g.add(Q6K_SCALES + 16 * q).cast()) };
+            _mm512_cvtepi8_epi32(v)
+        };
+        let mut li = [[_mm512_setzero_si512(); 8]; R];
+        let mut isum = [_mm512_setzero_si512(); R];
+        for j in 0..2 {
+            for t in 0..4 {
+                let (sa, sb) = (scale(8 * j + 2 * t), scale(8 * j + 2 * t + 1));
+                // Tiled: a group of 16 values' products summed, then scaled once.
+                let mut acc = [_mm512_setzero_si512(); R];
+                for p in 0..8 {
+                    // SAFETY: vectors of the group's low and high bits.
+                    let (ql, qh) = unsafe {
+                        (
+                            _mm512_loadu_si512(
+                                g.add(Q6K_QL + 64 * (16 * j + 8 * (t % 2) + p)).cast(),
+                            ),
+                            _mm512_loadu_si512(g.add(Q6K_QH + 64 * (8 * j + p)).cast()),
+                        )
+                    };
+                    let low = _mm512_and_si512(
+                        _mm512_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t / 2) as i32)),
+                        m4,
+                    );
+                    let high =
+                        _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32)), m3);
+                    let w = _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
+                    let s = if p < 4 { sa } else { sb };
+                    for i in 0..R {
+                        // SAFETY: values 128j + 32t + 4p.. of the block.
+                        let a = unsafe {
+                            ys[i][b]
+                                .qs
+                                .as_ptr()
+                                .add(128 * j + 32 * t + 4 * p)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let a = _mm512_set1_epi32(a);
+                        if LANES {
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
+                            li[i][p] = _mm512_add_epi32(li[i][p], _mm512_madd_epi16(dot, s));
+                        } else {
+                            acc[i] = _mm512_dpbusd_epi32(acc[i], w, a);
+                        }
+                    }
+                    if !LANES && p % 4 == 3 {
+                        let s = scale32(8 * j + 2 * t + p / 4);
+                        for i in 0..R {
+                            isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(acc[i], s));
+                            acc[i] = _mm512_setzero_si512();
+                        }
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            let y = &ys[i][b];
+            // The offset of 32: scale times the activations' sum, per group of 16.
+            let off = |q: usize| {
+                let bs = _mm512_set1_epi32(y.bsums[q] as u16 as i32);
+                _mm512_madd_epi16(scale(q), bs)
+            };
+            if LANES {
+                // Lane p takes groups 2p and 2p + 1's offsets (as `super::dot_row`).
+                let dy = _mm512_mul_ps(_mm512_set1_ps(y.d), d);
+                for p in 0..8 {
+                    let o = _mm512_slli_epi32(_mm512_add_epi32(off(2 * p), off(2 * p + 1)), 5);
+                    let l = _mm512_cvtepi32_ps(_mm512_sub_epi32(li[i][p], o));
+                    lanes[i][p] = _mm512_fmadd_ps(dy, l, lanes[i][p]);
+                }
+            } else {
+                let mut o = _mm512_setzero_si512();
+                for q in 0..16 {
+                    o = _mm512_add_epi32(o, off(q));
+                }
+                let is = _mm512_sub_epi32(isum[i], _mm512_slli_epi32(o, 5));
+                let r = _mm512_mul_ps(d, _mm512_cvtepi32_ps(is));
+                row[i] = _mm512_fmadd_ps(r, _mm512_set1_ps(y.d), row[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        let v = if LANES {
+            // `hsum8` lane by lane: the halves, then pairs.
+            let l = &lanes[i];
+            let r: [__m512; 4] = std::array::from_fn(|k| _mm512_add_ps(l[k + 4], l[k]));
+            _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
+        } else {
+            row[i]
+        };
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), v) };
+    }
+}
+
+/// Row r's Q6_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
+/// `rows16`): the quants by three gathers of sixteen words 64 bytes apart, where
+/// `rows16::gguf_row` copies them word by word.
+///
+/// # Safety
+/// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
+#[target_feature(enable = "avx512f")]
+unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
+    use super::rows16::{Q6K_QH, Q6K_QL, Q6K_SCALES};
+    assert!(grp.len() >= 16 * 210 && r < 16);
+    let stride = _mm512_setr_epi32(
+        0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960,
+    );
+    for (at, from) in [(0, Q6K_QL), (64, Q6K_QL + 1024), (128, Q6K_QH)] {
+        // SAFETY: sixteen words of the group, 64 bytes apart from row r's first.
+        unsafe {
+            let v = _mm512_i32gather_epi32::<1>(stride, grp.as_ptr().add(from + 4 * r).cast());
+            _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), v);
+        }
+    }
+    for q in 0..16 {
+        out[192 + q] = grp[Q6K_SCALES + 16 * q + r];
+    }
+    out[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
 }

@@ -1,57 +1,86 @@
-//! Q4_K matrices with their rows interleaved sixteen at a time, for AVX-512: the same bytes
-//! as GGUF's blocks, moved so that one 64-byte load holds four weights of each of sixteen rows,
-//! and the sixteen rows' scales of a super-block sit in three 64-byte planes.
+//! Q4_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512: the same
+//! bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each of
+//! sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
 //!
 //! Why: against GGUF's row-major blocks, a dot product unpacks every row's scales, scales
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
-//! and the activations are what gets broadcast (`avx512::rows16_q4k`, for every batch: it
-//! also outruns the activation groups of `avx512::span` on these matrices). Q4_K is the type
-//! llama.cpp repacks, so its rows are all summed as `Sum::Rows`, which needs no lane
-//! structure within a row. The other paths read rows rebuilt in GGUF's order
-//! (`KMatrix::gguf_row`).
+//! and the activations are what gets broadcast (`avx512::rows16_q4k` and `rows16_q6k`, for
+//! every batch: they also outrun the activation groups of `avx512::span` on these matrices).
+//! The other paths read rows rebuilt in GGUF's order (`KMatrix::gguf_row`).
 //!
-//! Layout of group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * GROUP_BYTES`:
+//! Q4_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
 //! the sixteen `d` (f16), the sixteen `dmin`, then the packed 6-bit scales as three planes of
 //! sixteen words (plane w holds bytes 4w..4w+3 of each row's twelve), then the quants: vector
 //! v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's 128 (values 64j + 4p..
 //! in the low nibbles, 64j + 32 + 4p.. in the high ones).
+//!
+//! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
+//! together), then the low bits as 32 vectors of 4 bytes of each row's 128, then the high
+//! bits as 16 vectors of 4 bytes of each row's 64.
 
 use super::{KType, QK_K};
 
 /// Rows interleaved together.
 pub(crate) const ROWS: usize = 16;
-/// Bytes of one Q4_K block.
-const BLOCK: usize = 144;
-/// Bytes of sixteen rows' super-block.
-pub(crate) const GROUP_BYTES: usize = ROWS * BLOCK;
+
+/// Bytes of sixteen rows' super-block of `t`.
+pub(crate) fn group_bytes(t: KType) -> usize {
+    ROWS * t.block_bytes()
+}
+
+/// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
+/// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), the low bits (`Q6K_QL`, 32
+/// vectors) and the high bits (`Q6K_QH`, 16 vectors).
+pub(crate) const Q6K_SCALES: usize = 2 * ROWS;
+pub(crate) const Q6K_QL: usize = Q6K_SCALES + 16 * ROWS;
+pub(crate) const Q6K_QH: usize = Q6K_QL + 128 * ROWS;
 
 /// Whether a matrix of `t` with n rows takes this layout on this CPU.
 pub(crate) fn applies(t: KType, n: usize) -> bool {
-    t == KType::Q4K
+    matches!(t, KType::Q4K | KType::Q6K)
         && n.is_multiple_of(ROWS)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
 }
 
-/// Row r's block (r < 16) as runs of bytes: (where in the block, where in its group's
-/// super-block, how many). Every byte of the block is in one run.
-fn runs(r: usize) -> impl Iterator<Item = (usize, usize, usize)> {
-    let scales = [(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)];
-    let planes = (0..3).map(move |w| (4 + 4 * w, 4 * ROWS * (1 + w) + 4 * r, 4));
-    // Bytes 4v..4v+4 of the quants (v = 8j + p) are vector v's row r.
-    let quants = (0..32).map(move |v| (16 + 4 * v, 16 * ROWS + 4 * ROWS * v + 4 * r, 4));
-    scales.into_iter().chain(planes).chain(quants)
+/// Row r's block (r < 16) as runs of bytes, into `out`: (where in the block, where in its
+/// group's super-block, how many). Every byte of the block is in one run.
+fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
+    out.clear();
+    // A part kept as vectors of 4 bytes of each row: bytes 4v..4v+4 of the row's part (at
+    // `from` in the block) are vector v's row r (at `to` in the group).
+    let vectors = |from: usize, to: usize, count: usize| {
+        (0..count).map(move |v| (from + 4 * v, to + 4 * ROWS * v + 4 * r, 4))
+    };
+    match t {
+        KType::Q4K => {
+            out.extend([(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)]);
+            // The twelve bytes of packed scales as three planes of words.
+            out.extend(vectors(4, 4 * ROWS, 3));
+            out.extend(vectors(16, 16 * ROWS, 32));
+        }
+        KType::Q6K => {
+            out.push((208, 2 * r, 2));
+            out.extend((0..16).map(|g| (192 + g, Q6K_SCALES + ROWS * g + r, 1)));
+            out.extend(vectors(0, Q6K_QL, 32));
+            out.extend(vectors(128, Q6K_QH, 16));
+        }
+        _ => unreachable!("{t:?} is not interleaved"),
+    }
 }
 
-/// GGUF's Q4_K bytes (n rows of kb blocks, n a multiple of 16) in this layout.
-pub(crate) fn interleave(gguf: &[u8], n: usize, kb: usize) -> Vec<u8> {
-    assert!(n.is_multiple_of(ROWS) && gguf.len() == n * kb * BLOCK);
+/// GGUF's bytes of `t` (n rows of kb blocks, n a multiple of 16) in this layout.
+pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> {
+    let (bb, gb) = (t.block_bytes(), group_bytes(t));
+    assert!(n.is_multiple_of(ROWS) && gguf.len() == n * kb * bb);
     let mut out = vec![0u8; gguf.len()];
-    for (j, row) in gguf.chunks_exact(kb * BLOCK).enumerate() {
+    let mut rs = Vec::new();
+    for (j, row) in gguf.chunks_exact(kb * bb).enumerate() {
         let (g, r) = (j / ROWS, j % ROWS);
-        for (b, blk) in row.chunks_exact(BLOCK).enumerate() {
-            let grp = &mut out[(g * kb + b) * GROUP_BYTES..][..GROUP_BYTES];
-            for (from, to, len) in runs(r) {
+        runs(t, r, &mut rs);
+        for (b, blk) in row.chunks_exact(bb).enumerate() {
+            let grp = &mut out[(g * kb + b) * gb..][..gb];
+            for &(from, to, len) in &rs {
                 grp[to..to + len].copy_from_slice(&blk[from..from + len]);
             }
         }
@@ -59,13 +88,16 @@ pub(crate) fn interleave(gguf: &[u8], n: usize, kb: usize) -> Vec<u8> {
     out
 }
 
-/// Row j's GGUF bytes (kb blocks) from the interleaved matrix `x`, into `out`.
-pub(crate) fn gguf_row(x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`.
+pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
+    let (bb, gb) = (t.block_bytes(), group_bytes(t));
     let (g, r) = (j / ROWS, j % ROWS);
-    out.resize(kb * BLOCK, 0);
-    for (b, blk) in out.chunks_exact_mut(BLOCK).enumerate() {
-        let grp = &x[(g * kb + b) * GROUP_BYTES..][..GROUP_BYTES];
-        for (at, from, len) in runs(r) {
+    let mut rs = Vec::new();
+    runs(t, r, &mut rs);
+    out.resize(kb * bb, 0);
+    for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
+        let grp = &x[(g * kb + b) * gb..][..gb];
+        for &(at, from, len) in &rs {
             blk[at..at + len].copy_from_slice(&grp[from..from + len]);
         }
     }
@@ -80,30 +112,37 @@ mod tests {
     /// Every byte of sixteen blocks has a place of its own, and rows come back as they were.
     #[test]
     fn layout_is_a_permutation_and_rows_round_trip() {
-        let mut seen = vec![false; GROUP_BYTES];
-        for r in 0..ROWS {
-            let mut covered = [false; BLOCK];
-            for (at, to, len) in runs(r) {
-                for i in 0..len {
-                    assert!(!covered[at + i] && !seen[to + i], "row {r} byte {}", at + i);
-                    (covered[at + i], seen[to + i]) = (true, true);
+        for t in [KType::Q4K, KType::Q6K] {
+            let (bb, gb) = (t.block_bytes(), group_bytes(t));
+            let mut seen = vec![false; gb];
+            let mut rs = Vec::new();
+            for r in 0..ROWS {
+                let mut covered = vec![false; bb];
+                runs(t, r, &mut rs);
+                for &(at, to, len) in &rs {
+                    for i in 0..len {
+                        assert!(
+                            !covered[at + i] && !seen[to + i],
+                            "{t:?} row {r} byte {}",
+                            at + i
+                        );
+                        (covered[at + i], seen[to + i]) = (true, true);
+                    }
                 }
+                assert!(
+                    covered.iter().all(|&c| c),
+                    "{t:?} row {r}: a byte has no place"
+                );
             }
-            assert!(
-                covered.iter().all(|&c| c),
-                "row {r}: a byte of its block has no place"
-            );
-        }
-        assert!(seen.iter().all(|&c| c));
-        let (n, kb) = (32, 3);
-        let gguf: Vec<u8> = (0..n * kb * BLOCK)
-            .map(|i| (i * 7919 % 251) as u8)
-            .collect();
-        let x = interleave(&gguf, n, kb);
-        let mut row = Vec::new();
-        for j in 0..n {
-            gguf_row(&x, kb, j, &mut row);
-            assert_eq!(row, &gguf[j * kb * BLOCK..(j + 1) * kb * BLOCK], "row {j}");
+            assert!(seen.iter().all(|&c| c), "{t:?}");
+            let (n, kb) = (32, 3);
+            let gguf: Vec<u8> = (0..n * kb * bb).map(|i| (i * 7919 % 251) as u8).collect();
+            let x = interleave(t, &gguf, n, kb);
+            let mut row = Vec::new();
+            for j in 0..n {
+                gguf_row(t, &x, kb, j, &mut row);
+                assert_eq!(row, &gguf[j * kb * bb..(j + 1) * kb * bb], "{t:?} row {j}");
+            }
         }
     }
 }

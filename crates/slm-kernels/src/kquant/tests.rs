@@ -76,6 +76,7 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (16, 256, 8),
         (32, 512, 5),
         (48, 768, 1),
+        (32, 256, 70),
         (20, 512, 70),
         // Past a tile of groups (112 of them at k = 256: TILE_BYTES), two groups more.
         (3, 256, 1824),
