@@ -503,7 +503,7 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
     ys: [&[Q8K]; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::{Q6K_QH, Q6K_QL, Q6K_SCALES};
+    use super::rows16::{q6k_step, Q6K_SCALES};
     const GROUP_BYTES: usize = 16 * 210;
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
@@ -531,28 +531,33 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
         let mut li = [[_mm512_setzero_si512(); 8]; R];
         let mut isum = [_mm512_setzero_si512(); R];
         for j in 0..2 {
-            for t in 0..4 {
-                let (sa, sb) = (scale(8 * j + 2 * t), scale(8 * j + 2 * t + 1));
-                // Tiled: a group of 16 values' products summed, then scaled once.
-                let mut acc = [_mm512_setzero_si512(); R];
-                for p in 0..8 {
-                    // SAFETY: vectors of the group's low and high bits.
-                    let (ql, qh) = unsafe {
-                        (
-                            _mm512_loadu_si512(
-                                g.add(Q6K_QL + 64 * (16 * j + 8 * (t % 2) + p)).cast(),
-                            ),
-                            _mm512_loadu_si512(g.add(Q6K_QH + 64 * (8 * j + p)).cast()),
-                        )
-                    };
-                    let low = _mm512_and_si512(
-                        _mm512_srl_epi16(ql, _mm_cvtsi32_si128(4 * (t / 2) as i32)),
-                        m4,
-                    );
-                    let high =
-                        _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(2 * t as i32)), m3);
-                    let w = _mm512_or_si512(low, _mm512_slli_epi16(high, 4));
-                    let s = if p < 4 { sa } else { sb };
+            // The sixteen rows' scales of the groups of 16 values this j covers: (t, half).
+            let sm: [[__m512i; 2]; 4] =
+                std::array::from_fn(|t| std::array::from_fn(|h| scale(8 * j + 2 * t + h)));
+            // Tiled: each group of 16 values' products summed, then scaled once.
+            let mut acc = [[_mm512_setzero_si512(); 4]; R];
+            for p in 0..8 {
+                // SAFETY: step (j, p)'s three vectors.
+                let (qa, qb, qh) = unsafe {
+                    let at = g.add(q6k_step(j, p));
+                    (
+                        _mm512_loadu_si512(at.cast()),
+                        _mm512_loadu_si512(at.add(64).cast()),
+                        _mm512_loadu_si512(at.add(128).cast()),
+                    )
+                };
+                let high = |s: i32| {
+                    let h = _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(s)), m3);
+                    _mm512_slli_epi16(h, 4)
+                };
+                // Values 128j + 32t + 4p.. for t = 0..4 (as `avx2::q6k_values`).
+                let w = [
+                    _mm512_or_si512(_mm512_and_si512(qa, m4), high(0)),
+                    _mm512_or_si512(_mm512_and_si512(qb, m4), high(2)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(qa, 4), m4), high(4)),
+                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(qb, 4), m4), high(6)),
+                ];
+                for (t, w) in w.iter().enumerate() {
                     for i in 0..R {
                         // SAFETY: values 128j + 32t + 4p.. of the block.
                         let a = unsafe {
@@ -565,17 +570,20 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
                         };
                         let a = _mm512_set1_epi32(a);
                         if LANES {
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, a);
-                            li[i][p] = _mm512_add_epi32(li[i][p], _mm512_madd_epi16(dot, s));
+                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *w, a);
+                            let v = _mm512_madd_epi16(dot, sm[t][p / 4]);
+                            li[i][p] = _mm512_add_epi32(li[i][p], v);
                         } else {
-                            acc[i] = _mm512_dpbusd_epi32(acc[i], w, a);
+                            acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], *w, a);
                         }
                     }
-                    if !LANES && p % 4 == 3 {
+                }
+                if !LANES && p % 4 == 3 {
+                    for t in 0..4 {
                         let s = scale32(8 * j + 2 * t + p / 4);
                         for i in 0..R {
-                            isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(acc[i], s));
-                            acc[i] = _mm512_setzero_si512();
+                            isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(acc[i][t], s));
+                            acc[i][t] = _mm512_setzero_si512();
                         }
                     }
                 }
@@ -622,22 +630,48 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
 }
 
 /// Row r's Q6_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
-/// `rows16`): the quants by three gathers of sixteen words 64 bytes apart, where
-/// `rows16::gguf_row` copies them word by word.
+/// `rows16`): the bits by three gathers of sixteen words each, where `rows16::gguf_row`
+/// copies them word by word.
 ///
 /// # Safety
 /// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
 #[target_feature(enable = "avx512f")]
 unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
-    use super::rows16::{Q6K_QH, Q6K_QL, Q6K_SCALES};
+    use super::rows16::{q6k_step, Q6K_SCALES};
     assert!(grp.len() >= 16 * 210 && r < 16);
-    let stride = _mm512_setr_epi32(
-        0, 64, 128, 192, 256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960,
+    let s = (q6k_step(0, 1) - q6k_step(0, 0)) as i32;
+    // Low bits 64j..64j + 64 of a row: steps (j, 0..8), first vectors then second ones.
+    let low = _mm512_setr_epi32(
+        0,
+        s,
+        2 * s,
+        3 * s,
+        4 * s,
+        5 * s,
+        6 * s,
+        7 * s,
+        64,
+        s + 64,
+        2 * s + 64,
+        3 * s + 64,
+        4 * s + 64,
+        5 * s + 64,
+        6 * s + 64,
+        7 * s + 64,
     );
-    for (at, from) in [(0, Q6K_QL), (64, Q6K_QL + 1024), (128, Q6K_QH)] {
-        // SAFETY: sixteen words of the group, 64 bytes apart from row r's first.
+    // High bits: steps (0..2, 0..8), the third vectors.
+    let high = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(s),
+    );
+    for (at, from, idx) in [
+        (0, q6k_step(0, 0), low),
+        (64, q6k_step(1, 0), low),
+        (128, q6k_step(0, 0) + 128, high),
+    ] {
+        // SAFETY: sixteen words of the group's super-block, row r's.
         unsafe {
-            let v = _mm512_i32gather_epi32::<1>(stride, grp.as_ptr().add(from + 4 * r).cast());
+            let v = _mm512_i32gather_epi32::<1>(idx, grp.as_ptr().add(from + 4 * r).cast());
             _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), v);
         }
     }

@@ -16,8 +16,8 @@
 //! in the low nibbles, 64j + 32 + 4p.. in the high ones).
 //!
 //! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
-//! together), then the low bits as 32 vectors of 4 bytes of each row's 128, then the high
-//! bits as 16 vectors of 4 bytes of each row's 64.
+//! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order a
+//! decode step reads them, so that it streams through memory.
 
 use super::{KType, QK_K};
 
@@ -30,11 +30,18 @@ pub(crate) fn group_bytes(t: KType) -> usize {
 }
 
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
-/// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), the low bits (`Q6K_QL`, 32
-/// vectors) and the high bits (`Q6K_QH`, 16 vectors).
+/// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
+/// (`q6k_step`).
 pub(crate) const Q6K_SCALES: usize = 2 * ROWS;
-pub(crate) const Q6K_QL: usize = Q6K_SCALES + 16 * ROWS;
-pub(crate) const Q6K_QH: usize = Q6K_QL + 128 * ROWS;
+const Q6K_BITS: usize = Q6K_SCALES + 16 * ROWS;
+
+/// Where step (j, p) of a Q6_K group's super-block starts (j < 2, p < 8): three vectors of 4
+/// bytes of each row, in the order a decode step reads them: low bits 64j + 4p.. and
+/// 64j + 32 + 4p.. of each row's 128, then high bits 32j + 4p.. of its 64. The four values
+/// 128j + 32t + 4p.. (t < 4) come out of these three.
+pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
+    Q6K_BITS + (8 * j + p) * 3 * 4 * ROWS
+}
 
 /// Whether a matrix of `t` with n rows takes this layout on this CPU.
 pub(crate) fn applies(t: KType, n: usize) -> bool {
@@ -62,8 +69,12 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
         KType::Q6K => {
             out.push((208, 2 * r, 2));
             out.extend((0..16).map(|g| (192 + g, Q6K_SCALES + ROWS * g + r, 1)));
-            out.extend(vectors(0, Q6K_QL, 32));
-            out.extend(vectors(128, Q6K_QH, 16));
+            for (j, p) in (0..2).flat_map(|j| (0..8).map(move |p| (j, p))) {
+                let at = q6k_step(j, p) + 4 * r;
+                out.push((64 * j + 4 * p, at, 4));
+                out.push((64 * j + 32 + 4 * p, at + 4 * ROWS, 4));
+                out.push((128 + 32 * j + 4 * p, at + 8 * ROWS, 4));
+            }
         }
         _ => unreachable!("{t:?} is not interleaved"),
     }
