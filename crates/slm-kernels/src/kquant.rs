@@ -762,7 +762,7 @@ const Q6K_MIN_GROUPS: usize = 4;
 /// Activation rows a task takes at a time (16 rows of Q8_K at k = 1536: 28 KB).
 pub(crate) const ROW_TILE: usize = 16;
 
-/// A matmul's quantized activations: by row, and (AVX-512) in groups of eight rows.
+/// A matmul's quantized activations: by row, and (AVX-512) in groups of sixteen rows.
 #[derive(Default)]
 struct Scratch {
     act: crate::scratch::Scratch,
