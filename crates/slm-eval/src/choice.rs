@@ -207,19 +207,21 @@ fn score_pack(model: &Llama, units: &[Unit], lls: &mut [Vec<f64>]) -> Result<(),
     targets.sort_by_key(|t| t.0);
     let mut next = targets.iter().peekable();
     for range in head_chunks(rows.len()) {
-        let logits = model.project(&hidden.narrow(0, range.start, range.len())?)?;
-        let vocab = logits.dim(1)?;
-        let logits: Vec<f32> = logits.flatten_all()?.to_vec1()?;
-        let lse = all_log_sum_exp(&logits, vocab);
-        while let Some(&&(r, t, doc, option)) = next.peek() {
-            if r >= range.end {
-                break;
-            }
-            let i = r - range.start;
-            // Token ids were checked against the vocabulary in `units_of`.
-            lls[doc][option] += logits[i * vocab + t as usize] as f64 - lse[i];
-            next.next();
-        }
+        model.project_with(
+            &hidden.narrow(0, range.start, range.len())?,
+            |logits, vocab| {
+                let lse = all_log_sum_exp(logits, vocab);
+                while let Some(&&(r, t, doc, option)) = next.peek() {
+                    if r >= range.end {
+                        break;
+                    }
+                    let i = r - range.start;
+                    // Token ids were checked against the vocabulary in `units_of`.
+                    lls[doc][option] += logits[i * vocab + t as usize] as f64 - lse[i];
+                    next.next();
+                }
+            },
+        )?;
     }
     Ok(())
 }

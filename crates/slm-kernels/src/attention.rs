@@ -118,7 +118,11 @@ fn attend_tiled(
     hd: usize,
     scale: f32,
 ) -> Vec<f32> {
-    let (k32, v32) = widen(k16, v16, past + t, n_kv, hd);
+    let row = n_kv * hd;
+    let (k32, v32) = widen(past + t, n_kv, hd, |pos, g| {
+        let src = pos * row + g * hd;
+        (&k16[src..src + hd], &v16[src..src + hd])
+    });
     let isa = Isa::best();
     let mut out = vec![0f32; t * n_heads * hd];
     let o = crate::pool::OutPtr(out.as_mut_ptr());
@@ -140,51 +144,90 @@ fn attend_tiled(
             std::slice::from_raw_parts_mut(o.get().add((i * n_heads + h) * hd), hd)
                 .copy_from_slice(row)
         };
-        #[cfg(target_arch = "x86_64")]
-        if isa.is_some() {
-            // SAFETY: Isa::best found AVX2 and FMA.
-            return unsafe { tiled_task_fma(&k32, &v32, q, shape, h, i0..i1, isa, write) };
-        }
-        tiled_task(&k32, &v32, q, shape, h, i0..i1, isa, write)
+        let query = |i: usize| &q[(i * n_heads + h) * hd..][..hd];
+        tiled(&k32, &v32, query, shape, h, i0..i1, isa, write);
     });
     out
 }
 
-/// The cache's keys and values widened to f32 (exact) for every task of one call, per
-/// key/value head: the keys as transposed tiles ([head][tile][dimension][key], zero past
-/// the last key), the values as rows ([head][position][dimension]).
-fn widen(k16: &[f16], v16: &[f16], len: usize, n_kv: usize, hd: usize) -> (Vec<f32>, Vec<f32>) {
-    let row = n_kv * hd;
+/// A stored key or value element, widened to f32 exactly.
+pub(crate) trait Element: Copy {
+    fn f32(self) -> f32;
+}
+
+impl Element for f16 {
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+impl Element for f32 {
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+/// Keys and values widened to f32 (exact) for every task of one call, per key/value head:
+/// the keys as transposed tiles ([head][tile][dimension][key], zero past the last key), the
+/// values as rows ([head][position][dimension]). `kv(pos, g)`: the key and value of head g
+/// at position pos, `hd` values each.
+pub(crate) fn widen<'a, T: Element + 'a>(
+    len: usize,
+    n_kv: usize,
+    hd: usize,
+    kv: impl Fn(usize, usize) -> (&'a [T], &'a [T]),
+) -> (Vec<f32>, Vec<f32>) {
     let tiles = len.div_ceil(TILE_KV);
     let mut k32 = vec![0f32; n_kv * tiles * hd * TILE_KV];
     let mut v32 = vec![0f32; n_kv * len * hd];
     for pos in 0..len {
         let (tile, tk) = (pos / TILE_KV, pos % TILE_KV);
         for g in 0..n_kv {
-            let src = pos * row + g * hd;
+            let (kr, vr) = kv(pos, g);
             let kt = &mut k32[(g * tiles + tile) * hd * TILE_KV..][..hd * TILE_KV];
-            for (d, x) in k16[src..src + hd].iter().enumerate() {
-                kt[d * TILE_KV + tk] = x.to_f32();
+            for (d, x) in kr[..hd].iter().enumerate() {
+                kt[d * TILE_KV + tk] = x.f32();
             }
-            for (y, x) in v32[(g * len + pos) * hd..][..hd]
-                .iter_mut()
-                .zip(&v16[src..src + hd])
-            {
-                *y = x.to_f32();
+            for (y, x) in v32[(g * len + pos) * hd..][..hd].iter_mut().zip(&vr[..hd]) {
+                *y = x.f32();
             }
         }
     }
     (k32, v32)
 }
 
+/// The shape of one tiled call: `t` queries at positions `past..past + t` over `past + t`
+/// keys (causal), `n_heads` query heads sharing `n_kv` key/value heads of `hd` dimensions.
 #[derive(Clone, Copy)]
-struct TiledShape {
-    t: usize,
-    past: usize,
-    n_heads: usize,
-    n_kv: usize,
-    hd: usize,
-    scale: f32,
+pub(crate) struct TiledShape {
+    pub t: usize,
+    pub past: usize,
+    pub n_heads: usize,
+    pub n_kv: usize,
+    pub hd: usize,
+    pub scale: f32,
+}
+
+/// Head `h`'s queries `rows` (query i is `query(i)`) through every key tile of `widen`'s
+/// keys and values, as `attend_tiled` describes; row i's result goes to `write(i, ..)`.
+/// Compiled with FMA where the CPU has it (`isa`: `Isa::best()`).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn tiled<'q>(
+    k32: &[f32],
+    v32: &[f32],
+    query: impl Fn(usize) -> &'q [f32],
+    shape: TiledShape,
+    h: usize,
+    rows: std::ops::Range<usize>,
+    isa: Option<Isa>,
+    write: impl Fn(usize, &[f32]),
+) {
+    #[cfg(target_arch = "x86_64")]
+    if isa.is_some() {
+        // SAFETY: Isa::best found AVX2 and FMA.
+        return unsafe { tiled_task_fma(k32, v32, query, shape, h, rows, isa, write) };
+    }
+    tiled_task(k32, v32, query, shape, h, rows, isa, write)
 }
 
 /// `tiled_task` compiled with FMA, so its fused multiply-adds are instructions and its
@@ -193,17 +236,17 @@ struct TiledShape {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn tiled_task_fma(
+unsafe fn tiled_task_fma<'q>(
     k32: &[f32],
     v32: &[f32],
-    q: &[f32],
+    query: impl Fn(usize) -> &'q [f32],
     s: TiledShape,
     h: usize,
     rows: std::ops::Range<usize>,
     isa: Option<Isa>,
     write: impl Fn(usize, &[f32]),
 ) {
-    tiled_task(k32, v32, q, s, h, rows, isa, write)
+    tiled_task(k32, v32, query, s, h, rows, isa, write)
 }
 
 /// Query rows whose scores and values a tile computes together (each loaded key and value
@@ -217,10 +260,10 @@ const LANES: usize = 64;
 /// `widen`'s keys and values; the tile products in AVX-512 registers when `isa` says so.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn tiled_task(
+fn tiled_task<'q>(
     k32: &[f32],
     v32: &[f32],
-    q: &[f32],
+    query: impl Fn(usize) -> &'q [f32],
     s: TiledShape,
     h: usize,
     rows: std::ops::Range<usize>,
@@ -255,8 +298,7 @@ fn tiled_task(
             // every loop below has a fixed length and its sums stay in registers (the
             // repeated rows' results are dropped).
             for b in 0..ROW_BLOCK {
-                let i = rows.start + b0 + b.min(nb - 1);
-                let qr = &q[(i * n_heads + h) * hd..][..hd];
+                let qr = query(rows.start + b0 + b.min(nb - 1));
                 for (col, &x) in qt.iter_mut().zip(qr) {
                     col[b] = x;
                 }
@@ -577,7 +619,11 @@ mod tests {
             let k: Vec<f16> = r(len * nkv * hd).into_iter().map(f16::from_f32).collect();
             let v: Vec<f16> = r(len * nkv * hd).into_iter().map(f16::from_f32).collect();
             let q = r(t * nh * hd);
-            let (k32, v32) = widen(&k, &v, len, nkv, hd);
+            let row = nkv * hd;
+            let (k32, v32) = widen(len, nkv, hd, |pos, g| {
+                let src = pos * row + g * hd;
+                (&k[src..src + hd], &v[src..src + hd])
+            });
             let shape = TiledShape {
                 t,
                 past,
@@ -594,7 +640,8 @@ mod tests {
                             out.borrow_mut()[i * hd..(i + 1) * hd].copy_from_slice(row)
                         };
                         let isa = fast.then_some(Isa::Avx512);
-                        tiled_task(&k32, &v32, &q, shape, h, rows.clone(), isa, write);
+                        let query = |i: usize| &q[(i * nh + h) * hd..][..hd];
+                        tiled_task(&k32, &v32, query, shape, h, rows.clone(), isa, write);
                         out.into_inner()
                     };
                     let (a, b) = (run(true), run(false));

@@ -4,7 +4,6 @@
 
 use candle_core::{Layout, WithDType};
 use num_traits::Float;
-use rayon::prelude::*;
 
 /// The elements of a contiguous tensor's storage `x` under layout `l`.
 pub fn contiguous<'a, T: WithDType>(
@@ -45,21 +44,54 @@ impl ExpInPlace for f32 {
 }
 
 /// log(sum(exp(row))) with the exponentials from `exp_in_place`, summed in f64.
+///
+/// The maximum and the sum run over eight lanes, combined at the end: one running value was
+/// a chain of dependent instructions, and over a vocabulary it was most of this function.
 pub fn log_sum_exp<T: WithDType + ExpInPlace>(row: &[T], scratch: &mut Vec<T>) -> f64 {
-    let max = row.iter().fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+    const LANES: usize = 8;
+    let mut top = [T::neg_infinity(); LANES];
+    let chunks = row.chunks_exact(LANES);
+    let mut max = chunks
+        .remainder()
+        .iter()
+        .fold(T::neg_infinity(), |m, &x| Float::max(m, x));
+    for c in chunks {
+        for (t, &x) in top.iter_mut().zip(c) {
+            *t = Float::max(*t, x);
+        }
+    }
+    max = top.iter().fold(max, |m, &x| Float::max(m, x));
     scratch.clear();
     scratch.extend(row.iter().map(|&x| x - max));
     T::exp_in_place(scratch);
-    let sum: f64 = scratch.iter().map(|&e| WithDType::to_f64(e)).sum();
-    WithDType::to_f64(max) + sum.ln()
+    let mut acc = [0f64; LANES];
+    let chunks = scratch.chunks_exact(LANES);
+    let tail: f64 = chunks
+        .remainder()
+        .iter()
+        .map(|&e| WithDType::to_f64(e))
+        .sum();
+    for c in chunks {
+        for (a, &e) in acc.iter_mut().zip(c) {
+            *a += WithDType::to_f64(e);
+        }
+    }
+    WithDType::to_f64(max) + (acc.iter().sum::<f64>() + tail).ln()
 }
 
-/// `log_sum_exp` of every row of width `v` of `x`, rows in parallel: the normaliser of a
-/// log-softmax over the vocabulary, for cross-entropy and for scoring continuations.
+/// `log_sum_exp` of every row of width `v` of `x`, rows in parallel on the kernel pool (rayon's
+/// workers would spin against the pool's on the same cores): the normaliser of a log-softmax
+/// over the vocabulary, for scoring continuations.
 pub fn all_log_sum_exp<T: WithDType + ExpInPlace>(x: &[T], v: usize) -> Vec<f64> {
-    x.par_chunks(v)
-        .map_init(Vec::new, |scratch, row| log_sum_exp(row, scratch))
-        .collect()
+    let v = v.max(1);
+    let mut out = vec![0f64; x.len() / v];
+    crate::pool::for_chunks(&mut out, 8, |start, part| {
+        let mut scratch = Vec::with_capacity(v);
+        for (i, o) in part.iter_mut().enumerate() {
+            *o = log_sum_exp(&x[(start + i) * v..][..v], &mut scratch);
+        }
+    });
+    out
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -6,7 +6,10 @@
 //! end to end as rows of one matrix ("segments"); a choice's rows attend to its parent's rows
 //! (the context, computed once) and causally to its own, at the positions they would have had
 //! after the context. Several questions go into one pack, so every linear layer is one large
-//! matmul. Attention is a few percent of the work at these lengths and is done by hand below.
+//! matmul.
+
+use crate::attention::{self, TiledShape};
+use crate::ggml_math::Isa;
 
 /// A run of consecutive rows; a child segment continues its parent (a root).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +85,10 @@ impl Pack {
 /// softmax(q k^T / sqrt(hd)) v over the pack's visibility, in f32.
 /// q: [n_heads][rows][hd], k and v: [n_kv][rows][hd] (heads-major, roped);
 /// returns [rows][n_heads][hd], the layout the output projection takes.
+///
+/// Each segment is the tiled flash attention of a prompt (`attention::tiled`, in its
+/// arithmetic but over f32 keys and values): its rows are the new queries and its parent's
+/// rows the past, so a segment's keys are widened once into that path's tiles.
 pub fn attend(
     pack: &Pack,
     q: &[f32],
@@ -93,70 +100,49 @@ pub fn attend(
 ) -> Vec<f32> {
     let n = pack.len();
     let width = n_heads * hd;
-    let rep = n_heads / n_kv;
-    let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; n * width];
     assert!(pack.segments.iter().map(|s| s.len).sum::<usize>() == n);
+    assert!(q.len() >= n * width && k.len() >= n * n_kv * hd && v.len() >= n * n_kv * hd);
+    let isa = Isa::best();
     // Segments own disjoint, consecutive output rows, so they run as tasks of the kernel
     // pool (rayon here had its workers spin against the pool's, on the same cores).
     let o = crate::pool::OutPtr(out.as_mut_ptr());
     crate::pool::global().run(pack.segments.len(), |si| {
         let seg = pack.segments[si];
-        // SAFETY: segment si's rows seg.start..seg.start + seg.len are written by this task
-        // only (segments tile 0..n in order, asserted above), within out's n * width.
-        let out = unsafe {
-            std::slice::from_raw_parts_mut(o.get().add(seg.start * width), seg.len * width)
-        };
+        if seg.len == 0 {
+            return;
+        }
         let parent = seg.parent.map(|p| pack.segments[p]);
-        let mut keys: Vec<usize> = parent
-            .map(|p| (p.start..p.start + p.len).collect())
-            .unwrap_or_default();
-        let shared = keys.len();
-        keys.extend(seg.start..seg.start + seg.len);
-        let mut scores = vec![0f32; keys.len()];
-        for i in 0..seg.len {
-            let visible = &keys[..shared + i + 1];
-            let row = seg.start + i;
-            for h in 0..n_heads {
-                let g = h / rep;
-                let qr = &q[(h * n + row) * hd..][..hd];
-                let mut max = f32::NEG_INFINITY;
-                for (s, &j) in scores.iter_mut().zip(visible) {
-                    let kr = &k[(g * n + j) * hd..][..hd];
-                    *s = dot(qr, kr) * scale;
-                    max = max.max(*s);
-                }
-                let mut sum = 0f32;
-                for s in &mut scores[..visible.len()] {
-                    *s = (*s - max).exp();
-                    sum += *s;
-                }
-                let o = &mut out[i * width + h * hd..][..hd];
-                for (&p, &j) in scores.iter().zip(visible) {
-                    let vr = &v[(g * n + j) * hd..][..hd];
-                    let w = p / sum;
-                    for (a, &b) in o.iter_mut().zip(vr) {
-                        *a += w * b;
-                    }
-                }
-            }
+        let past = parent.map_or(0, |p| p.len);
+        // Key j of the segment's sequence: its parent's rows, then its own.
+        let row_of = |j: usize| match parent {
+            Some(p) if j < past => p.start + j,
+            _ => seg.start + j - past,
+        };
+        let (k32, v32) = attention::widen(past + seg.len, n_kv, hd, |j, g| {
+            let at = (g * n + row_of(j)) * hd;
+            (&k[at..at + hd], &v[at..at + hd])
+        });
+        let shape = TiledShape {
+            t: seg.len,
+            past,
+            n_heads,
+            n_kv,
+            hd,
+            scale: 1.0 / (hd as f32).sqrt(),
+        };
+        for h in 0..n_heads {
+            let query = |i: usize| &q[(h * n + seg.start + i) * hd..][..hd];
+            // SAFETY: segment si's rows seg.start..seg.start + seg.len are written by this
+            // task only (segments tile 0..n in order, asserted above), within out's n * width.
+            let write = |i: usize, row: &[f32]| unsafe {
+                std::slice::from_raw_parts_mut(o.get().add((seg.start + i) * width + h * hd), hd)
+                    .copy_from_slice(row)
+            };
+            attention::tiled(&k32, &v32, query, shape, h, 0..seg.len, isa, write);
         }
     });
     out
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    // Eight partial sums so the compiler vectorises the loop.
-    let mut acc = [0f32; 8];
-    let (ac, ar) = a.split_at(a.len() / 8 * 8);
-    let (bc, br) = b.split_at(ac.len());
-    for (x, y) in ac.chunks_exact(8).zip(bc.chunks_exact(8)) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    let tail: f32 = ar.iter().zip(br).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 #[cfg(test)]

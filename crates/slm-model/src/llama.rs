@@ -890,6 +890,22 @@ impl Llama {
         }
     }
 
+    /// `f` of `project`'s logits of `x` as (values, vocabulary size), borrowed from the tensor
+    /// rather than copied out: a chunk of rows' logits is megabytes.
+    pub fn project_with<R>(
+        &self,
+        x: &Tensor,
+        f: impl FnOnce(&[f32], usize) -> R,
+    ) -> candle_core::Result<R> {
+        let logits = self.project(x)?;
+        let vocab = logits.dim(candle_core::D::Minus1)?;
+        if logits.dtype() == DType::F32 && logits.device().is_cpu() && logits.is_contiguous() {
+            return with_f32(&logits, "logits", |v| f(v, vocab));
+        }
+        let v: Vec<f32> = logits.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+        Ok(f(&v, vocab))
+    }
+
     /// A packed forward (see `packed`): `ids` holds one token per row of `pack`. Returns the
     /// logits of the rows in `rows` only, (rows.len(), vocab): the output projection is a
     /// large share of a small model's work and most rows' predictions are not needed.
