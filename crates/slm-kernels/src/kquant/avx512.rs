@@ -206,20 +206,6 @@ pub(super) unsafe fn span(
         while j < rows.end {
             let c = (rows.end - j).min(PASS);
             for r in 0..c {
-                if km.interleaved && t == KType::Q6K {
-                    let gb = super::rows16::group_bytes(t);
-                    let (g, rr) = ((j + r) / 16, (j + r) % 16);
-                    let mut blk = [0u8; 210];
-                    for b in 0..kb {
-                        let grp = &km.bytes[(g * kb + b) * gb..][..gb];
-                        // SAFETY: the CPU has the features; a whole group, rr < 16.
-                        unsafe {
-                            q6k_block_of(grp, rr, &mut blk);
-                            unpack(t, &blk, &mut unpacked[b * PASS + r]);
-                        }
-                    }
-                    continue;
-                }
                 let w = km.gguf_row(j + r, &mut buf);
                 for (b, blk) in w.chunks_exact(t.block_bytes()).enumerate() {
                     // SAFETY: the CPU has the features; a whole block.
@@ -630,13 +616,12 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
 }
 
 /// Row r's Q6_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
-/// `rows16`): the bits by three gathers of sixteen words each, where `rows16::gguf_row`
-/// copies them word by word.
+/// `rows16`): the bits by three gathers of sixteen words each.
 ///
 /// # Safety
 /// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
 #[target_feature(enable = "avx512f")]
-unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
+pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
     use super::rows16::{q6k_step, Q6K_SCALES};
     assert!(grp.len() >= 16 * 210 && r < 16);
     let s = (q6k_step(0, 1) - q6k_step(0, 0)) as i32;

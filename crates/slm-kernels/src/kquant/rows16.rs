@@ -99,8 +99,29 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
     out
 }
 
-/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`.
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q6_K's
+/// by `avx512::q6k_block_of`'s gathers where the CPU has AVX-512 (where this layout is made,
+/// see `applies`), the rest by `copy_row`. Copied word by word, Q6_K's rows were slow enough to
+/// lose the activation groups of `avx512::span`, which rebuild every weight row they take.
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
+    #[cfg(target_arch = "x86_64")]
+    if t == KType::Q6K && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
+        let (bb, gb) = (t.block_bytes(), group_bytes(t));
+        let (g, r) = (j / ROWS, j % ROWS);
+        out.resize(kb * bb, 0);
+        for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
+            let grp = &x[(g * kb + b) * gb..][..gb];
+            let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
+            // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
+            unsafe { super::avx512::q6k_block_of(grp, r, blk) };
+        }
+        return;
+    }
+    copy_row(t, x, kb, j, out)
+}
+
+/// `gguf_row` by the runs of `runs`, on any CPU.
+fn copy_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
     let (bb, gb) = (t.block_bytes(), group_bytes(t));
     let (g, r) = (j / ROWS, j % ROWS);
     let mut rs = Vec::new();
@@ -151,8 +172,11 @@ mod tests {
             let x = interleave(t, &gguf, n, kb);
             let mut row = Vec::new();
             for j in 0..n {
+                let want = &gguf[j * kb * bb..(j + 1) * kb * bb];
                 gguf_row(t, &x, kb, j, &mut row);
-                assert_eq!(row, &gguf[j * kb * bb..(j + 1) * kb * bb], "{t:?} row {j}");
+                assert_eq!(row, want, "{t:?} row {j}");
+                copy_row(t, &x, kb, j, &mut row);
+                assert_eq!(row, want, "{t:?} row {j}, copied by runs");
             }
         }
     }
