@@ -82,7 +82,7 @@ impl KType {
         }
     }
     /// Bytes per super-block of 256 weights.
-    pub fn block_bytes(self) -> usize {
+    pub const fn block_bytes(self) -> usize {
         match self {
             Self::Q2K => 84,
             Self::Q3K => 110,

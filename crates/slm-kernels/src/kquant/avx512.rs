@@ -364,7 +364,7 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
     sums: [Sum; R],
     out: &mut [[f32; 16]; R],
 ) {
-    const GROUP_BYTES: usize = 16 * 144;
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q4K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
     debug_assert!(sums
@@ -490,7 +490,7 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
     out: &mut [[f32; 16]; R],
 ) {
     use super::rows16::{q6k_step, Q6K_SCALES};
-    const GROUP_BYTES: usize = 16 * 210;
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q6K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
     let (m4, m3) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));

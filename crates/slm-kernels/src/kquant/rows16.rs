@@ -25,7 +25,7 @@ use super::{KType, QK_K};
 pub(crate) const ROWS: usize = 16;
 
 /// Bytes of sixteen rows' super-block of `t`.
-pub(crate) fn group_bytes(t: KType) -> usize {
+pub(crate) const fn group_bytes(t: KType) -> usize {
     ROWS * t.block_bytes()
 }
 
