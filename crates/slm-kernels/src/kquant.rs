@@ -604,13 +604,12 @@ impl KMatrix {
             } else {
                 0
             };
-            // Interleaved rows take their own kernel instead (`rows16_span`): always for Q4_K,
-            // which it runs faster than the groups do; for Q6_K, until there are enough groups
-            // to repay unpacking its rows out of the interleaved layout.
-            let ng = match (self.interleaved, self.t) {
-                (true, KType::Q4K) => 0,
-                (true, _) if ng < Q6K_MIN_GROUPS => 0,
-                _ => ng,
+            // Interleaved rows take their own kernel instead (`rows16_span`) until there are
+            // enough groups to repay unpacking their rows out of the interleaved layout.
+            let ng = if self.interleaved && ng < rows16_min_groups(self.t) {
+                0
+            } else {
+                ng
             };
             let g = scratch.groups.slice(ng * kb)?;
             avx512::interleave(act, kb, ng, g);
@@ -680,9 +679,9 @@ impl KMatrix {
 
 impl KMatrix {
     /// Rows `rows` (whole groups of 16) of an interleaved matrix against activation rows
-    /// `acts` by `avx512::rows16_q4k` / `rows16_q6k`, four activation rows at a time where
-    /// they share a sum those take (Q4_K's repacked `Rows`; Q6_K's `Tiled`, and `Lanes` one
-    /// row at a time); any other sum (a test's choice) by the dot products on rebuilt rows.
+    /// `acts` by `avx512::rows16_q4k` / `rows16_q5k_*` / `rows16_q6k`, four activation rows at a
+    /// time where they share a sum those take (Q4_K's repacked `Rows`; Q5_K's and Q6_K's
+    /// `Tiled`, and `Lanes` one row at a time); any other sum (a test's choice) by the dot products on rebuilt rows.
     #[cfg(target_arch = "x86_64")]
     fn rows16_span(
         &self,
@@ -694,11 +693,10 @@ impl KMatrix {
     ) {
         let (n, kb) = (self.n, self.k / QK_K);
         let gb = kb * rows16::group_bytes(self.t);
-        let q4k = self.t == KType::Q4K;
-        let takes = |i: usize| match sum_of(i) {
-            Sum::Rows(64) | Sum::Rows(QK_K) => q4k,
-            Sum::Tiled | Sum::Lanes => !q4k,
-            Sum::Rows(_) => false,
+        let takes = |i: usize| match (self.t, sum_of(i)) {
+            (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K)) => true,
+            (KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes) => true,
+            _ => false,
         };
         let y = |i: usize| &act[i * kb..(i + 1) * kb];
         let mut i = acts.start;
@@ -728,19 +726,28 @@ impl KMatrix {
                 // SAFETY: the CPU has AVX-512 (the caller checked); sums these take; whole
                 // blocks.
                 unsafe {
-                    match (q4k, four, lanes) {
-                        (true, true, _) => {
-                            let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
+                    let y4 = || [y(i), y(i + 1), y(i + 2), y(i + 3)];
+                    match (self.t, four, lanes) {
+                        (KType::Q4K, true, _) => {
                             let sums = [sum_of(i), sum_of(i + 1), sum_of(i + 2), sum_of(i + 3)];
-                            avx512::rows16_q4k::<4>(grp, ys, sums, &mut v);
+                            avx512::rows16_q4k::<4>(grp, y4(), sums, &mut v);
                         }
-                        (true, false, _) => avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], one),
-                        (false, true, _) => {
-                            let ys = [y(i), y(i + 1), y(i + 2), y(i + 3)];
-                            avx512::rows16_q6k::<4, false>(grp, ys, &mut v);
+                        (KType::Q4K, false, _) => {
+                            avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], one)
                         }
-                        (false, false, true) => avx512::rows16_q6k::<1, true>(grp, [y(i)], one),
-                        (false, false, false) => avx512::rows16_q6k::<1, false>(grp, [y(i)], one),
+                        (KType::Q5K, true, _) => avx512::rows16_q5k_tiled::<4>(grp, y4(), &mut v),
+                        (KType::Q5K, false, true) => avx512::rows16_q5k_lanes(grp, y(i), &mut v[0]),
+                        (KType::Q5K, false, false) => {
+                            avx512::rows16_q5k_tiled::<1>(grp, [y(i)], one)
+                        }
+                        (KType::Q6K, true, _) => avx512::rows16_q6k::<4, false>(grp, y4(), &mut v),
+                        (KType::Q6K, false, true) => {
+                            avx512::rows16_q6k::<1, true>(grp, [y(i)], one)
+                        }
+                        (KType::Q6K, false, false) => {
+                            avx512::rows16_q6k::<1, false>(grp, [y(i)], one)
+                        }
+                        (t, ..) => unreachable!("{t:?} is not interleaved"),
                     }
                 }
                 for (di, v) in v.iter().enumerate().take(r) {
@@ -756,8 +763,16 @@ impl KMatrix {
     }
 }
 
-/// Groups of activation rows from which an interleaved Q6_K matrix takes `avx512::span`.
-const Q6K_MIN_GROUPS: usize = 4;
+/// Groups of activation rows from which an interleaved matrix of `t` takes `avx512::span`
+/// rather than `rows16_span` (measured with the `kernels` example, 576 x 1536): never for
+/// Q4_K, whose `rows16_q4k` is the faster at every batch.
+fn rows16_min_groups(t: KType) -> usize {
+    match t {
+        KType::Q5K => 8,
+        KType::Q6K => 4,
+        _ => usize::MAX,
+    }
+}
 
 /// Activation rows a task takes at a time (16 rows of Q8_K at k = 1536: 28 KB).
 pub(crate) const ROW_TILE: usize = 16;

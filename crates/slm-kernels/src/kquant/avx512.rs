@@ -348,6 +348,73 @@ unsafe fn cells<const P: usize, const UNIT: usize, const CHUNK: usize>(
     }
 }
 
+/// A Q4_K or Q5_K super-block's scales for the sixteen rows of an interleaved group (see
+/// `rows16`): `d`, `dmin`, and `scales_mins_k4`'s scales and mins 0-3 and 4-7, a byte each
+/// (`byte`).
+struct Scales4 {
+    d: __m512,
+    dmin: __m512,
+    sc: [__m512i; 2],
+    mn: [__m512i; 2],
+}
+
+impl Scales4 {
+    /// # Safety
+    /// g points at a whole Q4_K or Q5_K group's super-block.
+    #[inline]
+    #[target_feature(enable = "avx512f,f16c")]
+    unsafe fn of(g: *const u8) -> Self {
+        use super::rows16::k4_word;
+        let (k1, k2, k3) = (
+            _mm512_set1_epi32(0x3f3f3f3f),
+            _mm512_set1_epi32(0x0f0f0f0f),
+            _mm512_set1_epi32(0x03030303),
+        );
+        // SAFETY (the loads): within the group's super-block.
+        let (d, dmin, u0, u1, u2) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
+                _mm512_loadu_si512(g.add(k4_word(0)).cast()),
+                _mm512_loadu_si512(g.add(k4_word(1)).cast()),
+                _mm512_loadu_si512(g.add(k4_word(2)).cast()),
+            )
+        };
+        let sc = [
+            _mm512_and_si512(u0, k1),
+            _mm512_or_si512(
+                _mm512_and_si512(u2, k2),
+                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4),
+            ),
+        ];
+        let mn = [
+            _mm512_and_si512(u1, k1),
+            _mm512_or_si512(
+                _mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
+                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4),
+            ),
+        ];
+        Self { d, dmin, sc, mn }
+    }
+}
+
+/// Byte u (< 8) of each of sixteen words split over two vectors (`Scales4`'s), in the low byte
+/// of its lane: a scale or min of sixteen rows, ready for `mullo_epi32` and `madd_epi16`.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn byte(v: &[__m512i; 2], u: usize) -> __m512i {
+    let s = _mm512_srl_epi32(v[u / 4], _mm_cvtsi32_si128(8 * (u % 4) as i32));
+    _mm512_and_si512(s, _mm512_set1_epi32(0xFF))
+}
+
+/// `hsum8` lane by lane, for sixteen cells at once: the halves, then pairs.
+#[inline]
+#[target_feature(enable = "avx512f")]
+fn hsum8x16(l: &[__m512; 8]) -> __m512 {
+    let r: [__m512; 4] = std::array::from_fn(|k| _mm512_add_ps(l[k + 4], l[k]));
+    _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
+}
+
 /// `Sum::Rows` cells of one group of sixteen interleaved Q4_K rows (`grp`: its kb blocks, see
 /// `rows16`) against R activation rows `ys` (kb blocks each), row i summed as `sums[i]`:
 /// out[i][r] for weight row r. The integers are `super::dot_row`'s (exact), the floats round as
@@ -371,45 +438,13 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
         .iter()
         .all(|s| matches!(s, Sum::Rows(64) | Sum::Rows(QK_K))));
     let per_chunk = sums.map(|s| s == Sum::Rows(64));
-    let (k1, k2, k3) = (
-        _mm512_set1_epi32(0x3f3f3f3f),
-        _mm512_set1_epi32(0x0f0f0f0f),
-        _mm512_set1_epi32(0x03030303),
-    );
     let m4 = _mm512_set1_epi8(0xF);
     let mut row = [_mm512_setzero_ps(); R];
     let mut row_min = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
-        // SAFETY (the loads): within the group's super-block.
-        let (d, dmin, u0, u1, u2) = unsafe {
-            (
-                _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
-                _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
-                _mm512_loadu_si512(g.add(64).cast()),
-                _mm512_loadu_si512(g.add(128).cast()),
-                _mm512_loadu_si512(g.add(192).cast()),
-            )
-        };
-        // `scales_mins_k4` for sixteen rows: scales and mins 0-3 and 4-7, a byte each.
-        let sc = [
-            _mm512_and_si512(u0, k1),
-            _mm512_or_si512(
-                _mm512_and_si512(u2, k2),
-                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u0, 6), k3), 4),
-            ),
-        ];
-        let mn = [
-            _mm512_and_si512(u1, k1),
-            _mm512_or_si512(
-                _mm512_and_si512(_mm512_srli_epi32(u2, 4), k2),
-                _mm512_slli_epi32(_mm512_and_si512(_mm512_srli_epi32(u1, 6), k3), 4),
-            ),
-        ];
-        let byte = |v: &[__m512i; 2], u: usize| {
-            let s = _mm512_srl_epi32(v[u / 4], _mm_cvtsi32_si128(8 * (u % 4) as i32));
-            _mm512_and_si512(s, _mm512_set1_epi32(0xFF))
-        };
+        // SAFETY: a Q4_K group's super-block.
+        let Scales4 { d, dmin, sc, mn } = unsafe { Scales4::of(g) };
         let dd: [__m512; R] = std::array::from_fn(|i| _mm512_mul_ps(d, _mm512_set1_ps(ys[i][b].d)));
         let dm: [__m512; R] =
             std::array::from_fn(|i| _mm512_mul_ps(dmin, _mm512_set1_ps(ys[i][b].d)));
@@ -420,7 +455,9 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
             let mut hi = [_mm512_setzero_si512(); R];
             for p in 0..8 {
                 // SAFETY: vector (j, p) of the group's quants.
-                let w = unsafe { _mm512_loadu_si512(g.add(256 + (8 * j + p) * 64).cast()) };
+                let w = unsafe {
+                    _mm512_loadu_si512(g.add(super::rows16::k4_word(3 + 8 * j + p)).cast())
+                };
                 let wl = _mm512_and_si512(w, m4);
                 let wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
                 for i in 0..R {
@@ -468,6 +505,174 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
     for i in 0..R {
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), _mm512_sub_ps(row[i], row_min[i])) };
+    }
+}
+
+/// Q5_K's values 64j + 4p.. and 64j + 32 + 4p.. of sixteen interleaved rows (as
+/// `avx2::q45k_values`), from quants vector (j, p) `w` and high bits vector p `h` (see
+/// `rows16`): bits 2j and 2j + 1 of h's bytes are the fifth bits of the two.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn q5k_values(w: __m512i, h: __m512i, j: usize) -> (__m512i, __m512i) {
+    let m4 = _mm512_set1_epi8(0xF);
+    // Bit `from` of every byte of h at bit 4, the rest clear (constant shifts once j is).
+    let fifth = |from: usize| {
+        let h = match from {
+            0 => _mm512_slli_epi16::<4>(h),
+            1 => _mm512_slli_epi16::<3>(h),
+            2 => _mm512_slli_epi16::<2>(h),
+            3 => _mm512_slli_epi16::<1>(h),
+            4 => h,
+            5 => _mm512_srli_epi16::<1>(h),
+            6 => _mm512_srli_epi16::<2>(h),
+            _ => _mm512_srli_epi16::<3>(h),
+        };
+        _mm512_and_si512(h, _mm512_set1_epi8(0x10))
+    };
+    (
+        _mm512_or_si512(_mm512_and_si512(w, m4), fifth(2 * j)),
+        _mm512_or_si512(
+            _mm512_and_si512(_mm512_srli_epi16::<4>(w), m4),
+            fifth(2 * j + 1),
+        ),
+    )
+}
+
+/// The integers of Q5_K's min term for sixteen rows against one activation block: min u times
+/// the sum of its 32 activations, summed (`super::group_mins`). A min and such a sum fit in 16
+/// bits, so each product is a `madd_epi16`.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+fn q5k_mins(mn: &[__m512i; 2], y: &Q8K) -> __m512i {
+    let mut imin = _mm512_setzero_si512();
+    for u in 0..8 {
+        let s = y.bsums[2 * u] as i32 + y.bsums[2 * u + 1] as i32;
+        let m = _mm512_madd_epi16(byte(mn, u), _mm512_set1_epi32(s as u16 as i32));
+        imin = _mm512_add_epi32(imin, m);
+    }
+    imin
+}
+
+/// `Sum::Lanes` cells of one group of sixteen interleaved Q5_K rows (`grp`: its kb blocks, see
+/// `rows16`) against one activation row `y`: out[r] for weight row r. Eight position lanes per
+/// cell and the mins in a float of their own, as ggml's dot product keeps them; the integers
+/// are `super::dot_row`'s, the floats round as `super::Cell` does, lane by lane. Lane by lane:
+/// a lane's four chunks of 64 values, then the next, so that its high bits are loaded once.
+/// Four products of 5-bit values and Q8_K fit in 16 bits, so a scale is applied by `vpdpwssd`
+/// against the scale in the low half of each word.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and y
+/// kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows16_q5k_lanes(grp: &[u8], y: &[Q8K], out: &mut [f32; 16]) {
+    use super::rows16::{Q5K_HIGH, Q5K_QUANTS};
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q5K);
+    let kb = y.len();
+    assert!(grp.len() >= kb * GROUP_BYTES);
+    let mut lanes = [_mm512_setzero_ps(); 8];
+    let mut mins = _mm512_setzero_ps();
+    for (b, y) in y.iter().enumerate() {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY: a Q5_K group's super-block.
+        let Scales4 { d, dmin, sc, mn } = unsafe { Scales4::of(g) };
+        let scales: [[__m512i; 2]; 4] =
+            std::array::from_fn(|j| [byte(&sc, 2 * j), byte(&sc, 2 * j + 1)]);
+        let q = y.qs.as_ptr();
+        let dy = _mm512_mul_ps(_mm512_set1_ps(y.d), d);
+        for (p, lane) in lanes.iter_mut().enumerate() {
+            // SAFETY: vector p of the group's high bits.
+            let h = unsafe { _mm512_loadu_si512(g.add(Q5K_HIGH + p * 64).cast()) };
+            let mut acc = _mm512_setzero_si512();
+            for (j, s) in scales.iter().enumerate() {
+                // SAFETY: vector (j, p) of the group's quants; values of the block.
+                let (w, alo, ahi) = unsafe {
+                    (
+                        _mm512_loadu_si512(g.add(Q5K_QUANTS + (8 * j + p) * 64).cast()),
+                        q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
+                        q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
+                    )
+                };
+                let (wl, wh) = q5k_values(w, h, j);
+                let z = _mm512_setzero_si512();
+                let dl = _mm512_dpbusd_epi32(z, wl, _mm512_set1_epi32(alo));
+                let dh = _mm512_dpbusd_epi32(z, wh, _mm512_set1_epi32(ahi));
+                acc = _mm512_dpwssd_epi32(_mm512_dpwssd_epi32(acc, dl, s[0]), dh, s[1]);
+            }
+            *lane = _mm512_fmadd_ps(dy, _mm512_cvtepi32_ps(acc), *lane);
+        }
+        let dminy = _mm512_mul_ps(_mm512_set1_ps(-y.d), dmin);
+        mins = _mm512_fmadd_ps(dminy, _mm512_cvtepi32_ps(q5k_mins(&mn, y)), mins);
+    }
+    // SAFETY: 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), _mm512_add_ps(hsum8x16(&lanes), mins)) };
+}
+
+/// `Sum::Tiled` cells of one group of sixteen interleaved Q5_K rows (`grp`: its kb blocks, see
+/// `rows16`) against R activation rows `ys` (kb blocks each): out[i][r] for weight row r. The
+/// integers are `super::dot_row`'s, the floats round as `super::Cell` does, lane by lane. A
+/// group's values are unpacked once for the R rows.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and
+/// each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    out: &mut [[f32; 16]; R],
+) {
+    use super::rows16::{Q5K_HIGH, Q5K_QUANTS};
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q5K);
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    let mut row = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY: a Q5_K group's super-block.
+        let Scales4 { d, dmin, sc, mn } = unsafe { Scales4::of(g) };
+        let mut isum = [_mm512_setzero_si512(); R];
+        for j in 0..4 {
+            let mut lo = [_mm512_setzero_si512(); R];
+            let mut hi = [_mm512_setzero_si512(); R];
+            for p in 0..8 {
+                // SAFETY: vector (j, p) of the group's quants, vector p of its high bits.
+                let (w, h) = unsafe {
+                    (
+                        _mm512_loadu_si512(g.add(Q5K_QUANTS + (8 * j + p) * 64).cast()),
+                        _mm512_loadu_si512(g.add(Q5K_HIGH + p * 64).cast()),
+                    )
+                };
+                let (wl, wh) = q5k_values(w, h, j);
+                for i in 0..R {
+                    let q = ys[i][b].qs.as_ptr();
+                    // SAFETY: values of the block.
+                    let (alo, ahi) = unsafe {
+                        (
+                            q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
+                            q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
+                        )
+                    };
+                    lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_set1_epi32(alo));
+                    hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_set1_epi32(ahi));
+                }
+            }
+            let (sl, sh) = (byte(&sc, 2 * j), byte(&sc, 2 * j + 1));
+            for i in 0..R {
+                let is =
+                    _mm512_add_epi32(_mm512_mullo_epi32(lo[i], sl), _mm512_mullo_epi32(hi[i], sh));
+                isum[i] = _mm512_add_epi32(isum[i], is);
+            }
+        }
+        for i in 0..R {
+            let imin = _mm512_cvtepi32_ps(q5k_mins(&mn, &ys[i][b]));
+            let r = _mm512_fnmadd_ps(dmin, imin, _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[i])));
+            row[i] = _mm512_fmadd_ps(r, _mm512_set1_ps(ys[i][b].d), row[i]);
+        }
+    }
+    for i in 0..R {
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), row[i]) };
     }
 }
 
@@ -602,14 +807,7 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
         }
     }
     for i in 0..R {
-        let v = if LANES {
-            // `hsum8` lane by lane: the halves, then pairs.
-            let l = &lanes[i];
-            let r: [__m512; 4] = std::array::from_fn(|k| _mm512_add_ps(l[k + 4], l[k]));
-            _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
-        } else {
-            row[i]
-        };
+        let v = if LANES { hsum8x16(&lanes[i]) } else { row[i] };
         // SAFETY: 16 floats.
         unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), v) };
     }
@@ -664,4 +862,42 @@ pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
         out[192 + q] = grp[Q6K_SCALES + 16 * q + r];
     }
     out[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
+}
+
+/// Row r's Q4_K or Q5_K block (GGUF's bytes, `t.block_bytes()` of them in `out`) out of its
+/// interleaved group's super-block `grp` (see `rows16`): the words after the scales by gathers
+/// of sixteen words each.
+///
+/// # Safety
+/// The CPU has AVX-512 F; grp is a whole group's super-block of t; r < 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn k4_block_of(t: KType, grp: &[u8], r: usize, out: &mut [u8]) {
+    use super::rows16::{group_bytes, k4_word};
+    let words = (t.block_bytes() - 4) / 4;
+    assert!(
+        matches!(t, KType::Q4K | KType::Q5K)
+            && grp.len() >= group_bytes(t)
+            && out.len() == t.block_bytes()
+            && r < 16
+    );
+    let stride = (k4_word(1) - k4_word(0)) as i32;
+    let idx = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(stride),
+    );
+    for w in (0..words).step_by(16) {
+        let k: __mmask16 = if words - w >= 16 {
+            !0
+        } else {
+            (1 << (words - w)) - 1
+        };
+        // SAFETY: the words w.. (k of them) of row r, in the group's super-block and in out.
+        unsafe {
+            let from = grp.as_ptr().add(k4_word(w) + 4 * r);
+            let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), k, idx, from.cast());
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(4 + 4 * w).cast(), k, v);
+        }
+    }
+    out[0..2].copy_from_slice(&grp[2 * r..2 * r + 2]);
+    out[2..4].copy_from_slice(&grp[32 + 2 * r..32 + 2 * r + 2]);
 }

@@ -1,19 +1,22 @@
-//! Q4_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512: the same
-//! bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each of
-//! sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
+//! Q4_K, Q5_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512:
+//! the same bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each
+//! of sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
 //!
 //! Why: against GGUF's row-major blocks, a dot product unpacks every row's scales, scales
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
-//! and the activations are what gets broadcast (`avx512::rows16_q4k` and `rows16_q6k`, for
-//! every batch: they also outrun the activation groups of `avx512::span` on these matrices).
-//! The other paths read rows rebuilt in GGUF's order (`KMatrix::gguf_row`).
+//! and the activations are what gets broadcast (`avx512::rows16_q4k`, `rows16_q5k` and
+//! `rows16_q6k`; they also outrun the activation groups of `avx512::span` on these matrices
+//! up to a batch size, see `KMatrix::matmul_in`). The other paths read rows rebuilt in GGUF's
+//! order (`KMatrix::gguf_row`).
 //!
-//! Q4_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
-//! the sixteen `d` (f16), the sixteen `dmin`, then the packed 6-bit scales as three planes of
-//! sixteen words (plane w holds bytes 4w..4w+3 of each row's twelve), then the quants: vector
-//! v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's 128 (values 64j + 4p..
-//! in the low nibbles, 64j + 32 + 4p.. in the high ones).
+//! Q4_K and Q5_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
+//! the sixteen `d` (f16), the sixteen `dmin`, then every 4-byte word w of the rest of the
+//! block (from byte 4) as a vector of the sixteen rows' word w (`k4_word`). So the packed
+//! 6-bit scales are three vectors (vector u holds bytes 4u..4u+3 of each row's twelve); for
+//! Q5_K eight vectors of high bits follow (vector p: bytes 4p..4p+3 of each row's 32); then the
+//! quants: vector v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's 128
+//! (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones).
 //!
 //! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
 //! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order a
@@ -28,6 +31,16 @@ pub(crate) const ROWS: usize = 16;
 pub(crate) const fn group_bytes(t: KType) -> usize {
     ROWS * t.block_bytes()
 }
+
+/// Where word w of a Q4_K or Q5_K block's bytes 4.. (the sixteen rows' word w, a vector)
+/// starts in a group's super-block.
+pub(crate) const fn k4_word(w: usize) -> usize {
+    4 * ROWS * (1 + w)
+}
+
+/// Where Q5_K's high bits (`k4_word` 3..11) and quants (11..43) start.
+pub(crate) const Q5K_HIGH: usize = k4_word(3);
+pub(crate) const Q5K_QUANTS: usize = k4_word(11);
 
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
@@ -45,7 +58,7 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
 
 /// Whether a matrix of `t` with n rows takes this layout on this CPU.
 pub(crate) fn applies(t: KType, n: usize) -> bool {
-    matches!(t, KType::Q4K | KType::Q6K)
+    matches!(t, KType::Q4K | KType::Q5K | KType::Q6K)
         && n.is_multiple_of(ROWS)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
 }
@@ -60,11 +73,9 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
         (0..count).map(move |v| (from + 4 * v, to + 4 * ROWS * v + 4 * r, 4))
     };
     match t {
-        KType::Q4K => {
+        KType::Q4K | KType::Q5K => {
             out.extend([(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)]);
-            // The twelve bytes of packed scales as three planes of words.
-            out.extend(vectors(4, 4 * ROWS, 3));
-            out.extend(vectors(16, 16 * ROWS, 32));
+            out.extend(vectors(4, k4_word(0), (t.block_bytes() - 4) / 4));
         }
         KType::Q6K => {
             out.push((208, 2 * r, 2));
@@ -99,21 +110,28 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
     out
 }
 
-/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q6_K's
-/// by `avx512::q6k_block_of`'s gathers where the CPU has AVX-512 (where this layout is made,
-/// see `applies`), the rest by `copy_row`. Copied word by word, Q6_K's rows were slow enough to
-/// lose the activation groups of `avx512::span`, which rebuild every weight row they take.
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: by
+/// gathers (`avx512::q6k_block_of`, `k4_block_of`) where the CPU has AVX-512 (where this
+/// layout is made, see `applies`), else by `copy_row`. Copied word by word, rows were slow
+/// enough to lose the activation groups of `avx512::span`, which rebuild every weight row
+/// they take.
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if t == KType::Q6K && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
+    if crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
         let (bb, gb) = (t.block_bytes(), group_bytes(t));
         let (g, r) = (j / ROWS, j % ROWS);
         out.resize(kb * bb, 0);
         for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
             let grp = &x[(g * kb + b) * gb..][..gb];
-            let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
             // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
-            unsafe { super::avx512::q6k_block_of(grp, r, blk) };
+            unsafe {
+                if t == KType::Q6K {
+                    let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
+                    super::avx512::q6k_block_of(grp, r, blk)
+                } else {
+                    super::avx512::k4_block_of(t, grp, r, blk)
+                }
+            };
         }
         return;
     }
@@ -144,7 +162,7 @@ mod tests {
     /// Every byte of sixteen blocks has a place of its own, and rows come back as they were.
     #[test]
     fn layout_is_a_permutation_and_rows_round_trip() {
-        for t in [KType::Q4K, KType::Q6K] {
+        for t in [KType::Q4K, KType::Q5K, KType::Q6K] {
             let (bb, gb) = (t.block_bytes(), group_bytes(t));
             let mut seen = vec![false; gb];
             let mut rs = Vec::new();
