@@ -693,10 +693,12 @@ impl KMatrix {
     ) {
         let (n, kb) = (self.n, self.k / QK_K);
         let gb = kb * rows16::group_bytes(self.t);
-        let takes = |i: usize| match (self.t, sum_of(i)) {
-            (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K)) => true,
-            (KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes) => true,
-            _ => false,
+        let takes = |i: usize| {
+            matches!(
+                (self.t, sum_of(i)),
+                (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K))
+                    | (KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes)
+            )
         };
         let y = |i: usize| &act[i * kb..(i + 1) * kb];
         let mut i = acts.start;
