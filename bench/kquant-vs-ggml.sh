@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slm's K-quant matmul against libggml's on the same bytes, bit for bit: for each K-quant type,
 # SmolLM2's first down projection (576 x 1536) as llama-quantize --pure writes it, times random
-# activations of 1, 4, 5, 8, 16, 37 and 77 rows, through ggml's CPU backend (its repacked buffer for
+# activations of 1, 4, 5, 8, 16, 37, 77 and 130 rows, through ggml's CPU backend (its repacked buffer for
 # Q4_K and Q2_K, as llama.cpp loads a model; also 575 rows, which it does not repack) and
 # through `slm_kernels::kquant::KMatrix` (examples/kmatmul.rs). Prints, per case, how many of the
 # output rows are equal in every bit.
@@ -78,7 +78,7 @@ for t in ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]:
     open(f"{work}/{t}.bin", "wb").write(b)
     open(f"{work}/{t}_575.bin", "wb").write(b[: len(b) // 576 * 575])
 rng = np.random.default_rng(0)
-for m in [1, 4, 5, 8, 16, 37, 77]:
+for m in [1, 4, 5, 8, 16, 37, 77, 130]:
     (rng.standard_normal((m, 1536)).astype(np.float32) * np.float32(0.5)).tofile(f"{work}/x{m}.bin")
 PY
 echo "| type | rows | batch | rows equal to libggml's, bit for bit |"
@@ -87,7 +87,7 @@ for spec in "Q2_K 10 1 576" "Q3_K 11 0 576" "Q4_K 12 1 576" "Q5_K 13 0 576" "Q6_
   set -- $spec
   suffix=""; [ "$4" = 575 ] && suffix=_575
   lower="$(echo "$1" | tr 'A-Z' 'a-z')"
-  for m in 1 4 5 8 16 37 77; do
+  for m in 1 4 5 8 16 37 77 130; do
     "$work/mm" "$2" "$4" 1536 "$m" "$work/$1$suffix.bin" "$work/x$m.bin" "$work/ggml.bin" "$3" 2>/dev/null
     "$kmatmul" "$lower" "$4" 1536 "$m" "$work/$1$suffix.bin" "$work/x$m.bin" "$work/slm.bin"
     eq="$("$py" -c "

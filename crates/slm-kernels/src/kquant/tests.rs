@@ -77,6 +77,9 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (32, 512, 5),
         (48, 768, 1),
         (32, 256, 70),
+        // Interleaved rows past the groups from which every type takes `avx512::span`
+        // (`rows16_min_groups`), with a remainder.
+        (16, 256, 130),
         (20, 512, 70),
         // Past a tile of groups (112 of them at k = 256: TILE_BYTES), two groups more.
         (3, 256, 1824),
