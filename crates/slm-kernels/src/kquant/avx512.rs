@@ -364,7 +364,7 @@ impl Scales4 {
     #[inline]
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn of(g: *const u8) -> Self {
-        use super::rows16::k4_word;
+        use super::rows16::k_word;
         let (k1, k2, k3) = (
             _mm512_set1_epi32(0x3f3f3f3f),
             _mm512_set1_epi32(0x0f0f0f0f),
@@ -375,9 +375,9 @@ impl Scales4 {
             (
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
-                _mm512_loadu_si512(g.add(k4_word(0)).cast()),
-                _mm512_loadu_si512(g.add(k4_word(1)).cast()),
-                _mm512_loadu_si512(g.add(k4_word(2)).cast()),
+                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 0)).cast()),
+                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 1)).cast()),
+                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 2)).cast()),
             )
         };
         let sc = [
@@ -456,7 +456,10 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
             for p in 0..8 {
                 // SAFETY: vector (j, p) of the group's quants.
                 let w = unsafe {
-                    _mm512_loadu_si512(g.add(super::rows16::k4_word(3 + 8 * j + p)).cast())
+                    _mm512_loadu_si512(
+                        g.add(super::rows16::k_word(KType::Q4K, 3 + 8 * j + p))
+                            .cast(),
+                    )
                 };
                 let wl = _mm512_and_si512(w, m4);
                 let wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
@@ -566,7 +569,7 @@ fn q5k_mins(mn: &[__m512i; 2], y: &Q8K) -> __m512i {
 /// kb blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
 pub(super) unsafe fn rows16_q5k_lanes(grp: &[u8], y: &[Q8K], out: &mut [f32; 16]) {
-    use super::rows16::{Q5K_HIGH, Q5K_QUANTS};
+    use super::rows16::q5k_step;
     const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q5K);
     let kb = y.len();
     assert!(grp.len() >= kb * GROUP_BYTES);
@@ -581,14 +584,14 @@ pub(super) unsafe fn rows16_q5k_lanes(grp: &[u8], y: &[Q8K], out: &mut [f32; 16]
         let q = y.qs.as_ptr();
         let dy = _mm512_mul_ps(_mm512_set1_ps(y.d), d);
         for (p, lane) in lanes.iter_mut().enumerate() {
-            // SAFETY: vector p of the group's high bits.
-            let h = unsafe { _mm512_loadu_si512(g.add(Q5K_HIGH + p * 64).cast()) };
+            // SAFETY: step p's high bits.
+            let h = unsafe { _mm512_loadu_si512(g.add(q5k_step(p)).cast()) };
             let mut acc = _mm512_setzero_si512();
             for (j, s) in scales.iter().enumerate() {
-                // SAFETY: vector (j, p) of the group's quants; values of the block.
+                // SAFETY: step p's quants j; values of the block.
                 let (w, alo, ahi) = unsafe {
                     (
-                        _mm512_loadu_si512(g.add(Q5K_QUANTS + (8 * j + p) * 64).cast()),
+                        _mm512_loadu_si512(g.add(q5k_step(p) + 64 * (1 + j)).cast()),
                         q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
                         q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
                     )
@@ -622,7 +625,7 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
     ys: [&[Q8K]; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::{Q5K_HIGH, Q5K_QUANTS};
+    use super::rows16::q5k_step;
     const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q5K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
@@ -636,11 +639,11 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
             let mut lo = [_mm512_setzero_si512(); R];
             let mut hi = [_mm512_setzero_si512(); R];
             for p in 0..8 {
-                // SAFETY: vector (j, p) of the group's quants, vector p of its high bits.
-                let (w, h) = unsafe {
+                // SAFETY: step p's high bits and quants j.
+                let (h, w) = unsafe {
                     (
-                        _mm512_loadu_si512(g.add(Q5K_QUANTS + (8 * j + p) * 64).cast()),
-                        _mm512_loadu_si512(g.add(Q5K_HIGH + p * 64).cast()),
+                        _mm512_loadu_si512(g.add(q5k_step(p)).cast()),
+                        _mm512_loadu_si512(g.add(q5k_step(p) + 64 * (1 + j)).cast()),
                     )
                 };
                 let (wl, wh) = q5k_values(w, h, j);
@@ -865,14 +868,15 @@ pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
 }
 
 /// Row r's Q4_K or Q5_K block (GGUF's bytes, `t.block_bytes()` of them in `out`) out of its
-/// interleaved group's super-block `grp` (see `rows16`): the words after the scales by gathers
-/// of sixteen words each.
+/// interleaved group's super-block `grp` (see `rows16`): its words from byte 4 by gathers of
+/// sixteen.
 ///
 /// # Safety
 /// The CPU has AVX-512 F; grp is a whole group's super-block of t; r < 16.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn k4_block_of(t: KType, grp: &[u8], r: usize, out: &mut [u8]) {
-    use super::rows16::{group_bytes, k4_word};
+    use super::rows16::{group_bytes, k_word_table};
+    const TABLES: [[i32; 48]; 2] = [k_word_table(KType::Q4K), k_word_table(KType::Q5K)];
     let words = (t.block_bytes() - 4) / 4;
     assert!(
         matches!(t, KType::Q4K | KType::Q5K)
@@ -880,20 +884,18 @@ pub(super) unsafe fn k4_block_of(t: KType, grp: &[u8], r: usize, out: &mut [u8])
             && out.len() == t.block_bytes()
             && r < 16
     );
-    let stride = (k4_word(1) - k4_word(0)) as i32;
-    let idx = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(stride),
-    );
+    let table = &TABLES[(t == KType::Q5K) as usize];
     for w in (0..words).step_by(16) {
         let k: __mmask16 = if words - w >= 16 {
             !0
         } else {
             (1 << (words - w)) - 1
         };
-        // SAFETY: the words w.. (k of them) of row r, in the group's super-block and in out.
+        // SAFETY: sixteen indices; the words w.. (k of them) of row r, in the group's
+        // super-block and in out.
         unsafe {
-            let from = grp.as_ptr().add(k4_word(w) + 4 * r);
+            let idx = _mm512_loadu_si512(table[w..w + 16].as_ptr().cast());
+            let from = grp.as_ptr().add(4 * r);
             let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), k, idx, from.cast());
             _mm512_mask_storeu_epi32(out.as_mut_ptr().add(4 + 4 * w).cast(), k, v);
         }

@@ -12,11 +12,12 @@
 //!
 //! Q4_K and Q5_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
 //! the sixteen `d` (f16), the sixteen `dmin`, then every 4-byte word w of the rest of the
-//! block (from byte 4) as a vector of the sixteen rows' word w (`k4_word`). So the packed
-//! 6-bit scales are three vectors (vector u holds bytes 4u..4u+3 of each row's twelve); for
-//! Q5_K eight vectors of high bits follow (vector p: bytes 4p..4p+3 of each row's 32); then the
-//! quants: vector v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's 128
-//! (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones).
+//! block (from byte 4) as a vector of the sixteen rows' word w (`k_word`). So the packed
+//! 6-bit scales are three vectors (vector u holds bytes 4u..4u+3 of each row's twelve); then
+//! Q4_K's quants: vector v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's
+//! 128 (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones). Q5_K's high
+//! bits and quants follow in eight steps (`q5k_step`), in the order its decode reads them: read
+//! out of order, the bits streamed from memory slower than GGUF's layout did.
 //!
 //! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
 //! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order a
@@ -32,15 +33,36 @@ pub(crate) const fn group_bytes(t: KType) -> usize {
     ROWS * t.block_bytes()
 }
 
-/// Where word w of a Q4_K or Q5_K block's bytes 4.. (the sixteen rows' word w, a vector)
-/// starts in a group's super-block.
-pub(crate) const fn k4_word(w: usize) -> usize {
-    4 * ROWS * (1 + w)
+/// Where word w of a Q4_K or Q5_K block's bytes 4.. (a vector of the sixteen rows' word w)
+/// starts in a group's super-block: the scales (w < 3), then Q4_K's quants in order, Q5_K's
+/// by step (`q5k_step`).
+pub(crate) const fn k_word(t: KType, w: usize) -> usize {
+    const VECTOR: usize = 4 * ROWS;
+    match (t, w) {
+        (KType::Q5K, 3..=10) => q5k_step(w - 3),
+        (KType::Q5K, 11..) => q5k_step((w - 11) % 8) + VECTOR * (1 + (w - 11) / 8),
+        _ => VECTOR * (1 + w),
+    }
 }
 
-/// Where Q5_K's high bits (`k4_word` 3..11) and quants (11..43) start.
-pub(crate) const Q5K_HIGH: usize = k4_word(3);
-pub(crate) const Q5K_QUANTS: usize = k4_word(11);
+/// Where step p (< 8) of a Q5_K group's super-block starts: five vectors of 4 bytes of each
+/// row, in the order a decode step reads them: high bits 4p.. of each row's 32, then quants
+/// 32j + 4p.. of its 128 for j < 4 (values 64j + 4p.. and 64j + 32 + 4p..).
+pub(crate) const fn q5k_step(p: usize) -> usize {
+    4 * ROWS * (4 + 5 * p)
+}
+
+/// `k_word(t, w)` of every word w of t's block (Q4_K or Q5_K), as the indices of gathers of
+/// sixteen (unused entries 0).
+pub(crate) const fn k_word_table(t: KType) -> [i32; 48] {
+    let mut out = [0i32; 48];
+    let mut w = 0;
+    while w < (t.block_bytes() - 4) / 4 {
+        out[w] = k_word(t, w) as i32;
+        w += 1;
+    }
+    out
+}
 
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
@@ -67,15 +89,12 @@ pub(crate) fn applies(t: KType, n: usize) -> bool {
 /// group's super-block, how many). Every byte of the block is in one run.
 fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
     out.clear();
-    // A part kept as vectors of 4 bytes of each row: bytes 4v..4v+4 of the row's part (at
-    // `from` in the block) are vector v's row r (at `to` in the group).
-    let vectors = |from: usize, to: usize, count: usize| {
-        (0..count).map(move |v| (from + 4 * v, to + 4 * ROWS * v + 4 * r, 4))
-    };
     match t {
         KType::Q4K | KType::Q5K => {
             out.extend([(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)]);
-            out.extend(vectors(4, k4_word(0), (t.block_bytes() - 4) / 4));
+            out.extend(
+                (0..(t.block_bytes() - 4) / 4).map(|w| (4 + 4 * w, k_word(t, w) + 4 * r, 4)),
+            );
         }
         KType::Q6K => {
             out.push((208, 2 * r, 2));
