@@ -52,18 +52,6 @@ pub(crate) const fn q5k_step(p: usize) -> usize {
     4 * ROWS * (4 + 5 * p)
 }
 
-/// `k_word(t, w)` of every word w of t's block (Q4_K or Q5_K), as the indices of gathers of
-/// sixteen (unused entries 0).
-pub(crate) const fn k_word_table(t: KType) -> [i32; 48] {
-    let mut out = [0i32; 48];
-    let mut w = 0;
-    while w < (t.block_bytes() - 4) / 4 {
-        out[w] = k_word(t, w) as i32;
-        w += 1;
-    }
-    out
-}
-
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
 /// (`q6k_step`).
@@ -129,28 +117,22 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
     out
 }
 
-/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: by
-/// gathers (`avx512::q6k_block_of`, `k4_block_of`) where the CPU has AVX-512 (where this
-/// layout is made, see `applies`), else by `copy_row`. Copied word by word, rows were slow
-/// enough to lose the activation groups of `avx512::span`, which rebuild every weight row
-/// they take.
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q6_K's
+/// by `avx512::q6k_block_of`'s gathers where the CPU has AVX-512 (where this layout is made,
+/// see `applies`), the rest by `copy_row`. Copied word by word, Q6_K's rows were slow enough to
+/// lose the activation groups of `avx512::span`, which rebuild every weight row they take (the
+/// other types never take them, see `KMatrix::matmul_in`).
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
+    if t == KType::Q6K && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
         let (bb, gb) = (t.block_bytes(), group_bytes(t));
         let (g, r) = (j / ROWS, j % ROWS);
         out.resize(kb * bb, 0);
         for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
             let grp = &x[(g * kb + b) * gb..][..gb];
+            let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
             // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
-            unsafe {
-                if t == KType::Q6K {
-                    let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
-                    super::avx512::q6k_block_of(grp, r, blk)
-                } else {
-                    super::avx512::k4_block_of(t, grp, r, blk)
-                }
-            };
+            unsafe { super::avx512::q6k_block_of(grp, r, blk) };
         }
         return;
     }

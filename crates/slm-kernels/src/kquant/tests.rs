@@ -77,8 +77,8 @@ fn kernels_equal_scalar_reference_on_odd_shapes() {
         (32, 512, 5),
         (48, 768, 1),
         (32, 256, 70),
-        // Interleaved rows past the groups from which every type takes `avx512::span`
-        // (`rows16_min_groups`), with a remainder.
+        // Interleaved rows against a batch of many groups and a remainder (Q6_K's groups take
+        // `avx512::span`, see `rows16_min_groups`; Q4_K's and Q5_K's never do).
         (16, 256, 130),
         (20, 512, 70),
         // Past a tile of groups (112 of them at k = 256: TILE_BYTES), two groups more.
