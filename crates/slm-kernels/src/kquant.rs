@@ -30,8 +30,8 @@
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
 //! Except Q4_K, Q5_K and Q6_K on AVX-512: their rows are interleaved sixteen at a time at load
-//! (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take every
-//! batch.
+//! (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take decode
+//! and batches (Q6_K's up to a few groups, `rows16_min_groups`).
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
