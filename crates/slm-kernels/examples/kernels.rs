@@ -71,7 +71,7 @@ fn main() {
     }
     // K-quants (k must be whole 256-blocks, so only the down projection's shape applies);
     // KERNELS_CANDLE=1 adds candle's quantized matmul for comparison.
-    for t in [KType::Q4K, KType::Q5K, KType::Q6K] {
+    for t in [KType::Q2K, KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K] {
         if !wanted(&format!("{t:?}")) {
             continue;
         }
