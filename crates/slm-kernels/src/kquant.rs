@@ -737,6 +737,15 @@ impl KMatrix {
                 // blocks.
                 unsafe {
                     match (self.t, r, lanes) {
+                        (KType::Q3K, 4, _) => {
+                            avx512::rows16_q3k::<4, false>(grp, from_fn(ys), first(&mut v))
+                        }
+                        (KType::Q3K, _, true) => {
+                            avx512::rows16_q3k::<1, true>(grp, [y(i)], first(&mut v))
+                        }
+                        (KType::Q3K, ..) => {
+                            avx512::rows16_q3k::<1, false>(grp, [y(i)], first(&mut v))
+                        }
                         (KType::Q4K, 4, _) => {
                             let sums = from_fn(|d| sum_of(i + d));
                             avx512::rows16_q4k::<4>(grp, from_fn(ys), sums, first(&mut v));

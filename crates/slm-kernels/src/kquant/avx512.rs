@@ -679,6 +679,151 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
     }
 }
 
+/// The cells of one group of sixteen interleaved Q3_K rows (`grp`: its kb blocks, see `rows16`)
+/// against R activation rows `ys`, all summed as `Sum::Lanes` (with `LANES`, one row: eight
+/// position lanes per cell, as ggml's dot product keeps them) or `Sum::Tiled`: out[i][r] for
+/// weight row r. The integers are `super::dot_row`'s; the floats round as `super::Cell` does,
+/// lane by lane. Lane by lane (a step of `rows16::q3k_step`): its values are unsigned here
+/// (w + 4), and each `vpdpbusd` starts from minus 4 times the sum of its four activations, so
+/// that four products fit in 16 bits and a scale is applied by `vpdpwssd`.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and
+/// each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+// p is a position in the block as well as a lane's index.
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn rows16_q3k<const R: usize, const LANES: bool>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    out: &mut [[f32; 16]; R],
+) {
+    use super::rows16::{q3k_step, Q3K_SCALES};
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q3K);
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    assert!(!LANES || R == 1);
+    let (m2, m4) = (_mm512_set1_epi8(3), _mm512_set1_epi8(4));
+    let (k2, k4) = (_mm512_set1_epi32(0x03030303), _mm512_set1_epi32(0x0f0f0f0f));
+    let low16 = _mm512_set1_epi32(0xFFFF);
+    let mut lanes = [_mm512_setzero_ps(); 8];
+    let mut row = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY (the loads): within the group's super-block.
+        let (d, u) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
+                [0, 1, 2].map(|w| _mm512_loadu_si512(g.add(Q3K_SCALES + 64 * w).cast())),
+            )
+        };
+        // `scales_q3k` for sixteen rows: scales 4v..4v+4 as the bytes of words v, minus 32.
+        let low = [
+            _mm512_and_si512(u[0], k4),
+            _mm512_and_si512(u[1], k4),
+            _mm512_and_si512(_mm512_srli_epi32::<4>(u[0]), k4),
+            _mm512_and_si512(_mm512_srli_epi32::<4>(u[1]), k4),
+        ];
+        let high = [
+            u[2],
+            _mm512_srli_epi32::<2>(u[2]),
+            _mm512_srli_epi32::<4>(u[2]),
+            _mm512_srli_epi32::<6>(u[2]),
+        ];
+        let packed: [__m512i; 4] = std::array::from_fn(|v| {
+            let h = _mm512_slli_epi32::<4>(_mm512_and_si512(high[v], k2));
+            _mm512_sub_epi8(_mm512_or_si512(low[v], h), _mm512_set1_epi8(32))
+        });
+        // Scale q of the sixteen rows, signed, in the low half of each word.
+        let scale = |q: usize| {
+            let v = _mm512_sll_epi32(packed[q / 4], _mm_cvtsi32_si128(24 - 8 * (q % 4) as i32));
+            _mm512_and_si512(_mm512_srai_epi32::<24>(v), low16)
+        };
+        // Minus 4 times the sum of each activation word (four values), per row.
+        let mut offs = [[0i32; 64]; R];
+        for i in 0..R {
+            for c in 0..4 {
+                // SAFETY: values 64c.. of the block.
+                let a = unsafe { _mm512_loadu_si512(ys[i][b].qs.as_ptr().add(64 * c).cast()) };
+                let s = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(4), a);
+                let s = _mm512_sub_epi32(_mm512_setzero_si512(), s);
+                // SAFETY: 16 words of offs[i].
+                unsafe { _mm512_storeu_si512(offs[i].as_mut_ptr().add(16 * c).cast(), s) };
+            }
+        }
+        let dy = _mm512_mul_ps(d, _mm512_set1_ps(ys[0][b].d));
+        let mut isum = [_mm512_setzero_si512(); R];
+        let mut sc = [_mm512_setzero_si512(); 8];
+        for p in 0..8 {
+            if p % 4 == 0 {
+                // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
+                sc = std::array::from_fn(|t| scale(8 * (t / 4) + 2 * (t % 4) + p / 4));
+            }
+            // SAFETY: step p's three vectors.
+            let (h, q) = unsafe {
+                let at = g.add(q3k_step(p));
+                (
+                    _mm512_loadu_si512(at.cast()),
+                    [
+                        _mm512_loadu_si512(at.add(64).cast()),
+                        _mm512_loadu_si512(at.add(128).cast()),
+                    ],
+                )
+            };
+            let mut acc = [_mm512_setzero_si512(); R];
+            for j in 0..2 {
+                for s in 0..4 {
+                    // Low bits 2s.., and hmask bit 4j + s as 4.
+                    let lo = _mm512_and_si512(
+                        _mm512_srl_epi16(q[j], _mm_cvtsi32_si128(2 * s as i32)),
+                        m2,
+                    );
+                    let bit = 4 * j + s;
+                    let hi = if bit >= 2 {
+                        _mm512_srl_epi16(h, _mm_cvtsi32_si128(bit as i32 - 2))
+                    } else {
+                        _mm512_sll_epi16(h, _mm_cvtsi32_si128(2 - bit as i32))
+                    };
+                    let w = _mm512_or_si512(lo, _mm512_and_si512(hi, m4));
+                    let word = 32 * j + 8 * s + p;
+                    for i in 0..R {
+                        // SAFETY: values 4 word.. of the block.
+                        let a = unsafe {
+                            ys[i][b]
+                                .qs
+                                .as_ptr()
+                                .add(4 * word)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let o = _mm512_set1_epi32(offs[i][word]);
+                        let dot = _mm512_dpbusd_epi32(o, w, _mm512_set1_epi32(a));
+                        acc[i] = _mm512_dpwssd_epi32(acc[i], dot, sc[4 * j + s]);
+                    }
+                }
+            }
+            if LANES {
+                lanes[p] = _mm512_fmadd_ps(dy, _mm512_cvtepi32_ps(acc[0]), lanes[p]);
+            } else {
+                for i in 0..R {
+                    isum[i] = _mm512_add_epi32(isum[i], acc[i]);
+                }
+            }
+        }
+        if !LANES {
+            for i in 0..R {
+                let r = _mm512_mul_ps(d, _mm512_cvtepi32_ps(isum[i]));
+                row[i] = _mm512_fmadd_ps(r, _mm512_set1_ps(ys[i][b].d), row[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        let v = if LANES { hsum8x16(&lanes) } else { row[i] };
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), v) };
+    }
+}
+
 /// The cells of one group of sixteen interleaved Q6_K rows (`grp`: its kb blocks, see `rows16`)
 /// against R activation rows `ys`, all summed as `Sum::Lanes` (with `LANES`: eight position
 /// lanes per cell, as ggml's dot product keeps them) or `Sum::Tiled`: out[i][r] for weight row

@@ -1,12 +1,12 @@
-//! Q4_K, Q5_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512:
+//! Q3_K, Q4_K, Q5_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512:
 //! the same bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each
 //! of sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
 //!
 //! Why: against GGUF's row-major blocks, a dot product unpacks every row's scales, scales
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
-//! and the activations are what gets broadcast (`avx512::rows16_q4k`, `rows16_q5k` and
-//! `rows16_q6k`; they also outrun the activation groups of `avx512::span` on these matrices
+//! and the activations are what gets broadcast (`avx512::rows16_q3k`, `rows16_q4k`,
+//! `rows16_q5k_*` and `rows16_q6k`; they also outrun the activation groups of `avx512::span` on these matrices
 //! up to a batch size, see `KMatrix::matmul_in`). The other paths read rows rebuilt in GGUF's
 //! order (`KMatrix::gguf_row`).
 //!
@@ -18,6 +18,10 @@
 //! 128 (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones). Q5_K's high
 //! bits and quants follow in eight steps (`q5k_step`), in the order its decode reads them: read
 //! out of order, the bits streamed from memory slower than GGUF's layout did.
+//!
+//! Q3_K: the sixteen `d`, the packed scales as three vectors of words (`Q3K_SCALES`), then the
+//! hmask and low bits in eight steps of three vectors (`q3k_step`), in the order its decode
+//! reads them.
 //!
 //! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
 //! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order a
@@ -52,6 +56,18 @@ pub(crate) const fn q5k_step(p: usize) -> usize {
     4 * ROWS * (4 + 5 * p)
 }
 
+/// Where Q3_K's parts start in a group's super-block: after the sixteen `d`, the packed scales
+/// as three vectors of the sixteen rows' words (`Q3K_SCALES + 64 u`: bytes 4u..4u+3 of each
+/// row's twelve), then the bits in eight steps (`q3k_step`).
+pub(crate) const Q3K_SCALES: usize = 2 * ROWS;
+
+/// Where step p (< 8) of a Q3_K group's super-block starts: three vectors of 4 bytes of each
+/// row, in the order a decode step reads them: hmask bytes 4p.. of each row's 32, then its low
+/// bits 4p.. and 32 + 4p.. of 64 (values 32s + 4p.. and 128 + 32s + 4p.., s < 4).
+pub(crate) const fn q3k_step(p: usize) -> usize {
+    Q3K_SCALES + 4 * ROWS * (3 + 3 * p)
+}
+
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
 /// (`q6k_step`).
@@ -68,7 +84,7 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
 
 /// Whether a matrix of `t` with n rows takes this layout on this CPU.
 pub(crate) fn applies(t: KType, n: usize) -> bool {
-    matches!(t, KType::Q4K | KType::Q5K | KType::Q6K)
+    matches!(t, KType::Q3K | KType::Q4K | KType::Q5K | KType::Q6K)
         && n.is_multiple_of(ROWS)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
 }
@@ -83,6 +99,16 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
             out.extend(
                 (0..(t.block_bytes() - 4) / 4).map(|w| (4 + 4 * w, k_word(t, w) + 4 * r, 4)),
             );
+        }
+        KType::Q3K => {
+            out.push((108, 2 * r, 2));
+            out.extend((0..3).map(|u| (96 + 4 * u, Q3K_SCALES + 4 * ROWS * u + 4 * r, 4)));
+            for p in 0..8 {
+                let at = q3k_step(p) + 4 * r;
+                out.push((4 * p, at, 4));
+                out.push((32 + 4 * p, at + 4 * ROWS, 4));
+                out.push((64 + 4 * p, at + 8 * ROWS, 4));
+            }
         }
         KType::Q6K => {
             out.push((208, 2 * r, 2));
@@ -163,7 +189,7 @@ mod tests {
     /// Every byte of sixteen blocks has a place of its own, and rows come back as they were.
     #[test]
     fn layout_is_a_permutation_and_rows_round_trip() {
-        for t in [KType::Q4K, KType::Q5K, KType::Q6K] {
+        for t in [KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K] {
             let (bb, gb) = (t.block_bytes(), group_bytes(t));
             let mut seen = vec![false; gb];
             let mut rs = Vec::new();
