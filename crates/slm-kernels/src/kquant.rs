@@ -697,7 +697,10 @@ impl KMatrix {
             matches!(
                 (self.t, sum_of(i)),
                 (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K))
-                    | (KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes)
+                    | (
+                        KType::Q3K | KType::Q5K | KType::Q6K,
+                        Sum::Tiled | Sum::Lanes
+                    )
             )
         };
         let y = |i: usize| &act[i * kb..(i + 1) * kb];
