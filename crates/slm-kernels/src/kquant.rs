@@ -803,7 +803,7 @@ fn first<const N: usize>(v: &mut [[f32; 16]; 8]) -> &mut [[f32; 16]; N] {
 /// of a model's prompt (`slm bench`).
 fn rows16_min_groups(t: KType) -> usize {
     match t {
-        KType::Q6K => 4,
+        KType::Q3K | KType::Q6K => 4,
         _ => usize::MAX,
     }
 }

@@ -1011,3 +1011,25 @@ pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
     }
     out[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
 }
+
+/// Row r's Q3_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
+/// `rows16`): its 27 words by two gathers.
+///
+/// # Safety
+/// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn q3k_block_of(grp: &[u8], r: usize, out: &mut [u8; 110]) {
+    use super::rows16::Q3K_WORDS;
+    assert!(grp.len() >= 16 * 110 && r < 16);
+    for (h, k) in [(0, 0xFFFF), (16, 0x07FF)] {
+        // SAFETY: sixteen indices; words h.. of row r (k of them), in the group's super-block
+        // and within out's 108 bytes of words.
+        unsafe {
+            let idx = _mm512_loadu_si512(Q3K_WORDS[h..h + 16].as_ptr().cast());
+            let from = grp.as_ptr().add(4 * r);
+            let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), k, idx, from.cast());
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(4 * h).cast(), k, v);
+        }
+    }
+    out[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]);
+}

@@ -68,6 +68,28 @@ pub(crate) const fn q3k_step(p: usize) -> usize {
     Q3K_SCALES + 4 * ROWS * (3 + 3 * p)
 }
 
+/// Where word w (< 27) of a Q3_K block (bytes 4w..4w+3: hmask, low bits, scales) sits for row 0
+/// in a group's super-block; row r's is 4r further.
+pub(crate) const fn q3k_word(w: usize) -> usize {
+    match w {
+        0..8 => q3k_step(w),
+        8..16 => q3k_step(w - 8) + 4 * ROWS,
+        16..24 => q3k_step(w - 16) + 8 * ROWS,
+        _ => Q3K_SCALES + 4 * ROWS * (w - 24),
+    }
+}
+
+/// `q3k_word` of every word, as the indices of two gathers of sixteen (the last five unused).
+pub(crate) const Q3K_WORDS: [i32; 32] = {
+    let mut out = [0i32; 32];
+    let mut w = 0;
+    while w < 27 {
+        out[w] = q3k_word(w) as i32;
+        w += 1;
+    }
+    out
+};
+
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
 /// (`q6k_step`).
@@ -102,13 +124,7 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
         }
         KType::Q3K => {
             out.push((108, 2 * r, 2));
-            out.extend((0..3).map(|u| (96 + 4 * u, Q3K_SCALES + 4 * ROWS * u + 4 * r, 4)));
-            for p in 0..8 {
-                let at = q3k_step(p) + 4 * r;
-                out.push((4 * p, at, 4));
-                out.push((32 + 4 * p, at + 4 * ROWS, 4));
-                out.push((64 + 4 * p, at + 8 * ROWS, 4));
-            }
+            out.extend((0..27).map(|w| (4 * w, q3k_word(w) + 4 * r, 4)));
         }
         KType::Q6K => {
             out.push((208, 2 * r, 2));
@@ -143,22 +159,31 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
     out
 }
 
-/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q6_K's
-/// by `avx512::q6k_block_of`'s gathers where the CPU has AVX-512 (where this layout is made,
-/// see `applies`), the rest by `copy_row`. Copied word by word, Q6_K's rows were slow enough to
-/// lose the activation groups of `avx512::span`, which rebuild every weight row they take (the
-/// other types never take them, see `KMatrix::matmul_in`).
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q3_K's
+/// and Q6_K's by gathers (`avx512::q3k_block_of`, `q6k_block_of`) where the CPU has AVX-512
+/// (where this layout is made, see `applies`), the rest by `copy_row`. Copied word by word,
+/// those rows were slow enough to lose the activation groups of `avx512::span`, which rebuild
+/// every weight row they take (the other types never take them, see `KMatrix::matmul_in`).
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if t == KType::Q6K && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512) {
+    if matches!(t, KType::Q3K | KType::Q6K)
+        && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
+    {
         let (bb, gb) = (t.block_bytes(), group_bytes(t));
         let (g, r) = (j / ROWS, j % ROWS);
         out.resize(kb * bb, 0);
         for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
             let grp = &x[(g * kb + b) * gb..][..gb];
-            let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
             // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
-            unsafe { super::avx512::q6k_block_of(grp, r, blk) };
+            unsafe {
+                if t == KType::Q3K {
+                    let blk: &mut [u8; 110] = blk.try_into().expect("a Q3_K block is 110 bytes");
+                    super::avx512::q3k_block_of(grp, r, blk)
+                } else {
+                    let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
+                    super::avx512::q6k_block_of(grp, r, blk)
+                }
+            };
         }
         return;
     }
