@@ -29,9 +29,9 @@
 //! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
-//! Except Q4_K, Q5_K and Q6_K on AVX-512: their rows are interleaved sixteen at a time at load
-//! (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take decode
-//! and batches (Q6_K's up to a few groups, `rows16_min_groups`).
+//! Except Q3_K, Q4_K, Q5_K and Q6_K on AVX-512: their rows are interleaved sixteen at a time at
+//! load (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take
+//! decode and batches (Q3_K's and Q6_K's up to a few groups, `rows16_min_groups`).
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -464,8 +464,8 @@ pub struct KMatrix {
 }
 
 impl KMatrix {
-    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q4_K, Q5_K
-    /// and Q6_K matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has
+    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q3_K, Q4_K,
+    /// Q5_K and Q6_K matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has
     /// AVX-512.
     pub fn new(t: KType, gguf: &[u8], n: usize, k: usize) -> Self {
         let kb = k / QK_K;
@@ -798,9 +798,9 @@ fn first<const N: usize>(v: &mut [[f32; 16]; 8]) -> &mut [[f32; 16]; N] {
 }
 
 /// Groups of activation rows from which an interleaved matrix of `t` takes `avx512::span`
-/// rather than `rows16_span`: Q6_K's from a few groups (measured with the `kernels` example,
-/// 576 x 1536), never Q4_K's or Q5_K's, whose `rows16` kernels were the faster at every batch
-/// of a model's prompt (`slm bench`).
+/// rather than `rows16_span`: Q3_K's and Q6_K's from a few groups, never Q4_K's or Q5_K's, whose
+/// `rows16` kernels were the faster at every batch of a model's prompt (`slm bench`, models of
+/// `bench/make-kquant-model.sh`).
 fn rows16_min_groups(t: KType) -> usize {
     match t {
         KType::Q3K | KType::Q6K => 4,
