@@ -415,6 +415,37 @@ fn hsum8x16(l: &[__m512; 8]) -> __m512 {
     _mm512_add_ps(_mm512_add_ps(r[0], r[2]), _mm512_add_ps(r[1], r[3]))
 }
 
+/// Step (j, p) of a Q4_K or Q5_K super-block against R activation rows (block b of each of
+/// ys): the products of sixteen rows' values 64j + 4p.. (`wl`) and 64j + 32 + 4p.. (`wh`)
+/// with row i's, added to lo[i] and hi[i].
+///
+/// # Safety
+/// j < 4, p < 8.
+#[inline]
+#[target_feature(enable = "avx512f,avx512vnni")]
+unsafe fn k4_step<const R: usize>(
+    lo: &mut [__m512i; R],
+    hi: &mut [__m512i; R],
+    (wl, wh): (__m512i, __m512i),
+    ys: &[&[Q8K]; R],
+    b: usize,
+    (j, p): (usize, usize),
+) {
+    debug_assert!(j < 4 && p < 8);
+    for i in 0..R {
+        let q = ys[i][b].qs.as_ptr();
+        // SAFETY: values of the block (the caller's j and p).
+        let (alo, ahi) = unsafe {
+            (
+                q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
+                q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
+            )
+        };
+        lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_set1_epi32(alo));
+        hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_set1_epi32(ahi));
+    }
+}
+
 /// `Sum::Rows` cells of one group of sixteen interleaved Q4_K rows (`grp`: its kb blocks, see
 /// `rows16`) against R activation rows `ys` (kb blocks each), row i summed as `sums[i]`:
 /// out[i][r] for weight row r. The integers are `super::dot_row`'s (exact), the floats round as
@@ -463,18 +494,8 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
                 };
                 let wl = _mm512_and_si512(w, m4);
                 let wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
-                for i in 0..R {
-                    let q = ys[i][b].qs.as_ptr();
-                    // SAFETY: values of the block.
-                    let (alo, ahi) = unsafe {
-                        (
-                            q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
-                            q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
-                        )
-                    };
-                    lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_set1_epi32(alo));
-                    hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_set1_epi32(ahi));
-                }
+                // SAFETY: j < 4, p < 8.
+                unsafe { k4_step(&mut lo, &mut hi, (wl, wh), &ys, b, (j, p)) };
             }
             let (sl, sh) = (byte(&sc, 2 * j), byte(&sc, 2 * j + 1));
             let (ml, mh) = (byte(&mn, 2 * j), byte(&mn, 2 * j + 1));
@@ -647,18 +668,8 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
                     )
                 };
                 let (wl, wh) = q5k_values(w, h, j);
-                for i in 0..R {
-                    let q = ys[i][b].qs.as_ptr();
-                    // SAFETY: values of the block.
-                    let (alo, ahi) = unsafe {
-                        (
-                            q.add(64 * j + 4 * p).cast::<i32>().read_unaligned(),
-                            q.add(64 * j + 32 + 4 * p).cast::<i32>().read_unaligned(),
-                        )
-                    };
-                    lo[i] = _mm512_dpbusd_epi32(lo[i], wl, _mm512_set1_epi32(alo));
-                    hi[i] = _mm512_dpbusd_epi32(hi[i], wh, _mm512_set1_epi32(ahi));
-                }
+                // SAFETY: j < 4, p < 8.
+                unsafe { k4_step(&mut lo, &mut hi, (wl, wh), &ys, b, (j, p)) };
             }
             let (sl, sh) = (byte(&sc, 2 * j), byte(&sc, 2 * j + 1));
             for i in 0..R {
