@@ -51,6 +51,8 @@ fn main() {
         (GgmlDType::Q4_1, BlockType::Q4_1),
         (GgmlDType::Q8_0, BlockType::Q8_0),
         (GgmlDType::Q4_0, BlockType::Q4_0),
+        (GgmlDType::Q5_0, BlockType::Q5_0),
+        (GgmlDType::Q5_1, BlockType::Q5_1),
     ] {
         if !wanted(&format!("{t:?}")) {
             continue;

@@ -696,7 +696,8 @@ impl KMatrix {
         let takes = |i: usize| {
             matches!(
                 (self.t, sum_of(i)),
-                (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K))
+                (KType::Q2K, Sum::Rows(128) | Sum::Rows(QK_K))
+                    | (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K))
                     | (
                         KType::Q3K | KType::Q5K | KType::Q6K,
                         Sum::Tiled | Sum::Lanes
@@ -740,6 +741,13 @@ impl KMatrix {
                 // blocks.
                 unsafe {
                     match (self.t, r, lanes) {
+                        (KType::Q2K, 4, _) => {
+                            let sums = from_fn(|d| sum_of(i + d));
+                            avx512::rows16_q2k::<4>(grp, from_fn(ys), sums, first(&mut v));
+                        }
+                        (KType::Q2K, ..) => {
+                            avx512::rows16_q2k::<1>(grp, [y(i)], [sum_of(i)], first(&mut v))
+                        }
                         (KType::Q3K, 4, _) => {
                             avx512::rows16_q3k::<4, false>(grp, from_fn(ys), first(&mut v))
                         }
@@ -775,7 +783,6 @@ impl KMatrix {
                         (KType::Q6K, ..) => {
                             avx512::rows16_q6k::<1, false>(grp, [y(i)], first(&mut v))
                         }
-                        (t, ..) => unreachable!("{t:?} is not interleaved"),
                     }
                 }
                 for (di, v) in v.iter().enumerate().take(r) {
@@ -803,7 +810,7 @@ fn first<const N: usize>(v: &mut [[f32; 16]; 8]) -> &mut [[f32; 16]; N] {
 /// `bench/make-kquant-model.sh`).
 fn rows16_min_groups(t: KType) -> usize {
     match t {
-        KType::Q3K | KType::Q6K => 4,
+        KType::Q2K | KType::Q3K | KType::Q6K => 4,
         _ => usize::MAX,
     }
 }

@@ -690,6 +690,123 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
     }
 }
 
+/// `Sum::Rows` cells of one group of sixteen interleaved Q2_K rows (`grp`: its kb blocks, see
+/// `rows16`) against R activation rows `ys`, row i summed as `sums[i]` (`Rows(128)` or
+/// `Rows(256)`): out[i][r] for weight row r. The integers are `super::dot_row`'s, the floats
+/// round as `super::Cell` does, lane by lane. Lane by lane (a step of `rows16::q2k_step`), as
+/// `rows16_q3k`: four products of 2-bit values fit in 16 bits, so a scale is applied by
+/// `vpdpwssd`; each 128 values' sum is kept apart.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; every sum is `Rows(128)` or
+/// `Rows(256)`; grp holds kb groups' blocks and each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows16_q2k<const R: usize>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    sums: [Sum; R],
+    out: &mut [[f32; 16]; R],
+) {
+    use super::rows16::{q2k_step, Q2K_SCALES};
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q2K);
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    debug_assert!(sums
+        .iter()
+        .all(|s| matches!(s, Sum::Rows(128) | Sum::Rows(QK_K))));
+    let per_chunk = sums.map(|s| s == Sum::Rows(128));
+    let (m2, m4) = (_mm512_set1_epi8(3), _mm512_set1_epi32(0xF));
+    let mut row = [_mm512_setzero_ps(); R];
+    let mut row_min = [_mm512_setzero_ps(); R];
+    for b in 0..kb {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY (the loads): within the group's super-block.
+        let (d, dmin, u) = unsafe {
+            (
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
+                _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
+                [0, 1, 2, 3].map(|w| _mm512_loadu_si512(g.add(Q2K_SCALES + 64 * w).cast())),
+            )
+        };
+        // The scale (low nibble, `MIN` false) or min of group q of the sixteen rows.
+        let nibble = |q: usize, min: bool| {
+            let at = 8 * (q % 4) + 4 * min as i32 as usize;
+            _mm512_and_si512(_mm512_srl_epi32(u[q / 4], _mm_cvtsi32_si128(at as i32)), m4)
+        };
+        // Each 128 values' integer sum, per activation row.
+        let mut acc = [[_mm512_setzero_si512(); 2]; R];
+        let mut sc = [_mm512_setzero_si512(); 8];
+        for p in 0..8 {
+            if p % 4 == 0 {
+                // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
+                sc = std::array::from_fn(|t| nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false));
+            }
+            // SAFETY: step p's two vectors.
+            let q = unsafe {
+                let at = g.add(q2k_step(p));
+                [
+                    _mm512_loadu_si512(at.cast()),
+                    _mm512_loadu_si512(at.add(64).cast()),
+                ]
+            };
+            for j in 0..2 {
+                for s in 0..4 {
+                    let w = _mm512_and_si512(
+                        _mm512_srl_epi16(q[j], _mm_cvtsi32_si128(2 * s as i32)),
+                        m2,
+                    );
+                    let word = 32 * j + 8 * s + p;
+                    for i in 0..R {
+                        // SAFETY: values 4 word.. of the block.
+                        let a = unsafe {
+                            ys[i][b]
+                                .qs
+                                .as_ptr()
+                                .add(4 * word)
+                                .cast::<i32>()
+                                .read_unaligned()
+                        };
+                        let dot =
+                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_set1_epi32(a));
+                        acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], dot, sc[4 * j + s]);
+                    }
+                }
+            }
+        }
+        for i in 0..R {
+            let y = &ys[i][b];
+            // The mins' integers, per 128 values: min q times the sum of its 16 activations.
+            let imin: [__m512i; 2] = std::array::from_fn(|c| {
+                let mut v = _mm512_setzero_si512();
+                for q in 8 * c..8 * c + 8 {
+                    let bs = _mm512_set1_epi32(y.bsums[q] as u16 as i32);
+                    v = _mm512_add_epi32(v, _mm512_madd_epi16(nibble(q, true), bs));
+                }
+                v
+            });
+            let (dd, dm) = (
+                _mm512_mul_ps(d, _mm512_set1_ps(y.d)),
+                _mm512_mul_ps(dmin, _mm512_set1_ps(y.d)),
+            );
+            if per_chunk[i] {
+                for c in 0..2 {
+                    row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][c]), dd, row[i]);
+                    row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[c]), dm, row_min[i]);
+                }
+            } else {
+                let is = _mm512_add_epi32(acc[i][0], acc[i][1]);
+                let im = _mm512_add_epi32(imin[0], imin[1]);
+                row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), dd, row[i]);
+                row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(im), dm, row_min[i]);
+            }
+        }
+    }
+    for i in 0..R {
+        // SAFETY: 16 floats.
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), _mm512_sub_ps(row[i], row_min[i])) };
+    }
+}
+
 /// The cells of one group of sixteen interleaved Q3_K rows (`grp`: its kb blocks, see `rows16`)
 /// against R activation rows `ys`, all summed as `Sum::Lanes` (with `LANES`, one row: eight
 /// position lanes per cell, as ggml's dot product keeps them) or `Sum::Tiled`: out[i][r] for
@@ -1023,24 +1140,28 @@ pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
     out[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
 }
 
-/// Row r's Q3_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
-/// `rows16`): its 27 words by two gathers.
+/// The first n (<= 32) words of row r's block (GGUF's bytes) into out, out of its interleaved
+/// group's super-block `grp` (see `rows16`), where `at` places them for row 0: by gathers of
+/// sixteen.
 ///
 /// # Safety
-/// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
+/// The CPU has AVX-512 F; grp is a whole group's super-block whose words lie at `at` (+ 4r);
+/// r < 16.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn q3k_block_of(grp: &[u8], r: usize, out: &mut [u8; 110]) {
-    use super::rows16::Q3K_WORDS;
-    assert!(grp.len() >= 16 * 110 && r < 16);
-    for (h, k) in [(0, 0xFFFF), (16, 0x07FF)] {
-        // SAFETY: sixteen indices; words h.. of row r (k of them), in the group's super-block
-        // and within out's 108 bytes of words.
+pub(super) unsafe fn words_of(grp: &[u8], r: usize, at: &[i32; 32], n: usize, out: &mut [u8]) {
+    assert!(r < 16 && n <= 32 && out.len() >= 4 * n);
+    debug_assert!(at[..n]
+        .iter()
+        .all(|&a| a >= 0 && a as usize + 4 * r + 4 <= grp.len()));
+    for h in (0..n).step_by(16) {
+        let k: __mmask16 = if n - h >= 16 { !0 } else { (1 << (n - h)) - 1 };
+        // SAFETY: sixteen indices; words h.. of row r (k of them) within grp (asserted) and
+        // out.
         unsafe {
-            let idx = _mm512_loadu_si512(Q3K_WORDS[h..h + 16].as_ptr().cast());
+            let idx = _mm512_loadu_si512(at[h..h + 16].as_ptr().cast());
             let from = grp.as_ptr().add(4 * r);
             let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), k, idx, from.cast());
             _mm512_mask_storeu_epi32(out.as_mut_ptr().add(4 * h).cast(), k, v);
         }
     }
-    out[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]);
 }

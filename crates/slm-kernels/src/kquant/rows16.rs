@@ -1,11 +1,11 @@
-//! Q3_K, Q4_K, Q5_K and Q6_K matrices with their rows interleaved sixteen at a time, for AVX-512:
+//! K-quant matrices (Q2_K to Q6_K) with their rows interleaved sixteen at a time, for AVX-512:
 //! the same bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each
 //! of sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
 //!
 //! Why: against GGUF's row-major blocks, a dot product unpacks every row's scales, scales
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
-//! and the activations are what gets broadcast (`avx512::rows16_q3k`, `rows16_q4k`,
+//! and the activations are what gets broadcast (`avx512::rows16_q2k`, `rows16_q3k`, `rows16_q4k`,
 //! `rows16_q5k_*` and `rows16_q6k`; they also outrun the activation groups of `avx512::span`
 //! on these matrices up to a batch size, see `KMatrix::matmul_in`). The other paths read rows rebuilt in GGUF's
 //! order (`KMatrix::gguf_row`).
@@ -18,6 +18,9 @@
 //! 128 (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones). Q5_K's high
 //! bits and quants follow in eight steps (`q5k_step`), in the order its decode reads them: read
 //! out of order, the bits streamed from memory slower than GGUF's layout did.
+//!
+//! Q2_K: the sixteen `d`, the sixteen `dmin`, the packed scales and mins as four vectors of
+//! words (`Q2K_SCALES`), then the bits in eight steps of two vectors (`q2k_step`).
 //!
 //! Q3_K: the sixteen `d`, the packed scales as three vectors of words (`Q3K_SCALES`), then the
 //! hmask and low bits in eight steps of three vectors (`q3k_step`), in the order its decode
@@ -56,6 +59,30 @@ pub(crate) const fn q5k_step(p: usize) -> usize {
     4 * ROWS * (4 + 5 * p)
 }
 
+/// Where Q2_K's parts start in a group's super-block: after the sixteen `d` and the sixteen
+/// `dmin`, the scales and mins as four vectors of the sixteen rows' words (`Q2K_SCALES + 64 u`:
+/// bytes 4u..4u+3 of each row's sixteen), then the bits in eight steps (`q2k_step`).
+pub(crate) const Q2K_SCALES: usize = 4 * ROWS;
+
+/// Where step p (< 8) of a Q2_K group's super-block starts: two vectors of 4 bytes of each
+/// row, bytes 4p.. and 32 + 4p.. of its 64 (values 32s + 4p.. and 128 + 32s + 4p.., s < 4).
+pub(crate) const fn q2k_step(p: usize) -> usize {
+    Q2K_SCALES + 4 * ROWS * (4 + 2 * p)
+}
+
+/// Where word w (< 20) of a Q2_K block (bytes 4w..4w+3: scales, then bits) sits for row 0 in a
+/// group's super-block; row r's is 4r further.
+pub(crate) const fn q2k_word(w: usize) -> usize {
+    match w {
+        0..4 => Q2K_SCALES + 4 * ROWS * w,
+        4..12 => q2k_step(w - 4),
+        _ => q2k_step(w - 12) + 4 * ROWS,
+    }
+}
+
+/// `q2k_word` of every word, as the indices of two gathers of sixteen (the last twelve unused).
+pub(crate) const Q2K_WORDS: [i32; 32] = words(KType::Q2K, 20);
+
 /// Where Q3_K's parts start in a group's super-block: after the sixteen `d`, the packed scales
 /// as three vectors of the sixteen rows' words (`Q3K_SCALES + 64 u`: bytes 4u..4u+3 of each
 /// row's twelve), then the bits in eight steps (`q3k_step`).
@@ -80,15 +107,21 @@ pub(crate) const fn q3k_word(w: usize) -> usize {
 }
 
 /// `q3k_word` of every word, as the indices of two gathers of sixteen (the last five unused).
-pub(crate) const Q3K_WORDS: [i32; 32] = {
+pub(crate) const Q3K_WORDS: [i32; 32] = words(KType::Q3K, 27);
+
+/// The places of the first n words of a Q2_K or Q3_K block, as gather indices.
+const fn words(t: KType, n: usize) -> [i32; 32] {
     let mut out = [0i32; 32];
     let mut w = 0;
-    while w < 27 {
-        out[w] = q3k_word(w) as i32;
+    while w < n {
+        out[w] = match t {
+            KType::Q2K => q2k_word(w),
+            _ => q3k_word(w),
+        } as i32;
         w += 1;
     }
     out
-};
+}
 
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
 /// values: the sixteen rows' scale g at `Q6K_SCALES + 16 g`), then the bits, by step
@@ -106,8 +139,10 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
 
 /// Whether a matrix of `t` with n rows takes this layout on this CPU.
 pub(crate) fn applies(t: KType, n: usize) -> bool {
-    matches!(t, KType::Q3K | KType::Q4K | KType::Q5K | KType::Q6K)
-        && n.is_multiple_of(ROWS)
+    matches!(
+        t,
+        KType::Q2K | KType::Q3K | KType::Q4K | KType::Q5K | KType::Q6K
+    ) && n.is_multiple_of(ROWS)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
 }
 
@@ -121,6 +156,10 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
             out.extend(
                 (0..(t.block_bytes() - 4) / 4).map(|w| (4 + 4 * w, k_word(t, w) + 4 * r, 4)),
             );
+        }
+        KType::Q2K => {
+            out.extend([(80, 2 * r, 2), (82, 2 * ROWS + 2 * r, 2)]);
+            out.extend((0..20).map(|w| (4 * w, q2k_word(w) + 4 * r, 4)));
         }
         KType::Q3K => {
             out.push((108, 2 * r, 2));
@@ -136,7 +175,6 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
                 out.push((128 + 32 * j + 4 * p, at + 8 * ROWS, 4));
             }
         }
-        _ => unreachable!("{t:?} is not interleaved"),
     }
 }
 
@@ -159,14 +197,14 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
     out
 }
 
-/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q3_K's
-/// and Q6_K's by gathers (`avx512::q3k_block_of`, `q6k_block_of`) where the CPU has AVX-512
+/// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q2_K's,
+/// Q3_K's and Q6_K's by gathers (`avx512::words_of`, `q6k_block_of`) where the CPU has AVX-512
 /// (where this layout is made, see `applies`), the rest by `copy_row`. Copied word by word,
 /// those rows were slow enough to lose the activation groups of `avx512::span`, which rebuild
 /// every weight row they take (the other types never take them, see `KMatrix::matmul_in`).
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
     #[cfg(target_arch = "x86_64")]
-    if matches!(t, KType::Q3K | KType::Q6K)
+    if matches!(t, KType::Q2K | KType::Q3K | KType::Q6K)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
     {
         let (bb, gb) = (t.block_bytes(), group_bytes(t));
@@ -176,9 +214,13 @@ pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8
             let grp = &x[(g * kb + b) * gb..][..gb];
             // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
             unsafe {
-                if t == KType::Q3K {
-                    let blk: &mut [u8; 110] = blk.try_into().expect("a Q3_K block is 110 bytes");
-                    super::avx512::q3k_block_of(grp, r, blk)
+                if t == KType::Q2K {
+                    super::avx512::words_of(grp, r, &Q2K_WORDS, 20, blk);
+                    blk[80..82].copy_from_slice(&grp[2 * r..2 * r + 2]);
+                    blk[82..84].copy_from_slice(&grp[2 * ROWS + 2 * r..2 * ROWS + 2 * r + 2]);
+                } else if t == KType::Q3K {
+                    super::avx512::words_of(grp, r, &Q3K_WORDS, 27, blk);
+                    blk[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]);
                 } else {
                     let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
                     super::avx512::q6k_block_of(grp, r, blk)
@@ -214,7 +256,7 @@ mod tests {
     /// Every byte of sixteen blocks has a place of its own, and rows come back as they were.
     #[test]
     fn layout_is_a_permutation_and_rows_round_trip() {
-        for t in [KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K] {
+        for t in [KType::Q2K, KType::Q3K, KType::Q4K, KType::Q5K, KType::Q6K] {
             let (bb, gb) = (t.block_bytes(), group_bytes(t));
             let mut seen = vec![false; gb];
             let mut rs = Vec::new();
