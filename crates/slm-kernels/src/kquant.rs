@@ -29,9 +29,9 @@
 //! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
-//! Except Q3_K, Q4_K, Q5_K and Q6_K on AVX-512: their rows are interleaved sixteen at a time at
+//! Except on AVX-512: there the rows of every K-quant matrix are interleaved sixteen at a time at
 //! load (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take
-//! decode and batches (Q3_K's and Q6_K's up to a few groups, `rows16_min_groups`).
+//! decode and batches (Q2_K's, Q3_K's and Q6_K's up to a few groups, `rows16_min_groups`).
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -464,13 +464,13 @@ pub struct KMatrix {
 }
 
 impl KMatrix {
-    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Q3_K, Q4_K,
-    /// Q5_K and Q6_K matrices of a multiple of 16 rows are interleaved (`rows16`) where the CPU has
+    /// `gguf`: n rows of k values in `t`'s super-blocks, as stored in a GGUF file. Matrices of a
+    /// multiple of 16 rows are interleaved (`rows16`) where the CPU has
     /// AVX-512.
     pub fn new(t: KType, gguf: &[u8], n: usize, k: usize) -> Self {
         let kb = k / QK_K;
         assert!(k.is_multiple_of(QK_K) && gguf.len() == n * kb * t.block_bytes());
-        let interleaved = rows16::applies(t, n);
+        let interleaved = rows16::applies(n);
         Self {
             t,
             bytes: Arc::new(if interleaved {
@@ -805,7 +805,7 @@ fn first<const N: usize>(v: &mut [[f32; 16]; 8]) -> &mut [[f32; 16]; N] {
 }
 
 /// Groups of activation rows from which an interleaved matrix of `t` takes `avx512::span`
-/// rather than `rows16_span`: Q3_K's and Q6_K's from a few groups, never Q4_K's or Q5_K's, whose
+/// rather than `rows16_span`: Q2_K's, Q3_K's and Q6_K's from a few groups, never Q4_K's or Q5_K's, whose
 /// `rows16` kernels were the faster at every batch of a model's prompt (`slm bench`, models of
 /// `bench/make-kquant-model.sh`).
 fn rows16_min_groups(t: KType) -> usize {

@@ -137,13 +137,9 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
     Q6K_BITS + (8 * j + p) * 3 * 4 * ROWS
 }
 
-/// Whether a matrix of `t` with n rows takes this layout on this CPU.
-pub(crate) fn applies(t: KType, n: usize) -> bool {
-    matches!(
-        t,
-        KType::Q2K | KType::Q3K | KType::Q4K | KType::Q5K | KType::Q6K
-    ) && n.is_multiple_of(ROWS)
-        && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
+/// Whether a matrix of n rows takes this layout on this CPU (every K-quant type has it).
+pub(crate) fn applies(n: usize) -> bool {
+    n.is_multiple_of(ROWS) && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
 }
 
 /// Row r's block (r < 16) as runs of bytes, into `out`: (where in the block, where in its
