@@ -693,21 +693,23 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
 /// `Sum::Rows` cells of one group of sixteen interleaved Q2_K rows (`grp`: its kb blocks, see
 /// `rows16`) against R activation rows `ys`, row i summed as `sums[i]` (`Rows(128)` or
 /// `Rows(256)`): out[i][r] for weight row r. The integers are `super::dot_row`'s, the floats
-/// round as `super::Cell` does, lane by lane. Lane by lane (a step of `rows16::q2k_step`), as
-/// `rows16_q3k`: four products of 2-bit values fit in 16 bits, so a scale is applied by
-/// `vpdpwssd`; each 128 values' sum is kept apart.
+/// round as `super::Cell` does, lane by lane. Group by group of 16 values: sixteen products of
+/// 2-bit values fit in 16 bits, so a group's scale is applied once, by `vpdpwssd`; each 128
+/// values' sum is kept apart.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; every sum is `Rows(128)` or
 /// `Rows(256)`; grp holds kb groups' blocks and each of ys kb blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+// j and h are positions in the block as well as indices.
+#[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn rows16_q2k<const R: usize>(
     grp: &[u8],
     ys: [&[Q8K]; R],
     sums: [Sum; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::{q2k_step, Q2K_SCALES};
+    use super::rows16::q2k_word;
     const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q2K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
@@ -725,50 +727,38 @@ pub(super) unsafe fn rows16_q2k<const R: usize>(
             (
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
-                [0, 1, 2, 3].map(|w| _mm512_loadu_si512(g.add(Q2K_SCALES + 64 * w).cast())),
+                [0, 1, 2, 3].map(|w| _mm512_loadu_si512(g.add(q2k_word(w)).cast())),
             )
         };
-        // The scale (low nibble, `MIN` false) or min of group q of the sixteen rows.
+        // The scale (low nibble) or min of group q of the sixteen rows.
         let nibble = |q: usize, min: bool| {
-            let at = 8 * (q % 4) + 4 * min as i32 as usize;
+            let at = 8 * (q % 4) + 4 * min as usize;
             _mm512_and_si512(_mm512_srl_epi32(u[q / 4], _mm_cvtsi32_si128(at as i32)), m4)
         };
         // Each 128 values' integer sum, per activation row.
-        let mut acc = [[_mm512_setzero_si512(); 2]; R];
-        let mut sc = [_mm512_setzero_si512(); 8];
-        for p in 0..8 {
-            if p % 4 == 0 {
-                // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
-                sc = std::array::from_fn(|t| nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false));
-            }
-            // SAFETY: step p's two vectors.
-            let q = unsafe {
-                let at = g.add(q2k_step(p));
-                [
-                    _mm512_loadu_si512(at.cast()),
-                    _mm512_loadu_si512(at.add(64).cast()),
-                ]
-            };
-            for j in 0..2 {
-                for s in 0..4 {
-                    let w = _mm512_and_si512(
-                        _mm512_srl_epi16(q[j], _mm_cvtsi32_si128(2 * s as i32)),
-                        m2,
-                    );
-                    let word = 32 * j + 8 * s + p;
+        let mut isum = [[_mm512_setzero_si512(); 2]; R];
+        for j in 0..2 {
+            for s in 0..4 {
+                // Values 128j + 32s.., groups 8j + 2s and 8j + 2s + 1.
+                let mut acc = [[_mm512_setzero_si512(); 2]; R];
+                for p in 0..8 {
+                    // SAFETY: bits word 8j + p of the group's sixteen rows.
+                    let q = unsafe { _mm512_loadu_si512(g.add(q2k_word(4 + 8 * j + p)).cast()) };
+                    let w =
+                        _mm512_and_si512(_mm512_srl_epi16(q, _mm_cvtsi32_si128(2 * s as i32)), m2);
                     for i in 0..R {
-                        // SAFETY: values 4 word.. of the block.
+                        // SAFETY: values 128j + 32s + 4p.. of the block.
                         let a = unsafe {
-                            ys[i][b]
-                                .qs
-                                .as_ptr()
-                                .add(4 * word)
-                                .cast::<i32>()
-                                .read_unaligned()
+                            let at = 128 * j + 32 * s + 4 * p;
+                            ys[i][b].qs.as_ptr().add(at).cast::<i32>().read_unaligned()
                         };
-                        let dot =
-                            _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, _mm512_set1_epi32(a));
-                        acc[i][j] = _mm512_dpwssd_epi32(acc[i][j], dot, sc[4 * j + s]);
+                        acc[i][p / 4] = _mm512_dpbusd_epi32(acc[i][p / 4], w, _mm512_set1_epi32(a));
+                    }
+                }
+                for h in 0..2 {
+                    let sc = nibble(8 * j + 2 * s + h, false);
+                    for i in 0..R {
+                        isum[i][j] = _mm512_dpwssd_epi32(isum[i][j], acc[i][h], sc);
                     }
                 }
             }
@@ -790,11 +780,11 @@ pub(super) unsafe fn rows16_q2k<const R: usize>(
             );
             if per_chunk[i] {
                 for c in 0..2 {
-                    row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[i][c]), dd, row[i]);
+                    row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[i][c]), dd, row[i]);
                     row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(imin[c]), dm, row_min[i]);
                 }
             } else {
-                let is = _mm512_add_epi32(acc[i][0], acc[i][1]);
+                let is = _mm512_add_epi32(isum[i][0], isum[i][1]);
                 let im = _mm512_add_epi32(imin[0], imin[1]);
                 row[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(is), dd, row[i]);
                 row_min[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(im), dm, row_min[i]);

@@ -19,8 +19,9 @@
 //! bits and quants follow in eight steps (`q5k_step`), in the order its decode reads them: read
 //! out of order, the bits streamed from memory slower than GGUF's layout did.
 //!
-//! Q2_K: the sixteen `d`, the sixteen `dmin`, the packed scales and mins as four vectors of
-//! words (`Q2K_SCALES`), then the bits in eight steps of two vectors (`q2k_step`).
+//! Q2_K: the sixteen `d`, the sixteen `dmin`, then every word of the block's first 80 bytes as a
+//! vector of the sixteen rows' words (`q2k_word`): the packed scales and mins, then the bits.
+//! (Its kernel takes a scale's sixteen values in a row, so it reads the bits in their order.)
 //!
 //! Q3_K: the sixteen `d`, the packed scales as three vectors of words (`Q3K_SCALES`), then the
 //! hmask and low bits in eight steps of three vectors (`q3k_step`), in the order its decode
@@ -59,25 +60,11 @@ pub(crate) const fn q5k_step(p: usize) -> usize {
     4 * ROWS * (4 + 5 * p)
 }
 
-/// Where Q2_K's parts start in a group's super-block: after the sixteen `d` and the sixteen
-/// `dmin`, the scales and mins as four vectors of the sixteen rows' words (`Q2K_SCALES + 64 u`:
-/// bytes 4u..4u+3 of each row's sixteen), then the bits in eight steps (`q2k_step`).
-pub(crate) const Q2K_SCALES: usize = 4 * ROWS;
-
-/// Where step p (< 8) of a Q2_K group's super-block starts: two vectors of 4 bytes of each
-/// row, bytes 4p.. and 32 + 4p.. of its 64 (values 32s + 4p.. and 128 + 32s + 4p.., s < 4).
-pub(crate) const fn q2k_step(p: usize) -> usize {
-    Q2K_SCALES + 4 * ROWS * (4 + 2 * p)
-}
-
-/// Where word w (< 20) of a Q2_K block (bytes 4w..4w+3: scales, then bits) sits for row 0 in a
-/// group's super-block; row r's is 4r further.
+/// Where word w (< 20) of a Q2_K block (bytes 4w..4w+3: the scales and mins, then the bits) sits
+/// for row 0 in a group's super-block, after the sixteen `d` and the sixteen `dmin`: as a vector
+/// of the sixteen rows' word w, in order; row r's is 4r further.
 pub(crate) const fn q2k_word(w: usize) -> usize {
-    match w {
-        0..4 => Q2K_SCALES + 4 * ROWS * w,
-        4..12 => q2k_step(w - 4),
-        _ => q2k_step(w - 12) + 4 * ROWS,
-    }
+    4 * ROWS * (1 + w)
 }
 
 /// `q2k_word` of every word, as the indices of two gathers of sixteen (the last twelve unused).
