@@ -679,9 +679,10 @@ impl KMatrix {
 
 impl KMatrix {
     /// Rows `rows` (whole groups of 16) of an interleaved matrix against activation rows
-    /// `acts` by `avx512::rows16_q4k` / `rows16_q5k_*` / `rows16_q6k`, several activation rows
-    /// at a time where they share a sum those take (Q4_K's repacked `Rows`; Q5_K's and Q6_K's
-    /// `Tiled`, and `Lanes` one row at a time); any other sum (a test's choice) by the dot products on rebuilt rows.
+    /// `acts` by the `avx512::rows16_*` kernels, several activation rows at a time where they
+    /// share a sum those take (Q2_K's and Q4_K's repacked `Rows`; the others' `Tiled`, and
+    /// `Lanes` one row at a time); any other sum (a test's choice) by the dot products on
+    /// rebuilt rows.
     #[cfg(target_arch = "x86_64")]
     fn rows16_span(
         &self,
@@ -805,9 +806,9 @@ fn first<const N: usize>(v: &mut [[f32; 16]; 8]) -> &mut [[f32; 16]; N] {
 }
 
 /// Groups of activation rows from which an interleaved matrix of `t` takes `avx512::span`
-/// rather than `rows16_span`: Q2_K's, Q3_K's and Q6_K's from a few groups, never Q4_K's or Q5_K's, whose
-/// `rows16` kernels were the faster at every batch of a model's prompt (`slm bench`, models of
-/// `bench/make-kquant-model.sh`).
+/// rather than `rows16_span`: Q2_K's, Q3_K's and Q6_K's from a few groups, never Q4_K's or
+/// Q5_K's, whose `rows16` kernels were the faster at every batch of a model's prompt (`slm
+/// bench`, models of `bench/make-kquant-model.sh`).
 fn rows16_min_groups(t: KType) -> usize {
     match t {
         KType::Q2K | KType::Q3K | KType::Q6K => 4,

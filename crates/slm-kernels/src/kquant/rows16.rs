@@ -5,10 +5,10 @@
 //! Why: against GGUF's row-major blocks, a dot product unpacks every row's scales, scales
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
-//! and the activations are what gets broadcast (`avx512::rows16_q2k`, `rows16_q3k`, `rows16_q4k`,
-//! `rows16_q5k_*` and `rows16_q6k`; they also outrun the activation groups of `avx512::span`
-//! on these matrices up to a batch size, see `KMatrix::matmul_in`). The other paths read rows rebuilt in GGUF's
-//! order (`KMatrix::gguf_row`).
+//! and the activations are what gets broadcast (`avx512::rows16_q2k`, `rows16_q3k`,
+//! `rows16_q4k`, `rows16_q5k_*` and `rows16_q6k`; they also outrun the activation groups of
+//! `avx512::span` on these matrices up to a batch size, see `KMatrix::matmul_in`). The other
+//! paths read rows rebuilt in GGUF's order (`KMatrix::gguf_row`).
 //!
 //! Q4_K and Q5_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
 //! the sixteen `d` (f16), the sixteen `dmin`, then every 4-byte word w of the rest of the
