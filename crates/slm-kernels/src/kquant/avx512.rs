@@ -1079,58 +1079,7 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
     }
 }
 
-/// Row r's Q6_K block (GGUF's bytes) out of its interleaved group's super-block `grp` (see
-/// `rows16`): the bits by three gathers of sixteen words each.
-///
-/// # Safety
-/// The CPU has AVX-512 F; grp is a whole group's super-block; r < 16.
-#[target_feature(enable = "avx512f")]
-pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
-    use super::rows16::{q6k_step, Q6K_SCALES};
-    assert!(grp.len() >= 16 * 210 && r < 16);
-    let s = (q6k_step(0, 1) - q6k_step(0, 0)) as i32;
-    // Low bits 64j..64j + 64 of a row: steps (j, 0..8), first vectors then second ones.
-    let low = _mm512_setr_epi32(
-        0,
-        s,
-        2 * s,
-        3 * s,
-        4 * s,
-        5 * s,
-        6 * s,
-        7 * s,
-        64,
-        s + 64,
-        2 * s + 64,
-        3 * s + 64,
-        4 * s + 64,
-        5 * s + 64,
-        6 * s + 64,
-        7 * s + 64,
-    );
-    // High bits: steps (0..2, 0..8), the third vectors.
-    let high = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32(s),
-    );
-    for (at, from, idx) in [
-        (0, q6k_step(0, 0), low),
-        (64, q6k_step(1, 0), low),
-        (128, q6k_step(0, 0) + 128, high),
-    ] {
-        // SAFETY: sixteen words of the group's super-block, row r's.
-        unsafe {
-            let v = _mm512_i32gather_epi32::<1>(idx, grp.as_ptr().add(from + 4 * r).cast());
-            _mm512_storeu_si512(out.as_mut_ptr().add(at).cast(), v);
-        }
-    }
-    for q in 0..16 {
-        out[192 + q] = grp[Q6K_SCALES + 16 * q + r];
-    }
-    out[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
-}
-
-/// The first n (<= 32) words of row r's block (GGUF's bytes) into out, out of its interleaved
+/// The first n words (of `at`'s, a multiple of 16) of row r's block (GGUF's bytes) into out, out of its interleaved
 /// group's super-block `grp` (see `rows16`), where `at` places them for row 0: by gathers of
 /// sixteen.
 ///
@@ -1138,8 +1087,8 @@ pub(super) unsafe fn q6k_block_of(grp: &[u8], r: usize, out: &mut [u8; 210]) {
 /// The CPU has AVX-512 F; grp is a whole group's super-block whose words lie at `at` (+ 4r);
 /// r < 16.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn words_of(grp: &[u8], r: usize, at: &[i32; 32], n: usize, out: &mut [u8]) {
-    assert!(r < 16 && n <= 32 && out.len() >= 4 * n);
+pub(super) unsafe fn words_of(grp: &[u8], r: usize, at: &[i32], n: usize, out: &mut [u8]) {
+    assert!(r < 16 && n <= at.len() && at.len().is_multiple_of(16) && out.len() >= 4 * n);
     debug_assert!(at[..n]
         .iter()
         .all(|&a| a >= 0 && a as usize + 4 * r + 4 <= grp.len()));

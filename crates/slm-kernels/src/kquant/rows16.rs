@@ -28,8 +28,8 @@
 //! reads them.
 //!
 //! Q6_K: the sixteen `d`, the scales (the sixteen rows' scale of group g of 16 values
-//! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order a
-//! decode step reads them, so that it streams through memory.
+//! together), then the bits in sixteen steps of three vectors (`q6k_step`), in the order its
+//! decode reads them, so that it streams through memory.
 
 use super::{KType, QK_K};
 
@@ -117,12 +117,35 @@ pub(crate) const Q6K_SCALES: usize = 2 * ROWS;
 const Q6K_BITS: usize = Q6K_SCALES + 16 * ROWS;
 
 /// Where step (j, p) of a Q6_K group's super-block starts (j < 2, p < 8): three vectors of 4
-/// bytes of each row, in the order a decode step reads them: low bits 64j + 4p.. and
-/// 64j + 32 + 4p.. of each row's 128, then high bits 32j + 4p.. of its 64. The four values
-/// 128j + 32t + 4p.. (t < 4) come out of these three.
+/// bytes of each row: low bits 64j + 4p.. and 64j + 32 + 4p.. of each row's 128, then high
+/// bits 32j + 4p.. of its 64. The four values 128j + 32t + 4p.. (t < 4) come out of these
+/// three. Lane p's two steps are side by side, in the order its decode reads them.
 pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
-    Q6K_BITS + (8 * j + p) * 3 * 4 * ROWS
+    Q6K_BITS + (2 * p + j) * 3 * 4 * ROWS
 }
+
+/// Where word w (< 48) of a Q6_K block (bytes 4w..4w+3: low bits, then high bits) sits for
+/// row 0 in a group's super-block; row r's is 4r further.
+pub(crate) const fn q6k_word(w: usize) -> usize {
+    if w < 32 {
+        let (j, u) = (w / 16, w % 16);
+        q6k_step(j, u % 8) + 4 * ROWS * (u / 8)
+    } else {
+        let v = w - 32;
+        q6k_step(v / 8, v % 8) + 8 * ROWS
+    }
+}
+
+/// `q6k_word` of every word, as the indices of three gathers of sixteen.
+pub(crate) const Q6K_WORDS: [i32; 48] = {
+    let mut out = [0i32; 48];
+    let mut w = 0;
+    while w < 48 {
+        out[w] = q6k_word(w) as i32;
+        w += 1;
+    }
+    out
+};
 
 /// Whether a matrix of n rows takes this layout on this CPU (every K-quant type has it).
 pub(crate) fn applies(n: usize) -> bool {
@@ -151,12 +174,7 @@ fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
         KType::Q6K => {
             out.push((208, 2 * r, 2));
             out.extend((0..16).map(|g| (192 + g, Q6K_SCALES + ROWS * g + r, 1)));
-            for (j, p) in (0..2).flat_map(|j| (0..8).map(move |p| (j, p))) {
-                let at = q6k_step(j, p) + 4 * r;
-                out.push((64 * j + 4 * p, at, 4));
-                out.push((64 * j + 32 + 4 * p, at + 4 * ROWS, 4));
-                out.push((128 + 32 * j + 4 * p, at + 8 * ROWS, 4));
-            }
+            out.extend((0..48).map(|w| (4 * w, q6k_word(w) + 4 * r, 4)));
         }
     }
 }
@@ -181,7 +199,7 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
 }
 
 /// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q2_K's,
-/// Q3_K's and Q6_K's by gathers (`avx512::words_of`, `q6k_block_of`) where the CPU has AVX-512
+/// Q3_K's and Q6_K's by gathers (`avx512::words_of`) where the CPU has AVX-512
 /// (where this layout is made, see `applies`), the rest by `copy_row`. Copied word by word,
 /// those rows were slow enough to lose the activation groups of `avx512::span`, which rebuild
 /// every weight row they take (the other types never take them, see `KMatrix::matmul_in`).
@@ -205,8 +223,11 @@ pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8
                     super::avx512::words_of(grp, r, &Q3K_WORDS, 27, blk);
                     blk[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]);
                 } else {
-                    let blk: &mut [u8; 210] = blk.try_into().expect("a Q6_K block is 210 bytes");
-                    super::avx512::q6k_block_of(grp, r, blk)
+                    super::avx512::words_of(grp, r, &Q6K_WORDS, 48, blk);
+                    for q in 0..16 {
+                        blk[192 + q] = grp[Q6K_SCALES + ROWS * q + r];
+                    }
+                    blk[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
                 }
             };
         }
