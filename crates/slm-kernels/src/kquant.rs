@@ -776,13 +776,11 @@ impl KMatrix {
                             avx512::rows16_q5k_tiled::<1>(grp, [y(i)], first(&mut v))
                         }
                         (KType::Q6K, 4, _) => {
-                            avx512::rows16_q6k::<4, false>(grp, from_fn(ys), first(&mut v))
+                            avx512::rows16_q6k_tiled::<4>(grp, from_fn(ys), first(&mut v))
                         }
-                        (KType::Q6K, _, true) => {
-                            avx512::rows16_q6k::<1, true>(grp, [y(i)], first(&mut v))
-                        }
+                        (KType::Q6K, _, true) => avx512::rows16_q6k_lanes(grp, y(i), &mut v[0]),
                         (KType::Q6K, ..) => {
-                            avx512::rows16_q6k::<1, false>(grp, [y(i)], first(&mut v))
+                            avx512::rows16_q6k_tiled::<1>(grp, [y(i)], first(&mut v))
                         }
                     }
                 }

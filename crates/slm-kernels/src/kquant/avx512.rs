@@ -942,78 +942,147 @@ pub(super) unsafe fn rows16_q3k<const R: usize, const LANES: bool>(
     }
 }
 
-/// The cells of one group of sixteen interleaved Q6_K rows (`grp`: its kb blocks, see `rows16`)
-/// against R activation rows `ys`, all summed as `Sum::Lanes` (with `LANES`: eight position
-/// lanes per cell, as ggml's dot product keeps them) or `Sum::Tiled`: out[i][r] for weight row
-/// r. The integers are `super::dot_row`'s; the floats round as `super::Cell` does, lane by
-/// lane. A product of four 6-bit values and four of Q8_K fits in 16 bits, so a scale is
-/// applied by `madd_epi16` against the scale in the low half of each word.
+/// Q6_K's values 128j + 32t + 4p.. (t < 4) of sixteen interleaved rows, unsigned (as
+/// `avx2::q6k_values`), from step (j, p)'s three vectors (see `rows16::q6k_step`).
+///
+/// # Safety
+/// at points at a step of a Q6_K group's super-block.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn q6k_step_values(at: *const u8) -> [__m512i; 4] {
+    let (m4, m3) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
+    // SAFETY: the step's three vectors (the caller's).
+    let (qa, qb, qh) = unsafe {
+        (
+            _mm512_loadu_si512(at.cast()),
+            _mm512_loadu_si512(at.add(64).cast()),
+            _mm512_loadu_si512(at.add(128).cast()),
+        )
+    };
+    let high = |s: u32| {
+        let h = _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(s as i32)), m3);
+        _mm512_slli_epi16::<4>(h)
+    };
+    [
+        _mm512_or_si512(_mm512_and_si512(qa, m4), high(0)),
+        _mm512_or_si512(_mm512_and_si512(qb, m4), high(2)),
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(qa), m4), high(4)),
+        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(qb), m4), high(6)),
+    ]
+}
+
+/// The sixteen rows' scale of group q (< 16) of a Q6_K group's super-block at g, sign-extended
+/// (`LOW16`: masked to the low half of each word, for `madd_epi16`).
+///
+/// # Safety
+/// g points at a Q6_K group's super-block.
+#[inline]
+#[target_feature(enable = "avx512f")]
+unsafe fn q6k_scale<const LOW16: bool>(g: *const u8, q: usize) -> __m512i {
+    // SAFETY: the scales of group q (the caller's).
+    let v = _mm512_cvtepi8_epi32(unsafe {
+        _mm_loadu_si128(g.add(super::rows16::Q6K_SCALES + 16 * q).cast())
+    });
+    if LOW16 {
+        _mm512_and_si512(v, _mm512_set1_epi32(0xFFFF))
+    } else {
+        v
+    }
+}
+
+/// `Sum::Lanes` cells of one group of sixteen interleaved Q6_K rows (`grp`: its kb blocks, see
+/// `rows16`) against one activation row `y`: out[r] for weight row r. Eight position lanes per
+/// cell, as ggml's dot product keeps them; the integers are `super::dot_row`'s, the floats
+/// round as `super::Cell` does, lane by lane. Lane by lane (its two steps side by side): a
+/// product of four 6-bit values and four of Q8_K fits in 16 bits, so a scale is applied by
+/// `vpdpwssd` against the scale in the low half of each word.
+///
+/// # Safety
+/// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and y
+/// kb blocks.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
+pub(super) unsafe fn rows16_q6k_lanes(grp: &[u8], y: &[Q8K], out: &mut [f32; 16]) {
+    use super::rows16::q6k_step;
+    const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q6K);
+    let kb = y.len();
+    assert!(grp.len() >= kb * GROUP_BYTES);
+    let mut lanes = [_mm512_setzero_ps(); 8];
+    for (b, y) in y.iter().enumerate() {
+        let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+        // SAFETY (the loads): within the group's super-block.
+        let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(g.cast()) });
+        let dy = _mm512_mul_ps(_mm512_set1_ps(y.d), d);
+        let q = y.qs.as_ptr();
+        let mut sc = [[_mm512_setzero_si512(); 4]; 2];
+        for (p, lane) in lanes.iter_mut().enumerate() {
+            if p % 4 == 0 {
+                // Values 128j + 32t + 4p.. are in group 8j + 2t + p / 4.
+                // SAFETY: a group of 16's scales.
+                sc = std::array::from_fn(|j| {
+                    std::array::from_fn(|t| unsafe { q6k_scale::<true>(g, 8 * j + 2 * t + p / 4) })
+                });
+            }
+            let mut acc = _mm512_setzero_si512();
+            for (j, sc) in sc.iter().enumerate() {
+                // SAFETY: step (j, p) of the group's super-block.
+                let w = unsafe { q6k_step_values(g.add(q6k_step(j, p))) };
+                for t in 0..4 {
+                    // SAFETY: values 128j + 32t + 4p.. of the block.
+                    let a = unsafe {
+                        q.add(128 * j + 32 * t + 4 * p)
+                            .cast::<i32>()
+                            .read_unaligned()
+                    };
+                    let dot =
+                        _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[t], _mm512_set1_epi32(a));
+                    acc = _mm512_dpwssd_epi32(acc, dot, sc[t]);
+                }
+            }
+            // The offset of 32: lane p takes groups 2p and 2p + 1's (as `super::dot_row`).
+            let off = |q: usize| {
+                let bs = _mm512_set1_epi32(y.bsums[q] as u16 as i32);
+                // SAFETY: group q's scales.
+                _mm512_madd_epi16(unsafe { q6k_scale::<true>(g, q) }, bs)
+            };
+            let o = _mm512_slli_epi32::<5>(_mm512_add_epi32(off(2 * p), off(2 * p + 1)));
+            *lane = _mm512_fmadd_ps(dy, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, o)), *lane);
+        }
+    }
+    // SAFETY: 16 floats.
+    unsafe { _mm512_storeu_ps(out.as_mut_ptr(), hsum8x16(&lanes)) };
+}
+
+/// `Sum::Tiled` cells of one group of sixteen interleaved Q6_K rows (`grp`: its kb blocks, see
+/// `rows16`) against R activation rows `ys`: out[i][r] for weight row r. The integers are
+/// `super::dot_row`'s; the floats round as `super::Cell` does, lane by lane: each group of 16
+/// values' products summed, then scaled once.
 ///
 /// # Safety
 /// The CPU has AVX2, FMA, F16C and AVX-512 F, BW and VNNI; grp holds kb groups' blocks and
 /// each of ys kb blocks.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vnni")]
-// p is a position in the block as well as a lane's index.
+// p is a position in the block as well as an index.
 #[allow(clippy::needless_range_loop)]
-pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
+pub(super) unsafe fn rows16_q6k_tiled<const R: usize>(
     grp: &[u8],
     ys: [&[Q8K]; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::{q6k_step, Q6K_SCALES};
+    use super::rows16::q6k_step;
     const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q6K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
-    let (m4, m3) = (_mm512_set1_epi8(0xF), _mm512_set1_epi8(3));
-    let low16 = _mm512_set1_epi32(0xFFFF);
-    // LANES: eight float lanes per cell; Tiled: one.
-    let mut lanes = [[_mm512_setzero_ps(); 8]; R];
     let mut row = [_mm512_setzero_ps(); R];
     for b in 0..kb {
         let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
         // SAFETY (the loads): within the group's super-block.
         let d = _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(g.cast()) });
-        // The sixteen rows' scale of group q (signed), in the low half of each word.
-        let scale = |q: usize| {
-            // SAFETY: the scales of group q.
-            let v = unsafe { _mm_loadu_si128(g.add(Q6K_SCALES + 16 * q).cast()) };
-            _mm512_and_si512(_mm512_cvtepi8_epi32(v), low16)
-        };
-        // The sixteen rows' scale of group q, sign-extended (for `mullo`).
-        let scale32 = |q: usize| {
-            // SAFETY: the scales of group q.
-            let v = unsafe { _mm_loadu_si128(g.add(Q6K_SCALES + 16 * q).cast()) };
-            _mm512_cvtepi8_epi32(v)
-        };
-        let mut li = [[_mm512_setzero_si512(); 8]; R];
         let mut isum = [_mm512_setzero_si512(); R];
         for j in 0..2 {
-            // The sixteen rows' scales of the groups of 16 values this j covers: (t, half).
-            let sm: [[__m512i; 2]; 4] =
-                std::array::from_fn(|t| std::array::from_fn(|h| scale(8 * j + 2 * t + h)));
-            // Tiled: each group of 16 values' products summed, then scaled once.
             let mut acc = [[_mm512_setzero_si512(); 4]; R];
             for p in 0..8 {
-                // SAFETY: step (j, p)'s three vectors.
-                let (qa, qb, qh) = unsafe {
-                    let at = g.add(q6k_step(j, p));
-                    (
-                        _mm512_loadu_si512(at.cast()),
-                        _mm512_loadu_si512(at.add(64).cast()),
-                        _mm512_loadu_si512(at.add(128).cast()),
-                    )
-                };
-                let high = |s: i32| {
-                    let h = _mm512_and_si512(_mm512_srl_epi16(qh, _mm_cvtsi32_si128(s)), m3);
-                    _mm512_slli_epi16(h, 4)
-                };
-                // Values 128j + 32t + 4p.. for t = 0..4 (as `avx2::q6k_values`).
-                let w = [
-                    _mm512_or_si512(_mm512_and_si512(qa, m4), high(0)),
-                    _mm512_or_si512(_mm512_and_si512(qb, m4), high(2)),
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(qa, 4), m4), high(4)),
-                    _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(qb, 4), m4), high(6)),
-                ];
+                // SAFETY: step (j, p) of the group's super-block.
+                let w = unsafe { q6k_step_values(g.add(q6k_step(j, p))) };
                 for (t, w) in w.iter().enumerate() {
                     for i in 0..R {
                         // SAFETY: values 128j + 32t + 4p.. of the block.
@@ -1025,19 +1094,13 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
                                 .cast::<i32>()
                                 .read_unaligned()
                         };
-                        let a = _mm512_set1_epi32(a);
-                        if LANES {
-                            let dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), *w, a);
-                            let v = _mm512_madd_epi16(dot, sm[t][p / 4]);
-                            li[i][p] = _mm512_add_epi32(li[i][p], v);
-                        } else {
-                            acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], *w, a);
-                        }
+                        acc[i][t] = _mm512_dpbusd_epi32(acc[i][t], *w, _mm512_set1_epi32(a));
                     }
                 }
-                if !LANES && p % 4 == 3 {
+                if p % 4 == 3 {
                     for t in 0..4 {
-                        let s = scale32(8 * j + 2 * t + p / 4);
+                        // SAFETY: a group of 16's scales.
+                        let s = unsafe { q6k_scale::<false>(g, 8 * j + 2 * t + p / 4) };
                         for i in 0..R {
                             isum[i] = _mm512_add_epi32(isum[i], _mm512_mullo_epi32(acc[i][t], s));
                             acc[i][t] = _mm512_setzero_si512();
@@ -1049,33 +1112,20 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
         for i in 0..R {
             let y = &ys[i][b];
             // The offset of 32: scale times the activations' sum, per group of 16.
-            let off = |q: usize| {
+            let mut o = _mm512_setzero_si512();
+            for q in 0..16 {
                 let bs = _mm512_set1_epi32(y.bsums[q] as u16 as i32);
-                _mm512_madd_epi16(scale(q), bs)
-            };
-            if LANES {
-                // Lane p takes groups 2p and 2p + 1's offsets (as `super::dot_row`).
-                let dy = _mm512_mul_ps(_mm512_set1_ps(y.d), d);
-                for p in 0..8 {
-                    let o = _mm512_slli_epi32(_mm512_add_epi32(off(2 * p), off(2 * p + 1)), 5);
-                    let l = _mm512_cvtepi32_ps(_mm512_sub_epi32(li[i][p], o));
-                    lanes[i][p] = _mm512_fmadd_ps(dy, l, lanes[i][p]);
-                }
-            } else {
-                let mut o = _mm512_setzero_si512();
-                for q in 0..16 {
-                    o = _mm512_add_epi32(o, off(q));
-                }
-                let is = _mm512_sub_epi32(isum[i], _mm512_slli_epi32(o, 5));
-                let r = _mm512_mul_ps(d, _mm512_cvtepi32_ps(is));
-                row[i] = _mm512_fmadd_ps(r, _mm512_set1_ps(y.d), row[i]);
+                // SAFETY: group q's scales.
+                o = _mm512_add_epi32(o, _mm512_madd_epi16(unsafe { q6k_scale::<true>(g, q) }, bs));
             }
+            let is = _mm512_sub_epi32(isum[i], _mm512_slli_epi32::<5>(o));
+            let r = _mm512_mul_ps(d, _mm512_cvtepi32_ps(is));
+            row[i] = _mm512_fmadd_ps(r, _mm512_set1_ps(y.d), row[i]);
         }
     }
     for i in 0..R {
-        let v = if LANES { hsum8x16(&lanes[i]) } else { row[i] };
         // SAFETY: 16 floats.
-        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), v) };
+        unsafe { _mm512_storeu_ps(out[i].as_mut_ptr(), row[i]) };
     }
 }
 
