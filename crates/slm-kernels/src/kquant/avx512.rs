@@ -364,7 +364,7 @@ impl Scales4 {
     #[inline]
     #[target_feature(enable = "avx512f,f16c")]
     unsafe fn of(g: *const u8) -> Self {
-        use super::rows16::k_word;
+        use super::rows16::word;
         let (k1, k2, k3) = (
             _mm512_set1_epi32(0x3f3f3f3f),
             _mm512_set1_epi32(0x0f0f0f0f),
@@ -375,9 +375,9 @@ impl Scales4 {
             (
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
-                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 0)).cast()),
-                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 1)).cast()),
-                _mm512_loadu_si512(g.add(k_word(KType::Q4K, 2)).cast()),
+                _mm512_loadu_si512(g.add(word(KType::Q4K, 0)).cast()),
+                _mm512_loadu_si512(g.add(word(KType::Q4K, 1)).cast()),
+                _mm512_loadu_si512(g.add(word(KType::Q4K, 2)).cast()),
             )
         };
         let sc = [
@@ -487,10 +487,7 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
             for p in 0..8 {
                 // SAFETY: vector (j, p) of the group's quants.
                 let w = unsafe {
-                    _mm512_loadu_si512(
-                        g.add(super::rows16::k_word(KType::Q4K, 3 + 8 * j + p))
-                            .cast(),
-                    )
+                    _mm512_loadu_si512(g.add(super::rows16::word(KType::Q4K, 3 + 8 * j + p)).cast())
                 };
                 let wl = _mm512_and_si512(w, m4);
                 let wh = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
@@ -709,7 +706,7 @@ pub(super) unsafe fn rows16_q2k<const R: usize>(
     sums: [Sum; R],
     out: &mut [[f32; 16]; R],
 ) {
-    use super::rows16::q2k_word;
+    use super::rows16::word;
     const GROUP_BYTES: usize = super::rows16::group_bytes(KType::Q2K);
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
@@ -727,7 +724,7 @@ pub(super) unsafe fn rows16_q2k<const R: usize>(
             (
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.cast())),
                 _mm512_cvtph_ps(_mm256_loadu_si256(g.add(32).cast())),
-                [0, 1, 2, 3].map(|w| _mm512_loadu_si512(g.add(q2k_word(w)).cast())),
+                [0, 1, 2, 3].map(|w| _mm512_loadu_si512(g.add(word(KType::Q2K, w)).cast())),
             )
         };
         // The scale (low nibble) or min of group q of the sixteen rows.
@@ -743,7 +740,9 @@ pub(super) unsafe fn rows16_q2k<const R: usize>(
                 let mut acc = [[_mm512_setzero_si512(); 2]; R];
                 for p in 0..8 {
                     // SAFETY: bits word 8j + p of the group's sixteen rows.
-                    let q = unsafe { _mm512_loadu_si512(g.add(q2k_word(4 + 8 * j + p)).cast()) };
+                    let q = unsafe {
+                        _mm512_loadu_si512(g.add(word(KType::Q2K, 4 + 8 * j + p)).cast())
+                    };
                     let w =
                         _mm512_and_si512(_mm512_srl_epi16(q, _mm_cvtsi32_si128(2 * s as i32)), m2);
                     for i in 0..R {

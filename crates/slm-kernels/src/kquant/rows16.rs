@@ -12,7 +12,7 @@
 //!
 //! Q4_K and Q5_K, group g (rows 16g..16g+16), super-block b, at `(g * kb + b) * group_bytes`:
 //! the sixteen `d` (f16), the sixteen `dmin`, then every 4-byte word w of the rest of the
-//! block (from byte 4) as a vector of the sixteen rows' word w (`k_word`). So the packed
+//! block (from byte 4) as a vector of the sixteen rows' word w (`word`). So the packed
 //! 6-bit scales are three vectors (vector u holds bytes 4u..4u+3 of each row's twelve); then
 //! Q4_K's quants: vector v = 8j + p, for j < 4 and p < 8, holds bytes 4v..4v+3 of each row's
 //! 128 (values 64j + 4p.. in the low nibbles, 64j + 32 + 4p.. in the high ones). Q5_K's high
@@ -20,7 +20,7 @@
 //! out of order, the bits streamed from memory slower than GGUF's layout did.
 //!
 //! Q2_K: the sixteen `d`, the sixteen `dmin`, then every word of the block's first 80 bytes as a
-//! vector of the sixteen rows' words (`q2k_word`): the packed scales and mins, then the bits.
+//! vector of the sixteen rows' words (`word`): the packed scales and mins, then the bits.
 //! (Its kernel takes a scale's sixteen values in a row, so it reads the bits in their order.)
 //!
 //! Q3_K: the sixteen `d`, the packed scales as three vectors of words (`Q3K_SCALES`), then the
@@ -41,16 +41,45 @@ pub(crate) const fn group_bytes(t: KType) -> usize {
     ROWS * t.block_bytes()
 }
 
-/// Where word w of a Q4_K or Q5_K block's bytes 4.. (a vector of the sixteen rows' word w)
-/// starts in a group's super-block: the scales (w < 3), then Q4_K's quants in order, Q5_K's
-/// by step (`q5k_step`).
-pub(crate) const fn k_word(t: KType, w: usize) -> usize {
+/// The block's 4-byte words that this layout keeps as vectors of the sixteen rows' word:
+/// (the byte where the first one is, how many). The rest of a block is its f16 scales (`d`,
+/// `dmin`: sixteen of each at the start of the group's super-block) and Q6_K's 8-bit scales.
+pub(crate) const fn words(t: KType) -> (usize, usize) {
+    match t {
+        KType::Q2K => (0, 20),
+        KType::Q3K => (0, 27),
+        KType::Q4K => (4, 35),
+        KType::Q5K => (4, 43),
+        KType::Q6K => (0, 48),
+    }
+}
+
+/// Where word w (see `words`) of a block of `t` sits for row 0 in a group's super-block (row
+/// r's is 4r further): Q2_K's and Q4_K's in order after the f16 scales; Q5_K's scales so, then
+/// its bits by step (`q5k_step`); Q3_K's and Q6_K's bits by step (`q3k_step`, `q6k_step`).
+pub(crate) const fn word(t: KType, w: usize) -> usize {
     const VECTOR: usize = 4 * ROWS;
     match (t, w) {
-        (KType::Q5K, 3..=10) => q5k_step(w - 3),
-        (KType::Q5K, 11..) => q5k_step((w - 11) % 8) + VECTOR * (1 + (w - 11) / 8),
-        _ => VECTOR * (1 + w),
+        (KType::Q2K | KType::Q4K, _) | (KType::Q5K, 0..3) => VECTOR * (1 + w),
+        (KType::Q5K, 3..11) => q5k_step(w - 3),
+        (KType::Q5K, _) => q5k_step((w - 11) % 8) + VECTOR * (1 + (w - 11) / 8),
+        (KType::Q3K, 0..24) => q3k_step(w % 8) + VECTOR * (w / 8),
+        (KType::Q3K, _) => Q3K_SCALES + VECTOR * (w - 24),
+        (KType::Q6K, 0..32) => q6k_step(w / 16, w % 8) + VECTOR * (w % 16 / 8),
+        (KType::Q6K, _) => q6k_step((w - 32) / 8, w % 8) + 2 * VECTOR,
     }
+}
+
+/// `word` of every word of `t`, as the indices of gathers of sixteen (up to 48 words, Q6_K's;
+/// the unused ones 0).
+pub(crate) const fn word_table(t: KType) -> [i32; 48] {
+    let mut out = [0i32; 48];
+    let mut w = 0;
+    while w < words(t).1 {
+        out[w] = word(t, w) as i32;
+        w += 1;
+    }
+    out
 }
 
 /// Where step p (< 8) of a Q5_K group's super-block starts: five vectors of 4 bytes of each
@@ -59,16 +88,6 @@ pub(crate) const fn k_word(t: KType, w: usize) -> usize {
 pub(crate) const fn q5k_step(p: usize) -> usize {
     4 * ROWS * (4 + 5 * p)
 }
-
-/// Where word w (< 20) of a Q2_K block (bytes 4w..4w+3: the scales and mins, then the bits) sits
-/// for row 0 in a group's super-block, after the sixteen `d` and the sixteen `dmin`: as a vector
-/// of the sixteen rows' word w, in order; row r's is 4r further.
-pub(crate) const fn q2k_word(w: usize) -> usize {
-    4 * ROWS * (1 + w)
-}
-
-/// `q2k_word` of every word, as the indices of two gathers of sixteen (the last twelve unused).
-pub(crate) const Q2K_WORDS: [i32; 32] = words(KType::Q2K, 20);
 
 /// Where Q3_K's parts start in a group's super-block: after the sixteen `d`, the packed scales
 /// as three vectors of the sixteen rows' words (`Q3K_SCALES + 64 u`: bytes 4u..4u+3 of each
@@ -80,34 +99,6 @@ pub(crate) const Q3K_SCALES: usize = 2 * ROWS;
 /// bits 4p.. and 32 + 4p.. of 64 (values 32s + 4p.. and 128 + 32s + 4p.., s < 4).
 pub(crate) const fn q3k_step(p: usize) -> usize {
     Q3K_SCALES + 4 * ROWS * (3 + 3 * p)
-}
-
-/// Where word w (< 27) of a Q3_K block (bytes 4w..4w+3: hmask, low bits, scales) sits for row 0
-/// in a group's super-block; row r's is 4r further.
-pub(crate) const fn q3k_word(w: usize) -> usize {
-    match w {
-        0..8 => q3k_step(w),
-        8..16 => q3k_step(w - 8) + 4 * ROWS,
-        16..24 => q3k_step(w - 16) + 8 * ROWS,
-        _ => Q3K_SCALES + 4 * ROWS * (w - 24),
-    }
-}
-
-/// `q3k_word` of every word, as the indices of two gathers of sixteen (the last five unused).
-pub(crate) const Q3K_WORDS: [i32; 32] = words(KType::Q3K, 27);
-
-/// The places of the first n words of a Q2_K or Q3_K block, as gather indices.
-const fn words(t: KType, n: usize) -> [i32; 32] {
-    let mut out = [0i32; 32];
-    let mut w = 0;
-    while w < n {
-        out[w] = match t {
-            KType::Q2K => q2k_word(w),
-            _ => q3k_word(w),
-        } as i32;
-        w += 1;
-    }
-    out
 }
 
 /// Where Q6_K's parts start in a group's super-block: the scales (16 per row, by group of 16
@@ -124,29 +115,6 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
     Q6K_BITS + (2 * p + j) * 3 * 4 * ROWS
 }
 
-/// Where word w (< 48) of a Q6_K block (bytes 4w..4w+3: low bits, then high bits) sits for
-/// row 0 in a group's super-block; row r's is 4r further.
-pub(crate) const fn q6k_word(w: usize) -> usize {
-    if w < 32 {
-        let (j, u) = (w / 16, w % 16);
-        q6k_step(j, u % 8) + 4 * ROWS * (u / 8)
-    } else {
-        let v = w - 32;
-        q6k_step(v / 8, v % 8) + 8 * ROWS
-    }
-}
-
-/// `q6k_word` of every word, as the indices of three gathers of sixteen.
-pub(crate) const Q6K_WORDS: [i32; 48] = {
-    let mut out = [0i32; 48];
-    let mut w = 0;
-    while w < 48 {
-        out[w] = q6k_word(w) as i32;
-        w += 1;
-    }
-    out
-};
-
 /// Whether a matrix of n rows takes this layout on this CPU (every K-quant type has it).
 pub(crate) fn applies(n: usize) -> bool {
     n.is_multiple_of(ROWS) && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
@@ -156,27 +124,17 @@ pub(crate) fn applies(n: usize) -> bool {
 /// group's super-block, how many). Every byte of the block is in one run.
 fn runs(t: KType, r: usize, out: &mut Vec<(usize, usize, usize)>) {
     out.clear();
+    let (first, n) = words(t);
     match t {
-        KType::Q4K | KType::Q5K => {
-            out.extend([(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)]);
-            out.extend(
-                (0..(t.block_bytes() - 4) / 4).map(|w| (4 + 4 * w, k_word(t, w) + 4 * r, 4)),
-            );
-        }
-        KType::Q2K => {
-            out.extend([(80, 2 * r, 2), (82, 2 * ROWS + 2 * r, 2)]);
-            out.extend((0..20).map(|w| (4 * w, q2k_word(w) + 4 * r, 4)));
-        }
-        KType::Q3K => {
-            out.push((108, 2 * r, 2));
-            out.extend((0..27).map(|w| (4 * w, q3k_word(w) + 4 * r, 4)));
-        }
+        KType::Q2K => out.extend([(80, 2 * r, 2), (82, 2 * ROWS + 2 * r, 2)]),
+        KType::Q3K => out.push((108, 2 * r, 2)),
+        KType::Q4K | KType::Q5K => out.extend([(0, 2 * r, 2), (2, 2 * ROWS + 2 * r, 2)]),
         KType::Q6K => {
             out.push((208, 2 * r, 2));
             out.extend((0..16).map(|g| (192 + g, Q6K_SCALES + ROWS * g + r, 1)));
-            out.extend((0..48).map(|w| (4 * w, q6k_word(w) + 4 * r, 4)));
         }
     }
+    out.extend((0..n).map(|w| (first + 4 * w, word(t, w) + 4 * r, 4)));
 }
 
 /// GGUF's bytes of `t` (n rows of kb blocks, n a multiple of 16) in this layout.
@@ -208,28 +166,37 @@ pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8
     if matches!(t, KType::Q2K | KType::Q3K | KType::Q6K)
         && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
     {
+        const TABLES: [[i32; 48]; 3] = [
+            word_table(KType::Q2K),
+            word_table(KType::Q3K),
+            word_table(KType::Q6K),
+        ];
+        let table = &TABLES[match t {
+            KType::Q2K => 0,
+            KType::Q3K => 1,
+            _ => 2,
+        }];
+        let (first, n) = words(t);
         let (bb, gb) = (t.block_bytes(), group_bytes(t));
         let (g, r) = (j / ROWS, j % ROWS);
         out.resize(kb * bb, 0);
         for (b, blk) in out.chunks_exact_mut(bb).enumerate() {
             let grp = &x[(g * kb + b) * gb..][..gb];
-            // SAFETY: the CPU has AVX-512 F; a whole group's super-block, r < 16.
-            unsafe {
-                if t == KType::Q2K {
-                    super::avx512::words_of(grp, r, &Q2K_WORDS, 20, blk);
+            // SAFETY: the CPU has AVX-512 F; a whole group's super-block of t, r < 16.
+            unsafe { super::avx512::words_of(grp, r, table, n, &mut blk[first..]) };
+            match t {
+                KType::Q2K => {
                     blk[80..82].copy_from_slice(&grp[2 * r..2 * r + 2]);
                     blk[82..84].copy_from_slice(&grp[2 * ROWS + 2 * r..2 * ROWS + 2 * r + 2]);
-                } else if t == KType::Q3K {
-                    super::avx512::words_of(grp, r, &Q3K_WORDS, 27, blk);
-                    blk[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]);
-                } else {
-                    super::avx512::words_of(grp, r, &Q6K_WORDS, 48, blk);
+                }
+                KType::Q3K => blk[108..110].copy_from_slice(&grp[2 * r..2 * r + 2]),
+                _ => {
                     for q in 0..16 {
                         blk[192 + q] = grp[Q6K_SCALES + ROWS * q + r];
                     }
                     blk[208..210].copy_from_slice(&grp[2 * r..2 * r + 2]);
                 }
-            };
+            }
         }
         return;
     }
