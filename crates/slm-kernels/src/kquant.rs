@@ -46,6 +46,8 @@ use crate::scratch::MapError;
 #[cfg(target_arch = "x86_64")]
 mod avx2;
 #[cfg(target_arch = "x86_64")]
+mod avx2_rows16;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 mod rows16;
 
@@ -631,8 +633,8 @@ impl KMatrix {
                 first = groups.1.len() / kb * avx512::GROUP;
             }
             #[cfg(target_arch = "x86_64")]
-            if self.interleaved && isa == Some(Isa::Avx512) {
-                return self.rows16_span(act, first..m, rows, o, &sum_of);
+            if let (true, Some(isa)) = (self.interleaved, isa) {
+                return self.rows16_span(isa, act, first..m, rows, o, &sum_of);
             }
             // SAFETY: as above.
             unsafe { self.span(act, first..m, rows, o.get(), isa, &sum_of) }
@@ -679,13 +681,13 @@ impl KMatrix {
 
 impl KMatrix {
     /// Rows `rows` (whole groups of 16) of an interleaved matrix against activation rows
-    /// `acts` by the `avx512::rows16_*` kernels, several activation rows at a time where they
-    /// share a sum those take (Q2_K's and Q4_K's repacked `Rows`; the others' `Tiled`, and
-    /// `Lanes` one row at a time); any other sum (a test's choice) by the dot products on
-    /// rebuilt rows.
+    /// `acts` by the `rows16` kernels of `isa` (`avx512::rows16_*`, `avx2_rows16::*`), several
+    /// activation rows at a time where they share a sum those take (`rows16_takes`); any other
+    /// sum (a test's choice) by the dot products on rebuilt rows.
     #[cfg(target_arch = "x86_64")]
     fn rows16_span(
         &self,
+        isa: Isa,
         act: &[Q8K],
         acts: std::ops::Range<usize>,
         rows: std::ops::Range<usize>,
@@ -694,94 +696,35 @@ impl KMatrix {
     ) {
         let (n, kb) = (self.n, self.k / QK_K);
         let gb = kb * rows16::group_bytes(self.t);
-        let takes = |i: usize| {
-            matches!(
-                (self.t, sum_of(i)),
-                (KType::Q2K, Sum::Rows(128) | Sum::Rows(QK_K))
-                    | (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K))
-                    | (
-                        KType::Q3K | KType::Q5K | KType::Q6K,
-                        Sum::Tiled | Sum::Lanes
-                    )
-            )
-        };
         let y = |i: usize| &act[i * kb..(i + 1) * kb];
         let mut i = acts.start;
         while i < acts.end {
-            if !takes(i) {
+            let sum = sum_of(i);
+            if !rows16_takes(isa, self.t, sum) {
                 // SAFETY: the caller's (`matmul_in`'s) span of out.
-                unsafe {
-                    self.span(
-                        act,
-                        i..i + 1,
-                        rows.clone(),
-                        o.get(),
-                        Some(Isa::Avx512),
-                        sum_of,
-                    )
-                };
+                unsafe { self.span(act, i..i + 1, rows.clone(), o.get(), Some(isa), sum_of) };
                 i += 1;
                 continue;
             }
-            let lanes = sum_of(i) == Sum::Lanes;
-            // Rows taken at once: up to 8 for Q5_K (measured faster than 4 on its prompts),
-            // 4 for the others; all summed alike. `Lanes` keeps more floats per cell: one row.
-            let alike = |r: usize| i + r <= acts.end && (i..i + r).all(|x| sum_of(x) == sum_of(i));
-            let r = match (self.t, lanes) {
-                (_, true) => 1,
-                (KType::Q5K, _) if alike(8) => 8,
+            // Rows taken at once: up to 8 for Q5_K with AVX-512 (measured faster than 4 on its
+            // prompts), 4 for the others; all summed alike. `Lanes` keeps more floats per cell:
+            // one row.
+            let alike = |r: usize| i + r <= acts.end && (i..i + r).all(|x| sum_of(x) == sum);
+            let r = match (isa, self.t, sum) {
+                (_, _, Sum::Lanes) => 1,
+                (Isa::Avx512, KType::Q5K, _) if alike(8) => 8,
                 _ if alike(4) => 4,
                 _ => 1,
             };
-            let ys = |d: usize| y(i + d);
-            use std::array::from_fn;
             for g in rows.start / rows16::ROWS..rows.end / rows16::ROWS {
                 let grp = &self.bytes[g * gb..(g + 1) * gb];
                 let mut v = [[0f32; rows16::ROWS]; 8];
-                // SAFETY: the CPU has AVX-512 (the caller checked); sums these take; whole
-                // blocks.
+                // SAFETY: the CPU has `isa` (the caller's); a sum these take for r rows from
+                // i, all alike; whole blocks.
                 unsafe {
-                    match (self.t, r, lanes) {
-                        (KType::Q2K, 4, _) => {
-                            let sums = from_fn(|d| sum_of(i + d));
-                            avx512::rows16_q2k::<4>(grp, from_fn(ys), sums, first(&mut v));
-                        }
-                        (KType::Q2K, ..) => {
-                            avx512::rows16_q2k::<1>(grp, [y(i)], [sum_of(i)], first(&mut v))
-                        }
-                        (KType::Q3K, 4, _) => {
-                            avx512::rows16_q3k::<4, false>(grp, from_fn(ys), first(&mut v))
-                        }
-                        (KType::Q3K, _, true) => {
-                            avx512::rows16_q3k::<1, true>(grp, [y(i)], first(&mut v))
-                        }
-                        (KType::Q3K, ..) => {
-                            avx512::rows16_q3k::<1, false>(grp, [y(i)], first(&mut v))
-                        }
-                        (KType::Q4K, 4, _) => {
-                            let sums = from_fn(|d| sum_of(i + d));
-                            avx512::rows16_q4k::<4>(grp, from_fn(ys), sums, first(&mut v));
-                        }
-                        (KType::Q4K, ..) => {
-                            avx512::rows16_q4k::<1>(grp, [y(i)], [sum_of(i)], first(&mut v))
-                        }
-                        (KType::Q5K, 8, _) => {
-                            avx512::rows16_q5k_tiled::<8>(grp, from_fn(ys), &mut v)
-                        }
-                        (KType::Q5K, 4, _) => {
-                            avx512::rows16_q5k_tiled::<4>(grp, from_fn(ys), first(&mut v))
-                        }
-                        (KType::Q5K, _, true) => avx512::rows16_q5k_lanes(grp, y(i), &mut v[0]),
-                        (KType::Q5K, ..) => {
-                            avx512::rows16_q5k_tiled::<1>(grp, [y(i)], first(&mut v))
-                        }
-                        (KType::Q6K, 4, _) => {
-                            avx512::rows16_q6k_tiled::<4>(grp, from_fn(ys), first(&mut v))
-                        }
-                        (KType::Q6K, _, true) => avx512::rows16_q6k_lanes(grp, y(i), &mut v[0]),
-                        (KType::Q6K, ..) => {
-                            avx512::rows16_q6k_tiled::<1>(grp, [y(i)], first(&mut v))
-                        }
+                    match isa {
+                        Isa::Avx512 => rows16_avx512(self.t, grp, &y, i, r, sum, &mut v),
+                        Isa::Avx2 => rows16_avx2(self.t, grp, &y, i, r, sum, &mut v),
                     }
                 }
                 for (di, v) in v.iter().enumerate().take(r) {
@@ -793,6 +736,99 @@ impl KMatrix {
                 }
             }
             i += r;
+        }
+    }
+}
+
+/// Whether the `rows16` kernels of `isa` take a matrix of `t` summed as `sum`: llama.cpp's
+/// repacked `Rows` of Q4_K (and, with AVX-512, Q2_K), and the other types' `Tiled` and `Lanes`
+/// (with AVX2 Q2_K's too, which llama.cpp repacks only with AVX-512).
+#[cfg(target_arch = "x86_64")]
+fn rows16_takes(isa: Isa, t: KType, sum: Sum) -> bool {
+    match (t, sum) {
+        (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K)) => true,
+        (KType::Q2K, Sum::Rows(128) | Sum::Rows(QK_K)) => isa == Isa::Avx512,
+        (KType::Q2K, Sum::Tiled | Sum::Lanes) => isa == Isa::Avx2,
+        (KType::Q3K | KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes) => true,
+        _ => false,
+    }
+}
+
+/// One interleaved group `grp` of `t` against activation rows i..i + r (`y(i)`, all summed as
+/// `sum`) by `avx512`'s kernels, into v.
+///
+/// # Safety
+/// The CPU has AVX-512 F, BW and VNNI; `rows16_takes(Avx512, t, sum)`; r is 1, 4 or (Q5_K) 8,
+/// 1 for `Lanes`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows16_avx512<'a>(
+    t: KType,
+    grp: &[u8],
+    y: &dyn Fn(usize) -> &'a [Q8K],
+    i: usize,
+    r: usize,
+    sum: Sum,
+    v: &mut [[f32; 16]; 8],
+) {
+    use std::array::from_fn;
+    let ys = |d: usize| y(i + d);
+    let lanes = sum == Sum::Lanes;
+    // SAFETY: the caller's.
+    unsafe {
+        match (t, r, lanes) {
+            (KType::Q2K, 4, _) => avx512::rows16_q2k::<4>(grp, from_fn(ys), [sum; 4], first(v)),
+            (KType::Q2K, ..) => avx512::rows16_q2k::<1>(grp, [y(i)], [sum], first(v)),
+            (KType::Q3K, 4, _) => avx512::rows16_q3k::<4, false>(grp, from_fn(ys), first(v)),
+            (KType::Q3K, _, true) => avx512::rows16_q3k::<1, true>(grp, [y(i)], first(v)),
+            (KType::Q3K, ..) => avx512::rows16_q3k::<1, false>(grp, [y(i)], first(v)),
+            (KType::Q4K, 4, _) => avx512::rows16_q4k::<4>(grp, from_fn(ys), [sum; 4], first(v)),
+            (KType::Q4K, ..) => avx512::rows16_q4k::<1>(grp, [y(i)], [sum], first(v)),
+            (KType::Q5K, 8, _) => avx512::rows16_q5k_tiled::<8>(grp, from_fn(ys), v),
+            (KType::Q5K, 4, _) => avx512::rows16_q5k_tiled::<4>(grp, from_fn(ys), first(v)),
+            (KType::Q5K, _, true) => avx512::rows16_q5k_lanes(grp, y(i), &mut v[0]),
+            (KType::Q5K, ..) => avx512::rows16_q5k_tiled::<1>(grp, [y(i)], first(v)),
+            (KType::Q6K, 4, _) => avx512::rows16_q6k_tiled::<4>(grp, from_fn(ys), first(v)),
+            (KType::Q6K, _, true) => avx512::rows16_q6k_lanes(grp, y(i), &mut v[0]),
+            (KType::Q6K, ..) => avx512::rows16_q6k_tiled::<1>(grp, [y(i)], first(v)),
+        }
+    }
+}
+
+/// `rows16_avx512` with `avx2_rows16`'s kernels.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; `rows16_takes(Avx2, t, sum)`; r is 1 or 4, 1 for `Lanes`.
+#[cfg(target_arch = "x86_64")]
+unsafe fn rows16_avx2<'a>(
+    t: KType,
+    grp: &[u8],
+    y: &dyn Fn(usize) -> &'a [Q8K],
+    i: usize,
+    r: usize,
+    sum: Sum,
+    v: &mut [[f32; 16]; 8],
+) {
+    use avx2_rows16 as k;
+    use std::array::from_fn;
+    let ys = |d: usize| y(i + d);
+    let lanes = sum == Sum::Lanes;
+    // SAFETY: the caller's.
+    unsafe {
+        match (t, r, lanes) {
+            (KType::Q2K, _, true) => k::rows16_q2k::<1, true>(grp, [y(i)], first(v)),
+            (KType::Q2K, 4, _) => k::rows16_q2k::<4, false>(grp, from_fn(ys), first(v)),
+            (KType::Q2K, ..) => k::rows16_q2k::<1, false>(grp, [y(i)], first(v)),
+            (KType::Q3K, _, true) => k::rows16_q3k::<1, true>(grp, [y(i)], first(v)),
+            (KType::Q3K, 4, _) => k::rows16_q3k::<4, false>(grp, from_fn(ys), first(v)),
+            (KType::Q3K, ..) => k::rows16_q3k::<1, false>(grp, [y(i)], first(v)),
+            (KType::Q4K, 4, _) => k::rows16_q4k::<4>(grp, from_fn(ys), [sum; 4], first(v)),
+            (KType::Q4K, ..) => k::rows16_q4k::<1>(grp, [y(i)], [sum], first(v)),
+            (KType::Q5K, _, true) => k::rows16_q5k_lanes(grp, y(i), &mut v[0]),
+            (KType::Q5K, 4, _) => k::rows16_q5k_tiled::<4>(grp, from_fn(ys), first(v)),
+            (KType::Q5K, ..) => k::rows16_q5k_tiled::<1>(grp, [y(i)], first(v)),
+            (KType::Q6K, _, true) => k::rows16_q6k::<1, true>(grp, [y(i)], first(v)),
+            (KType::Q6K, 4, _) => k::rows16_q6k::<4, false>(grp, from_fn(ys), first(v)),
+            (KType::Q6K, ..) => k::rows16_q6k::<1, false>(grp, [y(i)], first(v)),
         }
     }
 }

@@ -117,7 +117,8 @@ pub(crate) const fn q6k_step(j: usize, p: usize) -> usize {
 
 /// Whether a matrix of n rows takes this layout on this CPU (every K-quant type has it).
 pub(crate) fn applies(n: usize) -> bool {
-    n.is_multiple_of(ROWS) && crate::ggml_math::Isa::best() == Some(crate::ggml_math::Isa::Avx512)
+    // Both kernel sets have kernels for it (`avx512::rows16_*`, `avx2_rows16`).
+    n.is_multiple_of(ROWS) && crate::ggml_math::Isa::best().is_some()
 }
 
 /// Row r's block (r < 16) as runs of bytes, into `out`: (where in the block, where in its
