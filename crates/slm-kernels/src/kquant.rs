@@ -741,13 +741,13 @@ impl KMatrix {
 }
 
 /// Whether the `rows16` kernels of `isa` take a matrix of `t` summed as `sum`: llama.cpp's
-/// repacked `Rows` of Q4_K (and, with AVX-512, Q2_K), and the other types' `Tiled` and `Lanes`
-/// (with AVX2 Q2_K's too, which llama.cpp repacks only with AVX-512).
+/// repacked `Rows` of Q4_K and Q2_K, and the other types' `Tiled` and `Lanes` (with AVX2 Q2_K's
+/// too, which llama.cpp repacks only with AVX-512).
 #[cfg(target_arch = "x86_64")]
 fn rows16_takes(isa: Isa, t: KType, sum: Sum) -> bool {
     match (t, sum) {
         (KType::Q4K, Sum::Rows(64) | Sum::Rows(QK_K)) => true,
-        (KType::Q2K, Sum::Rows(128) | Sum::Rows(QK_K)) => isa == Isa::Avx512,
+        (KType::Q2K, Sum::Rows(128) | Sum::Rows(QK_K)) => true,
         (KType::Q2K, Sum::Tiled | Sum::Lanes) => isa == Isa::Avx2,
         (KType::Q3K | KType::Q5K | KType::Q6K, Sum::Tiled | Sum::Lanes) => true,
         _ => false,
@@ -815,6 +815,12 @@ unsafe fn rows16_avx2<'a>(
     // SAFETY: the caller's.
     unsafe {
         match (t, r, lanes) {
+            (KType::Q2K, 4, _) if matches!(sum, Sum::Rows(_)) => {
+                k::rows16_q2k_rows::<4>(grp, from_fn(ys), [sum; 4], first(v))
+            }
+            (KType::Q2K, _, _) if matches!(sum, Sum::Rows(_)) => {
+                k::rows16_q2k_rows::<1>(grp, [y(i)], [sum], first(v))
+            }
             (KType::Q2K, _, true) => k::rows16_q2k::<1, true>(grp, [y(i)], first(v)),
             (KType::Q2K, 4, _) => k::rows16_q2k::<4, false>(grp, from_fn(ys), first(v)),
             (KType::Q2K, ..) => k::rows16_q2k::<1, false>(grp, [y(i)], first(v)),

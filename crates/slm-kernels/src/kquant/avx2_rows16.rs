@@ -197,8 +197,9 @@ pub(super) unsafe fn rows16_q4k<const R: usize>(
                     let wh = _mm256_and_si256(_mm256_srli_epi16::<4>(w), m4);
                     for i in 0..R {
                         // SAFETY: values of the block.
-                        let (alo, ahi) =
-                            unsafe { (act4(y(i), 64 * j + 4 * p), act4(y(i), 64 * j + 32 + 4 * p)) };
+                        let (alo, ahi) = unsafe {
+                            (act4(y(i), 64 * j + 4 * p), act4(y(i), 64 * j + 32 + 4 * p))
+                        };
                         lo[i] = _mm256_add_epi16(lo[i], _mm256_maddubs_epi16(wl, alo));
                         hi[i] = _mm256_add_epi16(hi[i], _mm256_maddubs_epi16(wh, ahi));
                     }
@@ -383,8 +384,7 @@ pub(super) unsafe fn rows16_q5k_tiled<const R: usize>(
             }
             for i in 0..R {
                 let imin = _mm256_cvtepi32_ps(q5k_mins(&mn, y(i)));
-                let r =
-                    _mm256_fnmadd_ps(dmin, imin, _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum[i])));
+                let r = _mm256_fnmadd_ps(dmin, imin, _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum[i])));
                 row[i] = _mm256_fmadd_ps(r, _mm256_set1_ps(y(i).d), row[i]);
             }
         }
@@ -452,6 +452,8 @@ unsafe fn q6k_offset(g: *const u8, h: usize, y: &Q8K, qs: std::ops::Range<usize>
 /// # Safety
 /// The CPU has AVX2, FMA and F16C; grp holds kb groups' blocks and each of ys kb blocks.
 #[target_feature(enable = "avx2,fma,f16c")]
+// p is a position in the block as well as a lane's index.
+#[allow(clippy::needless_range_loop)]
 pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
     grp: &[u8],
     ys: [&[Q8K]; R],
@@ -476,7 +478,9 @@ pub(super) unsafe fn rows16_q6k<const R: usize, const LANES: bool>(
                     // Values 128j + 32t + 4p.. are in group 8j + 2t + p / 4.
                     // SAFETY: a group of 16's scales.
                     sc = std::array::from_fn(|j| {
-                        std::array::from_fn(|t| pair(unsafe { q6k_scale(g, 8 * j + 2 * t + p / 4, h) }))
+                        std::array::from_fn(|t| {
+                            pair(unsafe { q6k_scale(g, 8 * j + 2 * t + p / 4, h) })
+                        })
                     });
                 }
                 let mut acc = [_mm256_setzero_si256(); R];
@@ -598,7 +602,10 @@ pub(super) unsafe fn rows16_q3k<const R: usize, const LANES: bool>(
                 // SAFETY: step p's three vectors.
                 let (hm, q) = unsafe {
                     let at = q3k_step(p);
-                    (vector(g, at, h), [vector(g, at + 64, h), vector(g, at + 128, h)])
+                    (
+                        vector(g, at, h),
+                        [vector(g, at + 64, h), vector(g, at + 128, h)],
+                    )
                 };
                 let mut acc = [_mm256_setzero_si256(); R];
                 for j in 0..2 {
@@ -623,7 +630,8 @@ pub(super) unsafe fn rows16_q3k<const R: usize, const LANES: bool>(
                                 _mm256_maddubs_epi16(w, a),
                                 _mm256_set1_epi32(offs[i][word]),
                             );
-                            acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, sc[4 * j + s]));
+                            acc[i] =
+                                _mm256_add_epi32(acc[i], _mm256_madd_epi16(pairs, sc[4 * j + s]));
                         }
                     }
                 }
@@ -742,6 +750,110 @@ pub(super) unsafe fn rows16_q2k<const R: usize, const LANES: bool>(
         }
         for i in 0..R {
             store(&mut out[i], h, if LANES { hsum8x8(&lanes) } else { row[i] });
+        }
+    }
+}
+
+/// `Sum::Rows` cells of one group of sixteen interleaved Q2_K rows against R activation rows,
+/// as `avx512::rows16_q2k` (llama.cpp's sums where it repacks Q2_K, which it does with
+/// AVX-512: this kernel serves that CPU's AVX2 set). Four products of 2-bit values' pairs a
+/// step, four steps to a group of 16, fit in 16 bits: a group is summed, then scaled once.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C; every sum is `Rows(128)` or `Rows(256)`; grp holds kb
+/// groups' blocks and each of ys kb blocks.
+#[target_feature(enable = "avx2,fma,f16c")]
+// j and hh are positions in the block as well as indices.
+#[allow(clippy::needless_range_loop)]
+pub(super) unsafe fn rows16_q2k_rows<const R: usize>(
+    grp: &[u8],
+    ys: [&[Q8K]; R],
+    sums: [Sum; R],
+    out: &mut [[f32; 16]; R],
+) {
+    const GROUP_BYTES: usize = rows16::group_bytes(KType::Q2K);
+    let kb = ys[0].len();
+    assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
+    debug_assert!(sums
+        .iter()
+        .all(|s| matches!(s, Sum::Rows(128) | Sum::Rows(QK_K))));
+    let per_chunk = sums.map(|s| s == Sum::Rows(128));
+    let (m2, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xF));
+    for h in 0..2 {
+        let mut row = [_mm256_setzero_ps(); R];
+        let mut row_min = [_mm256_setzero_ps(); R];
+        for b in 0..kb {
+            let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
+            // SAFETY (the loads): within the group's super-block.
+            let (d, dmin, u) = unsafe {
+                (
+                    f16s(g, 0, h),
+                    f16s(g, 2 * rows16::ROWS, h),
+                    [0, 1, 2, 3].map(|w| vector(g, word(KType::Q2K, w), h)),
+                )
+            };
+            let nibble = |q: usize, min: bool| {
+                let at = 8 * (q % 4) + 4 * min as usize;
+                _mm256_and_si256(_mm256_srl_epi32(u[q / 4], _mm_cvtsi32_si128(at as i32)), m4)
+            };
+            let y = |i: usize| &ys[i][b];
+            // Each 128 values' integer sum, per activation row.
+            let mut isum = [[_mm256_setzero_si256(); 2]; R];
+            for j in 0..2 {
+                for s in 0..4 {
+                    // Values 128j + 32s.., groups 8j + 2s and 8j + 2s + 1.
+                    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+                    for p in 0..8 {
+                        // SAFETY: bits word 8j + p of the group's rows.
+                        let q = unsafe { vector(g, word(KType::Q2K, 4 + 8 * j + p), h) };
+                        let w = _mm256_and_si256(
+                            _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * s as i32)),
+                            m2,
+                        );
+                        for i in 0..R {
+                            // SAFETY: values of the block.
+                            let a = unsafe { act4(y(i), 128 * j + 32 * s + 4 * p) };
+                            let hh = p / 4;
+                            acc[i][hh] = _mm256_add_epi16(acc[i][hh], _mm256_maddubs_epi16(w, a));
+                        }
+                    }
+                    for hh in 0..2 {
+                        let sc = pair(nibble(8 * j + 2 * s + hh, false));
+                        for i in 0..R {
+                            let v = _mm256_madd_epi16(acc[i][hh], sc);
+                            isum[i][j] = _mm256_add_epi32(isum[i][j], v);
+                        }
+                    }
+                }
+            }
+            for i in 0..R {
+                let imin: [__m256i; 2] = std::array::from_fn(|c| {
+                    let mut v = _mm256_setzero_si256();
+                    for q in 8 * c..8 * c + 8 {
+                        let m = _mm256_madd_epi16(nibble(q, true), low16(y(i).bsums[q] as i32));
+                        v = _mm256_add_epi32(v, m);
+                    }
+                    v
+                });
+                let (dd, dm) = (
+                    _mm256_mul_ps(d, _mm256_set1_ps(y(i).d)),
+                    _mm256_mul_ps(dmin, _mm256_set1_ps(y(i).d)),
+                );
+                if per_chunk[i] {
+                    for c in 0..2 {
+                        row[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[i][c]), dd, row[i]);
+                        row_min[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin[c]), dm, row_min[i]);
+                    }
+                } else {
+                    let is = _mm256_add_epi32(isum[i][0], isum[i][1]);
+                    let im = _mm256_add_epi32(imin[0], imin[1]);
+                    row[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(is), dd, row[i]);
+                    row_min[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(im), dm, row_min[i]);
+                }
+            }
+        }
+        for i in 0..R {
+            store(&mut out[i], h, _mm256_sub_ps(row[i], row_min[i]));
         }
     }
 }
