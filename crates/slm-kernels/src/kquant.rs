@@ -29,9 +29,11 @@
 //! as `Tiled` or `Rows` (the rows in the lanes, so a scale multiplies sixteen rows' sums at
 //! once). The weights stay in GGUF's block layout (one copy, the file's bytes): it is the
 //! activations that are rearranged, once per matmul, into the groups' interleaved form.
-//! Except on AVX-512: there the rows of every K-quant matrix are interleaved sixteen at a time at
-//! load (`rows16`, the same bytes moved), and kernels holding weight rows in the lanes take
-//! decode and batches (Q2_K's, Q3_K's and Q6_K's up to a few groups, `rows16_min_groups`).
+//! Except where the CPU has AVX2 or AVX-512: there the rows of every K-quant matrix of a
+//! multiple of 16 rows are interleaved sixteen at a time at load (`rows16`, the same bytes
+//! moved), and kernels holding weight rows in the lanes take decode and batches (`avx512`'s
+//! sixteen rows to a register, `avx2_rows16`'s eight; with AVX-512, Q2_K's, Q3_K's and Q6_K's
+//! batches up to a few groups, `rows16_min_groups`).
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, CustomOp1, Layout, Shape};
@@ -116,11 +118,14 @@ pub(crate) enum Sum {
 impl Sum {
     /// llama.cpp's choice for row i of an m-row batch times an n-row matrix of `t`
     /// (`ggml_repack_get_optimal_repack_type`, the repacked matmul's split into groups of 4
-    /// rows and a remainder, and the tiled matmul's batch floor of 8, on x86).
+    /// rows and a remainder, and the tiled matmul's batch floor of 8, on x86), in the build
+    /// that `ggml_math::flavor` reproduces, whatever this CPU: Q4_K is repacked in both, Q2_K
+    /// only with AVX-512. So a model's outputs do not depend on the machine.
     pub(crate) fn of(t: KType, n: usize, m: usize, i: usize) -> Self {
+        use crate::ggml_math::{flavor, Flavor};
         let repacked = match t {
-            KType::Q4K => crate::ggml_math::has_avx2(),
-            KType::Q2K => crate::ggml_math::has_avx512(),
+            KType::Q4K => true,
+            KType::Q2K => flavor() == Flavor::Avx512,
             _ => false,
         } && n.is_multiple_of(8);
         if repacked {

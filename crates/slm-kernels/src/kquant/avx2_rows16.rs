@@ -707,10 +707,14 @@ pub(super) unsafe fn rows16_q2k<const R: usize, const LANES: bool>(
                 v
             };
             let mut isum = [_mm256_setzero_si256(); R];
+            let mut sc = [_mm256_setzero_si256(); 8];
             for p in 0..8 {
-                // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
-                let sc: [__m256i; 8] =
-                    std::array::from_fn(|t| pair(nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false)));
+                if p % 4 == 0 {
+                    // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
+                    sc = std::array::from_fn(|t| {
+                        pair(nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false))
+                    });
+                }
                 let mut acc = [_mm256_setzero_si256(); R];
                 for j in 0..2 {
                     // SAFETY: bits word 8j + p of the group's rows.

@@ -1,4 +1,5 @@
-//! K-quant matrices (Q2_K to Q6_K) with their rows interleaved sixteen at a time, for AVX-512:
+//! K-quant matrices (Q2_K to Q6_K) with their rows interleaved sixteen at a time, for AVX-512
+//! and AVX2 (whose kernels take a group in two halves of eight rows):
 //! the same bytes as GGUF's blocks, moved so that one 64-byte load holds four weights of each
 //! of sixteen rows, and a super-block's scales of the sixteen rows sit side by side.
 //!
@@ -6,7 +7,8 @@
 //! every 32 products and sums lanes horizontally, row after row; decode is made of nothing
 //! else. With the rows in the lanes of a register those steps are done once for sixteen rows
 //! and the activations are what gets broadcast (`avx512::rows16_q2k`, `rows16_q3k`,
-//! `rows16_q4k`, `rows16_q5k_*` and `rows16_q6k`; they also outrun the activation groups of
+//! `rows16_q4k`, `rows16_q5k_*` and `rows16_q6k_*`, and `avx2_rows16`'s of the same names;
+//! with AVX-512 they also outrun the activation groups of
 //! `avx512::span` on these matrices up to a batch size, see `KMatrix::matmul_in`). The other
 //! paths read rows rebuilt in GGUF's order (`KMatrix::gguf_row`).
 //!
@@ -158,8 +160,8 @@ pub(crate) fn interleave(t: KType, gguf: &[u8], n: usize, kb: usize) -> Vec<u8> 
 }
 
 /// Row j's GGUF bytes (kb blocks of `t`) from the interleaved matrix `x`, into `out`: Q2_K's,
-/// Q3_K's and Q6_K's by gathers (`avx512::words_of`) where the CPU has AVX-512
-/// (where this layout is made, see `applies`), the rest by `copy_row`. Copied word by word,
+/// Q3_K's and Q6_K's by gathers (`avx512::words_of`) where the CPU has AVX-512, the rest by
+/// `copy_row`. Copied word by word,
 /// those rows were slow enough to lose the activation groups of `avx512::span`, which rebuild
 /// every weight row they take (the other types never take them, see `KMatrix::matmul_in`).
 pub(crate) fn gguf_row(t: KType, x: &[u8], kb: usize, j: usize, out: &mut Vec<u8>) {
