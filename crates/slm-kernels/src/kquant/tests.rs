@@ -218,3 +218,29 @@ fn dequantize_row_equals_candles() {
         );
     }
 }
+
+/// llama.cpp's way of summing is that of the build `ggml_math::flavor` reproduces, on any CPU
+/// (an AVX2-only machine gives an AVX-512 build's outputs by default): Q4_K repacked in both
+/// builds, Q2_K only with AVX-512; the repacked kernels' last m % 4 rows by the whole block;
+/// the others' dot products below 8 rows and tiles from 8.
+#[test]
+fn sums_are_the_reproduced_builds_whatever_the_cpu() {
+    use crate::ggml_math::{flavor, Flavor};
+    let q2k = match flavor() {
+        Flavor::Avx512 => [Sum::Rows(128), Sum::Rows(QK_K), Sum::Rows(QK_K)],
+        Flavor::Avx2 => [Sum::Tiled, Sum::Tiled, Sum::Lanes],
+    };
+    assert_eq!(
+        [Sum::of(KType::Q2K, 16, 9, 0), Sum::of(KType::Q2K, 16, 9, 8)],
+        [q2k[0], q2k[1]]
+    );
+    assert_eq!(Sum::of(KType::Q2K, 16, 3, 0), q2k[2]);
+    assert_eq!(Sum::of(KType::Q4K, 16, 9, 0), Sum::Rows(64));
+    assert_eq!(Sum::of(KType::Q4K, 16, 9, 8), Sum::Rows(QK_K));
+    // Rows not a multiple of 8 are not repacked.
+    assert_eq!(Sum::of(KType::Q4K, 12, 9, 0), Sum::Tiled);
+    for t in [KType::Q3K, KType::Q5K, KType::Q6K] {
+        assert_eq!(Sum::of(t, 16, 8, 0), Sum::Tiled);
+        assert_eq!(Sum::of(t, 16, 7, 0), Sum::Lanes);
+    }
+}
