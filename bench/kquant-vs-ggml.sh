@@ -10,7 +10,11 @@
 #
 # F16.gguf: SmolLM2-135M-Instruct in F16 (default: made from the Q4_1 asset by slm quantize).
 # llama.cpp is the peer build of bench/compare-llamacpp.sh ($SLM_PEERS); its library is linked
-# by a small harness compiled here, outside the repository.
+# by a small harness compiled here, outside the repository. GGML_LIB names another build's
+# library folder: an AVX2-only build (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+# -DGGML_F16C=ON) with SLM_GGML_FLAVOR=avx2 checks slm's reproduction of that build, and
+# SLM_KERNELS=avx2 runs slm's AVX2 kernels on an AVX-512 CPU. An AVX2 build does not repack
+# Q2_K: give it Q2K_REPACKED=0.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 peers="${SLM_PEERS:-$HOME/.cache/slm/peers}"
@@ -61,9 +65,10 @@ int main(int, char **argv) {
     return 0;
 }
 CPP
-g++ -O2 -std=c++17 -o "$work/mm" "$work/mm.cpp" -I"$llama/ggml/include" -L"$llama/build/bin" \
-  -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$llama/build/bin"
-export LD_LIBRARY_PATH="$llama/build/bin"
+lib="${GGML_LIB:-$llama/build/bin}"
+g++ -O2 -std=c++17 -o "$work/mm" "$work/mm.cpp" -I"$llama/ggml/include" -L"$lib" \
+  -lggml -lggml-base -lggml-cpu -Wl,-rpath,"$lib"
+export LD_LIBRARY_PATH="$lib"
 # type name, ggml id, repacked by llama.cpp on this CPU
 for spec in "Q2_K 10 1" "Q3_K 11 0" "Q4_K 12 1" "Q5_K 13 0" "Q6_K 14 0"; do
   set -- $spec
@@ -83,7 +88,7 @@ for m in [1, 4, 5, 8, 16, 37, 77, 130]:
 PY
 echo "| type | rows | batch | rows equal to libggml's, bit for bit |"
 echo "|---|---|---|---|"
-for spec in "Q2_K 10 1 576" "Q3_K 11 0 576" "Q4_K 12 1 576" "Q5_K 13 0 576" "Q6_K 14 0 576" "Q4_K 12 0 575" "Q2_K 10 0 575"; do
+for spec in "Q2_K 10 ${Q2K_REPACKED:-1} 576" "Q3_K 11 0 576" "Q4_K 12 1 576" "Q5_K 13 0 576" "Q6_K 14 0 576" "Q4_K 12 0 575" "Q2_K 10 0 575"; do
   set -- $spec
   suffix=""; [ "$4" = 575 ] && suffix=_575
   lower="$(echo "$1" | tr 'A-Z' 'a-z')"
