@@ -255,6 +255,8 @@ const ROW_BLOCK: usize = 4;
 /// Dimensions the AVX-512 values kernel accumulates in registers at a time (with
 /// `ROW_BLOCK` rows: sixteen registers); other head sizes take the portable loop.
 const LANES: usize = 64;
+/// The same for the AVX2 kernel (eight of its sixteen registers).
+const LANES_AVX2: usize = 16;
 
 /// Head `h`'s queries `rows` through every key tile, as `attend_tiled` describes, over
 /// `widen`'s keys and values; the tile products in AVX-512 registers when `isa` says so.
@@ -355,9 +357,12 @@ fn scores(
     isa: Option<Isa>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Some(Isa::Avx512) {
+    match isa {
         // SAFETY: Isa::best found AVX-512; kt holds qt.len() tile rows (asserted inside).
-        return unsafe { x86::scores(kq, qt, kt) };
+        Some(Isa::Avx512) => return unsafe { x86::scores(kq, qt, kt) },
+        // SAFETY: Isa::best found AVX2 and FMA; as above.
+        Some(Isa::Avx2) => return unsafe { x86::scores_avx2(kq, qt, kt) },
+        None => {}
     }
     let _ = isa;
     for (d, qd) in qt.iter().enumerate() {
@@ -383,9 +388,16 @@ fn values(
     isa: Option<Isa>,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if isa == Some(Isa::Avx512) && hd.is_multiple_of(LANES) {
+    match isa {
         // SAFETY: Isa::best found AVX-512; the sizes are asserted inside.
-        return unsafe { x86::values(block, nb, hd, kq, vt) };
+        Some(Isa::Avx512) if hd.is_multiple_of(LANES) => {
+            return unsafe { x86::values(block, nb, hd, kq, vt) }
+        }
+        // SAFETY: Isa::best found AVX2 and FMA; the sizes are asserted inside.
+        Some(Isa::Avx2) if hd.is_multiple_of(LANES_AVX2) => {
+            return unsafe { x86::values_avx2(block, nb, hd, kq, vt) }
+        }
+        _ => {}
     }
     let _ = isa;
     for (a, kb) in block.chunks_exact_mut(hd).take(nb).zip(kq) {
@@ -397,12 +409,12 @@ fn values(
     }
 }
 
-/// The tile's two products in AVX-512 registers (sixteen accumulators each), the same
-/// chains of fused multiply-adds as the portable loops: the compiler kept those sums in
-/// memory between steps.
+/// The tile's two products in AVX-512 registers (sixteen accumulators each) or AVX2 ones
+/// (eight), the same chains of fused multiply-adds as the portable loops: the compiler kept
+/// those sums in memory between steps.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{ROW_BLOCK, TILE_KV};
+    use super::{LANES_AVX2, ROW_BLOCK, TILE_KV};
     use std::arch::x86_64::*;
 
     /// kq[b][j] = Σ_d qt[d][b] · kt[d][j], one FMA per d in order, from 0.
@@ -480,6 +492,77 @@ mod x86 {
             for b in 0..nb {
                 for l in 0..4 {
                     _mm512_storeu_ps(block.as_mut_ptr().add(b * hd + c + l * 16), acc[b * 4 + l]);
+                }
+            }
+        }
+    }
+
+    /// `scores` with AVX2 and FMA: sixteen keys of the tile at a time for the block's rows.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `kt` holds `qt.len() * TILE_KV` values.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn scores_avx2(
+        kq: &mut [[f32; TILE_KV]; ROW_BLOCK],
+        qt: &[[f32; ROW_BLOCK]],
+        kt: &[f32],
+    ) {
+        assert!(kt.len() >= qt.len() * TILE_KV);
+        for c in (0..TILE_KV).step_by(16) {
+            let mut acc = [_mm256_setzero_ps(); 2 * ROW_BLOCK];
+            for (d, qd) in qt.iter().enumerate() {
+                let k = kt.as_ptr().add(d * TILE_KV + c);
+                let kv = [_mm256_loadu_ps(k), _mm256_loadu_ps(k.add(8))];
+                for (b, &q) in qd.iter().enumerate() {
+                    let qv = _mm256_set1_ps(q);
+                    for (l, &k) in kv.iter().enumerate() {
+                        acc[b * 2 + l] = _mm256_fmadd_ps(k, qv, acc[b * 2 + l]);
+                    }
+                }
+            }
+            for (b, row) in kq.iter_mut().enumerate() {
+                for l in 0..2 {
+                    _mm256_storeu_ps(row.as_mut_ptr().add(c + l * 8), acc[b * 2 + l]);
+                }
+            }
+        }
+    }
+
+    /// `values` with AVX2 and FMA: sixteen dimensions at a time.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `hd` a multiple of 16, `block` `nb` rows and `vt` whole rows of `hd`.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn values_avx2(
+        block: &mut [f32],
+        nb: usize,
+        hd: usize,
+        kq: &[[f32; TILE_KV]; ROW_BLOCK],
+        vt: &[f32],
+    ) {
+        assert!(hd.is_multiple_of(LANES_AVX2) && block.len() >= nb * hd && nb <= ROW_BLOCK);
+        let seen = vt.len() / hd;
+        assert!(seen <= TILE_KV);
+        for c in (0..hd).step_by(LANES_AVX2) {
+            let mut acc = [_mm256_setzero_ps(); 2 * ROW_BLOCK];
+            for b in 0..nb {
+                for l in 0..2 {
+                    acc[b * 2 + l] = _mm256_loadu_ps(block.as_ptr().add(b * hd + c + l * 8));
+                }
+            }
+            for kk in 0..seen {
+                let v = vt.as_ptr().add(kk * hd + c);
+                let vv = [_mm256_loadu_ps(v), _mm256_loadu_ps(v.add(8))];
+                for (b, kb) in kq.iter().enumerate() {
+                    let p = _mm256_set1_ps(kb[kk]);
+                    for (l, &x) in vv.iter().enumerate() {
+                        acc[b * 2 + l] = _mm256_fmadd_ps(x, p, acc[b * 2 + l]);
+                    }
+                }
+            }
+            for b in 0..nb {
+                for l in 0..2 {
+                    _mm256_storeu_ps(block.as_mut_ptr().add(b * hd + c + l * 8), acc[b * 2 + l]);
                 }
             }
         }
@@ -605,12 +688,12 @@ mod tests {
         );
     }
 
-    /// The tiled path's portable loops and its AVX-512 kernels give the same bits (the
-    /// property tests of every kernel set), on a cache that ends inside a tile.
+    /// The tiled path's portable loops and its AVX-512 and AVX2 kernels give the same bits
+    /// (the property tests of every kernel set the CPU has), on a cache that ends inside a
+    /// tile.
     #[test]
     fn tiled_attention_is_the_same_in_every_build() {
-        #[cfg(target_arch = "x86_64")]
-        if crate::ggml_math::has_avx512() {
+        for isa in Isa::available() {
             let mut rng = rand::rngs::StdRng::seed_from_u64(9);
             let (nh, nkv, hd, past, t) = (6, 2, 64, 37, TILE_Q + 70);
             let len = past + t;
@@ -639,7 +722,7 @@ mod tests {
                         let write = |i: usize, row: &[f32]| {
                             out.borrow_mut()[i * hd..(i + 1) * hd].copy_from_slice(row)
                         };
-                        let isa = fast.then_some(Isa::Avx512);
+                        let isa = fast.then_some(isa);
                         let query = |i: usize| &q[(i * nh + h) * hd..][..hd];
                         tiled_task(&k32, &v32, query, shape, h, rows.clone(), isa, write);
                         out.into_inner()
@@ -647,7 +730,7 @@ mod tests {
                     let (a, b) = (run(true), run(false));
                     assert!(
                         a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()),
-                        "head {h} rows {rows:?}"
+                        "{isa:?} head {h} rows {rows:?}"
                     );
                 }
             }
