@@ -185,15 +185,22 @@ pub(crate) fn quantize_row_q8k_portable(x: &[f32], out: &mut [Q8K]) {
             y.bsums = [0; 16];
             continue;
         }
-        let iscale = -127.0 / max;
-        for (q, &v) in y.qs.iter_mut().zip(xs) {
-            *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
-        }
-        for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
-            *s = g.iter().map(|&q| q as i16).sum();
-        }
-        y.d = 1.0 / iscale;
+        quantize_block_q8k(xs, max, y);
     }
+}
+
+/// One block of `quantize_row_q8k` once its value of largest magnitude (`max`, not 0) is
+/// known: the values, their sums of 16 and the scale.
+#[inline(always)]
+pub(crate) fn quantize_block_q8k(xs: &[f32], max: f32, y: &mut Q8K) {
+    let iscale = -127.0 / max;
+    for (q, &v) in y.qs.iter_mut().zip(xs) {
+        *q = ((iscale * v).round_ties_even() as i32).min(127) as i8;
+    }
+    for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
+        *s = g.iter().map(|&q| q as i16).sum();
+    }
+    y.d = 1.0 / iscale;
 }
 
 /// Q4_K's and Q5_K's eight 6-bit scales and mins (`get_scale_min_k4`, computed as ggml's

@@ -187,6 +187,47 @@ fn q8k_is_ggmls() {
     assert_eq!((a[0].d, a[0].qs, a[0].bsums), (0.0, [0; QK_K], [0; 16]));
 }
 
+/// The AVX2 quantizer (its own search for the largest magnitude) equals the portable one:
+/// random rows, rows whose largest magnitude comes twice with either sign first, a NaN, a
+/// zero row.
+#[test]
+fn q8k_kernels_equal_the_portable_quantizer() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(8);
+    let mut rows: Vec<Vec<f32>> = (0..64)
+        .map(|_| (0..QK_K).map(|_| rng.random_range(-3f32..3.0)).collect())
+        .collect();
+    for (i, j, s) in [(7, 200, 1.0), (200, 7, -1.0), (0, 255, -1.0), (255, 0, 1.0)] {
+        let mut r: Vec<f32> = (0..QK_K).map(|_| rng.random_range(-1f32..1.0)).collect();
+        r[i] = 4.0 * s;
+        r[j] = -4.0 * s;
+        rows.push(r);
+    }
+    let mut nan: Vec<f32> = (0..QK_K).map(|_| rng.random_range(-1f32..1.0)).collect();
+    nan[9] = f32::NAN;
+    rows.push(nan);
+    rows.push(vec![0.0; QK_K]);
+    let x: Vec<f32> = rows.concat();
+    let blank = Q8K {
+        d: 0.0,
+        qs: [0; QK_K],
+        bsums: [0; 16],
+    };
+    let mut want = vec![blank; rows.len()];
+    quantize_row_q8k_portable(&x, &mut want);
+    if crate::ggml_math::has_avx2() {
+        let mut got = vec![blank; rows.len()];
+        // SAFETY: the CPU has AVX2.
+        unsafe { avx2::quantize_row_q8k(&x, &mut got) };
+        for (b, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                (g.d.to_bits(), g.qs, g.bsums),
+                (w.d.to_bits(), w.qs, w.bsums),
+                "block {b}"
+            );
+        }
+    }
+}
+
 /// A tied embedding's lookup: the rows as candle dequantizes the whole matrix.
 #[test]
 fn dequantize_row_equals_candles() {
