@@ -657,6 +657,53 @@ pub(super) unsafe fn rows16_q3k<const R: usize, const LANES: bool>(
     }
 }
 
+/// Half h of a Q2_K group's super-block's scales: `d`, `dmin`, and the packed 4-bit scales
+/// and mins (`rows16::word` 0 to 3).
+struct Q2Scales8 {
+    d: __m256,
+    dmin: __m256,
+    u: [__m256i; 4],
+}
+
+impl Q2Scales8 {
+    /// # Safety
+    /// g points at a whole Q2_K group's super-block; h < 2.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn of(g: *const u8, h: usize) -> Self {
+        // SAFETY (the loads): within the group's super-block.
+        unsafe {
+            Self {
+                d: f16s(g, 0, h),
+                dmin: f16s(g, 2 * rows16::ROWS, h),
+                u: [0, 1, 2, 3].map(|w| vector(g, word(KType::Q2K, w), h)),
+            }
+        }
+    }
+
+    /// The scale (low nibble) or min of group q (< 16) of the eight rows.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn nibble(&self, q: usize, min: bool) -> __m256i {
+        let at = 8 * (q % 4) + 4 * min as usize;
+        let v = _mm256_srl_epi32(self.u[q / 4], _mm_cvtsi32_si128(at as i32));
+        _mm256_and_si256(v, _mm256_set1_epi32(0xF))
+    }
+
+    /// The mins' integers of groups `qs` against y: min q times the sum of its sixteen
+    /// activations, summed.
+    #[inline]
+    #[target_feature(enable = "avx2")]
+    fn mins(&self, y: &Q8K, qs: std::ops::Range<usize>) -> __m256i {
+        let mut v = _mm256_setzero_si256();
+        for q in qs {
+            let m = _mm256_madd_epi16(self.nibble(q, true), low16(y.bsums[q] as i32));
+            v = _mm256_add_epi32(v, m);
+        }
+        v
+    }
+}
+
 /// The cells of one group of sixteen interleaved Q2_K rows against R activation rows, all
 /// summed as `Sum::Lanes` (with `LANES`, one row) or `Sum::Tiled`: llama.cpp's sums for Q2_K
 /// where it does not repack it (CPUs without AVX-512). Lanes: each lane's mins first, then its
@@ -677,42 +724,23 @@ pub(super) unsafe fn rows16_q2k<const R: usize, const LANES: bool>(
     let kb = ys[0].len();
     assert!(grp.len() >= kb * GROUP_BYTES && ys.iter().all(|y| y.len() == kb));
     assert!(!LANES || R == 1);
-    let (m2, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xF));
+    let m2 = _mm256_set1_epi8(3);
     for h in 0..2 {
         let mut lanes = [_mm256_setzero_ps(); 8];
         let mut row = [_mm256_setzero_ps(); R];
         for b in 0..kb {
             let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
-            // SAFETY (the loads): within the group's super-block.
-            let (d, dmin, u) = unsafe {
-                (
-                    f16s(g, 0, h),
-                    f16s(g, 2 * rows16::ROWS, h),
-                    [0, 1, 2, 3].map(|w| vector(g, word(KType::Q2K, w), h)),
-                )
-            };
-            // The scale (low nibble) or min of group q of the eight rows.
-            let nibble = |q: usize, min: bool| {
-                let at = 8 * (q % 4) + 4 * min as usize;
-                _mm256_and_si256(_mm256_srl_epi32(u[q / 4], _mm_cvtsi32_si128(at as i32)), m4)
-            };
+            // SAFETY: a Q2_K group's super-block.
+            let sc8 = unsafe { Q2Scales8::of(g, h) };
+            let (d, dmin) = (sc8.d, sc8.dmin);
             let y = |i: usize| &ys[i][b];
-            // Min q times the sum of its sixteen activations, for the groups `qs`.
-            let mins = |i: usize, qs: std::ops::Range<usize>| {
-                let mut v = _mm256_setzero_si256();
-                for q in qs {
-                    let m = _mm256_madd_epi16(nibble(q, true), low16(y(i).bsums[q] as i32));
-                    v = _mm256_add_epi32(v, m);
-                }
-                v
-            };
             let mut isum = [_mm256_setzero_si256(); R];
             let mut sc = [_mm256_setzero_si256(); 8];
             for p in 0..8 {
                 if p % 4 == 0 {
                     // Values 128j + 32s + 4p.. are in group 8j + 2s + p / 4.
                     sc = std::array::from_fn(|t| {
-                        pair(nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false))
+                        pair(sc8.nibble(8 * (t / 4) + 2 * (t % 4) + p / 4, false))
                     });
                 }
                 let mut acc = [_mm256_setzero_si256(); R];
@@ -734,7 +762,7 @@ pub(super) unsafe fn rows16_q2k<const R: usize, const LANES: bool>(
                 if LANES {
                     let dminy = _mm256_mul_ps(_mm256_set1_ps(-y(0).d), dmin);
                     let dy = _mm256_mul_ps(_mm256_set1_ps(y(0).d), d);
-                    let m = _mm256_cvtepi32_ps(mins(0, 2 * p..2 * p + 2));
+                    let m = _mm256_cvtepi32_ps(sc8.mins(y(0), 2 * p..2 * p + 2));
                     let l = _mm256_fmadd_ps(dminy, m, lanes[p]);
                     lanes[p] = _mm256_fmadd_ps(dy, _mm256_cvtepi32_ps(acc[0]), l);
                 } else {
@@ -745,7 +773,7 @@ pub(super) unsafe fn rows16_q2k<const R: usize, const LANES: bool>(
             }
             if !LANES {
                 for i in 0..R {
-                    let imin = _mm256_cvtepi32_ps(mins(i, 0..16));
+                    let imin = _mm256_cvtepi32_ps(sc8.mins(y(i), 0..16));
                     let r =
                         _mm256_fnmadd_ps(dmin, imin, _mm256_mul_ps(d, _mm256_cvtepi32_ps(isum[i])));
                     row[i] = _mm256_fmadd_ps(r, _mm256_set1_ps(y(i).d), row[i]);
@@ -782,24 +810,15 @@ pub(super) unsafe fn rows16_q2k_rows<const R: usize>(
         .iter()
         .all(|s| matches!(s, Sum::Rows(128) | Sum::Rows(QK_K))));
     let per_chunk = sums.map(|s| s == Sum::Rows(128));
-    let (m2, m4) = (_mm256_set1_epi8(3), _mm256_set1_epi32(0xF));
+    let m2 = _mm256_set1_epi8(3);
     for h in 0..2 {
         let mut row = [_mm256_setzero_ps(); R];
         let mut row_min = [_mm256_setzero_ps(); R];
         for b in 0..kb {
             let g = grp[b * GROUP_BYTES..][..GROUP_BYTES].as_ptr();
-            // SAFETY (the loads): within the group's super-block.
-            let (d, dmin, u) = unsafe {
-                (
-                    f16s(g, 0, h),
-                    f16s(g, 2 * rows16::ROWS, h),
-                    [0, 1, 2, 3].map(|w| vector(g, word(KType::Q2K, w), h)),
-                )
-            };
-            let nibble = |q: usize, min: bool| {
-                let at = 8 * (q % 4) + 4 * min as usize;
-                _mm256_and_si256(_mm256_srl_epi32(u[q / 4], _mm_cvtsi32_si128(at as i32)), m4)
-            };
+            // SAFETY: a Q2_K group's super-block.
+            let sc8 = unsafe { Q2Scales8::of(g, h) };
+            let (d, dmin) = (sc8.d, sc8.dmin);
             let y = |i: usize| &ys[i][b];
             // Each 128 values' integer sum, per activation row.
             let mut isum = [[_mm256_setzero_si256(); 2]; R];
@@ -822,7 +841,7 @@ pub(super) unsafe fn rows16_q2k_rows<const R: usize>(
                         }
                     }
                     for hh in 0..2 {
-                        let sc = pair(nibble(8 * j + 2 * s + hh, false));
+                        let sc = pair(sc8.nibble(8 * j + 2 * s + hh, false));
                         for i in 0..R {
                             let v = _mm256_madd_epi16(acc[i][hh], sc);
                             isum[i][j] = _mm256_add_epi32(isum[i][j], v);
@@ -831,14 +850,7 @@ pub(super) unsafe fn rows16_q2k_rows<const R: usize>(
                 }
             }
             for i in 0..R {
-                let imin: [__m256i; 2] = std::array::from_fn(|c| {
-                    let mut v = _mm256_setzero_si256();
-                    for q in 8 * c..8 * c + 8 {
-                        let m = _mm256_madd_epi16(nibble(q, true), low16(y(i).bsums[q] as i32));
-                        v = _mm256_add_epi32(v, m);
-                    }
-                    v
-                });
+                let imin: [__m256i; 2] = std::array::from_fn(|c| sc8.mins(y(i), 8 * c..8 * c + 8));
                 let (dd, dm) = (
                     _mm256_mul_ps(d, _mm256_set1_ps(y(i).d)),
                     _mm256_mul_ps(dmin, _mm256_set1_ps(y(i).d)),
