@@ -823,6 +823,33 @@ pub(super) unsafe fn rows16_q2k_rows<const R: usize>(
             // Each 128 values' integer sum, per activation row.
             let mut isum = [[_mm256_setzero_si256(); 2]; R];
             for j in 0..2 {
+                if R == 1 {
+                    // One activation row: each bits vector loaded once for its four shifts,
+                    // the eight sums of a chunk (s, half of p) in registers.
+                    let mut acc = [[_mm256_setzero_si256(); 2]; 4];
+                    for p in 0..8 {
+                        // SAFETY: bits word 8j + p of the group's rows.
+                        let q = unsafe { vector(g, word(KType::Q2K, 4 + 8 * j + p), h) };
+                        for (s, acc) in acc.iter_mut().enumerate() {
+                            let w = _mm256_and_si256(
+                                _mm256_srl_epi16(q, _mm_cvtsi32_si128(2 * s as i32)),
+                                m2,
+                            );
+                            // SAFETY: values of the block.
+                            let a = unsafe { act4(y(0), 128 * j + 32 * s + 4 * p) };
+                            let hh = p / 4;
+                            acc[hh] = _mm256_add_epi16(acc[hh], _mm256_maddubs_epi16(w, a));
+                        }
+                    }
+                    for (s, acc) in acc.iter().enumerate() {
+                        for (hh, acc) in acc.iter().enumerate() {
+                            let sc = pair(sc8.nibble(8 * j + 2 * s + hh, false));
+                            let v = _mm256_madd_epi16(*acc, sc);
+                            isum[0][j] = _mm256_add_epi32(isum[0][j], v);
+                        }
+                    }
+                    continue;
+                }
                 for s in 0..4 {
                     // Values 128j + 32s.., groups 8j + 2s and 8j + 2s + 1.
                     let mut acc = [[_mm256_setzero_si256(); 2]; R];
