@@ -167,8 +167,9 @@ pub(crate) fn quantize_row_q8k(x: &[f32], out: &mut [Q8K]) {
     quantize_row_q8k_portable(x, out)
 }
 
-/// `quantize_row_q8k` in plain Rust (also compiled with AVX2 enabled, by `avx2`, where the
-/// rounding is one instruction instead of a call).
+/// `quantize_row_q8k` in plain Rust. Its rounding part, `quantize_block_q8k`, is also compiled
+/// with AVX2 enabled, by `avx2::quantize_row_q8k`, where the rounding is one instruction instead
+/// of a call.
 #[inline(always)]
 pub(crate) fn quantize_row_q8k_portable(x: &[f32], out: &mut [Q8K]) {
     for (xs, y) in x.chunks_exact(QK_K).zip(out.iter_mut()) {
